@@ -1,0 +1,930 @@
+-- pg_ihub public SQL API, views, worker-facing queue functions, comments
+-- and privileges. Loaded last (finalize), after the Rust functions exist.
+--
+-- Public functions are SECURITY DEFINER with a fixed search_path: they write
+-- tables no caller can touch directly, and EXECUTE grants decide who may call
+-- them (see the end of this file).
+
+-------------------------------------------------------------------------------
+-- Helpers
+-------------------------------------------------------------------------------
+
+CREATE FUNCTION ihub._integration_id(p_name text) RETURNS bigint
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_id bigint;
+BEGIN
+    SELECT id INTO v_id FROM ihub.integration WHERE name = p_name;
+    IF v_id IS NULL THEN
+        RAISE EXCEPTION 'integration "%" does not exist', p_name
+            USING ERRCODE = 'undefined_object',
+                  HINT = 'Create it with ihub.create_integration(name), or list them in ihub.integrations.';
+    END IF;
+    RETURN v_id;
+END
+$$;
+
+CREATE FUNCTION ihub._endpoint(p_name text) RETURNS ihub.endpoint
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v ihub.endpoint;
+BEGIN
+    SELECT * INTO v FROM ihub.endpoint WHERE name = p_name;
+    IF v.id IS NULL THEN
+        RAISE EXCEPTION 'endpoint "%" does not exist', p_name
+            USING ERRCODE = 'undefined_object',
+                  HINT = 'Create it with ihub.create_endpoint(integration, name, url), or list them in ihub.endpoints.';
+    END IF;
+    RETURN v;
+END
+$$;
+
+CREATE FUNCTION ihub._check_name(p_what text, p_name text) RETURNS void
+LANGUAGE plpgsql IMMUTABLE
+AS $$
+BEGIN
+    IF p_name IS NULL OR p_name !~ '^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$' THEN
+        RAISE EXCEPTION 'invalid % name "%"', p_what, p_name
+            USING ERRCODE = 'invalid_name',
+                  HINT = 'Use 1 to 63 letters, digits, "_", "." or "-", starting with a letter or digit.';
+    END IF;
+END
+$$;
+
+-------------------------------------------------------------------------------
+-- Integrations
+-------------------------------------------------------------------------------
+
+CREATE FUNCTION ihub.create_integration(
+    name text,
+    kind text DEFAULT 'webhook',
+    tenant text DEFAULT NULL,
+    settings jsonb DEFAULT '{}'
+) RETURNS bigint
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_id bigint;
+BEGIN
+    PERFORM ihub._check_name('integration', create_integration.name);
+    IF NOT EXISTS (SELECT 1 FROM ihub.integration_kind k WHERE k.kind = create_integration.kind) THEN
+        RAISE EXCEPTION 'unknown integration kind "%"', create_integration.kind
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = format('Known kinds: %s (see ihub.integration_kind).',
+                                (SELECT string_agg(k.kind, ', ' ORDER BY k.kind) FROM ihub.integration_kind k));
+    END IF;
+    IF settings IS NULL OR jsonb_typeof(settings) <> 'object' THEN
+        RAISE EXCEPTION 'integration settings must be a JSON object'
+            USING ERRCODE = 'invalid_parameter_value', HINT = 'For example {"base_url": "https://api.example.com"}.';
+    END IF;
+    IF EXISTS (SELECT 1 FROM ihub.integration i WHERE i.name = create_integration.name) THEN
+        RAISE EXCEPTION 'integration "%" already exists', create_integration.name
+            USING ERRCODE = 'duplicate_object', HINT = 'Choose another name, or use the existing integration.';
+    END IF;
+    INSERT INTO ihub.integration (name, kind, tenant, settings)
+    VALUES (create_integration.name, create_integration.kind, create_integration.tenant, create_integration.settings)
+    RETURNING id INTO v_id;
+    RETURN v_id;
+END
+$$;
+
+-- Capture triggers run only while their integration is enabled, so that a
+-- disabled integration costs its tables' writers nothing.
+CREATE FUNCTION ihub._set_capture_enabled(p_subscription bigint, p_enabled boolean) RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_sub ihub.subscription;
+    v_event text;
+BEGIN
+    SELECT * INTO v_sub FROM ihub.subscription WHERE id = p_subscription;
+    FOREACH v_event IN ARRAY v_sub.events LOOP
+        EXECUTE format('ALTER TABLE %s %s TRIGGER %I', v_sub.source,
+                       CASE WHEN p_enabled THEN 'ENABLE' ELSE 'DISABLE' END,
+                       format('ihub_sub_%s_%s', v_sub.id, v_event));
+    END LOOP;
+END
+$$;
+
+CREATE FUNCTION ihub.enable_integration(name text) RETURNS text
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v ihub.integration;
+    v_missing text[];
+    v_state text;
+BEGIN
+    PERFORM ihub._require_workers();
+    SELECT * INTO v FROM ihub.integration i WHERE i.id = ihub._integration_id(enable_integration.name) FOR UPDATE;
+    SELECT array_agg(req ORDER BY req) INTO v_missing
+    FROM ihub.integration_kind k, unnest(k.required_settings) AS req
+    WHERE k.kind = v.kind AND coalesce(v.settings ->> req, '') = '';
+    IF v_missing IS NOT NULL THEN
+        RAISE EXCEPTION 'integration "%" lacks required settings: %', v.name, array_to_string(v_missing, ', ')
+            USING ERRCODE = 'object_not_in_prerequisite_state',
+                  HINT = format('Integrations of kind %s need %s in their settings.', v.kind, array_to_string(v_missing, ', '));
+    END IF;
+    v_state := CASE WHEN current_setting('ihub.environment') = 'staging' THEN 'test' ELSE 'active' END;
+    UPDATE ihub.integration SET state = v_state, updated_at = now() WHERE id = v.id;
+    PERFORM ihub._set_capture_enabled(s.id, true)
+    FROM ihub.subscription s JOIN ihub.endpoint e ON e.id = s.endpoint_id
+    WHERE e.integration_id = v.id;
+    -- Deliveries held while the integration was off can go now.
+    PERFORM ihub._wake();
+    RETURN v_state;
+END
+$$;
+
+CREATE FUNCTION ihub.disable_integration(name text) RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_id bigint := ihub._integration_id(disable_integration.name);
+BEGIN
+    UPDATE ihub.integration SET state = 'inactive', updated_at = now() WHERE id = v_id;
+    PERFORM ihub._set_capture_enabled(s.id, false)
+    FROM ihub.subscription s JOIN ihub.endpoint e ON e.id = s.endpoint_id
+    WHERE e.integration_id = v_id;
+END
+$$;
+
+CREATE FUNCTION ihub.delete_integration(name text) RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v ihub.integration;
+BEGIN
+    SELECT * INTO v FROM ihub.integration i WHERE i.id = ihub._integration_id(delete_integration.name) FOR UPDATE;
+    IF v.state <> 'inactive' THEN
+        RAISE EXCEPTION 'integration "%" is %; an enabled integration cannot be deleted', v.name, v.state
+            USING ERRCODE = 'object_in_use',
+                  HINT = format('Disable it first: SELECT ihub.disable_integration(%L);', v.name);
+    END IF;
+    PERFORM ihub.unsubscribe(s.id)
+    FROM ihub.subscription s JOIN ihub.endpoint e ON e.id = s.endpoint_id
+    WHERE e.integration_id = v.id;
+    DELETE FROM ihub.delivery d USING ihub.endpoint e WHERE d.endpoint_id = e.id AND e.integration_id = v.id;
+    DELETE FROM ihub.endpoint WHERE integration_id = v.id;
+    DELETE FROM ihub.integration WHERE id = v.id;
+END
+$$;
+
+-------------------------------------------------------------------------------
+-- Endpoints
+-------------------------------------------------------------------------------
+
+CREATE FUNCTION ihub.create_endpoint(
+    integration text,
+    name text,
+    url text,
+    method text DEFAULT 'POST',
+    headers jsonb DEFAULT '{}',
+    auth jsonb DEFAULT NULL,
+    secret text DEFAULT NULL,
+    timeout_ms integer DEFAULT NULL,
+    retry jsonb DEFAULT NULL
+) RETURNS bigint
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_integration bigint := ihub._integration_id(create_endpoint.integration);
+    v_method text := upper(coalesce(create_endpoint.method, 'POST'));
+    v_auth jsonb := ihub._normalize_auth(create_endpoint.auth);
+    v_id bigint;
+BEGIN
+    PERFORM ihub._check_name('endpoint', create_endpoint.name);
+    IF EXISTS (SELECT 1 FROM ihub.endpoint e WHERE e.name = create_endpoint.name) THEN
+        RAISE EXCEPTION 'endpoint "%" already exists', create_endpoint.name
+            USING ERRCODE = 'duplicate_object', HINT = 'Endpoint names are unique across integrations; choose another.';
+    END IF;
+    IF v_method NOT IN ('GET', 'POST', 'PUT', 'PATCH', 'DELETE') THEN
+        RAISE EXCEPTION 'unsupported HTTP method "%"', create_endpoint.method
+            USING ERRCODE = 'invalid_parameter_value', HINT = 'Use GET, POST, PUT, PATCH or DELETE.';
+    END IF;
+    IF create_endpoint.timeout_ms IS NOT NULL AND create_endpoint.timeout_ms NOT BETWEEN 1 AND 300000 THEN
+        RAISE EXCEPTION 'timeout_ms must be between 1 and 300000, got %', create_endpoint.timeout_ms
+            USING ERRCODE = 'invalid_parameter_value', HINT = 'Pass NULL to use ihub.default_timeout.';
+    END IF;
+    PERFORM ihub._check_headers(coalesce(create_endpoint.headers, '{}'));
+    IF create_endpoint.secret IS NOT NULL THEN
+        PERFORM ihub._check_secret(create_endpoint.secret);
+    END IF;
+
+    INSERT INTO ihub.endpoint (integration_id, name, url, method, headers, auth_type, timeout_ms, retry)
+    VALUES (v_integration, create_endpoint.name, ihub._check_url(create_endpoint.url), v_method,
+            coalesce(create_endpoint.headers, '{}'), v_auth ->> 'type', create_endpoint.timeout_ms,
+            ihub._normalize_retry(create_endpoint.retry))
+    RETURNING id INTO v_id;
+    IF v_auth ->> 'type' <> 'none' THEN
+        INSERT INTO ihub.endpoint_credential (endpoint_id, auth) VALUES (v_id, v_auth);
+    END IF;
+    INSERT INTO ihub.endpoint_secret (endpoint_id, secret)
+    VALUES (v_id, coalesce(create_endpoint.secret, ihub._generate_secret()));
+    RETURN v_id;
+END
+$$;
+
+CREATE FUNCTION ihub.enable_endpoint(name text) RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    UPDATE ihub.endpoint SET enabled = true, disabled_reason = NULL, disabled_at = NULL
+    WHERE id = (ihub._endpoint(enable_endpoint.name)).id;
+    PERFORM ihub._wake();
+END
+$$;
+
+CREATE FUNCTION ihub.disable_endpoint(name text, reason text DEFAULT 'disabled by hand') RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    UPDATE ihub.endpoint SET enabled = false, disabled_reason = reason, disabled_at = now()
+    WHERE id = (ihub._endpoint(disable_endpoint.name)).id;
+END
+$$;
+
+CREATE FUNCTION ihub.rotate_secret(endpoint text, new_secret text DEFAULT NULL, grace interval DEFAULT '24 hours')
+RETURNS text
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_endpoint ihub.endpoint := ihub._endpoint(rotate_secret.endpoint);
+    v_secret text := coalesce(new_secret, ihub._generate_secret());
+BEGIN
+    IF grace IS NULL OR grace < interval '0' THEN
+        RAISE EXCEPTION 'grace must be a non-negative interval'
+            USING ERRCODE = 'invalid_parameter_value', HINT = 'For example interval ''24 hours''; 0 retires the old key at once.';
+    END IF;
+    PERFORM ihub._check_secret(v_secret);
+    UPDATE ihub.endpoint_secret
+    SET expires_at = least(coalesce(expires_at, 'infinity'), now() + grace)
+    WHERE endpoint_id = v_endpoint.id AND (expires_at IS NULL OR expires_at > now());
+    INSERT INTO ihub.endpoint_secret (endpoint_id, secret) VALUES (v_endpoint.id, v_secret);
+    RETURN v_secret;
+END
+$$;
+
+-------------------------------------------------------------------------------
+-- Subscriptions: capture tables and triggers
+-------------------------------------------------------------------------------
+
+-- The statement a capture trigger runs for one event. Transition rows are
+-- copied as typed rows (the cast turns the transition table's anonymous
+-- record into the table's row type without any text conversion); new and old
+-- are exposed to the condition by name. Measured on 200,000-row inserts: about
+-- 1.25x the unsubscribed insert, against 2.1x for rendering row_to_json here.
+CREATE FUNCTION ihub._capture_statement(p_sub ihub.subscription, p_event text, p_rowtype text)
+RETURNS text
+LANGUAGE plpgsql IMMUTABLE
+AS $$
+DECLARE
+    v_capture text := format('ihub_capture.%I', 'sub_' || p_sub.id);
+    v_from text;
+    v_rows text;
+    v_filters text[] := '{}';
+BEGIN
+    IF p_event = 'insert' THEN
+        v_rows := 'new._ihub_row, NULL';
+        v_from := format('FROM (SELECT t::%s AS _ihub_row, t.* FROM ihub_new t) AS new', p_rowtype);
+        IF p_sub.condition IS NOT NULL THEN
+            v_from := v_from || format(' CROSS JOIN LATERAL (SELECT (NULL::%s).*) AS old', p_rowtype);
+        END IF;
+    ELSIF p_event = 'delete' THEN
+        v_rows := 'NULL, old._ihub_row';
+        v_from := format('FROM (SELECT t::%s AS _ihub_row, t.* FROM ihub_old t) AS old', p_rowtype);
+        IF p_sub.condition IS NOT NULL THEN
+            v_from := v_from || format(' CROSS JOIN LATERAL (SELECT (NULL::%s).*) AS new', p_rowtype);
+        END IF;
+    ELSE
+        -- Postgres appends each updated row's old and new versions to the two
+        -- transition tables together, so equal ordinals pair them even when
+        -- the update changes the primary key.
+        v_rows := 'new._ihub_row, old._ihub_row';
+        v_from := format('FROM (SELECT row_number() OVER () AS _ihub_n, t::%1$s AS _ihub_row, t.* FROM ihub_new t) AS new '
+                         'JOIN (SELECT row_number() OVER () AS _ihub_n, t::%1$s AS _ihub_row, t.* FROM ihub_old t) AS old '
+                         'USING (_ihub_n)', p_rowtype);
+        IF p_sub.watch IS NOT NULL THEN
+            v_filters := v_filters || (
+                SELECT '(' || string_agg(format('new.%1$I IS DISTINCT FROM old.%1$I', c), ' OR ') || ')'
+                FROM unnest(p_sub.watch) AS c);
+        END IF;
+    END IF;
+    IF p_sub.condition IS NOT NULL THEN
+        -- Checked by ihub._check_expression to be exactly one expression.
+        v_filters := v_filters || format(E'(\n%s\n)', p_sub.condition);
+    END IF;
+    RETURN format('INSERT INTO %s (op, xid, occurred_at, new_row, old_row) SELECT %L, pg_current_xact_id(), statement_timestamp(), %s %s%s',
+                  v_capture,
+                  left(p_event, 1),
+                  v_rows,
+                  v_from,
+                  CASE WHEN cardinality(v_filters) > 0 THEN ' WHERE ' || array_to_string(v_filters, ' AND ') ELSE '' END);
+END
+$$;
+
+CREATE FUNCTION ihub.subscribe(
+    source regclass,
+    endpoint text,
+    events text[] DEFAULT '{insert,update,delete}',
+    columns text[] DEFAULT NULL,
+    watch text[] DEFAULT NULL,
+    condition text DEFAULT NULL,
+    test_mode boolean DEFAULT false
+) RETURNS bigint
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_caller name := ihub._invoker();
+    v_endpoint ihub.endpoint;
+    v_integration ihub.integration;
+    v_rel record;
+    v_events text[];
+    v_sub ihub.subscription;
+    v_event text;
+    v_bad text;
+    v_capture text;
+    v_function text;
+    v_columns text[];
+BEGIN
+    PERFORM ihub._require_workers();
+    v_endpoint := ihub._endpoint(subscribe.endpoint);
+    SELECT * INTO v_integration FROM ihub.integration WHERE id = v_endpoint.integration_id;
+
+    SELECT c.relkind, c.reltype, n.nspname, c.relname INTO v_rel
+    FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = source;
+    IF v_rel.relkind NOT IN ('r', 'p') THEN
+        RAISE EXCEPTION '% is not a table', source
+            USING ERRCODE = 'wrong_object_type', HINT = 'Subscribe to an ordinary or partitioned table; views and foreign tables have no row-change triggers.';
+    END IF;
+    IF v_rel.nspname IN ('ihub', 'ihub_capture', 'pg_catalog', 'information_schema') THEN
+        RAISE EXCEPTION 'cannot subscribe to %', source
+            USING ERRCODE = 'wrong_object_type', HINT = 'Subscribe to your own tables.';
+    END IF;
+    IF NOT has_table_privilege(v_caller, source, 'SELECT') OR NOT has_table_privilege(v_caller, source, 'TRIGGER') THEN
+        RAISE EXCEPTION 'permission denied to subscribe to %', source
+            USING ERRCODE = 'insufficient_privilege',
+                  HINT = format('Role %s needs SELECT and TRIGGER on the table (or to own it).', v_caller);
+    END IF;
+
+    SELECT array_agg(DISTINCT lower(e) ORDER BY lower(e)) INTO v_events FROM unnest(events) AS e;
+    v_bad := (SELECT string_agg(e, ', ') FROM unnest(v_events) AS e WHERE e NOT IN ('insert', 'update', 'delete'));
+    IF v_events IS NULL OR v_bad IS NOT NULL THEN
+        RAISE EXCEPTION 'invalid events: %', coalesce(v_bad, 'none given')
+            USING ERRCODE = 'invalid_parameter_value', HINT = 'Use any of insert, update and delete, e.g. ''{insert,update}''.';
+    END IF;
+
+    SELECT array_agg(a.attname::text ORDER BY a.attnum) INTO v_columns
+    FROM pg_attribute a WHERE a.attrelid = source AND a.attnum > 0 AND NOT a.attisdropped;
+    v_bad := (SELECT string_agg(format('%I', c), ', ') FROM unnest(columns || watch) AS c WHERE c <> ALL (v_columns));
+    IF v_bad IS NOT NULL THEN
+        RAISE EXCEPTION 'table % has no column %', source, v_bad
+            USING ERRCODE = 'undefined_column', HINT = format('Its columns are: %s.', array_to_string(v_columns, ', '));
+    END IF;
+    IF cardinality(columns) = 0 OR cardinality(watch) = 0 THEN
+        RAISE EXCEPTION 'columns and watch must list at least one column when given'
+            USING ERRCODE = 'invalid_parameter_value', HINT = 'Pass NULL for all columns.';
+    END IF;
+    IF watch IS NOT NULL AND 'update' <> ALL (v_events) THEN
+        RAISE EXCEPTION 'watch applies to updates, but events has no update'
+            USING ERRCODE = 'invalid_parameter_value', HINT = 'Add update to events, or drop watch.';
+    END IF;
+    IF '_ihub_row' = ANY (v_columns) OR '_ihub_n' = ANY (v_columns) THEN
+        RAISE EXCEPTION 'table % has a column named _ihub_row or _ihub_n, which pg_ihub reserves', source
+            USING ERRCODE = 'duplicate_column', HINT = 'Rename the column to subscribe to this table.';
+    END IF;
+    IF condition IS NOT NULL THEN
+        PERFORM ihub._check_expression(condition);
+        -- Parse analysis only (names, types), never planned or run here: the
+        -- condition runs later in the writer's transaction as its subscriber.
+        BEGIN
+            EXECUTE format(E'PREPARE ihub_condition_check AS SELECT (\n%s\n)::boolean FROM %s AS new, %s AS old',
+                           condition, source, source);
+            DEALLOCATE ihub_condition_check;
+        EXCEPTION WHEN OTHERS THEN
+            RAISE EXCEPTION 'invalid condition: %', SQLERRM
+                USING ERRCODE = 'syntax_error',
+                      HINT = 'Write one SQL boolean expression over new and old, e.g. new.amount > 100 AND old.status <> new.status.';
+        END;
+    END IF;
+
+    INSERT INTO ihub.subscription (endpoint_id, source, events, columns, watch, condition, test_mode, created_by)
+    VALUES (v_endpoint.id, source, v_events, columns, watch, condition, coalesce(test_mode, false), v_caller)
+    RETURNING * INTO v_sub;
+
+    v_capture := format('ihub_capture.%I', 'sub_' || v_sub.id);
+    EXECUTE format('CREATE TABLE %s (op "char" NOT NULL, xid xid8 NOT NULL, occurred_at timestamptz NOT NULL, new_row %s, old_row %s) '
+                   'WITH (autovacuum_vacuum_scale_factor = 0, autovacuum_vacuum_threshold = 1000)',
+                   v_capture, format_type(v_rel.reltype, NULL), format_type(v_rel.reltype, NULL));
+    EXECUTE format('COMMENT ON TABLE %s IS %L', v_capture,
+                   format('pg_ihub capture table of subscription %s (%s -> %s)', v_sub.id, source, v_endpoint.name));
+    EXECUTE format('GRANT INSERT ON %s TO %I', v_capture, v_caller);
+
+    FOREACH v_event IN ARRAY v_events LOOP
+        v_function := format('ihub_capture.%I', format('sub_%s_%s', v_sub.id, v_event));
+        -- Owned by the subscriber and run with its rights: the condition is
+        -- the subscriber's code, so it must not run with the extension owner's.
+        EXECUTE format(
+            E'CREATE FUNCTION %s() RETURNS trigger LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS %L',
+            v_function,
+            format(E'#variable_conflict use_column\nBEGIN\n    %s;\n    IF FOUND THEN\n        PERFORM ihub._wake();\n    END IF;\n    RETURN NULL;\nEND',
+                   ihub._capture_statement(v_sub, v_event, format_type(v_rel.reltype, NULL))));
+        EXECUTE format('COMMENT ON FUNCTION %s() IS %L', v_function,
+                       format('pg_ihub capture trigger of subscription %s (%s on %s)', v_sub.id, v_event, source));
+        EXECUTE format('ALTER FUNCTION %s() OWNER TO %I', v_function, v_caller);
+        EXECUTE format('CREATE TRIGGER %I AFTER %s ON %s REFERENCING %s TABLE AS %I FOR EACH STATEMENT EXECUTE FUNCTION %s()',
+                       format('ihub_sub_%s_%s', v_sub.id, v_event), upper(v_event), source,
+                       CASE v_event WHEN 'insert' THEN 'NEW' WHEN 'delete' THEN 'OLD' ELSE 'OLD TABLE AS ihub_old NEW' END,
+                       CASE v_event WHEN 'delete' THEN 'ihub_old' ELSE 'ihub_new' END,
+                       v_function);
+    END LOOP;
+    IF v_integration.state = 'inactive' THEN
+        PERFORM ihub._set_capture_enabled(v_sub.id, false);
+    END IF;
+    RETURN v_sub.id;
+END
+$$;
+
+CREATE FUNCTION ihub.unsubscribe(id bigint) RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_sub ihub.subscription;
+    v_event text;
+BEGIN
+    SELECT * INTO v_sub FROM ihub.subscription s WHERE s.id = unsubscribe.id FOR UPDATE;
+    IF v_sub.id IS NULL THEN
+        RAISE EXCEPTION 'subscription % does not exist', unsubscribe.id
+            USING ERRCODE = 'undefined_object', HINT = 'List subscriptions in ihub.subscriptions.';
+    END IF;
+    -- Changes captured but not yet routed become deliveries before the
+    -- capture table goes, so that nothing committed is lost.
+    PERFORM ihub._route(v_sub, NULL, NULL);
+    FOREACH v_event IN ARRAY v_sub.events LOOP
+        EXECUTE format('DROP TRIGGER IF EXISTS %I ON %s', format('ihub_sub_%s_%s', v_sub.id, v_event), v_sub.source);
+        EXECUTE format('DROP FUNCTION IF EXISTS ihub_capture.%I()', format('sub_%s_%s', v_sub.id, v_event));
+    END LOOP;
+    EXECUTE format('DROP TABLE IF EXISTS ihub_capture.%I', 'sub_' || v_sub.id);
+    DELETE FROM ihub.subscription s WHERE s.id = v_sub.id;
+END
+$$;
+
+-------------------------------------------------------------------------------
+-- Queue: routing, claiming, settling (called by the dispatcher workers)
+-------------------------------------------------------------------------------
+
+-- Moves up to p_limit captured changes of one subscription into deliveries,
+-- rendering their JSON payloads. With p_owner set and the endpoint able to
+-- send, the new deliveries are claimed at once (state running, leased to
+-- p_owner), which saves the dispatcher a second write per delivery.
+CREATE FUNCTION ihub._route(p_sub ihub.subscription, p_limit integer, p_owner integer)
+RETURNS SETOF bigint
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_endpoint ihub.endpoint;
+    v_integration ihub.integration;
+    v_rel record;
+    v_excluded text[];
+    v_claim boolean;
+BEGIN
+    SELECT * INTO v_endpoint FROM ihub.endpoint WHERE id = p_sub.endpoint_id;
+    SELECT * INTO v_integration FROM ihub.integration WHERE id = v_endpoint.integration_id;
+    SELECT n.nspname, c.relname INTO v_rel FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = p_sub.source;
+    IF p_sub.columns IS NOT NULL THEN
+        SELECT coalesce(array_agg(a.attname::text), '{}') INTO v_excluded
+        FROM pg_attribute a
+        WHERE a.attrelid = p_sub.source AND a.attnum > 0 AND NOT a.attisdropped AND a.attname::text <> ALL (p_sub.columns);
+    ELSE
+        v_excluded := '{}';
+    END IF;
+    v_claim := p_owner IS NOT NULL AND v_endpoint.enabled AND v_integration.state <> 'inactive';
+
+    RETURN QUERY EXECUTE format($q$
+        WITH moved AS (
+            DELETE FROM ihub_capture.%1$I c
+            WHERE c.ctid = ANY (ARRAY(SELECT x.ctid FROM ihub_capture.%1$I x LIMIT $1 FOR UPDATE SKIP LOCKED))
+            RETURNING c.op, c.xid, c.occurred_at, c.new_row, c.old_row
+        )
+        INSERT INTO ihub.delivery AS d (event_id, endpoint_id, subscription_id, event_type, payload, test_mode,
+                                        state, lease_owner, lease_until, occurred_at, next_attempt_at)
+        SELECT ev.id, $2, $3, ev.type,
+               jsonb_build_object('id', ev.id, 'type', ev.type, 'schema', $4, 'table', $5, 'operation', ev.op,
+                                  'occurred_at', m.occurred_at, 'txid', m.xid::text, 'tenant', $6,
+                                  'data', CASE WHEN m.op = 'd' THEN j.old ELSE j.new END)
+               || CASE m.op
+                      WHEN 'u' THEN jsonb_build_object('old', j.old, 'changed', to_jsonb(ARRAY(
+                          SELECT n.key FROM jsonb_each(j.new) n JOIN jsonb_each(j.old) o USING (key)
+                          WHERE n.value IS DISTINCT FROM o.value ORDER BY n.key)))
+                      WHEN 'd' THEN jsonb_build_object('old', j.old)
+                      ELSE '{}'::jsonb
+                  END,
+               $7,
+               CASE WHEN $8 THEN 'running' ELSE 'pending' END,
+               CASE WHEN $8 THEN $9 END,
+               CASE WHEN $8 THEN $10 END,
+               m.occurred_at, now()
+        FROM moved m
+        CROSS JOIN LATERAL (SELECT to_jsonb(m.new_row) - $11 AS new, to_jsonb(m.old_row) - $11 AS old) j
+        CROSS JOIN LATERAL (
+            SELECT 'evt_' || replace(gen_random_uuid()::text, '-', '') AS id,
+                   CASE m.op WHEN 'i' THEN 'insert' WHEN 'u' THEN 'update' ELSE 'delete' END AS op,
+                   $5 || '.' || CASE m.op WHEN 'i' THEN 'insert' WHEN 'u' THEN 'update' ELSE 'delete' END AS type
+        ) ev
+        RETURNING d.id
+    $q$, 'sub_' || p_sub.id)
+    USING coalesce(p_limit, 2147483647), v_endpoint.id, p_sub.id, v_rel.nspname::text, v_rel.relname::text,
+          v_integration.tenant, p_sub.test_mode, v_claim, p_owner,
+          now() + make_interval(secs => coalesce(v_endpoint.timeout_ms, 300000) / 1000.0 + 30),
+          v_excluded;
+END
+$$;
+
+CREATE FUNCTION ihub._claim(p_owner integer, p_limit integer, p_default_timeout_ms integer)
+RETURNS TABLE (delivery_id bigint, event_id text, method text, url text, headers jsonb, auth jsonb, secrets text[],
+               timeout_ms integer, retry jsonb, body text, test_mode boolean, attempts_used integer)
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_ids bigint[] := '{}';
+    v_sub ihub.subscription;
+BEGIN
+    FOR v_sub IN SELECT * FROM ihub.subscription ORDER BY id LOOP
+        EXIT WHEN cardinality(v_ids) >= p_limit;
+        v_ids := v_ids || ARRAY(SELECT ihub._route(v_sub, p_limit - cardinality(v_ids), p_owner));
+    END LOOP;
+    IF cardinality(v_ids) < p_limit THEN
+        WITH due AS (
+            SELECT d.id FROM ihub.delivery d
+            WHERE d.state IN ('pending', 'retry') AND d.next_attempt_at <= now()
+              AND d.endpoint_id IN (SELECT e.id FROM ihub.endpoint e JOIN ihub.integration i ON i.id = e.integration_id
+                                    WHERE e.enabled AND i.state <> 'inactive')
+            ORDER BY d.next_attempt_at
+            LIMIT p_limit - cardinality(v_ids)
+            FOR UPDATE OF d SKIP LOCKED
+        ), claimed AS (
+            UPDATE ihub.delivery d
+            SET state = 'running', lease_owner = p_owner,
+                lease_until = now() + make_interval(secs => coalesce(e.timeout_ms, p_default_timeout_ms) / 1000.0 + 30)
+            FROM due, ihub.endpoint e
+            WHERE d.id = due.id AND e.id = d.endpoint_id
+            RETURNING d.id
+        )
+        SELECT v_ids || coalesce(array_agg(claimed.id), '{}') INTO v_ids FROM claimed;
+    END IF;
+    RETURN QUERY
+        SELECT d.id, d.event_id, coalesce(d.method, e.method), e.url || coalesce(d.path, ''),
+               e.headers || coalesce(d.headers, '{}'), c.auth,
+               ARRAY(SELECT s.secret FROM ihub.endpoint_secret s
+                     WHERE s.endpoint_id = e.id AND (s.expires_at IS NULL OR s.expires_at > now()) ORDER BY s.id DESC),
+               coalesce(e.timeout_ms, p_default_timeout_ms), e.retry, d.payload::text, d.test_mode,
+               d.attempts - d.budget_start
+        FROM ihub.delivery d
+        JOIN ihub.endpoint e ON e.id = d.endpoint_id
+        LEFT JOIN ihub.endpoint_credential c ON c.endpoint_id = e.id
+        WHERE d.id = ANY (v_ids);
+END
+$$;
+
+-- Records a batch of attempts and moves each delivery to its next state.
+-- Only deliveries still leased to p_owner are settled: one whose lease ran
+-- out was claimed again elsewhere, and that claim settles it.
+CREATE FUNCTION ihub._settle(p_owner integer, p_results jsonb) RETURNS bigint
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_settled bigint;
+    v_endpoint record;
+BEGIN
+    WITH r AS (
+        SELECT * FROM jsonb_to_recordset(p_results) AS x(
+            delivery_id bigint, state text, next_at double precision, status integer, error text, category text,
+            request_headers jsonb, response_headers jsonb, response_body text, started_at double precision,
+            duration_ms double precision)
+    ), updated AS (
+        UPDATE ihub.delivery d
+        SET state = r.state,
+            attempts = d.attempts + 1,
+            next_attempt_at = CASE WHEN r.state = 'retry' THEN to_timestamp(r.next_at) ELSE d.next_attempt_at END,
+            last_status = r.status,
+            last_error = r.error,
+            delivered_at = CASE WHEN r.state = 'delivered'
+                                THEN to_timestamp(r.started_at) + r.duration_ms * interval '1 millisecond' END,
+            lease_owner = NULL,
+            lease_until = NULL
+        FROM r
+        WHERE d.id = r.delivery_id AND d.state = 'running' AND d.lease_owner = p_owner
+        RETURNING d.id, d.attempts
+    ), recorded AS (
+        INSERT INTO ihub.delivery_attempt (delivery_id, attempt, started_at, duration_ms, request_headers,
+                                           response_status, response_headers, response_body, error, error_category, worker_pid)
+        SELECT u.id, u.attempts, to_timestamp(r.started_at), r.duration_ms, r.request_headers,
+               r.status, r.response_headers, r.response_body, r.error, r.category, p_owner
+        FROM updated u JOIN r ON r.delivery_id = u.id
+        RETURNING 1
+    )
+    SELECT count(*) INTO v_settled FROM recorded;
+
+    -- 410 Gone: the receiver says this endpoint is gone for good.
+    IF p_results @> '[{"disable_endpoint": true}]' THEN
+        FOR v_endpoint IN
+            UPDATE ihub.endpoint e
+            SET enabled = false, disabled_at = now(),
+                disabled_reason = 'the receiver answered 410 Gone; re-enable with ihub.enable_endpoint()'
+            WHERE e.enabled AND e.id IN (
+                SELECT d.endpoint_id FROM ihub.delivery d
+                JOIN jsonb_to_recordset(p_results) AS x(delivery_id bigint, disable_endpoint boolean) ON x.delivery_id = d.id
+                WHERE x.disable_endpoint)
+            RETURNING e.name
+        LOOP
+            RAISE WARNING 'pg_ihub: endpoint "%" disabled: the receiver answered 410 Gone', v_endpoint.name;
+        END LOOP;
+    END IF;
+    RETURN v_settled;
+END
+$$;
+
+-- Deliveries left running by a worker that is gone (crash, termination,
+-- restart) or whose lease ran out go back to the queue.
+CREATE FUNCTION ihub._rescue() RETURNS bigint
+LANGUAGE sql SET search_path = pg_catalog, pg_temp
+AS $$
+    WITH rescued AS (
+        UPDATE ihub.delivery d
+        SET state = CASE WHEN d.attempts = 0 THEN 'pending' ELSE 'retry' END,
+            lease_owner = NULL, lease_until = NULL, next_attempt_at = now()
+        WHERE d.state = 'running'
+          AND (d.lease_until < now()
+               OR NOT EXISTS (SELECT 1 FROM pg_stat_activity a WHERE a.pid = d.lease_owner))
+        RETURNING 1
+    )
+    SELECT count(*) FROM rescued
+$$;
+
+-- Seconds until the earliest claimable delivery is due (NULL when none).
+CREATE FUNCTION ihub._next_due() RETURNS double precision
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT greatest(0, extract(epoch FROM min(d.next_attempt_at) - now()))::double precision
+    FROM ihub.delivery d
+    WHERE d.state IN ('pending', 'retry')
+      AND d.endpoint_id IN (SELECT e.id FROM ihub.endpoint e JOIN ihub.integration i ON i.id = e.integration_id
+                            WHERE e.enabled AND i.state <> 'inactive')
+$$;
+
+-------------------------------------------------------------------------------
+-- One-off requests and replay
+-------------------------------------------------------------------------------
+
+CREATE FUNCTION ihub.http_request(
+    endpoint text,
+    body jsonb,
+    method text DEFAULT NULL,
+    path text DEFAULT NULL,
+    headers jsonb DEFAULT NULL,
+    event_type text DEFAULT 'http_request'
+) RETURNS bigint
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_endpoint ihub.endpoint;
+    v_integration ihub.integration;
+    v_id bigint;
+    v_size bigint;
+BEGIN
+    PERFORM ihub._require_workers();
+    v_endpoint := ihub._endpoint(http_request.endpoint);
+    SELECT * INTO v_integration FROM ihub.integration WHERE id = v_endpoint.integration_id;
+    IF v_integration.state = 'inactive' THEN
+        RAISE EXCEPTION 'integration "%" is inactive', v_integration.name
+            USING ERRCODE = 'object_not_in_prerequisite_state',
+                  HINT = format('Enable it first: SELECT ihub.enable_integration(%L);', v_integration.name);
+    END IF;
+    IF body IS NULL THEN
+        RAISE EXCEPTION 'body must not be NULL' USING ERRCODE = 'null_value_not_allowed', HINT = 'Pass ''{}'' for an empty object.';
+    END IF;
+    v_size := octet_length(body::text);
+    IF v_size > pg_size_bytes(current_setting('ihub.max_body_size')) THEN
+        RAISE EXCEPTION 'body is % bytes, more than ihub.max_body_size (%)', v_size, current_setting('ihub.max_body_size')
+            USING ERRCODE = 'program_limit_exceeded', HINT = 'Send less, or raise ihub.max_body_size.';
+    END IF;
+    IF http_request.method IS NOT NULL AND upper(http_request.method) NOT IN ('GET', 'POST', 'PUT', 'PATCH', 'DELETE') THEN
+        RAISE EXCEPTION 'unsupported HTTP method "%"', http_request.method
+            USING ERRCODE = 'invalid_parameter_value', HINT = 'Use GET, POST, PUT, PATCH or DELETE.';
+    END IF;
+    IF http_request.path IS NOT NULL AND http_request.path !~ '^[/?][^[:space:]#]*$' THEN
+        RAISE EXCEPTION 'invalid path "%"', http_request.path
+            USING ERRCODE = 'invalid_parameter_value', HINT = 'A path is appended to the endpoint URL; start it with / or ? and leave out spaces.';
+    END IF;
+    IF http_request.headers IS NOT NULL THEN
+        PERFORM ihub._check_headers(http_request.headers);
+    END IF;
+    INSERT INTO ihub.delivery (event_id, endpoint_id, event_type, payload, method, path, headers)
+    VALUES ('evt_' || replace(gen_random_uuid()::text, '-', ''), v_endpoint.id, coalesce(event_type, 'http_request'),
+            body, upper(http_request.method), http_request.path, http_request.headers)
+    RETURNING id INTO v_id;
+    PERFORM ihub._wake();
+    RETURN v_id;
+END
+$$;
+
+CREATE FUNCTION ihub.replay(delivery_id bigint) RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_state text;
+BEGIN
+    PERFORM ihub._require_workers();
+    SELECT state INTO v_state FROM ihub.delivery WHERE id = delivery_id FOR UPDATE;
+    IF v_state IS NULL THEN
+        RAISE EXCEPTION 'delivery % does not exist', delivery_id
+            USING ERRCODE = 'undefined_object', HINT = 'List deliveries in ihub.deliveries.';
+    ELSIF v_state NOT IN ('dead', 'failed') THEN
+        RAISE EXCEPTION 'delivery % is %; only dead or failed deliveries can be replayed', delivery_id, v_state
+            USING ERRCODE = 'object_not_in_prerequisite_state', HINT = 'Pending, running and retrying deliveries are still in the queue.';
+    END IF;
+    UPDATE ihub.delivery SET state = 'pending', budget_start = attempts, next_attempt_at = now() WHERE id = delivery_id;
+    PERFORM ihub._wake();
+END
+$$;
+
+CREATE FUNCTION ihub.replay_dead(endpoint text, since timestamptz DEFAULT '-infinity') RETURNS bigint
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_count bigint;
+BEGIN
+    PERFORM ihub._require_workers();
+    UPDATE ihub.delivery
+    SET state = 'pending', budget_start = attempts, next_attempt_at = now()
+    WHERE endpoint_id = (ihub._endpoint(replay_dead.endpoint)).id
+      AND state IN ('dead', 'failed') AND created_at >= coalesce(since, '-infinity');
+    GET DIAGNOSTICS v_count = ROW_COUNT;
+    IF v_count > 0 THEN
+        PERFORM ihub._wake();
+    END IF;
+    RETURN v_count;
+END
+$$;
+
+-------------------------------------------------------------------------------
+-- Views (credentials masked; secrets only in endpoint_secrets, for ihub_admin)
+-------------------------------------------------------------------------------
+
+CREATE VIEW ihub.integrations AS
+SELECT i.id, i.name, i.kind, i.tenant, i.state, ihub._mask_settings(i.settings) AS settings,
+       i.created_at, i.updated_at
+FROM ihub.integration i;
+
+CREATE VIEW ihub.endpoints AS
+SELECT e.id, i.name AS integration, e.name, ihub._mask_url(e.url) AS url, e.method,
+       ihub._mask_headers(e.headers) AS headers, e.auth_type,
+       coalesce(e.timeout_ms, ihub._default_timeout_ms()) AS timeout_ms,
+       e.retry, e.enabled, e.disabled_reason, e.disabled_at, e.created_at
+FROM ihub.endpoint e JOIN ihub.integration i ON i.id = e.integration_id;
+
+CREATE VIEW ihub.endpoint_secrets AS
+SELECT e.name AS endpoint, s.secret, s.created_at, s.expires_at,
+       (s.expires_at IS NULL OR s.expires_at > now()) AS signing
+FROM ihub.endpoint_secret s JOIN ihub.endpoint e ON e.id = s.endpoint_id;
+
+CREATE VIEW ihub.subscriptions AS
+SELECT s.id, i.name AS integration, e.name AS endpoint, s.source, s.events, s.columns, s.watch, s.condition,
+       s.test_mode, (i.state <> 'inactive') AS capturing, s.created_by, s.created_at
+FROM ihub.subscription s
+JOIN ihub.endpoint e ON e.id = s.endpoint_id
+JOIN ihub.integration i ON i.id = e.integration_id;
+
+CREATE VIEW ihub.deliveries AS
+SELECT d.id, i.name AS integration, e.name AS endpoint, d.subscription_id AS subscription,
+       d.event_id, d.event_type, d.state, d.attempts,
+       CASE WHEN d.state IN ('pending', 'retry') THEN d.next_attempt_at END AS next_attempt_at,
+       d.last_status, d.last_error, d.test_mode, d.occurred_at, d.created_at, d.delivered_at,
+       d.delivered_at - d.occurred_at AS latency, d.payload
+FROM ihub.delivery d
+JOIN ihub.endpoint e ON e.id = d.endpoint_id
+JOIN ihub.integration i ON i.id = e.integration_id;
+
+CREATE VIEW ihub.delivery_attempts AS
+SELECT a.delivery_id, a.attempt, e.name AS endpoint, d.event_id, a.started_at, a.duration_ms,
+       coalesce(d.method, e.method) AS request_method, ihub._mask_url(e.url || coalesce(d.path, '')) AS request_url,
+       a.request_headers, d.payload AS request_body,
+       a.response_status, a.response_headers, a.response_body, a.error, a.error_category
+FROM ihub.delivery_attempt a
+JOIN ihub.delivery d ON d.id = a.delivery_id
+JOIN ihub.endpoint e ON e.id = d.endpoint_id;
+
+CREATE VIEW ihub.workers AS
+SELECT w.pid, w.kind, db.datname AS database, w.started_at, w.last_heartbeat
+FROM ihub._workers() w LEFT JOIN pg_database db ON db.oid = w.database_oid;
+
+-------------------------------------------------------------------------------
+-- Comments
+-------------------------------------------------------------------------------
+
+COMMENT ON FUNCTION ihub._integration_id(text) IS 'Internal: id of an integration by name, or an error with a hint.';
+COMMENT ON FUNCTION ihub._endpoint(text) IS 'Internal: an endpoint row by name, or an error with a hint.';
+COMMENT ON FUNCTION ihub._check_name(text, text) IS 'Internal: validates an integration or endpoint name.';
+COMMENT ON FUNCTION ihub.create_integration(text, text, text, jsonb) IS
+    'Registers an integration (inactive until ihub.enable_integration). Returns its id.';
+COMMENT ON FUNCTION ihub._set_capture_enabled(bigint, boolean) IS 'Internal: enables or disables a subscription''s capture triggers.';
+COMMENT ON FUNCTION ihub.enable_integration(text) IS
+    'Checks the integration''s required settings and enables it: state test when ihub.environment = staging, active otherwise. Returns the new state.';
+COMMENT ON FUNCTION ihub.disable_integration(text) IS
+    'Sets the integration inactive: its capture triggers stop and its queued deliveries wait.';
+COMMENT ON FUNCTION ihub.delete_integration(text) IS
+    'Deletes an inactive integration with its endpoints, subscriptions and delivery history.';
+COMMENT ON FUNCTION ihub.create_endpoint(text, text, text, text, jsonb, jsonb, text, integer, jsonb) IS
+    'Adds an HTTP endpoint to an integration: URL, method, headers, auth (none/basic/bearer/api_key), whsec_ signing secret (generated when NULL), timeout and retry policy. Returns its id.';
+COMMENT ON FUNCTION ihub.enable_endpoint(text) IS 'Re-enables an endpoint (after a 410 Gone, say); its held deliveries resume.';
+COMMENT ON FUNCTION ihub.disable_endpoint(text, text) IS 'Stops deliveries to an endpoint; they wait until it is enabled again.';
+COMMENT ON FUNCTION ihub.rotate_secret(text, text, interval) IS
+    'Adds a new signing secret (generated when NULL) and keeps the old ones signing for the grace period. Returns the new secret. ihub_admin only.';
+COMMENT ON FUNCTION ihub._capture_statement(ihub.subscription, text, text) IS 'Internal: the INSERT a capture trigger runs for one event.';
+COMMENT ON FUNCTION ihub.subscribe(regclass, text, text[], text[], text[], text, boolean) IS
+    'Subscribes an endpoint to row changes of a table: events, payload columns, watched columns (updates fire only when one changed), a condition over new and old, and test mode. Returns the subscription id.';
+COMMENT ON FUNCTION ihub.unsubscribe(bigint) IS
+    'Removes a subscription''s triggers and capture table; changes already captured are queued first.';
+COMMENT ON FUNCTION ihub._route(ihub.subscription, integer, integer) IS
+    'Internal: turns captured row changes into deliveries with JSON payloads, claiming them for the calling worker.';
+COMMENT ON FUNCTION ihub._claim(integer, integer, integer) IS
+    'Internal (dispatcher): routes captured changes and claims due deliveries with FOR UPDATE SKIP LOCKED and a lease.';
+COMMENT ON FUNCTION ihub._settle(integer, jsonb) IS
+    'Internal (dispatcher): records a batch of attempts and moves each delivery to its next state in one transaction.';
+COMMENT ON FUNCTION ihub._rescue() IS 'Internal (dispatcher): requeues deliveries whose worker is gone or whose lease expired.';
+COMMENT ON FUNCTION ihub._next_due() IS 'Internal (dispatcher): seconds until the next claimable delivery is due.';
+COMMENT ON FUNCTION ihub.http_request(text, jsonb, text, text, jsonb, text) IS
+    'Queues a one-off durable request to an endpoint with the same signing, retries and record as row-change deliveries. Returns the delivery id.';
+COMMENT ON FUNCTION ihub.replay(bigint) IS 'Puts a dead or failed delivery back in the queue with a fresh retry budget.';
+COMMENT ON FUNCTION ihub.replay_dead(text, timestamptz) IS
+    'Puts every dead or failed delivery of an endpoint created since the given time back in the queue. Returns how many.';
+COMMENT ON FUNCTION ihub._wake() IS 'Internal: wakes the dispatchers when the current transaction commits.';
+COMMENT ON FUNCTION ihub._require_workers() IS
+    'Internal: raises an error with a hint unless pg_ihub''s workers serve this database.';
+COMMENT ON FUNCTION ihub._workers() IS 'Internal: the worker registry in shared memory.';
+COMMENT ON FUNCTION ihub._invoker() IS 'Internal: the role that called into pg_ihub, outside SECURITY DEFINER.';
+COMMENT ON FUNCTION ihub._default_timeout_ms() IS 'Internal: ihub.default_timeout in milliseconds.';
+COMMENT ON FUNCTION ihub._check_url(text) IS 'Internal: validates an endpoint URL and the private-host allow-list.';
+COMMENT ON FUNCTION ihub._normalize_retry(jsonb) IS 'Internal: validates a retry policy and fills in defaults.';
+COMMENT ON FUNCTION ihub._normalize_auth(jsonb) IS 'Internal: validates endpoint auth JSON.';
+COMMENT ON FUNCTION ihub._check_secret(text) IS 'Internal: validates a whsec_ secret.';
+COMMENT ON FUNCTION ihub._generate_secret() IS 'Internal: a new random whsec_ secret.';
+COMMENT ON FUNCTION ihub._check_headers(jsonb) IS 'Internal: validates custom request headers.';
+COMMENT ON FUNCTION ihub._mask_headers(jsonb) IS 'Internal: masks credential header values for views.';
+COMMENT ON FUNCTION ihub._mask_settings(jsonb) IS 'Internal: masks secret-looking setting values for views.';
+COMMENT ON FUNCTION ihub._mask_url(text) IS 'Internal: masks secret-looking query parameters for views.';
+COMMENT ON FUNCTION ihub._check_expression(text) IS 'Internal: checks that a condition is exactly one SQL expression.';
+COMMENT ON FUNCTION ihub.sign(text, text, bigint, text) IS
+    'The Standard Webhooks signature (v1,<base64>) of a message id, timestamp and body under a whsec_ secret.';
+COMMENT ON FUNCTION ihub.verify_signature(text, text, text, bigint, text) IS
+    'Verifies a webhook-signature header (any of its space-separated signatures) in constant time.';
+
+COMMENT ON VIEW ihub.integrations IS 'Integrations with their state; secret-looking settings masked.';
+COMMENT ON VIEW ihub.endpoints IS 'Endpoints with masked headers and URL; credentials are never shown here.';
+COMMENT ON VIEW ihub.endpoint_secrets IS 'Signing secrets per endpoint, with rotation expiry. ihub_admin only.';
+COMMENT ON VIEW ihub.subscriptions IS 'Row-change subscriptions and whether they are capturing.';
+COMMENT ON VIEW ihub.deliveries IS
+    'Outbound deliveries: state (pending, running, delivered, retry, failed, dead), attempts, next attempt, last status and error, latency from commit to delivery.';
+COMMENT ON VIEW ihub.delivery_attempts IS
+    'Every delivery attempt: request (credentials masked), response status, headers and body (truncated), duration, error category.';
+COMMENT ON VIEW ihub.workers IS 'pg_ihub background workers alive now, with their database and last heartbeat.';
+
+-------------------------------------------------------------------------------
+-- Privileges
+-------------------------------------------------------------------------------
+
+REVOKE ALL ON ALL TABLES IN SCHEMA ihub FROM PUBLIC;
+REVOKE ALL ON ALL FUNCTIONS IN SCHEMA ihub FROM PUBLIC;
+GRANT USAGE ON SCHEMA ihub TO ihub_viewer;
+GRANT USAGE ON SCHEMA ihub_capture TO ihub_developer;
+
+GRANT SELECT ON ihub.integrations, ihub.endpoints, ihub.subscriptions, ihub.deliveries,
+                ihub.delivery_attempts, ihub.workers TO ihub_viewer;
+GRANT SELECT ON ihub.endpoint_secrets TO ihub_admin;
+GRANT SELECT ON ihub.integration_kind TO ihub_viewer;
+GRANT INSERT, UPDATE, DELETE ON ihub.integration_kind TO ihub_admin;
+
+GRANT EXECUTE ON FUNCTION
+    ihub.sign(text, text, bigint, text),
+    ihub.verify_signature(text, text, text, bigint, text)
+TO ihub_viewer;
+
+GRANT EXECUTE ON FUNCTION
+    ihub.create_integration(text, text, text, jsonb),
+    ihub.enable_integration(text),
+    ihub.disable_integration(text),
+    ihub.delete_integration(text),
+    ihub.create_endpoint(text, text, text, text, jsonb, jsonb, text, integer, jsonb),
+    ihub.enable_endpoint(text),
+    ihub.disable_endpoint(text, text),
+    ihub.subscribe(regclass, text, text[], text[], text[], text, boolean),
+    ihub.unsubscribe(bigint),
+    ihub.http_request(text, jsonb, text, text, jsonb, text),
+    ihub.replay(bigint),
+    ihub.replay_dead(text, timestamptz),
+    -- Capture triggers are owned by their subscriber and call this.
+    ihub._wake()
+TO ihub_developer;
+
+GRANT EXECUTE ON FUNCTION ihub.rotate_secret(text, text, interval) TO ihub_admin;

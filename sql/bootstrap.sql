@@ -1,0 +1,172 @@
+-- pg_ihub tables. Loaded first (bootstrap); functions and views follow in
+-- api.sql once the Rust functions exist.
+
+-- Roles are cluster-wide, so they may already exist from another database.
+DO $roles$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'ihub_viewer') THEN
+        CREATE ROLE ihub_viewer NOLOGIN;
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'ihub_developer') THEN
+        CREATE ROLE ihub_developer NOLOGIN;
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'ihub_admin') THEN
+        CREATE ROLE ihub_admin NOLOGIN;
+    END IF;
+END
+$roles$;
+-- Each role includes the one below it.
+GRANT ihub_viewer TO ihub_developer;
+GRANT ihub_developer TO ihub_admin;
+
+-- Per-subscription capture tables and their trigger functions live here;
+-- they are made at run time by ihub.subscribe().
+CREATE SCHEMA ihub_capture;
+COMMENT ON SCHEMA ihub_capture IS
+    'pg_ihub: capture tables (one per subscription) holding raw row changes until a dispatcher turns them into deliveries. Managed by ihub.subscribe/unsubscribe.';
+
+CREATE TABLE ihub.integration_kind (
+    kind              text PRIMARY KEY,
+    required_settings text[] NOT NULL DEFAULT '{}',
+    description       text
+);
+COMMENT ON TABLE ihub.integration_kind IS
+    'Kinds of integration and the settings each needs before it can be enabled.';
+INSERT INTO ihub.integration_kind (kind, required_settings, description) VALUES
+    ('webhook', '{}', 'Outbound webhooks to endpoints that need no further settings'),
+    ('rest', '{base_url}', 'A REST API reached at settings->>''base_url''');
+
+CREATE TABLE ihub.integration (
+    id          bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    name        text NOT NULL UNIQUE
+                CHECK (name ~ '^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$'),
+    kind        text NOT NULL REFERENCES ihub.integration_kind (kind),
+    tenant      text,
+    settings    jsonb NOT NULL DEFAULT '{}' CHECK (jsonb_typeof(settings) = 'object'),
+    state       text NOT NULL DEFAULT 'inactive' CHECK (state IN ('inactive', 'test', 'active')),
+    created_at  timestamptz NOT NULL DEFAULT now(),
+    updated_at  timestamptz NOT NULL DEFAULT now()
+);
+COMMENT ON TABLE ihub.integration IS
+    'Integrations: a named connection to an external system. Lifecycle inactive -> test (staging servers) or active.';
+
+CREATE TABLE ihub.endpoint (
+    id              bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    integration_id  bigint NOT NULL REFERENCES ihub.integration (id),
+    name            text NOT NULL UNIQUE
+                    CHECK (name ~ '^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$'),
+    url             text NOT NULL,
+    method          text NOT NULL DEFAULT 'POST'
+                    CHECK (method IN ('GET', 'POST', 'PUT', 'PATCH', 'DELETE')),
+    headers         jsonb NOT NULL DEFAULT '{}' CHECK (jsonb_typeof(headers) = 'object'),
+    auth_type       text NOT NULL DEFAULT 'none',
+    timeout_ms      integer CHECK (timeout_ms BETWEEN 1 AND 300000),
+    retry           jsonb NOT NULL,
+    enabled         boolean NOT NULL DEFAULT true,
+    disabled_reason text,
+    disabled_at     timestamptz,
+    created_at      timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX ON ihub.endpoint (integration_id);
+COMMENT ON TABLE ihub.endpoint IS
+    'HTTP endpoints deliveries are sent to. Credentials live in endpoint_credential and endpoint_secret, readable by ihub_admin only.';
+
+-- Credentials are kept apart so that a plain SELECT privilege on endpoints
+-- can never reveal them.
+CREATE TABLE ihub.endpoint_credential (
+    endpoint_id bigint PRIMARY KEY REFERENCES ihub.endpoint (id) ON DELETE CASCADE,
+    auth        jsonb NOT NULL
+);
+COMMENT ON TABLE ihub.endpoint_credential IS
+    'Endpoint authentication (basic, bearer, api_key) with its secret values. ihub_admin only.';
+
+CREATE TABLE ihub.endpoint_secret (
+    id          bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    endpoint_id bigint NOT NULL REFERENCES ihub.endpoint (id) ON DELETE CASCADE,
+    secret      text NOT NULL,
+    created_at  timestamptz NOT NULL DEFAULT now(),
+    expires_at  timestamptz
+);
+CREATE INDEX ON ihub.endpoint_secret (endpoint_id);
+COMMENT ON TABLE ihub.endpoint_secret IS
+    'Standard Webhooks signing secrets (whsec_...). During a rotation the old key keeps signing until expires_at. ihub_admin only.';
+
+CREATE TABLE ihub.subscription (
+    id            bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    endpoint_id   bigint NOT NULL REFERENCES ihub.endpoint (id),
+    source        regclass NOT NULL,
+    events        text[] NOT NULL,
+    columns       text[],
+    watch         text[],
+    condition     text,
+    test_mode     boolean NOT NULL DEFAULT false,
+    created_by    name NOT NULL DEFAULT current_user,
+    created_at    timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX ON ihub.subscription (endpoint_id);
+COMMENT ON TABLE ihub.subscription IS
+    'Row-change subscriptions: which table events are captured for which endpoint. Capture table: ihub_capture.sub_<id>.';
+
+CREATE TABLE ihub.delivery (
+    id              bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    event_id        text NOT NULL,
+    endpoint_id     bigint NOT NULL REFERENCES ihub.endpoint (id),
+    subscription_id bigint REFERENCES ihub.subscription (id) ON DELETE SET NULL,
+    event_type      text NOT NULL,
+    payload         jsonb NOT NULL,
+    -- Per-delivery extras from ihub.http_request(); NULL means the endpoint's.
+    method          text,
+    path            text,
+    headers         jsonb,
+    test_mode       boolean NOT NULL DEFAULT false,
+    state           text NOT NULL DEFAULT 'pending'
+                    CHECK (state IN ('pending', 'running', 'delivered', 'retry', 'failed', 'dead')),
+    attempts        integer NOT NULL DEFAULT 0,
+    -- attempts already spent when the delivery was last (re)queued, so that a
+    -- replay gets a fresh retry budget while the attempt count keeps growing.
+    budget_start    integer NOT NULL DEFAULT 0,
+    next_attempt_at timestamptz NOT NULL DEFAULT now(),
+    lease_owner     integer,
+    lease_until     timestamptz,
+    last_status     integer,
+    last_error      text,
+    occurred_at     timestamptz NOT NULL DEFAULT now(),
+    created_at      timestamptz NOT NULL DEFAULT now(),
+    delivered_at    timestamptz
+);
+-- The claim scans only due work; finished deliveries stay out of this index.
+CREATE INDEX delivery_due_idx ON ihub.delivery (next_attempt_at)
+    WHERE state IN ('pending', 'retry');
+CREATE INDEX delivery_running_idx ON ihub.delivery (lease_until)
+    WHERE state = 'running';
+CREATE INDEX delivery_endpoint_idx ON ihub.delivery (endpoint_id, created_at);
+COMMENT ON TABLE ihub.delivery IS
+    'The outbound queue and its history: one row per event per endpoint, with its state and retry schedule.';
+
+CREATE TABLE ihub.delivery_attempt (
+    delivery_id      bigint NOT NULL REFERENCES ihub.delivery (id) ON DELETE CASCADE,
+    attempt          integer NOT NULL,
+    started_at       timestamptz NOT NULL,
+    duration_ms      double precision NOT NULL,
+    request_headers  jsonb NOT NULL,
+    response_status  integer,
+    response_headers jsonb,
+    response_body    text,
+    error            text,
+    error_category   text NOT NULL,
+    worker_pid       integer,
+    PRIMARY KEY (delivery_id, attempt)
+);
+COMMENT ON TABLE ihub.delivery_attempt IS
+    'Every attempt at a delivery: request headers (credentials masked), response status, headers and body (truncated to ihub.response_body_limit), duration and error category.';
+
+-- Configuration survives pg_dump / restore; queues and history are data.
+SELECT pg_catalog.pg_extension_config_dump('ihub.integration', '');
+SELECT pg_catalog.pg_extension_config_dump('ihub.endpoint', '');
+SELECT pg_catalog.pg_extension_config_dump('ihub.endpoint_credential', '');
+SELECT pg_catalog.pg_extension_config_dump('ihub.endpoint_secret', '');
+SELECT pg_catalog.pg_extension_config_dump('ihub.subscription', '');
+SELECT pg_catalog.pg_extension_config_dump('ihub.delivery', '');
+SELECT pg_catalog.pg_extension_config_dump('ihub.delivery_attempt', '');
+SELECT pg_catalog.pg_extension_config_dump('ihub.integration_kind', $$WHERE kind NOT IN ('webhook', 'rest')$$);
+COMMENT ON SCHEMA ihub IS 'pg_ihub: integration hub (outbound webhooks, jobs, schedules, inbound webhooks). Public API and views.';

@@ -1,0 +1,284 @@
+//! The dispatcher background worker: claim a batch, send it, settle it.
+//! SQL does the queue work (`ihub._claim`, `ihub._settle`, `ihub._rescue`);
+//! `outbound` does the HTTP and the retry decisions. SPI stays on this
+//! thread; HTTP runs on a single-threaded tokio runtime between transactions.
+
+use std::panic::{RefUnwindSafe, UnwindSafe};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use pgrx::bgworkers::{BackgroundWorker, SignalWakeFlags};
+use pgrx::prelude::*;
+use pgrx::JsonB;
+use serde_json::{json, Value};
+
+use crate::outbound::auth::Auth;
+use crate::outbound::retry::{classify, category, decide, Next, RetryPolicy, Verdict};
+use crate::outbound::sender::{Attempt, Request, Sender};
+use crate::outbound::target::AllowList;
+use crate::{settings, workers};
+
+/// A claimed delivery: the request plus what deciding its fate needs.
+struct Claimed {
+    request: Request,
+    policy: RetryPolicy,
+    attempts_used: u32,
+}
+
+#[pg_guard]
+#[no_mangle]
+pub extern "C-unwind" fn ihub_dispatcher_main(_arg: pg_sys::Datum) {
+    BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
+    let database = BackgroundWorker::get_extra().to_string();
+    BackgroundWorker::connect_worker_to_spi(Some(&database), None);
+    workers::register(workers::Kind::Dispatcher);
+    // DDL (DROP EXTENSION, ALTER TABLE on a subscribed table) must never wait
+    // behind a dispatcher: the dispatcher gives up and tries again later.
+    set_session("lock_timeout", "100ms");
+
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a current-thread tokio runtime builds");
+    let mut sender = new_sender();
+    let pid = unsafe { pg_sys::MyProcPid };
+    let mut last_rescue: Option<Instant> = None;
+
+    log!("pg_ihub dispatcher started for database \"{database}\"");
+    while !shutdown_requested() {
+        if BackgroundWorker::sighup_received() {
+            unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
+            sender = new_sender();
+        }
+        workers::heartbeat();
+        let poll = Duration::from_millis(settings::POLL_INTERVAL_MS.get() as u64);
+
+        if !in_transaction(extension_ready).unwrap_or(false) {
+            wait(poll);
+            continue;
+        }
+        // Deliveries whose worker died (or whose lease ran out) go back to the
+        // queue; checked at the poll cadence, and at once after a start.
+        if last_rescue.is_none_or(|t| t.elapsed() >= poll) {
+            in_transaction(rescue);
+            last_rescue = Some(Instant::now());
+        }
+
+        let batch_size = settings::BATCH_SIZE.get();
+        let claimed = in_transaction(|| claim(pid, batch_size)).unwrap_or_default();
+        if claimed.is_empty() {
+            let due = in_transaction(next_due).flatten();
+            wait(due.map_or(poll, |d| d.min(poll)));
+            continue;
+        }
+        let requests = claimed.iter().map(|c| c.request.clone()).collect();
+        let attempts = runtime.block_on(sender.send_all(requests, shutdown_requested));
+        let results = decide_all(&claimed, attempts);
+        in_transaction(|| settle(pid, results.clone()));
+    }
+    workers::unregister();
+    log!("pg_ihub dispatcher for database \"{database}\" stopping");
+    // Exit code 1 makes the postmaster start us again after a
+    // pg_terminate_backend; at server shutdown no restart happens anyway.
+    unsafe { pg_sys::proc_exit(1) };
+}
+
+pub fn set_session(name: &str, value: &str) {
+    let name = std::ffi::CString::new(name).expect("no NUL");
+    let value = std::ffi::CString::new(value).expect("no NUL");
+    unsafe {
+        pg_sys::SetConfigOption(
+            name.as_ptr(),
+            value.as_ptr(),
+            pg_sys::GucContext::PGC_SUSET,
+            pg_sys::GucSource::PGC_S_SESSION,
+        );
+    }
+}
+
+fn new_sender() -> Sender {
+    let allow = AllowList::parse(&settings::allow_private_hosts()).unwrap_or_else(|e| {
+        warning!("pg_ihub: ignoring invalid ihub.allow_private_hosts: {e}");
+        AllowList::default()
+    });
+    let limit = settings::RESPONSE_BODY_LIMIT.get().max(0) as usize;
+    Sender::new(allow, limit, concat!("pg_ihub/", env!("CARGO_PKG_VERSION")))
+}
+
+fn shutdown_requested() -> bool {
+    unsafe { (&raw const pg_sys::ShutdownRequestPending).read_volatile() != 0 }
+}
+
+/// Sleeps on the latch; woken by commits that enqueued, by signals, or by the timeout.
+fn wait(timeout: Duration) {
+    unsafe {
+        pg_sys::WaitLatch(
+            pg_sys::MyLatch,
+            (pg_sys::WL_LATCH_SET | pg_sys::WL_TIMEOUT | pg_sys::WL_EXIT_ON_PM_DEATH) as i32,
+            timeout.as_millis().max(1) as std::ffi::c_long,
+            pg_sys::PG_WAIT_EXTENSION,
+        );
+        pg_sys::ResetLatch(pg_sys::MyLatch);
+    }
+    pg_sys::check_for_interrupts!();
+}
+
+/// Runs `f` in its own transaction. An error is logged as a WARNING and the
+/// transaction rolled back, so that one bad batch never stops the worker.
+pub fn in_transaction<R>(f: impl FnOnce() -> R + UnwindSafe + RefUnwindSafe) -> Option<R> {
+    unsafe {
+        pg_sys::SetCurrentStatementStartTimestamp();
+        pg_sys::StartTransactionCommand();
+        pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot());
+    }
+    let result = PgTryBuilder::new(|| Some(f()))
+        .catch_others(|e| {
+            let message = match &e {
+                pg_sys::panic::CaughtError::PostgresError(r)
+                | pg_sys::panic::CaughtError::ErrorReport(r)
+                | pg_sys::panic::CaughtError::RustPanic { ereport: r, .. } => r.message().to_string(),
+            };
+            warning!("pg_ihub worker: {message}");
+            None
+        })
+        .execute();
+    unsafe {
+        if result.is_some() {
+            pg_sys::PopActiveSnapshot();
+            pg_sys::CommitTransactionCommand();
+        } else {
+            pg_sys::AbortCurrentTransaction();
+        }
+    }
+    result
+}
+
+fn extension_ready() -> bool {
+    Spi::get_one::<bool>("SELECT EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'pg_ihub')")
+        .ok()
+        .flatten()
+        .unwrap_or(false)
+}
+
+fn rescue() {
+    if let Ok(Some(n)) = Spi::get_one::<i64>("SELECT ihub._rescue()") {
+        if n > 0 {
+            log!("pg_ihub: {n} deliveries whose worker stopped are queued again");
+        }
+    }
+}
+
+fn next_due() -> Option<Duration> {
+    let secs = Spi::get_one::<f64>("SELECT ihub._next_due()").ok().flatten()?;
+    Some(Duration::from_secs_f64(secs.clamp(0.0, 86_400.0)))
+}
+
+fn claim(pid: i32, limit: i32) -> Vec<Claimed> {
+    let default_timeout = settings::DEFAULT_TIMEOUT_MS.get();
+    Spi::connect_mut(|client| {
+        let rows = client
+            .update(
+                "SELECT delivery_id, event_id, method, url, headers, auth, secrets, timeout_ms, retry, body, test_mode, attempts_used \
+                 FROM ihub._claim($1, $2, $3)",
+                None,
+                &[pid.into(), limit.into(), default_timeout.into()],
+            )
+            .expect("ihub._claim runs");
+        rows.map(|row| {
+            let get_json = |n: usize| row.get::<JsonB>(n).ok().flatten().map(|j| j.0).unwrap_or(Value::Null);
+            let headers = match get_json(5) {
+                Value::Object(map) => {
+                    map.into_iter().filter_map(|(k, v)| v.as_str().map(|v| (k, v.to_string()))).collect()
+                }
+                _ => Vec::new(),
+            };
+            let timeout_ms: i32 = row.get(8).ok().flatten().unwrap_or(default_timeout);
+            Claimed {
+                request: Request {
+                    delivery_id: row.get(1).ok().flatten().unwrap_or_default(),
+                    event_id: row.get(2).ok().flatten().unwrap_or_default(),
+                    method: row.get(3).ok().flatten().unwrap_or_else(|| "POST".into()),
+                    url: row.get(4).ok().flatten().unwrap_or_default(),
+                    headers,
+                    auth: Auth::from_json(&get_json(6)).unwrap_or(Auth::None),
+                    secrets: row.get::<Vec<String>>(7).ok().flatten().unwrap_or_default(),
+                    body: row.get(10).ok().flatten().unwrap_or_default(),
+                    timeout: Duration::from_millis(timeout_ms.max(1) as u64),
+                    test_mode: row.get(11).ok().flatten().unwrap_or(false),
+                },
+                policy: RetryPolicy::from_json(&get_json(9)).unwrap_or_default(),
+                attempts_used: row.get::<i32>(12).ok().flatten().unwrap_or(0).max(0) as u32,
+            }
+        })
+        .collect()
+    })
+}
+
+fn epoch(t: SystemTime) -> f64 {
+    t.duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
+}
+
+/// Postgres text cannot hold NUL; receivers can send it.
+fn clean(s: &str) -> String {
+    s.replace('\0', "")
+}
+
+fn headers_json(headers: &[(String, String)]) -> Value {
+    let mut map = serde_json::Map::new();
+    for (k, v) in headers {
+        let v = clean(v);
+        match map.get_mut(k) {
+            // Repeated headers (set-cookie, say) are joined as HTTP allows.
+            Some(Value::String(existing)) => {
+                existing.push_str(", ");
+                existing.push_str(&v);
+            }
+            _ => {
+                map.insert(clean(k), Value::String(v));
+            }
+        }
+    }
+    Value::Object(map)
+}
+
+/// One settle record per finished attempt, with the delivery's next state.
+fn decide_all(claimed: &[Claimed], attempts: Vec<Attempt>) -> Value {
+    let mut rng = rand::thread_rng();
+    let now = SystemTime::now();
+    let results: Vec<Value> = attempts
+        .into_iter()
+        .filter_map(|a| {
+            let c = claimed.iter().find(|c| c.request.delivery_id == a.delivery_id)?;
+            let verdict = classify(&a.outcome);
+            let next = decide(&c.policy, verdict, c.attempts_used + 1, now, &mut rng);
+            let (state, next_at) = match next {
+                Next::Delivered => ("delivered", None),
+                Next::Retry { at } => ("retry", Some(epoch(at))),
+                Next::Failed => ("failed", None),
+                Next::Dead => ("dead", None),
+            };
+            Some(json!({
+                "delivery_id": a.delivery_id,
+                "state": state,
+                "next_at": next_at,
+                "status": a.status,
+                "error": a.error.as_deref().map(clean),
+                "category": category(&a.outcome),
+                "request_headers": headers_json(&a.request_headers),
+                "response_headers": if a.status.is_some() { headers_json(&a.response_headers) } else { Value::Null },
+                "response_body": a.response_body.as_deref().map(clean),
+                "started_at": epoch(a.started_at),
+                "duration_ms": a.duration.as_secs_f64() * 1000.0,
+                "disable_endpoint": verdict == Verdict::Gone,
+            }))
+        })
+        .collect();
+    Value::Array(results)
+}
+
+fn settle(pid: i32, results: Value) {
+    Spi::connect_mut(|client| {
+        client
+            .update("SELECT ihub._settle($1, $2)", None, &[pid.into(), JsonB(results).into()])
+            .expect("ihub._settle runs");
+    });
+}

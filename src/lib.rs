@@ -1,0 +1,47 @@
+//! pg_ihub: an integration hub inside PostgreSQL.
+//!
+//! Layout: `outbound` is pure Rust (signing, retries, HTTP); `capture`,
+//! `dispatch`, `workers` and `api` are the Postgres glue; the schema and the
+//! public SQL API are in `sql/`.
+
+use pgrx::prelude::*;
+
+pub mod api;
+pub mod capture;
+pub mod dispatch;
+pub mod error;
+pub mod outbound;
+pub mod settings;
+pub mod workers;
+
+::pgrx::pg_module_magic!(name, version);
+
+pgrx::extension_sql_file!("../sql/bootstrap.sql", name = "bootstrap", bootstrap);
+pgrx::extension_sql_file!("../sql/api.sql", name = "api", finalize);
+
+#[pg_guard]
+pub extern "C-unwind" fn _PG_init() {
+    settings::init();
+    if unsafe { pg_sys::process_shared_preload_libraries_in_progress } {
+        workers::init_preloaded();
+    }
+}
+
+#[cfg(feature = "pg_test")]
+#[pg_schema]
+mod tests;
+
+/// Required by `cargo pgrx test`.
+#[cfg(test)]
+pub mod pg_test {
+    pub fn setup(_options: Vec<&str>) {}
+
+    #[must_use]
+    pub fn postgresql_conf_options() -> Vec<&'static str> {
+        vec![
+            "shared_preload_libraries = 'pg_ihub'",
+            "ihub.databases = 'pgrx_tests'",
+            "ihub.allow_private_hosts = '127.0.0.0/8, ::1, localhost'",
+        ]
+    }
+}

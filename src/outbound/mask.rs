@@ -1,0 +1,99 @@
+//! Masking of secrets in headers before they are stored or shown.
+
+pub const MASK: &str = "********";
+
+/// Names (header, setting or query parameter) whose values are credentials.
+pub fn is_sensitive_name(name: &str) -> bool {
+    let lower = name.to_ascii_lowercase();
+    const EXACT: &[&str] = &["authorization", "proxy-authorization", "cookie", "set-cookie", "key", "sig", "signature_key"];
+    const PARTS: &[&str] =
+        &["token", "secret", "password", "passwd", "api-key", "apikey", "api_key", "session", "credential", "private"];
+    EXACT.contains(&lower.as_str()) || PARTS.iter().any(|p| lower.contains(p))
+}
+
+/// Header names whose values are credentials; `extra` adds names known to
+/// carry one (an endpoint's API-key header).
+pub fn is_sensitive_header(name: &str, extra: &[String]) -> bool {
+    is_sensitive_name(name) || extra.iter().any(|e| e.eq_ignore_ascii_case(name))
+}
+
+/// A JSON value with the values of sensitive keys masked, at any depth.
+pub fn mask_json(value: serde_json::Value) -> serde_json::Value {
+    use serde_json::Value;
+    match value {
+        Value::Object(map) => Value::Object(
+            map.into_iter()
+                .map(|(k, v)| {
+                    let v = if is_sensitive_name(&k) && !v.is_null() { Value::String(MASK.into()) } else { mask_json(v) };
+                    (k, v)
+                })
+                .collect(),
+        ),
+        Value::Array(items) => Value::Array(items.into_iter().map(mask_json).collect()),
+        other => other,
+    }
+}
+
+/// A URL with the values of sensitive query parameters masked.
+pub fn mask_url(raw: &str) -> String {
+    let Some((base, rest)) = raw.split_once('?') else { return raw.to_string() };
+    let (query, fragment) = match rest.split_once('#') {
+        Some((q, f)) => (q, Some(f)),
+        None => (rest, None),
+    };
+    let query: Vec<String> = query
+        .split('&')
+        .map(|pair| match pair.split_once('=') {
+            Some((k, _)) if is_sensitive_name(k) => format!("{k}={MASK}"),
+            _ => pair.to_string(),
+        })
+        .collect();
+    let mut out = format!("{base}?{}", query.join("&"));
+    if let Some(f) = fragment {
+        out.push('#');
+        out.push_str(f);
+    }
+    out
+}
+
+/// Returns the headers with credential values replaced by [`MASK`].
+pub fn mask_headers(headers: &[(String, String)], extra: &[String]) -> Vec<(String, String)> {
+    headers
+        .iter()
+        .map(|(k, v)| {
+            let v = if is_sensitive_header(k, extra) { MASK.to_string() } else { v.clone() };
+            (k.clone(), v)
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn credentials_are_masked_and_the_rest_kept() {
+        let h = vec![
+            ("Authorization".to_string(), "Bearer abc".to_string()),
+            ("X-Api-Key".to_string(), "k".to_string()),
+            ("X-Custom-Auth".to_string(), "c".to_string()),
+            ("X-Shop-Token".to_string(), "t".to_string()),
+            ("content-type".to_string(), "application/json".to_string()),
+            ("webhook-id".to_string(), "evt_1".to_string()),
+        ];
+        let m = mask_headers(&h, &["x-custom-auth".to_string()]);
+        let values: Vec<&str> = m.iter().map(|(_, v)| v.as_str()).collect();
+        assert_eq!(values, vec![MASK, MASK, MASK, MASK, "application/json", "evt_1"]);
+    }
+
+    #[test]
+    fn settings_and_urls_are_masked_at_any_depth() {
+        let v = serde_json::json!({"base_url": "https://x", "api_key": "k", "oauth": {"client_secret": "s", "scope": "a"}});
+        assert_eq!(
+            mask_json(v),
+            serde_json::json!({"base_url": "https://x", "api_key": MASK, "oauth": {"client_secret": MASK, "scope": "a"}})
+        );
+        assert_eq!(mask_url("https://h/p?token=abc&page=2"), format!("https://h/p?token={MASK}&page=2"));
+        assert_eq!(mask_url("https://h/p"), "https://h/p");
+    }
+}

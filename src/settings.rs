@@ -1,0 +1,121 @@
+//! `ihub.*` settings. Worker counts and databases are read once at server
+//! start (postmaster context); the rest reload on SIGHUP.
+
+use std::ffi::CStr;
+
+use pgrx::{GucContext, GucFlags, GucRegistry, GucSetting, PostgresGucEnum};
+
+#[derive(PostgresGucEnum, Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Environment {
+    Production,
+    Staging,
+}
+
+pub static DATABASES: GucSetting<Option<std::ffi::CString>> = GucSetting::<Option<std::ffi::CString>>::new(Some(c"postgres"));
+pub static DISPATCH_WORKERS: GucSetting<i32> = GucSetting::<i32>::new(2);
+pub static BATCH_SIZE: GucSetting<i32> = GucSetting::<i32>::new(200);
+pub static POLL_INTERVAL_MS: GucSetting<i32> = GucSetting::<i32>::new(10_000);
+pub static DEFAULT_TIMEOUT_MS: GucSetting<i32> = GucSetting::<i32>::new(10_000);
+pub static MAX_BODY_SIZE: GucSetting<i32> = GucSetting::<i32>::new(1024 * 1024);
+pub static RESPONSE_BODY_LIMIT: GucSetting<i32> = GucSetting::<i32>::new(4096);
+pub static ALLOW_PRIVATE_HOSTS: GucSetting<Option<std::ffi::CString>> = GucSetting::<Option<std::ffi::CString>>::new(None);
+pub static ENVIRONMENT: GucSetting<Environment> = GucSetting::<Environment>::new(Environment::Production);
+
+pub fn init() {
+    GucRegistry::define_string_guc(
+        c"ihub.databases",
+        c"Databases served by pg_ihub's background workers (comma-separated).",
+        c"Each listed database gets its own dispatcher workers; the extension must be created in it. Requires a restart.",
+        &DATABASES,
+        GucContext::Postmaster,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"ihub.dispatch_workers",
+        c"Dispatcher workers per database.",
+        c"Each claims batches of deliveries with FOR UPDATE SKIP LOCKED and sends them concurrently. Requires a restart.",
+        &DISPATCH_WORKERS,
+        0,
+        32,
+        GucContext::Postmaster,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"ihub.batch_size",
+        c"Deliveries a dispatcher claims and sends at once.",
+        c"",
+        &BATCH_SIZE,
+        1,
+        10_000,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"ihub.poll_interval",
+        c"Longest a dispatcher sleeps when nothing wakes it.",
+        c"Workers are woken at commit by the transactions that enqueue; this fallback also bounds how late an expired lease is noticed.",
+        &POLL_INTERVAL_MS,
+        100,
+        3_600_000,
+        GucContext::Sighup,
+        GucFlags::UNIT_MS,
+    );
+    GucRegistry::define_int_guc(
+        c"ihub.default_timeout",
+        c"Request timeout for endpoints created without timeout_ms.",
+        c"",
+        &DEFAULT_TIMEOUT_MS,
+        1,
+        300_000,
+        GucContext::Sighup,
+        GucFlags::UNIT_MS,
+    );
+    GucRegistry::define_int_guc(
+        c"ihub.max_body_size",
+        c"Largest request body pg_ihub will send (and, later, accept).",
+        c"",
+        &MAX_BODY_SIZE,
+        1024,
+        i32::MAX,
+        GucContext::Sighup,
+        GucFlags::UNIT_BYTE,
+    );
+    GucRegistry::define_int_guc(
+        c"ihub.response_body_limit",
+        c"Bytes of each response body kept in ihub.delivery_attempts.",
+        c"",
+        &RESPONSE_BODY_LIMIT,
+        0,
+        1024 * 1024,
+        GucContext::Sighup,
+        GucFlags::UNIT_BYTE,
+    );
+    GucRegistry::define_string_guc(
+        c"ihub.allow_private_hosts",
+        c"Private, loopback or link-local hosts endpoints may use (comma-separated names, addresses or CIDR ranges).",
+        c"By default such addresses are refused so that webhook URLs cannot reach the server's own network. '*' allows all.",
+        &ALLOW_PRIVATE_HOSTS,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+    GucRegistry::define_enum_guc(
+        c"ihub.environment",
+        c"production or staging: enabled integrations become 'active' or 'test'.",
+        c"",
+        &ENVIRONMENT,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+}
+
+fn string(setting: &GucSetting<Option<std::ffi::CString>>) -> String {
+    setting.get().as_deref().map(CStr::to_string_lossy).map(|s| s.into_owned()).unwrap_or_default()
+}
+
+pub fn databases() -> Vec<String> {
+    string(&DATABASES).split(',').map(str::trim).filter(|s| !s.is_empty()).map(str::to_string).collect()
+}
+
+pub fn allow_private_hosts() -> String {
+    string(&ALLOW_PRIVATE_HOSTS)
+}
