@@ -906,6 +906,12 @@ GRANT SELECT ON ihub.integration_kind TO ihub_viewer;
 GRANT INSERT, UPDATE, DELETE ON ihub.integration_kind TO ihub_admin;
 
 GRANT EXECUTE ON FUNCTION
+    -- used by the views, which run functions with the reader's rights
+    ihub._mask_settings(jsonb),
+    ihub._mask_headers(jsonb),
+    ihub._mask_url(text),
+    ihub._default_timeout_ms(),
+    ihub._workers(),
     ihub.sign(text, text, bigint, text),
     ihub.verify_signature(text, text, text, bigint, text)
 TO ihub_viewer;

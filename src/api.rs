@@ -11,7 +11,8 @@ use crate::outbound::{auth::Auth, mask, retry::RetryPolicy, signature, target};
 use crate::settings;
 
 pub fn allow_list() -> target::AllowList {
-    target::AllowList::parse(&settings::allow_private_hosts()).unwrap_or_else(|e| IhubError::AllowList(e).raise())
+    target::AllowList::parse(&settings::allow_private_hosts())
+        .unwrap_or_else(|e| IhubError::AllowList(e).raise())
 }
 
 /// Checks an endpoint URL against scheme rules and the private-host allow-list.
@@ -55,11 +56,17 @@ fn check_headers(headers: JsonB) {
             IhubError::Headers(format!("\"{name}\" is not a valid header name")).raise();
         }
         if name.to_ascii_lowercase().starts_with("webhook-") {
-            IhubError::Headers(format!("\"{name}\" is reserved for the Standard Webhooks signature")).raise();
+            IhubError::Headers(format!(
+                "\"{name}\" is reserved for the Standard Webhooks signature"
+            ))
+            .raise();
         }
         match value {
             Value::String(s) if reqwest::header::HeaderValue::from_str(s).is_ok() => {}
-            _ => IhubError::Headers(format!("the value of \"{name}\" must be a string without control characters")).raise(),
+            _ => IhubError::Headers(format!(
+                "the value of \"{name}\" must be a string without control characters"
+            ))
+            .raise(),
         }
     }
 }
@@ -67,11 +74,17 @@ fn check_headers(headers: JsonB) {
 /// Credentials in header values replaced by a mask, for views.
 #[pg_extern(name = "_mask_headers", immutable, parallel_safe)]
 fn mask_headers(headers: Option<JsonB>) -> Option<JsonB> {
-    let Value::Object(map) = headers?.0 else { return None };
+    let Value::Object(map) = headers?.0 else {
+        return None;
+    };
     let masked: Map<String, Value> = map
         .into_iter()
         .map(|(k, v)| {
-            let v = if mask::is_sensitive_header(&k, &[]) { Value::String(mask::MASK.into()) } else { v };
+            let v = if mask::is_sensitive_header(&k, &[]) {
+                Value::String(mask::MASK.into())
+            } else {
+                v
+            };
             (k, v)
         })
         .collect();
@@ -108,7 +121,13 @@ fn sign(secret: &str, msg_id: &str, timestamp: i64, body: &str) -> String {
 
 /// Verifies a `webhook-signature` header (any of its space-separated entries).
 #[pg_extern(immutable, parallel_safe)]
-fn verify_signature(secret: &str, signature_header: &str, msg_id: &str, timestamp: i64, body: &str) -> bool {
+fn verify_signature(
+    secret: &str,
+    signature_header: &str,
+    msg_id: &str,
+    timestamp: i64,
+    body: &str,
+) -> bool {
     signature::verify(secret, signature_header, msg_id, timestamp, body.as_bytes())
 }
 
@@ -125,6 +144,8 @@ fn default_timeout_ms() -> i32 {
 fn invoker() -> String {
     unsafe {
         let name = pg_sys::GetUserNameFromId(pg_sys::GetOuterUserId(), false);
-        std::ffi::CStr::from_ptr(name).to_string_lossy().into_owned()
+        std::ffi::CStr::from_ptr(name)
+            .to_string_lossy()
+            .into_owned()
     }
 }

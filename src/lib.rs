@@ -28,7 +28,6 @@ pub extern "C-unwind" fn _PG_init() {
 }
 
 #[cfg(feature = "pg_test")]
-#[pg_schema]
 mod tests;
 
 /// Required by `cargo pgrx test`.

@@ -11,15 +11,18 @@ pub enum Environment {
     Staging,
 }
 
-pub static DATABASES: GucSetting<Option<std::ffi::CString>> = GucSetting::<Option<std::ffi::CString>>::new(Some(c"postgres"));
+pub static DATABASES: GucSetting<Option<std::ffi::CString>> =
+    GucSetting::<Option<std::ffi::CString>>::new(Some(c"postgres"));
 pub static DISPATCH_WORKERS: GucSetting<i32> = GucSetting::<i32>::new(2);
 pub static BATCH_SIZE: GucSetting<i32> = GucSetting::<i32>::new(200);
 pub static POLL_INTERVAL_MS: GucSetting<i32> = GucSetting::<i32>::new(10_000);
 pub static DEFAULT_TIMEOUT_MS: GucSetting<i32> = GucSetting::<i32>::new(10_000);
 pub static MAX_BODY_SIZE: GucSetting<i32> = GucSetting::<i32>::new(1024 * 1024);
 pub static RESPONSE_BODY_LIMIT: GucSetting<i32> = GucSetting::<i32>::new(4096);
-pub static ALLOW_PRIVATE_HOSTS: GucSetting<Option<std::ffi::CString>> = GucSetting::<Option<std::ffi::CString>>::new(None);
-pub static ENVIRONMENT: GucSetting<Environment> = GucSetting::<Environment>::new(Environment::Production);
+pub static ALLOW_PRIVATE_HOSTS: GucSetting<Option<std::ffi::CString>> =
+    GucSetting::<Option<std::ffi::CString>>::new(None);
+pub static ENVIRONMENT: GucSetting<Environment> =
+    GucSetting::<Environment>::new(Environment::Production);
 
 pub fn init() {
     GucRegistry::define_string_guc(
@@ -109,11 +112,21 @@ pub fn init() {
 }
 
 fn string(setting: &GucSetting<Option<std::ffi::CString>>) -> String {
-    setting.get().as_deref().map(CStr::to_string_lossy).map(|s| s.into_owned()).unwrap_or_default()
+    setting
+        .get()
+        .as_deref()
+        .map(CStr::to_string_lossy)
+        .map(|s| s.into_owned())
+        .unwrap_or_default()
 }
 
 pub fn databases() -> Vec<String> {
-    string(&DATABASES).split(',').map(str::trim).filter(|s| !s.is_empty()).map(str::to_string).collect()
+    string(&DATABASES)
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(str::to_string)
+        .collect()
 }
 
 pub fn allow_private_hosts() -> String {

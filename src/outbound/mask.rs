@@ -5,9 +5,27 @@ pub const MASK: &str = "********";
 /// Names (header, setting or query parameter) whose values are credentials.
 pub fn is_sensitive_name(name: &str) -> bool {
     let lower = name.to_ascii_lowercase();
-    const EXACT: &[&str] = &["authorization", "proxy-authorization", "cookie", "set-cookie", "key", "sig", "signature_key"];
-    const PARTS: &[&str] =
-        &["token", "secret", "password", "passwd", "api-key", "apikey", "api_key", "session", "credential", "private"];
+    const EXACT: &[&str] = &[
+        "authorization",
+        "proxy-authorization",
+        "cookie",
+        "set-cookie",
+        "key",
+        "sig",
+        "signature_key",
+    ];
+    const PARTS: &[&str] = &[
+        "token",
+        "secret",
+        "password",
+        "passwd",
+        "api-key",
+        "apikey",
+        "api_key",
+        "session",
+        "credential",
+        "private",
+    ];
     EXACT.contains(&lower.as_str()) || PARTS.iter().any(|p| lower.contains(p))
 }
 
@@ -24,7 +42,11 @@ pub fn mask_json(value: serde_json::Value) -> serde_json::Value {
         Value::Object(map) => Value::Object(
             map.into_iter()
                 .map(|(k, v)| {
-                    let v = if is_sensitive_name(&k) && !v.is_null() { Value::String(MASK.into()) } else { mask_json(v) };
+                    let v = if is_sensitive_name(&k) && !v.is_null() {
+                        Value::String(MASK.into())
+                    } else {
+                        mask_json(v)
+                    };
                     (k, v)
                 })
                 .collect(),
@@ -36,7 +58,9 @@ pub fn mask_json(value: serde_json::Value) -> serde_json::Value {
 
 /// A URL with the values of sensitive query parameters masked.
 pub fn mask_url(raw: &str) -> String {
-    let Some((base, rest)) = raw.split_once('?') else { return raw.to_string() };
+    let Some((base, rest)) = raw.split_once('?') else {
+        return raw.to_string();
+    };
     let (query, fragment) = match rest.split_once('#') {
         Some((q, f)) => (q, Some(f)),
         None => (rest, None),
@@ -61,7 +85,11 @@ pub fn mask_headers(headers: &[(String, String)], extra: &[String]) -> Vec<(Stri
     headers
         .iter()
         .map(|(k, v)| {
-            let v = if is_sensitive_header(k, extra) { MASK.to_string() } else { v.clone() };
+            let v = if is_sensitive_header(k, extra) {
+                MASK.to_string()
+            } else {
+                v.clone()
+            };
             (k.clone(), v)
         })
         .collect()
@@ -83,7 +111,10 @@ mod tests {
         ];
         let m = mask_headers(&h, &["x-custom-auth".to_string()]);
         let values: Vec<&str> = m.iter().map(|(_, v)| v.as_str()).collect();
-        assert_eq!(values, vec![MASK, MASK, MASK, MASK, "application/json", "evt_1"]);
+        assert_eq!(
+            values,
+            vec![MASK, MASK, MASK, MASK, "application/json", "evt_1"]
+        );
     }
 
     #[test]
@@ -93,7 +124,10 @@ mod tests {
             mask_json(v),
             serde_json::json!({"base_url": "https://x", "api_key": MASK, "oauth": {"client_secret": MASK, "scope": "a"}})
         );
-        assert_eq!(mask_url("https://h/p?token=abc&page=2"), format!("https://h/p?token={MASK}&page=2"));
+        assert_eq!(
+            mask_url("https://h/p?token=abc&page=2"),
+            format!("https://h/p?token={MASK}&page=2")
+        );
         assert_eq!(mask_url("https://h/p"), "https://h/p");
     }
 }

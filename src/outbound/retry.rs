@@ -23,11 +23,23 @@ pub struct RetryPolicy {
 
 impl Default for RetryPolicy {
     fn default() -> Self {
-        RetryPolicy { max_attempts: 10, initial_delay: 60.0, multiplier: 2.0, max_delay: 86_400.0, jitter: 0.2 }
+        RetryPolicy {
+            max_attempts: 10,
+            initial_delay: 60.0,
+            multiplier: 2.0,
+            max_delay: 86_400.0,
+            jitter: 0.2,
+        }
     }
 }
 
-pub const POLICY_KEYS: &[&str] = &["max_attempts", "initial_delay", "multiplier", "max_delay", "jitter"];
+pub const POLICY_KEYS: &[&str] = &[
+    "max_attempts",
+    "initial_delay",
+    "multiplier",
+    "max_delay",
+    "jitter",
+];
 
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum PolicyError {
@@ -36,7 +48,10 @@ pub enum PolicyError {
     #[error("unknown retry policy key \"{0}\"")]
     UnknownKey(String),
     #[error("retry policy key \"{key}\" {problem}")]
-    BadValue { key: &'static str, problem: &'static str },
+    BadValue {
+        key: &'static str,
+        problem: &'static str,
+    },
 }
 
 impl RetryPolicy {
@@ -54,7 +69,10 @@ impl RetryPolicy {
             match map.get(key) {
                 None | Some(Value::Null) => Ok(None),
                 Some(Value::Number(n)) => Ok(n.as_f64()),
-                Some(_) => Err(PolicyError::BadValue { key, problem: "must be a number" }),
+                Some(_) => Err(PolicyError::BadValue {
+                    key,
+                    problem: "must be a number",
+                }),
             }
         };
         let d = RetryPolicy::default();
@@ -62,7 +80,12 @@ impl RetryPolicy {
             max_attempts: match num("max_attempts")? {
                 None => d.max_attempts,
                 Some(n) if n >= 1.0 && n <= 100.0 && n.fract() == 0.0 => n as u32,
-                Some(_) => return Err(PolicyError::BadValue { key: "max_attempts", problem: "must be a whole number from 1 to 100" }),
+                Some(_) => {
+                    return Err(PolicyError::BadValue {
+                        key: "max_attempts",
+                        problem: "must be a whole number from 1 to 100",
+                    })
+                }
             },
             initial_delay: num("initial_delay")?.unwrap_or(d.initial_delay),
             multiplier: num("multiplier")?.unwrap_or(d.multiplier),
@@ -70,16 +93,28 @@ impl RetryPolicy {
             jitter: num("jitter")?.unwrap_or(d.jitter),
         };
         if !(0.0..=86_400.0 * 7.0).contains(&policy.initial_delay) {
-            return Err(PolicyError::BadValue { key: "initial_delay", problem: "must be between 0 and 604800 seconds" });
+            return Err(PolicyError::BadValue {
+                key: "initial_delay",
+                problem: "must be between 0 and 604800 seconds",
+            });
         }
         if !(1.0..=100.0).contains(&policy.multiplier) {
-            return Err(PolicyError::BadValue { key: "multiplier", problem: "must be between 1 and 100" });
+            return Err(PolicyError::BadValue {
+                key: "multiplier",
+                problem: "must be between 1 and 100",
+            });
         }
         if !(policy.initial_delay..=86_400.0 * 30.0).contains(&policy.max_delay) {
-            return Err(PolicyError::BadValue { key: "max_delay", problem: "must be at least initial_delay and at most 30 days" });
+            return Err(PolicyError::BadValue {
+                key: "max_delay",
+                problem: "must be at least initial_delay and at most 30 days",
+            });
         }
         if !(0.0..=1.0).contains(&policy.jitter) {
-            return Err(PolicyError::BadValue { key: "jitter", problem: "must be between 0 and 1" });
+            return Err(PolicyError::BadValue {
+                key: "jitter",
+                problem: "must be between 0 and 1",
+            });
         }
         Ok(policy)
     }
@@ -88,7 +123,11 @@ impl RetryPolicy {
     pub fn backoff(&self, attempts_made: u32, rng: &mut impl Rng) -> Duration {
         let exponent = attempts_made.saturating_sub(1).min(64) as i32;
         let base = (self.initial_delay * self.multiplier.powi(exponent)).min(self.max_delay);
-        let spread = if self.jitter > 0.0 { rng.gen_range(-self.jitter..=self.jitter) } else { 0.0 };
+        let spread = if self.jitter > 0.0 {
+            rng.gen_range(-self.jitter..=self.jitter)
+        } else {
+            0.0
+        };
         Duration::from_secs_f64((base * (1.0 + spread)).clamp(0.0, self.max_delay))
     }
 }
@@ -97,7 +136,10 @@ impl RetryPolicy {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Outcome {
     /// The receiver answered with this status; `retry_after` is the parsed header.
-    Status { status: u16, retry_after: Option<Duration> },
+    Status {
+        status: u16,
+        retry_after: Option<Duration>,
+    },
     Timeout,
     /// Could not connect, or the connection dropped before an answer.
     Connection,
@@ -114,7 +156,9 @@ pub enum Outcome {
 pub enum Verdict {
     Delivered,
     /// Worth another try; `after` overrides the backoff (`Retry-After`).
-    Retry { after: Option<Duration> },
+    Retry {
+        after: Option<Duration>,
+    },
     /// Permanent failure: no retry.
     Fail,
     /// 410 Gone: fail and disable the endpoint.
@@ -124,10 +168,15 @@ pub enum Verdict {
 pub fn classify(outcome: &Outcome) -> Verdict {
     match outcome {
         Outcome::NotSent => Verdict::Delivered,
-        Outcome::Status { status, retry_after } => match status {
+        Outcome::Status {
+            status,
+            retry_after,
+        } => match status {
             200..=299 => Verdict::Delivered,
             410 => Verdict::Gone,
-            429 | 503 => Verdict::Retry { after: *retry_after },
+            429 | 503 => Verdict::Retry {
+                after: *retry_after,
+            },
             500..=599 => Verdict::Retry { after: None },
             // 1xx/3xx (redirects are not followed) and the other 4xx: the receiver
             // rejected the request itself, so sending it again cannot succeed.
@@ -141,10 +190,16 @@ pub fn classify(outcome: &Outcome) -> Verdict {
 /// Short category stored with each attempt, for filtering and statistics.
 pub fn category(outcome: &Outcome) -> &'static str {
     match outcome {
-        Outcome::Status { status: 200..=299, .. } => "ok",
+        Outcome::Status {
+            status: 200..=299, ..
+        } => "ok",
         Outcome::Status { status: 429, .. } => "rate_limited",
-        Outcome::Status { status: 400..=499, .. } => "http_4xx",
-        Outcome::Status { status: 500..=599, .. } => "http_5xx",
+        Outcome::Status {
+            status: 400..=499, ..
+        } => "http_4xx",
+        Outcome::Status {
+            status: 500..=599, ..
+        } => "http_5xx",
         Outcome::Status { .. } => "http_other",
         Outcome::Timeout => "timeout",
         Outcome::Connection => "connection",
@@ -209,37 +264,70 @@ mod tests {
 
     #[test]
     fn default_backoff_doubles_from_a_minute_and_caps_at_a_day() {
-        let p = RetryPolicy { jitter: 0.0, ..RetryPolicy::default() };
-        let secs: Vec<u64> = (1..=12).map(|n| p.backoff(n, &mut rng()).as_secs()).collect();
-        assert_eq!(secs, vec![60, 120, 240, 480, 960, 1920, 3840, 7680, 15360, 30720, 61440, 86400]);
+        let p = RetryPolicy {
+            jitter: 0.0,
+            ..RetryPolicy::default()
+        };
+        let secs: Vec<u64> = (1..=12)
+            .map(|n| p.backoff(n, &mut rng()).as_secs())
+            .collect();
+        assert_eq!(
+            secs,
+            vec![60, 120, 240, 480, 960, 1920, 3840, 7680, 15360, 30720, 61440, 86400]
+        );
     }
 
     #[test]
     fn jitter_stays_within_its_fraction() {
-        let p = RetryPolicy { jitter: 0.2, ..RetryPolicy::default() };
+        let p = RetryPolicy {
+            jitter: 0.2,
+            ..RetryPolicy::default()
+        };
         let mut r = rng();
-        let delays: Vec<f64> = (0..200).map(|_| p.backoff(2, &mut r).as_secs_f64()).collect();
+        let delays: Vec<f64> = (0..200)
+            .map(|_| p.backoff(2, &mut r).as_secs_f64())
+            .collect();
         assert!(delays.iter().all(|d| (96.0..=144.0).contains(d)));
-        assert!(delays.iter().any(|d| (*d - 120.0).abs() > 1.0), "jitter must vary the delay");
+        assert!(
+            delays.iter().any(|d| (*d - 120.0).abs() > 1.0),
+            "jitter must vary the delay"
+        );
     }
 
     #[test]
     fn policy_parses_partial_objects_and_rejects_nonsense() {
         let p = RetryPolicy::from_json(&json!({"max_attempts": 3, "initial_delay": 0.5})).unwrap();
-        assert_eq!((p.max_attempts, p.initial_delay, p.multiplier), (3, 0.5, 2.0));
-        assert_eq!(RetryPolicy::from_json(&Value::Null).unwrap(), RetryPolicy::default());
-        assert_eq!(RetryPolicy::from_json(&json!({"tries": 3})), Err(PolicyError::UnknownKey("tries".into())));
+        assert_eq!(
+            (p.max_attempts, p.initial_delay, p.multiplier),
+            (3, 0.5, 2.0)
+        );
+        assert_eq!(
+            RetryPolicy::from_json(&Value::Null).unwrap(),
+            RetryPolicy::default()
+        );
+        assert_eq!(
+            RetryPolicy::from_json(&json!({"tries": 3})),
+            Err(PolicyError::UnknownKey("tries".into()))
+        );
         assert!(RetryPolicy::from_json(&json!({"max_attempts": 0})).is_err());
         assert!(RetryPolicy::from_json(&json!({"max_attempts": 2.5})).is_err());
         assert!(RetryPolicy::from_json(&json!({"multiplier": "2"})).is_err());
         assert!(RetryPolicy::from_json(&json!({"jitter": 3})).is_err());
         assert!(RetryPolicy::from_json(&json!({"initial_delay": 10, "max_delay": 5})).is_err());
-        assert_eq!(RetryPolicy::from_json(&json!([1])), Err(PolicyError::NotAnObject));
+        assert_eq!(
+            RetryPolicy::from_json(&json!([1])),
+            Err(PolicyError::NotAnObject)
+        );
     }
 
     #[test]
     fn statuses_and_errors_classify_as_the_standard_says() {
-        let status = |s| classify(&Outcome::Status { status: s, retry_after: None });
+        let status = |s| {
+            classify(&Outcome::Status {
+                status: s,
+                retry_after: None,
+            })
+        };
         assert_eq!(status(200), Verdict::Delivered);
         assert_eq!(status(204), Verdict::Delivered);
         assert_eq!(status(500), Verdict::Retry { after: None });
@@ -250,42 +338,99 @@ mod tests {
         assert_eq!(status(301), Verdict::Fail);
         assert_eq!(status(410), Verdict::Gone);
         assert_eq!(classify(&Outcome::Timeout), Verdict::Retry { after: None });
-        assert_eq!(classify(&Outcome::Connection), Verdict::Retry { after: None });
+        assert_eq!(
+            classify(&Outcome::Connection),
+            Verdict::Retry { after: None }
+        );
         assert_eq!(classify(&Outcome::Blocked), Verdict::Fail);
         let after = Some(Duration::from_secs(7));
-        assert_eq!(classify(&Outcome::Status { status: 503, retry_after: after }), Verdict::Retry { after });
-        assert_eq!(classify(&Outcome::Status { status: 429, retry_after: after }), Verdict::Retry { after });
+        assert_eq!(
+            classify(&Outcome::Status {
+                status: 503,
+                retry_after: after
+            }),
+            Verdict::Retry { after }
+        );
+        assert_eq!(
+            classify(&Outcome::Status {
+                status: 429,
+                retry_after: after
+            }),
+            Verdict::Retry { after }
+        );
     }
 
     #[test]
     fn retries_until_the_budget_is_spent_then_dead() {
-        let p = RetryPolicy { max_attempts: 3, jitter: 0.0, ..RetryPolicy::default() };
+        let p = RetryPolicy {
+            max_attempts: 3,
+            jitter: 0.0,
+            ..RetryPolicy::default()
+        };
         let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
         let retry = Verdict::Retry { after: None };
-        assert_eq!(decide(&p, retry, 1, now, &mut rng()), Next::Retry { at: now + Duration::from_secs(60) });
-        assert_eq!(decide(&p, retry, 2, now, &mut rng()), Next::Retry { at: now + Duration::from_secs(120) });
+        assert_eq!(
+            decide(&p, retry, 1, now, &mut rng()),
+            Next::Retry {
+                at: now + Duration::from_secs(60)
+            }
+        );
+        assert_eq!(
+            decide(&p, retry, 2, now, &mut rng()),
+            Next::Retry {
+                at: now + Duration::from_secs(120)
+            }
+        );
         assert_eq!(decide(&p, retry, 3, now, &mut rng()), Next::Dead);
         assert_eq!(decide(&p, Verdict::Fail, 1, now, &mut rng()), Next::Failed);
         assert_eq!(decide(&p, Verdict::Gone, 1, now, &mut rng()), Next::Failed);
-        assert_eq!(decide(&p, Verdict::Delivered, 3, now, &mut rng()), Next::Delivered);
+        assert_eq!(
+            decide(&p, Verdict::Delivered, 3, now, &mut rng()),
+            Next::Delivered
+        );
     }
 
     #[test]
     fn retry_after_overrides_backoff_but_not_the_cap() {
-        let p = RetryPolicy { max_delay: 100.0, jitter: 0.0, ..RetryPolicy::default() };
+        let p = RetryPolicy {
+            max_delay: 100.0,
+            jitter: 0.0,
+            ..RetryPolicy::default()
+        };
         let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
-        let v = |s| Verdict::Retry { after: Some(Duration::from_secs(s)) };
-        assert_eq!(decide(&p, v(5), 1, now, &mut rng()), Next::Retry { at: now + Duration::from_secs(5) });
-        assert_eq!(decide(&p, v(5000), 1, now, &mut rng()), Next::Retry { at: now + Duration::from_secs(100) });
+        let v = |s| Verdict::Retry {
+            after: Some(Duration::from_secs(s)),
+        };
+        assert_eq!(
+            decide(&p, v(5), 1, now, &mut rng()),
+            Next::Retry {
+                at: now + Duration::from_secs(5)
+            }
+        );
+        assert_eq!(
+            decide(&p, v(5000), 1, now, &mut rng()),
+            Next::Retry {
+                at: now + Duration::from_secs(100)
+            }
+        );
     }
 
     #[test]
     fn retry_after_reads_seconds_and_dates() {
         let now = httpdate::parse_http_date("Wed, 21 Oct 2015 07:28:00 GMT").unwrap();
-        assert_eq!(parse_retry_after("120", now), Some(Duration::from_secs(120)));
+        assert_eq!(
+            parse_retry_after("120", now),
+            Some(Duration::from_secs(120))
+        );
         assert_eq!(parse_retry_after(" 3 ", now), Some(Duration::from_secs(3)));
-        assert_eq!(parse_retry_after("Wed, 21 Oct 2015 07:29:00 GMT", now), Some(Duration::from_secs(60)));
-        assert_eq!(parse_retry_after("Wed, 21 Oct 2015 07:00:00 GMT", now), Some(Duration::ZERO));
+        assert_eq!(
+            parse_retry_after("Wed, 21 Oct 2015 07:29:00 GMT", now),
+            Some(Duration::from_secs(60))
+        );
+        assert_eq!(
+            parse_retry_after("Wed, 21 Oct 2015 07:00:00 GMT", now),
+            Some(Duration::ZERO)
+        );
         assert_eq!(parse_retry_after("soon", now), None);
     }
 }

@@ -28,7 +28,9 @@ pub fn generate_secret() -> String {
 
 /// Decodes `whsec_<base64>` into key bytes; the error never repeats the secret.
 pub fn decode_secret(secret: &str) -> Result<Vec<u8>, SecretError> {
-    let encoded = secret.strip_prefix(PREFIX).ok_or(SecretError::MissingPrefix)?;
+    let encoded = secret
+        .strip_prefix(PREFIX)
+        .ok_or(SecretError::MissingPrefix)?;
     let key = B64.decode(encoded).map_err(|_| SecretError::NotBase64)?;
     if !(24..=64).contains(&key.len()) {
         return Err(SecretError::BadLength(key.len()));
@@ -62,7 +64,9 @@ pub fn signature_header(secrets: &[String], id: &str, timestamp: i64, body: &[u8
 /// Verifies a `webhook-signature` header against one secret, in constant time
 /// per candidate. Used by the demo receiver, the tests and `ihub.verify_signature`.
 pub fn verify(secret: &str, header: &str, id: &str, timestamp: i64, body: &[u8]) -> bool {
-    let Ok(key) = decode_secret(secret) else { return false };
+    let Ok(key) = decode_secret(secret) else {
+        return false;
+    };
     let expected = sign_with_key(&key, id, timestamp, body);
     header
         .split(' ')
@@ -122,7 +126,10 @@ mod tests {
 
     #[test]
     fn bad_secrets_are_named_without_echoing_them() {
-        assert_eq!(decode_secret("MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"), Err(SecretError::MissingPrefix));
+        assert_eq!(
+            decode_secret("MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"),
+            Err(SecretError::MissingPrefix)
+        );
         assert_eq!(decode_secret("whsec_***"), Err(SecretError::NotBase64));
         assert_eq!(decode_secret("whsec_AAAA"), Err(SecretError::BadLength(3)));
         let msg = decode_secret("whsec_hunter2!").unwrap_err().to_string();

@@ -1,0 +1,534 @@
+//! In-database tests of the SQL API: run by `cargo pgrx test` inside a
+//! transaction that is rolled back. What background workers must see is
+//! tested end to end in `tests/`.
+
+use pgrx::prelude::*;
+
+#[pg_schema]
+mod tests {
+    use pgrx::prelude::*;
+
+    /// Runs `sql` in a subtransaction and returns "message HINT: hint" if it
+    /// fails, None if it succeeds. The subtransaction also proves that a failed
+    /// call leaves nothing behind.
+    fn error_of(sql: &str) -> Option<String> {
+        Spi::run(
+            r#"CREATE OR REPLACE FUNCTION pg_temp.error_of(sql text) RETURNS text LANGUAGE plpgsql AS $$
+               DECLARE m text; h text;
+               BEGIN
+                   EXECUTE sql;
+                   RETURN NULL;
+               EXCEPTION WHEN OTHERS THEN
+                   GET STACKED DIAGNOSTICS m = MESSAGE_TEXT, h = PG_EXCEPTION_HINT;
+                   RETURN m || ' HINT: ' || coalesce(h, '');
+               END $$"#,
+        )
+        .unwrap();
+        Spi::get_one_with_args::<String>("SELECT pg_temp.error_of($1)", &[sql.into()]).unwrap()
+    }
+
+    fn expect_error(sql: &str, parts: &[&str]) {
+        let err = error_of(sql).unwrap_or_else(|| panic!("expected an error from: {sql}"));
+        for part in parts {
+            assert!(err.contains(part), "error of {sql:?} lacks {part:?}: {err}");
+        }
+    }
+
+    fn one<T: IntoDatum + FromDatum>(sql: &str) -> T {
+        Spi::get_one::<T>(sql)
+            .unwrap_or_else(|e| panic!("{sql}: {e}"))
+            .unwrap_or_else(|| panic!("{sql}: NULL"))
+    }
+
+    fn setup() {
+        Spi::run(
+            "CREATE TABLE orders (id bigserial PRIMARY KEY, customer text NOT NULL, amount numeric NOT NULL, status text DEFAULT 'new');
+             SELECT ihub.create_integration('shop', tenant => 'acme', settings => '{\"api_key\": \"k-123\", \"region\": \"eu\"}');
+             SELECT ihub.create_endpoint('shop', 'hook', 'https://hooks.example.com/orders');",
+        )
+        .unwrap();
+    }
+
+    fn setup_enabled() {
+        setup();
+        Spi::run("SELECT ihub.enable_integration('shop')").unwrap();
+    }
+
+    #[pg_test]
+    fn integration_lifecycle_and_its_errors() {
+        setup();
+        expect_error(
+            "SELECT ihub.create_integration('shop')",
+            &["already exists"],
+        );
+        expect_error(
+            "SELECT ihub.create_integration('bad name!')",
+            &["invalid integration name", "HINT: Use"],
+        );
+        expect_error(
+            "SELECT ihub.create_integration('x', kind => 'ftp')",
+            &["unknown integration kind", "webhook"],
+        );
+        expect_error(
+            "SELECT ihub.enable_integration('nope')",
+            &["does not exist", "create_integration"],
+        );
+        assert_eq!(
+            one::<String>("SELECT ihub.enable_integration('shop')"),
+            "active"
+        );
+        expect_error(
+            "SELECT ihub.delete_integration('shop')",
+            &["cannot be deleted", "disable_integration"],
+        );
+        Spi::run("SELECT ihub.disable_integration('shop'); SELECT ihub.delete_integration('shop')")
+            .unwrap();
+        assert_eq!(one::<i64>("SELECT count(*) FROM ihub.integration"), 0);
+        assert_eq!(one::<i64>("SELECT count(*) FROM ihub.endpoint"), 0);
+    }
+
+    #[pg_test]
+    fn enabling_checks_required_settings() {
+        Spi::run("SELECT ihub.create_integration('crm', kind => 'rest')").unwrap();
+        expect_error(
+            "SELECT ihub.enable_integration('crm')",
+            &["lacks required settings: base_url"],
+        );
+        assert_eq!(
+            one::<String>("SELECT state FROM ihub.integrations WHERE name = 'crm'"),
+            "inactive"
+        );
+        Spi::run("UPDATE ihub.integration SET settings = '{\"base_url\": \"https://crm\"}' WHERE name = 'crm'").unwrap();
+        assert_eq!(
+            one::<String>("SELECT ihub.enable_integration('crm')"),
+            "active"
+        );
+    }
+
+    #[pg_test]
+    fn endpoint_input_is_validated_with_hints() {
+        setup();
+        let bad = [
+            ("'nope', 'e1', 'https://x.example'", vec!["integration \"nope\" does not exist"]),
+            ("'shop', 'hook', 'https://x.example'", vec!["already exists"]),
+            ("'shop', 'e1', 'not a url'", vec!["invalid endpoint URL", "HINT: Use an absolute"]),
+            ("'shop', 'e1', 'ftp://x.example/'", vec!["scheme \"ftp\""]),
+            ("'shop', 'e1', 'https://u:p@x.example/'", vec!["credentials"]),
+            ("'shop', 'e1', 'http://10.1.2.3/'", vec!["private", "ihub.allow_private_hosts"]),
+            ("'shop', 'e1', 'http://169.254.169.254/'", vec!["private"]),
+            ("'shop', 'e1', 'https://x.example', method => 'TRACE'", vec!["unsupported HTTP method", "GET, POST"]),
+            ("'shop', 'e1', 'https://x.example', auth => '{\"type\": \"oauth9\"}'", vec!["auth type \"oauth9\""]),
+            ("'shop', 'e1', 'https://x.example', auth => '{\"type\": \"basic\", \"username\": \"u\"}'", vec!["needs"]),
+            ("'shop', 'e1', 'https://x.example', retry => '{\"tries\": 3}'", vec!["unknown retry policy key", "max_attempts"]),
+            ("'shop', 'e1', 'https://x.example', retry => '{\"max_attempts\": 0}'", vec!["max_attempts"]),
+            ("'shop', 'e1', 'https://x.example', secret => 'hunter2'", vec!["whsec_"]),
+            ("'shop', 'e1', 'https://x.example', headers => '{\"webhook-id\": \"x\"}'", vec!["reserved"]),
+            ("'shop', 'e1', 'https://x.example', headers => '{\"X-A\": 1}'", vec!["must be a string"]),
+            ("'shop', 'e1', 'https://x.example', timeout_ms => 0", vec!["timeout_ms"]),
+        ];
+        for (args, parts) in bad {
+            expect_error(&format!("SELECT ihub.create_endpoint({args})"), &parts);
+        }
+        // A secret is never echoed in an error.
+        let err = error_of("SELECT ihub.create_endpoint('shop', 'e1', 'https://x.example', secret => 'whsec_hunter2hunter2')").unwrap();
+        assert!(!err.contains("hunter2"), "{err}");
+        let err = error_of(
+            "SELECT ihub.create_endpoint('shop', 'e1', 'https://x.example', auth => '{\"type\": \"bearer\", \"token\": \"tok-999\", \"x\": 1}')",
+        )
+        .unwrap();
+        assert!(!err.contains("tok-999"), "{err}");
+        // Nothing half-made by any of the failures.
+        assert_eq!(one::<i64>("SELECT count(*) FROM ihub.endpoint"), 1);
+        // Loopback is allowed here because the test server lists it.
+        Spi::run("SELECT ihub.create_endpoint('shop', 'local', 'http://127.0.0.1:9/')").unwrap();
+    }
+
+    #[pg_test]
+    fn secrets_are_generated_and_only_admins_see_credentials() {
+        setup();
+        Spi::run(
+            "SELECT ihub.create_endpoint('shop', 'authd', 'https://x.example/h?token=qs-secret',
+                                         headers => '{\"Authorization\": \"Bearer hdr-secret\", \"X-Tenant\": \"acme\"}',
+                                         auth => '{\"type\": \"api_key\", \"header\": \"X-Key\", \"value\": \"key-secret\"}')",
+        )
+        .unwrap();
+        let secret =
+            one::<String>("SELECT secret FROM ihub.endpoint_secrets WHERE endpoint = 'authd'");
+        assert!(secret.starts_with("whsec_"), "{secret}");
+        let visible = one::<String>(
+            "SELECT concat_ws(' ', (SELECT json_agg(e)::text FROM ihub.endpoints e), (SELECT json_agg(i)::text FROM ihub.integrations i))",
+        );
+        for leaked in ["qs-secret", "hdr-secret", "key-secret", "k-123", &secret] {
+            assert!(!visible.contains(leaked), "{leaked} visible: {visible}");
+        }
+        assert!(visible.contains("acme") && visible.contains("eu") && visible.contains("api_key"));
+
+        Spi::run(
+            "CREATE ROLE ihub_test_dev NOLOGIN IN ROLE ihub_developer;
+             CREATE ROLE ihub_test_viewer NOLOGIN IN ROLE ihub_viewer;
+             CREATE ROLE ihub_test_admin NOLOGIN IN ROLE ihub_admin;",
+        )
+        .unwrap();
+        for (role, sql, denied) in [
+            (
+                "ihub_test_dev",
+                "SELECT secret FROM ihub.endpoint_secrets",
+                true,
+            ),
+            ("ihub_test_dev", "SELECT * FROM ihub.endpoint_secret", true),
+            (
+                "ihub_test_dev",
+                "SELECT * FROM ihub.endpoint_credential",
+                true,
+            ),
+            ("ihub_test_dev", "SELECT ihub.rotate_secret('hook')", true),
+            (
+                "ihub_test_dev",
+                "SELECT ihub.create_endpoint('shop', 'dev-made', 'https://x.example')",
+                false,
+            ),
+            ("ihub_test_viewer", "SELECT * FROM ihub.deliveries", false),
+            (
+                "ihub_test_viewer",
+                "SELECT * FROM ihub.endpoints, ihub.integrations, ihub.workers",
+                false,
+            ),
+            (
+                "ihub_test_viewer",
+                "SELECT * FROM ihub.delivery_attempts, ihub.subscriptions",
+                false,
+            ),
+            (
+                "ihub_test_viewer",
+                "SELECT ihub.create_integration('viewer-made')",
+                true,
+            ),
+            ("ihub_test_viewer", "SELECT * FROM ihub.delivery", true),
+            (
+                "ihub_test_admin",
+                "SELECT secret FROM ihub.endpoint_secrets",
+                false,
+            ),
+            (
+                "ihub_test_admin",
+                "SELECT ihub.rotate_secret('hook')",
+                false,
+            ),
+        ] {
+            let err = error_of(&format!("SET LOCAL ROLE {role}; {sql}"));
+            Spi::run("RESET ROLE").unwrap();
+            match (denied, err) {
+                (true, Some(e)) => assert!(e.contains("permission denied"), "{role}: {sql}: {e}"),
+                (true, None) => panic!("{role} may run {sql}"),
+                (false, Some(e)) => panic!("{role} may not run {sql}: {e}"),
+                (false, None) => {}
+            }
+        }
+    }
+
+    #[pg_test]
+    fn subscribe_validates_tables_columns_and_conditions() {
+        setup();
+        Spi::run("CREATE VIEW order_view AS SELECT * FROM orders").unwrap();
+        expect_error(
+            "SELECT ihub.subscribe('orders', 'nope')",
+            &["endpoint \"nope\" does not exist"],
+        );
+        expect_error(
+            "SELECT ihub.subscribe('order_view', 'hook')",
+            &["is not a table"],
+        );
+        expect_error(
+            "SELECT ihub.subscribe('orders', 'hook', columns => '{id,colour}')",
+            &["has no column colour", "customer"],
+        );
+        expect_error(
+            "SELECT ihub.subscribe('orders', 'hook', watch => '{nope}')",
+            &["has no column nope"],
+        );
+        expect_error(
+            "SELECT ihub.subscribe('orders', 'hook', events => '{insert}', watch => '{status}')",
+            &["no update"],
+        );
+        expect_error(
+            "SELECT ihub.subscribe('orders', 'hook', events => '{insert,upsert}')",
+            &["invalid events: upsert"],
+        );
+        expect_error(
+            "SELECT ihub.subscribe('orders', 'hook', condition => 'new.amount >')",
+            &["invalid condition", "HINT: Write one"],
+        );
+        expect_error(
+            "SELECT ihub.subscribe('orders', 'hook', condition => 'new.colour = 1')",
+            &["invalid condition", "colour"],
+        );
+        expect_error(
+            "SELECT ihub.subscribe('orders', 'hook', condition => 'new.amount')",
+            &["invalid condition", "boolean"],
+        );
+        // A condition cannot close its parenthesis to add clauses or statements.
+        for injection in [
+            "true) UNION SELECT (true",
+            "true); DROP TABLE orders; SELECT (true",
+            "true) FROM pg_authid WHERE (true",
+            "true --",
+        ] {
+            let err = error_of(&format!(
+                "SELECT ihub.subscribe('orders', 'hook', condition => $c${injection}$c$)"
+            ));
+            if injection == "true --" {
+                assert!(err.is_none(), "a trailing comment is harmless: {err:?}");
+                continue;
+            }
+            let err = err.unwrap_or_else(|| panic!("accepted {injection}"));
+            assert!(err.contains("invalid condition"), "{injection}: {err}");
+        }
+        assert_eq!(
+            one::<i64>("SELECT count(*) FROM ihub.subscription"),
+            1,
+            "only the harmless one was made"
+        );
+        assert!(one::<bool>("SELECT to_regclass('orders') IS NOT NULL"));
+    }
+
+    #[pg_test]
+    fn captured_changes_become_deliveries_with_payloads() {
+        setup_enabled();
+        let sub =
+            one::<i64>("SELECT ihub.subscribe('orders', 'hook', columns => '{id,status,amount}')");
+        Spi::run(
+            "INSERT INTO orders (customer, amount) VALUES ('alice', 10), ('bob', 20);
+             UPDATE orders SET status = 'paid', customer = 'ALICE' WHERE customer = 'alice';
+             DELETE FROM orders WHERE customer = 'bob';",
+        )
+        .unwrap();
+        // Typed rows wait in the capture table until a dispatcher routes them.
+        assert_eq!(
+            one::<i64>(&format!("SELECT count(*) FROM ihub_capture.sub_{sub}")),
+            4
+        );
+        let routed = one::<i64>(&format!(
+            "SELECT count(*) FROM ihub._route((SELECT s FROM ihub.subscription s WHERE id = {sub}), NULL, NULL)"
+        ));
+        assert_eq!(routed, 4);
+        assert_eq!(
+            one::<i64>(&format!("SELECT count(*) FROM ihub_capture.sub_{sub}")),
+            0
+        );
+        let update = one::<pgrx::JsonB>(
+            "SELECT payload FROM ihub.delivery WHERE event_type LIKE '%.update'",
+        )
+        .0;
+        assert_eq!(update["type"], "orders.update");
+        assert_eq!(update["tenant"], "acme");
+        assert_eq!(update["data"]["status"], "paid");
+        assert_eq!(update["old"]["status"], "new");
+        assert!(
+            update["data"].get("customer").is_none(),
+            "only the chosen columns: {update}"
+        );
+        assert_eq!(
+            update["changed"],
+            serde_json::json!(["status"]),
+            "changes outside the chosen columns are not named"
+        );
+        assert_eq!(
+            update["id"],
+            one::<String>("SELECT event_id FROM ihub.delivery WHERE event_type LIKE '%.update'")
+        );
+        let delete = one::<pgrx::JsonB>(
+            "SELECT payload FROM ihub.delivery WHERE event_type LIKE '%.delete'",
+        )
+        .0;
+        assert_eq!(delete["old"]["amount"], serde_json::json!(20));
+        assert_eq!(
+            one::<String>("SELECT string_agg(state, ',') FROM ihub.delivery"),
+            "pending,pending,pending,pending",
+            "routed without an owner they wait for a dispatcher"
+        );
+    }
+
+    #[pg_test]
+    fn updates_pair_old_and_new_rows_even_when_the_key_changes() {
+        setup_enabled();
+        let sub = one::<i64>("SELECT ihub.subscribe('orders', 'hook', events => '{update}')");
+        Spi::run(
+            "INSERT INTO orders (id, customer, amount) SELECT g, 'c' || g, g FROM generate_series(1, 50) g;
+             UPDATE orders SET id = id + 1000, amount = amount * 2;",
+        )
+        .unwrap();
+        let mismatched = one::<i64>(&format!(
+            "SELECT count(*) FROM ihub_capture.sub_{sub} WHERE (new_row).customer <> (old_row).customer
+                OR (new_row).id <> (old_row).id + 1000 OR (new_row).amount <> (old_row).amount * 2"
+        ));
+        assert_eq!(mismatched, 0);
+        assert_eq!(
+            one::<i64>(&format!("SELECT count(*) FROM ihub_capture.sub_{sub}")),
+            50
+        );
+    }
+
+    #[pg_test]
+    fn watch_and_condition_filter_in_the_writer() {
+        setup_enabled();
+        let sub = one::<i64>(
+            "SELECT ihub.subscribe('orders', 'hook', events => '{insert,update}', watch => '{status}',
+                                   condition => 'new.amount >= 100 OR old.amount >= 100')",
+        );
+        Spi::run(
+            "INSERT INTO orders (customer, amount) VALUES ('small', 5), ('big', 500);
+             UPDATE orders SET customer = upper(customer);
+             UPDATE orders SET status = 'paid';",
+        )
+        .unwrap();
+        // big's insert and big's status change; nothing of small, nothing for the customer change.
+        assert_eq!(
+            one::<String>(&format!("SELECT string_agg(op::text || (coalesce(new_row, old_row)).customer, ',' ORDER BY op) FROM ihub_capture.sub_{sub}")),
+            "ibig,uBIG"
+        );
+    }
+
+    #[pg_test]
+    fn a_disabled_integration_does_not_capture() {
+        setup();
+        let sub = one::<i64>("SELECT ihub.subscribe('orders', 'hook')");
+        Spi::run("INSERT INTO orders (customer, amount) VALUES ('off', 1)").unwrap();
+        assert_eq!(
+            one::<i64>(&format!("SELECT count(*) FROM ihub_capture.sub_{sub}")),
+            0,
+            "inactive: no capture"
+        );
+        Spi::run("SELECT ihub.enable_integration('shop'); INSERT INTO orders (customer, amount) VALUES ('on', 1)").unwrap();
+        assert_eq!(
+            one::<i64>(&format!("SELECT count(*) FROM ihub_capture.sub_{sub}")),
+            1
+        );
+        assert!(one::<bool>("SELECT capturing FROM ihub.subscriptions"));
+    }
+
+    #[pg_test]
+    fn http_request_and_replay_check_their_input() {
+        setup();
+        expect_error(
+            "SELECT ihub.http_request('hook', '{}')",
+            &["inactive", "enable_integration"],
+        );
+        Spi::run("SELECT ihub.enable_integration('shop')").unwrap();
+        expect_error(
+            "SELECT ihub.http_request('nope', '{}')",
+            &["does not exist"],
+        );
+        expect_error(
+            "SELECT ihub.http_request('hook', NULL)",
+            &["must not be NULL"],
+        );
+        expect_error(
+            "SELECT ihub.http_request('hook', '{}', method => 'BREW')",
+            &["unsupported HTTP method"],
+        );
+        expect_error(
+            "SELECT ihub.http_request('hook', '{}', path => 'no slash')",
+            &["invalid path"],
+        );
+        expect_error(
+            "SELECT ihub.http_request('hook', jsonb_build_object('x', repeat('a', 2000000)))",
+            &["ihub.max_body_size", "HINT: Send less"],
+        );
+        let id = one::<i64>(
+            "SELECT ihub.http_request('hook', '{\"a\": 1}', method => 'put', path => '/v2?x=1')",
+        );
+        assert_eq!(
+            one::<String>(&format!(
+                "SELECT state FROM ihub.deliveries WHERE id = {id}"
+            )),
+            "pending"
+        );
+        assert_eq!(
+            one::<String>(&format!("SELECT method FROM ihub.delivery WHERE id = {id}")),
+            "PUT"
+        );
+        expect_error(
+            &format!("SELECT ihub.replay({id})"),
+            &["is pending", "only dead or failed"],
+        );
+        expect_error("SELECT ihub.replay(-1)", &["does not exist"]);
+        Spi::run(&format!(
+            "UPDATE ihub.delivery SET state = 'dead', attempts = 10 WHERE id = {id}"
+        ))
+        .unwrap();
+        Spi::run(&format!("SELECT ihub.replay({id})")).unwrap();
+        assert_eq!(
+            one::<String>(&format!("SELECT state || '/' || attempts || '/' || budget_start FROM ihub.delivery WHERE id = {id}")),
+            "pending/10/10",
+            "a replay keeps the count and gets a fresh budget"
+        );
+    }
+
+    #[pg_test]
+    fn claim_and_settle_move_deliveries_through_their_states() {
+        setup();
+        Spi::run("SELECT ihub.enable_integration('shop')").unwrap();
+        let id = one::<i64>("SELECT ihub.http_request('hook', '{\"a\": 1}')");
+        let claimed = one::<i64>("SELECT count(*) FROM ihub._claim(4242, 10, 1000)");
+        assert_eq!(claimed, 1);
+        assert_eq!(
+            one::<String>(&format!(
+                "SELECT state || ':' || lease_owner FROM ihub.delivery WHERE id = {id}"
+            )),
+            "running:4242"
+        );
+        // Another worker's settle does not touch a delivery it does not hold.
+        let results = format!(
+            r#"[{{"delivery_id": {id}, "state": "retry", "next_at": 0, "status": 500, "error": "boom", "category": "http_5xx",
+                 "request_headers": {{}}, "response_headers": {{}}, "response_body": "", "started_at": 0, "duration_ms": 1}}]"#
+        );
+        assert_eq!(
+            one::<i64>(&format!("SELECT ihub._settle(1, '{results}')")),
+            0
+        );
+        assert_eq!(
+            one::<i64>(&format!("SELECT ihub._settle(4242, '{results}')")),
+            1
+        );
+        assert_eq!(
+            one::<String>(&format!("SELECT state || ':' || attempts || ':' || last_status FROM ihub.deliveries WHERE id = {id}")),
+            "retry:1:500"
+        );
+        assert_eq!(one::<i64>("SELECT count(*) FROM ihub.delivery_attempts"), 1);
+        // A lease held by a process that does not exist is rescued.
+        Spi::run(&format!("UPDATE ihub.delivery SET state = 'running', lease_owner = 2147483000, lease_until = now() + interval '1 hour' WHERE id = {id}")).unwrap();
+        assert_eq!(one::<i64>("SELECT ihub._rescue()"), 1);
+        assert_eq!(
+            one::<String>(&format!("SELECT state FROM ihub.delivery WHERE id = {id}")),
+            "retry"
+        );
+    }
+
+    #[pg_test]
+    fn signing_helpers_match_the_standard_webhooks_vector() {
+        let sig = one::<String>(
+            "SELECT ihub.sign('whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw', 'msg_p5jXN8AQM9LWM0D4loKWxJek', 1614265330, '{\"test\": 2432232314}')",
+        );
+        assert_eq!(sig, "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE=");
+        assert!(one::<bool>(
+            "SELECT ihub.verify_signature('whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw', 'v1,x v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE=',
+                                          'msg_p5jXN8AQM9LWM0D4loKWxJek', 1614265330, '{\"test\": 2432232314}')"
+        ));
+    }
+
+    #[pg_test]
+    fn every_object_has_a_comment() {
+        let missing = Spi::get_one::<String>(
+            "SELECT string_agg(what, ', ') FROM (
+                 SELECT 'relation ' || c.oid::regclass AS what FROM pg_class c
+                 WHERE c.relnamespace = 'ihub'::regnamespace AND c.relkind IN ('r', 'v', 'p')
+                   AND obj_description(c.oid, 'pg_class') IS NULL
+                 UNION ALL
+                 SELECT 'function ' || p.oid::regprocedure FROM pg_proc p
+                 WHERE p.pronamespace = 'ihub'::regnamespace AND obj_description(p.oid, 'pg_proc') IS NULL
+             ) m",
+        )
+        .unwrap();
+        assert_eq!(missing, None, "objects without COMMENT ON");
+    }
+}

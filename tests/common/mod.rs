@@ -1,0 +1,137 @@
+//! Helpers for the end-to-end suites: a connection to the test cluster and
+//! a fresh integration, endpoint and table per test, so that tests can run
+//! side by side.
+
+use std::time::{Duration, Instant};
+
+pub use pg_ihub_testkit::cluster::Cluster;
+pub use pg_ihub_testkit::receiver::{Received, Receiver, Reply};
+use postgres::Client;
+
+pub struct Hub {
+    pub db: Client,
+    pub cluster: Cluster,
+}
+
+/// A short unique name for this test's objects.
+pub fn unique(prefix: &str) -> String {
+    format!("{prefix}_{:08x}", rand::random::<u32>())
+}
+
+pub fn hub() -> Hub {
+    let cluster = Cluster::from_env();
+    let db = cluster.connect_wait(Duration::from_secs(30));
+    Hub { db, cluster }
+}
+
+/// Fast retries for tests: 0.2 s, doubling, no jitter.
+pub const FAST_RETRY: &str =
+    r#"{"initial_delay": 0.2, "multiplier": 2, "jitter": 0, "max_attempts": 5}"#;
+
+pub struct Setup {
+    pub integration: String,
+    pub endpoint: String,
+    pub table: String,
+    pub secret: String,
+}
+
+impl Hub {
+    pub fn exec(&mut self, sql: &str) {
+        self.db
+            .batch_execute(sql)
+            .unwrap_or_else(|e| panic!("{sql}: {e}"));
+    }
+
+    pub fn one<T: for<'a> postgres::types::FromSql<'a>>(&mut self, sql: &str) -> T {
+        self.db
+            .query_one(sql, &[])
+            .unwrap_or_else(|e| panic!("{sql}: {e}"))
+            .get(0)
+    }
+
+    /// The error message (and hint) a statement fails with.
+    pub fn error(&mut self, sql: &str) -> String {
+        match self.db.batch_execute(sql) {
+            Ok(()) => panic!("expected an error from: {sql}"),
+            Err(e) => {
+                let db = e
+                    .as_db_error()
+                    .unwrap_or_else(|| panic!("not a database error: {e}"));
+                format!("{} HINT: {}", db.message(), db.hint().unwrap_or(""))
+            }
+        }
+    }
+
+    /// An `orders`-like table, an enabled integration and an endpoint pointing
+    /// at `url`, created with extra `create_endpoint` arguments.
+    pub fn setup(&mut self, url: &str, endpoint_args: &str) -> Setup {
+        let integration = unique("it");
+        let endpoint = unique("ep");
+        let table = unique("orders");
+        self.exec(&format!(
+            "CREATE TABLE {table} (id bigserial PRIMARY KEY, customer text NOT NULL, amount numeric(12,2) NOT NULL, \
+               status text NOT NULL DEFAULT 'new', note text);
+             SELECT ihub.create_integration('{integration}', tenant => 'acme');
+             SELECT ihub.create_endpoint('{integration}', '{endpoint}', '{url}' {endpoint_args});
+             SELECT ihub.enable_integration('{integration}');"
+        ));
+        let secret: String = self.one(&format!(
+            "SELECT secret FROM ihub.endpoint_secrets WHERE endpoint = '{endpoint}' AND signing"
+        ));
+        Setup {
+            integration,
+            endpoint,
+            table,
+            secret,
+        }
+    }
+
+    pub fn delivery_states(&mut self, endpoint: &str) -> Vec<String> {
+        self.db
+            .query(
+                &format!(
+                    "SELECT state FROM ihub.deliveries WHERE endpoint = '{endpoint}' ORDER BY id"
+                ),
+                &[],
+            )
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect()
+    }
+
+    /// Polls until `query` returns true.
+    pub fn wait_true(&mut self, query: &str, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(row) = self.db.query_one(query, &[]) {
+                if row.get::<_, Option<bool>>(0) == Some(true) {
+                    return true;
+                }
+            }
+            if Instant::now() > deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Waits until every delivery of the endpoint has left pending/running/retry.
+    pub fn wait_settled(
+        &mut self,
+        endpoint: &str,
+        expected: i64,
+        timeout: Duration,
+    ) -> Vec<String> {
+        let ok = self.wait_true(
+            &format!(
+                "SELECT count(*) = {expected} AND bool_and(state NOT IN ('pending', 'running', 'retry')) \
+                 FROM ihub.deliveries WHERE endpoint = '{endpoint}'"
+            ),
+            timeout,
+        );
+        let states = self.delivery_states(endpoint);
+        assert!(ok, "deliveries of {endpoint} did not settle: {states:?}");
+        states
+    }
+}
