@@ -11,8 +11,7 @@ use crate::outbound::{auth::Auth, mask, retry::RetryPolicy, signature, target};
 use crate::settings;
 
 pub fn allow_list() -> target::AllowList {
-    target::AllowList::parse(&settings::allow_private_hosts())
-        .unwrap_or_else(|e| IhubError::AllowList(e).raise())
+    target::AllowList::parse(&settings::allow_private_hosts()).unwrap_or_else(|e| IhubError::AllowList(e).raise())
 }
 
 /// Checks an endpoint URL against scheme rules and the private-host allow-list.
@@ -56,17 +55,12 @@ fn check_headers(headers: JsonB) {
             IhubError::Headers(format!("\"{name}\" is not a valid header name")).raise();
         }
         if name.to_ascii_lowercase().starts_with("webhook-") {
-            IhubError::Headers(format!(
-                "\"{name}\" is reserved for the Standard Webhooks signature"
-            ))
-            .raise();
+            IhubError::Headers(format!("\"{name}\" is reserved for the Standard Webhooks signature")).raise();
         }
         match value {
             Value::String(s) if reqwest::header::HeaderValue::from_str(s).is_ok() => {}
-            _ => IhubError::Headers(format!(
-                "the value of \"{name}\" must be a string without control characters"
-            ))
-            .raise(),
+            _ => IhubError::Headers(format!("the value of \"{name}\" must be a string without control characters"))
+                .raise(),
         }
     }
 }
@@ -80,11 +74,7 @@ fn mask_headers(headers: Option<JsonB>) -> Option<JsonB> {
     let masked: Map<String, Value> = map
         .into_iter()
         .map(|(k, v)| {
-            let v = if mask::is_sensitive_header(&k, &[]) {
-                Value::String(mask::MASK.into())
-            } else {
-                v
-            };
+            let v = if mask::is_sensitive_header(&k, &[]) { Value::String(mask::MASK.into()) } else { v };
             (k, v)
         })
         .collect();
@@ -121,13 +111,7 @@ fn sign(secret: &str, msg_id: &str, timestamp: i64, body: &str) -> String {
 
 /// Verifies a `webhook-signature` header (any of its space-separated entries).
 #[pg_extern(immutable, parallel_safe)]
-fn verify_signature(
-    secret: &str,
-    signature_header: &str,
-    msg_id: &str,
-    timestamp: i64,
-    body: &str,
-) -> bool {
+fn verify_signature(secret: &str, signature_header: &str, msg_id: &str, timestamp: i64, body: &str) -> bool {
     signature::verify(secret, signature_header, msg_id, timestamp, body.as_bytes())
 }
 
@@ -144,8 +128,6 @@ fn default_timeout_ms() -> i32 {
 fn invoker() -> String {
     unsafe {
         let name = pg_sys::GetUserNameFromId(pg_sys::GetOuterUserId(), false);
-        std::ffi::CStr::from_ptr(name)
-            .to_string_lossy()
-            .into_owned()
+        std::ffi::CStr::from_ptr(name).to_string_lossy().into_owned()
     }
 }

@@ -18,25 +18,19 @@ pub fn single_expression(expr: &str) -> Result<(), String> {
     if expr.trim().is_empty() {
         return Err("the condition is empty".into());
     }
-    let sql = CString::new(format!("SELECT (\n{expr}\n)"))
-        .map_err(|_| "the condition contains a NUL byte".to_string())?;
-    let parsed = PgTryBuilder::new(|| unsafe {
-        Ok(pg_sys::raw_parser(
-            sql.as_ptr(),
-            pg_sys::RawParseMode::RAW_PARSE_DEFAULT,
-        ))
-    })
-    .catch_others(|e| {
-        let message = match e {
-            pg_sys::panic::CaughtError::PostgresError(report)
-            | pg_sys::panic::CaughtError::ErrorReport(report)
-            | pg_sys::panic::CaughtError::RustPanic {
-                ereport: report, ..
-            } => report.message().to_string(),
-        };
-        Err(message)
-    })
-    .execute()?;
+    let sql =
+        CString::new(format!("SELECT (\n{expr}\n)")).map_err(|_| "the condition contains a NUL byte".to_string())?;
+    let parsed =
+        PgTryBuilder::new(|| unsafe { Ok(pg_sys::raw_parser(sql.as_ptr(), pg_sys::RawParseMode::RAW_PARSE_DEFAULT)) })
+            .catch_others(|e| {
+                let message = match e {
+                    pg_sys::panic::CaughtError::PostgresError(report)
+                    | pg_sys::panic::CaughtError::ErrorReport(report)
+                    | pg_sys::panic::CaughtError::RustPanic { ereport: report, .. } => report.message().to_string(),
+                };
+                Err(message)
+            })
+            .execute()?;
     unsafe {
         let stmts = PgList::<pg_sys::RawStmt>::from_pg(parsed);
         if stmts.len() != 1 {

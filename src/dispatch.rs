@@ -135,9 +135,7 @@ pub fn in_transaction<R>(f: impl FnOnce() -> R + UnwindSafe + RefUnwindSafe) -> 
             let message = match &e {
                 pg_sys::panic::CaughtError::PostgresError(r)
                 | pg_sys::panic::CaughtError::ErrorReport(r)
-                | pg_sys::panic::CaughtError::RustPanic { ereport: r, .. } => {
-                    r.message().to_string()
-                }
+                | pg_sys::panic::CaughtError::RustPanic { ereport: r, .. } => r.message().to_string(),
             };
             warning!("pg_ihub worker: {message}");
             None
@@ -170,9 +168,7 @@ fn rescue() {
 }
 
 fn next_due() -> Option<Duration> {
-    let secs = Spi::get_one::<f64>("SELECT ihub._next_due()")
-        .ok()
-        .flatten()?;
+    let secs = Spi::get_one::<f64>("SELECT ihub._next_due()").ok().flatten()?;
     Some(Duration::from_secs_f64(secs.clamp(0.0, 86_400.0)))
 }
 
@@ -188,18 +184,11 @@ fn claim(pid: i32, limit: i32) -> Vec<Claimed> {
             )
             .expect("ihub._claim runs");
         rows.map(|row| {
-            let get_json = |n: usize| {
-                row.get::<JsonB>(n)
-                    .ok()
-                    .flatten()
-                    .map(|j| j.0)
-                    .unwrap_or(Value::Null)
-            };
+            let get_json = |n: usize| row.get::<JsonB>(n).ok().flatten().map(|j| j.0).unwrap_or(Value::Null);
             let headers = match get_json(5) {
-                Value::Object(map) => map
-                    .into_iter()
-                    .filter_map(|(k, v)| v.as_str().map(|v| (k, v.to_string())))
-                    .collect(),
+                Value::Object(map) => {
+                    map.into_iter().filter_map(|(k, v)| v.as_str().map(|v| (k, v.to_string()))).collect()
+                }
                 _ => Vec::new(),
             };
             let timeout_ms: i32 = row.get(8).ok().flatten().unwrap_or(default_timeout);
@@ -225,9 +214,7 @@ fn claim(pid: i32, limit: i32) -> Vec<Claimed> {
 }
 
 fn epoch(t: SystemTime) -> f64 {
-    t.duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs_f64())
-        .unwrap_or(0.0)
+    t.duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
 }
 
 /// Postgres text cannot hold NUL; receivers can send it.
@@ -291,11 +278,7 @@ fn decide_all(claimed: &[Claimed], attempts: Vec<Attempt>) -> Value {
 fn settle(pid: i32, results: Value) {
     Spi::connect_mut(|client| {
         client
-            .update(
-                "SELECT ihub._settle($1, $2)",
-                None,
-                &[pid.into(), JsonB(results).into()],
-            )
+            .update("SELECT ihub._settle($1, $2)", None, &[pid.into(), JsonB(results).into()])
             .expect("ihub._settle runs");
     });
 }

@@ -76,9 +76,7 @@ impl IhubError {
     }
 
     pub fn raise(self) -> ! {
-        ErrorReport::new(self.code(), self.to_string(), "pg_ihub")
-            .set_hint(self.hint())
-            .report(PgLogLevel::ERROR);
+        ErrorReport::new(self.code(), self.to_string(), "pg_ihub").set_hint(self.hint()).report(PgLogLevel::ERROR);
         unreachable!("ERROR does not return")
     }
 }

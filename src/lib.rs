@@ -21,8 +21,9 @@ pgrx::extension_sql_file!("../sql/api.sql", name = "api", finalize);
 
 #[pg_guard]
 pub extern "C-unwind" fn _PG_init() {
-    settings::init();
-    if unsafe { pg_sys::process_shared_preload_libraries_in_progress } {
+    let preloading = unsafe { pg_sys::process_shared_preload_libraries_in_progress };
+    settings::init(preloading);
+    if preloading {
         workers::init_preloaded();
     }
 }

@@ -7,7 +7,9 @@ use pgrx::{GucContext, GucFlags, GucRegistry, GucSetting, PostgresGucEnum};
 
 #[derive(PostgresGucEnum, Clone, Copy, PartialEq, Eq, Debug)]
 pub enum Environment {
+    #[name = c"production"]
     Production,
+    #[name = c"staging"]
     Staging,
 }
 
@@ -21,10 +23,19 @@ pub static MAX_BODY_SIZE: GucSetting<i32> = GucSetting::<i32>::new(1024 * 1024);
 pub static RESPONSE_BODY_LIMIT: GucSetting<i32> = GucSetting::<i32>::new(4096);
 pub static ALLOW_PRIVATE_HOSTS: GucSetting<Option<std::ffi::CString>> =
     GucSetting::<Option<std::ffi::CString>>::new(None);
-pub static ENVIRONMENT: GucSetting<Environment> =
-    GucSetting::<Environment>::new(Environment::Production);
+pub static ENVIRONMENT: GucSetting<Environment> = GucSetting::<Environment>::new(Environment::Production);
 
-pub fn init() {
+/// Defines the settings. Postmaster-context ones can only be defined while
+/// shared_preload_libraries is processed (later it is a FATAL error), so a
+/// session that loads the library on demand gets only the others.
+pub fn init(preloading: bool) {
+    if preloading {
+        define_postmaster_settings();
+    }
+    define_reloadable_settings();
+}
+
+fn define_postmaster_settings() {
     GucRegistry::define_string_guc(
         c"ihub.databases",
         c"Databases served by pg_ihub's background workers (comma-separated).",
@@ -43,6 +54,9 @@ pub fn init() {
         GucContext::Postmaster,
         GucFlags::default(),
     );
+}
+
+fn define_reloadable_settings() {
     GucRegistry::define_int_guc(
         c"ihub.batch_size",
         c"Deliveries a dispatcher claims and sends at once.",
@@ -112,21 +126,11 @@ pub fn init() {
 }
 
 fn string(setting: &GucSetting<Option<std::ffi::CString>>) -> String {
-    setting
-        .get()
-        .as_deref()
-        .map(CStr::to_string_lossy)
-        .map(|s| s.into_owned())
-        .unwrap_or_default()
+    setting.get().as_deref().map(CStr::to_string_lossy).map(|s| s.into_owned()).unwrap_or_default()
 }
 
 pub fn databases() -> Vec<String> {
-    string(&DATABASES)
-        .split(',')
-        .map(str::trim)
-        .filter(|s| !s.is_empty())
-        .map(str::to_string)
-        .collect()
+    string(&DATABASES).split(',').map(str::trim).filter(|s| !s.is_empty()).map(str::to_string).collect()
 }
 
 pub fn allow_private_hosts() -> String {

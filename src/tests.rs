@@ -35,9 +35,7 @@ mod tests {
     }
 
     fn one<T: IntoDatum + FromDatum>(sql: &str) -> T {
-        Spi::get_one::<T>(sql)
-            .unwrap_or_else(|e| panic!("{sql}: {e}"))
-            .unwrap_or_else(|| panic!("{sql}: NULL"))
+        Spi::get_one::<T>(sql).unwrap_or_else(|e| panic!("{sql}: {e}")).unwrap_or_else(|| panic!("{sql}: NULL"))
     }
 
     fn setup() {
@@ -57,32 +55,13 @@ mod tests {
     #[pg_test]
     fn integration_lifecycle_and_its_errors() {
         setup();
-        expect_error(
-            "SELECT ihub.create_integration('shop')",
-            &["already exists"],
-        );
-        expect_error(
-            "SELECT ihub.create_integration('bad name!')",
-            &["invalid integration name", "HINT: Use"],
-        );
-        expect_error(
-            "SELECT ihub.create_integration('x', kind => 'ftp')",
-            &["unknown integration kind", "webhook"],
-        );
-        expect_error(
-            "SELECT ihub.enable_integration('nope')",
-            &["does not exist", "create_integration"],
-        );
-        assert_eq!(
-            one::<String>("SELECT ihub.enable_integration('shop')"),
-            "active"
-        );
-        expect_error(
-            "SELECT ihub.delete_integration('shop')",
-            &["cannot be deleted", "disable_integration"],
-        );
-        Spi::run("SELECT ihub.disable_integration('shop'); SELECT ihub.delete_integration('shop')")
-            .unwrap();
+        expect_error("SELECT ihub.create_integration('shop')", &["already exists"]);
+        expect_error("SELECT ihub.create_integration('bad name!')", &["invalid integration name", "HINT: Use"]);
+        expect_error("SELECT ihub.create_integration('x', kind => 'ftp')", &["unknown integration kind", "webhook"]);
+        expect_error("SELECT ihub.enable_integration('nope')", &["does not exist", "create_integration"]);
+        assert_eq!(one::<String>("SELECT ihub.enable_integration('shop')"), "active");
+        expect_error("SELECT ihub.delete_integration('shop')", &["cannot be deleted", "disable_integration"]);
+        Spi::run("SELECT ihub.disable_integration('shop'); SELECT ihub.delete_integration('shop')").unwrap();
         assert_eq!(one::<i64>("SELECT count(*) FROM ihub.integration"), 0);
         assert_eq!(one::<i64>("SELECT count(*) FROM ihub.endpoint"), 0);
     }
@@ -90,19 +69,11 @@ mod tests {
     #[pg_test]
     fn enabling_checks_required_settings() {
         Spi::run("SELECT ihub.create_integration('crm', kind => 'rest')").unwrap();
-        expect_error(
-            "SELECT ihub.enable_integration('crm')",
-            &["lacks required settings: base_url"],
-        );
-        assert_eq!(
-            one::<String>("SELECT state FROM ihub.integrations WHERE name = 'crm'"),
-            "inactive"
-        );
-        Spi::run("UPDATE ihub.integration SET settings = '{\"base_url\": \"https://crm\"}' WHERE name = 'crm'").unwrap();
-        assert_eq!(
-            one::<String>("SELECT ihub.enable_integration('crm')"),
-            "active"
-        );
+        expect_error("SELECT ihub.enable_integration('crm')", &["lacks required settings: base_url"]);
+        assert_eq!(one::<String>("SELECT state FROM ihub.integrations WHERE name = 'crm'"), "inactive");
+        Spi::run("UPDATE ihub.integration SET settings = '{\"base_url\": \"https://crm\"}' WHERE name = 'crm'")
+            .unwrap();
+        assert_eq!(one::<String>("SELECT ihub.enable_integration('crm')"), "active");
     }
 
     #[pg_test]
@@ -119,7 +90,10 @@ mod tests {
             ("'shop', 'e1', 'https://x.example', method => 'TRACE'", vec!["unsupported HTTP method", "GET, POST"]),
             ("'shop', 'e1', 'https://x.example', auth => '{\"type\": \"oauth9\"}'", vec!["auth type \"oauth9\""]),
             ("'shop', 'e1', 'https://x.example', auth => '{\"type\": \"basic\", \"username\": \"u\"}'", vec!["needs"]),
-            ("'shop', 'e1', 'https://x.example', retry => '{\"tries\": 3}'", vec!["unknown retry policy key", "max_attempts"]),
+            (
+                "'shop', 'e1', 'https://x.example', retry => '{\"tries\": 3}'",
+                vec!["unknown retry policy key", "max_attempts"],
+            ),
             ("'shop', 'e1', 'https://x.example', retry => '{\"max_attempts\": 0}'", vec!["max_attempts"]),
             ("'shop', 'e1', 'https://x.example', secret => 'hunter2'", vec!["whsec_"]),
             ("'shop', 'e1', 'https://x.example', headers => '{\"webhook-id\": \"x\"}'", vec!["reserved"]),
@@ -130,7 +104,10 @@ mod tests {
             expect_error(&format!("SELECT ihub.create_endpoint({args})"), &parts);
         }
         // A secret is never echoed in an error.
-        let err = error_of("SELECT ihub.create_endpoint('shop', 'e1', 'https://x.example', secret => 'whsec_hunter2hunter2')").unwrap();
+        let err = error_of(
+            "SELECT ihub.create_endpoint('shop', 'e1', 'https://x.example', secret => 'whsec_hunter2hunter2')",
+        )
+        .unwrap();
         assert!(!err.contains("hunter2"), "{err}");
         let err = error_of(
             "SELECT ihub.create_endpoint('shop', 'e1', 'https://x.example', auth => '{\"type\": \"bearer\", \"token\": \"tok-999\", \"x\": 1}')",
@@ -152,8 +129,7 @@ mod tests {
                                          auth => '{\"type\": \"api_key\", \"header\": \"X-Key\", \"value\": \"key-secret\"}')",
         )
         .unwrap();
-        let secret =
-            one::<String>("SELECT secret FROM ihub.endpoint_secrets WHERE endpoint = 'authd'");
+        let secret = one::<String>("SELECT secret FROM ihub.endpoint_secrets WHERE endpoint = 'authd'");
         assert!(secret.starts_with("whsec_"), "{secret}");
         let visible = one::<String>(
             "SELECT concat_ws(' ', (SELECT json_agg(e)::text FROM ihub.endpoints e), (SELECT json_agg(i)::text FROM ihub.integrations i))",
@@ -170,50 +146,18 @@ mod tests {
         )
         .unwrap();
         for (role, sql, denied) in [
-            (
-                "ihub_test_dev",
-                "SELECT secret FROM ihub.endpoint_secrets",
-                true,
-            ),
+            ("ihub_test_dev", "SELECT secret FROM ihub.endpoint_secrets", true),
             ("ihub_test_dev", "SELECT * FROM ihub.endpoint_secret", true),
-            (
-                "ihub_test_dev",
-                "SELECT * FROM ihub.endpoint_credential",
-                true,
-            ),
+            ("ihub_test_dev", "SELECT * FROM ihub.endpoint_credential", true),
             ("ihub_test_dev", "SELECT ihub.rotate_secret('hook')", true),
-            (
-                "ihub_test_dev",
-                "SELECT ihub.create_endpoint('shop', 'dev-made', 'https://x.example')",
-                false,
-            ),
+            ("ihub_test_dev", "SELECT ihub.create_endpoint('shop', 'dev-made', 'https://x.example')", false),
             ("ihub_test_viewer", "SELECT * FROM ihub.deliveries", false),
-            (
-                "ihub_test_viewer",
-                "SELECT * FROM ihub.endpoints, ihub.integrations, ihub.workers",
-                false,
-            ),
-            (
-                "ihub_test_viewer",
-                "SELECT * FROM ihub.delivery_attempts, ihub.subscriptions",
-                false,
-            ),
-            (
-                "ihub_test_viewer",
-                "SELECT ihub.create_integration('viewer-made')",
-                true,
-            ),
+            ("ihub_test_viewer", "SELECT * FROM ihub.endpoints, ihub.integrations, ihub.workers", false),
+            ("ihub_test_viewer", "SELECT * FROM ihub.delivery_attempts, ihub.subscriptions", false),
+            ("ihub_test_viewer", "SELECT ihub.create_integration('viewer-made')", true),
             ("ihub_test_viewer", "SELECT * FROM ihub.delivery", true),
-            (
-                "ihub_test_admin",
-                "SELECT secret FROM ihub.endpoint_secrets",
-                false,
-            ),
-            (
-                "ihub_test_admin",
-                "SELECT ihub.rotate_secret('hook')",
-                false,
-            ),
+            ("ihub_test_admin", "SELECT secret FROM ihub.endpoint_secrets", false),
+            ("ihub_test_admin", "SELECT ihub.rotate_secret('hook')", false),
         ] {
             let err = error_of(&format!("SET LOCAL ROLE {role}; {sql}"));
             Spi::run("RESET ROLE").unwrap();
@@ -230,22 +174,13 @@ mod tests {
     fn subscribe_validates_tables_columns_and_conditions() {
         setup();
         Spi::run("CREATE VIEW order_view AS SELECT * FROM orders").unwrap();
-        expect_error(
-            "SELECT ihub.subscribe('orders', 'nope')",
-            &["endpoint \"nope\" does not exist"],
-        );
-        expect_error(
-            "SELECT ihub.subscribe('order_view', 'hook')",
-            &["is not a table"],
-        );
+        expect_error("SELECT ihub.subscribe('orders', 'nope')", &["endpoint \"nope\" does not exist"]);
+        expect_error("SELECT ihub.subscribe('order_view', 'hook')", &["is not a table"]);
         expect_error(
             "SELECT ihub.subscribe('orders', 'hook', columns => '{id,colour}')",
             &["has no column colour", "customer"],
         );
-        expect_error(
-            "SELECT ihub.subscribe('orders', 'hook', watch => '{nope}')",
-            &["has no column nope"],
-        );
+        expect_error("SELECT ihub.subscribe('orders', 'hook', watch => '{nope}')", &["has no column nope"]);
         expect_error(
             "SELECT ihub.subscribe('orders', 'hook', events => '{insert}', watch => '{status}')",
             &["no update"],
@@ -273,9 +208,7 @@ mod tests {
             "true) FROM pg_authid WHERE (true",
             "true --",
         ] {
-            let err = error_of(&format!(
-                "SELECT ihub.subscribe('orders', 'hook', condition => $c${injection}$c$)"
-            ));
+            let err = error_of(&format!("SELECT ihub.subscribe('orders', 'hook', condition => $c${injection}$c$)"));
             if injection == "true --" {
                 assert!(err.is_none(), "a trailing comment is harmless: {err:?}");
                 continue;
@@ -283,19 +216,14 @@ mod tests {
             let err = err.unwrap_or_else(|| panic!("accepted {injection}"));
             assert!(err.contains("invalid condition"), "{injection}: {err}");
         }
-        assert_eq!(
-            one::<i64>("SELECT count(*) FROM ihub.subscription"),
-            1,
-            "only the harmless one was made"
-        );
+        assert_eq!(one::<i64>("SELECT count(*) FROM ihub.subscription"), 1, "only the harmless one was made");
         assert!(one::<bool>("SELECT to_regclass('orders') IS NOT NULL"));
     }
 
     #[pg_test]
     fn captured_changes_become_deliveries_with_payloads() {
         setup_enabled();
-        let sub =
-            one::<i64>("SELECT ihub.subscribe('orders', 'hook', columns => '{id,status,amount}')");
+        let sub = one::<i64>("SELECT ihub.subscribe('orders', 'hook', columns => '{id,status,amount}')");
         Spi::run(
             "INSERT INTO orders (customer, amount) VALUES ('alice', 10), ('bob', 20);
              UPDATE orders SET status = 'paid', customer = 'ALICE' WHERE customer = 'alice';
@@ -303,43 +231,25 @@ mod tests {
         )
         .unwrap();
         // Typed rows wait in the capture table until a dispatcher routes them.
-        assert_eq!(
-            one::<i64>(&format!("SELECT count(*) FROM ihub_capture.sub_{sub}")),
-            4
-        );
+        assert_eq!(one::<i64>(&format!("SELECT count(*) FROM ihub_capture.sub_{sub}")), 4);
         let routed = one::<i64>(&format!(
             "SELECT count(*) FROM ihub._route((SELECT s FROM ihub.subscription s WHERE id = {sub}), NULL, NULL)"
         ));
         assert_eq!(routed, 4);
-        assert_eq!(
-            one::<i64>(&format!("SELECT count(*) FROM ihub_capture.sub_{sub}")),
-            0
-        );
-        let update = one::<pgrx::JsonB>(
-            "SELECT payload FROM ihub.delivery WHERE event_type LIKE '%.update'",
-        )
-        .0;
+        assert_eq!(one::<i64>(&format!("SELECT count(*) FROM ihub_capture.sub_{sub}")), 0);
+        let update = one::<pgrx::JsonB>("SELECT payload FROM ihub.delivery WHERE event_type LIKE '%.update'").0;
         assert_eq!(update["type"], "orders.update");
         assert_eq!(update["tenant"], "acme");
         assert_eq!(update["data"]["status"], "paid");
         assert_eq!(update["old"]["status"], "new");
-        assert!(
-            update["data"].get("customer").is_none(),
-            "only the chosen columns: {update}"
-        );
+        assert!(update["data"].get("customer").is_none(), "only the chosen columns: {update}");
         assert_eq!(
             update["changed"],
             serde_json::json!(["status"]),
             "changes outside the chosen columns are not named"
         );
-        assert_eq!(
-            update["id"],
-            one::<String>("SELECT event_id FROM ihub.delivery WHERE event_type LIKE '%.update'")
-        );
-        let delete = one::<pgrx::JsonB>(
-            "SELECT payload FROM ihub.delivery WHERE event_type LIKE '%.delete'",
-        )
-        .0;
+        assert_eq!(update["id"], one::<String>("SELECT event_id FROM ihub.delivery WHERE event_type LIKE '%.update'"));
+        let delete = one::<pgrx::JsonB>("SELECT payload FROM ihub.delivery WHERE event_type LIKE '%.delete'").0;
         assert_eq!(delete["old"]["amount"], serde_json::json!(20));
         assert_eq!(
             one::<String>("SELECT string_agg(state, ',') FROM ihub.delivery"),
@@ -362,10 +272,7 @@ mod tests {
                 OR (new_row).id <> (old_row).id + 1000 OR (new_row).amount <> (old_row).amount * 2"
         ));
         assert_eq!(mismatched, 0);
-        assert_eq!(
-            one::<i64>(&format!("SELECT count(*) FROM ihub_capture.sub_{sub}")),
-            50
-        );
+        assert_eq!(one::<i64>(&format!("SELECT count(*) FROM ihub_capture.sub_{sub}")), 50);
     }
 
     #[pg_test]
@@ -393,72 +300,37 @@ mod tests {
         setup();
         let sub = one::<i64>("SELECT ihub.subscribe('orders', 'hook')");
         Spi::run("INSERT INTO orders (customer, amount) VALUES ('off', 1)").unwrap();
-        assert_eq!(
-            one::<i64>(&format!("SELECT count(*) FROM ihub_capture.sub_{sub}")),
-            0,
-            "inactive: no capture"
-        );
-        Spi::run("SELECT ihub.enable_integration('shop'); INSERT INTO orders (customer, amount) VALUES ('on', 1)").unwrap();
-        assert_eq!(
-            one::<i64>(&format!("SELECT count(*) FROM ihub_capture.sub_{sub}")),
-            1
-        );
+        assert_eq!(one::<i64>(&format!("SELECT count(*) FROM ihub_capture.sub_{sub}")), 0, "inactive: no capture");
+        Spi::run("SELECT ihub.enable_integration('shop'); INSERT INTO orders (customer, amount) VALUES ('on', 1)")
+            .unwrap();
+        assert_eq!(one::<i64>(&format!("SELECT count(*) FROM ihub_capture.sub_{sub}")), 1);
         assert!(one::<bool>("SELECT capturing FROM ihub.subscriptions"));
     }
 
     #[pg_test]
     fn http_request_and_replay_check_their_input() {
         setup();
-        expect_error(
-            "SELECT ihub.http_request('hook', '{}')",
-            &["inactive", "enable_integration"],
-        );
+        expect_error("SELECT ihub.http_request('hook', '{}')", &["inactive", "enable_integration"]);
         Spi::run("SELECT ihub.enable_integration('shop')").unwrap();
-        expect_error(
-            "SELECT ihub.http_request('nope', '{}')",
-            &["does not exist"],
-        );
-        expect_error(
-            "SELECT ihub.http_request('hook', NULL)",
-            &["must not be NULL"],
-        );
-        expect_error(
-            "SELECT ihub.http_request('hook', '{}', method => 'BREW')",
-            &["unsupported HTTP method"],
-        );
-        expect_error(
-            "SELECT ihub.http_request('hook', '{}', path => 'no slash')",
-            &["invalid path"],
-        );
+        expect_error("SELECT ihub.http_request('nope', '{}')", &["does not exist"]);
+        expect_error("SELECT ihub.http_request('hook', NULL)", &["must not be NULL"]);
+        expect_error("SELECT ihub.http_request('hook', '{}', method => 'BREW')", &["unsupported HTTP method"]);
+        expect_error("SELECT ihub.http_request('hook', '{}', path => 'no slash')", &["invalid path"]);
         expect_error(
             "SELECT ihub.http_request('hook', jsonb_build_object('x', repeat('a', 2000000)))",
             &["ihub.max_body_size", "HINT: Send less"],
         );
-        let id = one::<i64>(
-            "SELECT ihub.http_request('hook', '{\"a\": 1}', method => 'put', path => '/v2?x=1')",
-        );
-        assert_eq!(
-            one::<String>(&format!(
-                "SELECT state FROM ihub.deliveries WHERE id = {id}"
-            )),
-            "pending"
-        );
-        assert_eq!(
-            one::<String>(&format!("SELECT method FROM ihub.delivery WHERE id = {id}")),
-            "PUT"
-        );
-        expect_error(
-            &format!("SELECT ihub.replay({id})"),
-            &["is pending", "only dead or failed"],
-        );
+        let id = one::<i64>("SELECT ihub.http_request('hook', '{\"a\": 1}', method => 'put', path => '/v2?x=1')");
+        assert_eq!(one::<String>(&format!("SELECT state FROM ihub.deliveries WHERE id = {id}")), "pending");
+        assert_eq!(one::<String>(&format!("SELECT method FROM ihub.delivery WHERE id = {id}")), "PUT");
+        expect_error(&format!("SELECT ihub.replay({id})"), &["is pending", "only dead or failed"]);
         expect_error("SELECT ihub.replay(-1)", &["does not exist"]);
-        Spi::run(&format!(
-            "UPDATE ihub.delivery SET state = 'dead', attempts = 10 WHERE id = {id}"
-        ))
-        .unwrap();
+        Spi::run(&format!("UPDATE ihub.delivery SET state = 'dead', attempts = 10 WHERE id = {id}")).unwrap();
         Spi::run(&format!("SELECT ihub.replay({id})")).unwrap();
         assert_eq!(
-            one::<String>(&format!("SELECT state || '/' || attempts || '/' || budget_start FROM ihub.delivery WHERE id = {id}")),
+            one::<String>(&format!(
+                "SELECT state || '/' || attempts || '/' || budget_start FROM ihub.delivery WHERE id = {id}"
+            )),
             "pending/10/10",
             "a replay keeps the count and gets a fresh budget"
         );
@@ -472,9 +344,7 @@ mod tests {
         let claimed = one::<i64>("SELECT count(*) FROM ihub._claim(4242, 10, 1000)");
         assert_eq!(claimed, 1);
         assert_eq!(
-            one::<String>(&format!(
-                "SELECT state || ':' || lease_owner FROM ihub.delivery WHERE id = {id}"
-            )),
+            one::<String>(&format!("SELECT state || ':' || lease_owner FROM ihub.delivery WHERE id = {id}")),
             "running:4242"
         );
         // Another worker's settle does not touch a delivery it does not hold.
@@ -482,26 +352,19 @@ mod tests {
             r#"[{{"delivery_id": {id}, "state": "retry", "next_at": 0, "status": 500, "error": "boom", "category": "http_5xx",
                  "request_headers": {{}}, "response_headers": {{}}, "response_body": "", "started_at": 0, "duration_ms": 1}}]"#
         );
+        assert_eq!(one::<i64>(&format!("SELECT ihub._settle(1, '{results}')")), 0);
+        assert_eq!(one::<i64>(&format!("SELECT ihub._settle(4242, '{results}')")), 1);
         assert_eq!(
-            one::<i64>(&format!("SELECT ihub._settle(1, '{results}')")),
-            0
-        );
-        assert_eq!(
-            one::<i64>(&format!("SELECT ihub._settle(4242, '{results}')")),
-            1
-        );
-        assert_eq!(
-            one::<String>(&format!("SELECT state || ':' || attempts || ':' || last_status FROM ihub.deliveries WHERE id = {id}")),
+            one::<String>(&format!(
+                "SELECT state || ':' || attempts || ':' || last_status FROM ihub.deliveries WHERE id = {id}"
+            )),
             "retry:1:500"
         );
         assert_eq!(one::<i64>("SELECT count(*) FROM ihub.delivery_attempts"), 1);
         // A lease held by a process that does not exist is rescued.
         Spi::run(&format!("UPDATE ihub.delivery SET state = 'running', lease_owner = 2147483000, lease_until = now() + interval '1 hour' WHERE id = {id}")).unwrap();
         assert_eq!(one::<i64>("SELECT ihub._rescue()"), 1);
-        assert_eq!(
-            one::<String>(&format!("SELECT state FROM ihub.delivery WHERE id = {id}")),
-            "retry"
-        );
+        assert_eq!(one::<String>(&format!("SELECT state FROM ihub.delivery WHERE id = {id}")), "retry");
     }
 
     #[pg_test]

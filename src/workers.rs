@@ -8,9 +8,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use pgrx::bgworkers::{BackgroundWorkerBuilder, BgWorkerStartTime};
 use pgrx::prelude::*;
-use pgrx::{
-    pg_shmem_init, register_xact_callback, PGRXSharedMemory, PgLwLock, PgXactCallbackEvent,
-};
+use pgrx::{pg_shmem_init, register_xact_callback, PGRXSharedMemory, PgLwLock, PgXactCallbackEvent};
 
 use crate::error::IhubError;
 use crate::settings;
@@ -45,14 +43,7 @@ pub struct Slot {
 
 impl Default for Slot {
     fn default() -> Self {
-        Slot {
-            kind: Kind::Free,
-            pid: 0,
-            procno: -1,
-            dboid: pg_sys::InvalidOid,
-            started_ms: 0,
-            heartbeat_ms: 0,
-        }
+        Slot { kind: Kind::Free, pid: 0, procno: -1, dboid: pg_sys::InvalidOid, started_ms: 0, heartbeat_ms: 0 }
     }
 }
 
@@ -63,9 +54,7 @@ pub struct Registry {
 
 impl Default for Registry {
     fn default() -> Self {
-        Registry {
-            slots: [Slot::default(); MAX_SLOTS],
-        }
+        Registry { slots: [Slot::default(); MAX_SLOTS] }
     }
 }
 
@@ -80,10 +69,7 @@ static PRELOADED: AtomicBool = AtomicBool::new(false);
 static WAKE_REGISTERED: AtomicBool = AtomicBool::new(false);
 
 fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
 }
 
 /// Called from `_PG_init` while shared_preload_libraries is processed.
@@ -118,9 +104,7 @@ fn current_database() -> String {
         if name.is_null() {
             return String::new();
         }
-        std::ffi::CStr::from_ptr(name)
-            .to_string_lossy()
-            .into_owned()
+        std::ffi::CStr::from_ptr(name).to_string_lossy().into_owned()
     }
 }
 
@@ -140,10 +124,7 @@ pub fn register(kind: Kind) {
     let mut reg = REGISTRY.exclusive();
     let pid = unsafe { pg_sys::MyProcPid };
     // A slot left by a worker that crashed carries its old pid: reuse it.
-    let slot = reg
-        .slots
-        .iter_mut()
-        .find(|s| s.kind == Kind::Free || s.pid == pid);
+    let slot = reg.slots.iter_mut().find(|s| s.kind == Kind::Free || s.pid == pid);
     match slot {
         Some(slot) => {
             *slot = Slot {
@@ -172,11 +153,7 @@ pub fn unregister() {
 pub fn heartbeat() {
     let pid = unsafe { pg_sys::MyProcPid };
     let mut reg = REGISTRY.exclusive();
-    if let Some(slot) = reg
-        .slots
-        .iter_mut()
-        .find(|s| s.pid == pid && s.kind != Kind::Free)
-    {
+    if let Some(slot) = reg.slots.iter_mut().find(|s| s.pid == pid && s.kind != Kind::Free) {
         slot.heartbeat_ms = now_ms();
     }
 }
@@ -184,11 +161,7 @@ pub fn heartbeat() {
 /// Sets the latch of every live dispatcher of `dboid`.
 fn wake_dispatchers(dboid: pg_sys::Oid) {
     let reg = REGISTRY.share();
-    for slot in reg
-        .slots
-        .iter()
-        .filter(|s| s.kind == Kind::Dispatcher && s.dboid == dboid && s.procno >= 0)
-    {
+    for slot in reg.slots.iter().filter(|s| s.kind == Kind::Dispatcher && s.dboid == dboid && s.procno >= 0) {
         unsafe {
             let proc_ = (*pg_sys::ProcGlobal).allProcs.add(slot.procno as usize);
             // A stale slot (worker gone) points at a PGPROC another process may
@@ -210,9 +183,7 @@ fn wake() {
         WAKE_REGISTERED.store(false, Ordering::SeqCst);
         wake_dispatchers(dboid);
     });
-    register_xact_callback(PgXactCallbackEvent::Abort, || {
-        WAKE_REGISTERED.store(false, Ordering::SeqCst)
-    });
+    register_xact_callback(PgXactCallbackEvent::Abort, || WAKE_REGISTERED.store(false, Ordering::SeqCst));
 }
 
 #[pg_extern(name = "_require_workers", volatile)]
@@ -237,15 +208,7 @@ fn workers_sql() -> TableIterator<
         reg.slots
             .iter()
             .filter(|s| s.kind != Kind::Free)
-            .map(|s| {
-                (
-                    s.pid,
-                    s.kind.name().to_string(),
-                    s.dboid,
-                    to_ts(s.started_ms),
-                    to_ts(s.heartbeat_ms),
-                )
-            })
+            .map(|s| (s.pid, s.kind.name().to_string(), s.dboid, to_ts(s.started_ms), to_ts(s.heartbeat_ms)))
             .collect()
     } else {
         Vec::new()

@@ -5,7 +5,6 @@
 use std::time::Duration;
 
 use pg_ihub_e2e::*;
-use serde_json::Value;
 
 const WAIT: Duration = Duration::from_secs(20);
 
@@ -23,42 +22,22 @@ fn row_changes_arrive_signed_with_the_documented_payload() {
         t = s.table,
         e = s.endpoint
     ));
-    assert!(
-        rx.wait_for(3, WAIT),
-        "3 requests expected, got {}",
-        rx.count()
-    );
+    assert!(rx.wait_for(3, WAIT), "3 requests expected, got {}", rx.count());
     assert_eq!(hub.wait_settled(&s.endpoint, 3, WAIT), vec!["delivered"; 3]);
 
     let got = rx.received();
-    let by_type = |t: &str| {
-        got.iter()
-            .find(|r| r.json()["type"] == format!("{}.{t}", s.table))
-            .unwrap()
-            .clone()
-    };
+    let by_type = |t: &str| got.iter().find(|r| r.json()["type"] == format!("{}.{t}", s.table)).unwrap().clone();
     let (ins, upd, del) = (by_type("insert"), by_type("update"), by_type("delete"));
     for r in [&ins, &upd, &del] {
-        assert_eq!(
-            r.signature_valid,
-            Some(true),
-            "signature must verify with the endpoint secret"
-        );
+        assert_eq!(r.signature_valid, Some(true), "signature must verify with the endpoint secret");
         assert_eq!(r.method, "POST");
         assert_eq!(r.path, "/orders");
         assert_eq!(r.header("content-type"), Some("application/json"));
         let body = r.json();
-        assert_eq!(
-            r.header("webhook-id"),
-            body["id"].as_str(),
-            "webhook-id is the event id"
-        );
+        assert_eq!(r.header("webhook-id"), body["id"].as_str(), "webhook-id is the event id");
         assert!(body["id"].as_str().unwrap().starts_with("evt_"));
         let ts: i64 = r.header("webhook-timestamp").unwrap().parse().unwrap();
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_secs() as i64;
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
         assert!((now - ts).abs() < 60, "timestamp is the send time");
         assert_eq!(body["table"], s.table.as_str());
         assert_eq!(body["schema"], "public");
@@ -108,18 +87,11 @@ fn columns_select_the_payload_and_watch_and_condition_filter() {
     assert!(rx.wait_for(1, WAIT));
     std::thread::sleep(Duration::from_millis(300));
     let got = rx.received();
-    assert_eq!(
-        got.len(),
-        1,
-        "only the watched change passing the condition is sent"
-    );
+    assert_eq!(got.len(), 1, "only the watched change passing the condition is sent");
     let body = got[0].json();
     assert_eq!(body["data"]["status"], "paid");
     assert_eq!(body["data"]["amount"], serde_json::json!(500.0));
-    assert!(
-        body["data"].get("customer").is_none(),
-        "unselected columns stay out: {body}"
-    );
+    assert!(body["data"].get("customer").is_none(), "unselected columns stay out: {body}");
     assert!(body["old"].get("note").is_none());
     assert_eq!(body["changed"], serde_json::json!(["status"]));
 }
@@ -129,18 +101,9 @@ fn a_rolled_back_write_sends_nothing() {
     let mut hub = hub();
     let rx = Receiver::start();
     let s = hub.setup(&rx.url("/"), "");
-    hub.exec(&format!(
-        "SELECT ihub.subscribe('{}', '{}')",
-        s.table, s.endpoint
-    ));
-    hub.exec(&format!(
-        "BEGIN; INSERT INTO {} (customer, amount) VALUES ('ghost', 1); ROLLBACK;",
-        s.table
-    ));
-    hub.exec(&format!(
-        "INSERT INTO {} (customer, amount) VALUES ('marker', 2)",
-        s.table
-    ));
+    hub.exec(&format!("SELECT ihub.subscribe('{}', '{}')", s.table, s.endpoint));
+    hub.exec(&format!("BEGIN; INSERT INTO {} (customer, amount) VALUES ('ghost', 1); ROLLBACK;", s.table));
+    hub.exec(&format!("INSERT INTO {} (customer, amount) VALUES ('marker', 2)", s.table));
     assert_eq!(hub.wait_settled(&s.endpoint, 1, WAIT), vec!["delivered"]);
     std::thread::sleep(Duration::from_millis(300));
     let got = rx.received();
@@ -152,44 +115,24 @@ fn a_rolled_back_write_sends_nothing() {
 fn server_errors_are_retried_until_success() {
     let mut hub = hub();
     let rx = Receiver::start();
-    rx.script(|_, n| {
-        if n < 2 {
-            Reply::status(500)
-        } else {
-            Reply::status(200)
-        }
-    });
+    rx.script(|_, n| if n < 2 { Reply::status(500) } else { Reply::status(200) });
     let s = hub.setup(&rx.url("/"), &format!(", retry => '{FAST_RETRY}'"));
-    hub.exec(&format!(
-        "SELECT ihub.http_request('{}', '{{\"n\": 1}}')",
-        s.endpoint
-    ));
+    hub.exec(&format!("SELECT ihub.http_request('{}', '{{\"n\": 1}}')", s.endpoint));
     assert_eq!(hub.wait_settled(&s.endpoint, 1, WAIT), vec!["delivered"]);
     let got = rx.received();
     assert_eq!(got.len(), 3);
-    let ids: Vec<_> = got
-        .iter()
-        .map(|r| r.header("webhook-id").unwrap().to_string())
-        .collect();
-    assert!(
-        ids.iter().all(|id| *id == ids[0]),
-        "retries keep the webhook-id"
-    );
+    let ids: Vec<_> = got.iter().map(|r| r.header("webhook-id").unwrap().to_string()).collect();
+    assert!(ids.iter().all(|id| *id == ids[0]), "retries keep the webhook-id");
     // Backoff: 0.2 s then 0.4 s between attempts.
-    assert!(
-        got[1].at - got[0].at >= Duration::from_millis(180),
-        "{:?}",
-        got[1].at - got[0].at
-    );
-    assert!(
-        got[2].at - got[1].at >= Duration::from_millis(380),
-        "{:?}",
-        got[2].at - got[1].at
-    );
+    assert!(got[1].at - got[0].at >= Duration::from_millis(180), "{:?}", got[1].at - got[0].at);
+    assert!(got[2].at - got[1].at >= Duration::from_millis(380), "{:?}", got[2].at - got[1].at);
     let categories: Vec<String> = hub
         .db
         .query(
-            &format!("SELECT error_category FROM ihub.delivery_attempts WHERE endpoint = '{}' ORDER BY attempt", s.endpoint),
+            &format!(
+                "SELECT error_category FROM ihub.delivery_attempts WHERE endpoint = '{}' ORDER BY attempt",
+                s.endpoint
+            ),
             &[],
         )
         .unwrap()
@@ -197,13 +140,7 @@ fn server_errors_are_retried_until_success() {
         .map(|r| r.get(0))
         .collect();
     assert_eq!(categories, vec!["http_5xx", "http_5xx", "ok"]);
-    assert_eq!(
-        hub.one::<i32>(&format!(
-            "SELECT attempts FROM ihub.deliveries WHERE endpoint = '{}'",
-            s.endpoint
-        )),
-        3
-    );
+    assert_eq!(hub.one::<i32>(&format!("SELECT attempts FROM ihub.deliveries WHERE endpoint = '{}'", s.endpoint)), 3);
 }
 
 #[test]
@@ -212,10 +149,7 @@ fn client_errors_fail_at_once() {
     let rx = Receiver::start();
     rx.script(|_, _| Reply::status(400));
     let s = hub.setup(&rx.url("/"), &format!(", retry => '{FAST_RETRY}'"));
-    hub.exec(&format!(
-        "SELECT ihub.http_request('{}', '{{}}')",
-        s.endpoint
-    ));
+    hub.exec(&format!("SELECT ihub.http_request('{}', '{{}}')", s.endpoint));
     assert_eq!(hub.wait_settled(&s.endpoint, 1, WAIT), vec!["failed"]);
     std::thread::sleep(Duration::from_millis(800));
     assert_eq!(rx.count(), 1, "a 400 is not retried");
@@ -223,10 +157,7 @@ fn client_errors_fail_at_once() {
         let row = hub
             .db
             .query_one(
-                &format!(
-                    "SELECT last_status, last_error FROM ihub.deliveries WHERE endpoint = '{}'",
-                    s.endpoint
-                ),
+                &format!("SELECT last_status, last_error FROM ihub.deliveries WHERE endpoint = '{}'", s.endpoint),
                 &[],
             )
             .unwrap();
@@ -240,27 +171,15 @@ fn client_errors_fail_at_once() {
 fn gone_disables_the_endpoint_until_it_is_enabled_again() {
     let mut hub = hub();
     let rx = Receiver::start();
-    rx.script(|_, n| {
-        if n == 0 {
-            Reply::status(410)
-        } else {
-            Reply::status(200)
-        }
-    });
+    rx.script(|_, n| if n == 0 { Reply::status(410) } else { Reply::status(200) });
     let s = hub.setup(&rx.url("/"), &format!(", retry => '{FAST_RETRY}'"));
-    hub.exec(&format!(
-        "SELECT ihub.http_request('{}', '{{}}')",
-        s.endpoint
-    ));
+    hub.exec(&format!("SELECT ihub.http_request('{}', '{{}}')", s.endpoint));
     assert_eq!(hub.wait_settled(&s.endpoint, 1, WAIT), vec!["failed"]);
     let (enabled, reason): (bool, String) = {
         let row = hub
             .db
             .query_one(
-                &format!(
-                    "SELECT enabled, disabled_reason FROM ihub.endpoints WHERE name = '{}'",
-                    s.endpoint
-                ),
+                &format!("SELECT enabled, disabled_reason FROM ihub.endpoints WHERE name = '{}'", s.endpoint),
                 &[],
             )
             .unwrap();
@@ -269,40 +188,22 @@ fn gone_disables_the_endpoint_until_it_is_enabled_again() {
     assert!(!enabled);
     assert!(reason.contains("410"), "{reason}");
     // Held while disabled ...
-    hub.exec(&format!(
-        "SELECT ihub.http_request('{}', '{{\"second\": true}}')",
-        s.endpoint
-    ));
+    hub.exec(&format!("SELECT ihub.http_request('{}', '{{\"second\": true}}')", s.endpoint));
     std::thread::sleep(Duration::from_millis(700));
     assert_eq!(hub.delivery_states(&s.endpoint), vec!["failed", "pending"]);
     assert_eq!(rx.count(), 1);
     // ... and sent once enabled.
     hub.exec(&format!("SELECT ihub.enable_endpoint('{}')", s.endpoint));
-    assert_eq!(
-        hub.wait_settled(&s.endpoint, 2, WAIT),
-        vec!["failed", "delivered"]
-    );
+    assert_eq!(hub.wait_settled(&s.endpoint, 2, WAIT), vec!["failed", "delivered"]);
 }
 
 #[test]
 fn a_receiver_that_never_answers_times_out_and_is_retried() {
     let mut hub = hub();
     let rx = Receiver::start();
-    rx.script(|_, n| {
-        if n == 0 {
-            Reply::Hang
-        } else {
-            Reply::status(200)
-        }
-    });
-    let s = hub.setup(
-        &rx.url("/"),
-        &format!(", timeout_ms => 300, retry => '{FAST_RETRY}'"),
-    );
-    hub.exec(&format!(
-        "SELECT ihub.http_request('{}', '{{}}')",
-        s.endpoint
-    ));
+    rx.script(|_, n| if n == 0 { Reply::Hang } else { Reply::status(200) });
+    let s = hub.setup(&rx.url("/"), &format!(", timeout_ms => 300, retry => '{FAST_RETRY}'"));
+    hub.exec(&format!("SELECT ihub.http_request('{}', '{{}}')", s.endpoint));
     assert_eq!(hub.wait_settled(&s.endpoint, 1, WAIT), vec!["delivered"]);
     let first: (String, f64) = {
         let row = hub
@@ -315,29 +216,16 @@ fn a_receiver_that_never_answers_times_out_and_is_retried() {
         (row.get(0), row.get(1))
     };
     assert_eq!(first.0, "timeout");
-    assert!(
-        first.1 >= 290.0 && first.1 < 5000.0,
-        "timed out after {} ms",
-        first.1
-    );
+    assert!(first.1 >= 290.0 && first.1 < 5000.0, "timed out after {} ms", first.1);
 }
 
 #[test]
 fn a_dropped_connection_is_retried() {
     let mut hub = hub();
     let rx = Receiver::start();
-    rx.script(|_, n| {
-        if n == 0 {
-            Reply::HangUp
-        } else {
-            Reply::status(200)
-        }
-    });
+    rx.script(|_, n| if n == 0 { Reply::HangUp } else { Reply::status(200) });
     let s = hub.setup(&rx.url("/"), &format!(", retry => '{FAST_RETRY}'"));
-    hub.exec(&format!(
-        "SELECT ihub.http_request('{}', '{{}}')",
-        s.endpoint
-    ));
+    hub.exec(&format!("SELECT ihub.http_request('{}', '{{}}')", s.endpoint));
     assert_eq!(hub.wait_settled(&s.endpoint, 1, WAIT), vec!["delivered"]);
     let category: String = hub.one(&format!(
         "SELECT error_category FROM ihub.delivery_attempts WHERE endpoint = '{}' AND attempt = 1",
@@ -351,33 +239,14 @@ fn retry_after_is_honoured_for_429_and_503() {
     for status in [429u16, 503] {
         let mut hub = hub();
         let rx = Receiver::start();
-        rx.script(move |_, n| {
-            if n == 0 {
-                Reply::with_header(status, "retry-after", "1")
-            } else {
-                Reply::status(200)
-            }
-        });
+        rx.script(move |_, n| if n == 0 { Reply::with_header(status, "retry-after", "1") } else { Reply::status(200) });
         // Without Retry-After the next attempt would come a minute later.
-        let s = hub.setup(
-            &rx.url("/"),
-            r#", retry => '{"initial_delay": 60, "jitter": 0}'"#,
-        );
-        hub.exec(&format!(
-            "SELECT ihub.http_request('{}', '{{}}')",
-            s.endpoint
-        ));
-        assert_eq!(
-            hub.wait_settled(&s.endpoint, 1, WAIT),
-            vec!["delivered"],
-            "status {status}"
-        );
+        let s = hub.setup(&rx.url("/"), r#", retry => '{"initial_delay": 60, "jitter": 0}'"#);
+        hub.exec(&format!("SELECT ihub.http_request('{}', '{{}}')", s.endpoint));
+        assert_eq!(hub.wait_settled(&s.endpoint, 1, WAIT), vec!["delivered"], "status {status}");
         let got = rx.received();
         let gap = got[1].at - got[0].at;
-        assert!(
-            gap >= Duration::from_millis(900) && gap < Duration::from_secs(10),
-            "{status}: gap {gap:?}"
-        );
+        assert!(gap >= Duration::from_millis(900) && gap < Duration::from_secs(10), "{status}: gap {gap:?}");
     }
 }
 
@@ -386,43 +255,20 @@ fn exhausted_retries_go_dead_and_replay_brings_them_back() {
     let mut hub = hub();
     let rx = Receiver::start();
     rx.script(|_, _| Reply::status(502));
-    let s = hub.setup(
-        &rx.url("/"),
-        r#", retry => '{"initial_delay": 0.1, "jitter": 0, "max_attempts": 2}'"#,
-    );
-    let first: i64 = hub.one(&format!(
-        "SELECT ihub.http_request('{}', '{{\"n\": 1}}')",
-        s.endpoint
-    ));
-    hub.exec(&format!(
-        "SELECT ihub.http_request('{}', '{{\"n\": 2}}')",
-        s.endpoint
-    ));
+    let s = hub.setup(&rx.url("/"), r#", retry => '{"initial_delay": 0.1, "jitter": 0, "max_attempts": 2}'"#);
+    let first: i64 = hub.one(&format!("SELECT ihub.http_request('{}', '{{\"n\": 1}}')", s.endpoint));
+    hub.exec(&format!("SELECT ihub.http_request('{}', '{{\"n\": 2}}')", s.endpoint));
     assert_eq!(hub.wait_settled(&s.endpoint, 2, WAIT), vec!["dead", "dead"]);
     assert_eq!(rx.count(), 4);
 
     rx.script(|_, _| Reply::status(200));
     hub.exec(&format!("SELECT ihub.replay({first})"));
-    assert!(hub.wait_true(
-        &format!("SELECT state = 'delivered' FROM ihub.deliveries WHERE id = {first}"),
-        WAIT
-    ));
-    assert_eq!(
-        hub.one::<i32>(&format!(
-            "SELECT attempts FROM ihub.deliveries WHERE id = {first}"
-        )),
-        3
-    );
+    assert!(hub.wait_true(&format!("SELECT state = 'delivered' FROM ihub.deliveries WHERE id = {first}"), WAIT));
+    assert_eq!(hub.one::<i32>(&format!("SELECT attempts FROM ihub.deliveries WHERE id = {first}")), 3);
 
-    let replayed: i64 = hub.one(&format!(
-        "SELECT ihub.replay_dead('{}', now() - interval '1 hour')",
-        s.endpoint
-    ));
+    let replayed: i64 = hub.one(&format!("SELECT ihub.replay_dead('{}', now() - interval '1 hour')", s.endpoint));
     assert_eq!(replayed, 1);
-    assert_eq!(
-        hub.wait_settled(&s.endpoint, 2, WAIT),
-        vec!["delivered", "delivered"]
-    );
+    assert_eq!(hub.wait_settled(&s.endpoint, 2, WAIT), vec!["delivered", "delivered"]);
     let err = hub.error(&format!("SELECT ihub.replay({first})"));
     assert!(err.contains("only dead or failed"), "{err}");
 }
@@ -466,16 +312,10 @@ fn credentials_reach_the_receiver_but_never_the_records_or_the_log() {
         &rx.url("/?page=1&api_key=querysecret"),
         &format!(r#", auth => '{{"type": "bearer", "token": "{token}"}}', headers => '{{"X-Shop-Token": "hdrsecret", "X-Tenant": "acme"}}'"#),
     );
-    hub.exec(&format!(
-        "SELECT ihub.http_request('{}', '{{}}', method => 'PUT', path => '/x')",
-        s.endpoint
-    ));
+    hub.exec(&format!("SELECT ihub.http_request('{}', '{{}}', method => 'PUT', path => '/x')", s.endpoint));
     assert_eq!(hub.wait_settled(&s.endpoint, 1, WAIT), vec!["delivered"]);
     let got = rx.received();
-    assert_eq!(
-        got[0].header("authorization"),
-        Some(format!("Bearer {token}").as_str())
-    );
+    assert_eq!(got[0].header("authorization"), Some(format!("Bearer {token}").as_str()));
     assert_eq!(got[0].header("x-shop-token"), Some("hdrsecret"));
     assert_eq!(got[0].method, "PUT");
     let views: String = hub.one(&format!(
@@ -484,19 +324,10 @@ fn credentials_reach_the_receiver_but_never_the_records_or_the_log() {
         e = s.endpoint
     ));
     for secret in [token.as_str(), "hdrsecret", "querysecret"] {
-        assert!(
-            !views.contains(secret),
-            "{secret} leaked into a view: {views}"
-        );
+        assert!(!views.contains(secret), "{secret} leaked into a view: {views}");
     }
-    assert!(
-        views.contains("X-Tenant") && views.contains("acme"),
-        "non-secret headers stay visible"
-    );
-    assert!(
-        !hub.cluster.log().contains(&token),
-        "the token must not reach the server log"
-    );
+    assert!(views.contains("X-Tenant") && views.contains("acme"), "non-secret headers stay visible");
+    assert!(!hub.cluster.log().contains(&token), "the token must not reach the server log");
 }
 
 #[test]
@@ -507,17 +338,10 @@ fn secret_rotation_signs_with_both_keys_during_the_grace_period() {
     old_rx.expect_secret(&s.secret);
     let new_secret: String = hub.one(&format!("SELECT ihub.rotate_secret('{}')", s.endpoint));
     assert_ne!(new_secret, s.secret);
-    hub.exec(&format!(
-        "SELECT ihub.http_request('{}', '{{}}')",
-        s.endpoint
-    ));
+    hub.exec(&format!("SELECT ihub.http_request('{}', '{{}}')", s.endpoint));
     assert!(old_rx.wait_for(1, WAIT));
     let r = &old_rx.received()[0];
-    assert_eq!(
-        r.signature_valid,
-        Some(true),
-        "a receiver still holding the old key verifies"
-    );
+    assert_eq!(r.signature_valid, Some(true), "a receiver still holding the old key verifies");
     assert_eq!(r.header("webhook-signature").unwrap().split(' ').count(), 2);
     assert!(pg_ihub_testkit::verify::verify(
         &new_secret,
@@ -527,14 +351,9 @@ fn secret_rotation_signs_with_both_keys_during_the_grace_period() {
         &r.body
     ));
     // With no grace the old key stops signing at once.
-    hub.exec(&format!(
-        "SELECT ihub.rotate_secret('{}', grace => interval '0')",
-        s.endpoint
-    ));
-    let signing: i64 = hub.one(&format!(
-        "SELECT count(*) FROM ihub.endpoint_secrets WHERE endpoint = '{}' AND signing",
-        s.endpoint
-    ));
+    hub.exec(&format!("SELECT ihub.rotate_secret('{}', grace => interval '0')", s.endpoint));
+    let signing: i64 =
+        hub.one(&format!("SELECT count(*) FROM ihub.endpoint_secrets WHERE endpoint = '{}' AND signing", s.endpoint));
     assert_eq!(signing, 1);
 }
 
@@ -551,21 +370,12 @@ fn a_bulk_insert_is_delivered_once_per_row() {
     ));
     let states = hub.wait_settled(&s.endpoint, 2000, Duration::from_secs(60));
     assert!(states.iter().all(|s| s == "delivered"));
-    let mut ids: Vec<i64> = rx
-        .received()
-        .iter()
-        .map(|r| r.json()["data"]["id"].as_i64().unwrap())
-        .collect();
+    let mut ids: Vec<i64> = rx.received().iter().map(|r| r.json()["data"]["id"].as_i64().unwrap()).collect();
     ids.sort();
     ids.dedup();
     assert_eq!(ids.len(), 2000, "every row arrives");
-    let leftover: i64 = hub.one(&format!(
-        "SELECT count(*) FROM ihub_capture.sub_{}",
-        hub.one::<i64>(&format!(
-            "SELECT id FROM ihub.subscriptions WHERE endpoint = '{}'",
-            s.endpoint
-        ))
-    ));
+    let sub: i64 = hub.one(&format!("SELECT id FROM ihub.subscriptions WHERE endpoint = '{}'", s.endpoint));
+    let leftover: i64 = hub.one(&format!("SELECT count(*) FROM ihub_capture.sub_{sub}"));
     assert_eq!(leftover, 0, "the capture table is drained");
 }
 
@@ -576,22 +386,15 @@ fn unsubscribe_stops_capture_and_keeps_what_was_captured() {
     let s = hub.setup(&rx.url("/"), "");
     // Captured while the integration is enabled but held by a disabled endpoint.
     hub.exec(&format!("SELECT ihub.disable_endpoint('{}')", s.endpoint));
-    let sub: i64 = hub.one(&format!(
-        "SELECT ihub.subscribe('{}', '{}')",
-        s.table, s.endpoint
-    ));
+    let sub: i64 = hub.one(&format!("SELECT ihub.subscribe('{}', '{}')", s.table, s.endpoint));
     hub.exec(&format!(
         "BEGIN; INSERT INTO {t} (customer, amount) VALUES ('before', 1); SELECT ihub.unsubscribe({sub}); COMMIT;
          INSERT INTO {t} (customer, amount) VALUES ('after', 2);",
         t = s.table
     ));
-    let triggers: i64 = hub.one(&format!(
-        "SELECT count(*) FROM pg_trigger WHERE tgname LIKE 'ihub_sub_{sub}_%'"
-    ));
+    let triggers: i64 = hub.one(&format!("SELECT count(*) FROM pg_trigger WHERE tgname LIKE 'ihub_sub_{sub}_%'"));
     assert_eq!(triggers, 0);
-    let capture: Option<String> = hub.one(&format!(
-        "SELECT to_regclass('ihub_capture.sub_{sub}')::text"
-    ));
+    let capture: Option<String> = hub.one(&format!("SELECT to_regclass('ihub_capture.sub_{sub}')::text"));
     assert_eq!(capture, None);
     hub.exec(&format!("SELECT ihub.enable_endpoint('{}')", s.endpoint));
     assert_eq!(hub.wait_settled(&s.endpoint, 1, WAIT), vec!["delivered"]);
@@ -611,30 +414,12 @@ fn a_disabled_integration_captures_nothing_and_holds_its_queue() {
         e = s.endpoint,
         i = s.integration
     ));
-    let err = hub.error(&format!(
-        "SELECT ihub.http_request('{}', '{{}}')",
-        s.endpoint
-    ));
-    assert!(
-        err.contains("inactive") && err.contains("enable_integration"),
-        "{err}"
-    );
-    hub.exec(&format!(
-        "SELECT ihub.enable_integration('{}')",
-        s.integration
-    ));
-    hub.exec(&format!(
-        "INSERT INTO {} (customer, amount) VALUES ('while-on', 2)",
-        s.table
-    ));
+    let err = hub.error(&format!("SELECT ihub.http_request('{}', '{{}}')", s.endpoint));
+    assert!(err.contains("inactive") && err.contains("enable_integration"), "{err}");
+    hub.exec(&format!("SELECT ihub.enable_integration('{}')", s.integration));
+    hub.exec(&format!("INSERT INTO {} (customer, amount) VALUES ('while-on', 2)", s.table));
     assert_eq!(hub.wait_settled(&s.endpoint, 1, WAIT), vec!["delivered"]);
     assert_eq!(rx.received()[0].json()["data"]["customer"], "while-on");
-    let err = hub.error(&format!(
-        "SELECT ihub.delete_integration('{}')",
-        s.integration
-    ));
-    assert!(
-        err.contains("cannot be deleted") && err.contains("disable_integration"),
-        "{err}"
-    );
+    let err = hub.error(&format!("SELECT ihub.delete_integration('{}')", s.integration));
+    assert!(err.contains("cannot be deleted") && err.contains("disable_integration"), "{err}");
 }

@@ -18,11 +18,7 @@ fn serial() -> std::sync::MutexGuard<'static, ()> {
 fn assert_all_arrived(hub: &mut Hub, rx: &Receiver, s: &Setup, rows: i64) {
     let states = hub.wait_settled(&s.endpoint, rows, Duration::from_secs(90));
     assert!(states.iter().all(|s| s == "delivered"), "{states:?}");
-    let mut ids: Vec<i64> = rx
-        .received()
-        .iter()
-        .map(|r| r.json()["data"]["id"].as_i64().unwrap())
-        .collect();
+    let mut ids: Vec<i64> = rx.received().iter().map(|r| r.json()["data"]["id"].as_i64().unwrap()).collect();
     ids.sort();
     ids.dedup();
     assert_eq!(ids.len() as i64, rows, "some rows never arrived");
@@ -42,16 +38,12 @@ fn terminating_dispatchers_mid_batch_loses_nothing() {
         e = s.endpoint
     ));
     assert!(rx.wait_for(1, Duration::from_secs(20)), "sending started");
-    let terminated: i64 = hub.one(
-        "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM ihub.workers WHERE kind = 'dispatcher') t",
-    );
+    let terminated: i64 = hub
+        .one("SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM ihub.workers WHERE kind = 'dispatcher') t");
     assert!(terminated >= 1);
     assert_all_arrived(&mut hub, &rx, &s, 600);
     // The workers came back by themselves.
-    assert!(hub.wait_true(
-        "SELECT count(*) >= 1 FROM ihub.workers WHERE kind = 'dispatcher'",
-        Duration::from_secs(20)
-    ));
+    assert!(hub.wait_true("SELECT count(*) >= 1 FROM ihub.workers WHERE kind = 'dispatcher'", Duration::from_secs(20)));
 }
 
 #[test]
@@ -80,12 +72,14 @@ fn the_environment_setting_decides_between_test_and_active() {
     let _g = serial();
     let mut hub = hub();
     let name = unique("stage");
-    hub.exec("ALTER SYSTEM SET ihub.environment = 'staging'; SELECT pg_reload_conf();");
+    hub.exec("ALTER SYSTEM SET ihub.environment = 'staging'");
+    hub.exec("SELECT pg_reload_conf()");
     std::thread::sleep(Duration::from_millis(300));
     hub = pg_ihub_e2e::hub();
     hub.exec(&format!("SELECT ihub.create_integration('{name}')"));
     let state: String = hub.one(&format!("SELECT ihub.enable_integration('{name}')"));
-    hub.exec("ALTER SYSTEM RESET ihub.environment; SELECT pg_reload_conf();");
+    hub.exec("ALTER SYSTEM RESET ihub.environment");
+    hub.exec("SELECT pg_reload_conf()");
     assert_eq!(state, "test");
     std::thread::sleep(Duration::from_millis(300));
     let mut hub = pg_ihub_e2e::hub();
@@ -110,29 +104,13 @@ impl Unpreloaded {
         cluster.logfile = dir.join("postgres.log");
         cluster.port = base.port + 1;
         cluster.dbname = "postgres".into();
-        let _ = std::process::Command::new("chown")
-            .args(["-R", "postgres", &dir.to_string_lossy()])
-            .status();
-        cluster.run_as_postgres(
-            "initdb",
-            &[
-                "-D",
-                &pgdata.to_string_lossy(),
-                "-A",
-                "trust",
-                "-U",
-                "postgres",
-            ],
-        );
-        let conf = format!(
-            "port = {}\nunix_socket_directories = '{}'\nlisten_addresses = ''\n",
-            cluster.port, cluster.host
-        );
+        let _ = std::process::Command::new("chown").args(["-R", "postgres", &dir.to_string_lossy()]).status();
+        cluster.run_as_postgres("initdb", &["-D", &pgdata.to_string_lossy(), "-A", "trust", "-U", "postgres"]);
+        let conf =
+            format!("port = {}\nunix_socket_directories = '{}'\nlisten_addresses = ''\n", cluster.port, cluster.host);
         let conf_path: PathBuf = pgdata.join("postgresql.auto.conf");
         std::fs::write(&conf_path, conf).unwrap();
-        let _ = std::process::Command::new("chown")
-            .args(["postgres", &conf_path.to_string_lossy()])
-            .status();
+        let _ = std::process::Command::new("chown").args(["postgres", &conf_path.to_string_lossy()]).status();
         cluster.start();
         Unpreloaded { cluster }
     }
@@ -141,8 +119,7 @@ impl Unpreloaded {
 impl Drop for Unpreloaded {
     fn drop(&mut self) {
         let data = self.cluster.pgdata.to_string_lossy().to_string();
-        self.cluster
-            .run_as_postgres("pg_ctl", &["-D", &data, "-m", "fast", "-w", "stop"]);
+        self.cluster.run_as_postgres("pg_ctl", &["-D", &data, "-m", "fast", "-w", "stop"]);
     }
 }
 
@@ -157,7 +134,7 @@ fn without_preloading_the_extension_installs_and_says_what_is_missing() {
          SELECT ihub.create_integration('it');
          SELECT ihub.create_endpoint('it', 'ep', 'https://hooks.example.com/x');",
     )
-    .expect("configuration works without the workers");
+    .unwrap_or_else(|e| panic!("configuration works without the workers: {}", describe(&e)));
     for call in [
         "SELECT ihub.subscribe('t', 'ep')",
         "SELECT ihub.http_request('ep', '{}')",
@@ -165,23 +142,10 @@ fn without_preloading_the_extension_installs_and_says_what_is_missing() {
     ] {
         let err = db.batch_execute(call).expect_err(call);
         let db_err = err.as_db_error().unwrap();
-        assert!(
-            db_err.message().contains("shared_preload_libraries"),
-            "{call}: {}",
-            db_err.message()
-        );
-        assert!(
-            db_err
-                .hint()
-                .unwrap_or("")
-                .contains("shared_preload_libraries"),
-            "{call}: no hint"
-        );
+        assert!(db_err.message().contains("shared_preload_libraries"), "{call}: {}", db_err.message());
+        assert!(db_err.hint().unwrap_or("").contains("shared_preload_libraries"), "{call}: no hint");
     }
     // Nothing half-made.
-    let subs: i64 = db
-        .query_one("SELECT count(*) FROM ihub.subscription", &[])
-        .unwrap()
-        .get(0);
+    let subs: i64 = db.query_one("SELECT count(*) FROM ihub.subscription", &[]).unwrap().get(0);
     assert_eq!(subs, 0);
 }

@@ -23,10 +23,7 @@ pub enum AuthError {
     #[error("auth type \"{0}\" is not supported")]
     UnknownType(String),
     #[error("auth of type \"{kind}\" needs {needs}")]
-    Missing {
-        kind: &'static str,
-        needs: &'static str,
-    },
+    Missing { kind: &'static str, needs: &'static str },
     #[error("\"{0}\" is not a valid HTTP header name")]
     HeaderName(String),
 }
@@ -41,16 +38,8 @@ impl Auth {
             Value::Object(map) => map,
             _ => return Err(AuthError::Shape),
         };
-        let kind = map
-            .get("type")
-            .and_then(Value::as_str)
-            .ok_or(AuthError::Shape)?;
-        let text = |key: &str| {
-            map.get(key)
-                .and_then(Value::as_str)
-                .filter(|s| !s.is_empty())
-                .map(str::to_string)
-        };
+        let kind = map.get("type").and_then(Value::as_str).ok_or(AuthError::Shape)?;
+        let text = |key: &str| map.get(key).and_then(Value::as_str).filter(|s| !s.is_empty()).map(str::to_string);
         let allowed: &[&str] = match kind {
             "none" => &["type"],
             "basic" => &["type", "username", "password"],
@@ -65,25 +54,14 @@ impl Auth {
             "none" => Auth::None,
             "basic" => match (text("username"), text("password")) {
                 (Some(username), Some(password)) => Auth::Basic { username, password },
-                _ => {
-                    return Err(AuthError::Missing {
-                        kind: "basic",
-                        needs: "\"username\" and \"password\"",
-                    })
-                }
+                _ => return Err(AuthError::Missing { kind: "basic", needs: "\"username\" and \"password\"" }),
             },
             "bearer" => Auth::Bearer {
-                token: text("token").ok_or(AuthError::Missing {
-                    kind: "bearer",
-                    needs: "a \"token\"",
-                })?,
+                token: text("token").ok_or(AuthError::Missing { kind: "bearer", needs: "a \"token\"" })?,
             },
             _ => {
                 let (Some(header), Some(value)) = (text("header"), text("value")) else {
-                    return Err(AuthError::Missing {
-                        kind: "api_key",
-                        needs: "a \"header\" name and a \"value\"",
-                    });
+                    return Err(AuthError::Missing { kind: "api_key", needs: "a \"header\" name and a \"value\"" });
                 };
                 if reqwest::header::HeaderName::from_bytes(header.as_bytes()).is_err() {
                     return Err(AuthError::HeaderName(header));
@@ -106,10 +84,9 @@ impl Auth {
     pub fn header(&self) -> Option<(String, String)> {
         match self {
             Auth::None => None,
-            Auth::Basic { username, password } => Some((
-                "authorization".into(),
-                format!("Basic {}", B64.encode(format!("{username}:{password}"))),
-            )),
+            Auth::Basic { username, password } => {
+                Some(("authorization".into(), format!("Basic {}", B64.encode(format!("{username}:{password}")))))
+            }
             Auth::Bearer { token } => Some(("authorization".into(), format!("Bearer {token}"))),
             Auth::ApiKey { header, value } => Some((header.to_ascii_lowercase(), value.clone())),
         }
@@ -123,35 +100,20 @@ mod tests {
 
     #[test]
     fn each_kind_becomes_its_header() {
-        let basic =
-            Auth::from_json(&json!({"type":"basic","username":"Aladdin","password":"open sesame"}))
-                .unwrap();
-        assert_eq!(
-            basic.header().unwrap().1,
-            "Basic QWxhZGRpbjpvcGVuIHNlc2FtZQ=="
-        );
+        let basic = Auth::from_json(&json!({"type":"basic","username":"Aladdin","password":"open sesame"})).unwrap();
+        assert_eq!(basic.header().unwrap().1, "Basic QWxhZGRpbjpvcGVuIHNlc2FtZQ==");
         let bearer = Auth::from_json(&json!({"type":"bearer","token":"t0k"})).unwrap();
-        assert_eq!(
-            bearer.header(),
-            Some(("authorization".into(), "Bearer t0k".into()))
-        );
-        let key =
-            Auth::from_json(&json!({"type":"api_key","header":"X-API-Key","value":"v"})).unwrap();
+        assert_eq!(bearer.header(), Some(("authorization".into(), "Bearer t0k".into())));
+        let key = Auth::from_json(&json!({"type":"api_key","header":"X-API-Key","value":"v"})).unwrap();
         assert_eq!(key.header(), Some(("x-api-key".into(), "v".into())));
-        assert_eq!(
-            Auth::from_json(&json!({"type":"none"})).unwrap().header(),
-            None
-        );
+        assert_eq!(Auth::from_json(&json!({"type":"none"})).unwrap().header(), None);
         assert_eq!(Auth::from_json(&Value::Null).unwrap(), Auth::None);
     }
 
     #[test]
     fn invalid_auth_is_named_without_values() {
         assert_eq!(Auth::from_json(&json!("bearer")), Err(AuthError::Shape));
-        assert_eq!(
-            Auth::from_json(&json!({"type":"oauth9"})),
-            Err(AuthError::UnknownType("oauth9".into()))
-        );
+        assert_eq!(Auth::from_json(&json!({"type":"oauth9"})), Err(AuthError::UnknownType("oauth9".into())));
         let e = Auth::from_json(&json!({"type":"basic","username":"u"})).unwrap_err();
         assert!(matches!(e, AuthError::Missing { .. }));
         let e = Auth::from_json(&json!({"type":"bearer","token":"s3cret","extra":1})).unwrap_err();

@@ -5,27 +5,10 @@ pub const MASK: &str = "********";
 /// Names (header, setting or query parameter) whose values are credentials.
 pub fn is_sensitive_name(name: &str) -> bool {
     let lower = name.to_ascii_lowercase();
-    const EXACT: &[&str] = &[
-        "authorization",
-        "proxy-authorization",
-        "cookie",
-        "set-cookie",
-        "key",
-        "sig",
-        "signature_key",
-    ];
-    const PARTS: &[&str] = &[
-        "token",
-        "secret",
-        "password",
-        "passwd",
-        "api-key",
-        "apikey",
-        "api_key",
-        "session",
-        "credential",
-        "private",
-    ];
+    const EXACT: &[&str] =
+        &["authorization", "proxy-authorization", "cookie", "set-cookie", "key", "sig", "signature_key"];
+    const PARTS: &[&str] =
+        &["token", "secret", "password", "passwd", "api-key", "apikey", "api_key", "session", "credential", "private"];
     EXACT.contains(&lower.as_str()) || PARTS.iter().any(|p| lower.contains(p))
 }
 
@@ -42,11 +25,8 @@ pub fn mask_json(value: serde_json::Value) -> serde_json::Value {
         Value::Object(map) => Value::Object(
             map.into_iter()
                 .map(|(k, v)| {
-                    let v = if is_sensitive_name(&k) && !v.is_null() {
-                        Value::String(MASK.into())
-                    } else {
-                        mask_json(v)
-                    };
+                    let v =
+                        if is_sensitive_name(&k) && !v.is_null() { Value::String(MASK.into()) } else { mask_json(v) };
                     (k, v)
                 })
                 .collect(),
@@ -85,11 +65,7 @@ pub fn mask_headers(headers: &[(String, String)], extra: &[String]) -> Vec<(Stri
     headers
         .iter()
         .map(|(k, v)| {
-            let v = if is_sensitive_header(k, extra) {
-                MASK.to_string()
-            } else {
-                v.clone()
-            };
+            let v = if is_sensitive_header(k, extra) { MASK.to_string() } else { v.clone() };
             (k.clone(), v)
         })
         .collect()
@@ -111,23 +87,18 @@ mod tests {
         ];
         let m = mask_headers(&h, &["x-custom-auth".to_string()]);
         let values: Vec<&str> = m.iter().map(|(_, v)| v.as_str()).collect();
-        assert_eq!(
-            values,
-            vec![MASK, MASK, MASK, MASK, "application/json", "evt_1"]
-        );
+        assert_eq!(values, vec![MASK, MASK, MASK, MASK, "application/json", "evt_1"]);
     }
 
     #[test]
     fn settings_and_urls_are_masked_at_any_depth() {
-        let v = serde_json::json!({"base_url": "https://x", "api_key": "k", "oauth": {"client_secret": "s", "scope": "a"}});
+        let v =
+            serde_json::json!({"base_url": "https://x", "api_key": "k", "oauth": {"client_secret": "s", "scope": "a"}});
         assert_eq!(
             mask_json(v),
             serde_json::json!({"base_url": "https://x", "api_key": MASK, "oauth": {"client_secret": MASK, "scope": "a"}})
         );
-        assert_eq!(
-            mask_url("https://h/p?token=abc&page=2"),
-            format!("https://h/p?token={MASK}&page=2")
-        );
+        assert_eq!(mask_url("https://h/p?token=abc&page=2"), format!("https://h/p?token={MASK}&page=2"));
         assert_eq!(mask_url("https://h/p"), "https://h/p");
     }
 }

@@ -23,23 +23,11 @@ pub struct RetryPolicy {
 
 impl Default for RetryPolicy {
     fn default() -> Self {
-        RetryPolicy {
-            max_attempts: 10,
-            initial_delay: 60.0,
-            multiplier: 2.0,
-            max_delay: 86_400.0,
-            jitter: 0.2,
-        }
+        RetryPolicy { max_attempts: 10, initial_delay: 60.0, multiplier: 2.0, max_delay: 86_400.0, jitter: 0.2 }
     }
 }
 
-pub const POLICY_KEYS: &[&str] = &[
-    "max_attempts",
-    "initial_delay",
-    "multiplier",
-    "max_delay",
-    "jitter",
-];
+pub const POLICY_KEYS: &[&str] = &["max_attempts", "initial_delay", "multiplier", "max_delay", "jitter"];
 
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum PolicyError {
@@ -48,10 +36,7 @@ pub enum PolicyError {
     #[error("unknown retry policy key \"{0}\"")]
     UnknownKey(String),
     #[error("retry policy key \"{key}\" {problem}")]
-    BadValue {
-        key: &'static str,
-        problem: &'static str,
-    },
+    BadValue { key: &'static str, problem: &'static str },
 }
 
 impl RetryPolicy {
@@ -69,10 +54,7 @@ impl RetryPolicy {
             match map.get(key) {
                 None | Some(Value::Null) => Ok(None),
                 Some(Value::Number(n)) => Ok(n.as_f64()),
-                Some(_) => Err(PolicyError::BadValue {
-                    key,
-                    problem: "must be a number",
-                }),
+                Some(_) => Err(PolicyError::BadValue { key, problem: "must be a number" }),
             }
         };
         let d = RetryPolicy::default();
@@ -99,10 +81,7 @@ impl RetryPolicy {
             });
         }
         if !(1.0..=100.0).contains(&policy.multiplier) {
-            return Err(PolicyError::BadValue {
-                key: "multiplier",
-                problem: "must be between 1 and 100",
-            });
+            return Err(PolicyError::BadValue { key: "multiplier", problem: "must be between 1 and 100" });
         }
         if !(policy.initial_delay..=86_400.0 * 30.0).contains(&policy.max_delay) {
             return Err(PolicyError::BadValue {
@@ -111,10 +90,7 @@ impl RetryPolicy {
             });
         }
         if !(0.0..=1.0).contains(&policy.jitter) {
-            return Err(PolicyError::BadValue {
-                key: "jitter",
-                problem: "must be between 0 and 1",
-            });
+            return Err(PolicyError::BadValue { key: "jitter", problem: "must be between 0 and 1" });
         }
         Ok(policy)
     }
@@ -123,11 +99,7 @@ impl RetryPolicy {
     pub fn backoff(&self, attempts_made: u32, rng: &mut impl Rng) -> Duration {
         let exponent = attempts_made.saturating_sub(1).min(64) as i32;
         let base = (self.initial_delay * self.multiplier.powi(exponent)).min(self.max_delay);
-        let spread = if self.jitter > 0.0 {
-            rng.gen_range(-self.jitter..=self.jitter)
-        } else {
-            0.0
-        };
+        let spread = if self.jitter > 0.0 { rng.gen_range(-self.jitter..=self.jitter) } else { 0.0 };
         Duration::from_secs_f64((base * (1.0 + spread)).clamp(0.0, self.max_delay))
     }
 }
@@ -168,15 +140,10 @@ pub enum Verdict {
 pub fn classify(outcome: &Outcome) -> Verdict {
     match outcome {
         Outcome::NotSent => Verdict::Delivered,
-        Outcome::Status {
-            status,
-            retry_after,
-        } => match status {
+        Outcome::Status { status, retry_after } => match status {
             200..=299 => Verdict::Delivered,
             410 => Verdict::Gone,
-            429 | 503 => Verdict::Retry {
-                after: *retry_after,
-            },
+            429 | 503 => Verdict::Retry { after: *retry_after },
             500..=599 => Verdict::Retry { after: None },
             // 1xx/3xx (redirects are not followed) and the other 4xx: the receiver
             // rejected the request itself, so sending it again cannot succeed.
@@ -190,16 +157,10 @@ pub fn classify(outcome: &Outcome) -> Verdict {
 /// Short category stored with each attempt, for filtering and statistics.
 pub fn category(outcome: &Outcome) -> &'static str {
     match outcome {
-        Outcome::Status {
-            status: 200..=299, ..
-        } => "ok",
+        Outcome::Status { status: 200..=299, .. } => "ok",
         Outcome::Status { status: 429, .. } => "rate_limited",
-        Outcome::Status {
-            status: 400..=499, ..
-        } => "http_4xx",
-        Outcome::Status {
-            status: 500..=599, ..
-        } => "http_5xx",
+        Outcome::Status { status: 400..=499, .. } => "http_4xx",
+        Outcome::Status { status: 500..=599, .. } => "http_5xx",
         Outcome::Status { .. } => "http_other",
         Outcome::Timeout => "timeout",
         Outcome::Connection => "connection",
@@ -219,13 +180,7 @@ pub enum Next {
 }
 
 /// Decides what follows an attempt. `attempts_made` counts this one.
-pub fn decide(
-    policy: &RetryPolicy,
-    verdict: Verdict,
-    attempts_made: u32,
-    now: SystemTime,
-    rng: &mut impl Rng,
-) -> Next {
+pub fn decide(policy: &RetryPolicy, verdict: Verdict, attempts_made: u32, now: SystemTime, rng: &mut impl Rng) -> Next {
     match verdict {
         Verdict::Delivered => Next::Delivered,
         Verdict::Fail | Verdict::Gone => Next::Failed,
@@ -264,70 +219,37 @@ mod tests {
 
     #[test]
     fn default_backoff_doubles_from_a_minute_and_caps_at_a_day() {
-        let p = RetryPolicy {
-            jitter: 0.0,
-            ..RetryPolicy::default()
-        };
-        let secs: Vec<u64> = (1..=12)
-            .map(|n| p.backoff(n, &mut rng()).as_secs())
-            .collect();
-        assert_eq!(
-            secs,
-            vec![60, 120, 240, 480, 960, 1920, 3840, 7680, 15360, 30720, 61440, 86400]
-        );
+        let p = RetryPolicy { jitter: 0.0, ..RetryPolicy::default() };
+        let secs: Vec<u64> = (1..=12).map(|n| p.backoff(n, &mut rng()).as_secs()).collect();
+        assert_eq!(secs, vec![60, 120, 240, 480, 960, 1920, 3840, 7680, 15360, 30720, 61440, 86400]);
     }
 
     #[test]
     fn jitter_stays_within_its_fraction() {
-        let p = RetryPolicy {
-            jitter: 0.2,
-            ..RetryPolicy::default()
-        };
+        let p = RetryPolicy { jitter: 0.2, ..RetryPolicy::default() };
         let mut r = rng();
-        let delays: Vec<f64> = (0..200)
-            .map(|_| p.backoff(2, &mut r).as_secs_f64())
-            .collect();
+        let delays: Vec<f64> = (0..200).map(|_| p.backoff(2, &mut r).as_secs_f64()).collect();
         assert!(delays.iter().all(|d| (96.0..=144.0).contains(d)));
-        assert!(
-            delays.iter().any(|d| (*d - 120.0).abs() > 1.0),
-            "jitter must vary the delay"
-        );
+        assert!(delays.iter().any(|d| (*d - 120.0).abs() > 1.0), "jitter must vary the delay");
     }
 
     #[test]
     fn policy_parses_partial_objects_and_rejects_nonsense() {
         let p = RetryPolicy::from_json(&json!({"max_attempts": 3, "initial_delay": 0.5})).unwrap();
-        assert_eq!(
-            (p.max_attempts, p.initial_delay, p.multiplier),
-            (3, 0.5, 2.0)
-        );
-        assert_eq!(
-            RetryPolicy::from_json(&Value::Null).unwrap(),
-            RetryPolicy::default()
-        );
-        assert_eq!(
-            RetryPolicy::from_json(&json!({"tries": 3})),
-            Err(PolicyError::UnknownKey("tries".into()))
-        );
+        assert_eq!((p.max_attempts, p.initial_delay, p.multiplier), (3, 0.5, 2.0));
+        assert_eq!(RetryPolicy::from_json(&Value::Null).unwrap(), RetryPolicy::default());
+        assert_eq!(RetryPolicy::from_json(&json!({"tries": 3})), Err(PolicyError::UnknownKey("tries".into())));
         assert!(RetryPolicy::from_json(&json!({"max_attempts": 0})).is_err());
         assert!(RetryPolicy::from_json(&json!({"max_attempts": 2.5})).is_err());
         assert!(RetryPolicy::from_json(&json!({"multiplier": "2"})).is_err());
         assert!(RetryPolicy::from_json(&json!({"jitter": 3})).is_err());
         assert!(RetryPolicy::from_json(&json!({"initial_delay": 10, "max_delay": 5})).is_err());
-        assert_eq!(
-            RetryPolicy::from_json(&json!([1])),
-            Err(PolicyError::NotAnObject)
-        );
+        assert_eq!(RetryPolicy::from_json(&json!([1])), Err(PolicyError::NotAnObject));
     }
 
     #[test]
     fn statuses_and_errors_classify_as_the_standard_says() {
-        let status = |s| {
-            classify(&Outcome::Status {
-                status: s,
-                retry_after: None,
-            })
-        };
+        let status = |s| classify(&Outcome::Status { status: s, retry_after: None });
         assert_eq!(status(200), Verdict::Delivered);
         assert_eq!(status(204), Verdict::Delivered);
         assert_eq!(status(500), Verdict::Retry { after: None });
@@ -338,99 +260,42 @@ mod tests {
         assert_eq!(status(301), Verdict::Fail);
         assert_eq!(status(410), Verdict::Gone);
         assert_eq!(classify(&Outcome::Timeout), Verdict::Retry { after: None });
-        assert_eq!(
-            classify(&Outcome::Connection),
-            Verdict::Retry { after: None }
-        );
+        assert_eq!(classify(&Outcome::Connection), Verdict::Retry { after: None });
         assert_eq!(classify(&Outcome::Blocked), Verdict::Fail);
         let after = Some(Duration::from_secs(7));
-        assert_eq!(
-            classify(&Outcome::Status {
-                status: 503,
-                retry_after: after
-            }),
-            Verdict::Retry { after }
-        );
-        assert_eq!(
-            classify(&Outcome::Status {
-                status: 429,
-                retry_after: after
-            }),
-            Verdict::Retry { after }
-        );
+        assert_eq!(classify(&Outcome::Status { status: 503, retry_after: after }), Verdict::Retry { after });
+        assert_eq!(classify(&Outcome::Status { status: 429, retry_after: after }), Verdict::Retry { after });
     }
 
     #[test]
     fn retries_until_the_budget_is_spent_then_dead() {
-        let p = RetryPolicy {
-            max_attempts: 3,
-            jitter: 0.0,
-            ..RetryPolicy::default()
-        };
+        let p = RetryPolicy { max_attempts: 3, jitter: 0.0, ..RetryPolicy::default() };
         let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
         let retry = Verdict::Retry { after: None };
-        assert_eq!(
-            decide(&p, retry, 1, now, &mut rng()),
-            Next::Retry {
-                at: now + Duration::from_secs(60)
-            }
-        );
-        assert_eq!(
-            decide(&p, retry, 2, now, &mut rng()),
-            Next::Retry {
-                at: now + Duration::from_secs(120)
-            }
-        );
+        assert_eq!(decide(&p, retry, 1, now, &mut rng()), Next::Retry { at: now + Duration::from_secs(60) });
+        assert_eq!(decide(&p, retry, 2, now, &mut rng()), Next::Retry { at: now + Duration::from_secs(120) });
         assert_eq!(decide(&p, retry, 3, now, &mut rng()), Next::Dead);
         assert_eq!(decide(&p, Verdict::Fail, 1, now, &mut rng()), Next::Failed);
         assert_eq!(decide(&p, Verdict::Gone, 1, now, &mut rng()), Next::Failed);
-        assert_eq!(
-            decide(&p, Verdict::Delivered, 3, now, &mut rng()),
-            Next::Delivered
-        );
+        assert_eq!(decide(&p, Verdict::Delivered, 3, now, &mut rng()), Next::Delivered);
     }
 
     #[test]
     fn retry_after_overrides_backoff_but_not_the_cap() {
-        let p = RetryPolicy {
-            max_delay: 100.0,
-            jitter: 0.0,
-            ..RetryPolicy::default()
-        };
+        let p = RetryPolicy { max_delay: 100.0, jitter: 0.0, ..RetryPolicy::default() };
         let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
-        let v = |s| Verdict::Retry {
-            after: Some(Duration::from_secs(s)),
-        };
-        assert_eq!(
-            decide(&p, v(5), 1, now, &mut rng()),
-            Next::Retry {
-                at: now + Duration::from_secs(5)
-            }
-        );
-        assert_eq!(
-            decide(&p, v(5000), 1, now, &mut rng()),
-            Next::Retry {
-                at: now + Duration::from_secs(100)
-            }
-        );
+        let v = |s| Verdict::Retry { after: Some(Duration::from_secs(s)) };
+        assert_eq!(decide(&p, v(5), 1, now, &mut rng()), Next::Retry { at: now + Duration::from_secs(5) });
+        assert_eq!(decide(&p, v(5000), 1, now, &mut rng()), Next::Retry { at: now + Duration::from_secs(100) });
     }
 
     #[test]
     fn retry_after_reads_seconds_and_dates() {
         let now = httpdate::parse_http_date("Wed, 21 Oct 2015 07:28:00 GMT").unwrap();
-        assert_eq!(
-            parse_retry_after("120", now),
-            Some(Duration::from_secs(120))
-        );
+        assert_eq!(parse_retry_after("120", now), Some(Duration::from_secs(120)));
         assert_eq!(parse_retry_after(" 3 ", now), Some(Duration::from_secs(3)));
-        assert_eq!(
-            parse_retry_after("Wed, 21 Oct 2015 07:29:00 GMT", now),
-            Some(Duration::from_secs(60))
-        );
-        assert_eq!(
-            parse_retry_after("Wed, 21 Oct 2015 07:00:00 GMT", now),
-            Some(Duration::ZERO)
-        );
+        assert_eq!(parse_retry_after("Wed, 21 Oct 2015 07:29:00 GMT", now), Some(Duration::from_secs(60)));
+        assert_eq!(parse_retry_after("Wed, 21 Oct 2015 07:00:00 GMT", now), Some(Duration::ZERO));
         assert_eq!(parse_retry_after("soon", now), None);
     }
 }

@@ -59,11 +59,7 @@ pub struct Sender {
 struct Blocked(String);
 impl std::fmt::Display for Blocked {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "{} resolves only to private, loopback or link-local addresses",
-            self.0
-        )
+        write!(f, "{} resolves only to private, loopback or link-local addresses", self.0)
     }
 }
 impl StdError for Blocked {}
@@ -81,9 +77,7 @@ impl reqwest::dns::Resolve for GuardedResolver {
         Box::pin(async move {
             let addrs = tokio::net::lookup_host((host.as_str(), 0)).await?;
             let by_name = allow.allows_name(&host);
-            let ok: Vec<SocketAddr> = addrs
-                .filter(|a| by_name || allow.allows_ip(a.ip()))
-                .collect();
+            let ok: Vec<SocketAddr> = addrs.filter(|a| by_name || allow.allows_ip(a.ip())).collect();
             if ok.is_empty() {
                 return Err(Box::new(Blocked(host)) as Box<dyn StdError + Send + Sync>);
             }
@@ -100,18 +94,12 @@ impl Sender {
             // A redirect could lead to an address the allow-list refuses; the
             // receiver's 3xx is recorded as a failure instead.
             .redirect(reqwest::redirect::Policy::none())
-            .dns_resolver(Arc::new(GuardedResolver {
-                allow: allow.clone(),
-            }))
+            .dns_resolver(Arc::new(GuardedResolver { allow: allow.clone() }))
             .pool_idle_timeout(Duration::from_secs(60))
             .tcp_nodelay(true)
             .build()
             .expect("a reqwest client with static settings builds");
-        Sender {
-            client,
-            allow,
-            body_limit,
-        }
+        Sender { client, allow, body_limit }
     }
 
     /// Sends every request concurrently. Returns early, with only the finished
@@ -140,18 +128,10 @@ impl Sender {
     async fn send_one(&self, req: Request) -> Attempt {
         let started_at = SystemTime::now();
         let clock = Instant::now();
-        let timestamp = started_at
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_secs() as i64)
-            .unwrap_or(0);
-        let body = if req.method == "GET" {
-            String::new()
-        } else {
-            req.body
-        };
+        let timestamp = started_at.duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0);
+        let body = if req.method == "GET" { String::new() } else { req.body };
 
-        let mut headers: Vec<(String, String)> =
-            vec![("content-type".into(), "application/json".into())];
+        let mut headers: Vec<(String, String)> = vec![("content-type".into(), "application/json".into())];
         for (k, v) in req.headers {
             let k = k.to_ascii_lowercase();
             headers.retain(|(name, _)| *name != k);
@@ -185,15 +165,9 @@ impl Sender {
         if req.test_mode {
             return attempt;
         }
-        match self
-            .exchange(&req.method, &req.url, headers, body, req.timeout)
-            .await
-        {
+        match self.exchange(&req.method, &req.url, headers, body, req.timeout).await {
             Ok((status, response_headers, response_body, retry_after)) => {
-                attempt.outcome = Outcome::Status {
-                    status,
-                    retry_after,
-                };
+                attempt.outcome = Outcome::Status { status, retry_after };
                 attempt.status = Some(status);
                 attempt.response_headers = response_headers;
                 attempt.response_body = Some(response_body);
@@ -230,29 +204,17 @@ impl Sender {
         for (k, v) in &headers {
             let name = HeaderName::from_bytes(k.as_bytes())
                 .map_err(|_| (Outcome::Invalid, format!("invalid header name {k:?}")))?;
-            let value = HeaderValue::from_str(v)
-                .map_err(|_| (Outcome::Invalid, format!("invalid value for header {k:?}")))?;
+            let value =
+                HeaderValue::from_str(v).map_err(|_| (Outcome::Invalid, format!("invalid value for header {k:?}")))?;
             map.append(name, value);
         }
-        let mut response = self
-            .client
-            .request(method, url)
-            .headers(map)
-            .body(body)
-            .timeout(timeout)
-            .send()
-            .await
-            .map_err(describe)?;
+        let mut response =
+            self.client.request(method, url).headers(map).body(body).timeout(timeout).send().await.map_err(describe)?;
         let status = response.status().as_u16();
         let response_headers: Vec<(String, String)> = response
             .headers()
             .iter()
-            .map(|(k, v)| {
-                (
-                    k.as_str().to_string(),
-                    String::from_utf8_lossy(v.as_bytes()).into_owned(),
-                )
-            })
+            .map(|(k, v)| (k.as_str().to_string(), String::from_utf8_lossy(v.as_bytes()).into_owned()))
             .collect();
         let retry_after = response
             .headers()
@@ -266,21 +228,13 @@ impl Sender {
                 Ok(None) => break,
                 // The status is what counts; a body cut short is recorded as far as it came.
                 Err(e) if e.is_timeout() => {
-                    return Err((
-                        Outcome::Timeout,
-                        "timed out reading the response body".into(),
-                    ))
+                    return Err((Outcome::Timeout, "timed out reading the response body".into()))
                 }
                 Err(_) => break,
             }
         }
         body.truncate(self.body_limit);
-        Ok((
-            status,
-            response_headers,
-            String::from_utf8_lossy(&body).into_owned(),
-            retry_after,
-        ))
+        Ok((status, response_headers, String::from_utf8_lossy(&body).into_owned(), retry_after))
     }
 }
 
@@ -330,9 +284,7 @@ mod tests {
             method: "POST".into(),
             url,
             headers: vec![("X-Extra".into(), "1".into())],
-            auth: Auth::Bearer {
-                token: "sekrit".into(),
-            },
+            auth: Auth::Bearer { token: "sekrit".into() },
             secrets: vec!["whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw".into()],
             body: "{\"a\":1}".into(),
             timeout: Duration::from_millis(500),
@@ -341,11 +293,7 @@ mod tests {
     }
 
     fn run<F: Future>(f: F) -> F::Output {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap()
-            .block_on(f)
+        tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(f)
     }
 
     /// A one-shot raw TCP server answering `reply`, returning the request it saw.
@@ -354,8 +302,7 @@ mod tests {
         let url = format!("http://{}/hook", listener.local_addr().unwrap());
         let handle = std::thread::spawn(move || {
             let (mut s, _) = listener.accept().unwrap();
-            s.set_read_timeout(Some(Duration::from_millis(300)))
-                .unwrap();
+            s.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
             let mut buf = vec![0u8; 8192];
             let mut seen = Vec::new();
             while let Ok(n) = s.read(&mut buf) {
@@ -389,48 +336,30 @@ mod tests {
         let a = &attempts[0];
         assert_eq!(a.status, Some(200));
         assert_eq!(a.response_body.as_deref(), Some("ok"));
-        let auth = a
-            .request_headers
-            .iter()
-            .find(|(k, _)| k == "authorization")
-            .unwrap();
+        let auth = a.request_headers.iter().find(|(k, _)| k == "authorization").unwrap();
         assert_eq!(auth.1, crate::outbound::mask::MASK);
     }
 
     #[test]
     fn retry_after_is_read_from_503() {
-        let (url, server) =
-            serve_once("HTTP/1.1 503 Unavailable\r\nretry-after: 7\r\ncontent-length: 0\r\n\r\n");
+        let (url, server) = serve_once("HTTP/1.1 503 Unavailable\r\nretry-after: 7\r\ncontent-length: 0\r\n\r\n");
         let sender = Sender::new(loopback(), 1024, "t");
         let a = run(sender.send_all(vec![request(url)], || false)).remove(0);
         server.join().unwrap();
-        assert_eq!(
-            a.outcome,
-            Outcome::Status {
-                status: 503,
-                retry_after: Some(Duration::from_secs(7))
-            }
-        );
+        assert_eq!(a.outcome, Outcome::Status { status: 503, retry_after: Some(Duration::from_secs(7)) });
     }
 
     #[test]
     fn refused_connection_and_blocked_hosts_are_told_apart() {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
         let sender = Sender::new(loopback(), 1024, "t");
-        let a = run(sender.send_all(vec![request(format!("http://127.0.0.1:{port}/"))], || false))
-            .remove(0);
+        let a = run(sender.send_all(vec![request(format!("http://127.0.0.1:{port}/"))], || false)).remove(0);
         assert_eq!(a.outcome, Outcome::Connection);
         assert!(!a.error.unwrap().contains("sekrit"));
         let strict = Sender::new(AllowList::default(), 1024, "t");
-        let b = run(strict.send_all(vec![request(format!("http://127.0.0.1:{port}/"))], || false))
-            .remove(0);
+        let b = run(strict.send_all(vec![request(format!("http://127.0.0.1:{port}/"))], || false)).remove(0);
         assert_eq!(b.outcome, Outcome::Blocked);
-        let c = run(strict.send_all(vec![request(format!("http://localhost:{port}/"))], || false))
-            .remove(0);
+        let c = run(strict.send_all(vec![request(format!("http://localhost:{port}/"))], || false)).remove(0);
         assert_eq!(c.outcome, Outcome::Blocked);
     }
 
@@ -453,9 +382,6 @@ mod tests {
         r.test_mode = true;
         let a = run(sender.send_all(vec![r], || false)).remove(0);
         assert_eq!(a.outcome, Outcome::NotSent);
-        assert!(a
-            .request_headers
-            .iter()
-            .any(|(k, v)| k == "webhook-signature" && v.starts_with("v1,")));
+        assert!(a.request_headers.iter().any(|(k, v)| k == "webhook-signature" && v.starts_with("v1,")));
     }
 }

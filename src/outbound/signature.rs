@@ -28,9 +28,7 @@ pub fn generate_secret() -> String {
 
 /// Decodes `whsec_<base64>` into key bytes; the error never repeats the secret.
 pub fn decode_secret(secret: &str) -> Result<Vec<u8>, SecretError> {
-    let encoded = secret
-        .strip_prefix(PREFIX)
-        .ok_or(SecretError::MissingPrefix)?;
+    let encoded = secret.strip_prefix(PREFIX).ok_or(SecretError::MissingPrefix)?;
     let key = B64.decode(encoded).map_err(|_| SecretError::NotBase64)?;
     if !(24..=64).contains(&key.len()) {
         return Err(SecretError::BadLength(key.len()));
@@ -126,10 +124,7 @@ mod tests {
 
     #[test]
     fn bad_secrets_are_named_without_echoing_them() {
-        assert_eq!(
-            decode_secret("MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"),
-            Err(SecretError::MissingPrefix)
-        );
+        assert_eq!(decode_secret("MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"), Err(SecretError::MissingPrefix));
         assert_eq!(decode_secret("whsec_***"), Err(SecretError::NotBase64));
         assert_eq!(decode_secret("whsec_AAAA"), Err(SecretError::BadLength(3)));
         let msg = decode_secret("whsec_hunter2!").unwrap_err().to_string();

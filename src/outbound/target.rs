@@ -45,10 +45,7 @@ impl AllowList {
                 list.nets.push(net);
             } else if let Ok(ip) = item.parse::<IpAddr>() {
                 list.nets.push(IpNet::from(ip));
-            } else if item
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || c == '.' || c == '-')
-            {
+            } else if item.chars().all(|c| c.is_ascii_alphanumeric() || c == '.' || c == '-') {
                 list.names.push(item.to_ascii_lowercase());
             } else {
                 return Err(TargetError::AllowList(item.to_string()));
@@ -98,8 +95,7 @@ pub fn is_restricted(ip: IpAddr) -> bool {
 /// Checks an endpoint URL: http(s), a host, no credentials, and a host that
 /// is not a restricted address (names are checked again after DNS, at send time).
 pub fn check_url(raw: &str, allow: &AllowList) -> Result<Url, TargetError> {
-    let url =
-        Url::parse(raw).map_err(|_| TargetError::Unparsable(raw.chars().take(200).collect()))?;
+    let url = Url::parse(raw).map_err(|_| TargetError::Unparsable(raw.chars().take(200).collect()))?;
     if !matches!(url.scheme(), "http" | "https") {
         return Err(TargetError::Scheme(url.scheme().to_string()));
     }
@@ -113,8 +109,7 @@ pub fn check_url(raw: &str, allow: &AllowList) -> Result<Url, TargetError> {
         Some(Host::Domain(name)) => {
             let lower = name.to_ascii_lowercase();
             let local = lower == "localhost" || lower.ends_with(".localhost");
-            if local && !allow.allows_name(&lower) && !allow.allows_ip(IpAddr::from([127, 0, 0, 1]))
-            {
+            if local && !allow.allows_name(&lower) && !allow.allows_ip(IpAddr::from([127, 0, 0, 1])) {
                 return Err(TargetError::Restricted(lower));
             }
         }
@@ -146,22 +141,10 @@ mod tests {
 
     #[test]
     fn bad_urls_are_named() {
-        assert!(matches!(
-            check_url("not a url", &none()),
-            Err(TargetError::Unparsable(_))
-        ));
-        assert_eq!(
-            check_url("ftp://example.com/", &none()),
-            Err(TargetError::Scheme("ftp".into()))
-        );
-        assert_eq!(
-            check_url("https://u:p@example.com/", &none()),
-            Err(TargetError::Credentials)
-        );
-        assert!(matches!(
-            check_url("file:///etc/passwd", &none()),
-            Err(TargetError::Scheme(_))
-        ));
+        assert!(matches!(check_url("not a url", &none()), Err(TargetError::Unparsable(_))));
+        assert_eq!(check_url("ftp://example.com/", &none()), Err(TargetError::Scheme("ftp".into())));
+        assert_eq!(check_url("https://u:p@example.com/", &none()), Err(TargetError::Credentials));
+        assert!(matches!(check_url("file:///etc/passwd", &none()), Err(TargetError::Scheme(_))));
     }
 
     #[test]
@@ -180,10 +163,7 @@ mod tests {
             "http://[::ffff:127.0.0.1]/",
             "http://localhost:8080/",
         ] {
-            assert!(
-                matches!(check_url(url, &none()), Err(TargetError::Restricted(_))),
-                "{url}"
-            );
+            assert!(matches!(check_url(url, &none()), Err(TargetError::Restricted(_))), "{url}");
         }
         let allow = AllowList::parse("127.0.0.0/8, ::1, localhost").unwrap();
         assert!(check_url("http://127.0.0.1:9000/", &allow).is_ok());

@@ -20,11 +20,7 @@ fn env(name: &str, default: &str) -> String {
 }
 
 fn running_as_root() -> bool {
-    Command::new("id")
-        .arg("-u")
-        .output()
-        .map(|o| o.stdout.starts_with(b"0\n"))
-        .unwrap_or(false)
+    Command::new("id").arg("-u").output().map(|o| o.stdout.starts_with(b"0\n")).unwrap_or(false)
 }
 
 impl Cluster {
@@ -33,9 +29,7 @@ impl Cluster {
         let pgdata = PathBuf::from(env("IHUB_PGDATA", "target/ihub-test/pgdata"));
         Cluster {
             host: env("IHUB_PGHOST", "/tmp"),
-            port: env("IHUB_PGPORT", "5497")
-                .parse()
-                .expect("IHUB_PGPORT is a port"),
+            port: env("IHUB_PGPORT", "5497").parse().expect("IHUB_PGPORT is a port"),
             dbname: env("IHUB_PGDATABASE", "ihub_test"),
             logfile: pgdata.with_file_name("postgres.log"),
             pgdata,
@@ -44,15 +38,11 @@ impl Cluster {
     }
 
     pub fn conninfo(&self) -> String {
-        format!(
-            "host={} port={} dbname={} user=postgres",
-            self.host, self.port, self.dbname
-        )
+        format!("host={} port={} dbname={} user=postgres", self.host, self.port, self.dbname)
     }
 
     pub fn connect(&self) -> postgres::Client {
-        postgres::Client::connect(&self.conninfo(), postgres::NoTls)
-            .expect("connect to the test cluster")
+        postgres::Client::connect(&self.conninfo(), postgres::NoTls).expect("connect to the test cluster")
     }
 
     /// Connects, retrying while the server starts.
@@ -71,11 +61,7 @@ impl Cluster {
     pub fn run_as_postgres(&self, program: &str, args: &[&str]) -> std::process::Output {
         let path = self.bindir.join(program);
         let output = if running_as_root() {
-            Command::new("runuser")
-                .args(["-u", "postgres", "--"])
-                .arg(&path)
-                .args(args)
-                .output()
+            Command::new("runuser").args(["-u", "postgres", "--"]).arg(&path).args(args).output()
         } else {
             Command::new(&path).args(args).output()
         }
@@ -99,10 +85,7 @@ impl Cluster {
     pub fn start(&self) {
         let data = self.pgdata.to_string_lossy().to_string();
         let log = self.logfile.to_string_lossy().to_string();
-        self.run_as_postgres(
-            "pg_ctl",
-            &["-D", &data, "-l", &log, "-w", "-t", "60", "start"],
-        );
+        self.run_as_postgres("pg_ctl", &["-D", &data, "-l", &log, "-w", "-t", "60", "start"]);
     }
 
     /// The server log, to check that no secret was written to it.

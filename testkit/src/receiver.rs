@@ -19,11 +19,7 @@ use crate::verify::verify;
 #[derive(Clone, Debug)]
 pub enum Reply {
     /// Answer with this status (and headers) after `delay`.
-    Status {
-        status: u16,
-        headers: Vec<(String, String)>,
-        delay: Duration,
-    },
+    Status { status: u16, headers: Vec<(String, String)>, delay: Duration },
     /// Never answer (the sender must time out).
     Hang,
     /// Close the connection without answering.
@@ -32,25 +28,13 @@ pub enum Reply {
 
 impl Reply {
     pub fn status(status: u16) -> Reply {
-        Reply::Status {
-            status,
-            headers: Vec::new(),
-            delay: Duration::ZERO,
-        }
+        Reply::Status { status, headers: Vec::new(), delay: Duration::ZERO }
     }
     pub fn delayed(status: u16, delay: Duration) -> Reply {
-        Reply::Status {
-            status,
-            headers: Vec::new(),
-            delay,
-        }
+        Reply::Status { status, headers: Vec::new(), delay }
     }
     pub fn with_header(status: u16, name: &str, value: &str) -> Reply {
-        Reply::Status {
-            status,
-            headers: vec![(name.into(), value.into())],
-            delay: Duration::ZERO,
-        }
+        Reply::Status { status, headers: vec![(name.into(), value.into())], delay: Duration::ZERO }
     }
 }
 
@@ -107,9 +91,8 @@ impl Receiver {
             .enable_all()
             .build()
             .expect("tokio runtime");
-        let listener = runtime
-            .block_on(tokio::net::TcpListener::bind(("127.0.0.1", port)))
-            .expect("bind a loopback port");
+        let listener =
+            runtime.block_on(tokio::net::TcpListener::bind(("127.0.0.1", port))).expect("bind a loopback port");
         let addr = listener.local_addr().expect("local address");
         let state = Arc::new(State {
             received: Mutex::new(Vec::new()),
@@ -128,17 +111,11 @@ impl Receiver {
                 let state = accept_state.clone();
                 tokio::spawn(async move {
                     let service = service_fn(move |req| handle(state.clone(), req));
-                    let _ = http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), service)
-                        .await;
+                    let _ = http1::Builder::new().serve_connection(TokioIo::new(stream), service).await;
                 });
             }
         });
-        Receiver {
-            addr,
-            state,
-            _runtime: runtime,
-        }
+        Receiver { addr, state, _runtime: runtime }
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -178,46 +155,25 @@ impl Receiver {
     }
 }
 
-async fn handle(
-    state: Arc<State>,
-    req: Request<Incoming>,
-) -> Result<Response<Full<Bytes>>, std::io::Error> {
+async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<Response<Full<Bytes>>, std::io::Error> {
     let method = req.method().to_string();
-    let path = req
-        .uri()
-        .path_and_query()
-        .map(|p| p.to_string())
-        .unwrap_or_default();
+    let path = req.uri().path_and_query().map(|p| p.to_string()).unwrap_or_default();
     let headers: HashMap<String, String> = req
         .headers()
         .iter()
-        .map(|(k, v)| {
-            (
-                k.as_str().to_string(),
-                String::from_utf8_lossy(v.as_bytes()).into_owned(),
-            )
-        })
+        .map(|(k, v)| (k.as_str().to_string(), String::from_utf8_lossy(v.as_bytes()).into_owned()))
         .collect();
-    let body = req
-        .into_body()
-        .collect()
-        .await
-        .map(|b| b.to_bytes())
-        .unwrap_or_default();
+    let body = req.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
     let secrets = state.secrets.lock().unwrap().clone();
     let signature_valid = if secrets.is_empty() {
         None
     } else {
         let get = |h: &str| headers.get(h).map(String::as_str).unwrap_or("");
-        Some(secrets.iter().any(|s| {
-            verify(
-                s,
-                get("webhook-id"),
-                get("webhook-timestamp"),
-                get("webhook-signature"),
-                &body,
-            )
-        }))
+        Some(
+            secrets
+                .iter()
+                .any(|s| verify(s, get("webhook-id"), get("webhook-timestamp"), get("webhook-signature"), &body)),
+        )
     };
     let received = Received {
         at: Instant::now(),
@@ -241,24 +197,16 @@ async fn handle(
         Some(false) => "invalid",
     };
     match script(&received, ordinal) {
-        Reply::Status {
-            status,
-            headers,
-            delay,
-        } => {
+        Reply::Status { status, headers, delay } => {
             if !delay.is_zero() {
                 tokio::time::sleep(delay).await;
             }
-            let mut response = Response::builder()
-                .status(status)
-                .header("content-type", "application/json");
+            let mut response = Response::builder().status(status).header("content-type", "application/json");
             for (k, v) in headers {
                 response = response.header(k, v);
             }
             Ok(response
-                .body(Full::new(Bytes::from(format!(
-                    "{{\"signature\":\"{verdict}\"}}"
-                ))))
+                .body(Full::new(Bytes::from(format!("{{\"signature\":\"{verdict}\"}}"))))
                 .expect("a valid response"))
         }
         Reply::Hang => {

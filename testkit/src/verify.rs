@@ -8,27 +8,20 @@ use sha2::Sha256;
 
 /// True when any `v1,` entry of `header` is the HMAC of `id.timestamp.body`.
 pub fn verify(secret: &str, id: &str, timestamp: &str, header: &str, body: &[u8]) -> bool {
-    let Some(key) = secret
-        .strip_prefix("whsec_")
-        .and_then(|k| STANDARD.decode(k).ok())
-    else {
+    let Some(key) = secret.strip_prefix("whsec_").and_then(|k| STANDARD.decode(k).ok()) else {
         return false;
     };
     let mut mac = Hmac::<Sha256>::new_from_slice(&key).expect("any key length");
     mac.update(format!("{id}.{timestamp}.").as_bytes());
     mac.update(body);
     let expected = mac.finalize().into_bytes();
-    header
-        .split(' ')
-        .filter_map(|s| s.strip_prefix("v1,"))
-        .filter_map(|s| STANDARD.decode(s).ok())
-        .any(|sig| {
-            let mut mac = Hmac::<Sha256>::new_from_slice(&key).expect("any key length");
-            mac.update(format!("{id}.{timestamp}.").as_bytes());
-            mac.update(body);
-            // verify_slice compares in constant time.
-            sig.len() == expected.len() && mac.verify_slice(&sig).is_ok()
-        })
+    header.split(' ').filter_map(|s| s.strip_prefix("v1,")).filter_map(|s| STANDARD.decode(s).ok()).any(|sig| {
+        let mut mac = Hmac::<Sha256>::new_from_slice(&key).expect("any key length");
+        mac.update(format!("{id}.{timestamp}.").as_bytes());
+        mac.update(body);
+        // verify_slice compares in constant time.
+        sig.len() == expected.len() && mac.verify_slice(&sig).is_ok()
+    })
 }
 
 #[cfg(test)]

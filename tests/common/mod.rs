@@ -8,6 +8,14 @@ pub use pg_ihub_testkit::cluster::Cluster;
 pub use pg_ihub_testkit::receiver::{Received, Receiver, Reply};
 use postgres::Client;
 
+/// The server's message for a database error, not just "db error".
+pub fn describe(e: &postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => format!("{}: {}", db.severity(), db.message()),
+        None => e.to_string(),
+    }
+}
+
 pub struct Hub {
     pub db: Client,
     pub cluster: Cluster,
@@ -25,8 +33,7 @@ pub fn hub() -> Hub {
 }
 
 /// Fast retries for tests: 0.2 s, doubling, no jitter.
-pub const FAST_RETRY: &str =
-    r#"{"initial_delay": 0.2, "multiplier": 2, "jitter": 0, "max_attempts": 5}"#;
+pub const FAST_RETRY: &str = r#"{"initial_delay": 0.2, "multiplier": 2, "jitter": 0, "max_attempts": 5}"#;
 
 pub struct Setup {
     pub integration: String,
@@ -37,16 +44,11 @@ pub struct Setup {
 
 impl Hub {
     pub fn exec(&mut self, sql: &str) {
-        self.db
-            .batch_execute(sql)
-            .unwrap_or_else(|e| panic!("{sql}: {e}"));
+        self.db.batch_execute(sql).unwrap_or_else(|e| panic!("{sql}: {}", describe(&e)));
     }
 
     pub fn one<T: for<'a> postgres::types::FromSql<'a>>(&mut self, sql: &str) -> T {
-        self.db
-            .query_one(sql, &[])
-            .unwrap_or_else(|e| panic!("{sql}: {e}"))
-            .get(0)
+        self.db.query_one(sql, &[]).unwrap_or_else(|e| panic!("{sql}: {}", describe(&e))).get(0)
     }
 
     /// The error message (and hint) a statement fails with.
@@ -54,9 +56,7 @@ impl Hub {
         match self.db.batch_execute(sql) {
             Ok(()) => panic!("expected an error from: {sql}"),
             Err(e) => {
-                let db = e
-                    .as_db_error()
-                    .unwrap_or_else(|| panic!("not a database error: {e}"));
+                let db = e.as_db_error().unwrap_or_else(|| panic!("not a database error: {e}"));
                 format!("{} HINT: {}", db.message(), db.hint().unwrap_or(""))
             }
         }
@@ -75,25 +75,14 @@ impl Hub {
              SELECT ihub.create_endpoint('{integration}', '{endpoint}', '{url}' {endpoint_args});
              SELECT ihub.enable_integration('{integration}');"
         ));
-        let secret: String = self.one(&format!(
-            "SELECT secret FROM ihub.endpoint_secrets WHERE endpoint = '{endpoint}' AND signing"
-        ));
-        Setup {
-            integration,
-            endpoint,
-            table,
-            secret,
-        }
+        let secret: String =
+            self.one(&format!("SELECT secret FROM ihub.endpoint_secrets WHERE endpoint = '{endpoint}' AND signing"));
+        Setup { integration, endpoint, table, secret }
     }
 
     pub fn delivery_states(&mut self, endpoint: &str) -> Vec<String> {
         self.db
-            .query(
-                &format!(
-                    "SELECT state FROM ihub.deliveries WHERE endpoint = '{endpoint}' ORDER BY id"
-                ),
-                &[],
-            )
+            .query(&format!("SELECT state FROM ihub.deliveries WHERE endpoint = '{endpoint}' ORDER BY id"), &[])
             .unwrap()
             .iter()
             .map(|r| r.get(0))
@@ -117,12 +106,7 @@ impl Hub {
     }
 
     /// Waits until every delivery of the endpoint has left pending/running/retry.
-    pub fn wait_settled(
-        &mut self,
-        endpoint: &str,
-        expected: i64,
-        timeout: Duration,
-    ) -> Vec<String> {
+    pub fn wait_settled(&mut self, endpoint: &str, expected: i64, timeout: Duration) -> Vec<String> {
         let ok = self.wait_true(
             &format!(
                 "SELECT count(*) = {expected} AND bool_and(state NOT IN ('pending', 'running', 'retry')) \

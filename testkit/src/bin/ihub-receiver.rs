@@ -26,13 +26,7 @@ fn main() {
                 Some(false) => "signature INVALID",
                 None => "signature not checked",
             };
-            println!(
-                "{} {} webhook-id={} {}",
-                r.method,
-                r.path,
-                r.header("webhook-id").unwrap_or("-"),
-                verdict
-            );
+            println!("{} {} webhook-id={} {}", r.method, r.path, r.header("webhook-id").unwrap_or("-"), verdict);
             seen += 1;
         }
     }

@@ -1,0 +1,30 @@
+# pg_ihub: the two set-up commands are `make run` and `make test`.
+PG_CONFIG ?= /usr/lib/postgresql/15/bin/pg_config
+SUDO := $(if $(filter 0,$(shell id -u)),,--sudo)
+
+.PHONY: run test bench deps install stop fmt
+
+## Build, install, start a local cluster with the demo and show it working.
+run: install
+	demo/run
+
+## Install what is missing, then run every test (unit, in-database, end to end).
+test: deps
+	tests/run
+
+## Throughput, latency and writer-overhead figures.
+bench: install
+	bench/run
+
+deps:
+	scripts/deps
+
+install: deps
+	cargo pgrx install --release --pg-config $(PG_CONFIG) $(SUDO) >/dev/null
+
+## Stop the demo cluster and receiver.
+stop:
+	demo/run stop
+
+fmt:
+	cargo fmt --all
