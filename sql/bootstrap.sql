@@ -143,8 +143,10 @@ CREATE INDEX delivery_endpoint_idx ON ihub.delivery (endpoint_id, created_at);
 COMMENT ON TABLE ihub.delivery IS
     'The outbound queue and its history: one row per event per endpoint, with its state and retry schedule.';
 
+-- No foreign key to delivery: checking it costs a lookup per attempt on the
+-- hot path; attempts are deleted with their deliveries by pg_ihub itself.
 CREATE TABLE ihub.delivery_attempt (
-    delivery_id      bigint NOT NULL REFERENCES ihub.delivery (id) ON DELETE CASCADE,
+    delivery_id      bigint NOT NULL,
     attempt          integer NOT NULL,
     started_at       timestamptz NOT NULL,
     duration_ms      double precision NOT NULL,

@@ -44,36 +44,62 @@ pub extern "C-unwind" fn ihub_dispatcher_main(_arg: pg_sys::Datum) {
     let mut last_rescue: Option<Instant> = None;
 
     log!("pg_ihub dispatcher started for database \"{database}\"");
+    // Attempts of the last batch, settled in the same transaction as the next
+    // claim: one commit per batch instead of two.
+    let mut unsettled: Option<Value> = None;
     while !shutdown_requested() {
         if BackgroundWorker::sighup_received() {
             unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
             sender = new_sender();
         }
-        workers::heartbeat();
+        workers::heartbeat(true);
         let poll = Duration::from_millis(settings::POLL_INTERVAL_MS.get() as u64);
-
-        if !in_transaction(extension_ready).unwrap_or(false) {
-            wait(poll);
-            continue;
-        }
+        let batch_size = settings::BATCH_SIZE.get();
         // Deliveries whose worker died (or whose lease ran out) go back to the
         // queue; checked at the poll cadence, and at once after a start.
-        if last_rescue.is_none_or(|t| t.elapsed() >= poll) {
-            in_transaction(rescue);
+        let rescue_now = last_rescue.is_none_or(|t| t.elapsed() >= poll);
+        let started = Instant::now();
+        let results = unsettled.take();
+        let round = in_transaction(|| next_round(pid, batch_size, results.as_ref(), rescue_now));
+        if rescue_now {
             last_rescue = Some(Instant::now());
         }
-
-        let batch_size = settings::BATCH_SIZE.get();
-        let claimed = in_transaction(|| claim(pid, batch_size)).unwrap_or_default();
-        if claimed.is_empty() {
-            let due = in_transaction(next_due).flatten();
-            wait(due.map_or(poll, |d| d.min(poll)));
+        let round = match round {
+            Some(Some(round)) => round,
+            // The extension is not (or no longer) installed here.
+            Some(None) => {
+                wait(poll);
+                continue;
+            }
+            // The round failed and was rolled back (logged). Settle alone, once
+            // more; if that fails too the leases run out and the deliveries are
+            // sent again, with the same webhook-id.
+            None => {
+                if let Some(results) = results {
+                    in_transaction(|| settle(pid, &results));
+                }
+                wait(Duration::from_millis(100).min(poll));
+                continue;
+            }
+        };
+        if round.claimed.is_empty() {
+            wait(round.next_due.map_or(poll, |d| d.min(poll)));
             continue;
         }
-        let requests = claimed.iter().map(|c| c.request.clone()).collect();
+        workers::heartbeat(false);
+        let claimed_at = Instant::now();
+        let requests = round.claimed.iter().map(|c| c.request.clone()).collect();
         let attempts = runtime.block_on(sender.send_all(requests, shutdown_requested));
-        let results = decide_all(&claimed, attempts);
-        in_transaction(|| settle(pid, results.clone()));
+        debug1!(
+            "pg_ihub dispatcher: {} deliveries: settle and claim {:.1} ms, send {:.1} ms",
+            round.claimed.len(),
+            (claimed_at - started).as_secs_f64() * 1000.0,
+            claimed_at.elapsed().as_secs_f64() * 1000.0
+        );
+        unsettled = Some(decide_all(&round.claimed, attempts));
+    }
+    if let Some(results) = unsettled {
+        in_transaction(|| settle(pid, &results));
     }
     workers::unregister();
     log!("pg_ihub dispatcher for database \"{database}\" stopping");
@@ -153,7 +179,9 @@ pub fn in_transaction<R>(f: impl FnOnce() -> R + UnwindSafe + RefUnwindSafe) -> 
 }
 
 fn extension_ready() -> bool {
-    Spi::get_one::<bool>("SELECT EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'pg_ihub')")
+    // The function, not just the pg_extension row: CREATE EXTENSION may still
+    // be running, or a DROP may have committed since.
+    Spi::get_one::<bool>("SELECT to_regprocedure('ihub._claim(integer, integer, integer)') IS NOT NULL")
         .ok()
         .flatten()
         .unwrap_or(false)
@@ -170,6 +198,29 @@ fn rescue() {
 fn next_due() -> Option<Duration> {
     let secs = Spi::get_one::<f64>("SELECT ihub._next_due()").ok().flatten()?;
     Some(Duration::from_secs_f64(secs.clamp(0.0, 86_400.0)))
+}
+
+struct Round {
+    claimed: Vec<Claimed>,
+    /// When nothing was claimed: how long until the next delivery is due.
+    next_due: Option<Duration>,
+}
+
+/// One transaction: settle the last batch, rescue if due, claim the next.
+/// None when the extension is not installed in this database.
+fn next_round(pid: i32, batch_size: i32, results: Option<&Value>, rescue_now: bool) -> Option<Round> {
+    if !extension_ready() {
+        return None;
+    }
+    if let Some(results) = results {
+        settle(pid, results);
+    }
+    if rescue_now {
+        rescue();
+    }
+    let claimed = claim(pid, batch_size);
+    let next_due = if claimed.is_empty() { next_due() } else { None };
+    Some(Round { claimed, next_due })
 }
 
 fn claim(pid: i32, limit: i32) -> Vec<Claimed> {
@@ -275,10 +326,10 @@ fn decide_all(claimed: &[Claimed], attempts: Vec<Attempt>) -> Value {
     Value::Array(results)
 }
 
-fn settle(pid: i32, results: Value) {
+fn settle(pid: i32, results: &Value) {
     Spi::connect_mut(|client| {
         client
-            .update("SELECT ihub._settle($1, $2)", None, &[pid.into(), JsonB(results).into()])
+            .update("SELECT ihub._settle($1, $2)", None, &[pid.into(), JsonB(results.clone()).into()])
             .expect("ihub._settle runs");
     });
 }

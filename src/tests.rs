@@ -340,7 +340,9 @@ mod tests {
     fn claim_and_settle_move_deliveries_through_their_states() {
         setup();
         Spi::run("SELECT ihub.enable_integration('shop')").unwrap();
+        assert_eq!(Spi::get_one::<f64>("SELECT ihub._next_due()").unwrap(), None, "an empty queue is never due");
         let id = one::<i64>("SELECT ihub.http_request('hook', '{\"a\": 1}')");
+        assert_eq!(one::<f64>("SELECT ihub._next_due()"), 0.0);
         let claimed = one::<i64>("SELECT count(*) FROM ihub._claim(4242, 10, 1000)");
         assert_eq!(claimed, 1);
         assert_eq!(

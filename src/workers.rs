@@ -3,12 +3,12 @@
 //! database and heartbeat, so that any backend can wake the dispatchers of
 //! its database and `ihub.workers` can show who is alive.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use pgrx::bgworkers::{BackgroundWorkerBuilder, BgWorkerStartTime};
 use pgrx::prelude::*;
-use pgrx::{pg_shmem_init, register_xact_callback, PGRXSharedMemory, PgLwLock, PgXactCallbackEvent};
+use pgrx::{pg_shmem_init, register_xact_callback, PGRXSharedMemory, PgAtomic, PgLwLock, PgXactCallbackEvent};
 
 use crate::error::IhubError;
 use crate::settings;
@@ -39,11 +39,22 @@ pub struct Slot {
     dboid: pg_sys::Oid,
     started_ms: i64,
     heartbeat_ms: i64,
+    /// Set before each claim and cleared when it found work: a worker with
+    /// work claims again when it is done, so only idle ones need waking.
+    idle: bool,
 }
 
 impl Default for Slot {
     fn default() -> Self {
-        Slot { kind: Kind::Free, pid: 0, procno: -1, dboid: pg_sys::InvalidOid, started_ms: 0, heartbeat_ms: 0 }
+        Slot {
+            kind: Kind::Free,
+            pid: 0,
+            procno: -1,
+            dboid: pg_sys::InvalidOid,
+            started_ms: 0,
+            heartbeat_ms: 0,
+            idle: true,
+        }
     }
 }
 
@@ -62,6 +73,9 @@ unsafe impl PGRXSharedMemory for Registry {}
 
 static REGISTRY: PgLwLock<Registry> = unsafe { PgLwLock::new(c"pg_ihub_registry") };
 
+/// Spreads wakeups over the idle dispatchers.
+static NEXT_WAKE: PgAtomic<AtomicU32> = unsafe { PgAtomic::new(c"pg_ihub_next_wake") };
+
 /// True in every process forked from a postmaster that preloaded us.
 static PRELOADED: AtomicBool = AtomicBool::new(false);
 
@@ -76,6 +90,7 @@ fn now_ms() -> i64 {
 pub fn init_preloaded() {
     PRELOADED.store(true, Ordering::SeqCst);
     pg_shmem_init!(REGISTRY);
+    pg_shmem_init!(NEXT_WAKE);
     let workers = settings::DISPATCH_WORKERS.get();
     for db in settings::databases() {
         for n in 0..workers {
@@ -134,6 +149,7 @@ pub fn register(kind: Kind) {
                 dboid: unsafe { pg_sys::MyDatabaseId },
                 started_ms: now_ms(),
                 heartbeat_ms: now_ms(),
+                idle: true,
             };
         }
         None => {
@@ -150,24 +166,34 @@ pub fn unregister() {
     }
 }
 
-pub fn heartbeat() {
+/// Records a heartbeat and whether this worker is idle (see `Slot::idle`).
+pub fn heartbeat(idle: bool) {
     let pid = unsafe { pg_sys::MyProcPid };
     let mut reg = REGISTRY.exclusive();
     if let Some(slot) = reg.slots.iter_mut().find(|s| s.pid == pid && s.kind != Kind::Free) {
         slot.heartbeat_ms = now_ms();
+        slot.idle = idle;
     }
 }
 
-/// Sets the latch of every live dispatcher of `dboid`.
+/// Sets the latch of one idle dispatcher of `dboid`, taking turns. Waking
+/// all of them made every commit cost a claim round per worker.
 fn wake_dispatchers(dboid: pg_sys::Oid) {
     let reg = REGISTRY.share();
-    for slot in reg.slots.iter().filter(|s| s.kind == Kind::Dispatcher && s.dboid == dboid && s.procno >= 0) {
-        unsafe {
-            let proc_ = (*pg_sys::ProcGlobal).allProcs.add(slot.procno as usize);
-            // A stale slot (worker gone) points at a PGPROC another process may
-            // use now; setting its latch only causes a spurious wakeup there.
-            pg_sys::SetLatch(&raw mut (*proc_).procLatch);
-        }
+    let idle: Vec<&Slot> = reg
+        .slots
+        .iter()
+        .filter(|s| s.kind == Kind::Dispatcher && s.dboid == dboid && s.procno >= 0 && s.idle)
+        .collect();
+    if idle.is_empty() {
+        return; // every dispatcher is busy and will claim again when done
+    }
+    let turn = NEXT_WAKE.get().fetch_add(1, Ordering::Relaxed) as usize % idle.len();
+    unsafe {
+        let proc_ = (*pg_sys::ProcGlobal).allProcs.add(idle[turn].procno as usize);
+        // A stale slot (worker gone) points at a PGPROC another process may
+        // use now; setting its latch only causes a spurious wakeup there.
+        pg_sys::SetLatch(&raw mut (*proc_).procLatch);
     }
 }
 

@@ -149,3 +149,31 @@ fn without_preloading_the_extension_installs_and_says_what_is_missing() {
     let subs: i64 = db.query_one("SELECT count(*) FROM ihub.subscription", &[]).unwrap().get(0);
     assert_eq!(subs, 0);
 }
+
+/// CPU seconds a process has used (user + system), from /proc.
+fn cpu_seconds(pid: i32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let fields: Vec<&str> = stat.rsplit_once(") ").unwrap().1.split(' ').collect();
+    let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
+    ticks / 100.0
+}
+
+#[test]
+fn idle_dispatchers_sleep_instead_of_polling() {
+    let _g = serial();
+    let mut hub = hub();
+    let pids: Vec<i32> = hub
+        .db
+        .query("SELECT pid FROM ihub.workers WHERE kind = 'dispatcher'", &[])
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert!(!pids.is_empty());
+    std::thread::sleep(Duration::from_millis(500));
+    let before: f64 = pids.iter().map(|p| cpu_seconds(*p)).sum();
+    std::thread::sleep(Duration::from_secs(3));
+    let used: f64 = pids.iter().map(|p| cpu_seconds(*p)).sum::<f64>() - before;
+    // A spinning worker burns a core (3 s here); a sleeping one next to nothing.
+    assert!(used < 0.3, "dispatchers used {used:.2} CPU seconds in 3 s of idleness");
+}

@@ -1,0 +1,186 @@
+//! `make bench`: measures, against the bench cluster (pg_ihub preloaded,
+//! default durability settings) and an in-process receiver on loopback:
+//!
+//! 1. throughput: 20,000 committed row changes delivered, per second;
+//! 2. latency from commit to receipt at a steady 500 changes/s (p50, p99);
+//! 3. writer overhead: a 200,000-row INSERT ... SELECT into a subscribed
+//!    table against the same insert into an unsubscribed one.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use pg_ihub_testkit::cluster::Cluster;
+use pg_ihub_testkit::receiver::Receiver;
+
+fn main() {
+    let cluster = Cluster::from_env();
+    let mut db = cluster.connect_wait(Duration::from_secs(30));
+    let receiver = Receiver::start_on(0, 2, true);
+    let mut workers: i64 = 0;
+    for _ in 0..100 {
+        workers = db.query_one("SELECT count(*) FROM ihub.workers", &[]).unwrap().get(0);
+        if workers > 0 {
+            break;
+        }
+        thread::sleep(Duration::from_millis(100));
+    }
+    let batch: String = db.query_one("SHOW ihub.batch_size", &[]).unwrap().get(0);
+    println!("pg_ihub benchmark: {workers} dispatcher workers, batch size {batch}, receiver on {}", receiver.url("/"));
+    setup(&mut db, &receiver);
+
+    // First, while the dispatchers are idle: it measures the writer alone.
+    writer_overhead(&mut db, 200_000);
+    let rows = std::env::var("IHUB_BENCH_ROWS").ok().and_then(|v| v.parse().ok()).unwrap_or(20_000);
+    throughput(&mut db, &receiver, rows);
+    latency(&cluster, &receiver, 500, Duration::from_secs(10));
+}
+
+fn setup(db: &mut postgres::Client, receiver: &Receiver) {
+    db.batch_execute(&format!(
+        "SELECT ihub.disable_integration(name) FROM ihub.integrations WHERE name = 'bench';
+         SELECT ihub.delete_integration(name) FROM ihub.integrations WHERE name = 'bench';
+         DROP TABLE IF EXISTS bench_orders, bench_plain;
+         CREATE TABLE bench_orders (id bigserial PRIMARY KEY, customer text NOT NULL, amount numeric(12,2) NOT NULL,
+                                    status text NOT NULL DEFAULT 'new', created_at timestamptz NOT NULL DEFAULT now());
+         CREATE TABLE bench_plain (LIKE bench_orders INCLUDING ALL);
+         SELECT ihub.create_integration('bench');
+         SELECT ihub.create_endpoint('bench', 'bench-hook', '{}');
+         SELECT ihub.subscribe('bench_orders', 'bench-hook', events => '{{insert}}');
+         SELECT ihub.enable_integration('bench');",
+        receiver.url("/bench")
+    ))
+    .expect("bench setup");
+}
+
+fn wait_arrivals(receiver: &Receiver, n: usize, timeout: Duration) {
+    assert!(receiver.wait_for(n, timeout), "only {} of {n} deliveries arrived", receiver.count());
+}
+
+fn throughput(db: &mut postgres::Client, receiver: &Receiver, n: usize) {
+    let before = receiver.count();
+    // Committed in transactions of 1,000 rows, as a busy application would.
+    let start = Instant::now();
+    for chunk in 0..n / 1000 {
+        db.execute(
+            "INSERT INTO bench_orders (customer, amount) SELECT 'c' || g, g FROM generate_series($1::int, $1::int + 999) g",
+            &[&((chunk * 1000) as i32)],
+        )
+        .unwrap();
+    }
+    let committed = start.elapsed();
+    wait_arrivals(receiver, before + n, Duration::from_secs(300));
+    let arrived = start.elapsed();
+    wait_delivered(db, n as i64, Duration::from_secs(300));
+    let settled = start.elapsed();
+    println!();
+    println!("throughput: {n} row changes committed in {:.2} s", committed.as_secs_f64());
+    println!(
+        "  all received after   {:.2} s  -> {:>8.0} deliveries/s",
+        arrived.as_secs_f64(),
+        n as f64 / arrived.as_secs_f64()
+    );
+    println!(
+        "  all recorded after   {:.2} s  -> {:>8.0} deliveries/s (state delivered, attempt on record)",
+        settled.as_secs_f64(),
+        n as f64 / settled.as_secs_f64()
+    );
+}
+
+/// Waits until `n` deliveries are recorded as delivered.
+fn wait_delivered(db: &mut postgres::Client, n: i64, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let done: i64 =
+            db.query_one("SELECT count(*) FROM ihub.delivery WHERE state = 'delivered'", &[]).unwrap().get(0);
+        if done >= n {
+            return;
+        }
+        assert!(Instant::now() < deadline, "only {done} of {n} deliveries recorded");
+        thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Single-row transactions from 4 clients at `rate` in all; latency is from
+/// the client seeing COMMIT succeed to the receiver seeing the request.
+fn latency(cluster: &Cluster, receiver: &Receiver, rate: u32, length: Duration) {
+    let before = receiver.count();
+    let clients = 4;
+    let committed: Arc<Mutex<HashMap<i64, Instant>>> = Arc::default();
+    let per_client = Duration::from_secs_f64(clients as f64 / rate as f64);
+    let total = (rate as f64 * length.as_secs_f64()) as usize;
+    let handles: Vec<_> = (0..clients)
+        .map(|_| {
+            let cluster = cluster.clone();
+            let committed = committed.clone();
+            thread::spawn(move || {
+                let mut c = cluster.connect();
+                let stmt =
+                    c.prepare("INSERT INTO bench_orders (customer, amount) VALUES ('steady', 1) RETURNING id").unwrap();
+                let start = Instant::now();
+                for i in 0..total / clients {
+                    let due = start + per_client * i as u32;
+                    if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                        thread::sleep(wait);
+                    }
+                    let id: i64 = c.query_one(&stmt, &[]).unwrap().get(0);
+                    committed.lock().unwrap().insert(id, Instant::now());
+                }
+            })
+        })
+        .collect();
+    for h in handles {
+        h.join().unwrap();
+    }
+    wait_arrivals(receiver, before + total, Duration::from_secs(60));
+    let committed = committed.lock().unwrap();
+    let mut latencies: Vec<f64> = receiver
+        .received()
+        .iter()
+        .skip(before)
+        .filter_map(|r| {
+            let id = r.json()["data"]["id"].as_i64()?;
+            let at = committed.get(&id)?;
+            Some(r.at.saturating_duration_since(*at).as_secs_f64() * 1000.0)
+        })
+        .collect();
+    latencies.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let pct = |p: f64| latencies[((latencies.len() as f64 - 1.0) * p).round() as usize];
+    println!();
+    println!("latency at a steady {rate} changes/s ({} single-row commits from {clients} clients):", latencies.len());
+    println!("  commit -> receipt   p50 {:.1} ms   p99 {:.1} ms   max {:.1} ms", pct(0.5), pct(0.99), pct(1.0));
+}
+
+/// Each insert runs in a transaction that is rolled back, so that the
+/// dispatchers have nothing to do while the next one is timed, and after a
+/// checkpoint, so that no run pays for another's dirty buffers.
+fn writer_overhead(db: &mut postgres::Client, rows: i32) {
+    let mut time = |table: &str| -> f64 {
+        db.batch_execute("CHECKPOINT").unwrap();
+        let mut tx = db.transaction().unwrap();
+        let start = Instant::now();
+        tx.execute(
+            &format!(
+                "INSERT INTO {table} (customer, amount) SELECT 'customer ' || g, g * 1.5 FROM generate_series(1, $1) g"
+            ),
+            &[&rows],
+        )
+        .unwrap();
+        let took = start.elapsed().as_secs_f64();
+        tx.rollback().unwrap();
+        took
+    };
+    let (mut plain, mut subscribed) = (Vec::new(), Vec::new());
+    for _ in 0..5 {
+        plain.push(time("bench_plain"));
+        subscribed.push(time("bench_orders"));
+    }
+    plain.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    subscribed.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let (p, s) = (plain[2], subscribed[2]);
+    println!();
+    println!("writer overhead: INSERT ... SELECT of {rows} rows, median of 5");
+    println!("  not subscribed  {:.0} ms", p * 1000.0);
+    println!("  subscribed      {:.0} ms   ratio {:.2}x", s * 1000.0, s / p);
+}
