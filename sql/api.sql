@@ -421,21 +421,27 @@ BEGIN
                    v_capture, format_type(v_rel.reltype, NULL), format_type(v_rel.reltype, NULL));
     EXECUTE format('COMMENT ON TABLE %s IS %L', v_capture,
                    format('pg_ihub capture table of subscription %s (%s -> %s)', v_sub.id, source, v_endpoint.name));
-    EXECUTE format('GRANT INSERT ON %s TO %I', v_capture, v_caller);
-
     FOREACH v_event IN ARRAY v_events LOOP
-        v_function := format('ihub_capture.%I', format('sub_%s_%s', v_sub.id, v_event));
-        -- Owned by the subscriber and run with its rights: the condition is
-        -- the subscriber's code, so it must not run with the extension owner's.
-        EXECUTE format(
-            E'CREATE FUNCTION %s() RETURNS trigger LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS %L',
-            v_function,
-            format(E'#variable_conflict use_column\nBEGIN\n    %s;\n    IF FOUND THEN\n        PERFORM ihub._wake();\n    END IF;\n    RETURN NULL;\nEND',
-                   ihub._capture_statement(v_sub, v_event, format_type(v_rel.reltype, NULL))));
-        EXECUTE format('COMMENT ON FUNCTION %s() IS %L', v_function,
-                       format('pg_ihub capture trigger of subscription %s (%s on %s)', v_sub.id, v_event, source));
-        EXECUTE format('ALTER FUNCTION %s() OWNER TO %I', v_function, v_caller);
-        EXECUTE format('CREATE TRIGGER %I AFTER %s ON %s REFERENCING %s TABLE AS %I FOR EACH STATEMENT EXECUTE FUNCTION %s()',
+        IF condition IS NULL AND (watch IS NULL OR v_event <> 'update') THEN
+            -- The fast path: a C-language trigger copies the rows in bulk.
+            v_function := format('ihub._capture_rows(%L)', v_capture::regclass::oid);
+        ELSE
+            -- Watch and condition need SQL: a generated PL/pgSQL trigger, owned
+            -- by the subscriber and run with its rights, because the condition
+            -- is the subscriber's code and must not run with the extension
+            -- owner's.
+            v_function := format('ihub_capture.%I()', format('sub_%s_%s', v_sub.id, v_event));
+            EXECUTE format(
+                E'CREATE FUNCTION %s RETURNS trigger LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS %L',
+                v_function,
+                format(E'#variable_conflict use_column\nBEGIN\n    %s;\n    IF FOUND THEN\n        PERFORM ihub._wake();\n    END IF;\n    RETURN NULL;\nEND',
+                       ihub._capture_statement(v_sub, v_event, format_type(v_rel.reltype, NULL))));
+            EXECUTE format('COMMENT ON FUNCTION %s IS %L', v_function,
+                           format('pg_ihub capture trigger of subscription %s (%s on %s)', v_sub.id, v_event, source));
+            EXECUTE format('ALTER FUNCTION %s OWNER TO %I', v_function, v_caller);
+            EXECUTE format('GRANT INSERT ON %s TO %I', v_capture, v_caller);
+        END IF;
+        EXECUTE format('CREATE TRIGGER %I AFTER %s ON %s REFERENCING %s TABLE AS %I FOR EACH STATEMENT EXECUTE FUNCTION %s',
                        format('ihub_sub_%s_%s', v_sub.id, v_event), upper(v_event), source,
                        CASE v_event WHEN 'insert' THEN 'NEW' WHEN 'delete' THEN 'OLD' ELSE 'OLD TABLE AS ihub_old NEW' END,
                        CASE v_event WHEN 'delete' THEN 'ihub_old' ELSE 'ihub_new' END,
@@ -882,6 +888,8 @@ COMMENT ON FUNCTION ihub.enable_endpoint(text) IS 'Re-enables an endpoint (after
 COMMENT ON FUNCTION ihub.disable_endpoint(text, text) IS 'Stops deliveries to an endpoint; they wait until it is enabled again.';
 COMMENT ON FUNCTION ihub.rotate_secret(text, text, interval) IS
     'Adds a new signing secret (generated when NULL) and keeps the old ones signing for the grace period. Returns the new secret. ihub_admin only.';
+COMMENT ON FUNCTION ihub._capture_rows() IS
+    'Internal: capture trigger of subscriptions without watch or condition; bulk-copies transition rows into the capture table named by its argument.';
 COMMENT ON FUNCTION ihub._capture_statement(ihub.subscription, text, text) IS 'Internal: the INSERT a capture trigger runs for one event.';
 COMMENT ON FUNCTION ihub.subscribe(regclass, text, text[], text[], text[], text, boolean) IS
     'Subscribes an endpoint to row changes of a table: events, payload columns, watched columns (updates fire only when one changed), a condition over new and old, and test mode. Returns the subscription id.';

@@ -8,7 +8,7 @@
 use std::ffi::CString;
 
 use pgrx::prelude::*;
-use pgrx::PgList;
+use pgrx::{PgList, PgMemoryContexts};
 
 /// Checks that `expr` parses as exactly one scalar expression: wrapped as
 /// `SELECT (<expr>)` it must give one SELECT with one target and nothing else.
@@ -62,4 +62,159 @@ pub fn single_expression(expr: &str) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// Rows per multi-insert, as COPY does.
+const BATCH: usize = 1000;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CaptureError {
+    #[error("ihub._capture_rows must run as an AFTER ... FOR EACH STATEMENT trigger with a transition table")]
+    NotAStatementTrigger,
+    #[error("ihub._capture_rows needs the capture table's oid as its only argument")]
+    BadArgument,
+    #[error("capture table {0} does not hold rows of this table")]
+    WrongCaptureTable(u32),
+}
+
+/// The capture trigger for subscriptions without watch or condition: copies
+/// the transition table's rows into the subscription's capture table with
+/// one multi-insert per 1,000 rows, as COPY does, instead of running an
+/// INSERT ... SELECT through the executor. Each row is stored as a composite
+/// datum of the source table's row type, taken from the transition tuple
+/// as is; turning it into JSON is left to the dispatcher.
+#[pg_trigger]
+fn _capture_rows<'a>(
+    trigger: &'a pgrx::PgTrigger<'a>,
+) -> Result<Option<PgHeapTuple<'a, AllocatedByPostgres>>, CaptureError> {
+    let captured = unsafe { capture_rows(trigger.trigger_data()) }.unwrap_or_else(|e| {
+        pgrx::pg_sys::panic::ErrorReport::new(
+            PgSqlErrorCode::ERRCODE_TRIGGERED_ACTION_EXCEPTION,
+            e.to_string(),
+            "pg_ihub",
+        )
+        .set_hint("Capture triggers are made by ihub.subscribe(); drop this one.")
+        .report(PgLogLevel::ERROR);
+        unreachable!()
+    });
+    if captured > 0 {
+        crate::workers::wake_at_commit();
+    }
+    Ok(None)
+}
+
+unsafe fn capture_rows(data: &pg_sys::TriggerData) -> Result<usize, CaptureError> {
+    let event = data.tg_event;
+    if event & pg_sys::TRIGGER_EVENT_ROW != 0 || event & pg_sys::TRIGGER_EVENT_TIMINGMASK != pg_sys::TRIGGER_EVENT_AFTER
+    {
+        return Err(CaptureError::NotAStatementTrigger);
+    }
+    let trigger = &*data.tg_trigger;
+    if trigger.tgnargs != 1 {
+        return Err(CaptureError::BadArgument);
+    }
+    let capture_oid: u32 = std::ffi::CStr::from_ptr(*trigger.tgargs)
+        .to_str()
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .ok_or(CaptureError::BadArgument)?;
+    let (op, new_store, old_store) = match event & pg_sys::TRIGGER_EVENT_OPMASK {
+        pg_sys::TRIGGER_EVENT_INSERT => (b'i', data.tg_newtable, std::ptr::null_mut()),
+        pg_sys::TRIGGER_EVENT_DELETE => (b'd', std::ptr::null_mut(), data.tg_oldtable),
+        pg_sys::TRIGGER_EVENT_UPDATE => (b'u', data.tg_newtable, data.tg_oldtable),
+        _ => return Err(CaptureError::NotAStatementTrigger),
+    };
+    if (op != b'd' && new_store.is_null()) || (op != b'i' && old_store.is_null()) {
+        return Err(CaptureError::NotAStatementTrigger);
+    }
+
+    let source = data.tg_relation;
+    let source_desc = (*source).rd_att;
+    let capture = pg_sys::table_open(pg_sys::Oid::from(capture_oid), pg_sys::RowExclusiveLock as _);
+    // Only the subscribed table can feed its capture table: the row columns
+    // have its row type. Capture tables have no indexes, which a raw
+    // multi-insert would not maintain.
+    let capture_desc = (*capture).rd_att;
+    let attrs = (*capture_desc).attrs.as_slice((*capture_desc).natts as usize);
+    let reltype = (*(*source).rd_rel).reltype;
+    if attrs.len() != 5
+        || attrs[3].atttypid != reltype
+        || attrs[4].atttypid != reltype
+        || (*(*capture).rd_rel).relhasindex
+    {
+        pg_sys::table_close(capture, pg_sys::NoLock as _);
+        return Err(CaptureError::WrongCaptureTable(capture_oid));
+    }
+
+    let count = pg_sys::tuplestore_tuple_count(if new_store.is_null() { old_store } else { new_store }) as usize;
+    if count == 0 {
+        pg_sys::table_close(capture, pg_sys::NoLock as _);
+        return Ok(0);
+    }
+    let xid = pg_sys::Datum::from(pg_sys::GetTopFullTransactionId().value);
+    let at = pg_sys::Datum::from(pg_sys::GetCurrentStatementStartTimestamp());
+    let cid = pg_sys::GetCurrentCommandId(true);
+    let multi_insert = (*(*capture).rd_tableam).multi_insert.expect("table AM has multi_insert");
+    let bulk = if count > BATCH { pg_sys::GetBulkInsertState() } else { std::ptr::null_mut() };
+
+    let reader = |store: *mut pg_sys::Tuplestorestate| {
+        if store.is_null() {
+            return std::ptr::null_mut();
+        }
+        pg_sys::tuplestore_rescan(store);
+        pg_sys::MakeSingleTupleTableSlot(source_desc, &pg_sys::TTSOpsMinimalTuple)
+    };
+    let (new_slot, old_slot) = (reader(new_store), reader(old_store));
+    let mut slots: Vec<*mut pg_sys::TupleTableSlot> =
+        (0..count.min(BATCH)).map(|_| pg_sys::table_slot_create(capture, std::ptr::null_mut())).collect();
+    let mut rows = PgMemoryContexts::new("pg_ihub capture rows");
+
+    let mut filled = 0;
+    let mut done = 0;
+    loop {
+        // Old and new versions of updated rows come in the same order from
+        // their two transition tables.
+        let more = (new_slot.is_null() || pg_sys::tuplestore_gettupleslot(new_store, true, false, new_slot))
+            && (old_slot.is_null() || pg_sys::tuplestore_gettupleslot(old_store, true, false, old_slot));
+        if more {
+            let slot = slots[filled];
+            let values = std::slice::from_raw_parts_mut((*slot).tts_values, 5);
+            let nulls = std::slice::from_raw_parts_mut((*slot).tts_isnull, 5);
+            rows.switch_to(|_| {
+                values[0] = pg_sys::Datum::from(op as i8);
+                values[1] = xid;
+                values[2] = at;
+                for (i, row) in [(3, new_slot), (4, old_slot)] {
+                    nulls[i] = row.is_null();
+                    values[i] =
+                        if row.is_null() { pg_sys::Datum::from(0) } else { pg_sys::ExecFetchSlotHeapTupleDatum(row) };
+                }
+            });
+            nulls[0] = false;
+            nulls[1] = false;
+            nulls[2] = false;
+            pg_sys::ExecStoreVirtualTuple(slot);
+            filled += 1;
+        }
+        if filled > 0 && (filled == slots.len() || !more) {
+            multi_insert(capture, slots.as_mut_ptr(), filled as i32, cid, 0, bulk);
+            for slot in &slots[..filled] {
+                (*(**slot).tts_ops).clear.expect("slot ops clear")(*slot);
+            }
+            rows.reset();
+            done += filled;
+            filled = 0;
+        }
+        if !more {
+            break;
+        }
+    }
+    for slot in slots.into_iter().chain([new_slot, old_slot]).filter(|s| !s.is_null()) {
+        pg_sys::ExecDropSingleTupleTableSlot(slot);
+    }
+    if !bulk.is_null() {
+        pg_sys::FreeBulkInsertState(bulk);
+    }
+    pg_sys::table_close(capture, pg_sys::NoLock as _);
+    Ok(done)
 }

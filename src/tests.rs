@@ -396,4 +396,100 @@ mod tests {
         .unwrap();
         assert_eq!(missing, None, "objects without COMMENT ON");
     }
+
+    fn route_all(sub: i64) -> i64 {
+        one::<i64>(&format!(
+            "SELECT count(*) FROM ihub._route((SELECT s FROM ihub.subscription s WHERE id = {sub}), NULL, NULL)"
+        ))
+    }
+
+    #[pg_test]
+    fn the_bulk_capture_trigger_feeds_only_its_own_table() {
+        setup_enabled();
+        let sub = one::<i64>("SELECT ihub.subscribe('orders', 'hook', events => '{insert}')");
+        let capture = one::<i64>(&format!("SELECT 'ihub_capture.sub_{sub}'::regclass::oid::bigint"));
+        Spi::run("CREATE TABLE other (id bigserial PRIMARY KEY, customer text, amount numeric, status text)").unwrap();
+        Spi::run(&format!(
+            "CREATE TRIGGER forged AFTER INSERT ON other REFERENCING NEW TABLE AS n FOR EACH STATEMENT
+             EXECUTE FUNCTION ihub._capture_rows('{capture}')"
+        ))
+        .unwrap();
+        expect_error(
+            "INSERT INTO other (customer, amount) VALUES ('mallory', 1)",
+            &["does not hold rows of this table"],
+        );
+        assert_eq!(one::<i64>(&format!("SELECT count(*) FROM ihub_capture.sub_{sub}")), 0);
+        // Only the extension owner may attach it at all.
+        Spi::run(
+            "CREATE ROLE ihub_test_owner NOLOGIN IN ROLE ihub_developer; ALTER TABLE other OWNER TO ihub_test_owner",
+        )
+        .unwrap();
+        expect_error(
+            &format!(
+                "SET LOCAL ROLE ihub_test_owner; CREATE TRIGGER forged2 AFTER INSERT ON other REFERENCING NEW TABLE AS n
+                 FOR EACH STATEMENT EXECUTE FUNCTION ihub._capture_rows('{capture}')"
+            ),
+            &["permission denied"],
+        );
+        Spi::run("RESET ROLE").unwrap();
+    }
+
+    #[pg_test]
+    fn bulk_capture_keeps_every_row_and_large_values() {
+        setup_enabled();
+        let sub = one::<i64>("SELECT ihub.subscribe('orders', 'hook', events => '{insert,delete}')");
+        // More than one multi-insert batch (1,000 rows), and one value stored
+        // out of line in TOAST (incompressible, 100 kB).
+        Spi::run(
+            "INSERT INTO orders (customer, amount) SELECT 'c' || g, g FROM generate_series(1, 2500) g;
+             INSERT INTO orders (customer, amount)
+                 SELECT string_agg(md5(g::text || random()::text), ''), 1 FROM generate_series(1, 3200) g;",
+        )
+        .unwrap();
+        assert_eq!(one::<i64>(&format!("SELECT count(*) FROM ihub_capture.sub_{sub}")), 2501);
+        Spi::run("DELETE FROM orders WHERE amount = 1").unwrap();
+        assert_eq!(route_all(sub), 2503);
+        let sizes = one::<String>(
+            "SELECT string_agg(length(payload #>> '{data,customer}')::text, ',' ORDER BY id)
+             FROM ihub.delivery WHERE length(payload #>> '{data,customer}') > 1000",
+        );
+        assert_eq!(sizes, "102400,102400", "the large value arrives whole, inserted and deleted");
+        let ids = one::<i64>(
+            "SELECT count(DISTINCT payload #>> '{data,id}') FROM ihub.delivery WHERE event_type = 'orders.insert'",
+        );
+        assert_eq!(ids, 2501);
+    }
+
+    #[pg_test]
+    fn partitioned_tables_and_changed_columns_are_captured() {
+        setup_enabled();
+        Spi::run(
+            "CREATE TABLE events (id int, region text, dropped int, body text) PARTITION BY LIST (region);
+             CREATE TABLE events_eu PARTITION OF events FOR VALUES IN ('eu');
+             CREATE TABLE events_us PARTITION OF events FOR VALUES IN ('us');
+             ALTER TABLE events DROP COLUMN dropped;",
+        )
+        .unwrap();
+        let sub = one::<i64>("SELECT ihub.subscribe('events', 'hook')");
+        Spi::run(
+            "INSERT INTO events VALUES (1, 'eu', 'a'), (2, 'us', 'b');
+             ALTER TABLE events ADD COLUMN added text DEFAULT 'x';
+             INSERT INTO events VALUES (3, 'eu', 'c', 'y');
+             UPDATE events SET region = 'us', body = 'moved' WHERE id = 1;",
+        )
+        .unwrap();
+        assert_eq!(route_all(sub), 4);
+        // Rows captured before the column was added show it as null: that is
+        // what the row looked like when it changed.
+        let payloads = one::<String>(
+            "SELECT string_agg(payload->>'type' || ':' || (payload->'data')::text, ' | ' ORDER BY id) FROM ihub.delivery",
+        );
+        assert_eq!(
+            payloads,
+            "events.insert:{\"id\": 1, \"body\": \"a\", \"added\": null, \"region\": \"eu\"} | \
+             events.insert:{\"id\": 2, \"body\": \"b\", \"added\": null, \"region\": \"us\"} | \
+             events.insert:{\"id\": 3, \"body\": \"c\", \"added\": \"y\", \"region\": \"eu\"} | \
+             events.update:{\"id\": 1, \"body\": \"moved\", \"added\": \"x\", \"region\": \"us\"}"
+        );
+    }
 }

@@ -201,6 +201,10 @@ fn wake_dispatchers(dboid: pg_sys::Oid) {
 /// Called by capture triggers and every function that queues a delivery.
 #[pg_extern(name = "_wake", volatile, parallel_unsafe)]
 fn wake() {
+    wake_at_commit();
+}
+
+pub fn wake_at_commit() {
     if !preloaded() || WAKE_REGISTERED.swap(true, Ordering::SeqCst) {
         return;
     }
