@@ -640,6 +640,7 @@ AS $$
 DECLARE
     v_settled bigint;
     v_endpoint record;
+    v_ids bigint[] := ARRAY(SELECT (x ->> 'delivery_id')::bigint FROM jsonb_array_elements(p_results) x);
 BEGIN
     WITH r AS (
         SELECT * FROM jsonb_to_recordset(p_results) AS x(
@@ -658,7 +659,14 @@ BEGIN
             lease_owner = NULL,
             lease_until = NULL
         FROM r
-        WHERE d.id = r.delivery_id AND d.state = 'running' AND d.lease_owner = p_owner
+        -- lease_owner is set only while running, so it alone says "still
+        -- ours". Writing state = 'running' here would let the planner scan
+        -- delivery_running_idx, whose dead entries (every delivery that was
+        -- ever running, until vacuum) made this the hottest query.
+        -- The id list lets the planner look deliveries up by primary key; it
+        -- cannot estimate the JSON recordset and would otherwise hash-join
+        -- it against a scan of the whole delivery history.
+        WHERE d.id = ANY (v_ids) AND d.id = r.delivery_id AND d.lease_owner = p_owner
         RETURNING d.id, d.attempts
     ), recorded AS (
         INSERT INTO ihub.delivery_attempt (delivery_id, attempt, started_at, duration_ms, request_headers,
@@ -704,6 +712,18 @@ AS $$
         RETURNING 1
     )
     SELECT count(*) FROM rescued
+$$;
+
+-- Capture tables with at least p_min_dead dead rows (routed or rolled back),
+-- which the dispatcher vacuums.
+CREATE FUNCTION ihub._bloated_capture_tables(p_min_dead bigint)
+RETURNS TABLE (relid oid, schema text, name text)
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT c.oid, 'ihub_capture', c.relname::text
+    FROM pg_class c
+    WHERE c.relnamespace = 'ihub_capture'::regnamespace AND c.relkind = 'r'
+      AND pg_stat_get_dead_tuples(c.oid) >= p_min_dead
 $$;
 
 -- Seconds until the earliest claimable delivery is due (NULL when none; not
@@ -903,6 +923,7 @@ COMMENT ON FUNCTION ihub._claim(integer, integer, integer) IS
 COMMENT ON FUNCTION ihub._settle(integer, jsonb) IS
     'Internal (dispatcher): records a batch of attempts and moves each delivery to its next state in one transaction.';
 COMMENT ON FUNCTION ihub._rescue() IS 'Internal (dispatcher): requeues deliveries whose worker is gone or whose lease expired.';
+COMMENT ON FUNCTION ihub._bloated_capture_tables(bigint) IS 'Internal (dispatcher): capture tables with many dead rows, to vacuum.';
 COMMENT ON FUNCTION ihub._next_due() IS 'Internal (dispatcher): seconds until the next claimable delivery is due.';
 COMMENT ON FUNCTION ihub.http_request(text, jsonb, text, text, jsonb, text) IS
     'Queues a one-off durable request to an endpoint with the same signing, retries and record as row-change deliveries. Returns the delivery id.';

@@ -42,6 +42,7 @@ pub extern "C-unwind" fn ihub_dispatcher_main(_arg: pg_sys::Datum) {
     let mut sender = new_sender();
     let pid = unsafe { pg_sys::MyProcPid };
     let mut last_rescue: Option<Instant> = None;
+    let mut last_maintenance = Instant::now();
 
     log!("pg_ihub dispatcher started for database \"{database}\"");
     // Attempts of the last batch, settled in the same transaction as the next
@@ -82,6 +83,12 @@ pub extern "C-unwind" fn ihub_dispatcher_main(_arg: pg_sys::Datum) {
                 continue;
             }
         };
+        // Between bursts, vacuum capture tables full of routed (deleted) or
+        // rolled-back rows, which every route would otherwise scan again.
+        if (round.claimed.len() as i32) < batch_size && last_maintenance.elapsed() >= Duration::from_secs(1) {
+            vacuum_capture_tables();
+            last_maintenance = Instant::now();
+        }
         if round.claimed.is_empty() {
             wait(round.next_due.map_or(poll, |d| d.min(poll)));
             continue;
@@ -121,13 +128,31 @@ pub fn set_session(name: &str, value: &str) {
     }
 }
 
+/// Reserves up to `wanted` file descriptors from Postgres for sockets, so
+/// that the server's own file handling (which counts descriptors) is not
+/// starved. Returns how many were granted.
+fn reserve_sockets(wanted: usize) -> usize {
+    static RESERVED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let mut have = RESERVED.load(std::sync::atomic::Ordering::Relaxed);
+    while have < wanted && unsafe { pg_sys::AcquireExternalFD() } {
+        have += 1;
+    }
+    RESERVED.store(have, std::sync::atomic::Ordering::Relaxed);
+    have
+}
+
 fn new_sender() -> Sender {
     let allow = AllowList::parse(&settings::allow_private_hosts()).unwrap_or_else(|e| {
         warning!("pg_ihub: ignoring invalid ihub.allow_private_hosts: {e}");
         AllowList::default()
     });
     let limit = settings::RESPONSE_BODY_LIMIT.get().max(0) as usize;
-    Sender::new(allow, limit, concat!("pg_ihub/", env!("CARGO_PKG_VERSION")))
+    let wanted = settings::MAX_CONCURRENCY.get().max(1) as usize;
+    let granted = reserve_sockets(wanted);
+    if granted < wanted {
+        warning!("pg_ihub: only {granted} of ihub.max_concurrency = {wanted} sockets are available; raise the open-files limit");
+    }
+    Sender::new(allow, limit, granted.max(1), concat!("pg_ihub/", env!("CARGO_PKG_VERSION")))
 }
 
 fn shutdown_requested() -> bool {
@@ -174,8 +199,101 @@ pub fn in_transaction<R>(f: impl FnOnce() -> R + UnwindSafe + RefUnwindSafe) -> 
         } else {
             pg_sys::AbortCurrentTransaction();
         }
+        // Backends flush their table statistics between commands; a worker
+        // must do it itself, or autovacuum never learns of the rows it
+        // inserts and deletes. At most once a second unless forced.
+        pg_sys::pgstat_report_stat(false);
     }
     result
+}
+
+/// Dead rows in a capture table worth a VACUUM: a few ms of work that saves
+/// every later route from stepping over them.
+const CAPTURE_DEAD_ROWS: i64 = 10_000;
+
+fn vacuum_capture_tables() {
+    let tables: Vec<(String, String)> = in_transaction(|| {
+        Spi::connect(|client| {
+            client
+                .select("SELECT schema, name FROM ihub._bloated_capture_tables($1)", None, &[CAPTURE_DEAD_ROWS.into()])
+                .map(|rows| {
+                    rows.map(|r| {
+                        (r.get(1).ok().flatten().unwrap_or_default(), r.get(2).ok().flatten().unwrap_or_default())
+                    })
+                    .collect()
+                })
+                .unwrap_or_default()
+        })
+    })
+    .unwrap_or_default();
+    for (schema, name) in tables {
+        vacuum(&schema, &name);
+    }
+}
+
+/// A plain `VACUUM (SKIP_LOCKED, TRUNCATE false)` of one table. VACUUM runs
+/// its own transactions and must be called at top level, the way
+/// PostgresMain calls it: inside a started transaction command. It never
+/// blocks writers; SKIP_LOCKED leaves a table another vacuum holds, and
+/// TRUNCATE false keeps it from waiting for a lock to shrink the file.
+fn vacuum(schema: &str, table: &str) {
+    let (Ok(schema), Ok(table)) = (std::ffi::CString::new(schema), std::ffi::CString::new(table)) else { return };
+    unsafe {
+        pg_sys::SetCurrentStatementStartTimestamp();
+        pg_sys::StartTransactionCommand();
+        pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot());
+    }
+    let done = PgTryBuilder::new(|| unsafe {
+        let option = |name: &std::ffi::CStr, value: &std::ffi::CStr| {
+            pg_sys::makeDefElem(
+                pg_sys::pstrdup(name.as_ptr()),
+                pg_sys::makeString(pg_sys::pstrdup(value.as_ptr())).cast(),
+                -1,
+            )
+        };
+        let stmt = pg_sys::palloc0(std::mem::size_of::<pg_sys::VacuumStmt>()).cast::<pg_sys::VacuumStmt>();
+        (*stmt).type_ = pg_sys::NodeTag::T_VacuumStmt;
+        (*stmt).is_vacuumcmd = true;
+        (*stmt).options = pg_sys::lappend(
+            pg_sys::lappend(std::ptr::null_mut(), option(c"skip_locked", c"true").cast()),
+            option(c"truncate", c"false").cast(),
+        );
+        let relation = pg_sys::makeRangeVar(pg_sys::pstrdup(schema.as_ptr()), pg_sys::pstrdup(table.as_ptr()), -1);
+        (*stmt).rels = pg_sys::lappend(
+            std::ptr::null_mut(),
+            pg_sys::makeVacuumRelation(relation, pg_sys::InvalidOid, std::ptr::null_mut()).cast(),
+        );
+        // VACUUM keeps its working memory under PortalContext, which must
+        // outlive the transactions it commits.
+        let saved = pg_sys::PortalContext;
+        pg_sys::PortalContext = pg_sys::TopMemoryContext;
+        pg_sys::ExecVacuum(pg_sys::make_parsestate(std::ptr::null_mut()), stmt, true);
+        pg_sys::PortalContext = saved;
+        true
+    })
+    .catch_others(|e| {
+        if let pg_sys::panic::CaughtError::PostgresError(r) = &e {
+            warning!(
+                "pg_ihub: vacuum of {}.{} failed: {}",
+                schema.to_string_lossy(),
+                table.to_string_lossy(),
+                r.message()
+            );
+        }
+        false
+    })
+    .execute();
+    unsafe {
+        if done {
+            if pg_sys::ActiveSnapshotSet() {
+                pg_sys::PopActiveSnapshot();
+            }
+            pg_sys::CommitTransactionCommand();
+        } else {
+            pg_sys::PortalContext = std::ptr::null_mut();
+            pg_sys::AbortCurrentTransaction();
+        }
+    }
 }
 
 fn extension_ready() -> bool {

@@ -16,7 +16,8 @@ pub enum Environment {
 pub static DATABASES: GucSetting<Option<std::ffi::CString>> =
     GucSetting::<Option<std::ffi::CString>>::new(Some(c"postgres"));
 pub static DISPATCH_WORKERS: GucSetting<i32> = GucSetting::<i32>::new(2);
-pub static BATCH_SIZE: GucSetting<i32> = GucSetting::<i32>::new(200);
+pub static BATCH_SIZE: GucSetting<i32> = GucSetting::<i32>::new(500);
+pub static MAX_CONCURRENCY: GucSetting<i32> = GucSetting::<i32>::new(64);
 pub static POLL_INTERVAL_MS: GucSetting<i32> = GucSetting::<i32>::new(10_000);
 pub static DEFAULT_TIMEOUT_MS: GucSetting<i32> = GucSetting::<i32>::new(10_000);
 pub static MAX_BODY_SIZE: GucSetting<i32> = GucSetting::<i32>::new(1024 * 1024);
@@ -57,6 +58,16 @@ fn define_postmaster_settings() {
 }
 
 fn define_reloadable_settings() {
+    GucRegistry::define_int_guc(
+        c"ihub.max_concurrency",
+        c"Requests a dispatcher has in flight at most.",
+        c"Each holds a connection, and so a file descriptor of the server process; read at worker start.",
+        &MAX_CONCURRENCY,
+        1,
+        1000,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
     GucRegistry::define_int_guc(
         c"ihub.batch_size",
         c"Deliveries a dispatcher claims and sends at once.",

@@ -2,13 +2,11 @@
 //! (single-threaded) tokio runtime and reports one attempt record per request.
 
 use std::error::Error as StdError;
-use std::future::Future;
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use futures_util::stream::{FuturesUnordered, StreamExt};
+use futures_util::stream::StreamExt;
 use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
 
 use super::auth::Auth;
@@ -53,6 +51,8 @@ pub struct Sender {
     client: reqwest::Client,
     allow: Arc<AllowList>,
     body_limit: usize,
+    /// Requests in flight at most; each holds a socket (a file descriptor).
+    concurrency: usize,
 }
 
 #[derive(Debug)]
@@ -87,7 +87,7 @@ impl reqwest::dns::Resolve for GuardedResolver {
 }
 
 impl Sender {
-    pub fn new(allow: AllowList, body_limit: usize, user_agent: &str) -> Sender {
+    pub fn new(allow: AllowList, body_limit: usize, concurrency: usize, user_agent: &str) -> Sender {
         let allow = Arc::new(allow);
         let client = reqwest::Client::builder()
             .user_agent(user_agent)
@@ -95,22 +95,23 @@ impl Sender {
             // receiver's 3xx is recorded as a failure instead.
             .redirect(reqwest::redirect::Policy::none())
             .dns_resolver(Arc::new(GuardedResolver { allow: allow.clone() }))
-            .pool_idle_timeout(Duration::from_secs(60))
+            .pool_idle_timeout(Duration::from_secs(30))
+            // Idle connections hold descriptors too.
+            .pool_max_idle_per_host(concurrency.max(1))
             .tcp_nodelay(true)
             .build()
             .expect("a reqwest client with static settings builds");
-        Sender { client, allow, body_limit }
+        Sender { client, allow, body_limit, concurrency: concurrency.max(1) }
     }
 
-    /// Sends every request concurrently. Returns early, with only the finished
-    /// attempts, when `stop` turns true (checked every 100 ms); the unfinished
-    /// deliveries keep their lease and are claimed again later.
+    /// Sends the requests, at most `concurrency` at a time. Returns early,
+    /// with only the finished attempts, when `stop` turns true (checked every
+    /// 100 ms); the unfinished deliveries keep their lease and are claimed
+    /// again later.
     pub async fn send_all(&self, requests: Vec<Request>, stop: impl Fn() -> bool) -> Vec<Attempt> {
         let total = requests.len();
-        let mut pending: FuturesUnordered<Pin<Box<dyn Future<Output = Attempt> + '_>>> = requests
-            .into_iter()
-            .map(|r| Box::pin(self.send_one(r)) as Pin<Box<dyn Future<Output = Attempt>>>)
-            .collect();
+        let mut pending = futures_util::stream::iter(requests.into_iter().map(|r| self.send_one(r)))
+            .buffer_unordered(self.concurrency);
         let mut done = Vec::with_capacity(total);
         let mut tick = tokio::time::interval(Duration::from_millis(100));
         loop {
@@ -292,7 +293,7 @@ mod tests {
         }
     }
 
-    fn run<F: Future>(f: F) -> F::Output {
+    fn run<F: std::future::Future>(f: F) -> F::Output {
         tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(f)
     }
 
@@ -327,7 +328,7 @@ mod tests {
     #[test]
     fn sends_signed_request_and_masks_the_record() {
         let (url, server) = serve_once("HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok");
-        let sender = Sender::new(loopback(), 1024, "pg_ihub-test");
+        let sender = Sender::new(loopback(), 1024, 8, "pg_ihub-test");
         let attempts = run(sender.send_all(vec![request(url)], || false));
         let seen = server.join().unwrap().to_ascii_lowercase();
         assert!(seen.contains("webhook-id: evt_1"));
@@ -343,7 +344,7 @@ mod tests {
     #[test]
     fn retry_after_is_read_from_503() {
         let (url, server) = serve_once("HTTP/1.1 503 Unavailable\r\nretry-after: 7\r\ncontent-length: 0\r\n\r\n");
-        let sender = Sender::new(loopback(), 1024, "t");
+        let sender = Sender::new(loopback(), 1024, 8, "t");
         let a = run(sender.send_all(vec![request(url)], || false)).remove(0);
         server.join().unwrap();
         assert_eq!(a.outcome, Outcome::Status { status: 503, retry_after: Some(Duration::from_secs(7)) });
@@ -352,11 +353,11 @@ mod tests {
     #[test]
     fn refused_connection_and_blocked_hosts_are_told_apart() {
         let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let sender = Sender::new(loopback(), 1024, "t");
+        let sender = Sender::new(loopback(), 1024, 8, "t");
         let a = run(sender.send_all(vec![request(format!("http://127.0.0.1:{port}/"))], || false)).remove(0);
         assert_eq!(a.outcome, Outcome::Connection);
         assert!(!a.error.unwrap().contains("sekrit"));
-        let strict = Sender::new(AllowList::default(), 1024, "t");
+        let strict = Sender::new(AllowList::default(), 1024, 8, "t");
         let b = run(strict.send_all(vec![request(format!("http://127.0.0.1:{port}/"))], || false)).remove(0);
         assert_eq!(b.outcome, Outcome::Blocked);
         let c = run(strict.send_all(vec![request(format!("http://localhost:{port}/"))], || false)).remove(0);
@@ -367,7 +368,7 @@ mod tests {
     fn a_silent_receiver_times_out() {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let url = format!("http://{}/", listener.local_addr().unwrap());
-        let sender = Sender::new(loopback(), 1024, "t");
+        let sender = Sender::new(loopback(), 1024, 8, "t");
         let mut r = request(url);
         r.timeout = Duration::from_millis(200);
         let a = run(sender.send_all(vec![r], || false)).remove(0);
@@ -376,8 +377,34 @@ mod tests {
     }
 
     #[test]
+    fn concurrency_is_bounded() {
+        // A receiver that accepts and never answers: each request holds a connection.
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}/", listener.local_addr().unwrap());
+        let sender = Sender::new(loopback(), 1024, 3, "t");
+        let requests: Vec<Request> = (0..10)
+            .map(|i| Request { delivery_id: i, timeout: Duration::from_millis(300), ..request(url.clone()) })
+            .collect();
+        let accepted = std::thread::spawn(move || {
+            listener.set_nonblocking(true).unwrap();
+            let mut held = Vec::new();
+            let deadline = std::time::Instant::now() + Duration::from_millis(250);
+            while std::time::Instant::now() < deadline {
+                if let Ok((s, _)) = listener.accept() {
+                    held.push(s);
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            held.len()
+        });
+        let attempts = run(sender.send_all(requests, || false));
+        assert_eq!(attempts.len(), 10);
+        assert_eq!(accepted.join().unwrap(), 3, "only 3 connections at once");
+    }
+
+    #[test]
     fn test_mode_signs_without_sending() {
-        let sender = Sender::new(AllowList::default(), 1024, "t");
+        let sender = Sender::new(AllowList::default(), 1024, 8, "t");
         let mut r = request("http://192.0.2.1/never".into());
         r.test_mode = true;
         let a = run(sender.send_all(vec![r], || false)).remove(0);
