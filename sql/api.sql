@@ -486,7 +486,15 @@ $$;
 -- rendering their JSON payloads. With p_owner set and the endpoint able to
 -- send, the new deliveries are claimed at once (state running, leased to
 -- p_owner), which saves the dispatcher a second write per delivery.
-CREATE FUNCTION ihub._route(p_sub ihub.subscription, p_limit integer, p_owner integer)
+-- A lease covers the requests queued ahead of this one in the batch (the
+-- sender keeps at most ihub.max_concurrency in flight: p_rounds = batch size
+-- / concurrency, rounded up), each up to the endpoint's timeout, plus 30 s.
+CREATE FUNCTION ihub._lease_until(p_timeout_ms integer, p_rounds integer) RETURNS timestamptz
+LANGUAGE sql STABLE
+AS $$ SELECT now() + make_interval(secs => p_timeout_ms * greatest(p_rounds, 1) / 1000.0 + 30) $$;
+
+CREATE FUNCTION ihub._route(p_sub ihub.subscription, p_limit integer, p_owner integer,
+                            p_default_timeout_ms integer DEFAULT 10000, p_rounds integer DEFAULT 1)
 RETURNS SETOF bigint
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
 AS $$
@@ -546,7 +554,7 @@ BEGIN
     $q$, 'sub_' || p_sub.id)
     USING coalesce(p_limit, 2147483647), v_endpoint.id, p_sub.id, v_rel.nspname::text, v_rel.relname::text,
           v_integration.tenant, p_sub.test_mode, v_claim, p_owner,
-          now() + make_interval(secs => coalesce(v_endpoint.timeout_ms, 300000) / 1000.0 + 30),
+          ihub._lease_until(coalesce(v_endpoint.timeout_ms, p_default_timeout_ms), p_rounds),
           v_excluded;
     GET DIAGNOSTICS v_routed = ROW_COUNT;
 
@@ -579,7 +587,7 @@ BEGIN
 END
 $$;
 
-CREATE FUNCTION ihub._claim(p_owner integer, p_limit integer, p_default_timeout_ms integer)
+CREATE FUNCTION ihub._claim(p_owner integer, p_limit integer, p_default_timeout_ms integer, p_rounds integer)
 RETURNS TABLE (delivery_id bigint, event_id text, method text, url text, headers jsonb, auth jsonb, secrets text[],
                timeout_ms integer, retry jsonb, body text, test_mode boolean, attempts_used integer)
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
@@ -590,7 +598,7 @@ DECLARE
 BEGIN
     FOR v_sub IN SELECT * FROM ihub.subscription ORDER BY id LOOP
         EXIT WHEN cardinality(v_ids) >= p_limit;
-        v_ids := v_ids || ARRAY(SELECT ihub._route(v_sub, p_limit - cardinality(v_ids), p_owner));
+        v_ids := v_ids || ARRAY(SELECT ihub._route(v_sub, p_limit - cardinality(v_ids), p_owner, p_default_timeout_ms, p_rounds));
     END LOOP;
     IF cardinality(v_ids) < p_limit THEN
         WITH due AS (
@@ -604,7 +612,7 @@ BEGIN
         ), claimed AS (
             UPDATE ihub.delivery d
             SET state = 'running', lease_owner = p_owner,
-                lease_until = now() + make_interval(secs => coalesce(e.timeout_ms, p_default_timeout_ms) / 1000.0 + 30)
+                lease_until = ihub._lease_until(coalesce(e.timeout_ms, p_default_timeout_ms), p_rounds)
             FROM due, ihub.endpoint e
             WHERE d.id = due.id AND e.id = d.endpoint_id
             RETURNING d.id
@@ -915,10 +923,11 @@ COMMENT ON FUNCTION ihub.subscribe(regclass, text, text[], text[], text[], text,
     'Subscribes an endpoint to row changes of a table: events, payload columns, watched columns (updates fire only when one changed), a condition over new and old, and test mode. Returns the subscription id.';
 COMMENT ON FUNCTION ihub.unsubscribe(bigint) IS
     'Removes a subscription''s triggers and capture table; changes already captured are queued first.';
-COMMENT ON FUNCTION ihub._route(ihub.subscription, integer, integer) IS
+COMMENT ON FUNCTION ihub._lease_until(integer, integer) IS 'Internal: when a lease on a claimed delivery runs out.';
+COMMENT ON FUNCTION ihub._route(ihub.subscription, integer, integer, integer, integer) IS
     'Internal: turns captured row changes into deliveries with JSON payloads, claiming them for the calling worker.';
 COMMENT ON FUNCTION ihub._has_rows(text) IS 'Internal: whether a table has any visible row.';
-COMMENT ON FUNCTION ihub._claim(integer, integer, integer) IS
+COMMENT ON FUNCTION ihub._claim(integer, integer, integer, integer) IS
     'Internal (dispatcher): routes captured changes and claims due deliveries with FOR UPDATE SKIP LOCKED and a lease.';
 COMMENT ON FUNCTION ihub._settle(integer, jsonb) IS
     'Internal (dispatcher): records a batch of attempts and moves each delivery to its next state in one transaction.';

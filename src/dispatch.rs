@@ -61,7 +61,8 @@ pub extern "C-unwind" fn ihub_dispatcher_main(_arg: pg_sys::Datum) {
         let rescue_now = last_rescue.is_none_or(|t| t.elapsed() >= poll);
         let started = Instant::now();
         let results = unsettled.take();
-        let round = in_transaction(|| next_round(pid, batch_size, results.as_ref(), rescue_now));
+        let concurrency = sender.concurrency();
+        let round = in_transaction(|| next_round(pid, batch_size, concurrency, results.as_ref(), rescue_now));
         if rescue_now {
             last_rescue = Some(Instant::now());
         }
@@ -299,7 +300,7 @@ fn vacuum(schema: &str, table: &str) {
 fn extension_ready() -> bool {
     // The function, not just the pg_extension row: CREATE EXTENSION may still
     // be running, or a DROP may have committed since.
-    Spi::get_one::<bool>("SELECT to_regprocedure('ihub._claim(integer, integer, integer)') IS NOT NULL")
+    Spi::get_one::<bool>("SELECT to_regprocedure('ihub._claim(integer, integer, integer, integer)') IS NOT NULL")
         .ok()
         .flatten()
         .unwrap_or(false)
@@ -326,7 +327,13 @@ struct Round {
 
 /// One transaction: settle the last batch, rescue if due, claim the next.
 /// None when the extension is not installed in this database.
-fn next_round(pid: i32, batch_size: i32, results: Option<&Value>, rescue_now: bool) -> Option<Round> {
+fn next_round(
+    pid: i32,
+    batch_size: i32,
+    concurrency: usize,
+    results: Option<&Value>,
+    rescue_now: bool,
+) -> Option<Round> {
     if !extension_ready() {
         return None;
     }
@@ -336,20 +343,21 @@ fn next_round(pid: i32, batch_size: i32, results: Option<&Value>, rescue_now: bo
     if rescue_now {
         rescue();
     }
-    let claimed = claim(pid, batch_size);
+    let claimed = claim(pid, batch_size, concurrency);
     let next_due = if claimed.is_empty() { next_due() } else { None };
     Some(Round { claimed, next_due })
 }
 
-fn claim(pid: i32, limit: i32) -> Vec<Claimed> {
+fn claim(pid: i32, limit: i32, concurrency: usize) -> Vec<Claimed> {
     let default_timeout = settings::DEFAULT_TIMEOUT_MS.get();
+    let rounds = (limit as usize).div_ceil(concurrency.max(1)) as i32;
     Spi::connect_mut(|client| {
         let rows = client
             .update(
                 "SELECT delivery_id, event_id, method, url, headers, auth, secrets, timeout_ms, retry, body, test_mode, attempts_used \
-                 FROM ihub._claim($1, $2, $3)",
+                 FROM ihub._claim($1, $2, $3, $4)",
                 None,
-                &[pid.into(), limit.into(), default_timeout.into()],
+                &[pid.into(), limit.into(), default_timeout.into(), rounds.into()],
             )
             .expect("ihub._claim runs");
         rows.map(|row| {

@@ -343,12 +343,16 @@ mod tests {
         assert_eq!(Spi::get_one::<f64>("SELECT ihub._next_due()").unwrap(), None, "an empty queue is never due");
         let id = one::<i64>("SELECT ihub.http_request('hook', '{\"a\": 1}')");
         assert_eq!(one::<f64>("SELECT ihub._next_due()"), 0.0);
-        let claimed = one::<i64>("SELECT count(*) FROM ihub._claim(4242, 10, 1000)");
+        let claimed = one::<i64>("SELECT count(*) FROM ihub._claim(4242, 10, 1000, 1)");
         assert_eq!(claimed, 1);
         assert_eq!(
             one::<String>(&format!("SELECT state || ':' || lease_owner FROM ihub.delivery WHERE id = {id}")),
             "running:4242"
         );
+        // The lease covers the timeout (the 1 s default passed here, one round) plus 30 s.
+        assert!(one::<bool>(&format!(
+            "SELECT lease_until - now() BETWEEN interval '30 s' AND interval '32 s' FROM ihub.delivery WHERE id = {id}"
+        )));
         // Another worker's settle does not touch a delivery it does not hold.
         let results = format!(
             r#"[{{"delivery_id": {id}, "state": "retry", "next_at": 0, "status": 500, "error": "boom", "category": "http_5xx",

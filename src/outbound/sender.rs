@@ -104,6 +104,10 @@ impl Sender {
         Sender { client, allow, body_limit, concurrency: concurrency.max(1) }
     }
 
+    pub fn concurrency(&self) -> usize {
+        self.concurrency
+    }
+
     /// Sends the requests, at most `concurrency` at a time. Returns early,
     /// with only the finished attempts, when `stop` turns true (checked every
     /// 100 ms); the unfinished deliveries keep their lease and are claimed
