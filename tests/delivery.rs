@@ -362,18 +362,10 @@ fn a_bulk_insert_is_delivered_once_per_row() {
     let mut hub = hub();
     let rx = Receiver::start();
     let s = hub.setup(&rx.url("/"), "");
-    hub.exec(&format!(
-        "SELECT ihub.subscribe('{t}', '{e}', events => '{{insert}}');
-         INSERT INTO {t} (customer, amount) SELECT 'c' || g, g FROM generate_series(1, 2000) g;",
-        t = s.table,
-        e = s.endpoint
-    ));
+    hub.subscribe_and_insert(&s, 2000);
     let states = hub.wait_settled(&s.endpoint, 2000, Duration::from_secs(60));
     assert!(states.iter().all(|s| s == "delivered"));
-    let mut ids: Vec<i64> = rx.received().iter().map(|r| r.json()["data"]["id"].as_i64().unwrap()).collect();
-    ids.sort();
-    ids.dedup();
-    assert_eq!(ids.len(), 2000, "every row arrives");
+    assert_eq!(distinct_row_ids(&rx), 2000, "every row arrives");
     let sub: i64 = hub.one(&format!("SELECT id FROM ihub.subscriptions WHERE endpoint = '{}'", s.endpoint));
     let leftover: i64 = hub.one(&format!("SELECT count(*) FROM ihub_capture.sub_{sub}"));
     assert_eq!(leftover, 0, "the capture table is drained");

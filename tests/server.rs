@@ -18,26 +18,25 @@ fn serial() -> std::sync::MutexGuard<'static, ()> {
 fn assert_all_arrived(hub: &mut Hub, rx: &Receiver, s: &Setup, rows: i64) {
     let states = hub.wait_settled(&s.endpoint, rows, Duration::from_secs(90));
     assert!(states.iter().all(|s| s == "delivered"), "{states:?}");
-    let mut ids: Vec<i64> = rx.received().iter().map(|r| r.json()["data"]["id"].as_i64().unwrap()).collect();
-    ids.sort();
-    ids.dedup();
-    assert_eq!(ids.len() as i64, rows, "some rows never arrived");
+    assert_eq!(distinct_row_ids(rx) as i64, rows, "some rows never arrived");
+}
+
+/// 600 rows on their way to a receiver that takes 400 ms per request, with
+/// the first already arrived: batches are in flight.
+fn bulk_in_flight(hub: &mut Hub) -> (Receiver, Setup) {
+    let rx = Receiver::start();
+    rx.script(|_, _| Reply::delayed(200, Duration::from_millis(400)));
+    let s = hub.setup(&rx.url("/"), "");
+    hub.subscribe_and_insert(&s, 600);
+    assert!(rx.wait_for(1, Duration::from_secs(20)), "sending started");
+    (rx, s)
 }
 
 #[test]
 fn terminating_dispatchers_mid_batch_loses_nothing() {
     let _g = serial();
     let mut hub = hub();
-    let rx = Receiver::start();
-    rx.script(|_, _| Reply::delayed(200, Duration::from_millis(400)));
-    let s = hub.setup(&rx.url("/"), "");
-    hub.exec(&format!(
-        "SELECT ihub.subscribe('{t}', '{e}', events => '{{insert}}');
-         INSERT INTO {t} (customer, amount) SELECT 'c' || g, g FROM generate_series(1, 600) g;",
-        t = s.table,
-        e = s.endpoint
-    ));
-    assert!(rx.wait_for(1, Duration::from_secs(20)), "sending started");
+    let (rx, s) = bulk_in_flight(&mut hub);
     let terminated: i64 = hub
         .one("SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM ihub.workers WHERE kind = 'dispatcher') t");
     assert!(terminated >= 1);
@@ -50,16 +49,7 @@ fn terminating_dispatchers_mid_batch_loses_nothing() {
 fn an_immediate_shutdown_mid_batch_loses_nothing() {
     let _g = serial();
     let mut hub = hub();
-    let rx = Receiver::start();
-    rx.script(|_, _| Reply::delayed(200, Duration::from_millis(400)));
-    let s = hub.setup(&rx.url("/"), "");
-    hub.exec(&format!(
-        "SELECT ihub.subscribe('{t}', '{e}', events => '{{insert}}');
-         INSERT INTO {t} (customer, amount) SELECT 'c' || g, g FROM generate_series(1, 600) g;",
-        t = s.table,
-        e = s.endpoint
-    ));
-    assert!(rx.wait_for(1, Duration::from_secs(20)), "sending started");
+    let (rx, s) = bulk_in_flight(&mut hub);
     drop(hub);
     let cluster = Cluster::from_env();
     cluster.crash_and_restart();

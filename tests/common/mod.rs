@@ -80,6 +80,16 @@ impl Hub {
         Setup { integration, endpoint, table, secret }
     }
 
+    /// Subscribes the endpoint to inserts and inserts `rows` rows in one statement.
+    pub fn subscribe_and_insert(&mut self, s: &Setup, rows: i64) {
+        self.exec(&format!(
+            "SELECT ihub.subscribe('{t}', '{e}', events => '{{insert}}');
+             INSERT INTO {t} (customer, amount) SELECT 'c' || g, g FROM generate_series(1, {rows}) g;",
+            t = s.table,
+            e = s.endpoint
+        ));
+    }
+
     pub fn delivery_states(&mut self, endpoint: &str) -> Vec<String> {
         self.db
             .query(&format!("SELECT state FROM ihub.deliveries WHERE endpoint = '{endpoint}' ORDER BY id"), &[])
@@ -118,4 +128,12 @@ impl Hub {
         assert!(ok, "deliveries of {endpoint} did not settle: {states:?}");
         states
     }
+}
+
+/// The distinct row ids (`data.id`) the receiver has seen.
+pub fn distinct_row_ids(rx: &Receiver) -> usize {
+    let mut ids: Vec<i64> = rx.received().iter().filter_map(|r| r.json()["data"]["id"].as_i64()).collect();
+    ids.sort_unstable();
+    ids.dedup();
+    ids.len()
 }
