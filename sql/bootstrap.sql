@@ -179,3 +179,146 @@ SELECT pg_catalog.pg_extension_config_dump('ihub.delivery', '');
 SELECT pg_catalog.pg_extension_config_dump('ihub.delivery_attempt', '');
 SELECT pg_catalog.pg_extension_config_dump('ihub.integration_kind', $$WHERE kind NOT IN ('webhook', 'rest')$$);
 COMMENT ON SCHEMA ihub IS 'pg_ihub: integration hub (outbound webhooks, jobs, schedules, inbound webhooks). Public API and views.';
+
+-------------------------------------------------------------------------------
+-- Jobs, schedules, cronwatch, integration dates, logs
+-------------------------------------------------------------------------------
+
+CREATE TABLE ihub.schedule (
+    id              bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    name            text NOT NULL UNIQUE CHECK (name ~ '^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$'),
+    fn              regprocedure NOT NULL,
+    every           interval CHECK (every > interval '0'),
+    cron            text,
+    args            jsonb NOT NULL DEFAULT '{}' CHECK (jsonb_typeof(args) = 'object'),
+    integration_id  bigint REFERENCES ihub.integration (id),
+    priority        integer NOT NULL DEFAULT 10 CHECK (priority >= 0),
+    number_of_calls integer NOT NULL DEFAULT -1 CHECK (number_of_calls >= -1),
+    repeat_missed   boolean NOT NULL DEFAULT false,
+    run_as          regrole NOT NULL,
+    active          boolean NOT NULL DEFAULT true,
+    next_run_at     timestamptz NOT NULL,
+    last_run_at     timestamptz,
+    last_job_id     bigint,
+    last_error      text,
+    created_at      timestamptz NOT NULL DEFAULT now(),
+    CHECK ((every IS NULL) <> (cron IS NULL))
+);
+CREATE INDEX schedule_due_idx ON ihub.schedule (next_run_at) WHERE active;
+COMMENT ON TABLE ihub.schedule IS
+    'Scheduled actions: a function run as a background job every interval or on a five-field cron expression (UTC).';
+
+CREATE TABLE ihub.schedule_param (
+    schedule_id    bigint NOT NULL REFERENCES ihub.schedule (id) ON DELETE CASCADE,
+    integration_id bigint NOT NULL REFERENCES ihub.integration (id) ON DELETE CASCADE,
+    params         jsonb NOT NULL CHECK (jsonb_typeof(params) = 'object'),
+    PRIMARY KEY (schedule_id, integration_id)
+);
+COMMENT ON TABLE ihub.schedule_param IS
+    'Per-integration parameters of a scheduled action, merged into its args when it runs for that integration.';
+
+CREATE TABLE ihub.job (
+    id              bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    fn              regprocedure NOT NULL,
+    args            jsonb NOT NULL DEFAULT '{}',
+    priority        integer NOT NULL DEFAULT 10 CHECK (priority >= 0),
+    run_at          timestamptz NOT NULL DEFAULT now(),
+    state           text NOT NULL DEFAULT 'pending'
+                    CHECK (state IN ('pending', 'running', 'done', 'partial', 'retry', 'failed', 'cancelled')),
+    attempts        integer NOT NULL DEFAULT 0,
+    max_attempts    integer NOT NULL DEFAULT 5 CHECK (max_attempts >= 1),
+    -- attempts already spent when the job was last (re)queued by hand
+    budget_start    integer NOT NULL DEFAULT 0,
+    retry_schedule  interval[],
+    timeout         interval,
+    identity_key    text,
+    integration_id  bigint REFERENCES ihub.integration (id) ON DELETE SET NULL,
+    schedule_id     bigint REFERENCES ihub.schedule (id) ON DELETE SET NULL,
+    run_as          regrole NOT NULL,
+    worker_pid      integer,
+    cancel_requested boolean NOT NULL DEFAULT false,
+    started_at      timestamptz,
+    finished_at     timestamptz,
+    last_error      text,
+    errors_logged   integer NOT NULL DEFAULT 0,
+    progress_done   bigint,
+    progress_total  bigint,
+    result          jsonb,
+    created_at      timestamptz NOT NULL DEFAULT now()
+)
+WITH (autovacuum_vacuum_scale_factor = 0.02, autovacuum_analyze_scale_factor = 0.02);
+-- Workers take the most urgent due job: priority 0 first, then the oldest.
+CREATE INDEX job_due_idx ON ihub.job (priority, run_at, id) WHERE state IN ('pending', 'retry');
+CREATE INDEX job_running_idx ON ihub.job (worker_pid) WHERE state = 'running';
+CREATE INDEX job_schedule_idx ON ihub.job (schedule_id, id DESC) WHERE schedule_id IS NOT NULL;
+-- One queued or running job per identity key; concurrent enqueues meet here.
+CREATE UNIQUE INDEX job_identity_key_idx ON ihub.job (identity_key)
+    WHERE identity_key IS NOT NULL AND state IN ('pending', 'running', 'retry');
+COMMENT ON TABLE ihub.job IS
+    'Background jobs: a SQL function called with jsonb args in a worker, in its own transaction, as the role that enqueued it.';
+
+CREATE TABLE ihub.watcher (
+    id                 bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    target             text NOT NULL UNIQUE,
+    schedule_id        bigint REFERENCES ihub.schedule (id) ON DELETE SET NULL,
+    notify_endpoint_id bigint REFERENCES ihub.endpoint (id) ON DELETE SET NULL,
+    channel            text NOT NULL DEFAULT 'ihub_cronwatch',
+    grace              interval NOT NULL DEFAULT '5 minutes' CHECK (grace >= interval '0'),
+    status             text NOT NULL DEFAULT 'ok' CHECK (status IN ('ok', 'alerting')),
+    incident           text,
+    alerted_at         timestamptz,
+    checked_at         timestamptz,
+    created_at         timestamptz NOT NULL DEFAULT now()
+);
+COMMENT ON TABLE ihub.watcher IS
+    'Watchers of scheduled actions (pg_ihub''s, or pg_cron''s as cron:<jobname>): alert once when one is deactivated, deleted or late.';
+
+CREATE TABLE ihub.integration_date (
+    integration_id bigint NOT NULL REFERENCES ihub.integration (id) ON DELETE CASCADE,
+    name           text NOT NULL,
+    value          timestamptz,
+    updated_at     timestamptz NOT NULL DEFAULT now(),
+    updated_by     name NOT NULL DEFAULT current_user,
+    PRIMARY KEY (integration_id, name)
+);
+COMMENT ON TABLE ihub.integration_date IS
+    'Named sync cursors per integration ("last successful import"), advanced in the same transaction as the data.';
+
+CREATE TABLE ihub.integration_date_change (
+    id             bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    integration_id bigint NOT NULL REFERENCES ihub.integration (id) ON DELETE CASCADE,
+    name           text NOT NULL,
+    old_value      timestamptz,
+    new_value      timestamptz,
+    changed_by     name NOT NULL,
+    changed_at     timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX ON ihub.integration_date_change (integration_id, name, changed_at DESC);
+COMMENT ON TABLE ihub.integration_date_change IS
+    'Manual changes of integration dates (made outside a job): who, when, old and new value.';
+
+CREATE TABLE ihub.log_entry (
+    id             bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    logged_at      timestamptz NOT NULL DEFAULT clock_timestamp(),
+    level          text NOT NULL CHECK (level IN ('debug', 'info', 'warning', 'error', 'critical')),
+    message        text NOT NULL,
+    details        jsonb,
+    integration_id bigint,
+    job_id         bigint,
+    delivery_id    bigint,
+    logged_by      name NOT NULL DEFAULT current_user
+);
+CREATE INDEX ON ihub.log_entry (logged_at);
+COMMENT ON TABLE ihub.log_entry IS 'Log entries written through ihub.log by SQL code, jobs and pg_ihub''s own workers.';
+
+DO $seq$
+DECLARE
+    t text;
+BEGIN
+    -- Configuration survives pg_dump / restore.
+    FOREACH t IN ARRAY ARRAY['ihub.schedule', 'ihub.schedule_param', 'ihub.watcher', 'ihub.integration_date',
+                             'ihub.integration_date_change', 'ihub.job', 'ihub.log_entry'] LOOP
+        PERFORM pg_catalog.pg_extension_config_dump(t, '');
+    END LOOP;
+END
+$seq$;

@@ -98,7 +98,7 @@ fn _capture_rows<'a>(
         unreachable!()
     });
     if captured > 0 {
-        crate::workers::wake_at_commit();
+        crate::workers::wake_at_commit(crate::workers::Kind::Dispatcher);
     }
     Ok(None)
 }

@@ -3,7 +3,6 @@
 //! `outbound` does the HTTP and the retry decisions. SPI stays on this
 //! thread; HTTP runs on a single-threaded tokio runtime between transactions.
 
-use std::panic::{RefUnwindSafe, UnwindSafe};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use pgrx::bgworkers::{BackgroundWorker, SignalWakeFlags};
@@ -11,11 +10,12 @@ use pgrx::prelude::*;
 use pgrx::JsonB;
 use serde_json::{json, Value};
 
+use crate::bgw::{in_transaction, set_session, shutdown_requested, wait};
 use crate::outbound::auth::Auth;
 use crate::outbound::retry::{category, classify, decide, Next, RetryPolicy, Verdict};
 use crate::outbound::sender::{Attempt, Request, Sender};
 use crate::outbound::target::AllowList;
-use crate::{settings, workers};
+use crate::{bgw, settings, workers};
 
 /// A claimed delivery: the request plus what deciding its fate needs.
 struct Claimed {
@@ -116,19 +116,6 @@ pub extern "C-unwind" fn ihub_dispatcher_main(_arg: pg_sys::Datum) {
     unsafe { pg_sys::proc_exit(1) };
 }
 
-pub fn set_session(name: &str, value: &str) {
-    let name = std::ffi::CString::new(name).expect("no NUL");
-    let value = std::ffi::CString::new(value).expect("no NUL");
-    unsafe {
-        pg_sys::SetConfigOption(
-            name.as_ptr(),
-            value.as_ptr(),
-            pg_sys::GucContext::PGC_SUSET,
-            pg_sys::GucSource::PGC_S_SESSION,
-        );
-    }
-}
-
 /// Reserves up to `wanted` file descriptors from Postgres for sockets, so
 /// that the server's own file handling (which counts descriptors) is not
 /// starved. Returns how many were granted.
@@ -156,58 +143,6 @@ fn new_sender() -> Sender {
     Sender::new(allow, limit, granted.max(1), concat!("pg_ihub/", env!("CARGO_PKG_VERSION")))
 }
 
-fn shutdown_requested() -> bool {
-    unsafe { (&raw const pg_sys::ShutdownRequestPending).read_volatile() != 0 }
-}
-
-/// Sleeps on the latch; woken by commits that enqueued, by signals, or by the timeout.
-fn wait(timeout: Duration) {
-    unsafe {
-        pg_sys::WaitLatch(
-            pg_sys::MyLatch,
-            (pg_sys::WL_LATCH_SET | pg_sys::WL_TIMEOUT | pg_sys::WL_EXIT_ON_PM_DEATH) as i32,
-            timeout.as_millis().max(1) as std::ffi::c_long,
-            pg_sys::PG_WAIT_EXTENSION,
-        );
-        pg_sys::ResetLatch(pg_sys::MyLatch);
-    }
-    pg_sys::check_for_interrupts!();
-}
-
-/// Runs `f` in its own transaction. An error is logged as a WARNING and the
-/// transaction rolled back, so that one bad batch never stops the worker.
-pub fn in_transaction<R>(f: impl FnOnce() -> R + UnwindSafe + RefUnwindSafe) -> Option<R> {
-    unsafe {
-        pg_sys::SetCurrentStatementStartTimestamp();
-        pg_sys::StartTransactionCommand();
-        pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot());
-    }
-    let result = PgTryBuilder::new(|| Some(f()))
-        .catch_others(|e| {
-            let message = match &e {
-                pg_sys::panic::CaughtError::PostgresError(r)
-                | pg_sys::panic::CaughtError::ErrorReport(r)
-                | pg_sys::panic::CaughtError::RustPanic { ereport: r, .. } => r.message().to_string(),
-            };
-            warning!("pg_ihub worker: {message}");
-            None
-        })
-        .execute();
-    unsafe {
-        if result.is_some() {
-            pg_sys::PopActiveSnapshot();
-            pg_sys::CommitTransactionCommand();
-        } else {
-            pg_sys::AbortCurrentTransaction();
-        }
-        // Backends flush their table statistics between commands; a worker
-        // must do it itself, or autovacuum never learns of the rows it
-        // inserts and deletes. At most once a second unless forced.
-        pg_sys::pgstat_report_stat(false);
-    }
-    result
-}
-
 /// Dead rows in a capture table worth a VACUUM: a few ms of work that saves
 /// every later route from stepping over them.
 const CAPTURE_DEAD_ROWS: i64 = 10_000;
@@ -228,72 +163,7 @@ fn vacuum_capture_tables() {
     })
     .unwrap_or_default();
     for (schema, name) in tables {
-        vacuum(&schema, &name);
-    }
-}
-
-/// A plain `VACUUM (SKIP_LOCKED, TRUNCATE false)` of one table. VACUUM runs
-/// its own transactions and must be called at top level, the way
-/// PostgresMain calls it: inside a started transaction command. It never
-/// blocks writers; SKIP_LOCKED leaves a table another vacuum holds, and
-/// TRUNCATE false keeps it from waiting for a lock to shrink the file.
-fn vacuum(schema: &str, table: &str) {
-    let (Ok(schema), Ok(table)) = (std::ffi::CString::new(schema), std::ffi::CString::new(table)) else { return };
-    unsafe {
-        pg_sys::SetCurrentStatementStartTimestamp();
-        pg_sys::StartTransactionCommand();
-        pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot());
-    }
-    let done = PgTryBuilder::new(|| unsafe {
-        let option = |name: &std::ffi::CStr, value: &std::ffi::CStr| {
-            pg_sys::makeDefElem(
-                pg_sys::pstrdup(name.as_ptr()),
-                pg_sys::makeString(pg_sys::pstrdup(value.as_ptr())).cast(),
-                -1,
-            )
-        };
-        let stmt = pg_sys::palloc0(std::mem::size_of::<pg_sys::VacuumStmt>()).cast::<pg_sys::VacuumStmt>();
-        (*stmt).type_ = pg_sys::NodeTag::T_VacuumStmt;
-        (*stmt).is_vacuumcmd = true;
-        (*stmt).options = pg_sys::lappend(
-            pg_sys::lappend(std::ptr::null_mut(), option(c"skip_locked", c"true").cast()),
-            option(c"truncate", c"false").cast(),
-        );
-        let relation = pg_sys::makeRangeVar(pg_sys::pstrdup(schema.as_ptr()), pg_sys::pstrdup(table.as_ptr()), -1);
-        (*stmt).rels = pg_sys::lappend(
-            std::ptr::null_mut(),
-            pg_sys::makeVacuumRelation(relation, pg_sys::InvalidOid, std::ptr::null_mut()).cast(),
-        );
-        // VACUUM keeps its working memory under PortalContext, which must
-        // outlive the transactions it commits.
-        let saved = pg_sys::PortalContext;
-        pg_sys::PortalContext = pg_sys::TopMemoryContext;
-        pg_sys::ExecVacuum(pg_sys::make_parsestate(std::ptr::null_mut()), stmt, true);
-        pg_sys::PortalContext = saved;
-        true
-    })
-    .catch_others(|e| {
-        if let pg_sys::panic::CaughtError::PostgresError(r) = &e {
-            warning!(
-                "pg_ihub: vacuum of {}.{} failed: {}",
-                schema.to_string_lossy(),
-                table.to_string_lossy(),
-                r.message()
-            );
-        }
-        false
-    })
-    .execute();
-    unsafe {
-        if done {
-            if pg_sys::ActiveSnapshotSet() {
-                pg_sys::PopActiveSnapshot();
-            }
-            pg_sys::CommitTransactionCommand();
-        } else {
-            pg_sys::PortalContext = std::ptr::null_mut();
-            pg_sys::AbortCurrentTransaction();
-        }
+        bgw::vacuum(&schema, &name);
     }
 }
 

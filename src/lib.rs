@@ -7,17 +7,42 @@
 use pgrx::prelude::*;
 
 pub mod api;
+pub mod bgw;
 pub mod capture;
 pub mod dispatch;
 pub mod error;
+pub mod jobs;
 pub mod outbound;
+pub mod schedule;
 pub mod settings;
 pub mod workers;
 
 ::pgrx::pg_module_magic!(name, version);
 
 pgrx::extension_sql_file!("../sql/bootstrap.sql", name = "bootstrap", bootstrap);
-pgrx::extension_sql_file!("../sql/api.sql", name = "api", finalize);
+// Order: tables, then each capability's functions and views (views call
+// Rust helpers, hence the requires), then comments on the Rust functions and
+// all privileges.
+pgrx::extension_sql_file!(
+    "../sql/outbound.sql",
+    name = "outbound",
+    requires = [
+        "bootstrap",
+        api::mask_settings,
+        api::mask_headers,
+        api::mask_url,
+        api::default_timeout_ms,
+        workers::workers_sql
+    ]
+);
+pgrx::extension_sql_file!("../sql/logs.sql", name = "logs", requires = ["outbound", api::mask_settings]);
+pgrx::extension_sql_file!(
+    "../sql/jobs.sql",
+    name = "jobs",
+    requires = ["logs", api::mask_settings, workers::workers_sql]
+);
+pgrx::extension_sql_file!("../sql/schedules.sql", name = "schedules", requires = ["jobs", api::mask_settings]);
+pgrx::extension_sql_file!("../sql/finalize.sql", name = "finalize", finalize);
 
 #[pg_guard]
 pub extern "C-unwind" fn _PG_init() {

@@ -16,6 +16,11 @@ pub enum Environment {
 pub static DATABASES: GucSetting<Option<std::ffi::CString>> =
     GucSetting::<Option<std::ffi::CString>>::new(Some(c"postgres"));
 pub static DISPATCH_WORKERS: GucSetting<i32> = GucSetting::<i32>::new(2);
+pub static JOB_WORKERS: GucSetting<i32> = GucSetting::<i32>::new(2);
+pub static MAX_JOBS_PER_RUN: GucSetting<i32> = GucSetting::<i32>::new(100);
+pub static MAX_RUNTIME_SECONDS: GucSetting<i32> = GucSetting::<i32>::new(60);
+pub static JOB_TIMEOUT_MS: GucSetting<i32> = GucSetting::<i32>::new(3_600_000);
+pub static JOB_BACKOFF_CAP_S: GucSetting<i32> = GucSetting::<i32>::new(86_400);
 pub static BATCH_SIZE: GucSetting<i32> = GucSetting::<i32>::new(500);
 pub static MAX_CONCURRENCY: GucSetting<i32> = GucSetting::<i32>::new(64);
 pub static POLL_INTERVAL_MS: GucSetting<i32> = GucSetting::<i32>::new(10_000);
@@ -55,9 +60,59 @@ fn define_postmaster_settings() {
         GucContext::Postmaster,
         GucFlags::default(),
     );
+    GucRegistry::define_int_guc(
+        c"ihub.job_workers",
+        c"Job workers per database.",
+        c"Each runs one background job at a time, in its own transaction. Requires a restart.",
+        &JOB_WORKERS,
+        0,
+        64,
+        GucContext::Postmaster,
+        GucFlags::default(),
+    );
 }
 
 fn define_reloadable_settings() {
+    GucRegistry::define_int_guc(
+        c"ihub.max_jobs_per_run",
+        c"Jobs a job worker runs before it yields (rescue checks, settings reload).",
+        c"",
+        &MAX_JOBS_PER_RUN,
+        1,
+        1_000_000,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"ihub.max_runtime_seconds",
+        c"Seconds a job worker keeps taking jobs before it yields.",
+        c"",
+        &MAX_RUNTIME_SECONDS,
+        1,
+        86_400,
+        GucContext::Sighup,
+        GucFlags::UNIT_S,
+    );
+    GucRegistry::define_int_guc(
+        c"ihub.job_timeout",
+        c"How long a job may run unless enqueued with its own timeout; it is then stopped and retried.",
+        c"",
+        &JOB_TIMEOUT_MS,
+        1,
+        i32::MAX,
+        GucContext::Sighup,
+        GucFlags::UNIT_MS,
+    );
+    GucRegistry::define_int_guc(
+        c"ihub.job_backoff_cap",
+        c"Longest delay between two attempts of a job.",
+        c"",
+        &JOB_BACKOFF_CAP_S,
+        1,
+        i32::MAX,
+        GucContext::Sighup,
+        GucFlags::UNIT_S,
+    );
     GucRegistry::define_int_guc(
         c"ihub.max_concurrency",
         c"Requests a dispatcher has in flight at most.",

@@ -20,6 +20,8 @@ const MAX_SLOTS: usize = 128;
 pub enum Kind {
     Free = 0,
     Dispatcher = 1,
+    JobWorker = 2,
+    Scheduler = 3,
 }
 
 impl Kind {
@@ -27,6 +29,8 @@ impl Kind {
         match self {
             Kind::Free => "free",
             Kind::Dispatcher => "dispatcher",
+            Kind::JobWorker => "job worker",
+            Kind::Scheduler => "scheduler",
         }
     }
 }
@@ -42,6 +46,10 @@ pub struct Slot {
     /// Set before each claim and cleared when it found work: a worker with
     /// work claims again when it is done, so only idle ones need waking.
     idle: bool,
+    /// The job a job worker is running, and its reported progress.
+    job_id: i64,
+    progress_done: i64,
+    progress_total: i64,
 }
 
 impl Default for Slot {
@@ -54,6 +62,9 @@ impl Default for Slot {
             started_ms: 0,
             heartbeat_ms: 0,
             idle: true,
+            job_id: 0,
+            progress_done: 0,
+            progress_total: 0,
         }
     }
 }
@@ -79,8 +90,11 @@ static NEXT_WAKE: PgAtomic<AtomicU32> = unsafe { PgAtomic::new(c"pg_ihub_next_wa
 /// True in every process forked from a postmaster that preloaded us.
 static PRELOADED: AtomicBool = AtomicBool::new(false);
 
-/// Set once per transaction that enqueued work; cleared at its end.
-static WAKE_REGISTERED: AtomicBool = AtomicBool::new(false);
+/// Per kind of worker: set once per transaction that enqueued work for it;
+/// cleared at the transaction's end.
+static WAKE_DISPATCHER: AtomicBool = AtomicBool::new(false);
+static WAKE_JOB_WORKER: AtomicBool = AtomicBool::new(false);
+static WAKE_SCHEDULER: AtomicBool = AtomicBool::new(false);
 
 fn now_ms() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
@@ -91,22 +105,29 @@ pub fn init_preloaded() {
     PRELOADED.store(true, Ordering::SeqCst);
     pg_shmem_init!(REGISTRY);
     pg_shmem_init!(NEXT_WAKE);
-    let workers = settings::DISPATCH_WORKERS.get();
     for db in settings::databases() {
-        for n in 0..workers {
-            BackgroundWorkerBuilder::new(&format!("pg_ihub dispatcher {n} [{db}]"))
-                .set_type("pg_ihub dispatcher")
-                .set_library("pg_ihub")
-                .set_function("ihub_dispatcher_main")
-                .set_argument(n.into_datum())
-                .set_extra(&db)
-                .enable_spi_access()
-                .set_start_time(BgWorkerStartTime::RecoveryFinished)
-                // Also restarts a worker stopped with pg_terminate_backend.
-                .set_restart_time(Some(std::time::Duration::from_secs(2)))
-                .load();
+        for n in 0..settings::DISPATCH_WORKERS.get() {
+            start_worker("dispatcher", n, &db, "ihub_dispatcher_main");
         }
+        for n in 0..settings::JOB_WORKERS.get() {
+            start_worker("job worker", n, &db, "ihub_job_worker_main");
+        }
+        start_worker("scheduler", 0, &db, "ihub_scheduler_main");
     }
+}
+
+fn start_worker(kind: &str, n: i32, db: &str, function: &str) {
+    BackgroundWorkerBuilder::new(&format!("pg_ihub {kind} {n} [{db}]"))
+        .set_type(&format!("pg_ihub {kind}"))
+        .set_library("pg_ihub")
+        .set_function(function)
+        .set_argument(n.into_datum())
+        .set_extra(db)
+        .enable_spi_access()
+        .set_start_time(BgWorkerStartTime::RecoveryFinished)
+        // Also restarts a worker stopped with pg_terminate_backend.
+        .set_restart_time(Some(std::time::Duration::from_secs(2)))
+        .load();
 }
 
 pub fn preloaded() -> bool {
@@ -149,7 +170,7 @@ pub fn register(kind: Kind) {
                 dboid: unsafe { pg_sys::MyDatabaseId },
                 started_ms: now_ms(),
                 heartbeat_ms: now_ms(),
-                idle: true,
+                ..Slot::default()
             };
         }
         None => {
@@ -176,15 +197,12 @@ pub fn heartbeat(idle: bool) {
     }
 }
 
-/// Sets the latch of one idle dispatcher of `dboid`, taking turns. Waking
-/// all of them made every commit cost a claim round per worker.
-fn wake_dispatchers(dboid: pg_sys::Oid) {
+/// Sets the latch of one idle worker of a kind in `dboid`, taking turns.
+/// Waking all of them made every commit cost a claim round per worker.
+fn wake_one(kind: Kind, dboid: pg_sys::Oid) {
     let reg = REGISTRY.share();
-    let idle: Vec<&Slot> = reg
-        .slots
-        .iter()
-        .filter(|s| s.kind == Kind::Dispatcher && s.dboid == dboid && s.procno >= 0 && s.idle)
-        .collect();
+    let idle: Vec<&Slot> =
+        reg.slots.iter().filter(|s| s.kind == kind && s.dboid == dboid && s.procno >= 0 && s.idle).collect();
     if idle.is_empty() {
         return; // every dispatcher is busy and will claim again when done
     }
@@ -197,23 +215,51 @@ fn wake_dispatchers(dboid: pg_sys::Oid) {
     }
 }
 
-/// Asks for the dispatchers to be woken when the current transaction commits.
+/// Asks for a dispatcher to be woken when the current transaction commits.
 /// Called by capture triggers and every function that queues a delivery.
 #[pg_extern(name = "_wake", volatile, parallel_unsafe)]
 fn wake() {
-    wake_at_commit();
+    wake_at_commit(Kind::Dispatcher);
 }
 
-pub fn wake_at_commit() {
-    if !preloaded() || WAKE_REGISTERED.swap(true, Ordering::SeqCst) {
+/// Asks for a job worker to be woken at commit (a job was queued).
+#[pg_extern(name = "_wake_job_worker", volatile, parallel_unsafe)]
+fn wake_job_worker() {
+    wake_at_commit(Kind::JobWorker);
+}
+
+/// Asks for the scheduler to be woken at commit (a schedule changed).
+#[pg_extern(name = "_wake_scheduler", volatile, parallel_unsafe)]
+fn wake_scheduler() {
+    wake_at_commit(Kind::Scheduler);
+}
+
+pub fn wake_at_commit(kind: Kind) {
+    let flag: &'static AtomicBool = match kind {
+        Kind::JobWorker => &WAKE_JOB_WORKER,
+        Kind::Scheduler => &WAKE_SCHEDULER,
+        _ => &WAKE_DISPATCHER,
+    };
+    if !preloaded() || flag.swap(true, Ordering::SeqCst) {
         return;
     }
     let dboid = unsafe { pg_sys::MyDatabaseId };
     register_xact_callback(PgXactCallbackEvent::Commit, move || {
-        WAKE_REGISTERED.store(false, Ordering::SeqCst);
-        wake_dispatchers(dboid);
+        flag.store(false, Ordering::SeqCst);
+        wake_one(kind, dboid);
     });
-    register_xact_callback(PgXactCallbackEvent::Abort, || WAKE_REGISTERED.store(false, Ordering::SeqCst));
+    register_xact_callback(PgXactCallbackEvent::Abort, move || flag.store(false, Ordering::SeqCst));
+}
+
+/// Records the job this worker runs and its progress, for ihub.jobs.
+pub fn set_job(job_id: i64, done: i64, total: i64) {
+    let pid = unsafe { pg_sys::MyProcPid };
+    let mut reg = REGISTRY.exclusive();
+    if let Some(slot) = reg.slots.iter_mut().find(|s| s.pid == pid && s.kind != Kind::Free) {
+        slot.job_id = job_id;
+        slot.progress_done = done;
+        slot.progress_total = total;
+    }
 }
 
 #[pg_extern(name = "_require_workers", volatile)]
@@ -231,6 +277,9 @@ fn workers_sql() -> TableIterator<
         name!(database_oid, pg_sys::Oid),
         name!(started_at, Option<pgrx::datum::TimestampWithTimeZone>),
         name!(last_heartbeat, Option<pgrx::datum::TimestampWithTimeZone>),
+        name!(job_id, Option<i64>),
+        name!(progress_done, Option<i64>),
+        name!(progress_total, Option<i64>),
     ),
 > {
     let rows: Vec<_> = if preloaded() {
@@ -238,7 +287,20 @@ fn workers_sql() -> TableIterator<
         reg.slots
             .iter()
             .filter(|s| s.kind != Kind::Free)
-            .map(|s| (s.pid, s.kind.name().to_string(), s.dboid, to_ts(s.started_ms), to_ts(s.heartbeat_ms)))
+            .map(|s| {
+                let job = (s.job_id > 0).then_some(s.job_id);
+                let progress = |v: i64| job.and((v >= 0).then_some(v));
+                (
+                    s.pid,
+                    s.kind.name().to_string(),
+                    s.dboid,
+                    to_ts(s.started_ms),
+                    to_ts(s.heartbeat_ms),
+                    job,
+                    progress(s.progress_done),
+                    progress(s.progress_total),
+                )
+            })
             .collect()
     } else {
         Vec::new()

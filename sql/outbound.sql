@@ -1,9 +1,10 @@
--- pg_ihub public SQL API, views, worker-facing queue functions, comments
--- and privileges. Loaded last (finalize), after the Rust functions exist.
+-- pg_ihub outbound: integrations, endpoints, subscriptions and the delivery
+-- queue, with their views. Comments on the Rust helpers and all privileges
+-- are in finalize.sql.
 --
 -- Public functions are SECURITY DEFINER with a fixed search_path: they write
 -- tables no caller can touch directly, and EXECUTE grants decide who may call
--- them (see the end of this file).
+-- them (finalize.sql).
 
 -------------------------------------------------------------------------------
 -- Helpers
@@ -916,8 +917,6 @@ COMMENT ON FUNCTION ihub.enable_endpoint(text) IS 'Re-enables an endpoint (after
 COMMENT ON FUNCTION ihub.disable_endpoint(text, text) IS 'Stops deliveries to an endpoint; they wait until it is enabled again.';
 COMMENT ON FUNCTION ihub.rotate_secret(text, text, interval) IS
     'Adds a new signing secret (generated when NULL) and keeps the old ones signing for the grace period. Returns the new secret. ihub_admin only.';
-COMMENT ON FUNCTION ihub._capture_rows() IS
-    'Internal: capture trigger of subscriptions without watch or condition; bulk-copies transition rows into the capture table named by its argument.';
 COMMENT ON FUNCTION ihub._capture_statement(ihub.subscription, text, text) IS 'Internal: the INSERT a capture trigger runs for one event.';
 COMMENT ON FUNCTION ihub.subscribe(regclass, text, text[], text[], text[], text, boolean) IS
     'Subscribes an endpoint to row changes of a table: events, payload columns, watched columns (updates fire only when one changed), a condition over new and old, and test mode. Returns the subscription id.';
@@ -939,26 +938,6 @@ COMMENT ON FUNCTION ihub.http_request(text, jsonb, text, text, jsonb, text) IS
 COMMENT ON FUNCTION ihub.replay(bigint) IS 'Puts a dead or failed delivery back in the queue with a fresh retry budget.';
 COMMENT ON FUNCTION ihub.replay_dead(text, timestamptz) IS
     'Puts every dead or failed delivery of an endpoint created since the given time back in the queue. Returns how many.';
-COMMENT ON FUNCTION ihub._wake() IS 'Internal: wakes the dispatchers when the current transaction commits.';
-COMMENT ON FUNCTION ihub._require_workers() IS
-    'Internal: raises an error with a hint unless pg_ihub''s workers serve this database.';
-COMMENT ON FUNCTION ihub._workers() IS 'Internal: the worker registry in shared memory.';
-COMMENT ON FUNCTION ihub._invoker() IS 'Internal: the role that called into pg_ihub, outside SECURITY DEFINER.';
-COMMENT ON FUNCTION ihub._default_timeout_ms() IS 'Internal: ihub.default_timeout in milliseconds.';
-COMMENT ON FUNCTION ihub._check_url(text) IS 'Internal: validates an endpoint URL and the private-host allow-list.';
-COMMENT ON FUNCTION ihub._normalize_retry(jsonb) IS 'Internal: validates a retry policy and fills in defaults.';
-COMMENT ON FUNCTION ihub._normalize_auth(jsonb) IS 'Internal: validates endpoint auth JSON.';
-COMMENT ON FUNCTION ihub._check_secret(text) IS 'Internal: validates a whsec_ secret.';
-COMMENT ON FUNCTION ihub._generate_secret() IS 'Internal: a new random whsec_ secret.';
-COMMENT ON FUNCTION ihub._check_headers(jsonb) IS 'Internal: validates custom request headers.';
-COMMENT ON FUNCTION ihub._mask_headers(jsonb) IS 'Internal: masks credential header values for views.';
-COMMENT ON FUNCTION ihub._mask_settings(jsonb) IS 'Internal: masks secret-looking setting values for views.';
-COMMENT ON FUNCTION ihub._mask_url(text) IS 'Internal: masks secret-looking query parameters for views.';
-COMMENT ON FUNCTION ihub._check_expression(text) IS 'Internal: checks that a condition is exactly one SQL expression.';
-COMMENT ON FUNCTION ihub.sign(text, text, bigint, text) IS
-    'The Standard Webhooks signature (v1,<base64>) of a message id, timestamp and body under a whsec_ secret.';
-COMMENT ON FUNCTION ihub.verify_signature(text, text, text, bigint, text) IS
-    'Verifies a webhook-signature header (any of its space-separated signatures) in constant time.';
 
 COMMENT ON VIEW ihub.integrations IS 'Integrations with their state; secret-looking settings masked.';
 COMMENT ON VIEW ihub.endpoints IS 'Endpoints with masked headers and URL; credentials are never shown here.';
@@ -969,48 +948,3 @@ COMMENT ON VIEW ihub.deliveries IS
 COMMENT ON VIEW ihub.delivery_attempts IS
     'Every delivery attempt: request (credentials masked), response status, headers and body (truncated), duration, error category.';
 COMMENT ON VIEW ihub.workers IS 'pg_ihub background workers alive now, with their database and last heartbeat.';
-
--------------------------------------------------------------------------------
--- Privileges
--------------------------------------------------------------------------------
-
-REVOKE ALL ON ALL TABLES IN SCHEMA ihub FROM PUBLIC;
-REVOKE ALL ON ALL FUNCTIONS IN SCHEMA ihub FROM PUBLIC;
-GRANT USAGE ON SCHEMA ihub TO ihub_viewer;
-GRANT USAGE ON SCHEMA ihub_capture TO ihub_developer;
-
-GRANT SELECT ON ihub.integrations, ihub.endpoints, ihub.subscriptions, ihub.deliveries,
-                ihub.delivery_attempts, ihub.workers TO ihub_viewer;
-GRANT SELECT ON ihub.endpoint_secrets TO ihub_admin;
-GRANT SELECT ON ihub.integration_kind TO ihub_viewer;
-GRANT INSERT, UPDATE, DELETE ON ihub.integration_kind TO ihub_admin;
-
-GRANT EXECUTE ON FUNCTION
-    -- used by the views, which run functions with the reader's rights
-    ihub._mask_settings(jsonb),
-    ihub._mask_headers(jsonb),
-    ihub._mask_url(text),
-    ihub._default_timeout_ms(),
-    ihub._workers(),
-    ihub.sign(text, text, bigint, text),
-    ihub.verify_signature(text, text, text, bigint, text)
-TO ihub_viewer;
-
-GRANT EXECUTE ON FUNCTION
-    ihub.create_integration(text, text, text, jsonb),
-    ihub.enable_integration(text),
-    ihub.disable_integration(text),
-    ihub.delete_integration(text),
-    ihub.create_endpoint(text, text, text, text, jsonb, jsonb, text, integer, jsonb),
-    ihub.enable_endpoint(text),
-    ihub.disable_endpoint(text, text),
-    ihub.subscribe(regclass, text, text[], text[], text[], text, boolean),
-    ihub.unsubscribe(bigint),
-    ihub.http_request(text, jsonb, text, text, jsonb, text),
-    ihub.replay(bigint),
-    ihub.replay_dead(text, timestamptz),
-    -- Capture triggers are owned by their subscriber and call this.
-    ihub._wake()
-TO ihub_developer;
-
-GRANT EXECUTE ON FUNCTION ihub.rotate_secret(text, text, interval) TO ihub_admin;

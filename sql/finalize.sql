@@ -1,0 +1,97 @@
+-- Loaded last: comments on the functions written in Rust, and privileges.
+
+COMMENT ON FUNCTION ihub._capture_rows() IS
+    'Internal: capture trigger of subscriptions without watch or condition; bulk-copies transition rows into the capture table named by its argument.';
+COMMENT ON FUNCTION ihub._wake() IS 'Internal: wakes the dispatchers when the current transaction commits.';
+COMMENT ON FUNCTION ihub._require_workers() IS
+    'Internal: raises an error with a hint unless pg_ihub''s workers serve this database.';
+COMMENT ON FUNCTION ihub._workers() IS 'Internal: the worker registry in shared memory.';
+COMMENT ON FUNCTION ihub._invoker() IS 'Internal: the role that called into pg_ihub, outside SECURITY DEFINER.';
+COMMENT ON FUNCTION ihub._default_timeout_ms() IS 'Internal: ihub.default_timeout in milliseconds.';
+COMMENT ON FUNCTION ihub._check_url(text) IS 'Internal: validates an endpoint URL and the private-host allow-list.';
+COMMENT ON FUNCTION ihub._normalize_retry(jsonb) IS 'Internal: validates a retry policy and fills in defaults.';
+COMMENT ON FUNCTION ihub._normalize_auth(jsonb) IS 'Internal: validates endpoint auth JSON.';
+COMMENT ON FUNCTION ihub._check_secret(text) IS 'Internal: validates a whsec_ secret.';
+COMMENT ON FUNCTION ihub._generate_secret() IS 'Internal: a new random whsec_ secret.';
+COMMENT ON FUNCTION ihub._check_headers(jsonb) IS 'Internal: validates custom request headers.';
+COMMENT ON FUNCTION ihub._mask_headers(jsonb) IS 'Internal: masks credential header values for views.';
+COMMENT ON FUNCTION ihub._mask_settings(jsonb) IS 'Internal: masks secret-looking setting values for views.';
+COMMENT ON FUNCTION ihub._mask_url(text) IS 'Internal: masks secret-looking query parameters for views.';
+COMMENT ON FUNCTION ihub._check_expression(text) IS 'Internal: checks that a condition is exactly one SQL expression.';
+COMMENT ON FUNCTION ihub.sign(text, text, bigint, text) IS
+    'The Standard Webhooks signature (v1,<base64>) of a message id, timestamp and body under a whsec_ secret.';
+COMMENT ON FUNCTION ihub.verify_signature(text, text, text, bigint, text) IS
+    'Verifies a webhook-signature header (any of its space-separated signatures) in constant time.';
+
+COMMENT ON FUNCTION ihub._wake_job_worker() IS 'Internal: wakes a job worker when the current transaction commits.';
+COMMENT ON FUNCTION ihub._wake_scheduler() IS 'Internal: wakes the scheduler when the current transaction commits.';
+COMMENT ON FUNCTION ihub._current_job() IS 'Internal: the job this session is running, NULL outside a job.';
+COMMENT ON FUNCTION ihub._count_logged(text) IS 'Internal: counts errors logged during the current job (it then ends partial).';
+COMMENT ON FUNCTION ihub._job_timeout_ms() IS 'Internal: ihub.job_timeout in milliseconds.';
+COMMENT ON FUNCTION ihub.job_progress(bigint, bigint) IS
+    'Reports the running job''s progress (done of total), shown in ihub.jobs while it runs. Returns false outside a job.';
+COMMENT ON FUNCTION ihub._cron_next(text, timestamptz) IS 'Internal: the next time a five-field cron expression matches (UTC).';
+COMMENT ON FUNCTION ihub._cron_prev(text, timestamptz) IS 'Internal: the last time a five-field cron expression matched (UTC).';
+
+-------------------------------------------------------------------------------
+-- Privileges
+-------------------------------------------------------------------------------
+
+REVOKE ALL ON ALL TABLES IN SCHEMA ihub FROM PUBLIC;
+REVOKE ALL ON ALL FUNCTIONS IN SCHEMA ihub FROM PUBLIC;
+GRANT USAGE ON SCHEMA ihub TO ihub_viewer;
+GRANT USAGE ON SCHEMA ihub_capture TO ihub_developer;
+
+GRANT SELECT ON ihub.integrations, ihub.endpoints, ihub.subscriptions, ihub.deliveries,
+                ihub.delivery_attempts, ihub.workers, ihub.jobs, ihub.schedules, ihub.cronwatch,
+                ihub.integration_dates, ihub.logs TO ihub_viewer;
+GRANT SELECT ON ihub.endpoint_secrets TO ihub_admin;
+GRANT SELECT ON ihub.integration_kind TO ihub_viewer;
+GRANT INSERT, UPDATE, DELETE ON ihub.integration_kind TO ihub_admin;
+
+GRANT EXECUTE ON FUNCTION
+    -- used by the views, which run functions with the reader's rights
+    ihub._mask_settings(jsonb),
+    ihub._mask_headers(jsonb),
+    ihub._mask_url(text),
+    ihub._default_timeout_ms(),
+    ihub._workers(),
+    ihub.sign(text, text, bigint, text),
+    ihub.verify_signature(text, text, text, bigint, text)
+TO ihub_viewer;
+
+GRANT EXECUTE ON FUNCTION
+    ihub.create_integration(text, text, text, jsonb),
+    ihub.enable_integration(text),
+    ihub.disable_integration(text),
+    ihub.delete_integration(text),
+    ihub.create_endpoint(text, text, text, text, jsonb, jsonb, text, integer, jsonb),
+    ihub.enable_endpoint(text),
+    ihub.disable_endpoint(text, text),
+    ihub.subscribe(regclass, text, text[], text[], text[], text, boolean),
+    ihub.unsubscribe(bigint),
+    ihub.http_request(text, jsonb, text, text, jsonb, text),
+    ihub.replay(bigint),
+    ihub.replay_dead(text, timestamptz),
+    ihub.enqueue(regprocedure, jsonb, integer, timestamptz, integer, text, text, interval[], interval),
+    ihub.cancel_job(bigint),
+    ihub.retry_job(bigint),
+    ihub.resume_stuck_jobs(),
+    ihub.schedule(text, regprocedure, interval, text, jsonb, text, integer, integer, boolean, regrole, boolean),
+    ihub.alter_schedule(text, interval, text, jsonb, integer, integer, boolean, boolean),
+    ihub.unschedule(text),
+    ihub.run_now(text),
+    ihub.set_schedule_params(text, text, jsonb),
+    ihub.watch(text, text, text, interval),
+    ihub.unwatch(text),
+    ihub.get_date(text, text),
+    ihub.set_date(text, text, timestamptz),
+    ihub.log(text, text, jsonb, text),
+    -- Capture triggers are owned by their subscriber and call this.
+    ihub._wake()
+TO ihub_developer;
+
+-- Harmless anywhere: they only act inside a running job.
+GRANT EXECUTE ON FUNCTION ihub.retry_later(text, interval), ihub.job_progress(bigint, bigint) TO PUBLIC;
+
+GRANT EXECUTE ON FUNCTION ihub.rotate_secret(text, text, interval) TO ihub_admin;

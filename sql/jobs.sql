@@ -1,0 +1,369 @@
+-- pg_ihub jobs: enqueueing, the queue functions the job workers call,
+-- retries, cancellation, stuck-job rescue, and the jobs view.
+
+-- Default retry schedule, after attempts 1, 2, 3 and 4.
+CREATE FUNCTION ihub._default_job_retry_schedule() RETURNS interval[]
+LANGUAGE sql IMMUTABLE
+AS $$ SELECT '{5 minutes, 15 minutes, 60 minutes, 3 hours}'::interval[] $$;
+
+-- A function a job can run: a plain function taking one jsonb argument.
+CREATE FUNCTION ihub._check_job_function(p_fn regprocedure, p_role name) RETURNS void
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v pg_proc;
+BEGIN
+    SELECT * INTO v FROM pg_proc WHERE oid = p_fn;
+    IF v.prokind <> 'f' OR v.pronargs <> 1 OR v.proargtypes[0] <> 'jsonb'::regtype OR v.proretset THEN
+        RAISE EXCEPTION 'function % cannot run as a job', p_fn
+            USING ERRCODE = 'invalid_function_definition',
+                  HINT = 'A job function takes one jsonb argument and returns one value or void, e.g. CREATE FUNCTION sync_orders(args jsonb) RETURNS void.';
+    END IF;
+    IF NOT has_function_privilege(p_role, p_fn, 'EXECUTE') THEN
+        RAISE EXCEPTION 'role % may not execute %', p_role, p_fn
+            USING ERRCODE = 'insufficient_privilege', HINT = 'Jobs run as the role that queues them; grant it EXECUTE on the function.';
+    END IF;
+END
+$$;
+
+-- Queues a job; with an identity key, returns the queued or running job
+-- that already has it instead. The unique partial index on identity_key
+-- makes concurrent enqueues with one key meet: the second waits for the
+-- first to commit, then finds its job.
+CREATE FUNCTION ihub._enqueue(p_fn regprocedure, p_args jsonb, p_priority integer, p_run_at timestamptz,
+                              p_max_attempts integer, p_identity_key text, p_integration_id bigint,
+                              p_retry_schedule interval[], p_timeout interval, p_run_as regrole,
+                              p_schedule_id bigint DEFAULT NULL)
+RETURNS bigint
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_id bigint;
+BEGIN
+    FOR attempt IN 1..10 LOOP
+        INSERT INTO ihub.job (fn, args, priority, run_at, max_attempts, identity_key, integration_id,
+                              retry_schedule, timeout, run_as, schedule_id)
+        VALUES (p_fn, p_args, p_priority, p_run_at, p_max_attempts, p_identity_key, p_integration_id,
+                p_retry_schedule, p_timeout, p_run_as, p_schedule_id)
+        ON CONFLICT (identity_key) WHERE identity_key IS NOT NULL AND state IN ('pending', 'running', 'retry')
+        DO NOTHING
+        RETURNING id INTO v_id;
+        IF v_id IS NOT NULL THEN
+            PERFORM ihub._wake_job_worker();
+            RETURN v_id;
+        END IF;
+        SELECT id INTO v_id FROM ihub.job
+        WHERE identity_key = p_identity_key AND state IN ('pending', 'running', 'retry');
+        IF v_id IS NOT NULL THEN
+            RETURN v_id;
+        END IF;
+        -- The job holding the key finished in between; try again.
+    END LOOP;
+    RAISE EXCEPTION 'could not queue a job with identity key %', p_identity_key
+        USING ERRCODE = 'serialization_failure', HINT = 'Jobs with this key keep starting and finishing; try again.';
+END
+$$;
+
+CREATE FUNCTION ihub.enqueue(
+    fn regprocedure,
+    args jsonb DEFAULT '{}',
+    priority integer DEFAULT 10,
+    run_at timestamptz DEFAULT now(),
+    max_attempts integer DEFAULT 5,
+    identity_key text DEFAULT NULL,
+    integration text DEFAULT NULL,
+    retry_schedule interval[] DEFAULT NULL,
+    timeout interval DEFAULT NULL
+) RETURNS bigint
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_role name := ihub._invoker();
+BEGIN
+    PERFORM ihub._require_workers();
+    PERFORM ihub._check_job_function(fn, v_role);
+    IF args IS NULL OR jsonb_typeof(args) <> 'object' THEN
+        RAISE EXCEPTION 'job args must be a JSON object' USING ERRCODE = 'invalid_parameter_value', HINT = 'For example {"since": "2026-01-01"}.';
+    END IF;
+    IF priority IS NULL OR priority < 0 THEN
+        RAISE EXCEPTION 'priority must be 0 or more' USING ERRCODE = 'invalid_parameter_value', HINT = '0 runs first; the default is 10.';
+    END IF;
+    IF max_attempts IS NULL OR max_attempts < 1 THEN
+        RAISE EXCEPTION 'max_attempts must be at least 1' USING ERRCODE = 'invalid_parameter_value', HINT = 'The default is 5.';
+    END IF;
+    IF timeout <= interval '0' OR EXISTS (SELECT 1 FROM unnest(retry_schedule) d WHERE d IS NULL OR d < interval '0') THEN
+        RAISE EXCEPTION 'timeout and retry delays must be positive intervals' USING ERRCODE = 'invalid_parameter_value',
+            HINT = 'For example retry_schedule => ''{1 minute, 10 minutes}'', timeout => ''15 minutes''.';
+    END IF;
+    RETURN ihub._enqueue(fn, args, priority, coalesce(run_at, now()), max_attempts, identity_key,
+                         CASE WHEN integration IS NOT NULL THEN ihub._integration_id(integration) END,
+                         retry_schedule, timeout, v_role::regrole);
+END
+$$;
+
+-- Claims the most urgent due job for a worker and returns how to call it.
+CREATE FUNCTION ihub._claim_job(p_owner integer, p_default_timeout_ms integer)
+RETURNS TABLE (id bigint, call text, args jsonb, run_as oid, timeout_ms integer)
+LANGUAGE sql SET search_path = pg_catalog, pg_temp
+AS $$
+    WITH next AS (
+        SELECT j.id FROM ihub.job j
+        WHERE j.state IN ('pending', 'retry') AND j.run_at <= now()
+        ORDER BY j.priority, j.run_at, j.id
+        LIMIT 1
+        FOR UPDATE SKIP LOCKED
+    ), claimed AS (
+        UPDATE ihub.job j
+        SET state = 'running', worker_pid = p_owner, started_at = clock_timestamp(), finished_at = NULL,
+            attempts = j.attempts + 1, cancel_requested = false, errors_logged = 0,
+            progress_done = NULL, progress_total = NULL
+        FROM next WHERE j.id = next.id
+        RETURNING j.id, j.fn, j.args, j.run_as, j.timeout
+    )
+    SELECT c.id,
+           CASE WHEN p.prorettype = 'void'::regtype
+                THEN format('SELECT NULL::jsonb FROM %I.%I($1) AS f', n.nspname, p.proname)
+                ELSE format('SELECT to_jsonb(%I.%I($1))', n.nspname, p.proname) END,
+           c.args, c.run_as::oid,
+           coalesce((extract(epoch FROM c.timeout) * 1000)::integer, p_default_timeout_ms)
+    FROM claimed c
+    JOIN pg_proc p ON p.oid = c.fn
+    JOIN pg_namespace n ON n.oid = p.pronamespace
+$$;
+
+CREATE FUNCTION ihub._job_done(p_id bigint, p_result jsonb, p_errors integer, p_done bigint, p_total bigint)
+RETURNS void
+LANGUAGE sql SET search_path = pg_catalog, pg_temp
+AS $$
+    UPDATE ihub.job
+    SET state = CASE WHEN p_errors > 0 THEN 'partial' ELSE 'done' END,
+        finished_at = clock_timestamp(), worker_pid = NULL, result = p_result, errors_logged = p_errors,
+        last_error = CASE WHEN p_errors > 0 THEN format('%s error(s) logged during the run', p_errors) END,
+        progress_done = coalesce(p_done, progress_done), progress_total = coalesce(p_total, progress_total)
+    WHERE id = p_id
+$$;
+
+-- The delay before the next attempt: the job's schedule, else its
+-- integration's (settings->'job_retry_schedule'), else the default; its
+-- last entry repeats; capped at p_cap_s seconds.
+CREATE FUNCTION ihub._job_retry_delay(p_job ihub.job, p_cap_s integer) RETURNS interval
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp
+AS $$
+    WITH s AS (
+        SELECT coalesce(
+            p_job.retry_schedule,
+            (SELECT ARRAY(SELECT jsonb_array_elements_text(i.settings -> 'job_retry_schedule')::interval)
+             FROM ihub.integration i
+             WHERE i.id = p_job.integration_id AND jsonb_typeof(i.settings -> 'job_retry_schedule') = 'array'),
+            ihub._default_job_retry_schedule()) AS steps
+    )
+    SELECT least(coalesce(steps[least(greatest(p_job.attempts - p_job.budget_start, 1), cardinality(steps))],
+                          interval '5 minutes'),
+                 make_interval(secs => p_cap_s))
+    FROM s
+$$;
+
+-- Records a failed attempt: cancelled if that was asked for, retried while
+-- attempts remain (after p_retry_after seconds when ihub.retry_later gave
+-- them), else failed.
+CREATE FUNCTION ihub._job_failed(p_id bigint, p_owner integer, p_error text, p_retry_after double precision,
+                                 p_cap_s integer)
+RETURNS text
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v ihub.job;
+    v_state text;
+BEGIN
+    SELECT * INTO v FROM ihub.job WHERE id = p_id AND state = 'running' AND worker_pid = p_owner FOR UPDATE;
+    IF NOT FOUND THEN
+        RETURN NULL;
+    END IF;
+    v_state := CASE WHEN v.cancel_requested THEN 'cancelled'
+                    WHEN v.attempts - v.budget_start >= v.max_attempts THEN 'failed'
+                    ELSE 'retry' END;
+    UPDATE ihub.job
+    SET state = v_state, worker_pid = NULL, last_error = p_error,
+        finished_at = CASE WHEN v_state = 'retry' THEN NULL ELSE clock_timestamp() END,
+        run_at = CASE WHEN v_state = 'retry'
+                      THEN now() + coalesce(least(make_interval(secs => p_retry_after), make_interval(secs => p_cap_s)),
+                                            ihub._job_retry_delay(v, p_cap_s))
+                      ELSE run_at END
+    WHERE id = p_id;
+    PERFORM ihub.log(CASE WHEN v_state = 'failed' THEN 'error' ELSE 'warning' END,
+                     format('job %s (%s) attempt %s failed: %s', p_id, v.fn, v.attempts, p_error),
+                     jsonb_build_object('job', p_id, 'state', v_state),
+                     (SELECT name FROM ihub.integration WHERE id = v.integration_id));
+    RETURN v_state;
+END
+$$;
+
+-- Jobs left running by a worker that is gone are queued again at once.
+CREATE FUNCTION ihub._rescue_jobs() RETURNS bigint
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v record;
+    v_count bigint := 0;
+BEGIN
+    FOR v IN
+        UPDATE ihub.job j
+        SET state = 'retry', run_at = now(), worker_pid = NULL,
+            last_error = format('its worker (pid %s) stopped during the job; queued again', j.worker_pid)
+        WHERE j.state = 'running' AND NOT EXISTS (SELECT 1 FROM pg_stat_activity a WHERE a.pid = j.worker_pid)
+        RETURNING j.id, j.fn, j.last_error, j.integration_id
+    LOOP
+        v_count := v_count + 1;
+        PERFORM ihub.log('warning', format('stuck job %s (%s) resumed: %s', v.id, v.fn, v.last_error),
+                         jsonb_build_object('job', v.id),
+                         (SELECT name FROM ihub.integration WHERE id = v.integration_id));
+    END LOOP;
+    IF v_count > 0 THEN
+        PERFORM ihub._wake_job_worker();
+    END IF;
+    RETURN v_count;
+END
+$$;
+
+CREATE FUNCTION ihub._next_job_due() RETURNS double precision
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT CASE WHEN min(run_at) IS NOT NULL THEN greatest(0, extract(epoch FROM min(run_at) - now()))::double precision END
+    FROM ihub.job WHERE state IN ('pending', 'retry')
+$$;
+
+-- Raised by a job to ask for another attempt later; its reason becomes the
+-- job's last error.
+CREATE FUNCTION ihub.retry_later(reason text, after interval DEFAULT NULL) RETURNS void
+LANGUAGE plpgsql
+AS $$
+BEGIN
+    RAISE EXCEPTION USING
+        MESSAGE = coalesce(reason, 'retry requested'),
+        DETAIL = 'ihub.retry_later:' || coalesce(extract(epoch FROM after)::text, ''),
+        ERRCODE = 'IHRTY',
+        HINT = 'Raised by ihub.retry_later(); a job worker retries the job.';
+END
+$$;
+
+CREATE FUNCTION ihub.cancel_job(id bigint) RETURNS text
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v ihub.job;
+BEGIN
+    SELECT * INTO v FROM ihub.job j WHERE j.id = cancel_job.id FOR UPDATE;
+    IF v.id IS NULL THEN
+        RAISE EXCEPTION 'job % does not exist', cancel_job.id USING ERRCODE = 'undefined_object', HINT = 'List jobs in ihub.jobs.';
+    ELSIF v.state IN ('pending', 'retry') THEN
+        UPDATE ihub.job j SET state = 'cancelled', finished_at = now(), last_error = 'cancelled by ' || ihub._invoker()
+        WHERE j.id = v.id;
+        RETURN 'cancelled';
+    ELSIF v.state = 'running' THEN
+        -- The worker's query is cancelled; the failed attempt is then
+        -- recorded as cancelled rather than retried.
+        UPDATE ihub.job j SET cancel_requested = true WHERE j.id = v.id;
+        PERFORM pg_cancel_backend(v.worker_pid);
+        RETURN 'cancelling';
+    END IF;
+    RAISE EXCEPTION 'job % is %; only queued or running jobs can be cancelled', v.id, v.state
+        USING ERRCODE = 'object_not_in_prerequisite_state', HINT = 'Use ihub.retry_job to run a finished job again.';
+END
+$$;
+
+CREATE FUNCTION ihub.retry_job(id bigint) RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v ihub.job;
+BEGIN
+    PERFORM ihub._require_workers();
+    SELECT * INTO v FROM ihub.job j WHERE j.id = retry_job.id FOR UPDATE;
+    IF v.id IS NULL THEN
+        RAISE EXCEPTION 'job % does not exist', retry_job.id USING ERRCODE = 'undefined_object', HINT = 'List jobs in ihub.jobs.';
+    ELSIF v.state NOT IN ('failed', 'cancelled', 'partial', 'retry') THEN
+        RAISE EXCEPTION 'job % is %; only failed, cancelled, partial or retrying jobs can be retried', v.id, v.state
+            USING ERRCODE = 'object_not_in_prerequisite_state', HINT = 'A queued or running job will run anyway.';
+    END IF;
+    IF v.identity_key IS NOT NULL AND EXISTS (
+        SELECT 1 FROM ihub.job j WHERE j.identity_key = v.identity_key AND j.id <> v.id AND j.state IN ('pending', 'running', 'retry')) THEN
+        RAISE EXCEPTION 'another job with identity key % is queued or running', v.identity_key
+            USING ERRCODE = 'unique_violation', HINT = 'Wait for it, or cancel it first.';
+    END IF;
+    UPDATE ihub.job j SET state = 'pending', run_at = now(), budget_start = j.attempts, finished_at = NULL,
+                          cancel_requested = false
+    WHERE j.id = v.id;
+    PERFORM ihub._wake_job_worker();
+END
+$$;
+
+-- The stuck-job check on demand: jobs whose worker is gone are queued
+-- again; jobs running past their timeout have their query cancelled (the
+-- attempt then fails and is retried). Reports each job and what was done.
+CREATE FUNCTION ihub.resume_stuck_jobs()
+RETURNS TABLE (job_id bigint, function text, worker_pid integer, problem text, action text)
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v record;
+BEGIN
+    FOR v IN
+        SELECT j.id, j.fn::text AS fn, j.worker_pid AS pid FROM ihub.job j
+        WHERE j.state = 'running' AND NOT EXISTS (SELECT 1 FROM pg_stat_activity a WHERE a.pid = j.worker_pid)
+    LOOP
+        job_id := v.id; function := v.fn; worker_pid := v.pid;
+        problem := 'its worker is gone'; action := 'queued again';
+        RETURN NEXT;
+    END LOOP;
+    PERFORM ihub._rescue_jobs();
+    FOR v IN
+        SELECT j.id, j.fn::text AS fn, j.worker_pid AS pid,
+               coalesce(j.timeout, make_interval(secs => ihub._job_timeout_ms() / 1000.0)) AS limit_
+        FROM ihub.job j
+        WHERE j.state = 'running'
+          AND j.started_at + coalesce(j.timeout, make_interval(secs => ihub._job_timeout_ms() / 1000.0)) + interval '5 seconds' < clock_timestamp()
+    LOOP
+        PERFORM pg_cancel_backend(v.pid);
+        job_id := v.id; function := v.fn; worker_pid := v.pid;
+        problem := format('running longer than its timeout (%s)', v.limit_); action := 'query cancelled; it will be retried';
+        RETURN NEXT;
+    END LOOP;
+END
+$$;
+
+CREATE VIEW ihub.jobs AS
+SELECT j.id, j.fn::text AS function, ihub._mask_settings(j.args) AS args, j.priority, j.state,
+       j.attempts, j.max_attempts, j.run_at, j.started_at, j.finished_at,
+       coalesce(j.finished_at, CASE WHEN j.state = 'running' THEN clock_timestamp() END) - j.started_at AS duration,
+       j.last_error,
+       coalesce(w.progress_done, j.progress_done) AS progress_done,
+       coalesce(w.progress_total, j.progress_total) AS progress_total,
+       round(100.0 * coalesce(w.progress_done, j.progress_done) / nullif(coalesce(w.progress_total, j.progress_total), 0), 1)
+           AS progress_percent,
+       j.identity_key, i.name AS integration, s.name AS schedule, j.run_as, j.worker_pid, j.result, j.created_at
+FROM ihub.job j
+LEFT JOIN ihub.integration i ON i.id = j.integration_id
+LEFT JOIN ihub.schedule s ON s.id = j.schedule_id
+LEFT JOIN ihub._workers() w ON w.job_id = j.id AND j.state = 'running';
+
+COMMENT ON FUNCTION ihub._default_job_retry_schedule() IS 'Internal: 5 min, 15 min, 60 min, 3 h.';
+COMMENT ON FUNCTION ihub._check_job_function(regprocedure, name) IS 'Internal: checks that a function can run as a job for a role.';
+COMMENT ON FUNCTION ihub._enqueue(regprocedure, jsonb, integer, timestamptz, integer, text, bigint, interval[], interval, regrole, bigint) IS
+    'Internal: queues a job, honouring its identity key.';
+COMMENT ON FUNCTION ihub.enqueue(regprocedure, jsonb, integer, timestamptz, integer, text, text, interval[], interval) IS
+    'Queues a background job: fn(args jsonb) runs in a job worker, in its own transaction, as the calling role. Priority 0 runs first. With an identity key, returns the queued or running job that already has it.';
+COMMENT ON FUNCTION ihub._claim_job(integer, integer) IS 'Internal (job worker): claims the most urgent due job.';
+COMMENT ON FUNCTION ihub._job_done(bigint, jsonb, integer, bigint, bigint) IS 'Internal (job worker): records a finished job (partial when errors were logged).';
+COMMENT ON FUNCTION ihub._job_retry_delay(ihub.job, integer) IS 'Internal: the delay before a job''s next attempt.';
+COMMENT ON FUNCTION ihub._job_failed(bigint, integer, text, double precision, integer) IS
+    'Internal (job worker): records a failed attempt: cancelled, retry or failed.';
+COMMENT ON FUNCTION ihub._rescue_jobs() IS 'Internal: queues again the jobs whose worker is gone.';
+COMMENT ON FUNCTION ihub._next_job_due() IS 'Internal (job worker): seconds until the next job is due.';
+COMMENT ON FUNCTION ihub.retry_later(text, interval) IS
+    'Called by a job to be retried: after the given delay, or per its retry schedule. Raises an error (SQLSTATE IHRTY).';
+COMMENT ON FUNCTION ihub.cancel_job(bigint) IS 'Cancels a queued job, or stops a running one. Returns cancelled or cancelling.';
+COMMENT ON FUNCTION ihub.retry_job(bigint) IS 'Queues a failed, cancelled or partial job again, with a fresh retry budget.';
+COMMENT ON FUNCTION ihub.resume_stuck_jobs() IS
+    'Queues again the jobs whose worker is gone and stops those running past their timeout; reports what it did.';
+COMMENT ON VIEW ihub.jobs IS
+    'Background jobs: state (pending, running, done, partial, retry, failed, cancelled), attempts, timings, last error and progress.';

@@ -1,0 +1,142 @@
+//! Plumbing shared by pg_ihub's background workers: transactions that
+//! survive errors, sleeping on the latch, session settings, and VACUUM.
+
+use std::panic::{RefUnwindSafe, UnwindSafe};
+use std::time::Duration;
+
+use pgrx::prelude::*;
+
+/// True once SIGTERM arrived (pgrx's handler sets this flag and the latch).
+pub fn shutdown_requested() -> bool {
+    unsafe { (&raw const pg_sys::ShutdownRequestPending).read_volatile() != 0 }
+}
+
+/// Sleeps on the latch; woken by commits that enqueued, by signals, or by the timeout.
+pub fn wait(timeout: Duration) {
+    unsafe {
+        pg_sys::WaitLatch(
+            pg_sys::MyLatch,
+            (pg_sys::WL_LATCH_SET | pg_sys::WL_TIMEOUT | pg_sys::WL_EXIT_ON_PM_DEATH) as i32,
+            timeout.as_millis().max(1) as std::ffi::c_long,
+            pg_sys::PG_WAIT_EXTENSION,
+        );
+        pg_sys::ResetLatch(pg_sys::MyLatch);
+    }
+    pg_sys::check_for_interrupts!();
+}
+
+/// The message of an error caught from Postgres or a Rust panic.
+pub fn caught_message(e: &pg_sys::panic::CaughtError) -> &str {
+    match e {
+        pg_sys::panic::CaughtError::PostgresError(r)
+        | pg_sys::panic::CaughtError::ErrorReport(r)
+        | pg_sys::panic::CaughtError::RustPanic { ereport: r, .. } => r.message(),
+    }
+}
+
+/// Runs `f` in its own transaction. An error is logged as a WARNING and the
+/// transaction rolled back, so that one bad batch never stops the worker.
+pub fn in_transaction<R>(f: impl FnOnce() -> R + UnwindSafe + RefUnwindSafe) -> Option<R> {
+    unsafe {
+        pg_sys::SetCurrentStatementStartTimestamp();
+        pg_sys::StartTransactionCommand();
+        pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot());
+    }
+    let result = PgTryBuilder::new(|| Some(f()))
+        .catch_others(|e| {
+            warning!("pg_ihub worker: {}", caught_message(&e));
+            None
+        })
+        .execute();
+    unsafe {
+        if result.is_some() {
+            pg_sys::PopActiveSnapshot();
+            pg_sys::CommitTransactionCommand();
+        } else {
+            pg_sys::AbortCurrentTransaction();
+        }
+        // Backends flush their table statistics between commands; a worker
+        // must do it itself, or autovacuum never learns of the rows it
+        // inserts and deletes. At most once a second unless forced.
+        pg_sys::pgstat_report_stat(false);
+    }
+    result
+}
+
+pub fn set_session(name: &str, value: &str) {
+    let name = std::ffi::CString::new(name).expect("no NUL");
+    let value = std::ffi::CString::new(value).expect("no NUL");
+    unsafe {
+        pg_sys::SetConfigOption(
+            name.as_ptr(),
+            value.as_ptr(),
+            pg_sys::GucContext::PGC_SUSET,
+            pg_sys::GucSource::PGC_S_SESSION,
+        );
+    }
+}
+
+/// A plain `VACUUM (SKIP_LOCKED, TRUNCATE false)` of one table. VACUUM runs
+/// its own transactions and must be called at top level, the way
+/// PostgresMain calls it: inside a started transaction command. It never
+/// blocks writers; SKIP_LOCKED leaves a table another vacuum holds, and
+/// TRUNCATE false keeps it from waiting for a lock to shrink the file.
+pub fn vacuum(schema: &str, table: &str) {
+    let (Ok(schema), Ok(table)) = (std::ffi::CString::new(schema), std::ffi::CString::new(table)) else { return };
+    unsafe {
+        pg_sys::SetCurrentStatementStartTimestamp();
+        pg_sys::StartTransactionCommand();
+        pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot());
+    }
+    let done = PgTryBuilder::new(|| unsafe {
+        let option = |name: &std::ffi::CStr, value: &std::ffi::CStr| {
+            pg_sys::makeDefElem(
+                pg_sys::pstrdup(name.as_ptr()),
+                pg_sys::makeString(pg_sys::pstrdup(value.as_ptr())).cast(),
+                -1,
+            )
+        };
+        let stmt = pg_sys::palloc0(std::mem::size_of::<pg_sys::VacuumStmt>()).cast::<pg_sys::VacuumStmt>();
+        (*stmt).type_ = pg_sys::NodeTag::T_VacuumStmt;
+        (*stmt).is_vacuumcmd = true;
+        (*stmt).options = pg_sys::lappend(
+            pg_sys::lappend(std::ptr::null_mut(), option(c"skip_locked", c"true").cast()),
+            option(c"truncate", c"false").cast(),
+        );
+        let relation = pg_sys::makeRangeVar(pg_sys::pstrdup(schema.as_ptr()), pg_sys::pstrdup(table.as_ptr()), -1);
+        (*stmt).rels = pg_sys::lappend(
+            std::ptr::null_mut(),
+            pg_sys::makeVacuumRelation(relation, pg_sys::InvalidOid, std::ptr::null_mut()).cast(),
+        );
+        // VACUUM keeps its working memory under PortalContext, which must
+        // outlive the transactions it commits.
+        let saved = pg_sys::PortalContext;
+        pg_sys::PortalContext = pg_sys::TopMemoryContext;
+        pg_sys::ExecVacuum(pg_sys::make_parsestate(std::ptr::null_mut()), stmt, true);
+        pg_sys::PortalContext = saved;
+        true
+    })
+    .catch_others(|e| {
+        if let pg_sys::panic::CaughtError::PostgresError(r) = &e {
+            warning!(
+                "pg_ihub: vacuum of {}.{} failed: {}",
+                schema.to_string_lossy(),
+                table.to_string_lossy(),
+                r.message()
+            );
+        }
+        false
+    })
+    .execute();
+    unsafe {
+        if done {
+            if pg_sys::ActiveSnapshotSet() {
+                pg_sys::PopActiveSnapshot();
+            }
+            pg_sys::CommitTransactionCommand();
+        } else {
+            pg_sys::PortalContext = std::ptr::null_mut();
+            pg_sys::AbortCurrentTransaction();
+        }
+    }
+}

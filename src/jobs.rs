@@ -1,0 +1,273 @@
+//! Background jobs. A job worker claims one due job at a time (priority 0
+//! first, then the oldest) with FOR UPDATE SKIP LOCKED, commits the claim,
+//! and runs the job's SQL function in a transaction of its own, as the role
+//! that enqueued it, under the job's timeout. The queue logic is SQL
+//! (`sql/jobs.sql`); this module runs the worker and the function call.
+
+use std::sync::atomic::{AtomicI32, AtomicI64, Ordering};
+use std::time::{Duration, Instant};
+
+use pgrx::bgworkers::{BackgroundWorker, SignalWakeFlags};
+use pgrx::prelude::*;
+use pgrx::JsonB;
+
+use crate::bgw::{caught_message, in_transaction, wait};
+use crate::{settings, workers};
+
+/// The job this backend is running, 0 when none.
+static CURRENT_JOB: AtomicI64 = AtomicI64::new(0);
+/// Error and critical entries logged through ihub.log during the current job.
+static ERRORS_LOGGED: AtomicI32 = AtomicI32::new(0);
+
+/// Marks errors raised by `ihub.retry_later`.
+const RETRY_LATER: &str = "ihub.retry_later:";
+
+extern "C-unwind" {
+    /// Postgres's own SIGTERM handler for backends (pgrx wraps `pg_sys::die`
+    /// as a Rust function, which a signal handler cannot be).
+    #[link_name = "die"]
+    fn postgres_die(signal: std::ffi::c_int);
+}
+
+struct Job {
+    id: i64,
+    call: String,
+    args: JsonB,
+    run_as: pg_sys::Oid,
+    timeout_ms: i32,
+}
+
+/// Why a job attempt did not finish.
+struct Failure {
+    message: String,
+    retry_after: Option<f64>,
+}
+
+#[pg_guard]
+#[no_mangle]
+pub extern "C-unwind" fn ihub_job_worker_main(_arg: pg_sys::Datum) {
+    BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP);
+    // SIGTERM (pg_terminate_backend, shutdown) must stop a running job at
+    // once, as in any backend: the job's transaction rolls back, the worker
+    // exits and is restarted, and the job is found orphaned and queued again.
+    unsafe { pg_sys::pqsignal(pg_sys::SIGTERM as i32, Some(postgres_die)) };
+    let database = BackgroundWorker::get_extra().to_string();
+    BackgroundWorker::connect_worker_to_spi(Some(&database), None);
+    workers::register(workers::Kind::JobWorker);
+    let pid = unsafe { pg_sys::MyProcPid };
+    log!("pg_ihub job worker started for database \"{database}\"");
+
+    let mut last_rescue: Option<Instant> = None;
+    loop {
+        pg_sys::check_for_interrupts!();
+        if BackgroundWorker::sighup_received() {
+            unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
+        }
+        workers::heartbeat(true);
+        let poll = Duration::from_millis(settings::POLL_INTERVAL_MS.get() as u64);
+        if !in_transaction(extension_ready).unwrap_or(false) {
+            wait(poll);
+            continue;
+        }
+        // Jobs whose worker died (crash, termination, restart) go back to
+        // the queue: at start, and at the poll cadence.
+        if last_rescue.is_none_or(|t| t.elapsed() >= poll) {
+            in_transaction(|| Spi::run("SELECT ihub._rescue_jobs()"));
+            last_rescue = Some(Instant::now());
+        }
+
+        // One run: jobs until none is due or a bound is reached, then yield.
+        let started = Instant::now();
+        let max_jobs = settings::MAX_JOBS_PER_RUN.get();
+        let max_runtime = Duration::from_secs(settings::MAX_RUNTIME_SECONDS.get() as u64);
+        let mut ran = 0;
+        while ran < max_jobs && started.elapsed() < max_runtime {
+            let Some(Some(job)) = in_transaction(|| claim(pid)) else { break };
+            workers::heartbeat(false);
+            run(job, pid);
+            ran += 1;
+        }
+        if ran == 0 {
+            let due = in_transaction(next_due).flatten();
+            wait(due.map_or(poll, |d| d.min(poll)));
+        }
+    }
+}
+
+fn extension_ready() -> bool {
+    Spi::get_one::<bool>("SELECT to_regprocedure('ihub._claim_job(integer, integer)') IS NOT NULL")
+        .ok()
+        .flatten()
+        .unwrap_or(false)
+}
+
+fn next_due() -> Option<Duration> {
+    let secs = Spi::get_one::<f64>("SELECT ihub._next_job_due()").ok().flatten()?;
+    Some(Duration::from_secs_f64(secs.clamp(0.0, 86_400.0)))
+}
+
+fn claim(pid: i32) -> Option<Job> {
+    Spi::connect_mut(|client| {
+        let rows = client
+            .update(
+                "SELECT id, call, args, run_as, timeout_ms FROM ihub._claim_job($1, $2)",
+                None,
+                &[pid.into(), settings::JOB_TIMEOUT_MS.get().into()],
+            )
+            .ok()?;
+        let row = rows.into_iter().next()?;
+        Some(Job {
+            id: row.get(1).ok()??,
+            call: row.get(2).ok()??,
+            args: row.get(3).ok()??,
+            run_as: row.get(4).ok()??,
+            timeout_ms: row.get(5).ok()??,
+        })
+    })
+}
+
+/// Runs one job and records how it went.
+fn run(job: Job, pid: i32) {
+    CURRENT_JOB.store(job.id, Ordering::SeqCst);
+    ERRORS_LOGGED.store(0, Ordering::SeqCst);
+    workers::set_job(job.id, -1, -1);
+    let id = job.id;
+    if let Err(failure) = attempt(job) {
+        let recorded = in_transaction(|| {
+            Spi::run_with_args(
+                "SELECT ihub._job_failed($1, $2, $3, $4, $5)",
+                &[
+                    id.into(),
+                    pid.into(),
+                    failure.message.clone().into(),
+                    failure.retry_after.into(),
+                    settings::JOB_BACKOFF_CAP_S.get().into(),
+                ],
+            )
+        });
+        if recorded.is_none() {
+            warning!("pg_ihub: could not record the failure of job {id}; it is rescued later");
+        }
+    }
+    CURRENT_JOB.store(0, Ordering::SeqCst);
+    workers::set_job(0, 0, 0);
+}
+
+/// The job's own transaction: its function and, if that succeeds, its
+/// `done` (or `partial`) state, committed together.
+fn attempt(job: Job) -> Result<(), Failure> {
+    unsafe {
+        pg_sys::SetCurrentStatementStartTimestamp();
+        pg_sys::StartTransactionCommand();
+        pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot());
+    }
+    let outcome = PgTryBuilder::new(|| {
+        // A clean session for each job: settings, advisory locks and
+        // temporary tables a previous job left behind are gone.
+        Spi::run("RESET ALL; SELECT pg_advisory_unlock_all(); DISCARD TEMP").expect("session reset");
+        Spi::run_with_args(
+            "SELECT set_config('statement_timeout', $1, true)",
+            &[format!("{}ms", job.timeout_ms).into()],
+        )
+        .expect("statement_timeout");
+        let result = as_role(job.run_as, || {
+            Spi::connect_mut(|client| {
+                let rows = client.update(job.call.as_str(), None, &[job.args.into()])?;
+                rows.into_iter().next().map(|row| row.get::<JsonB>(1)).transpose().map(Option::flatten)
+            })
+        })
+        .expect("the job function ran");
+        Spi::run("SELECT set_config('statement_timeout', '0', true)").expect("statement_timeout");
+        let (done, total) = progress(job.id);
+        Spi::run_with_args(
+            "SELECT ihub._job_done($1, $2, $3, $4, $5)",
+            &[job.id.into(), result.into(), ERRORS_LOGGED.load(Ordering::SeqCst).into(), done.into(), total.into()],
+        )
+        .expect("ihub._job_done");
+        Ok(())
+    })
+    .catch_others(|e| {
+        let detail = match &e {
+            pg_sys::panic::CaughtError::PostgresError(r) | pg_sys::panic::CaughtError::ErrorReport(r) => {
+                r.detail().map(str::to_string)
+            }
+            _ => None,
+        };
+        // ihub.retry_later puts its delay (seconds, maybe empty) in the detail.
+        let retry_after = detail.as_deref().and_then(|d| d.strip_prefix(RETRY_LATER)).and_then(|s| s.parse().ok());
+        let mut message = caught_message(&e).to_string();
+        if message.contains("statement timeout") {
+            message = format!("the job ran longer than its timeout ({} ms) and was stopped", job.timeout_ms);
+        }
+        Err(Failure { message, retry_after })
+    })
+    .execute();
+    unsafe {
+        if outcome.is_ok() {
+            pg_sys::PopActiveSnapshot();
+            pg_sys::CommitTransactionCommand();
+        } else {
+            // Also restores the user id the job ran as.
+            pg_sys::AbortCurrentTransaction();
+        }
+        pg_sys::pgstat_report_stat(false);
+    }
+    outcome
+}
+
+/// Runs `f` with `role` as the current user, as SECURITY DEFINER functions
+/// do; an error unwinds through the transaction abort, which restores it.
+fn as_role<R>(role: pg_sys::Oid, f: impl FnOnce() -> R) -> R {
+    let (mut saved_user, mut saved_context) = (pg_sys::InvalidOid, 0);
+    unsafe {
+        pg_sys::GetUserIdAndSecContext(&mut saved_user, &mut saved_context);
+        pg_sys::SetUserIdAndSecContext(role, saved_context | pg_sys::SECURITY_LOCAL_USERID_CHANGE as i32);
+    }
+    let result = f();
+    unsafe { pg_sys::SetUserIdAndSecContext(saved_user, saved_context) };
+    result
+}
+
+static PROGRESS: [AtomicI64; 2] = [AtomicI64::new(-1), AtomicI64::new(-1)];
+
+fn progress(job: i64) -> (Option<i64>, Option<i64>) {
+    if CURRENT_JOB.load(Ordering::SeqCst) != job {
+        return (None, None);
+    }
+    let get = |i: usize| Some(PROGRESS[i].swap(-1, Ordering::SeqCst)).filter(|v| *v >= 0);
+    (get(0), get(1))
+}
+
+/// The job this session is running (NULL outside a job).
+#[pg_extern(name = "_current_job", stable, parallel_safe)]
+fn current_job() -> Option<i64> {
+    Some(CURRENT_JOB.load(Ordering::SeqCst)).filter(|id| *id > 0)
+}
+
+/// Counts an error logged during the current job, which makes it `partial`.
+#[pg_extern(name = "_count_logged", volatile)]
+fn count_logged(level: &str) {
+    if CURRENT_JOB.load(Ordering::SeqCst) > 0 && matches!(level, "error" | "critical") {
+        ERRORS_LOGGED.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+/// Reports the current job's progress; visible in ihub.jobs while it runs.
+/// Returns false (and does nothing) outside a job.
+#[pg_extern(volatile)]
+fn job_progress(done: i64, total: default!(Option<i64>, "NULL")) -> bool {
+    let job = CURRENT_JOB.load(Ordering::SeqCst);
+    if job == 0 {
+        return false;
+    }
+    PROGRESS[0].store(done.max(0), Ordering::SeqCst);
+    PROGRESS[1].store(total.unwrap_or(-1).max(-1), Ordering::SeqCst);
+    workers::set_job(job, done.max(0), total.unwrap_or(-1));
+    true
+}
+
+/// `ihub.job_timeout` in milliseconds.
+#[pg_extern(name = "_job_timeout_ms", stable)]
+fn job_timeout_ms() -> i32 {
+    settings::JOB_TIMEOUT_MS.get()
+}
