@@ -496,6 +496,7 @@ $$;
 CREATE FUNCTION ihub.set_date(integration text, name text, value timestamptz) RETURNS timestamptz
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
+#variable_conflict use_column
 DECLARE
     v_integration bigint := ihub._integration_id(set_date.integration);
     v_old timestamptz;
@@ -536,7 +537,7 @@ JOIN ihub.integration i ON i.id = d.integration_id
 LEFT JOIN LATERAL (
     SELECT * FROM ihub.integration_date_change x
     WHERE x.integration_id = d.integration_id AND x.name = d.name
-    ORDER BY x.changed_at DESC LIMIT 1
+    ORDER BY x.id DESC LIMIT 1
 ) c ON true;
 
 -------------------------------------------------------------------------------

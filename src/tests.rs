@@ -496,4 +496,248 @@ mod tests {
              events.update:{\"id\": 1, \"body\": \"moved\", \"added\": \"x\", \"region\": \"us\"}"
         );
     }
+
+    fn setup_jobs() {
+        Spi::run(
+            "CREATE TABLE effects (id serial, note text);
+             CREATE FUNCTION note_it(args jsonb) RETURNS void LANGUAGE sql AS $$ INSERT INTO effects (note) VALUES (args->>'note') $$;
+             CREATE FUNCTION takes_int(n int) RETURNS void LANGUAGE sql AS $$ SELECT $$;",
+        )
+        .unwrap();
+    }
+
+    #[pg_test]
+    fn enqueue_checks_the_function_and_its_arguments() {
+        setup_jobs();
+        expect_error("SELECT ihub.enqueue('takes_int(int)')", &["cannot run as a job", "one jsonb argument"]);
+        expect_error("SELECT ihub.enqueue('now()')", &["cannot run as a job"]);
+        expect_error("SELECT ihub.enqueue('nope(jsonb)')", &["does not exist"]);
+        expect_error("SELECT ihub.enqueue('note_it(jsonb)', '[1]')", &["must be a JSON object"]);
+        expect_error("SELECT ihub.enqueue('note_it(jsonb)', priority => -1)", &["priority"]);
+        expect_error("SELECT ihub.enqueue('note_it(jsonb)', max_attempts => 0)", &["max_attempts"]);
+        expect_error("SELECT ihub.enqueue('note_it(jsonb)', timeout => '-1 s')", &["positive"]);
+        expect_error("SELECT ihub.enqueue('note_it(jsonb)', integration => 'nope')", &["does not exist"]);
+        assert_eq!(one::<i64>("SELECT count(*) FROM ihub.job"), 0);
+        Spi::run("CREATE ROLE ihub_test_jobber NOLOGIN IN ROLE ihub_developer; REVOKE EXECUTE ON FUNCTION note_it(jsonb) FROM PUBLIC")
+            .unwrap();
+        expect_error(
+            "SET LOCAL ROLE ihub_test_jobber; SELECT ihub.enqueue('note_it(jsonb)')",
+            &["may not execute", "grant it EXECUTE"],
+        );
+        Spi::run("RESET ROLE").unwrap();
+        let id = one::<i64>("SELECT ihub.enqueue('note_it(jsonb)', '{\"note\": \"x\"}', priority => 0)");
+        assert_eq!(
+            one::<String>(&format!("SELECT state || ':' || run_as::text FROM ihub.jobs WHERE id = {id}")),
+            "pending:postgres"
+        );
+    }
+
+    #[pg_test]
+    fn identity_keys_keep_one_job_queued() {
+        setup_jobs();
+        let first = one::<i64>("SELECT ihub.enqueue('note_it(jsonb)', identity_key => 'sync:acme')");
+        let again = one::<i64>("SELECT ihub.enqueue('note_it(jsonb)', '{\"other\": 1}', identity_key => 'sync:acme')");
+        assert_eq!(first, again);
+        let other = one::<i64>("SELECT ihub.enqueue('note_it(jsonb)', identity_key => 'sync:other')");
+        assert_ne!(first, other);
+        Spi::run(&format!("UPDATE ihub.job SET state = 'done' WHERE id = {first}")).unwrap();
+        let fresh = one::<i64>("SELECT ihub.enqueue('note_it(jsonb)', identity_key => 'sync:acme')");
+        assert_ne!(first, fresh, "a finished job no longer holds its key");
+    }
+
+    #[pg_test]
+    fn failed_attempts_follow_the_retry_schedule() {
+        setup_jobs();
+        Spi::run("SELECT ihub.create_integration('crm', settings => '{\"job_retry_schedule\": [\"2 minutes\", \"4 minutes\"]}')").unwrap();
+        let job = one::<i64>("SELECT ihub.enqueue('note_it(jsonb)')");
+        let schedule = |attempts: i32, cap: i32| {
+            Spi::run(&format!("UPDATE ihub.job SET attempts = {attempts} WHERE id = {job}")).unwrap();
+            one::<String>(&format!("SELECT ihub._job_retry_delay(j, {cap})::text FROM ihub.job j WHERE id = {job}"))
+        };
+        assert_eq!(schedule(1, 86400), "00:05:00");
+        assert_eq!(schedule(2, 86400), "00:15:00");
+        assert_eq!(schedule(3, 86400), "01:00:00");
+        assert_eq!(schedule(4, 86400), "03:00:00");
+        assert_eq!(schedule(9, 86400), "03:00:00", "the last step repeats");
+        Spi::run(&format!("UPDATE ihub.job SET integration_id = (SELECT id FROM ihub.integration WHERE name = 'crm') WHERE id = {job}")).unwrap();
+        assert_eq!(schedule(1, 86400), "00:02:00", "the integration's schedule");
+        Spi::run(&format!("UPDATE ihub.job SET retry_schedule = '{{10 seconds}}' WHERE id = {job}")).unwrap();
+        assert_eq!(schedule(3, 86400), "00:00:10", "the job's own schedule");
+        Spi::run(&format!("UPDATE ihub.job SET retry_schedule = '{{2 days}}' WHERE id = {job}")).unwrap();
+        assert_eq!(schedule(1, 86400), "24:00:00", "capped by ihub.job_backoff_cap");
+    }
+
+    #[pg_test]
+    fn job_attempts_move_through_their_states() {
+        setup_jobs();
+        let job = one::<i64>("SELECT ihub.enqueue('note_it(jsonb)', max_attempts => 2)");
+        assert_eq!(one::<i64>("SELECT id FROM ihub._claim_job(4242, 1000)"), job);
+        assert_eq!(
+            one::<String>(&format!("SELECT state || ':' || attempts FROM ihub.job WHERE id = {job}")),
+            "running:1"
+        );
+        assert_eq!(
+            one::<i64>("SELECT count(*) FROM ihub._claim_job(4243, 1000)"),
+            0,
+            "a running job is not claimed twice"
+        );
+        // Someone else's failure report is ignored.
+        assert_eq!(
+            Spi::get_one::<String>(&format!("SELECT ihub._job_failed({job}, 1, 'x', NULL, 86400)")).unwrap(),
+            None
+        );
+        assert_eq!(one::<String>(&format!("SELECT ihub._job_failed({job}, 4242, 'boom', 30, 86400)")), "retry");
+        assert!(one::<bool>(&format!(
+            "SELECT run_at BETWEEN now() + interval '29 s' AND now() + interval '31 s' FROM ihub.job WHERE id = {job}"
+        )));
+        Spi::run(&format!("UPDATE ihub.job SET run_at = now() WHERE id = {job}")).unwrap();
+        assert_eq!(one::<i64>("SELECT id FROM ihub._claim_job(4242, 1000)"), job);
+        assert_eq!(
+            one::<String>(&format!("SELECT ihub._job_failed({job}, 4242, 'boom again', NULL, 86400)")),
+            "failed"
+        );
+        assert_eq!(one::<String>("SELECT last_error FROM ihub.jobs"), "boom again");
+        assert_eq!(
+            one::<i64>("SELECT count(*) FROM ihub.logs WHERE level = 'error' AND message LIKE '%boom again%'"),
+            1
+        );
+        // Retried by hand with a fresh budget.
+        Spi::run(&format!("SELECT ihub.retry_job({job})")).unwrap();
+        assert_eq!(
+            one::<String>(&format!(
+                "SELECT state || ':' || attempts || ':' || budget_start FROM ihub.job WHERE id = {job}"
+            )),
+            "pending:2:2"
+        );
+        expect_error(&format!("SELECT ihub.retry_job({job})"), &["is pending"]);
+        // Cancelled while queued; cancelling a finished one is refused.
+        assert_eq!(one::<String>(&format!("SELECT ihub.cancel_job({job})")), "cancelled");
+        expect_error(&format!("SELECT ihub.cancel_job({job})"), &["is cancelled", "retry_job"]);
+        expect_error("SELECT ihub.cancel_job(-5)", &["does not exist"]);
+        // A job left running by a process that does not exist is rescued.
+        Spi::run(&format!("UPDATE ihub.job SET state = 'running', worker_pid = 2147483000 WHERE id = {job}")).unwrap();
+        let report = one::<String>("SELECT problem || ' -> ' || action FROM ihub.resume_stuck_jobs()");
+        assert_eq!(report, "its worker is gone -> queued again");
+        assert_eq!(one::<String>(&format!("SELECT state FROM ihub.job WHERE id = {job}")), "retry");
+    }
+
+    #[pg_test]
+    fn schedules_check_their_timing() {
+        setup_jobs();
+        let s = "SELECT ihub.schedule('s1', 'note_it(jsonb)'";
+        expect_error(&format!("{s})"), &["exactly one of every and cron"]);
+        expect_error(&format!("{s}, every => '1 minute', cron => '* * * * *')"), &["exactly one"]);
+        expect_error(&format!("{s}, every => '-1 minute')"), &["positive interval"]);
+        expect_error(&format!("{s}, cron => '61 * * * *')"), &["invalid cron expression", "five fields"]);
+        expect_error(&format!("{s}, cron => '* * * * * *')"), &["invalid cron expression"]);
+        expect_error("SELECT ihub.schedule('s1', 'takes_int(int)', every => '1 minute')", &["cannot run as a job"]);
+        expect_error(&format!("{s}, every => '1 minute', integration => 'nope')"), &["does not exist"]);
+        Spi::run("CREATE ROLE ihub_test_other NOLOGIN; CREATE ROLE ihub_test_planner NOLOGIN IN ROLE ihub_developer")
+            .unwrap();
+        expect_error(
+            &format!("SET LOCAL ROLE ihub_test_planner; {s}, every => '1 minute', run_as => 'ihub_test_other')"),
+            &["may not schedule actions that run as"],
+        );
+        Spi::run("RESET ROLE").unwrap();
+        assert_eq!(one::<i64>("SELECT count(*) FROM ihub.schedule"), 0, "nothing half-made");
+
+        Spi::run(&format!("{s}, cron => '*/5 * * * *')")).unwrap();
+        expect_error(&format!("{s}, every => '1 hour')"), &["already exists"]);
+        assert!(one::<bool>(
+            "SELECT next_run_at > now() AND next_run_at <= now() + interval '5 minutes'
+                AND extract(minute FROM next_run_at)::int % 5 = 0 AND extract(second FROM next_run_at) = 0
+             FROM ihub.schedules WHERE name = 's1'"
+        ));
+        Spi::run("SELECT ihub.schedule('s2', 'note_it(jsonb)', every => '1 hour')").unwrap();
+        assert!(one::<bool>("SELECT next_run_at = now() + interval '1 hour' FROM ihub.schedule WHERE name = 's2'"));
+        // An every-schedule keeps its phase when runs were missed.
+        assert_eq!(
+            one::<String>(
+                "SELECT (ihub._schedule_next(s, s.next_run_at + interval '150 minutes') - s.next_run_at)::text
+                 FROM ihub.schedule s WHERE name = 's2'"
+            ),
+            "03:00:00"
+        );
+        Spi::run("SELECT ihub.alter_schedule('s2', active => false)").unwrap();
+        assert_eq!(
+            one::<String>("SELECT coalesce(next_run_at::text, 'none') FROM ihub.schedules WHERE name = 's2'"),
+            "none"
+        );
+        Spi::run("SELECT ihub.unschedule('s2')").unwrap();
+        expect_error("SELECT ihub.run_now('s2')", &["does not exist", "ihub.schedule"]);
+    }
+
+    #[pg_test]
+    fn scheduled_runs_merge_per_integration_parameters() {
+        setup_jobs();
+        Spi::run(
+            "SELECT ihub.create_integration('north'); SELECT ihub.create_integration('south');
+             SELECT ihub.schedule('pull', 'note_it(jsonb)', every => '1 hour', args => '{\"note\": \"base\", \"full\": false}');
+             SELECT ihub.set_schedule_params('pull', 'north', '{\"note\": \"n\"}');
+             SELECT ihub.set_schedule_params('pull', 'south', '{\"note\": \"s\", \"full\": true}');",
+        )
+        .unwrap();
+        expect_error("SELECT ihub.set_schedule_params('pull', 'north', '[]')", &["must be a JSON object"]);
+        Spi::run("SELECT ihub.run_now('pull')").unwrap();
+        assert_eq!(
+            one::<String>(
+                "SELECT string_agg(integration || '=' || args::text, ' ' ORDER BY integration) FROM ihub.jobs"
+            ),
+            "north={\"full\": false, \"note\": \"n\"} south={\"full\": true, \"note\": \"s\"}"
+        );
+        // Due runs are queued by the tick, which moves the schedule on.
+        Spi::run("UPDATE ihub.schedule SET next_run_at = now() - interval '1 second'").unwrap();
+        assert!(one::<f64>("SELECT ihub._schedule_tick()") > 3500.0);
+        assert_eq!(one::<i64>("SELECT count(*) FROM ihub.job WHERE schedule_id IS NOT NULL"), 4);
+    }
+
+    #[pg_test]
+    fn watching_needs_something_to_watch() {
+        setup_jobs();
+        expect_error("SELECT ihub.watch('nope')", &["does not exist"]);
+        expect_error("SELECT ihub.watch('cron:nightly')", &["pg_cron is not installed", "CREATE EXTENSION pg_cron"]);
+        Spi::run("SELECT ihub.schedule('s', 'note_it(jsonb)', every => '1 minute')").unwrap();
+        expect_error("SELECT ihub.watch('s', channel => '')", &["invalid channel"]);
+        expect_error("SELECT ihub.watch('s', notify_endpoint => 'nope')", &["endpoint \"nope\" does not exist"]);
+        Spi::run("SELECT ihub.watch('s', grace => '1 second')").unwrap();
+        expect_error("SELECT ihub.watch('s')", &["already watched"]);
+        let problem = || Spi::get_one::<String>("SELECT ihub._cronwatch_problem(w) FROM ihub.watcher w").unwrap();
+        assert_eq!(problem(), None);
+        Spi::run(
+            "UPDATE ihub.watcher SET created_at = now() - interval '1 hour';
+                  UPDATE ihub.schedule SET next_run_at = now() - interval '10 seconds'",
+        )
+        .unwrap();
+        assert!(problem().unwrap().starts_with("missed its run due at"));
+        Spi::run("SELECT ihub.alter_schedule('s', active => false)").unwrap();
+        assert_eq!(problem().as_deref(), Some("deactivated"));
+        Spi::run("SELECT ihub.unschedule('s')").unwrap();
+        assert_eq!(problem().as_deref(), Some("deleted"));
+        // One alert per incident: the check alerts, then stays quiet.
+        Spi::run("SELECT ihub._cronwatch_check(); SELECT ihub._cronwatch_check()").unwrap();
+        assert_eq!(one::<String>("SELECT status || ':' || incident FROM ihub.cronwatch"), "alerting:deleted");
+        assert_eq!(
+            one::<i64>(
+                "SELECT count(*) FROM ihub.logs WHERE level = 'critical' AND message LIKE 'cronwatch: s deleted'"
+            ),
+            1
+        );
+    }
+
+    #[pg_test]
+    fn dates_changed_by_hand_are_recorded_with_a_warning() {
+        Spi::run("SELECT ihub.create_integration('shop')").unwrap();
+        assert_eq!(
+            Spi::get_one::<pgrx::datum::TimestampWithTimeZone>("SELECT ihub.get_date('shop', 'last_import')").unwrap(),
+            None
+        );
+        Spi::run("SELECT ihub.set_date('shop', 'last_import', '2026-01-01 00:00+00')").unwrap();
+        Spi::run("SELECT ihub.set_date('shop', 'last_import', '2025-06-01 00:00+00')").unwrap();
+        assert_eq!(one::<i64>("SELECT count(*) FROM ihub.integration_date_change"), 2);
+        let warning = one::<String>("SELECT warning FROM ihub.integration_dates WHERE name = 'last_import'");
+        assert!(warning.contains("import again"), "{warning}");
+        assert_eq!(one::<String>("SELECT changed_by_hand_by::text FROM ihub.integration_dates"), "postgres");
+        expect_error("SELECT ihub.set_date('nope', 'x', now())", &["does not exist"]);
+        expect_error("SELECT ihub.get_date('nope', 'x')", &["does not exist"]);
+    }
 }
