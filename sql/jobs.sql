@@ -185,10 +185,11 @@ BEGIN
     UPDATE ihub.job
     SET state = v_state, worker_pid = NULL, last_error = p_error,
         finished_at = CASE WHEN v_state = 'retry' THEN NULL ELSE clock_timestamp() END,
-        run_at = CASE WHEN v_state = 'retry'
-                      THEN now() + coalesce(least(make_interval(secs => p_retry_after), make_interval(secs => p_cap_s)),
-                                            ihub._job_retry_delay(v, p_cap_s))
-                      ELSE run_at END
+        run_at = CASE WHEN v_state <> 'retry' THEN run_at
+                      -- (least() skips NULLs, so the explicit CASE)
+                      WHEN p_retry_after IS NOT NULL
+                      THEN now() + least(make_interval(secs => p_retry_after), make_interval(secs => p_cap_s))
+                      ELSE now() + ihub._job_retry_delay(v, p_cap_s) END
     WHERE id = p_id;
     PERFORM ihub.log(CASE WHEN v_state = 'failed' THEN 'error' ELSE 'warning' END,
                      format('job %s (%s) attempt %s failed: %s', p_id, v.fn, v.attempts, p_error),

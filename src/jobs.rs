@@ -27,7 +27,13 @@ extern "C-unwind" {
     /// as a Rust function, which a signal handler cannot be).
     #[link_name = "die"]
     fn postgres_die(signal: std::ffi::c_int);
+    // utils/timeout.h, which pgrx does not bind.
+    fn enable_timeout_after(id: std::ffi::c_int, delay_ms: std::ffi::c_int);
+    fn disable_timeout(id: std::ffi::c_int, keep_indicator: bool);
 }
+
+/// `STATEMENT_TIMEOUT` of `enum TimeoutId` (the same in PostgreSQL 15 to 17).
+const STATEMENT_TIMEOUT: std::ffi::c_int = 3;
 
 struct Job {
     id: i64,
@@ -165,11 +171,11 @@ fn attempt(job: Job) -> Result<(), Failure> {
         // A clean session for each job: settings, advisory locks and
         // temporary tables a previous job left behind are gone.
         Spi::run("RESET ALL; SELECT pg_advisory_unlock_all(); DISCARD TEMP").expect("session reset");
-        Spi::run_with_args(
-            "SELECT set_config('statement_timeout', $1, true)",
-            &[format!("{}ms", job.timeout_ms).into()],
-        )
-        .expect("statement_timeout");
+        // Postgres arms statement_timeout only for client queries; a worker
+        // arms the timer itself. When it fires, the job's query is cancelled.
+        unsafe {
+            enable_timeout_after(STATEMENT_TIMEOUT, job.timeout_ms.max(1));
+        }
         let result = as_role(job.run_as, || {
             Spi::connect_mut(|client| {
                 let rows = client.update(job.call.as_str(), None, &[job.args.into()])?;
@@ -177,7 +183,7 @@ fn attempt(job: Job) -> Result<(), Failure> {
             })
         })
         .expect("the job function ran");
-        Spi::run("SELECT set_config('statement_timeout', '0', true)").expect("statement_timeout");
+        unsafe { disable_timeout(STATEMENT_TIMEOUT, false) };
         let (done, total) = progress(job.id);
         Spi::run_with_args(
             "SELECT ihub._job_done($1, $2, $3, $4, $5)",
@@ -203,6 +209,7 @@ fn attempt(job: Job) -> Result<(), Failure> {
     })
     .execute();
     unsafe {
+        disable_timeout(STATEMENT_TIMEOUT, false);
         if outcome.is_ok() {
             pg_sys::PopActiveSnapshot();
             pg_sys::CommitTransactionCommand();

@@ -601,6 +601,14 @@ mod tests {
             one::<i64>("SELECT count(*) FROM ihub.logs WHERE level = 'error' AND message LIKE '%boom again%'"),
             1
         );
+        // Without a delay from retry_later, the retry schedule decides.
+        let other = one::<i64>("SELECT ihub.enqueue('note_it(jsonb)')");
+        assert_eq!(one::<i64>("SELECT id FROM ihub._claim_job(4242, 1000)"), other);
+        assert_eq!(one::<String>(&format!("SELECT ihub._job_failed({other}, 4242, 'x', NULL, 86400)")), "retry");
+        assert!(one::<bool>(&format!(
+            "SELECT run_at BETWEEN now() + interval '299 s' AND now() + interval '301 s' FROM ihub.job WHERE id = {other}"
+        )));
+        Spi::run(&format!("DELETE FROM ihub.job WHERE id = {other}")).unwrap();
         // Retried by hand with a fresh budget.
         Spi::run(&format!("SELECT ihub.retry_job({job})")).unwrap();
         assert_eq!(
