@@ -167,3 +167,140 @@ fn idle_dispatchers_sleep_instead_of_polling() {
     // A spinning worker burns a core (3 s here); a sleeping one next to nothing.
     assert!(used < 0.3, "dispatchers used {used:.2} CPU seconds in 3 s of idleness");
 }
+
+#[test]
+fn a_job_whose_worker_is_terminated_runs_again_exactly_once() {
+    let _g = serial();
+    let mut hub = hub();
+    let p = unique("killed");
+    hub.exec(&format!(
+        "CREATE TABLE {p}_effects (note text);
+         CREATE TABLE {p}_runs (n int);
+         INSERT INTO {p}_runs VALUES (0);
+         CREATE FUNCTION {p}(args jsonb) RETURNS void LANGUAGE plpgsql AS $$
+         BEGIN
+             INSERT INTO {p}_effects VALUES ('effect');
+             -- The first attempt takes long enough to be terminated.
+             IF (SELECT attempts FROM ihub.job WHERE id = ihub._current_job()) = 1 THEN
+                 PERFORM pg_sleep(30);
+             END IF;
+         END $$;"
+    ));
+    let id: i64 = hub.one(&format!("SELECT ihub.enqueue('{p}(jsonb)')"));
+    assert!(hub.wait_true(&format!("SELECT state = 'running' FROM ihub.job WHERE id = {id}"), Duration::from_secs(20)));
+    let pid: i32 = hub.one(&format!("SELECT worker_pid FROM ihub.job WHERE id = {id}"));
+    let started = std::time::Instant::now();
+    hub.exec(&format!("SELECT pg_terminate_backend({pid})"));
+    assert!(
+        hub.wait_true(&format!("SELECT state = 'done' FROM ihub.job WHERE id = {id}"), Duration::from_secs(30)),
+        "the job was not resumed"
+    );
+    assert!(started.elapsed() < Duration::from_secs(15), "resumed within seconds, not after a long timer");
+    let (attempts, effects): (i32, i64) = {
+        let r = hub.db.query_one(&format!("SELECT attempts, (SELECT count(*) FROM {p}_effects) FROM ihub.job WHERE id = {id}"), &[]).unwrap();
+        (r.get(0), r.get(1))
+    };
+    assert_eq!((attempts, effects), (2, 1), "the terminated attempt left nothing; the second ran once");
+    let logged: i64 = hub.one(&format!("SELECT count(*) FROM ihub.logs WHERE message LIKE 'stuck job {id} %'"));
+    assert_eq!(logged, 1);
+}
+
+#[test]
+fn missed_runs_are_caught_up_after_a_restart_only_when_asked() {
+    let _g = serial();
+    let mut hub = hub();
+    let p = unique("missed");
+    hub.exec(&format!(
+        "CREATE FUNCTION {p}(args jsonb) RETURNS void LANGUAGE sql AS $$ SELECT $$;
+         SELECT ihub.schedule('{p}_repeat', '{p}(jsonb)', every => '1 second', repeat_missed => true);
+         SELECT ihub.schedule('{p}_skip', '{p}(jsonb)', every => '1 second');"
+    ));
+    std::thread::sleep(Duration::from_millis(1500));
+    drop(hub);
+    let cluster = Cluster::from_env();
+    let data = cluster.pgdata.to_string_lossy().to_string();
+    cluster.run_as_postgres("pg_ctl", &["-D", &data, "-m", "fast", "-w", "stop"]);
+    std::thread::sleep(Duration::from_millis(4500));
+    cluster.start();
+    let mut hub = pg_ihub_e2e::hub();
+    // The first tick after the start queues all of a schedule's catch-up runs
+    // in one transaction, so they share a creation time.
+    let first_burst = |hub: &mut Hub, schedule: &str| -> i64 {
+        assert!(hub.wait_true(
+            &format!(
+                "SELECT count(*) > 0 FROM ihub.job j JOIN ihub.schedule s ON s.id = j.schedule_id
+                 WHERE s.name = '{schedule}' AND j.created_at > pg_postmaster_start_time()"
+            ),
+            Duration::from_secs(20)
+        ));
+        hub.one(&format!(
+            "SELECT count(*) FROM ihub.job j JOIN ihub.schedule s ON s.id = j.schedule_id
+             WHERE s.name = '{schedule}' AND j.created_at = (
+                 SELECT min(created_at) FROM ihub.job j2 WHERE j2.schedule_id = s.id AND j2.created_at > pg_postmaster_start_time())"
+        ))
+    };
+    let repeated = first_burst(&mut hub, &format!("{p}_repeat"));
+    let skipped = first_burst(&mut hub, &format!("{p}_skip"));
+    assert!(repeated >= 4, "about five runs were missed while down; {repeated} caught up");
+    assert_eq!(skipped, 1, "without repeat_missed the missed runs collapse into one");
+    hub.exec(&format!("SELECT ihub.unschedule('{p}_repeat'); SELECT ihub.unschedule('{p}_skip');"));
+}
+
+#[test]
+fn cronwatch_alerts_when_a_run_is_late() {
+    let _g = serial();
+    let mut hub = hub();
+    let p = unique("late");
+    let channel = unique("cwlate");
+    hub.exec(&format!(
+        "CREATE FUNCTION {p}_busy(args jsonb) RETURNS void LANGUAGE sql AS $$ SELECT pg_sleep(4) $$;
+         CREATE FUNCTION {p}_tick(args jsonb) RETURNS void LANGUAGE sql AS $$ SELECT $$;
+         SELECT ihub.schedule('{p}', '{p}_tick(jsonb)', every => '1 second', priority => 20);
+         SELECT ihub.watch('{p}', channel => '{channel}', grace => '1 second');
+         LISTEN {channel};"
+    ));
+    // Both job workers busy: the scheduled runs are queued but cannot start.
+    hub.exec(&format!("SELECT ihub.enqueue('{p}_busy(jsonb)', priority => 0) FROM generate_series(1, 2)"));
+    let deadline = std::time::Instant::now() + Duration::from_secs(12);
+    let mut events = Vec::new();
+    while std::time::Instant::now() < deadline && !events.iter().any(|e: &String| e == "recovered") {
+        let mut n = hub.db.notifications();
+        let mut it = n.timeout_iter(Duration::from_millis(200));
+        while let Ok(Some(note)) = fallible_iterator::FallibleIterator::next(&mut it) {
+            let v: serde_json::Value = serde_json::from_str(note.payload()).unwrap();
+            events.push(format!("{}", v["event"].as_str().unwrap()));
+            if v["event"] == "alert" {
+                assert!(v["problem"].as_str().unwrap().contains("has not started"), "{v}");
+            }
+        }
+    }
+    assert_eq!(events, vec!["alert", "recovered"], "one alert while late, one reset when on time again");
+    hub.exec(&format!("SELECT ihub.unwatch('{p}'); SELECT ihub.unschedule('{p}');"));
+}
+
+#[test]
+fn a_pg_cron_job_can_be_watched() {
+    let _g = serial();
+    let mut hub = hub();
+    let job = unique("nightly");
+    let channel = unique("cwcron");
+    hub.exec(&format!(
+        "CREATE EXTENSION IF NOT EXISTS pg_cron;
+         SELECT cron.schedule('{job}', '* * * * *', 'SELECT 1');"
+    ));
+    hub.exec(&format!("SELECT ihub.watch('cron:{job}', channel => '{channel}', grace => '2 seconds'); LISTEN {channel};"));
+    std::thread::sleep(Duration::from_secs(2));
+    let status: String = hub.one(&format!("SELECT status FROM ihub.cronwatch WHERE target = 'cron:{job}'"));
+    assert_eq!(status, "ok", "active and not yet due: on time");
+    hub.exec(&format!("SELECT cron.alter_job((SELECT jobid FROM cron.job WHERE jobname = '{job}'), active := false)"));
+    assert!(hub.wait_true(
+        &format!("SELECT status = 'alerting' AND incident = 'deactivated' FROM ihub.cronwatch WHERE target = 'cron:{job}'"),
+        Duration::from_secs(20)
+    ));
+    hub.exec(&format!("SELECT cron.unschedule('{job}')"));
+    assert!(hub.wait_true(
+        &format!("SELECT incident = 'deleted' FROM ihub.cronwatch WHERE target = 'cron:{job}'"),
+        Duration::from_secs(20)
+    ));
+    hub.exec(&format!("SELECT ihub.unwatch('cron:{job}')"));
+}
