@@ -102,45 +102,57 @@ END
 $$;
 
 -- Claims the most urgent due job for a worker and returns how to call it.
+-- (PL/pgSQL rather than SQL: its plans are cached for the worker's session.)
 CREATE FUNCTION ihub._claim_job(p_owner integer, p_default_timeout_ms integer)
-RETURNS TABLE (id bigint, call text, args jsonb, run_as oid, timeout_ms integer)
-LANGUAGE sql SET search_path = pg_catalog, pg_temp
+RETURNS TABLE (id bigint, call text, args jsonb, run_as oid, timeout_ms integer, more_due boolean)
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
 AS $$
+BEGIN
+    -- Two are locked so that the worker learns whether more are due (and wakes
+    -- a peer) without a second scan; the second is released at commit.
+    RETURN QUERY
     WITH next AS (
-        SELECT j.id FROM ihub.job j
+        SELECT j.id, j.priority, j.run_at FROM ihub.job j
         WHERE j.state IN ('pending', 'retry') AND j.run_at <= now()
         ORDER BY j.priority, j.run_at, j.id
-        LIMIT 1
+        LIMIT 2
         FOR UPDATE SKIP LOCKED
+    ), first AS (
+        SELECT (array_agg(next.id ORDER BY next.priority, next.run_at, next.id))[1] AS id, count(*) > 1 AS more
+        FROM next
     ), claimed AS (
         UPDATE ihub.job j
         SET state = 'running', worker_pid = p_owner, started_at = clock_timestamp(), finished_at = NULL,
             attempts = j.attempts + 1, cancel_requested = false, errors_logged = 0,
             progress_done = NULL, progress_total = NULL
-        FROM next WHERE j.id = next.id
-        RETURNING j.id, j.fn, j.args, j.run_as, j.timeout
+        FROM first WHERE j.id = first.id
+        RETURNING j.id, j.fn, j.args, j.run_as, j.timeout, first.more
     )
     SELECT c.id,
            CASE WHEN p.prorettype = 'void'::regtype
                 THEN format('SELECT NULL::jsonb FROM %I.%I($1) AS f', n.nspname, p.proname)
                 ELSE format('SELECT to_jsonb(%I.%I($1))', n.nspname, p.proname) END,
            c.args, c.run_as::oid,
-           coalesce((extract(epoch FROM c.timeout) * 1000)::integer, p_default_timeout_ms)
+           coalesce((extract(epoch FROM c.timeout) * 1000)::integer, p_default_timeout_ms),
+           c.more
     FROM claimed c
     JOIN pg_proc p ON p.oid = c.fn
-    JOIN pg_namespace n ON n.oid = p.pronamespace
+    JOIN pg_namespace n ON n.oid = p.pronamespace;
+END
 $$;
 
 CREATE FUNCTION ihub._job_done(p_id bigint, p_result jsonb, p_errors integer, p_done bigint, p_total bigint)
 RETURNS void
-LANGUAGE sql SET search_path = pg_catalog, pg_temp
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
 AS $$
+BEGIN
     UPDATE ihub.job
     SET state = CASE WHEN p_errors > 0 THEN 'partial' ELSE 'done' END,
         finished_at = clock_timestamp(), worker_pid = NULL, result = p_result, errors_logged = p_errors,
         last_error = CASE WHEN p_errors > 0 THEN format('%s error(s) logged during the run', p_errors) END,
         progress_done = coalesce(p_done, progress_done), progress_total = coalesce(p_total, progress_total)
-    WHERE id = p_id
+    WHERE id = p_id;
+END
 $$;
 
 -- The delay before the next attempt: the job's schedule, else its

@@ -83,6 +83,14 @@ pub fn set_session(name: &str, value: &str) {
 /// TRUNCATE false keeps it from waiting for a lock to shrink the file.
 pub fn vacuum(schema: &str, table: &str) {
     let (Ok(schema), Ok(table)) = (std::ffi::CString::new(schema), std::ffi::CString::new(table)) else { return };
+    // SKIP_LOCKED reports a table it skipped as a WARNING; another worker or
+    // autovacuum being at it is no news, so keep that out of the server log.
+    let saved_level = unsafe {
+        std::ffi::CStr::from_ptr(pg_sys::GetConfigOption(c"log_min_messages".as_ptr(), false, false))
+            .to_string_lossy()
+            .into_owned()
+    };
+    set_session("log_min_messages", "error");
     unsafe {
         pg_sys::SetCurrentStatementStartTimestamp();
         pg_sys::StartTransactionCommand();
@@ -139,4 +147,34 @@ pub fn vacuum(schema: &str, table: &str) {
             pg_sys::AbortCurrentTransaction();
         }
     }
+    set_session("log_min_messages", &saved_level);
+}
+
+thread_local! {
+    /// Statements prepared once per worker (SPI_keepplan), by their text.
+    static PLANS: std::cell::RefCell<std::collections::HashMap<String, pgrx::spi::OwnedPreparedStatement>> =
+        std::cell::RefCell::new(std::collections::HashMap::new());
+}
+
+/// Runs `sql` from a plan prepared on first use and kept for the worker's
+/// life: a worker runs the same few statements thousands of times a second,
+/// and parsing and planning them each time was most of its CPU.
+pub fn run_prepared<'conn>(
+    client: &mut pgrx::spi::SpiClient<'conn>,
+    sql: &str,
+    types: &[pgrx::PgOid],
+    args: &[pgrx::datum::DatumWithOid<'_>],
+) -> pgrx::spi::SpiResult<pgrx::spi::SpiTupleTable<'conn>> {
+    PLANS.with(|plans| {
+        let mut plans = plans.borrow_mut();
+        if !plans.contains_key(sql) {
+            // Job functions are many but few; never let the cache grow without bound.
+            if plans.len() >= 1000 {
+                plans.clear();
+            }
+            let stmt = client.prepare_mut(sql, types)?.keep();
+            plans.insert(sql.to_string(), stmt);
+        }
+        client.update(&plans[sql], None, args)
+    })
 }

@@ -95,6 +95,9 @@ pub extern "C-unwind" fn ihub_dispatcher_main(_arg: pg_sys::Datum) {
             continue;
         }
         workers::heartbeat(false);
+        if round.claimed.len() as i32 >= batch_size {
+            workers::wake_peer(workers::Kind::Dispatcher);
+        }
         let claimed_at = Instant::now();
         let requests = round.claimed.iter().map(|c| c.request.clone()).collect();
         let attempts = runtime.block_on(sender.send_all(requests, shutdown_requested));

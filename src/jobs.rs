@@ -9,9 +9,9 @@ use std::time::{Duration, Instant};
 
 use pgrx::bgworkers::{BackgroundWorker, SignalWakeFlags};
 use pgrx::prelude::*;
-use pgrx::JsonB;
+use pgrx::{JsonB, PgOid};
 
-use crate::bgw::{caught_message, in_transaction, wait};
+use crate::bgw::{caught_message, in_transaction, run_prepared, wait};
 use crate::{settings, workers};
 
 /// The job this backend is running, 0 when none.
@@ -34,6 +34,8 @@ extern "C-unwind" {
 
 /// `STATEMENT_TIMEOUT` of `enum TimeoutId` (the same in PostgreSQL 15 to 17).
 const STATEMENT_TIMEOUT: std::ffi::c_int = 3;
+/// The lock method of advisory locks (storage/lock.h).
+const USER_LOCKMETHOD: pg_sys::LOCKMETHODID = 2;
 
 struct Job {
     id: i64,
@@ -41,6 +43,8 @@ struct Job {
     args: JsonB,
     run_as: pg_sys::Oid,
     timeout_ms: i32,
+    /// Other jobs were due when this one was claimed.
+    more_due: bool,
 }
 
 /// Why a job attempt did not finish.
@@ -64,6 +68,7 @@ pub extern "C-unwind" fn ihub_job_worker_main(_arg: pg_sys::Datum) {
     log!("pg_ihub job worker started for database \"{database}\"");
 
     let mut last_rescue: Option<Instant> = None;
+    let mut last_vacuum = Instant::now();
     loop {
         pg_sys::check_for_interrupts!();
         if BackgroundWorker::sighup_received() {
@@ -90,13 +95,34 @@ pub extern "C-unwind" fn ihub_job_worker_main(_arg: pg_sys::Datum) {
         while ran < max_jobs && started.elapsed() < max_runtime {
             let Some(Some(job)) = in_transaction(|| claim(pid)) else { break };
             workers::heartbeat(false);
+            if job.more_due {
+                workers::wake_peer(workers::Kind::JobWorker);
+            }
             run(job, pid);
             ran += 1;
         }
         if ran == 0 {
             let due = in_transaction(next_due).flatten();
             wait(due.map_or(poll, |d| d.min(poll)));
+        } else if last_vacuum.elapsed() >= Duration::from_secs(2) {
+            // Every claimed job leaves a dead entry at the head of the queue
+            // index, which each claim steps over until vacuum removes it.
+            vacuum_job_table();
+            last_vacuum = Instant::now();
         }
+    }
+}
+
+/// Dead job versions that make a VACUUM of ihub.job worth its cost.
+const JOB_DEAD_ROWS: i64 = 10_000;
+
+fn vacuum_job_table() {
+    let dead = in_transaction(|| {
+        Spi::get_one::<i64>("SELECT pg_stat_get_dead_tuples('ihub.job'::regclass)").ok().flatten().unwrap_or(0)
+    })
+    .unwrap_or(0);
+    if dead >= JOB_DEAD_ROWS {
+        crate::bgw::vacuum("ihub", "job");
     }
 }
 
@@ -113,14 +139,17 @@ fn next_due() -> Option<Duration> {
 }
 
 fn claim(pid: i32) -> Option<Job> {
+    // The claim need not wait for its WAL flush: the job's own commit
+    // flushes it, and if both are lost in a crash the job is simply pending.
     Spi::connect_mut(|client| {
-        let rows = client
-            .update(
-                "SELECT id, call, args, run_as, timeout_ms FROM ihub._claim_job($1, $2)",
-                None,
-                &[pid.into(), settings::JOB_TIMEOUT_MS.get().into()],
-            )
-            .ok()?;
+        run_prepared(client, "SET LOCAL synchronous_commit = off", &[], &[]).ok()?;
+        let rows = run_prepared(
+            client,
+            "SELECT id, call, args, run_as, timeout_ms, more_due FROM ihub._claim_job($1, $2)",
+            &[PgOid::from(pg_sys::INT4OID), PgOid::from(pg_sys::INT4OID)],
+            &[pid.into(), settings::JOB_TIMEOUT_MS.get().into()],
+        )
+        .ok()?;
         let row = rows.into_iter().next()?;
         Some(Job {
             id: row.get(1).ok()??,
@@ -128,6 +157,7 @@ fn claim(pid: i32) -> Option<Job> {
             args: row.get(3).ok()??,
             run_as: row.get(4).ok()??,
             timeout_ms: row.get(5).ok()??,
+            more_due: row.get(6).ok().flatten().unwrap_or(false),
         })
     })
 }
@@ -170,7 +200,12 @@ fn attempt(job: Job) -> Result<(), Failure> {
     let outcome = PgTryBuilder::new(|| {
         // A clean session for each job: settings, advisory locks and
         // temporary tables a previous job left behind are gone.
-        Spi::run("RESET ALL; SELECT pg_advisory_unlock_all(); DISCARD TEMP").expect("session reset");
+        // (What RESET ALL, DISCARD TEMP and pg_advisory_unlock_all do.)
+        unsafe {
+            pg_sys::ResetAllOptions();
+            pg_sys::ResetTempTableNamespace();
+            pg_sys::LockReleaseSession(USER_LOCKMETHOD);
+        }
         // Postgres arms statement_timeout only for client queries; a worker
         // arms the timer itself. When it fires, the job's query is cancelled.
         unsafe {
@@ -178,17 +213,23 @@ fn attempt(job: Job) -> Result<(), Failure> {
         }
         let result = as_role(job.run_as, || {
             Spi::connect_mut(|client| {
-                let rows = client.update(job.call.as_str(), None, &[job.args.into()])?;
+                let rows = run_prepared(client, &job.call, &[PgOid::from(pg_sys::JSONBOID)], &[job.args.into()])?;
                 rows.into_iter().next().map(|row| row.get::<JsonB>(1)).transpose().map(Option::flatten)
             })
         })
         .expect("the job function ran");
         unsafe { disable_timeout(STATEMENT_TIMEOUT, false) };
         let (done, total) = progress(job.id);
-        Spi::run_with_args(
-            "SELECT ihub._job_done($1, $2, $3, $4, $5)",
-            &[job.id.into(), result.into(), ERRORS_LOGGED.load(Ordering::SeqCst).into(), done.into(), total.into()],
-        )
+        Spi::connect_mut(|client| {
+            let int8 = PgOid::from(pg_sys::INT8OID);
+            run_prepared(
+                client,
+                "SELECT ihub._job_done($1, $2, $3, $4, $5)",
+                &[int8, PgOid::from(pg_sys::JSONBOID), PgOid::from(pg_sys::INT4OID), int8, int8],
+                &[job.id.into(), result.into(), ERRORS_LOGGED.load(Ordering::SeqCst).into(), done.into(), total.into()],
+            )
+            .map(|_| ())
+        })
         .expect("ihub._job_done");
         Ok(())
     })

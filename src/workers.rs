@@ -197,12 +197,23 @@ pub fn heartbeat(idle: bool) {
     }
 }
 
+/// Wakes one idle worker of this worker's kind and database, if there is
+/// one: called when there is more work than this worker is taking, since a
+/// single commit (a bulk insert, say) wakes only one worker.
+pub fn wake_peer(kind: Kind) {
+    wake_one(kind, unsafe { pg_sys::MyDatabaseId });
+}
+
 /// Sets the latch of one idle worker of a kind in `dboid`, taking turns.
 /// Waking all of them made every commit cost a claim round per worker.
 fn wake_one(kind: Kind, dboid: pg_sys::Oid) {
+    let me = unsafe { pg_sys::MyProcPid };
     let reg = REGISTRY.share();
-    let idle: Vec<&Slot> =
-        reg.slots.iter().filter(|s| s.kind == kind && s.dboid == dboid && s.procno >= 0 && s.idle).collect();
+    let idle: Vec<&Slot> = reg
+        .slots
+        .iter()
+        .filter(|s| s.kind == kind && s.dboid == dboid && s.procno >= 0 && s.idle && s.pid != me)
+        .collect();
     if idle.is_empty() {
         return; // every dispatcher is busy and will claim again when done
     }

@@ -80,7 +80,9 @@ fn higher_priority_jobs_start_first() {
     let mut tx = hub.db.transaction().unwrap();
     for priority in [9, 8, 7, 6, 5, 4, 3, 2, 1, 0] {
         tx.execute(
-            &format!("SELECT ihub.enqueue('{p}_take(jsonb)', jsonb_build_object('priority', $1::int), priority => $1::int)"),
+            &format!(
+                "SELECT ihub.enqueue('{p}_take(jsonb)', jsonb_build_object('priority', $1::int), priority => $1::int)"
+            ),
             &[&priority],
         )
         .unwrap();
@@ -89,8 +91,13 @@ fn higher_priority_jobs_start_first() {
     std::thread::sleep(Duration::from_millis(500));
     holder.batch_execute(&format!("SELECT pg_advisory_unlock({lock})")).unwrap();
     assert!(hub.wait_true(&format!("SELECT count(*) = 10 FROM {p}_order"), WAIT));
-    let order: Vec<i32> =
-        hub.db.query(&format!("SELECT priority FROM {p}_order ORDER BY n"), &[]).unwrap().iter().map(|r| r.get(0)).collect();
+    let order: Vec<i32> = hub
+        .db
+        .query(&format!("SELECT priority FROM {p}_order ORDER BY n"), &[])
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
     // Two job workers take jobs side by side: each job starts at most one
     // place away from its priority rank.
     for (position, priority) in order.iter().enumerate() {
@@ -161,8 +168,8 @@ fn retry_later_follows_the_schedule_or_its_own_delay() {
         "SELECT extract(epoch FROM finished_at - created_at)::float8 FROM ihub.job WHERE id = {scheduled}"
     ));
     assert!(spent >= 0.9, "two retries of 0.3 s and 0.6 s took {spent} s");
-    let asked_spent: f64 =
-        hub.one(&format!("SELECT extract(epoch FROM finished_at - created_at)::float8 FROM ihub.job WHERE id = {asked}"));
+    let asked_spent: f64 = hub
+        .one(&format!("SELECT extract(epoch FROM finished_at - created_at)::float8 FROM ihub.job WHERE id = {asked}"));
     assert!((0.4..60.0).contains(&asked_spent), "retry_later(after) wins over a 1-hour schedule: {asked_spent} s");
 }
 
@@ -170,9 +177,8 @@ fn retry_later_follows_the_schedule_or_its_own_delay() {
 fn failing_jobs_give_up_after_max_attempts_and_can_be_retried() {
     let mut hub = hub();
     let p = job_kit(&mut hub);
-    let id: i64 = hub.one(&format!(
-        "SELECT ihub.enqueue('{p}_fail(jsonb)', max_attempts => 2, retry_schedule => '{{0.1 s}}')"
-    ));
+    let id: i64 =
+        hub.one(&format!("SELECT ihub.enqueue('{p}_fail(jsonb)', max_attempts => 2, retry_schedule => '{{0.1 s}}')"));
     wait_job(&mut hub, id, "failed");
     let (attempts, error): (i32, String) = {
         let r = hub.db.query_one(&format!("SELECT attempts, last_error FROM ihub.jobs WHERE id = {id}"), &[]).unwrap();
@@ -218,7 +224,12 @@ fn errors_logged_make_a_job_partial_and_progress_shows_while_it_runs() {
     ));
     let id: i64 = hub.one(&format!("SELECT ihub.enqueue('{p}(jsonb)')"));
     assert!(
-        hub.wait_true(&format!("SELECT progress_done = 3 AND progress_total = 10 AND state = 'running' FROM ihub.jobs WHERE id = {id}"), WAIT),
+        hub.wait_true(
+            &format!(
+                "SELECT progress_done = 3 AND progress_total = 10 AND state = 'running' FROM ihub.jobs WHERE id = {id}"
+            ),
+            WAIT
+        ),
         "progress is visible while the job runs"
     );
     wait_job(&mut hub, id, "partial");
@@ -262,7 +273,12 @@ fn integration_dates_advance_with_the_data_or_not_at_all() {
     let (rows, date): (i64, Option<String>) = {
         let r = hub
             .db
-            .query_one(&format!("SELECT (SELECT count(*) FROM {p}_imported), ihub.get_date('{integration}', 'last_import')::text"), &[])
+            .query_one(
+                &format!(
+                    "SELECT (SELECT count(*) FROM {p}_imported), ihub.get_date('{integration}', 'last_import')::text"
+                ),
+                &[],
+            )
             .unwrap();
         (r.get(0), r.get(1))
     };
@@ -293,7 +309,10 @@ fn schedules_fire_at_their_interval_and_stop_after_their_number_of_calls() {
     ));
     assert!(hub.wait_true(&format!("SELECT count(*) = 3 FROM {p}_effects"), WAIT));
     assert!(started.elapsed() >= Duration::from_millis(1400), "three runs half a second apart");
-    assert!(hub.wait_true(&format!("SELECT NOT active AND number_of_calls = 0 FROM ihub.schedules WHERE name = '{name}'"), WAIT));
+    assert!(hub.wait_true(
+        &format!("SELECT NOT active AND number_of_calls = 0 FROM ihub.schedules WHERE name = '{name}'"),
+        WAIT
+    ));
     std::thread::sleep(Duration::from_millis(800));
     let runs: i64 = hub.one(&format!("SELECT count(*) FROM {p}_effects"));
     assert_eq!(runs, 3, "no fourth run");
@@ -306,7 +325,9 @@ fn a_cron_schedule_runs_when_due_and_moves_to_its_next_time() {
     let mut hub = hub();
     let p = job_kit(&mut hub);
     let name = unique("cron");
-    hub.exec(&format!("SELECT ihub.schedule('{name}', '{p}_note(jsonb)', cron => '*/10 * * * *', args => '{{\"note\": \"cron\"}}')"));
+    hub.exec(&format!(
+        "SELECT ihub.schedule('{name}', '{p}_note(jsonb)', cron => '*/10 * * * *', args => '{{\"note\": \"cron\"}}')"
+    ));
     // Bring the due time forward instead of waiting for the next ten minutes.
     hub.exec(&format!("UPDATE ihub.schedule SET next_run_at = now() WHERE name = '{name}'"));
     hub.exec(&format!("SELECT ihub.alter_schedule('{name}', priority => 5)"));
@@ -364,7 +385,9 @@ fn cronwatch_alerts_once_per_incident_and_resets() {
     assert_eq!(got.len(), 1, "{got:?}");
     assert_eq!(got[0]["problem"], "deleted");
     // Each alert was also a critical log entry and a signed request.
-    let critical: i64 = hub.one(&format!("SELECT count(*) FROM ihub.logs WHERE level = 'critical' AND message LIKE 'cronwatch: {name} %'"));
+    let critical: i64 = hub.one(&format!(
+        "SELECT count(*) FROM ihub.logs WHERE level = 'critical' AND message LIKE 'cronwatch: {name} %'"
+    ));
     assert_eq!(critical, 2);
     assert!(rx.wait_for(3, WAIT), "alerts and the recovery reach the notify endpoint");
     let kinds: Vec<String> = rx.received().iter().map(|r| r.json()["event"].as_str().unwrap().to_string()).collect();

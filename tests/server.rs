@@ -197,7 +197,13 @@ fn a_job_whose_worker_is_terminated_runs_again_exactly_once() {
     );
     assert!(started.elapsed() < Duration::from_secs(15), "resumed within seconds, not after a long timer");
     let (attempts, effects): (i32, i64) = {
-        let r = hub.db.query_one(&format!("SELECT attempts, (SELECT count(*) FROM {p}_effects) FROM ihub.job WHERE id = {id}"), &[]).unwrap();
+        let r = hub
+            .db
+            .query_one(
+                &format!("SELECT attempts, (SELECT count(*) FROM {p}_effects) FROM ihub.job WHERE id = {id}"),
+                &[],
+            )
+            .unwrap();
         (r.get(0), r.get(1))
     };
     assert_eq!((attempts, effects), (2, 1), "the terminated attempt left nothing; the second ran once");
@@ -288,13 +294,17 @@ fn a_pg_cron_job_can_be_watched() {
         "CREATE EXTENSION IF NOT EXISTS pg_cron;
          SELECT cron.schedule('{job}', '* * * * *', 'SELECT 1');"
     ));
-    hub.exec(&format!("SELECT ihub.watch('cron:{job}', channel => '{channel}', grace => '2 seconds'); LISTEN {channel};"));
+    hub.exec(&format!(
+        "SELECT ihub.watch('cron:{job}', channel => '{channel}', grace => '2 seconds'); LISTEN {channel};"
+    ));
     std::thread::sleep(Duration::from_secs(2));
     let status: String = hub.one(&format!("SELECT status FROM ihub.cronwatch WHERE target = 'cron:{job}'"));
     assert_eq!(status, "ok", "active and not yet due: on time");
     hub.exec(&format!("SELECT cron.alter_job((SELECT jobid FROM cron.job WHERE jobname = '{job}'), active := false)"));
     assert!(hub.wait_true(
-        &format!("SELECT status = 'alerting' AND incident = 'deactivated' FROM ihub.cronwatch WHERE target = 'cron:{job}'"),
+        &format!(
+            "SELECT status = 'alerting' AND incident = 'deactivated' FROM ihub.cronwatch WHERE target = 'cron:{job}'"
+        ),
         Duration::from_secs(20)
     ));
     hub.exec(&format!("SELECT cron.unschedule('{job}')"));

@@ -20,7 +20,7 @@ fn main() {
     let receiver = Receiver::start_on(0, 2, true);
     let mut workers: i64 = 0;
     for _ in 0..100 {
-        workers = db.query_one("SELECT count(*) FROM ihub.workers", &[]).unwrap().get(0);
+        workers = db.query_one("SELECT count(*) FROM ihub.workers WHERE kind = 'dispatcher'", &[]).unwrap().get(0);
         if workers > 0 {
             break;
         }
@@ -35,6 +35,114 @@ fn main() {
     let rows = std::env::var("IHUB_BENCH_ROWS").ok().and_then(|v| v.parse().ok()).unwrap_or(20_000);
     throughput(&mut db, &receiver, rows);
     latency(&cluster, &receiver, 500, Duration::from_secs(10));
+
+    println!();
+    jobs_throughput(&mut db, 50_000);
+    jobs_latency(&cluster, &mut db, 200, Duration::from_secs(5));
+    for backlog in [10_000, 1_000_000] {
+        claim_time(&mut db, backlog);
+    }
+}
+
+fn jobs_setup(db: &mut postgres::Client) {
+    db.batch_execute(
+        "CREATE OR REPLACE FUNCTION bench_noop(args jsonb) RETURNS void LANGUAGE sql AS $$ SELECT $$;
+         DELETE FROM ihub.job;",
+    )
+    .unwrap();
+}
+
+fn wait_jobs_done(db: &mut postgres::Client, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let open: i64 = db
+            .query_one("SELECT count(*) FROM ihub.job WHERE state IN ('pending', 'running', 'retry')", &[])
+            .unwrap()
+            .get(0);
+        if open == 0 {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{open} jobs still open");
+        thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// 50,000 trivial jobs queued in one transaction; time from its commit
+/// until the last one is done.
+fn jobs_throughput(db: &mut postgres::Client, n: i32) {
+    jobs_setup(db);
+    let workers: i64 = db.query_one("SELECT count(*) FROM ihub.workers WHERE kind = 'job worker'", &[]).unwrap().get(0);
+    db.execute("SELECT ihub.enqueue('bench_noop(jsonb)') FROM generate_series(1, $1)", &[&n]).unwrap();
+    let start = Instant::now();
+    wait_jobs_done(db, Duration::from_secs(600));
+    let took = start.elapsed().as_secs_f64();
+    println!("jobs: {n} trivial jobs on {workers} job workers in {took:.2} s -> {:.0} jobs/s", n as f64 / took);
+}
+
+/// Single jobs queued at a steady rate; latency from the enqueue's commit
+/// (seen by the client) to the job's start (recorded by the worker).
+fn jobs_latency(cluster: &Cluster, db: &mut postgres::Client, rate: u32, length: Duration) {
+    jobs_setup(db);
+    let mut c = cluster.connect();
+    let stmt = c.prepare("SELECT ihub.enqueue('bench_noop(jsonb)')").unwrap();
+    let mut committed: Vec<(i64, f64)> = Vec::new();
+    let start = Instant::now();
+    let total = (rate as f64 * length.as_secs_f64()) as u32;
+    for i in 0..total {
+        let due = start + Duration::from_secs_f64(i as f64 / rate as f64);
+        if let Some(wait) = due.checked_duration_since(Instant::now()) {
+            thread::sleep(wait);
+        }
+        let id: i64 = c.query_one(&stmt, &[]).unwrap().get(0);
+        let at = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs_f64();
+        committed.push((id, at));
+    }
+    wait_jobs_done(db, Duration::from_secs(60));
+    let started: HashMap<i64, f64> = db
+        .query("SELECT id, extract(epoch FROM started_at)::float8 FROM ihub.job", &[])
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    let mut latencies: Vec<f64> =
+        committed.iter().filter_map(|(id, at)| started.get(id).map(|s| ((s - at) * 1000.0).max(0.0))).collect();
+    latencies.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let pct = |p: f64| latencies[((latencies.len() as f64 - 1.0) * p).round() as usize];
+    println!(
+        "job latency at {rate} jobs/s ({} jobs): enqueue commit -> start p50 {:.1} ms, p99 {:.1} ms",
+        latencies.len(),
+        pct(0.5),
+        pct(0.99)
+    );
+}
+
+/// How long claiming the next job takes with a backlog of `backlog` due
+/// jobs: the claim query, run and rolled back 200 times.
+fn claim_time(db: &mut postgres::Client, backlog: i32) {
+    jobs_setup(db);
+    db.execute(
+        "INSERT INTO ihub.job (fn, args, run_as, run_at, priority)
+         SELECT 'bench_noop(jsonb)', '{}', 'postgres', now() - interval '1 second', g % 10
+         FROM generate_series(1, $1) g",
+        &[&backlog],
+    )
+    .unwrap();
+    db.batch_execute("ANALYZE ihub.job").unwrap();
+    let mut times = Vec::new();
+    for _ in 0..200 {
+        let mut tx = db.transaction().unwrap();
+        let start = Instant::now();
+        tx.query("SELECT * FROM ihub._claim_job(0, 1000)", &[]).unwrap();
+        times.push(start.elapsed().as_secs_f64() * 1000.0);
+        tx.rollback().unwrap();
+    }
+    times.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    println!(
+        "claim with {backlog:>9} jobs pending: median {:.2} ms, p99 {:.2} ms",
+        times[times.len() / 2],
+        times[(times.len() as f64 * 0.99) as usize]
+    );
+    db.batch_execute("DELETE FROM ihub.job").unwrap();
 }
 
 fn setup(db: &mut postgres::Client, receiver: &Receiver) {
