@@ -297,8 +297,13 @@ CREATE INDEX ON ihub.integration_date_change (integration_id, name, changed_at D
 COMMENT ON TABLE ihub.integration_date_change IS
     'Manual changes of integration dates (made outside a job): who, when, old and new value.';
 
+-- Log entries, partitioned by level and, for the levels with a retention
+-- period, by day: the daily cleanup drops whole expired partitions instead of
+-- deleting rows one by one (cheap with 10 million rows), and deletes only in
+-- the one partition the cutoff falls into. Errors and criticals are kept
+-- until someone removes them (unless a retention is set for them).
 CREATE TABLE ihub.log_entry (
-    id             bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    id             bigint GENERATED ALWAYS AS IDENTITY,
     logged_at      timestamptz NOT NULL DEFAULT clock_timestamp(),
     level          text NOT NULL CHECK (level IN ('debug', 'info', 'warning', 'error', 'critical')),
     message        text NOT NULL,
@@ -306,10 +311,101 @@ CREATE TABLE ihub.log_entry (
     integration_id bigint,
     job_id         bigint,
     delivery_id    bigint,
-    logged_by      name NOT NULL DEFAULT current_user
-);
+    inbound_id     bigint,
+    row_table      regclass,
+    row_key        text,
+    logged_by      name NOT NULL DEFAULT current_user,
+    checked_at     timestamptz,
+    checked_by     name
+) PARTITION BY LIST (level);
+CREATE INDEX ON ihub.log_entry (id);
 CREATE INDEX ON ihub.log_entry (logged_at);
-COMMENT ON TABLE ihub.log_entry IS 'Log entries written through ihub.log by SQL code, jobs and pg_ihub''s own workers.';
+COMMENT ON TABLE ihub.log_entry IS
+    'Log entries written through ihub.log by SQL code, jobs and pg_ihub''s own workers; partitioned by level, then by day.';
+CREATE TABLE ihub.log_entry_lasting PARTITION OF ihub.log_entry FOR VALUES IN ('error', 'critical');
+COMMENT ON TABLE ihub.log_entry_lasting IS 'Error and critical log entries.';
+CREATE TABLE ihub.log_entry_debug PARTITION OF ihub.log_entry FOR VALUES IN ('debug') PARTITION BY RANGE (logged_at);
+CREATE TABLE ihub.log_entry_info PARTITION OF ihub.log_entry FOR VALUES IN ('info') PARTITION BY RANGE (logged_at);
+CREATE TABLE ihub.log_entry_warning PARTITION OF ihub.log_entry FOR VALUES IN ('warning') PARTITION BY RANGE (logged_at);
+COMMENT ON TABLE ihub.log_entry_debug IS 'Debug log entries, one partition per day.';
+COMMENT ON TABLE ihub.log_entry_info IS 'Info log entries, one partition per day.';
+COMMENT ON TABLE ihub.log_entry_warning IS 'Warning log entries, one partition per day.';
+-- Rows of days without a partition yet land here (never an insert error).
+CREATE TABLE ihub.log_entry_debug_default PARTITION OF ihub.log_entry_debug DEFAULT;
+CREATE TABLE ihub.log_entry_info_default PARTITION OF ihub.log_entry_info DEFAULT;
+CREATE TABLE ihub.log_entry_warning_default PARTITION OF ihub.log_entry_warning DEFAULT;
+COMMENT ON TABLE ihub.log_entry_debug_default IS 'Debug entries of days without their own partition.';
+COMMENT ON TABLE ihub.log_entry_info_default IS 'Info entries of days without their own partition.';
+COMMENT ON TABLE ihub.log_entry_warning_default IS 'Warning entries of days without their own partition.';
+
+-- Logging per integration: on or off, and the lowest level kept.
+CREATE TABLE ihub.log_setting (
+    integration_id bigint PRIMARY KEY REFERENCES ihub.integration (id) ON DELETE CASCADE,
+    enabled        boolean NOT NULL DEFAULT true,
+    min_level      text NOT NULL DEFAULT 'info' CHECK (min_level IN ('debug', 'info', 'warning', 'error', 'critical'))
+);
+COMMENT ON TABLE ihub.log_setting IS 'Per-integration logging: on or off, and the minimum level (debug is off by default).';
+
+-- How long each kind of record is kept; NULL keeps it until removed by hand.
+CREATE TABLE ihub.retention (
+    kind  text PRIMARY KEY CHECK (kind IN ('debug', 'info', 'warning', 'error', 'critical',
+                                           'deliveries', 'jobs', 'inbound')),
+    keep  interval CHECK (keep > interval '0')
+);
+INSERT INTO ihub.retention (kind, keep) VALUES
+    ('debug', '4 hours'), ('info', '14 days'), ('warning', '14 days'), ('error', NULL), ('critical', NULL),
+    ('deliveries', '30 days'), ('jobs', '30 days'), ('inbound', '30 days');
+COMMENT ON TABLE ihub.retention IS
+    'Retention per log level and for delivered deliveries (with their attempts), finished jobs and processed inbound items; NULL keeps forever.';
+
+CREATE TABLE ihub.activity_setting (
+    id        boolean PRIMARY KEY DEFAULT true CHECK (id),
+    primary_role   name NOT NULL,
+    secondary_role name
+);
+COMMENT ON TABLE ihub.activity_setting IS 'Who critical log entries are assigned to as activities (one row).';
+
+CREATE TABLE ihub.activity (
+    id             bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    created_at     timestamptz NOT NULL DEFAULT clock_timestamp(),
+    summary        text NOT NULL,
+    details        jsonb,
+    log_id         bigint,
+    integration_id bigint,
+    job_id         bigint,
+    delivery_id    bigint,
+    inbound_id     bigint,
+    row_table      regclass,
+    row_key        text,
+    assigned_to    name,
+    state          text NOT NULL DEFAULT 'open' CHECK (state IN ('open', 'closed')),
+    closed_at      timestamptz,
+    closed_by      name,
+    note           text
+);
+CREATE INDEX ON ihub.activity (state, created_at);
+COMMENT ON TABLE ihub.activity IS 'Activities: a task for a person, made from each critical log entry.';
+
+-- Delivery counters rolled up per endpoint, hour and dispatcher (one row per
+-- dispatcher, so that two never wait on each other's row), updated in the
+-- settle of each batch: statistics over millions of attempts read a few
+-- hundred rows. Latencies are a histogram of attempt durations (ms) with
+-- bucket upper bounds ihub._latency_bounds().
+CREATE TABLE ihub.endpoint_hourly (
+    endpoint_id  bigint NOT NULL,
+    hour         timestamptz NOT NULL,
+    worker       integer NOT NULL,
+    attempts     bigint NOT NULL DEFAULT 0,
+    delivered    bigint NOT NULL DEFAULT 0,
+    retried      bigint NOT NULL DEFAULT 0,
+    failed       bigint NOT NULL DEFAULT 0,
+    dead         bigint NOT NULL DEFAULT 0,
+    latency      bigint[] NOT NULL,
+    last_error   text,
+    last_error_at timestamptz,
+    PRIMARY KEY (endpoint_id, hour, worker)
+);
+COMMENT ON TABLE ihub.endpoint_hourly IS 'Delivery counters and latency histograms per endpoint and hour (rolled up at settle).';
 
 DO $seq$
 DECLARE
@@ -317,7 +413,8 @@ DECLARE
 BEGIN
     -- Configuration survives pg_dump / restore.
     FOREACH t IN ARRAY ARRAY['ihub.schedule', 'ihub.schedule_param', 'ihub.watcher', 'ihub.integration_date',
-                             'ihub.integration_date_change', 'ihub.job', 'ihub.log_entry'] LOOP
+                             'ihub.integration_date_change', 'ihub.job', 'ihub.log_entry_lasting',
+                             'ihub.log_setting', 'ihub.activity_setting', 'ihub.activity', 'ihub.endpoint_hourly'] LOOP
         PERFORM pg_catalog.pg_extension_config_dump(t, '');
     END LOOP;
 END

@@ -33,6 +33,15 @@ COMMENT ON FUNCTION ihub.job_progress(bigint, bigint) IS
 COMMENT ON FUNCTION ihub._cron_next(text, timestamptz) IS 'Internal: the next time a five-field cron expression matches (UTC).';
 COMMENT ON FUNCTION ihub._cron_prev(text, timestamptz) IS 'Internal: the last time a five-field cron expression matched (UTC).';
 
+COMMENT ON FUNCTION ihub._mask_text(text) IS 'Internal: a log message with tokens, passwords and Authorization values masked.';
+COMMENT ON FUNCTION ihub._log_min_level() IS 'Internal: ihub.log_min_level.';
+COMMENT ON FUNCTION ihub._histogram(double precision[]) IS 'Internal: a latency histogram of durations (ms).';
+COMMENT ON FUNCTION ihub._histogram_add(bigint[], bigint[]) IS 'Internal: element-wise sum of two histograms.';
+COMMENT ON FUNCTION ihub._preloaded() IS 'Internal: whether pg_ihub was loaded through shared_preload_libraries.';
+COMMENT ON FUNCTION ihub._expected_workers() IS 'Internal: the background workers this database should have.';
+COMMENT ON FUNCTION ihub._health_queue_age() IS 'Internal: ihub.health_queue_age.';
+COMMENT ON FUNCTION ihub._health_queue_depth() IS 'Internal: ihub.health_queue_depth.';
+
 -------------------------------------------------------------------------------
 -- Privileges
 -------------------------------------------------------------------------------
@@ -44,7 +53,8 @@ GRANT USAGE ON SCHEMA ihub_capture TO ihub_developer;
 
 GRANT SELECT ON ihub.integrations, ihub.endpoints, ihub.subscriptions, ihub.deliveries,
                 ihub.delivery_attempts, ihub.workers, ihub.jobs, ihub.schedules, ihub.cronwatch,
-                ihub.integration_dates, ihub.logs TO ihub_viewer;
+                ihub.integration_dates, ihub.logs, ihub.activities, ihub.retention_settings,
+                ihub.log_settings TO ihub_viewer;
 GRANT SELECT ON ihub.endpoint_secrets TO ihub_admin;
 GRANT SELECT ON ihub.integration_kind TO ihub_viewer;
 GRANT INSERT, UPDATE, DELETE ON ihub.integration_kind TO ihub_admin;
@@ -56,6 +66,11 @@ GRANT EXECUTE ON FUNCTION
     ihub._mask_url(text),
     ihub._default_timeout_ms(),
     ihub._workers(),
+    ihub._log_min_level(),
+    ihub.endpoint_stats(timestamptz),
+    ihub.daily_stats(integer),
+    ihub.queue_stats(),
+    ihub.health(),
     ihub.sign(text, text, bigint, text),
     ihub.verify_signature(text, text, text, bigint, text)
 TO ihub_viewer;
@@ -86,7 +101,10 @@ GRANT EXECUTE ON FUNCTION
     ihub.unwatch(text),
     ihub.get_date(text, text),
     ihub.set_date(text, text, timestamptz),
-    ihub.log(text, text, jsonb, text),
+    ihub.log(text, text, jsonb, text, bigint, regclass, text),
+    ihub.set_log_level(text, text),
+    ihub.mark_checked(bigint[]),
+    ihub.close_activity(bigint, text),
     -- Capture triggers are owned by their subscriber and call this.
     ihub._wake()
 TO ihub_developer;
@@ -94,4 +112,9 @@ TO ihub_developer;
 -- Harmless anywhere: they only act inside a running job.
 GRANT EXECUTE ON FUNCTION ihub.retry_later(text, interval), ihub.job_progress(bigint, bigint) TO PUBLIC;
 
-GRANT EXECUTE ON FUNCTION ihub.rotate_secret(text, text, interval) TO ihub_admin;
+GRANT EXECUTE ON FUNCTION
+    ihub.rotate_secret(text, text, interval),
+    ihub.set_retention(text, interval),
+    ihub.set_activity_users(regrole, regrole),
+    ihub.cleanup()
+TO ihub_admin;

@@ -676,7 +676,7 @@ BEGIN
         -- cannot estimate the JSON recordset and would otherwise hash-join
         -- it against a scan of the whole delivery history.
         WHERE d.id = ANY (v_ids) AND d.id = r.delivery_id AND d.lease_owner = p_owner
-        RETURNING d.id, d.attempts
+        RETURNING d.id, d.attempts, d.endpoint_id
     ), recorded AS (
         INSERT INTO ihub.delivery_attempt (delivery_id, attempt, started_at, duration_ms, request_headers,
                                            response_status, response_headers, response_body, error, error_category, worker_pid)
@@ -684,8 +684,33 @@ BEGIN
                r.status, r.response_headers, r.response_body, r.error, r.category, p_owner
         FROM updated u JOIN r ON r.delivery_id = u.id
         RETURNING 1
+    ), outcomes AS (
+        SELECT u.endpoint_id, u.id, r.state, r.error, r.duration_ms FROM updated u JOIN r ON r.delivery_id = u.id
+    ), counted AS (
+        -- Rolled-up counters for ihub.endpoint_stats; one row per dispatcher.
+        INSERT INTO ihub.endpoint_hourly AS h (endpoint_id, hour, worker, attempts, delivered, retried, failed, dead,
+                                               latency, last_error, last_error_at)
+        SELECT o.endpoint_id, date_trunc('hour', now()), p_owner, count(*),
+               count(*) FILTER (WHERE o.state = 'delivered'), count(*) FILTER (WHERE o.state = 'retry'),
+               count(*) FILTER (WHERE o.state = 'failed'), count(*) FILTER (WHERE o.state = 'dead'),
+               ihub._histogram(array_agg(o.duration_ms)),
+               (array_agg(o.error) FILTER (WHERE o.error IS NOT NULL))[1],
+               CASE WHEN bool_or(o.error IS NOT NULL) THEN now() END
+        FROM outcomes o GROUP BY o.endpoint_id
+        ON CONFLICT (endpoint_id, hour, worker) DO UPDATE
+        SET attempts = h.attempts + EXCLUDED.attempts, delivered = h.delivered + EXCLUDED.delivered,
+            retried = h.retried + EXCLUDED.retried, failed = h.failed + EXCLUDED.failed, dead = h.dead + EXCLUDED.dead,
+            latency = ihub._histogram_add(h.latency, EXCLUDED.latency),
+            last_error = coalesce(EXCLUDED.last_error, h.last_error),
+            last_error_at = coalesce(EXCLUDED.last_error_at, h.last_error_at)
     )
     SELECT count(*) INTO v_settled FROM recorded;
+
+    -- Failures go to the log: a summary per endpoint for retries, an error
+    -- per delivery that failed for good.
+    IF p_results @> '[{"state": "retry"}]' OR p_results @> '[{"state": "dead"}]' OR p_results @> '[{"state": "failed"}]' THEN
+        PERFORM ihub._log_failures(p_results);
+    END IF;
 
     -- 410 Gone: the receiver says this endpoint is gone for good.
     IF p_results @> '[{"disable_endpoint": true}]' THEN
@@ -700,9 +725,48 @@ BEGIN
             RETURNING e.name
         LOOP
             RAISE WARNING 'pg_ihub: endpoint "%" disabled: the receiver answered 410 Gone', v_endpoint.name;
+            PERFORM ihub.log('critical', format('endpoint %s disabled: the receiver answered 410 Gone', v_endpoint.name),
+                             jsonb_build_object('endpoint', v_endpoint.name),
+                             (SELECT i.name FROM ihub.endpoint e JOIN ihub.integration i ON i.id = e.integration_id
+                              WHERE e.name = v_endpoint.name));
         END LOOP;
     END IF;
     RETURN v_settled;
+END
+$$;
+
+CREATE FUNCTION ihub._log_failures(p_results jsonb) RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v record;
+BEGIN
+    FOR v IN
+        SELECT e.name AS endpoint, i.name AS integration, count(*) AS n, (array_agg(x.error))[1] AS error,
+               array_agg(x.delivery_id ORDER BY x.delivery_id) AS ids
+        FROM jsonb_to_recordset(p_results) AS x(delivery_id bigint, state text, error text)
+        JOIN ihub.delivery d ON d.id = x.delivery_id
+        JOIN ihub.endpoint e ON e.id = d.endpoint_id
+        JOIN ihub.integration i ON i.id = e.integration_id
+        WHERE x.state = 'retry'
+        GROUP BY e.name, i.name
+    LOOP
+        PERFORM ihub.log('warning', format('%s deliveries to %s failed and will be retried: %s', v.n, v.endpoint, v.error),
+                         jsonb_build_object('endpoint', v.endpoint, 'deliveries', to_jsonb(v.ids[1:100])), v.integration);
+    END LOOP;
+    FOR v IN
+        SELECT x.delivery_id, x.state, x.error, e.name AS endpoint, i.name AS integration
+        FROM jsonb_to_recordset(p_results) AS x(delivery_id bigint, state text, error text)
+        JOIN ihub.delivery d ON d.id = x.delivery_id
+        JOIN ihub.endpoint e ON e.id = d.endpoint_id
+        JOIN ihub.integration i ON i.id = e.integration_id
+        WHERE x.state IN ('dead', 'failed')
+    LOOP
+        PERFORM ihub.log('error',
+                         format('delivery %s to %s %s: %s', v.delivery_id, v.endpoint,
+                                CASE WHEN v.state = 'dead' THEN 'is dead, its retries exhausted' ELSE 'failed' END, v.error),
+                         jsonb_build_object('endpoint', v.endpoint), v.integration, delivery => v.delivery_id);
+    END LOOP;
 END
 $$;
 
@@ -930,6 +994,7 @@ COMMENT ON FUNCTION ihub._claim(integer, integer, integer, integer) IS
     'Internal (dispatcher): routes captured changes and claims due deliveries with FOR UPDATE SKIP LOCKED and a lease.';
 COMMENT ON FUNCTION ihub._settle(integer, jsonb) IS
     'Internal (dispatcher): records a batch of attempts and moves each delivery to its next state in one transaction.';
+COMMENT ON FUNCTION ihub._log_failures(jsonb) IS 'Internal (dispatcher): logs retried, dead and failed deliveries.';
 COMMENT ON FUNCTION ihub._rescue() IS 'Internal (dispatcher): requeues deliveries whose worker is gone or whose lease expired.';
 COMMENT ON FUNCTION ihub._bloated_capture_tables(bigint) IS 'Internal (dispatcher): capture tables with many dead rows, to vacuum.';
 COMMENT ON FUNCTION ihub._next_due() IS 'Internal (dispatcher): seconds until the next claimable delivery is due.';

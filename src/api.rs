@@ -131,3 +131,78 @@ fn invoker() -> String {
         std::ffi::CStr::from_ptr(name).to_string_lossy().into_owned()
     }
 }
+
+/// A log message with credentials masked.
+#[pg_extern(name = "_mask_text", immutable, parallel_safe)]
+fn mask_text(text: &str) -> String {
+    mask::mask_text(text)
+}
+
+/// `ihub.log_min_level`: entries below it are dropped unless their
+/// integration says otherwise.
+#[pg_extern(name = "_log_min_level", stable)]
+fn log_min_level() -> String {
+    let level = crate::settings::string_setting(&settings::LOG_MIN_LEVEL);
+    match level.as_str() {
+        "debug" | "info" | "warning" | "error" | "critical" => level,
+        _ => "info".into(),
+    }
+}
+
+/// The histogram (counts per `ihub._latency_bounds()` bucket) of durations.
+#[pg_extern(name = "_histogram", immutable, parallel_safe)]
+fn histogram(durations_ms: Vec<Option<f64>>) -> Vec<i64> {
+    const BOUNDS: [f64; 15] =
+        [1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0, 2000.0, 5000.0, 10000.0, 30000.0, 60000.0];
+    let mut counts = vec![0i64; BOUNDS.len() + 1];
+    for d in durations_ms.into_iter().flatten() {
+        counts[BOUNDS.iter().position(|b| d <= *b).unwrap_or(BOUNDS.len())] += 1;
+    }
+    counts
+}
+
+/// Element-wise sum of two histograms (the state function of ihub._histogram_sum).
+#[pg_extern(name = "_histogram_add", immutable, parallel_safe)]
+fn histogram_add(a: Option<Vec<Option<i64>>>, b: Option<Vec<Option<i64>>>) -> Option<Vec<i64>> {
+    let (a, b) = (a.unwrap_or_default(), b.unwrap_or_default());
+    let len = a.len().max(b.len());
+    if len == 0 {
+        return None;
+    }
+    Some(
+        (0..len).map(|i| a.get(i).copied().flatten().unwrap_or(0) + b.get(i).copied().flatten().unwrap_or(0)).collect(),
+    )
+}
+
+#[pg_extern(name = "_preloaded", stable)]
+fn preloaded() -> bool {
+    crate::workers::preloaded()
+}
+
+/// The background workers this database should have, and after how long
+/// without a heartbeat one counts as stale.
+#[pg_extern(name = "_expected_workers", stable)]
+fn expected_workers(
+) -> TableIterator<'static, (name!(kind, String), name!(expected, i64), name!(stale_after, pgrx::datum::Interval))> {
+    let poll_ms = settings::POLL_INTERVAL_MS.get() as i64;
+    // A heartbeat comes at least every poll interval; jobs and cleanup can
+    // keep a worker busy longer, hence the generous margin.
+    let stale = |ms: i64| pgrx::datum::Interval::new(0, 0, (ms * 1000).max(60_000_000)).expect("an interval");
+    let rows = vec![
+        ("dispatcher".to_string(), settings::DISPATCH_WORKERS.get() as i64, stale(poll_ms * 3)),
+        ("job worker".to_string(), settings::JOB_WORKERS.get() as i64, stale(settings::JOB_TIMEOUT_MS.get() as i64)),
+        ("scheduler".to_string(), 1, stale(poll_ms * 3)),
+        ("maintenance".to_string(), 1, stale(3_600_000)),
+    ];
+    TableIterator::new(rows)
+}
+
+#[pg_extern(name = "_health_queue_age", stable)]
+fn health_queue_age() -> pgrx::datum::Interval {
+    pgrx::datum::Interval::new(0, 0, settings::HEALTH_QUEUE_AGE_S.get() as i64 * 1_000_000).expect("an interval")
+}
+
+#[pg_extern(name = "_health_queue_depth", stable)]
+fn health_queue_depth() -> i64 {
+    settings::HEALTH_QUEUE_DEPTH.get() as i64
+}

@@ -12,6 +12,7 @@ pub mod capture;
 pub mod dispatch;
 pub mod error;
 pub mod jobs;
+pub mod maintenance;
 pub mod outbound;
 pub mod schedule;
 pub mod settings;
@@ -35,13 +36,22 @@ pgrx::extension_sql_file!(
         workers::workers_sql
     ]
 );
-pgrx::extension_sql_file!("../sql/logs.sql", name = "logs", requires = ["outbound", api::mask_settings]);
+pgrx::extension_sql_file!(
+    "../sql/logs.sql",
+    name = "logs",
+    requires = ["outbound", api::mask_settings, api::mask_text, api::log_min_level]
+);
 pgrx::extension_sql_file!(
     "../sql/jobs.sql",
     name = "jobs",
     requires = ["logs", api::mask_settings, workers::workers_sql]
 );
 pgrx::extension_sql_file!("../sql/schedules.sql", name = "schedules", requires = ["jobs", api::mask_settings]);
+pgrx::extension_sql_file!(
+    "../sql/monitoring.sql",
+    name = "monitoring",
+    requires = ["schedules", api::histogram_add, api::histogram, api::preloaded, api::expected_workers]
+);
 pgrx::extension_sql_file!("../sql/finalize.sql", name = "finalize", finalize);
 
 #[pg_guard]

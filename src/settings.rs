@@ -30,6 +30,11 @@ pub static RESPONSE_BODY_LIMIT: GucSetting<i32> = GucSetting::<i32>::new(4096);
 pub static ALLOW_PRIVATE_HOSTS: GucSetting<Option<std::ffi::CString>> =
     GucSetting::<Option<std::ffi::CString>>::new(None);
 pub static ENVIRONMENT: GucSetting<Environment> = GucSetting::<Environment>::new(Environment::Production);
+pub static LOG_MIN_LEVEL: GucSetting<Option<std::ffi::CString>> =
+    GucSetting::<Option<std::ffi::CString>>::new(Some(c"info"));
+pub static CLEANUP_INTERVAL_S: GucSetting<i32> = GucSetting::<i32>::new(86_400);
+pub static HEALTH_QUEUE_AGE_S: GucSetting<i32> = GucSetting::<i32>::new(300);
+pub static HEALTH_QUEUE_DEPTH: GucSetting<i32> = GucSetting::<i32>::new(10_000);
 
 /// Defines the settings. Postmaster-context ones can only be defined while
 /// shared_preload_libraries is processed (later it is a FATAL error), so a
@@ -181,6 +186,44 @@ fn define_reloadable_settings() {
         GucContext::Sighup,
         GucFlags::default(),
     );
+    GucRegistry::define_string_guc(
+        c"ihub.log_min_level",
+        c"Lowest level logged for entries without an integration, and for integrations without their own setting.",
+        c"debug, info, warning, error or critical. Per integration: ihub.set_log_level.",
+        &LOG_MIN_LEVEL,
+        GucContext::Suset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"ihub.cleanup_interval",
+        c"How often the maintenance worker runs the retention cleanup.",
+        c"",
+        &CLEANUP_INTERVAL_S,
+        60,
+        i32::MAX,
+        GucContext::Sighup,
+        GucFlags::UNIT_S,
+    );
+    GucRegistry::define_int_guc(
+        c"ihub.health_queue_age",
+        c"ihub.health warns when the oldest due item of a queue waits this long (critical at four times).",
+        c"",
+        &HEALTH_QUEUE_AGE_S,
+        1,
+        i32::MAX,
+        GucContext::Sighup,
+        GucFlags::UNIT_S,
+    );
+    GucRegistry::define_int_guc(
+        c"ihub.health_queue_depth",
+        c"ihub.health warns when this many items of a queue are due (critical at ten times).",
+        c"",
+        &HEALTH_QUEUE_DEPTH,
+        1,
+        i32::MAX,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
     GucRegistry::define_enum_guc(
         c"ihub.environment",
         c"production or staging: enabled integrations become 'active' or 'test'.",
@@ -191,14 +234,14 @@ fn define_reloadable_settings() {
     );
 }
 
-fn string(setting: &GucSetting<Option<std::ffi::CString>>) -> String {
+pub fn string_setting(setting: &GucSetting<Option<std::ffi::CString>>) -> String {
     setting.get().as_deref().map(CStr::to_string_lossy).map(|s| s.into_owned()).unwrap_or_default()
 }
 
 pub fn databases() -> Vec<String> {
-    string(&DATABASES).split(',').map(str::trim).filter(|s| !s.is_empty()).map(str::to_string).collect()
+    string_setting(&DATABASES).split(',').map(str::trim).filter(|s| !s.is_empty()).map(str::to_string).collect()
 }
 
 pub fn allow_private_hosts() -> String {
-    string(&ALLOW_PRIVATE_HOSTS)
+    string_setting(&ALLOW_PRIVATE_HOSTS)
 }

@@ -22,6 +22,7 @@ pub enum Kind {
     Dispatcher = 1,
     JobWorker = 2,
     Scheduler = 3,
+    Maintenance = 4,
 }
 
 impl Kind {
@@ -31,6 +32,7 @@ impl Kind {
             Kind::Dispatcher => "dispatcher",
             Kind::JobWorker => "job worker",
             Kind::Scheduler => "scheduler",
+            Kind::Maintenance => "maintenance",
         }
     }
 }
@@ -113,6 +115,7 @@ pub fn init_preloaded() {
             start_worker("job worker", n, &db, "ihub_job_worker_main");
         }
         start_worker("scheduler", 0, &db, "ihub_scheduler_main");
+        start_worker("maintenance", 0, &db, "ihub_maintenance_main");
     }
 }
 

@@ -238,7 +238,7 @@ fn errors_logged_make_a_job_partial_and_progress_shows_while_it_runs() {
             .db
             .query_one(
                 &format!(
-                    "SELECT j.progress_percent::float8, l.details::text FROM ihub.jobs j JOIN ihub.logs l ON l.job_id = j.id WHERE j.id = {id}"
+                    "SELECT j.progress_percent::float8, l.details::text FROM ihub.jobs j JOIN ihub.logs l ON l.job = j.id WHERE j.id = {id}"
                 ),
                 &[],
             )

@@ -60,6 +60,27 @@ pub fn mask_url(raw: &str) -> String {
     out
 }
 
+/// Free text (a log message) with credentials masked: Authorization values
+/// (`Bearer …`, `Basic …`), `key=value` or `key: value` pairs whose key looks
+/// secret, and Standard Webhooks secrets.
+pub fn mask_text(text: &str) -> String {
+    use std::sync::OnceLock;
+    static PATTERNS: OnceLock<[regex::Regex; 3]> = OnceLock::new();
+    let [auth, pair, whsec] = PATTERNS.get_or_init(|| {
+        [
+            regex::Regex::new(r"(?i)\b(bearer|basic)\s+[A-Za-z0-9._~+/=-]{6,}").unwrap(),
+            regex::Regex::new(
+                r#"(?i)\b([a-z0-9_-]*(?:password|passwd|pwd|secret|token|api[_-]?key|apikey|credential)[a-z0-9_-]*)(["']?\s*[:=]\s*["']?)([^\s"'&,;]+)"#,
+            )
+            .unwrap(),
+            regex::Regex::new(r"whsec_[A-Za-z0-9+/=]+").unwrap(),
+        ]
+    });
+    let text = auth.replace_all(text, format!("$1 {MASK}"));
+    let text = pair.replace_all(&text, format!("$1$2{MASK}"));
+    whsec.replace_all(&text, format!("whsec_{MASK}")).into_owned()
+}
+
 /// Returns the headers with credential values replaced by [`MASK`].
 pub fn mask_headers(headers: &[(String, String)], extra: &[String]) -> Vec<(String, String)> {
     headers
@@ -88,6 +109,18 @@ mod tests {
         let m = mask_headers(&h, &["x-custom-auth".to_string()]);
         let values: Vec<&str> = m.iter().map(|(_, v)| v.as_str()).collect();
         assert_eq!(values, vec![MASK, MASK, MASK, MASK, "application/json", "evt_1"]);
+    }
+
+    #[test]
+    fn secrets_in_free_text_are_masked() {
+        let m = mask_text(
+            "got 401 with Authorization: Bearer abc.def-123 and password=hunter2, api_key: \"k-99\" token=t0k whsec_MfKQ9r8Gw== for user ada",
+        );
+        for secret in ["abc.def-123", "hunter2", "k-99", "t0k", "MfKQ9r8Gw"] {
+            assert!(!m.contains(secret), "{secret} left in {m}");
+        }
+        assert!(m.contains("got 401") && m.contains("user ada") && m.contains("password="), "{m}");
+        assert_eq!(mask_text("nothing to hide here"), "nothing to hide here");
     }
 
     #[test]
