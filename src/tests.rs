@@ -748,4 +748,210 @@ mod tests {
         expect_error("SELECT ihub.set_date('nope', 'x', now())", &["does not exist"]);
         expect_error("SELECT ihub.get_date('nope', 'x')", &["does not exist"]);
     }
+
+    #[pg_test]
+    fn log_entries_are_masked_filtered_and_never_fail_the_caller() {
+        Spi::run("SELECT ihub.create_integration('shop'); SELECT ihub.create_integration('quiet');").unwrap();
+        for level in ["info", "warning", "error", "critical", "debug"] {
+            Spi::run(&format!("SELECT ihub.log('{level}', 'a {level} entry', integration => 'shop')")).unwrap();
+        }
+        assert_eq!(
+            one::<String>("SELECT string_agg(level, ',' ORDER BY id) FROM ihub.logs"),
+            "info,warning,error,critical",
+            "debug is off by default"
+        );
+        let id = one::<i64>(
+            "SELECT ihub.log('error', 'login failed: Authorization: Bearer eyJhbGciOi.x.y, password=hunter2',
+                             '{\"user\": \"ada\", \"password\": \"hunter2\", \"nested\": {\"api_key\": \"k\"}}', 'shop',
+                             row_table => 'pg_class', row_key => '42')",
+        );
+        let stored = one::<String>(&format!("SELECT message || ' ' || details::text FROM ihub.logs WHERE id = {id}"));
+        assert!(!stored.contains("hunter2") && !stored.contains("eyJhbGciOi") && !stored.contains("\"k\""), "{stored}");
+        assert!(stored.contains("ada") && stored.contains("login failed"), "{stored}");
+        assert_eq!(one::<String>(&format!("SELECT row_table::text || ':' || row_key FROM ihub.logs WHERE id = {id}")), "pg_class:42");
+
+        Spi::run("SELECT ihub.set_log_level('shop', 'debug'); SELECT ihub.set_log_level('quiet', 'off')").unwrap();
+        assert!(Spi::get_one::<i64>("SELECT ihub.log('debug', 'now kept', integration => 'shop')").unwrap().is_some());
+        assert_eq!(Spi::get_one::<i64>("SELECT ihub.log('critical', 'x', integration => 'quiet')").unwrap(), None);
+        Spi::run("SELECT ihub.set_log_level('shop', 'error')").unwrap();
+        assert_eq!(Spi::get_one::<i64>("SELECT ihub.log('warning', 'dropped', integration => 'shop')").unwrap(), None);
+        expect_error("SELECT ihub.set_log_level('shop', 'loud')", &["invalid log level", "off"]);
+        assert_eq!(one::<String>("SELECT min_level || ':' || enabled FROM ihub.log_settings WHERE integration = 'quiet'"), "info:false");
+
+        // A log write that cannot be stored is a warning, not the caller's error.
+        Spi::run("ALTER TABLE ihub.log_entry_lasting ADD CONSTRAINT refuse CHECK (false) NOT VALID").unwrap();
+        assert_eq!(Spi::get_one::<i64>("SELECT ihub.log('error', 'cannot be stored')").unwrap(), None);
+        assert_eq!(one::<i32>("SELECT 1"), 1, "the transaction goes on");
+    }
+
+    #[pg_test]
+    fn entries_start_unchecked_and_checking_records_who() {
+        let a = one::<i64>("SELECT ihub.log('warning', 'first')");
+        let b = one::<i64>("SELECT ihub.log('error', 'second')");
+        assert_eq!(one::<String>("SELECT string_agg(check_state, ',') FROM ihub.logs"), "not checked,not checked");
+        assert_eq!(one::<i64>(&format!("SELECT ihub.mark_checked(ARRAY[{a}, {b}, -1])")), 2);
+        assert_eq!(one::<i64>(&format!("SELECT ihub.mark_checked(ARRAY[{a}])")), 0, "already checked");
+        assert_eq!(
+            one::<String>("SELECT string_agg(check_state || ':' || checked_by, ',' ORDER BY id) FROM ihub.logs"),
+            "checked:postgres,checked:postgres"
+        );
+    }
+
+    #[pg_test]
+    fn cleanup_removes_exactly_what_retention_says() {
+        let old = |level: &str, age: &str, n: i32| {
+            Spi::run(&format!(
+                "INSERT INTO ihub.log_entry (level, message, logged_at)
+                 SELECT '{level}', 'old', now() - interval '{age}' FROM generate_series(1, {n})"
+            ))
+            .unwrap();
+        };
+        old("info", "15 days", 3);
+        old("info", "13 days", 2);
+        old("warning", "20 days", 4);
+        old("debug", "5 hours", 5);
+        old("debug", "3 hours", 1);
+        old("error", "400 days", 2);
+        old("critical", "400 days", 1);
+        // A whole partition of a past day is dropped, not emptied row by row.
+        Spi::run(
+            "CREATE TABLE ihub.log_entry_info_20200101 PARTITION OF ihub.log_entry_info
+                 FOR VALUES FROM ('2020-01-01 00:00+00') TO ('2020-01-02 00:00+00');
+             INSERT INTO ihub.log_entry (level, message, logged_at)
+             SELECT 'info', 'ancient', '2020-01-01 12:00+00' FROM generate_series(1, 10);",
+        )
+        .unwrap();
+        let removed = || {
+            one::<String>("SELECT string_agg(kind || '=' || removed, ',' ORDER BY kind) FROM ihub.cleanup() WHERE removed > 0")
+        };
+        assert_eq!(removed(), "debug=5,info=13,warning=4");
+        assert!(one::<bool>("SELECT to_regclass('ihub.log_entry_info_20200101') IS NULL"));
+        assert_eq!(
+            one::<String>("SELECT string_agg(level || ':' || n, ',' ORDER BY level) FROM (SELECT level, count(*) n FROM ihub.log_entry GROUP BY level) x"),
+            "critical:1,debug:1,error:2,info:2"
+        );
+        // A changed retention touches nothing until the next cleanup.
+        Spi::run("SELECT ihub.set_retention('info', '1 day'); SELECT ihub.set_retention('error', '1 year')").unwrap();
+        assert_eq!(one::<i64>("SELECT count(*) FROM ihub.log_entry WHERE level = 'info'"), 2);
+        assert_eq!(removed(), "error=2,info=2");
+        assert_eq!(one::<i64>("SELECT count(*) FROM ihub.log_entry WHERE level = 'critical'"), 1, "critical kept");
+        expect_error("SELECT ihub.set_retention('trace', '1 day')", &["unknown retention kind"]);
+        expect_error("SELECT ihub.set_retention('info', '-1 day')", &["positive interval"]);
+    }
+
+    #[pg_test]
+    fn cleanup_keeps_what_needs_attention() {
+        setup_enabled();
+        setup_jobs();
+        let ids: Vec<i64> = (0..4).map(|_| one::<i64>("SELECT ihub.http_request('hook', '{}')")).collect();
+        Spi::run(&format!(
+            "UPDATE ihub.delivery SET created_at = now() - interval '40 days',
+                 state = (ARRAY['delivered', 'delivered', 'dead', 'failed'])[array_position(ARRAY[{}]::bigint[], id)]
+             WHERE id = ANY (ARRAY[{}]::bigint[]);
+             INSERT INTO ihub.delivery_attempt (delivery_id, attempt, started_at, duration_ms, request_headers, error_category)
+             SELECT id, 1, now(), 1, '{{}}', 'ok' FROM ihub.delivery;",
+            ids.iter().map(|i| i.to_string()).collect::<Vec<_>>().join(","),
+            ids.iter().map(|i| i.to_string()).collect::<Vec<_>>().join(",")
+        ))
+        .unwrap();
+        let done = one::<i64>("SELECT ihub.enqueue('note_it(jsonb)')");
+        let failed = one::<i64>("SELECT ihub.enqueue('note_it(jsonb)')");
+        Spi::run(&format!(
+            "UPDATE ihub.job SET state = 'done', finished_at = now() - interval '40 days' WHERE id = {done};
+             UPDATE ihub.job SET state = 'failed', finished_at = now() - interval '40 days' WHERE id = {failed};"
+        ))
+        .unwrap();
+        let removed = one::<String>(
+            "SELECT string_agg(kind || '=' || removed, ',' ORDER BY kind) FROM ihub.cleanup() WHERE kind IN ('deliveries', 'jobs')",
+        );
+        assert_eq!(removed, "deliveries=2,jobs=1");
+        assert_eq!(one::<String>("SELECT string_agg(state, ',' ORDER BY id) FROM ihub.delivery"), "dead,failed");
+        assert_eq!(one::<i64>("SELECT count(*) FROM ihub.delivery_attempt"), 2, "attempts go with their deliveries");
+        assert_eq!(one::<String>("SELECT string_agg(state, ',') FROM ihub.job"), "failed");
+    }
+
+    #[pg_test]
+    fn critical_entries_become_activities_for_someone_who_can_act() {
+        Spi::run(
+            "CREATE ROLE ihub_test_oncall NOLOGIN; CREATE ROLE ihub_test_lead LOGIN;
+             SELECT ihub.set_activity_users('ihub_test_oncall', 'ihub_test_lead');",
+        )
+        .unwrap();
+        assert!(Spi::get_one::<i64>("SELECT ihub.log('error', 'not critical')").unwrap().is_some());
+        Spi::run("SELECT ihub.log('critical', 'the CRM token expired: token=abc123')").unwrap();
+        assert_eq!(
+            one::<String>("SELECT assigned_to || ':' || state || ':' || summary FROM ihub.activities"),
+            "ihub_test_lead:open:the CRM token expired: token=********",
+            "the primary cannot log in, so the secondary gets it"
+        );
+        Spi::run("ALTER ROLE ihub_test_oncall LOGIN").unwrap();
+        Spi::run("SELECT ihub.log('critical', 'again')").unwrap();
+        assert_eq!(one::<String>("SELECT assigned_to::text FROM ihub.activities ORDER BY id DESC LIMIT 1"), "ihub_test_oncall");
+        let id = one::<i64>("SELECT min(id) FROM ihub.activities");
+        Spi::run(&format!("SELECT ihub.close_activity({id}, 'renewed the token')")).unwrap();
+        assert_eq!(one::<String>(&format!("SELECT state || ':' || note FROM ihub.activities WHERE id = {id}")), "closed:renewed the token");
+        expect_error(&format!("SELECT ihub.close_activity({id})"), &["no open activity"]);
+        Spi::run("SELECT ihub.set_activity_users(NULL)").unwrap();
+        Spi::run("SELECT ihub.log('critical', 'nobody is told')").unwrap();
+        assert_eq!(one::<i64>("SELECT count(*) FROM ihub.activities"), 2);
+    }
+
+    #[pg_test]
+    fn statistics_count_a_known_mix() {
+        setup_enabled();
+        // 6 delivered (2 of them after a retry), 2 retrying, 1 dead, 1 failed.
+        let ids: Vec<i64> = (0..10).map(|_| one::<i64>("SELECT ihub.http_request('hook', '{}')")).collect();
+        let settle = |id: i64, state: &str, ms: f64| {
+            Spi::run(&format!("UPDATE ihub.delivery SET state = 'running', lease_owner = 7 WHERE id = {id}")).unwrap();
+            let error = if state == "delivered" { "null".to_string() } else { "\"HTTP 500\"".to_string() };
+            Spi::run(&format!(
+                r#"SELECT ihub._settle(7, '[{{"delivery_id": {id}, "state": "{state}", "next_at": 0, "status": 500, "error": {error},
+                    "category": "x", "request_headers": {{}}, "started_at": 0, "duration_ms": {ms}}}]')"#
+            ))
+            .unwrap();
+        };
+        for (i, id) in ids.iter().enumerate() {
+            match i {
+                0..=3 => settle(*id, "delivered", 3.0),
+                4 | 5 => {
+                    settle(*id, "retry", 40.0);
+                    settle(*id, "delivered", 40.0);
+                }
+                6 | 7 => settle(*id, "retry", 3.0),
+                8 => settle(*id, "dead", 3.0),
+                _ => settle(*id, "failed", 3.0),
+            }
+        }
+        let stats = one::<String>(
+            "SELECT concat_ws(',', deliveries, delivered, success_rate, retries, failed, dead, last_error, p50_ms < 5, p95_ms > 20)
+             FROM ihub.endpoint_stats() WHERE endpoint = 'hook'",
+        );
+        assert_eq!(stats, "8,6,75.00,4,1,1,HTTP 500,t,t");
+        assert_eq!(one::<String>("SELECT concat_ws(',', attempts, delivered, failures, dead) FROM ihub.daily_stats(1)"), "12,6,6,1");
+        assert_eq!(
+            one::<String>("SELECT string_agg(state || '=' || items, ',' ORDER BY state) FROM ihub.queue_stats() WHERE queue = 'deliveries'"),
+            "dead=1,delivered (24 h)=6,failed=1,pending=0,retry=2,running=0"
+        );
+        assert_eq!(one::<i64>("SELECT count(*) FROM ihub.logs WHERE level = 'error' AND delivery IS NOT NULL"), 2);
+    }
+
+    #[pg_test]
+    fn health_reports_each_check() {
+        setup_enabled();
+        let checks = || one::<String>("SELECT string_agg(check_name || '=' || status, ',' ORDER BY check_name) FROM ihub.health() WHERE check_name NOT LIKE 'workers%'");
+        assert_eq!(checks(), "credentials=ok,endpoints=ok,queue: deliveries=ok,queue: jobs=ok,schedules=ok");
+        Spi::run(
+            "SELECT ihub.disable_endpoint('hook');
+             SELECT ihub.http_request('hook', '{}');
+             SELECT ihub.create_endpoint('shop', 'live', 'https://x.example');
+             SELECT ihub.http_request('live', '{}');
+             UPDATE ihub.delivery SET next_attempt_at = now() - interval '30 minutes', created_at = now() - interval '30 minutes';
+             UPDATE ihub.endpoint_secret SET expires_at = now() - interval '1 minute'
+                 WHERE endpoint_id = (SELECT id FROM ihub.endpoint WHERE name = 'live');",
+        )
+        .unwrap();
+        assert_eq!(checks(), "credentials=critical,endpoints=warning,queue: deliveries=critical,queue: jobs=ok,schedules=ok");
+        assert!(one::<String>("SELECT message FROM ihub.health() WHERE check_name = 'endpoints'").contains("hook"));
+        assert!(one::<bool>("SELECT count(*) = 4 FROM ihub.health() WHERE check_name LIKE 'workers%'"));
+    }
 }
