@@ -67,6 +67,7 @@ GRANT EXECUTE ON FUNCTION
     ihub._default_timeout_ms(),
     ihub._workers(),
     ihub._log_min_level(),
+    ihub._join_url(text, text),
     ihub.endpoint_stats(timestamptz),
     ihub.daily_stats(integer),
     ihub.queue_stats(),

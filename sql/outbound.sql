@@ -629,7 +629,7 @@ BEGIN
             WHERE s.endpoint_id IN (SELECT endpoint_id FROM claimed) AND (s.expires_at IS NULL OR s.expires_at > now())
             GROUP BY s.endpoint_id
         )
-        SELECT d.id, d.event_id, coalesce(d.method, e.method), e.url || coalesce(d.path, ''),
+        SELECT d.id, d.event_id, coalesce(d.method, e.method), ihub._join_url(e.url, d.path),
                e.headers || coalesce(d.headers, '{}'), c.auth, k.secrets,
                coalesce(e.timeout_ms, p_default_timeout_ms), e.retry, d.payload::text, d.test_mode,
                d.attempts - d.budget_start
@@ -638,6 +638,16 @@ BEGIN
         LEFT JOIN ihub.endpoint_credential c ON c.endpoint_id = e.id
         LEFT JOIN keys k ON k.endpoint_id = e.id;
 END
+$$;
+
+-- An endpoint URL with an http_request path appended ("/x" after "https://h/"
+-- gives "https://h/x", not "https://h//x").
+CREATE FUNCTION ihub._join_url(p_url text, p_path text) RETURNS text
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+AS $$
+    SELECT CASE WHEN p_path IS NULL THEN p_url
+                WHEN p_path LIKE '/%' THEN rtrim(p_url, '/') || p_path
+                ELSE p_url || p_path END
 $$;
 
 -- Records a batch of attempts and moves each delivery to its next state.
@@ -948,7 +958,7 @@ JOIN ihub.integration i ON i.id = e.integration_id;
 
 CREATE VIEW ihub.delivery_attempts AS
 SELECT a.delivery_id, a.attempt, e.name AS endpoint, d.event_id, a.started_at, a.duration_ms,
-       coalesce(d.method, e.method) AS request_method, ihub._mask_url(e.url || coalesce(d.path, '')) AS request_url,
+       coalesce(d.method, e.method) AS request_method, ihub._mask_url(ihub._join_url(e.url, d.path)) AS request_url,
        a.request_headers, d.payload AS request_body,
        a.response_status, a.response_headers, a.response_body, a.error, a.error_category
 FROM ihub.delivery_attempt a
@@ -994,6 +1004,7 @@ COMMENT ON FUNCTION ihub._claim(integer, integer, integer, integer) IS
     'Internal (dispatcher): routes captured changes and claims due deliveries with FOR UPDATE SKIP LOCKED and a lease.';
 COMMENT ON FUNCTION ihub._settle(integer, jsonb) IS
     'Internal (dispatcher): records a batch of attempts and moves each delivery to its next state in one transaction.';
+COMMENT ON FUNCTION ihub._join_url(text, text) IS 'Internal: an endpoint URL with a request path appended.';
 COMMENT ON FUNCTION ihub._log_failures(jsonb) IS 'Internal (dispatcher): logs retried, dead and failed deliveries.';
 COMMENT ON FUNCTION ihub._rescue() IS 'Internal (dispatcher): requeues deliveries whose worker is gone or whose lease expired.';
 COMMENT ON FUNCTION ihub._bloated_capture_tables(bigint) IS 'Internal (dispatcher): capture tables with many dead rows, to vacuum.';

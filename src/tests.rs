@@ -323,6 +323,11 @@ mod tests {
         let id = one::<i64>("SELECT ihub.http_request('hook', '{\"a\": 1}', method => 'put', path => '/v2?x=1')");
         assert_eq!(one::<String>(&format!("SELECT state FROM ihub.deliveries WHERE id = {id}")), "pending");
         assert_eq!(one::<String>(&format!("SELECT method FROM ihub.delivery WHERE id = {id}")), "PUT");
+        assert_eq!(
+            one::<String>("SELECT ihub._join_url('https://h.example/', '/v2?x=1') || ' ' || ihub._join_url('https://h.example/a', '?x=1')"),
+            "https://h.example/v2?x=1 https://h.example/a?x=1",
+            "no double slash"
+        );
         expect_error(&format!("SELECT ihub.replay({id})"), &["is pending", "only dead or failed"]);
         expect_error("SELECT ihub.replay(-1)", &["does not exist"]);
         Spi::run(&format!("UPDATE ihub.delivery SET state = 'dead', attempts = 10 WHERE id = {id}")).unwrap();
@@ -768,7 +773,10 @@ mod tests {
         let stored = one::<String>(&format!("SELECT message || ' ' || details::text FROM ihub.logs WHERE id = {id}"));
         assert!(!stored.contains("hunter2") && !stored.contains("eyJhbGciOi") && !stored.contains("\"k\""), "{stored}");
         assert!(stored.contains("ada") && stored.contains("login failed"), "{stored}");
-        assert_eq!(one::<String>(&format!("SELECT row_table::text || ':' || row_key FROM ihub.logs WHERE id = {id}")), "pg_class:42");
+        assert_eq!(
+            one::<String>(&format!("SELECT row_table::text || ':' || row_key FROM ihub.logs WHERE id = {id}")),
+            "pg_class:42"
+        );
 
         Spi::run("SELECT ihub.set_log_level('shop', 'debug'); SELECT ihub.set_log_level('quiet', 'off')").unwrap();
         assert!(Spi::get_one::<i64>("SELECT ihub.log('debug', 'now kept', integration => 'shop')").unwrap().is_some());
@@ -776,7 +784,10 @@ mod tests {
         Spi::run("SELECT ihub.set_log_level('shop', 'error')").unwrap();
         assert_eq!(Spi::get_one::<i64>("SELECT ihub.log('warning', 'dropped', integration => 'shop')").unwrap(), None);
         expect_error("SELECT ihub.set_log_level('shop', 'loud')", &["invalid log level", "off"]);
-        assert_eq!(one::<String>("SELECT min_level || ':' || enabled FROM ihub.log_settings WHERE integration = 'quiet'"), "info:false");
+        assert_eq!(
+            one::<String>("SELECT min_level || ':' || enabled FROM ihub.log_settings WHERE integration = 'quiet'"),
+            "info:false"
+        );
 
         // A log write that cannot be stored is a warning, not the caller's error.
         Spi::run("ALTER TABLE ihub.log_entry_lasting ADD CONSTRAINT refuse CHECK (false) NOT VALID").unwrap();
@@ -822,7 +833,9 @@ mod tests {
         )
         .unwrap();
         let removed = || {
-            one::<String>("SELECT string_agg(kind || '=' || removed, ',' ORDER BY kind) FROM ihub.cleanup() WHERE removed > 0")
+            one::<String>(
+                "SELECT string_agg(kind || '=' || removed, ',' ORDER BY kind) FROM ihub.cleanup() WHERE removed > 0",
+            )
         };
         assert_eq!(removed(), "debug=5,info=13,warning=4");
         assert!(one::<bool>("SELECT to_regclass('ihub.log_entry_info_20200101') IS NULL"));
@@ -886,10 +899,16 @@ mod tests {
         );
         Spi::run("ALTER ROLE ihub_test_oncall LOGIN").unwrap();
         Spi::run("SELECT ihub.log('critical', 'again')").unwrap();
-        assert_eq!(one::<String>("SELECT assigned_to::text FROM ihub.activities ORDER BY id DESC LIMIT 1"), "ihub_test_oncall");
+        assert_eq!(
+            one::<String>("SELECT assigned_to::text FROM ihub.activities ORDER BY id DESC LIMIT 1"),
+            "ihub_test_oncall"
+        );
         let id = one::<i64>("SELECT min(id) FROM ihub.activities");
         Spi::run(&format!("SELECT ihub.close_activity({id}, 'renewed the token')")).unwrap();
-        assert_eq!(one::<String>(&format!("SELECT state || ':' || note FROM ihub.activities WHERE id = {id}")), "closed:renewed the token");
+        assert_eq!(
+            one::<String>(&format!("SELECT state || ':' || note FROM ihub.activities WHERE id = {id}")),
+            "closed:renewed the token"
+        );
         expect_error(&format!("SELECT ihub.close_activity({id})"), &["no open activity"]);
         Spi::run("SELECT ihub.set_activity_users(NULL)").unwrap();
         Spi::run("SELECT ihub.log('critical', 'nobody is told')").unwrap();
@@ -927,7 +946,10 @@ mod tests {
              FROM ihub.endpoint_stats() WHERE endpoint = 'hook'",
         );
         assert_eq!(stats, "8,6,75.00,4,1,1,HTTP 500,t,t");
-        assert_eq!(one::<String>("SELECT concat_ws(',', attempts, delivered, failures, dead) FROM ihub.daily_stats(1)"), "12,6,6,1");
+        assert_eq!(
+            one::<String>("SELECT concat_ws(',', attempts, delivered, failures, dead) FROM ihub.daily_stats(1)"),
+            "12,6,6,1"
+        );
         assert_eq!(
             one::<String>("SELECT string_agg(state || '=' || items, ',' ORDER BY state) FROM ihub.queue_stats() WHERE queue = 'deliveries'"),
             "dead=1,delivered (24 h)=6,failed=1,pending=0,retry=2,running=0"
@@ -938,7 +960,9 @@ mod tests {
     #[pg_test]
     fn health_reports_each_check() {
         setup_enabled();
-        let checks = || one::<String>("SELECT string_agg(check_name || '=' || status, ',' ORDER BY check_name) FROM ihub.health() WHERE check_name NOT LIKE 'workers%'");
+        let checks = || {
+            one::<String>("SELECT string_agg(check_name || '=' || status, ',' ORDER BY check_name) FROM ihub.health() WHERE check_name NOT LIKE 'workers%'")
+        };
         assert_eq!(checks(), "credentials=ok,endpoints=ok,queue: deliveries=ok,queue: jobs=ok,schedules=ok");
         Spi::run(
             "SELECT ihub.disable_endpoint('hook');
@@ -950,7 +974,10 @@ mod tests {
                  WHERE endpoint_id = (SELECT id FROM ihub.endpoint WHERE name = 'live');",
         )
         .unwrap();
-        assert_eq!(checks(), "credentials=critical,endpoints=warning,queue: deliveries=critical,queue: jobs=ok,schedules=ok");
+        assert_eq!(
+            checks(),
+            "credentials=critical,endpoints=warning,queue: deliveries=critical,queue: jobs=ok,schedules=ok"
+        );
         assert!(one::<String>("SELECT message FROM ihub.health() WHERE check_name = 'endpoints'").contains("hook"));
         assert!(one::<bool>("SELECT count(*) = 4 FROM ihub.health() WHERE check_name LIKE 'workers%'"));
     }

@@ -314,3 +314,26 @@ fn a_pg_cron_job_can_be_watched() {
     ));
     hub.exec(&format!("SELECT ihub.unwatch('cron:{job}')"));
 }
+
+#[test]
+fn health_turns_critical_while_a_worker_is_gone() {
+    let _g = serial();
+    let mut hub = hub();
+    let status = |hub: &mut Hub| -> String {
+        hub.one("SELECT status FROM ihub.health() WHERE check_name = 'workers: job worker'")
+    };
+    assert!(hub.wait_true(
+        "SELECT status = 'ok' FROM ihub.health() WHERE check_name = 'workers: job worker'",
+        Duration::from_secs(20)
+    ));
+    hub.exec("SELECT pg_terminate_backend(pid) FROM ihub.workers WHERE kind = 'job worker' LIMIT 1");
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(status(&mut hub), "critical");
+    let message: String = hub.one("SELECT message FROM ihub.health() WHERE check_name = 'workers: job worker'");
+    assert!(message.starts_with("1 of 2"), "{message}");
+    // The postmaster starts it again after its restart interval.
+    assert!(hub.wait_true(
+        "SELECT status = 'ok' FROM ihub.health() WHERE check_name = 'workers: job worker'",
+        Duration::from_secs(20)
+    ));
+}

@@ -42,6 +42,103 @@ fn main() {
     for backlog in [10_000, 1_000_000] {
         claim_time(&mut db, backlog);
     }
+
+    println!();
+    log_writes(&cluster, 4, Duration::from_secs(5));
+    cleanup_time(&mut db, 1_000_000);
+    stats_time(&mut db, 1_000_000);
+}
+
+/// `ihub.log` calls, each its own transaction, from several clients.
+fn log_writes(cluster: &Cluster, clients: usize, length: Duration) {
+    let handles: Vec<_> = (0..clients)
+        .map(|n| {
+            let cluster = cluster.clone();
+            thread::spawn(move || {
+                let mut c = cluster.connect();
+                let stmt = c
+                    .prepare(
+                        "SELECT ihub.log('info', 'order ' || $1 || ' synced', jsonb_build_object('client', $2::int))",
+                    )
+                    .unwrap();
+                let start = Instant::now();
+                let mut count = 0u64;
+                while start.elapsed() < length {
+                    c.execute(&stmt, &[&(count as i64).to_string(), &(n as i32)]).unwrap();
+                    count += 1;
+                }
+                count
+            })
+        })
+        .collect();
+    let total: u64 = handles.into_iter().map(|h| h.join().unwrap()).sum();
+    println!(
+        "logs: {total} ihub.log calls from {clients} clients (one transaction each) in {:.0} s -> {:.0} writes/s",
+        length.as_secs_f64(),
+        total as f64 / length.as_secs_f64()
+    );
+}
+
+/// `ihub.cleanup()` with `rows` expired info entries: first in a daily
+/// partition of their own (dropped whole), then in the default partition
+/// (deleted in batches).
+fn cleanup_time(db: &mut postgres::Client, rows: i32) {
+    db.batch_execute(
+        "SELECT ihub.set_retention('info', '14 days');
+         CREATE TABLE IF NOT EXISTS ihub.log_entry_info_20200101 PARTITION OF ihub.log_entry_info
+             FOR VALUES FROM ('2020-01-01 00:00+00') TO ('2020-01-02 00:00+00');",
+    )
+    .unwrap();
+    for (label, at) in
+        [("in their own daily partition", "2020-01-01 12:00+00"), ("in the default partition", "2020-02-01 12:00+00")]
+    {
+        db.execute(
+            "INSERT INTO ihub.log_entry (level, message, details, logged_at)
+             SELECT 'info', 'order ' || g || ' synced', jsonb_build_object('n', g), $2::text::timestamptz FROM generate_series(1, $1) g",
+            &[&rows, &at],
+        )
+        .unwrap();
+        db.batch_execute("CHECKPOINT").unwrap();
+        let start = Instant::now();
+        let removed: i64 = db.query_one("SELECT sum(removed)::bigint FROM ihub.cleanup()", &[]).unwrap().get(0);
+        println!("cleanup: {removed} expired log entries {label} removed in {:.2} s", start.elapsed().as_secs_f64());
+    }
+}
+
+/// `ihub.endpoint_stats` over a month holding `attempts` attempts.
+fn stats_time(db: &mut postgres::Client, attempts: i32) {
+    db.execute(
+        "INSERT INTO ihub.delivery_attempt (delivery_id, attempt, started_at, duration_ms, request_headers, response_status, error_category)
+         SELECT -g, 1, now() - (g % 720) * interval '1 hour', (g % 200)::float8, '{}', 200, 'ok' FROM generate_series(1, $1) g",
+        &[&attempts],
+    )
+    .unwrap();
+    // The counters the dispatchers would have rolled up for those attempts.
+    db.execute(
+        "INSERT INTO ihub.endpoint_hourly (endpoint_id, hour, worker, attempts, delivered, latency)
+         SELECT (SELECT id FROM ihub.endpoint WHERE name = 'bench-hook'), date_trunc('hour', now()) - h * interval '1 hour', 0,
+                count(*), count(*), ihub._histogram(array_agg(a.duration_ms))
+         FROM ihub.delivery_attempt a, LATERAL (SELECT (extract(epoch FROM date_trunc('hour', now()) - date_trunc('hour', a.started_at)) / 3600)::int AS h) x
+         WHERE a.delivery_id < 0
+         GROUP BY h
+         ON CONFLICT (endpoint_id, hour, worker) DO UPDATE
+             SET attempts = ihub.endpoint_hourly.attempts + EXCLUDED.attempts,
+                 delivered = ihub.endpoint_hourly.delivered + EXCLUDED.delivered,
+                 latency = ihub._histogram_add(ihub.endpoint_hourly.latency, EXCLUDED.latency)",
+        &[],
+    )
+    .unwrap();
+    let mut times = Vec::new();
+    for _ in 0..20 {
+        let start = Instant::now();
+        db.query("SELECT * FROM ihub.endpoint_stats(now() - interval '31 days')", &[]).unwrap();
+        times.push(start.elapsed().as_secs_f64() * 1000.0);
+    }
+    times.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    println!(
+        "endpoint_stats over {attempts} attempts (30 days): median {:.2} ms (rolled-up hourly counters)",
+        times[times.len() / 2]
+    );
 }
 
 fn jobs_setup(db: &mut postgres::Client) {
