@@ -419,3 +419,97 @@ BEGIN
     END LOOP;
 END
 $seq$;
+
+-------------------------------------------------------------------------------
+-- Inbound webhooks
+-------------------------------------------------------------------------------
+
+CREATE TABLE ihub.inbound_source (
+    id             bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    integration_id bigint NOT NULL REFERENCES ihub.integration (id),
+    name           text NOT NULL CHECK (name ~ '^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$'),
+    handler        regprocedure NOT NULL,
+    verify         text NOT NULL DEFAULT 'standard-webhooks'
+                   CHECK (verify IN ('standard-webhooks', 'hmac-sha256', 'shared-secret', 'none')),
+    -- The digest header (hmac-sha256) or the secret header (shared-secret).
+    header         text,
+    -- A header carrying the sender's delivery id, for de-duplication.
+    id_header      text,
+    -- 'header:<name>' or a JSON path ('{customer,id}'): items with the same
+    -- key are processed in arrival order.
+    ordering_key   text,
+    tolerance      interval NOT NULL DEFAULT '5 minutes' CHECK (tolerance >= interval '0'),
+    dedup_window   interval NOT NULL DEFAULT '24 hours' CHECK (dedup_window >= interval '0'),
+    run_as         regrole NOT NULL,
+    created_at     timestamptz NOT NULL DEFAULT now(),
+    UNIQUE (integration_id, name)
+);
+COMMENT ON TABLE ihub.inbound_source IS
+    'Inbound webhook sources: POST /webhooks/<integration>/<source>, their verification and their SQL handler.';
+
+CREATE TABLE ihub.inbound_secret (
+    source_id bigint PRIMARY KEY REFERENCES ihub.inbound_source (id) ON DELETE CASCADE,
+    secret    text NOT NULL
+);
+COMMENT ON TABLE ihub.inbound_secret IS 'Verification secrets of inbound sources. ihub_admin only.';
+
+CREATE TABLE ihub.inbound_item (
+    id            bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    source_id     bigint NOT NULL REFERENCES ihub.inbound_source (id),
+    received_at   timestamptz NOT NULL DEFAULT now(),
+    execute_at    timestamptz NOT NULL DEFAULT now(),
+    state         text NOT NULL DEFAULT 'queued' CHECK (state IN ('queued', 'processing', 'done', 'failed')),
+    ordering_key  text,
+    dedup_key     text,
+    headers       jsonb NOT NULL DEFAULT '{}',
+    body          bytea NOT NULL,
+    remote_addr   text,
+    attempts      integer NOT NULL DEFAULT 0,
+    processor_pid integer,
+    started_at    timestamptz,
+    processed_at  timestamptz,
+    result        jsonb,
+    error         text,
+    reactivated   integer NOT NULL DEFAULT 0
+)
+WITH (autovacuum_vacuum_scale_factor = 0.02, autovacuum_analyze_scale_factor = 0.02);
+CREATE INDEX inbound_due_idx ON ihub.inbound_item (execute_at, id) WHERE state = 'queued';
+CREATE INDEX inbound_ordering_idx ON ihub.inbound_item (source_id, ordering_key, id)
+    WHERE state IN ('queued', 'processing') AND ordering_key IS NOT NULL;
+CREATE INDEX inbound_processing_idx ON ihub.inbound_item (processor_pid) WHERE state = 'processing';
+CREATE INDEX inbound_failed_idx ON ihub.inbound_item (source_id, id) WHERE state = 'failed';
+COMMENT ON TABLE ihub.inbound_item IS
+    'Inbound items: accepted requests queued for their source''s handler; failed ones are archived here, never deleted.';
+
+CREATE TABLE ihub.inbound_dedup (
+    source_id  bigint NOT NULL,
+    key        text NOT NULL,
+    item_id    bigint NOT NULL,
+    expires_at timestamptz NOT NULL,
+    PRIMARY KEY (source_id, key)
+);
+COMMENT ON TABLE ihub.inbound_dedup IS 'Recently seen delivery ids (or body hashes) per source, for de-duplication.';
+
+CREATE TABLE ihub.inbound_rejection (
+    id          bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    source_id   bigint REFERENCES ihub.inbound_source (id) ON DELETE SET NULL,
+    received_at timestamptz NOT NULL DEFAULT now(),
+    reason      text NOT NULL,
+    remote_addr text,
+    body_sha256 text,
+    headers     jsonb
+);
+CREATE INDEX ON ihub.inbound_rejection (received_at);
+COMMENT ON TABLE ihub.inbound_rejection IS
+    'Inbound requests that failed verification: not queued, recorded for inspection (body kept only as a hash).';
+
+DO $seq$
+DECLARE
+    t text;
+BEGIN
+    FOREACH t IN ARRAY ARRAY['ihub.inbound_source', 'ihub.inbound_secret', 'ihub.inbound_item',
+                             'ihub.inbound_dedup', 'ihub.inbound_rejection'] LOOP
+        PERFORM pg_catalog.pg_extension_config_dump(t, '');
+    END LOOP;
+END
+$seq$;

@@ -42,6 +42,10 @@ COMMENT ON FUNCTION ihub._expected_workers() IS 'Internal: the background worker
 COMMENT ON FUNCTION ihub._health_queue_age() IS 'Internal: ihub.health_queue_age.';
 COMMENT ON FUNCTION ihub._health_queue_depth() IS 'Internal: ihub.health_queue_depth.';
 
+COMMENT ON FUNCTION ihub._verify_inbound(text, text, text, bigint, jsonb, bytea) IS
+    'Internal: verifies an inbound request; NULL when it passes, else the reason.';
+COMMENT ON FUNCTION ihub._wake_processor() IS 'Internal: wakes an inbound processor when the current transaction commits.';
+
 -------------------------------------------------------------------------------
 -- Privileges
 -------------------------------------------------------------------------------
@@ -54,7 +58,8 @@ GRANT USAGE ON SCHEMA ihub_capture TO ihub_developer;
 GRANT SELECT ON ihub.integrations, ihub.endpoints, ihub.subscriptions, ihub.deliveries,
                 ihub.delivery_attempts, ihub.workers, ihub.jobs, ihub.schedules, ihub.cronwatch,
                 ihub.integration_dates, ihub.logs, ihub.activities, ihub.retention_settings,
-                ihub.log_settings TO ihub_viewer;
+                ihub.log_settings, ihub.inbound_items, ihub.inbound_failed, ihub.inbound_sources,
+                ihub.inbound_rejections TO ihub_viewer;
 GRANT SELECT ON ihub.endpoint_secrets TO ihub_admin;
 GRANT SELECT ON ihub.integration_kind TO ihub_viewer;
 GRANT INSERT, UPDATE, DELETE ON ihub.integration_kind TO ihub_admin;
@@ -68,6 +73,7 @@ GRANT EXECUTE ON FUNCTION
     ihub._workers(),
     ihub._log_min_level(),
     ihub._join_url(text, text),
+    ihub._try_jsonb(bytea),
     ihub.endpoint_stats(timestamptz),
     ihub.daily_stats(integer),
     ihub.queue_stats(),
@@ -102,10 +108,17 @@ GRANT EXECUTE ON FUNCTION
     ihub.unwatch(text),
     ihub.get_date(text, text),
     ihub.set_date(text, text, timestamptz),
-    ihub.log(text, text, jsonb, text, bigint, regclass, text),
+    ihub.log(text, text, jsonb, text, bigint, regclass, text, bigint),
     ihub.set_log_level(text, text),
     ihub.mark_checked(bigint[]),
     ihub.close_activity(bigint, text),
+    ihub.create_source(text, text, regprocedure, text, text, text, interval, interval, text, text),
+    ihub.drop_source(text, text),
+    ihub.receive(text, text, jsonb, bytea, timestamptz),
+    ihub.reactivate_inbound(bigint[]),
+    ihub.process_inbound(bigint),
+    ihub._inbound_take(bigint),
+    ihub._inbound_settle(bigint, jsonb, text),
     -- Capture triggers are owned by their subscriber and call this.
     ihub._wake()
 TO ihub_developer;

@@ -18,7 +18,8 @@ CREATE FUNCTION ihub.log(
     integration text DEFAULT NULL,
     delivery bigint DEFAULT NULL,
     row_table regclass DEFAULT NULL,
-    row_key text DEFAULT NULL
+    row_key text DEFAULT NULL,
+    inbound bigint DEFAULT NULL
 ) RETURNS bigint
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
@@ -47,9 +48,9 @@ BEGIN
         END IF;
         v_message := ihub._mask_text(left(coalesce(message, ''), 10000));
         INSERT INTO ihub.log_entry (logged_at, level, message, details, integration_id, job_id, delivery_id,
-                                    row_table, row_key, logged_by)
+                                    inbound_id, row_table, row_key, logged_by)
         VALUES (v_at, v_level, v_message, ihub._mask_settings(details), v_integration, ihub._current_job(),
-                log.delivery, log.row_table, log.row_key, ihub._invoker())
+                log.delivery, log.inbound, log.row_table, log.row_key, ihub._invoker())
         RETURNING id INTO v_id;
         PERFORM ihub._count_logged(v_level);
         IF v_level = 'critical' THEN
@@ -317,8 +318,8 @@ SELECT i.name AS integration, coalesce(s.enabled, true) AS enabled,
 FROM ihub.integration i LEFT JOIN ihub.log_setting s ON s.integration_id = i.id;
 
 COMMENT ON FUNCTION ihub._level_rank(text) IS 'Internal: the order of log levels, debug 1 to critical 5.';
-COMMENT ON FUNCTION ihub.log(text, text, jsonb, text, bigint, regclass, text) IS
-    'Writes a log entry (debug, info, warning, error, critical) linked to the integration, the current job, a delivery and a local row; masks secrets; never fails the caller. Returns its id, or NULL when filtered out.';
+COMMENT ON FUNCTION ihub.log(text, text, jsonb, text, bigint, regclass, text, bigint) IS
+    'Writes a log entry (debug, info, warning, error, critical) linked to the integration, the current job, a delivery, an inbound item and a local row; masks secrets; never fails the caller. Returns its id, or NULL when filtered out.';
 COMMENT ON FUNCTION ihub.set_log_level(text, text) IS 'Sets an integration''s minimum log level (debug ... critical), or off.';
 COMMENT ON FUNCTION ihub.mark_checked(bigint[]) IS 'Marks log entries checked, recording who and when. Returns how many changed.';
 COMMENT ON FUNCTION ihub.set_retention(text, interval) IS

@@ -193,7 +193,20 @@ fn expected_workers(
         ("job worker".to_string(), settings::JOB_WORKERS.get() as i64, stale(settings::JOB_TIMEOUT_MS.get() as i64)),
         ("scheduler".to_string(), 1, stale(poll_ms * 3)),
         ("maintenance".to_string(), 1, stale(3_600_000)),
+        (
+            "processor".to_string(),
+            settings::INBOUND_PROCESSORS.get() as i64,
+            stale(settings::JOB_TIMEOUT_MS.get() as i64),
+        ),
     ];
+    // The listener serves the first database listed, if it listens at all.
+    let mut rows = rows;
+    let current = unsafe { std::ffi::CStr::from_ptr(pg_sys::get_database_name(pg_sys::MyDatabaseId)) };
+    if !settings::listen_address().is_empty()
+        && settings::databases().first().map(String::as_str) == Some(&*current.to_string_lossy())
+    {
+        rows.push(("listener".to_string(), 1, stale(poll_ms * 3 + 60_000)));
+    }
     TableIterator::new(rows)
 }
 
@@ -205,4 +218,29 @@ fn health_queue_age() -> pgrx::datum::Interval {
 #[pg_extern(name = "_health_queue_depth", stable)]
 fn health_queue_depth() -> i64 {
     settings::HEALTH_QUEUE_DEPTH.get() as i64
+}
+
+/// Verifies an inbound request as the listener does: NULL when it passes,
+/// else the reason it is refused (never the secret or the signature).
+#[pg_extern(name = "_verify_inbound", stable)]
+fn verify_inbound(
+    verify: &str,
+    secret: Option<&str>,
+    header: Option<&str>,
+    tolerance_s: i64,
+    headers: JsonB,
+    body: &[u8],
+) -> Option<String> {
+    use crate::inbound::verify::{secret_bytes, verify as check, Mode, Rule};
+    let mode = Mode::parse(verify)?;
+    let rule = Rule {
+        mode,
+        secret: secret_bytes(secret.unwrap_or("")),
+        header: header.map(str::to_ascii_lowercase),
+        tolerance_s,
+    };
+    let now =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0);
+    let map = headers.0.as_object().cloned().unwrap_or_default();
+    check(&rule, |name| map.get(name).and_then(Value::as_str), body, now).err().map(|e| e.to_string())
 }

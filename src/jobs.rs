@@ -26,7 +26,7 @@ extern "C-unwind" {
     /// Postgres's own SIGTERM handler for backends (pgrx wraps `pg_sys::die`
     /// as a Rust function, which a signal handler cannot be).
     #[link_name = "die"]
-    fn postgres_die(signal: std::ffi::c_int);
+    pub fn postgres_die(signal: std::ffi::c_int);
     // utils/timeout.h, which pgrx does not bind.
     fn enable_timeout_after(id: std::ffi::c_int, delay_ms: std::ffi::c_int);
     fn disable_timeout(id: std::ffi::c_int, keep_indicator: bool);
@@ -47,10 +47,10 @@ struct Job {
     more_due: bool,
 }
 
-/// Why a job attempt did not finish.
-struct Failure {
-    message: String,
-    retry_after: Option<f64>,
+/// Why a job attempt (or a handler call) did not finish.
+pub struct Failure {
+    pub message: String,
+    pub retry_after: Option<f64>,
 }
 
 #[pg_guard]
@@ -192,45 +192,61 @@ fn run(job: Job, pid: i32) {
 /// The job's own transaction: its function and, if that succeeds, its
 /// `done` (or `partial`) state, committed together.
 fn attempt(job: Job) -> Result<(), Failure> {
-    unsafe {
-        pg_sys::SetCurrentStatementStartTimestamp();
-        pg_sys::StartTransactionCommand();
-        pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot());
-    }
-    let outcome = PgTryBuilder::new(|| {
-        // A clean session for each job: settings, advisory locks and
-        // temporary tables a previous job left behind are gone.
-        // (What RESET ALL, DISCARD TEMP and pg_advisory_unlock_all do.)
-        unsafe {
-            pg_sys::ResetAllOptions();
-            pg_sys::ResetTempTableNamespace();
-            pg_sys::LockReleaseSession(USER_LOCKMETHOD);
-        }
-        // Postgres arms statement_timeout only for client queries; a worker
-        // arms the timer itself. When it fires, the job's query is cancelled.
-        unsafe {
-            enable_timeout_after(STATEMENT_TIMEOUT, job.timeout_ms.max(1));
-        }
-        let result = as_role(job.run_as, || {
-            Spi::connect_mut(|client| {
-                let rows = run_prepared(client, &job.call, &[PgOid::from(pg_sys::JSONBOID)], &[job.args.into()])?;
-                rows.into_iter().next().map(|row| row.get::<JsonB>(1)).transpose().map(Option::flatten)
-            })
-        })
-        .expect("the job function ran");
-        unsafe { disable_timeout(STATEMENT_TIMEOUT, false) };
-        let (done, total) = progress(job.id);
+    let id = job.id;
+    run_user_call(&job.call, PgOid::from(pg_sys::JSONBOID), job.args.into(), job.run_as, job.timeout_ms, |result| {
+        let (done, total) = progress(id);
         Spi::connect_mut(|client| {
             let int8 = PgOid::from(pg_sys::INT8OID);
             run_prepared(
                 client,
                 "SELECT ihub._job_done($1, $2, $3, $4, $5)",
                 &[int8, PgOid::from(pg_sys::JSONBOID), PgOid::from(pg_sys::INT4OID), int8, int8],
-                &[job.id.into(), result.into(), ERRORS_LOGGED.load(Ordering::SeqCst).into(), done.into(), total.into()],
+                &[id.into(), result.into(), ERRORS_LOGGED.load(Ordering::SeqCst).into(), done.into(), total.into()],
             )
             .map(|_| ())
         })
         .expect("ihub._job_done");
+    })
+}
+
+/// Runs user code (a job function, an inbound handler) in a transaction of
+/// its own: a clean session, `run_as` as the current user, a timeout; then
+/// `finish` with the call's jsonb result, in the same transaction. An error
+/// rolls everything back and is returned.
+pub fn run_user_call(
+    call: &str,
+    arg_type: PgOid,
+    arg: pgrx::datum::DatumWithOid<'_>,
+    run_as: pg_sys::Oid,
+    timeout_ms: i32,
+    finish: impl FnOnce(Option<JsonB>) + std::panic::UnwindSafe,
+) -> Result<(), Failure> {
+    unsafe {
+        pg_sys::SetCurrentStatementStartTimestamp();
+        pg_sys::StartTransactionCommand();
+        pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot());
+    }
+    let outcome = PgTryBuilder::new(|| {
+        // A clean session each time: settings, temporary tables and advisory
+        // locks left by earlier user code are gone (RESET ALL, DISCARD TEMP,
+        // pg_advisory_unlock_all).
+        unsafe {
+            pg_sys::ResetAllOptions();
+            pg_sys::ResetTempTableNamespace();
+            pg_sys::LockReleaseSession(USER_LOCKMETHOD);
+        }
+        // Postgres arms statement_timeout only for client queries; a worker
+        // arms the timer itself. When it fires, the query is cancelled.
+        unsafe { enable_timeout_after(STATEMENT_TIMEOUT, timeout_ms.max(1)) };
+        let result = as_role(run_as, || {
+            Spi::connect_mut(|client| {
+                let rows = run_prepared(client, call, &[arg_type], &[arg])?;
+                rows.into_iter().next().map(|row| row.get::<JsonB>(1)).transpose().map(Option::flatten)
+            })
+        })
+        .expect("the user function ran");
+        unsafe { disable_timeout(STATEMENT_TIMEOUT, false) };
+        finish(result);
         Ok(())
     })
     .catch_others(|e| {
@@ -244,7 +260,7 @@ fn attempt(job: Job) -> Result<(), Failure> {
         let retry_after = detail.as_deref().and_then(|d| d.strip_prefix(RETRY_LATER)).and_then(|s| s.parse().ok());
         let mut message = caught_message(&e).to_string();
         if message.contains("statement timeout") {
-            message = format!("the job ran longer than its timeout ({} ms) and was stopped", job.timeout_ms);
+            message = format!("it ran longer than its timeout ({timeout_ms} ms) and was stopped");
         }
         Err(Failure { message, retry_after })
     })
@@ -255,7 +271,7 @@ fn attempt(job: Job) -> Result<(), Failure> {
             pg_sys::PopActiveSnapshot();
             pg_sys::CommitTransactionCommand();
         } else {
-            // Also restores the user id the job ran as.
+            // Also restores the user id the call ran as.
             pg_sys::AbortCurrentTransaction();
         }
         pg_sys::pgstat_report_stat(false);
@@ -265,7 +281,7 @@ fn attempt(job: Job) -> Result<(), Failure> {
 
 /// Runs `f` with `role` as the current user, as SECURITY DEFINER functions
 /// do; an error unwinds through the transaction abort, which restores it.
-fn as_role<R>(role: pg_sys::Oid, f: impl FnOnce() -> R) -> R {
+pub fn as_role<R>(role: pg_sys::Oid, f: impl FnOnce() -> R) -> R {
     let (mut saved_user, mut saved_context) = (pg_sys::InvalidOid, 0);
     unsafe {
         pg_sys::GetUserIdAndSecContext(&mut saved_user, &mut saved_context);

@@ -11,9 +11,12 @@ pub mod bgw;
 pub mod capture;
 pub mod dispatch;
 pub mod error;
+pub mod inbound;
 pub mod jobs;
+pub mod listener;
 pub mod maintenance;
 pub mod outbound;
+pub mod processor;
 pub mod schedule;
 pub mod settings;
 pub mod workers;
@@ -52,6 +55,11 @@ pgrx::extension_sql_file!(
     name = "monitoring",
     requires = ["schedules", api::histogram_add, api::histogram, api::preloaded, api::expected_workers]
 );
+pgrx::extension_sql_file!(
+    "../sql/inbound.sql",
+    name = "inbound",
+    requires = ["monitoring", api::mask_headers, api::verify_inbound, workers::wake_processor]
+);
 pgrx::extension_sql_file!("../sql/finalize.sql", name = "finalize", finalize);
 
 #[pg_guard]
@@ -77,6 +85,7 @@ pub mod pg_test {
             "shared_preload_libraries = 'pg_ihub'",
             "ihub.databases = 'pgrx_tests'",
             "ihub.allow_private_hosts = '127.0.0.0/8, ::1, localhost'",
+            "ihub.listen_address = ''",
         ]
     }
 }

@@ -17,6 +17,14 @@ pub static DATABASES: GucSetting<Option<std::ffi::CString>> =
     GucSetting::<Option<std::ffi::CString>>::new(Some(c"postgres"));
 pub static DISPATCH_WORKERS: GucSetting<i32> = GucSetting::<i32>::new(2);
 pub static JOB_WORKERS: GucSetting<i32> = GucSetting::<i32>::new(2);
+pub static LISTEN_ADDRESS: GucSetting<Option<std::ffi::CString>> =
+    GucSetting::<Option<std::ffi::CString>>::new(Some(c"127.0.0.1:8470"));
+pub static INBOUND_PROCESSORS: GucSetting<i32> = GucSetting::<i32>::new(1);
+pub static INBOUND_BATCH: GucSetting<i32> = GucSetting::<i32>::new(100);
+pub static INBOUND_RATE_LIMIT: GucSetting<i32> = GucSetting::<i32>::new(0);
+pub static INBOUND_BURST: GucSetting<i32> = GucSetting::<i32>::new(100);
+pub static INBOUND_REQUEST_TIMEOUT_MS: GucSetting<i32> = GucSetting::<i32>::new(30_000);
+pub static INBOUND_MAX_CONNECTIONS: GucSetting<i32> = GucSetting::<i32>::new(1000);
 pub static MAX_JOBS_PER_RUN: GucSetting<i32> = GucSetting::<i32>::new(100);
 pub static MAX_RUNTIME_SECONDS: GucSetting<i32> = GucSetting::<i32>::new(60);
 pub static JOB_TIMEOUT_MS: GucSetting<i32> = GucSetting::<i32>::new(3_600_000);
@@ -65,6 +73,24 @@ fn define_postmaster_settings() {
         GucContext::Postmaster,
         GucFlags::default(),
     );
+    GucRegistry::define_string_guc(
+        c"ihub.listen_address",
+        c"Address the inbound webhook listener serves HTTP on (host:port); empty turns it off.",
+        c"One listener for the server, serving the first database in ihub.databases. Requires a restart.",
+        &LISTEN_ADDRESS,
+        GucContext::Postmaster,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"ihub.inbound_processors",
+        c"Inbound processor workers per database.",
+        c"Each calls the handlers of queued inbound items, one item at a time. Requires a restart.",
+        &INBOUND_PROCESSORS,
+        0,
+        64,
+        GucContext::Postmaster,
+        GucFlags::default(),
+    );
     GucRegistry::define_int_guc(
         c"ihub.job_workers",
         c"Job workers per database.",
@@ -78,6 +104,56 @@ fn define_postmaster_settings() {
 }
 
 fn define_reloadable_settings() {
+    GucRegistry::define_int_guc(
+        c"ihub.inbound_batch",
+        c"Inbound items a processor handles before it yields.",
+        c"",
+        &INBOUND_BATCH,
+        1,
+        100_000,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"ihub.inbound_rate_limit",
+        c"Requests per second the listener accepts per source (0: no limit); more get 429 with Retry-After.",
+        c"",
+        &INBOUND_RATE_LIMIT,
+        0,
+        i32::MAX,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"ihub.inbound_burst",
+        c"Requests a source may send at once above ihub.inbound_rate_limit.",
+        c"",
+        &INBOUND_BURST,
+        1,
+        i32::MAX,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"ihub.inbound_request_timeout",
+        c"How long the listener waits for a request to arrive whole and be committed.",
+        c"",
+        &INBOUND_REQUEST_TIMEOUT_MS,
+        100,
+        3_600_000,
+        GucContext::Sighup,
+        GucFlags::UNIT_MS,
+    );
+    GucRegistry::define_int_guc(
+        c"ihub.inbound_max_connections",
+        c"Connections the listener serves at once; more wait to be accepted.",
+        c"",
+        &INBOUND_MAX_CONNECTIONS,
+        1,
+        100_000,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
     GucRegistry::define_int_guc(
         c"ihub.max_jobs_per_run",
         c"Jobs a job worker runs before it yields (rescue checks, settings reload).",
@@ -240,6 +316,10 @@ pub fn string_setting(setting: &GucSetting<Option<std::ffi::CString>>) -> String
 
 pub fn databases() -> Vec<String> {
     string_setting(&DATABASES).split(',').map(str::trim).filter(|s| !s.is_empty()).map(str::to_string).collect()
+}
+
+pub fn listen_address() -> String {
+    string_setting(&LISTEN_ADDRESS).trim().to_string()
 }
 
 pub fn allow_private_hosts() -> String {

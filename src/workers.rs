@@ -23,6 +23,8 @@ pub enum Kind {
     JobWorker = 2,
     Scheduler = 3,
     Maintenance = 4,
+    Listener = 5,
+    Processor = 6,
 }
 
 impl Kind {
@@ -33,6 +35,8 @@ impl Kind {
             Kind::JobWorker => "job worker",
             Kind::Scheduler => "scheduler",
             Kind::Maintenance => "maintenance",
+            Kind::Listener => "listener",
+            Kind::Processor => "processor",
         }
     }
 }
@@ -97,6 +101,7 @@ static PRELOADED: AtomicBool = AtomicBool::new(false);
 static WAKE_DISPATCHER: AtomicBool = AtomicBool::new(false);
 static WAKE_JOB_WORKER: AtomicBool = AtomicBool::new(false);
 static WAKE_SCHEDULER: AtomicBool = AtomicBool::new(false);
+static WAKE_PROCESSOR: AtomicBool = AtomicBool::new(false);
 
 fn now_ms() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
@@ -116,6 +121,15 @@ pub fn init_preloaded() {
         }
         start_worker("scheduler", 0, &db, "ihub_scheduler_main");
         start_worker("maintenance", 0, &db, "ihub_maintenance_main");
+        for n in 0..settings::INBOUND_PROCESSORS.get() {
+            start_worker("processor", n, &db, "ihub_processor_main");
+        }
+    }
+    // One HTTP listener for the server, serving the first database listed.
+    if let Some(db) = settings::databases().first() {
+        if !settings::listen_address().is_empty() {
+            start_worker("listener", 0, db, "ihub_listener_main");
+        }
     }
 }
 
@@ -242,6 +256,12 @@ fn wake_job_worker() {
     wake_at_commit(Kind::JobWorker);
 }
 
+/// Asks for an inbound processor to be woken at commit (an item was queued).
+#[pg_extern(name = "_wake_processor", volatile, parallel_unsafe)]
+pub fn wake_processor() {
+    wake_at_commit(Kind::Processor);
+}
+
 /// Asks for the scheduler to be woken at commit (a schedule changed).
 #[pg_extern(name = "_wake_scheduler", volatile, parallel_unsafe)]
 fn wake_scheduler() {
@@ -252,6 +272,7 @@ pub fn wake_at_commit(kind: Kind) {
     let flag: &'static AtomicBool = match kind {
         Kind::JobWorker => &WAKE_JOB_WORKER,
         Kind::Scheduler => &WAKE_SCHEDULER,
+        Kind::Processor => &WAKE_PROCESSOR,
         _ => &WAKE_DISPATCHER,
     };
     if !preloaded() || flag.swap(true, Ordering::SeqCst) {

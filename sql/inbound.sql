@@ -1,0 +1,513 @@
+-- pg_ihub inbound webhooks: sources, accepting (from the listener worker or
+-- ihub.receive), the processing queue, and its views.
+
+-- The body as jsonb, or NULL when it is not JSON.
+CREATE FUNCTION ihub._try_jsonb(p_body bytea) RETURNS jsonb
+LANGUAGE plpgsql IMMUTABLE PARALLEL SAFE
+AS $$
+BEGIN
+    RETURN convert_from(p_body, 'UTF8')::jsonb;
+EXCEPTION WHEN OTHERS THEN
+    RETURN NULL;
+END
+$$;
+
+-- What a handler receives: CREATE FUNCTION my_handler(item ihub.inbound_items) RETURNS jsonb.
+CREATE VIEW ihub.inbound_items AS
+SELECT t.id, i.name AS integration, s.name AS source, t.received_at, t.execute_at, t.state, t.attempts,
+       t.headers, t.body,
+       CASE WHEN t.headers ->> 'content-type' LIKE '%json%' OR left(ltrim(convert_from(t.body, 'UTF8')), 1) IN ('{', '[')
+            THEN ihub._try_jsonb(t.body) END AS payload,
+       t.ordering_key, t.dedup_key, t.remote_addr, t.result, t.error, t.processed_at, t.reactivated
+FROM ihub.inbound_item t
+JOIN ihub.inbound_source s ON s.id = t.source_id
+JOIN ihub.integration i ON i.id = s.integration_id;
+
+CREATE FUNCTION ihub._source_row(p_integration text, p_name text) RETURNS ihub.inbound_source
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v ihub.inbound_source;
+BEGIN
+    SELECT * INTO v FROM ihub.inbound_source
+    WHERE integration_id = ihub._integration_id(p_integration) AND name = p_name;
+    IF v.id IS NULL THEN
+        RAISE EXCEPTION 'integration "%" has no inbound source "%"', p_integration, p_name
+            USING ERRCODE = 'undefined_object', HINT = 'Create it with ihub.create_source, or list them in ihub.inbound_sources.';
+    END IF;
+    RETURN v;
+END
+$$;
+
+CREATE FUNCTION ihub.create_source(
+    integration text,
+    name text,
+    handler regprocedure,
+    verify text DEFAULT 'standard-webhooks',
+    secret text DEFAULT NULL,
+    header text DEFAULT NULL,
+    tolerance interval DEFAULT '5 minutes',
+    dedup_window interval DEFAULT '24 hours',
+    id_header text DEFAULT NULL,
+    ordering_key text DEFAULT NULL
+) RETURNS bigint
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_integration bigint := ihub._integration_id(create_source.integration);
+    v_role name := ihub._invoker();
+    v_proc pg_proc;
+    v_id bigint;
+BEGIN
+    PERFORM ihub._check_name('inbound source', create_source.name);
+    IF EXISTS (SELECT 1 FROM ihub.inbound_source s WHERE s.integration_id = v_integration AND s.name = create_source.name) THEN
+        RAISE EXCEPTION 'integration "%" already has an inbound source "%"', create_source.integration, create_source.name
+            USING ERRCODE = 'duplicate_object', HINT = 'Choose another name, or drop it with ihub.drop_source first.';
+    END IF;
+    SELECT * INTO v_proc FROM pg_proc WHERE oid = handler;
+    IF v_proc.prokind <> 'f' OR v_proc.pronargs <> 1 OR v_proc.proargtypes[0] <> 'ihub.inbound_items'::regtype OR v_proc.proretset THEN
+        RAISE EXCEPTION 'function % cannot handle inbound items', handler
+            USING ERRCODE = 'invalid_function_definition',
+                  HINT = 'A handler takes one ihub.inbound_items and returns jsonb (or void): CREATE FUNCTION on_order(item ihub.inbound_items) RETURNS jsonb.';
+    END IF;
+    IF NOT has_function_privilege(v_role, handler, 'EXECUTE') THEN
+        RAISE EXCEPTION 'role % may not execute %', v_role, handler
+            USING ERRCODE = 'insufficient_privilege', HINT = 'Handlers run as the role that created the source; grant it EXECUTE.';
+    END IF;
+    IF verify IS NULL OR verify NOT IN ('standard-webhooks', 'hmac-sha256', 'shared-secret', 'none') THEN
+        RAISE EXCEPTION 'unknown verification "%"', verify
+            USING ERRCODE = 'invalid_parameter_value', HINT = 'Use standard-webhooks, hmac-sha256, shared-secret or none.';
+    END IF;
+    IF verify <> 'none' AND coalesce(secret, '') = '' THEN
+        RAISE EXCEPTION 'verification % needs a secret', verify
+            USING ERRCODE = 'invalid_parameter_value', HINT = 'Pass the secret the sender signs with (whsec_... for Standard Webhooks).';
+    END IF;
+    IF verify = 'shared-secret' AND header IS NULL THEN
+        RAISE EXCEPTION 'shared-secret verification needs the header that carries the secret'
+            USING ERRCODE = 'invalid_parameter_value', HINT = 'For example header => ''X-Zoho-Webhook-Secret''.';
+    END IF;
+    IF tolerance IS NULL OR tolerance < interval '0' OR dedup_window IS NULL OR dedup_window < interval '0' THEN
+        RAISE EXCEPTION 'tolerance and dedup_window must be non-negative intervals'
+            USING ERRCODE = 'invalid_parameter_value', HINT = 'For example tolerance => ''5 minutes'', dedup_window => ''1 day''.';
+    END IF;
+    IF ordering_key IS NOT NULL AND ordering_key !~ '^header:[A-Za-z0-9_-]+$' AND ordering_key !~ '^\{.+\}$' THEN
+        RAISE EXCEPTION 'invalid ordering key "%"', ordering_key
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'Use header:<name>, or a JSON path into the body as a text array, e.g. ''{customer,id}''.';
+    END IF;
+    INSERT INTO ihub.inbound_source (integration_id, name, handler, verify, header, id_header, ordering_key,
+                                     tolerance, dedup_window, run_as)
+    VALUES (v_integration, create_source.name, handler, verify, lower(header), lower(id_header), ordering_key,
+            tolerance, dedup_window, v_role::regrole)
+    RETURNING id INTO v_id;
+    IF secret IS NOT NULL THEN
+        INSERT INTO ihub.inbound_secret (source_id, secret) VALUES (v_id, secret);
+    END IF;
+    RETURN v_id;
+END
+$$;
+
+CREATE FUNCTION ihub.drop_source(integration text, name text) RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v ihub.inbound_source := ihub._source_row(drop_source.integration, drop_source.name);
+BEGIN
+    IF EXISTS (SELECT 1 FROM ihub.inbound_item WHERE source_id = v.id AND state IN ('queued', 'processing')) THEN
+        RAISE EXCEPTION 'inbound source % still has queued items', drop_source.name
+            USING ERRCODE = 'object_in_use', HINT = 'Let them be processed first, or delete them from ihub.inbound_item.';
+    END IF;
+    DELETE FROM ihub.inbound_dedup WHERE source_id = v.id;
+    DELETE FROM ihub.inbound_item WHERE source_id = v.id;
+    DELETE FROM ihub.inbound_source WHERE id = v.id;
+END
+$$;
+
+-- Sources as the listener caches them (with their secrets: the listener
+-- verifies signatures itself).
+CREATE FUNCTION ihub._inbound_sources()
+RETURNS TABLE (id bigint, integration text, source text, active boolean, verify text, header text, id_header text,
+               secret text, tolerance_s bigint)
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT s.id, i.name, s.name, i.state <> 'inactive', s.verify, s.header, s.id_header, k.secret,
+           extract(epoch FROM s.tolerance)::bigint
+    FROM ihub.inbound_source s
+    JOIN ihub.integration i ON i.id = s.integration_id
+    LEFT JOIN ihub.inbound_secret k ON k.source_id = s.id
+$$;
+
+-- The ordering key of an item, per its source's rule.
+CREATE FUNCTION ihub._ordering_key(p_rule text, p_headers jsonb, p_body bytea) RETURNS text
+LANGUAGE sql IMMUTABLE
+AS $$
+    SELECT CASE WHEN p_rule IS NULL THEN NULL
+                WHEN p_rule LIKE 'header:%' THEN p_headers ->> lower(substr(p_rule, 8))
+                ELSE ihub._try_jsonb(p_body) #>> p_rule::text[] END
+$$;
+
+-- Queues a batch of verified requests (the listener's group commit).
+-- A request whose delivery id (or body hash) was seen by its source within
+-- the de-duplication window is not queued again: it gets the first one's id.
+CREATE FUNCTION ihub._accept_inbound(p_sources bigint[], p_headers jsonb[], p_bodies bytea[], p_dedup text[],
+                                     p_remote text[], p_execute_at timestamptz[])
+RETURNS TABLE (n integer, item_id bigint, duplicate boolean)
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_source ihub.inbound_source;
+    v_id bigint;
+    v_existing bigint;
+BEGIN
+    FOR i IN 1 .. coalesce(cardinality(p_sources), 0) LOOP
+        SELECT * INTO v_source FROM ihub.inbound_source s WHERE s.id = p_sources[i];
+        n := i;
+        v_existing := NULL;
+        IF p_dedup[i] IS NOT NULL AND v_source.dedup_window > interval '0' THEN
+            SELECT d.item_id INTO v_existing FROM ihub.inbound_dedup d
+            WHERE d.source_id = v_source.id AND d.key = p_dedup[i] AND d.expires_at > now();
+        END IF;
+        IF v_existing IS NOT NULL THEN
+            item_id := v_existing;
+            duplicate := true;
+            RETURN NEXT;
+            CONTINUE;
+        END IF;
+        INSERT INTO ihub.inbound_item (source_id, execute_at, ordering_key, dedup_key, headers, body, remote_addr)
+        VALUES (v_source.id, coalesce(p_execute_at[i], now()),
+                ihub._ordering_key(v_source.ordering_key, p_headers[i], p_bodies[i]),
+                p_dedup[i], p_headers[i], p_bodies[i], p_remote[i])
+        RETURNING id INTO v_id;
+        IF p_dedup[i] IS NOT NULL AND v_source.dedup_window > interval '0' THEN
+            INSERT INTO ihub.inbound_dedup (source_id, key, item_id, expires_at)
+            VALUES (v_source.id, p_dedup[i], v_id, now() + v_source.dedup_window)
+            ON CONFLICT (source_id, key) DO UPDATE SET item_id = EXCLUDED.item_id, expires_at = EXCLUDED.expires_at
+                WHERE ihub.inbound_dedup.expires_at <= now()
+            RETURNING ihub.inbound_dedup.item_id INTO v_existing;
+            IF v_existing IS NULL THEN
+                -- Another transaction took this id first: ours is a duplicate.
+                DELETE FROM ihub.inbound_item WHERE id = v_id;
+                SELECT d.item_id INTO v_id FROM ihub.inbound_dedup d WHERE d.source_id = v_source.id AND d.key = p_dedup[i];
+                item_id := v_id;
+                duplicate := true;
+                RETURN NEXT;
+                CONTINUE;
+            END IF;
+        END IF;
+        item_id := v_id;
+        duplicate := false;
+        RETURN NEXT;
+    END LOOP;
+    PERFORM ihub._wake_processor();
+END
+$$;
+
+CREATE FUNCTION ihub._reject_inbound(p_sources bigint[], p_reasons text[], p_remote text[], p_hashes text[], p_headers jsonb[])
+RETURNS void
+LANGUAGE sql SET search_path = pg_catalog, pg_temp
+AS $$
+    INSERT INTO ihub.inbound_rejection (source_id, reason, remote_addr, body_sha256, headers)
+    SELECT s, r, a, h, ihub._mask_headers(hd)
+    FROM unnest(p_sources, p_reasons, p_remote, p_hashes, p_headers) AS x(s, r, a, h, hd)
+$$;
+
+-- The de-duplication key: the Standard Webhooks id, else the configured id
+-- header, else the body's hash.
+CREATE FUNCTION ihub._dedup_key(p_source ihub.inbound_source, p_headers jsonb, p_body bytea) RETURNS text
+LANGUAGE sql IMMUTABLE
+AS $$
+    SELECT coalesce(CASE WHEN p_source.verify = 'standard-webhooks' THEN p_headers ->> 'webhook-id' END,
+                    p_headers ->> p_source.id_header,
+                    'sha256:' || encode(sha256(p_body), 'hex'))
+$$;
+
+-- The listener's path from SQL, for applications that receive HTTP
+-- themselves. Returns the item id (the first one's for a duplicate), or
+-- NULL with a WARNING when verification fails (the rejection is recorded).
+CREATE FUNCTION ihub.receive(integration text, source text, headers jsonb, body bytea,
+                             execute_at timestamptz DEFAULT now())
+RETURNS bigint
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v ihub.inbound_source := ihub._source_row(receive.integration, receive.source);
+    v_state text;
+    v_headers jsonb := (SELECT coalesce(jsonb_object_agg(lower(key), value), '{}') FROM jsonb_each_text(coalesce(headers, '{}')));
+    v_reason text;
+    v_id bigint;
+BEGIN
+    SELECT state INTO v_state FROM ihub.integration WHERE id = v.integration_id;
+    IF v_state = 'inactive' THEN
+        RAISE EXCEPTION 'integration "%" is inactive', receive.integration
+            USING ERRCODE = 'object_not_in_prerequisite_state',
+                  HINT = format('Enable it first: SELECT ihub.enable_integration(%L);', receive.integration);
+    END IF;
+    IF body IS NULL OR octet_length(body) > pg_size_bytes(current_setting('ihub.max_body_size')) THEN
+        RAISE EXCEPTION 'body is missing or larger than ihub.max_body_size (%)', current_setting('ihub.max_body_size')
+            USING ERRCODE = 'program_limit_exceeded', HINT = 'Senders should split large payloads.';
+    END IF;
+    v_reason := ihub._verify_inbound(v.verify, (SELECT secret FROM ihub.inbound_secret WHERE source_id = v.id),
+                                     v.header, extract(epoch FROM v.tolerance)::bigint, v_headers, body);
+    IF v_reason IS NOT NULL THEN
+        PERFORM ihub._reject_inbound(ARRAY[v.id], ARRAY[v_reason], ARRAY['sql:' || ihub._invoker()],
+                                     ARRAY[encode(sha256(body), 'hex')], ARRAY[v_headers]);
+        RAISE WARNING 'pg_ihub: inbound request for %/% refused: %', receive.integration, receive.source, v_reason;
+        RETURN NULL;
+    END IF;
+    SELECT a.item_id INTO v_id
+    FROM ihub._accept_inbound(ARRAY[v.id], ARRAY[v_headers], ARRAY[body], ARRAY[ihub._dedup_key(v, v_headers, body)],
+                              ARRAY['sql:' || ihub._invoker()], ARRAY[coalesce(execute_at, now())]) a;
+    RETURN v_id;
+END
+$$;
+
+-------------------------------------------------------------------------------
+-- Processing
+-------------------------------------------------------------------------------
+
+-- Claims the next item due (by execution time) whose ordering key has no
+-- earlier item still queued or being processed.
+CREATE FUNCTION ihub._claim_inbound(p_owner integer, p_default_timeout_ms integer)
+RETURNS TABLE (id bigint, call text, run_as oid, timeout_ms integer, more_due boolean)
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    RETURN QUERY
+    WITH next AS (
+        SELECT t.id, t.execute_at FROM ihub.inbound_item t
+        WHERE t.state = 'queued' AND t.execute_at <= now()
+          AND (t.ordering_key IS NULL OR NOT EXISTS (
+                SELECT 1 FROM ihub.inbound_item e
+                WHERE e.source_id = t.source_id AND e.ordering_key = t.ordering_key
+                  AND e.state IN ('queued', 'processing') AND e.id < t.id))
+        ORDER BY t.execute_at, t.id
+        LIMIT 2
+        FOR UPDATE SKIP LOCKED
+    ), first AS (
+        SELECT (array_agg(next.id ORDER BY next.execute_at, next.id))[1] AS id, count(*) > 1 AS more FROM next
+    ), claimed AS (
+        UPDATE ihub.inbound_item t
+        SET state = 'processing', processor_pid = p_owner, started_at = clock_timestamp(), attempts = t.attempts + 1
+        FROM first WHERE t.id = first.id
+        RETURNING t.id, t.source_id, first.more
+    )
+    SELECT c.id,
+           CASE WHEN p.prorettype = 'void'::regtype
+                THEN format('SELECT NULL::jsonb FROM ihub.inbound_items i, %I.%I(i) f WHERE i.id = $1', n.nspname, p.proname)
+                ELSE format('SELECT to_jsonb(%I.%I(i)) FROM ihub.inbound_items i WHERE i.id = $1', n.nspname, p.proname) END,
+           s.run_as::oid, p_default_timeout_ms, c.more
+    FROM claimed c
+    JOIN ihub.inbound_source s ON s.id = c.source_id
+    JOIN pg_proc p ON p.oid = s.handler
+    JOIN pg_namespace n ON n.oid = p.pronamespace;
+END
+$$;
+
+CREATE FUNCTION ihub._inbound_done(p_id bigint, p_result jsonb) RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    UPDATE ihub.inbound_item SET state = 'done', processed_at = clock_timestamp(), result = p_result,
+                                 error = NULL, processor_pid = NULL
+    WHERE id = p_id;
+END
+$$;
+
+-- A failed item is archived with its error, kept out of the queue and
+-- never deleted; ihub.reactivate_inbound queues it again.
+CREATE FUNCTION ihub._inbound_failed(p_id bigint, p_owner integer, p_error text) RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v record;
+BEGIN
+    UPDATE ihub.inbound_item t SET state = 'failed', processed_at = clock_timestamp(), error = p_error, processor_pid = NULL
+    WHERE t.id = p_id AND t.state = 'processing' AND (p_owner IS NULL OR t.processor_pid = p_owner)
+    RETURNING t.id, (SELECT i.name FROM ihub.inbound_source s JOIN ihub.integration i ON i.id = s.integration_id
+                     WHERE s.id = t.source_id) AS integration
+    INTO v;
+    IF v.id IS NOT NULL THEN
+        PERFORM ihub.log('error', format('inbound item %s failed: %s', p_id, p_error),
+                         jsonb_build_object('inbound_item', p_id), v.integration, inbound => p_id);
+    END IF;
+END
+$$;
+
+CREATE FUNCTION ihub._rescue_inbound() RETURNS bigint
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_count bigint;
+BEGIN
+    UPDATE ihub.inbound_item t SET state = 'queued', processor_pid = NULL
+    WHERE t.state = 'processing' AND NOT EXISTS (SELECT 1 FROM pg_stat_activity a WHERE a.pid = t.processor_pid);
+    GET DIAGNOSTICS v_count = ROW_COUNT;
+    IF v_count > 0 THEN
+        PERFORM ihub.log('warning', format('%s inbound item(s) left by a stopped processor queued again', v_count));
+        PERFORM ihub._wake_processor();
+    END IF;
+    RETURN v_count;
+END
+$$;
+
+CREATE FUNCTION ihub._next_inbound_due() RETURNS double precision
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT CASE WHEN min(execute_at) IS NOT NULL THEN greatest(0, extract(epoch FROM min(execute_at) - now()))::double precision END
+    FROM ihub.inbound_item WHERE state = 'queued'
+$$;
+
+CREATE FUNCTION ihub.reactivate_inbound(ids bigint[]) RETURNS bigint
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_count bigint;
+BEGIN
+    UPDATE ihub.inbound_item
+    SET state = 'queued', execute_at = now(), reactivated = reactivated + 1, processed_at = NULL
+    WHERE id = ANY (ids) AND state = 'failed';
+    GET DIAGNOSTICS v_count = ROW_COUNT;
+    IF v_count > 0 THEN
+        PERFORM ihub._wake_processor();
+    END IF;
+    RETURN v_count;
+END
+$$;
+
+-- For ihub.process_inbound: takes a queued or failed item for this session.
+CREATE FUNCTION ihub._inbound_take(p_id bigint) RETURNS text
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_state text;
+    v_call text;
+BEGIN
+    SELECT t.state INTO v_state FROM ihub.inbound_item t WHERE t.id = p_id FOR UPDATE;
+    IF v_state IS NULL THEN
+        RAISE EXCEPTION 'inbound item % does not exist', p_id USING ERRCODE = 'undefined_object', HINT = 'See ihub.inbound_items.';
+    ELSIF v_state NOT IN ('queued', 'failed') THEN
+        RAISE EXCEPTION 'inbound item % is %', p_id, v_state
+            USING ERRCODE = 'object_not_in_prerequisite_state', HINT = 'Only queued or failed items can be processed by hand.';
+    END IF;
+    UPDATE ihub.inbound_item t SET state = 'processing', processor_pid = pg_backend_pid(), attempts = t.attempts + 1
+    WHERE t.id = p_id;
+    SELECT CASE WHEN p.prorettype = 'void'::regtype
+                THEN format('SELECT NULL::jsonb FROM ihub.inbound_items i, %I.%I(i) f WHERE i.id = $1', n.nspname, p.proname)
+                ELSE format('SELECT to_jsonb(%I.%I(i)) FROM ihub.inbound_items i WHERE i.id = $1', n.nspname, p.proname) END
+    INTO v_call
+    FROM ihub.inbound_item t JOIN ihub.inbound_source s ON s.id = t.source_id
+    JOIN pg_proc p ON p.oid = s.handler JOIN pg_namespace n ON n.oid = p.pronamespace
+    WHERE t.id = p_id;
+    RETURN v_call;
+END
+$$;
+
+CREATE FUNCTION ihub._inbound_settle(p_id bigint, p_result jsonb, p_error text) RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF p_error IS NULL THEN
+        PERFORM ihub._inbound_done(p_id, p_result);
+    ELSE
+        PERFORM ihub._inbound_failed(p_id, NULL, p_error);
+    END IF;
+END
+$$;
+
+-- Processes one item now, in the caller's session and with the caller's
+-- rights; returns the handler's result, or {"error": ...} (the item is then
+-- archived as failed).
+CREATE FUNCTION ihub.process_inbound(id bigint) RETURNS jsonb
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_call text := ihub._inbound_take(process_inbound.id);
+    v_result jsonb;
+BEGIN
+    BEGIN
+        EXECUTE v_call INTO v_result USING process_inbound.id;
+    EXCEPTION WHEN OTHERS THEN
+        PERFORM ihub._inbound_settle(process_inbound.id, NULL, SQLERRM);
+        RETURN jsonb_build_object('error', SQLERRM);
+    END;
+    PERFORM ihub._inbound_settle(process_inbound.id, v_result, NULL);
+    RETURN v_result;
+END
+$$;
+
+CREATE FUNCTION ihub._cleanup_inbound(p_cutoff timestamptz, p_batch integer) RETURNS bigint
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_n bigint;
+    v_total bigint := 0;
+BEGIN
+    LOOP
+        DELETE FROM ihub.inbound_item t
+        WHERE t.id = ANY (ARRAY(SELECT x.id FROM ihub.inbound_item x WHERE x.state = 'done' AND x.processed_at < p_cutoff
+                                ORDER BY x.id LIMIT p_batch));
+        GET DIAGNOSTICS v_n = ROW_COUNT;
+        v_total := v_total + v_n;
+        EXIT WHEN v_n < p_batch;
+    END LOOP;
+    DELETE FROM ihub.inbound_dedup WHERE expires_at < now();
+    DELETE FROM ihub.inbound_rejection WHERE received_at < p_cutoff;
+    RETURN v_total;
+END
+$$;
+
+CREATE FUNCTION ihub._inbound_queue_stats()
+RETURNS TABLE (queue text, state text, items bigint, oldest_age interval)
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT 'inbound', s.state, count(t.id), now() - min(t.received_at)
+    FROM unnest(ARRAY['queued', 'processing', 'done', 'failed']) AS s(state)
+    LEFT JOIN ihub.inbound_item t ON t.state = s.state
+    GROUP BY s.state
+$$;
+
+CREATE VIEW ihub.inbound_failed AS
+SELECT id, integration, source, received_at, processed_at AS failed_at, attempts, reactivated, error, headers, payload, body
+FROM ihub.inbound_items WHERE state = 'failed';
+
+CREATE VIEW ihub.inbound_sources AS
+SELECT s.id, i.name AS integration, s.name, s.handler::text AS handler, s.verify, s.header, s.id_header, s.ordering_key,
+       s.tolerance, s.dedup_window, s.run_as, '/webhooks/' || i.name || '/' || s.name AS path, s.created_at
+FROM ihub.inbound_source s JOIN ihub.integration i ON i.id = s.integration_id;
+
+CREATE VIEW ihub.inbound_rejections AS
+SELECT r.id, r.received_at, i.name AS integration, s.name AS source, r.reason, r.remote_addr, r.body_sha256, r.headers
+FROM ihub.inbound_rejection r
+LEFT JOIN ihub.inbound_source s ON s.id = r.source_id
+LEFT JOIN ihub.integration i ON i.id = s.integration_id;
+
+COMMENT ON VIEW ihub.inbound_items IS
+    'Inbound items with their source and body (payload: the body as jsonb when it is JSON). Handlers take a row of this view.';
+COMMENT ON FUNCTION ihub._try_jsonb(bytea) IS 'Internal: a body as jsonb, or NULL when it is not JSON.';
+COMMENT ON FUNCTION ihub._source_row(text, text) IS 'Internal: an inbound source by name, or an error with a hint.';
+COMMENT ON FUNCTION ihub.create_source(text, text, regprocedure, text, text, text, interval, interval, text, text) IS
+    'Creates an inbound source, POST /webhooks/<integration>/<name>: verification (standard-webhooks, hmac-sha256, shared-secret, none), secret, tolerance, de-duplication window and the SQL handler. Returns its id.';
+COMMENT ON FUNCTION ihub.drop_source(text, text) IS 'Drops an inbound source with nothing queued, and its items.';
+COMMENT ON FUNCTION ihub._inbound_sources() IS 'Internal (listener): sources with what verifying needs.';
+COMMENT ON FUNCTION ihub._ordering_key(text, jsonb, bytea) IS 'Internal: an item''s ordering key.';
+COMMENT ON FUNCTION ihub._accept_inbound(bigint[], jsonb[], bytea[], text[], text[], timestamptz[]) IS
+    'Internal: queues a batch of verified requests, dropping duplicates.';
+COMMENT ON FUNCTION ihub._reject_inbound(bigint[], text[], text[], text[], jsonb[]) IS 'Internal: records refused requests.';
+COMMENT ON FUNCTION ihub._dedup_key(ihub.inbound_source, jsonb, bytea) IS 'Internal: a request''s de-duplication key.';
+COMMENT ON FUNCTION ihub.receive(text, text, jsonb, bytea, timestamptz) IS
+    'Verifies and queues a request received by the application itself, like the listener. Returns the item id (the first one''s for a duplicate), or NULL when verification fails.';
+COMMENT ON FUNCTION ihub._claim_inbound(integer, integer) IS 'Internal (processor): claims the next item due.';
+COMMENT ON FUNCTION ihub._inbound_done(bigint, jsonb) IS 'Internal: records a processed item.';
+COMMENT ON FUNCTION ihub._inbound_failed(bigint, integer, text) IS 'Internal: archives a failed item with its error.';
+COMMENT ON FUNCTION ihub._rescue_inbound() IS 'Internal: queues again items whose processor is gone.';
+COMMENT ON FUNCTION ihub._next_inbound_due() IS 'Internal (processor): seconds until the next item is due.';
+COMMENT ON FUNCTION ihub.reactivate_inbound(bigint[]) IS 'Queues failed inbound items again. Returns how many.';
+COMMENT ON FUNCTION ihub._inbound_take(bigint) IS 'Internal: takes an item for ihub.process_inbound.';
+COMMENT ON FUNCTION ihub._inbound_settle(bigint, jsonb, text) IS 'Internal: records the outcome of ihub.process_inbound.';
+COMMENT ON FUNCTION ihub.process_inbound(bigint) IS
+    'Processes one queued or failed inbound item now, in this session; returns the handler''s result or {"error": ...}.';
+COMMENT ON FUNCTION ihub._cleanup_inbound(timestamptz, integer) IS 'Internal: removes processed items past their retention.';
+COMMENT ON FUNCTION ihub._inbound_queue_stats() IS 'Internal: inbound counts for ihub.queue_stats.';
+COMMENT ON VIEW ihub.inbound_failed IS 'Failed inbound items, archived with their error until reactivated.';
+COMMENT ON VIEW ihub.inbound_sources IS 'Inbound sources and their listener paths (secrets not shown).';
+COMMENT ON VIEW ihub.inbound_rejections IS 'Requests refused by verification: source, reason, remote address, body hash.';

@@ -1,0 +1,567 @@
+//! The inbound webhook listener: a background worker that serves HTTP on
+//! `ihub.listen_address` with hyper, on a tokio runtime of its own.
+//!
+//! HTTP tasks (runtime threads) parse, rate-limit and verify requests
+//! themselves, from a cache of the sources, and hand accepted ones to the
+//! worker's main thread, the only one that touches Postgres. The main thread
+//! writes everything that queued up while it was busy in one transaction
+//! (group commit) and only then answers 202, so a burst costs one commit per
+//! batch rather than one per request.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::io::{Read, Write};
+use std::net::SocketAddr;
+use std::os::unix::io::AsRawFd;
+use std::os::unix::net::UnixStream;
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use pgrx::bgworkers::{BackgroundWorker, SignalWakeFlags};
+use pgrx::prelude::*;
+use pgrx::{JsonB, PgOid};
+use serde_json::{json, Value};
+use tokio::sync::oneshot;
+
+use crate::bgw::{in_transaction, run_prepared, set_session, shutdown_requested};
+use crate::inbound::limiter::Bucket;
+use crate::inbound::verify::{body_hash, secret_bytes, verify, Mode, Rule};
+use crate::outbound::mask;
+use crate::{settings, workers};
+
+/// A source as the HTTP tasks see it.
+struct Source {
+    id: i64,
+    active: bool,
+    rule: Rule,
+    id_header: Option<String>,
+}
+
+/// Work for the main thread.
+enum Work {
+    Accept {
+        source: i64,
+        headers: Value,
+        body: Vec<u8>,
+        dedup: String,
+        remote: String,
+        execute_at: Option<f64>,
+        reply: oneshot::Sender<Result<(i64, bool), ()>>,
+    },
+    Reject {
+        source: i64,
+        reason: String,
+        remote: String,
+        hash: String,
+        headers: Value,
+    },
+    Reload(oneshot::Sender<()>),
+    Health(oneshot::Sender<Result<(bool, Value), ()>>),
+}
+
+/// What the HTTP side shares with the main thread.
+struct Shared {
+    sources: RwLock<HashMap<(String, String), Arc<Source>>>,
+    buckets: Mutex<HashMap<i64, Bucket>>,
+    work: Mutex<Sender<Work>>,
+    /// A byte written here wakes the main thread from its latch wait.
+    wake: Mutex<UnixStream>,
+    ready: AtomicBool,
+    max_body: AtomicU64,
+    rate_limit: AtomicU64,
+    burst: AtomicU64,
+    timeout_ms: AtomicU64,
+}
+
+impl Shared {
+    fn send(&self, work: Work) -> bool {
+        let sent = self.work.lock().map(|tx| tx.send(work).is_ok()).unwrap_or(false);
+        if let Ok(mut w) = self.wake.lock() {
+            let _ = w.write(&[1]);
+        }
+        sent
+    }
+
+    fn load_settings(&self) {
+        self.max_body.store(settings::MAX_BODY_SIZE.get().max(0) as u64, Ordering::Relaxed);
+        self.rate_limit.store(settings::INBOUND_RATE_LIMIT.get().max(0) as u64, Ordering::Relaxed);
+        self.burst.store(settings::INBOUND_BURST.get().max(1) as u64, Ordering::Relaxed);
+        self.timeout_ms.store(settings::INBOUND_REQUEST_TIMEOUT_MS.get().max(100) as u64, Ordering::Relaxed);
+    }
+
+    fn timeout(&self) -> Duration {
+        Duration::from_millis(self.timeout_ms.load(Ordering::Relaxed))
+    }
+}
+
+#[pg_guard]
+#[no_mangle]
+pub extern "C-unwind" fn ihub_listener_main(_arg: pg_sys::Datum) {
+    BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
+    let database = BackgroundWorker::get_extra().to_string();
+    BackgroundWorker::connect_worker_to_spi(Some(&database), None);
+    workers::register(workers::Kind::Listener);
+    set_session("lock_timeout", "1s");
+
+    let address = settings::listen_address();
+    let addr: SocketAddr = match address.parse() {
+        Ok(a) => a,
+        Err(_) => {
+            warning!("pg_ihub listener: ihub.listen_address \"{address}\" is not host:port; not listening");
+            idle_until_shutdown();
+            return;
+        }
+    };
+    let (wake_tx, wake_rx) = UnixStream::pair().expect("a socket pair");
+    wake_rx.set_nonblocking(true).expect("nonblocking");
+    wake_tx.set_nonblocking(true).expect("nonblocking");
+    let (tx, rx) = mpsc::channel();
+    let shared = Arc::new(Shared {
+        sources: RwLock::new(HashMap::new()),
+        buckets: Mutex::new(HashMap::new()),
+        work: Mutex::new(tx),
+        wake: Mutex::new(wake_tx),
+        ready: AtomicBool::new(false),
+        max_body: AtomicU64::new(0),
+        rate_limit: AtomicU64::new(0),
+        burst: AtomicU64::new(1),
+        timeout_ms: AtomicU64::new(30_000),
+    });
+    shared.load_settings();
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("pg_ihub-listener")
+        .enable_all()
+        .build()
+        .expect("a tokio runtime");
+    let listener = match runtime.block_on(tokio::net::TcpListener::bind(addr)) {
+        Ok(l) => l,
+        Err(e) => {
+            warning!("pg_ihub listener: cannot listen on {addr}: {e}");
+            idle_until_shutdown();
+            return;
+        }
+    };
+    log!("pg_ihub listener serving http://{addr} for database \"{database}\"");
+    let max_connections = settings::INBOUND_MAX_CONNECTIONS.get().max(1) as usize;
+    runtime.spawn(serve(listener, shared.clone(), max_connections));
+
+    main_loop(&shared, &rx, &wake_rx);
+    runtime.shutdown_timeout(Duration::from_secs(1));
+    workers::unregister();
+    unsafe { pg_sys::proc_exit(1) };
+}
+
+fn idle_until_shutdown() {
+    while !shutdown_requested() {
+        crate::bgw::wait(Duration::from_secs(60));
+    }
+    workers::unregister();
+}
+
+/// The main thread: sleeps on its latch and the wake socket; writes what the
+/// HTTP tasks handed over, a batch per transaction.
+fn main_loop(shared: &Shared, rx: &Receiver<Work>, wake: &UnixStream) {
+    let mut last_reload: Option<Instant> = None;
+    while !shutdown_requested() {
+        if BackgroundWorker::sighup_received() {
+            unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
+            shared.load_settings();
+        }
+        workers::heartbeat(true);
+        // Sources are re-read every few seconds (and at once on a cache
+        // miss), so that new sources, secrets and integration states apply.
+        if last_reload.is_none_or(|t| t.elapsed() >= Duration::from_secs(2)) {
+            reload_sources(shared);
+            last_reload = Some(Instant::now());
+        }
+        let mut batch = Vec::new();
+        while let Ok(work) = rx.try_recv() {
+            batch.push(work);
+            if batch.len() >= 2000 {
+                break;
+            }
+        }
+        if batch.is_empty() {
+            unsafe {
+                pg_sys::WaitLatchOrSocket(
+                    pg_sys::MyLatch,
+                    (pg_sys::WL_LATCH_SET
+                        | pg_sys::WL_SOCKET_READABLE
+                        | pg_sys::WL_TIMEOUT
+                        | pg_sys::WL_EXIT_ON_PM_DEATH) as i32,
+                    wake.as_raw_fd(),
+                    1000,
+                    pg_sys::PG_WAIT_EXTENSION,
+                );
+                pg_sys::ResetLatch(pg_sys::MyLatch);
+            }
+            let mut sink = [0u8; 256];
+            while matches!((&*wake).read(&mut sink), Ok(n) if n > 0) {}
+            pg_sys::check_for_interrupts!();
+            continue;
+        }
+        handle_batch(shared, batch);
+    }
+}
+
+fn handle_batch(shared: &Shared, batch: Vec<Work>) {
+    let mut accepts = Vec::new();
+    let mut rejects = Vec::new();
+    for work in batch {
+        match work {
+            Work::Reload(reply) => {
+                reload_sources(shared);
+                let _ = reply.send(());
+            }
+            Work::Health(reply) => {
+                let _ = reply.send(in_transaction(health).flatten().ok_or(()));
+            }
+            Work::Accept { .. } => accepts.push(work),
+            Work::Reject { .. } => rejects.push(work),
+        }
+    }
+    if !rejects.is_empty() {
+        in_transaction(AssertUnwindSafe(|| record_rejections(&rejects)));
+    }
+    if accepts.is_empty() {
+        return;
+    }
+    let results = in_transaction(AssertUnwindSafe(|| accept(&accepts))).flatten();
+    for (i, work) in accepts.into_iter().enumerate() {
+        if let Work::Accept { reply, .. } = work {
+            let _ = reply.send(results.as_ref().and_then(|r| r.get(&(i as i32 + 1)).copied()).ok_or(()));
+        }
+    }
+}
+
+fn reload_sources(shared: &Shared) {
+    let loaded = in_transaction(|| {
+        if !Spi::get_one::<bool>("SELECT to_regprocedure('ihub._inbound_sources()') IS NOT NULL").ok().flatten()? {
+            return None;
+        }
+        Spi::connect(|client| {
+            let rows = client
+                .select(
+                    "SELECT id, integration, source, active, verify, header, id_header, secret, tolerance_s FROM ihub._inbound_sources()",
+                    None,
+                    &[],
+                )
+                .ok()?;
+            let mut map = HashMap::new();
+            for row in rows {
+                let verify_mode: String = row.get(5).ok()??;
+                let source = Source {
+                    id: row.get(1).ok()??,
+                    active: row.get(4).ok().flatten().unwrap_or(false),
+                    rule: Rule {
+                        mode: Mode::parse(&verify_mode)?,
+                        secret: secret_bytes(&row.get::<String>(8).ok().flatten().unwrap_or_default()),
+                        header: row.get::<String>(6).ok().flatten(),
+                        tolerance_s: row.get::<i64>(9).ok().flatten().unwrap_or(300),
+                    },
+                    id_header: row.get::<String>(7).ok().flatten(),
+                };
+                let key = (row.get::<String>(2).ok()??, row.get::<String>(3).ok()??);
+                map.insert(key, Arc::new(source));
+            }
+            Some(map)
+        })
+    })
+    .flatten();
+    shared.ready.store(loaded.is_some(), Ordering::Relaxed);
+    if let (Some(map), Ok(mut sources)) = (loaded, shared.sources.write()) {
+        *sources = map;
+    }
+}
+
+/// One transaction for the whole batch; returns item id and whether it was
+/// a duplicate, by 1-based position.
+fn accept(works: &[Work]) -> Option<HashMap<i32, (i64, bool)>> {
+    let (mut sources, mut headers, mut bodies, mut dedup, mut remote, mut execute_at) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for work in works {
+        if let Work::Accept { source, headers: h, body, dedup: d, remote: r, execute_at: e, .. } = work {
+            sources.push(*source);
+            headers.push(JsonB(h.clone()));
+            bodies.push(body.clone());
+            dedup.push(d.clone());
+            remote.push(r.clone());
+            // Postgres timestamps count microseconds from 2000-01-01.
+            execute_at.push(e.and_then(|secs| {
+                pgrx::datum::TimestampWithTimeZone::try_from((secs * 1_000_000.0) as i64 - 946_684_800_000_000).ok()
+            }));
+        }
+    }
+    Spi::connect_mut(|client| {
+        let array = |oid: pg_sys::Oid| PgOid::from(unsafe { pg_sys::get_array_type(oid) });
+        let rows = run_prepared(
+            client,
+            "SELECT n, item_id, duplicate FROM ihub._accept_inbound($1, $2, $3, $4, $5, $6)",
+            &[
+                array(pg_sys::INT8OID),
+                array(pg_sys::JSONBOID),
+                array(pg_sys::BYTEAOID),
+                array(pg_sys::TEXTOID),
+                array(pg_sys::TEXTOID),
+                array(pg_sys::TIMESTAMPTZOID),
+            ],
+            &[sources.into(), headers.into(), bodies.into(), dedup.into(), remote.into(), execute_at.into()],
+        )
+        .ok()?;
+        let mut out = HashMap::new();
+        for row in rows {
+            out.insert(row.get::<i32>(1).ok()??, (row.get::<i64>(2).ok()??, row.get::<bool>(3).ok()??));
+        }
+        Some(out)
+    })
+}
+
+fn record_rejections(works: &[Work]) {
+    let (mut sources, mut reasons, mut remote, mut hashes, mut headers) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for work in works {
+        if let Work::Reject { source, reason, remote: r, hash, headers: h } = work {
+            sources.push(*source);
+            reasons.push(reason.clone());
+            remote.push(r.clone());
+            hashes.push(hash.clone());
+            headers.push(JsonB(h.clone()));
+        }
+    }
+    let _ = Spi::run_with_args(
+        "SELECT ihub._reject_inbound($1, $2, $3, $4, $5)",
+        &[sources.into(), reasons.into(), remote.into(), hashes.into(), headers.into()],
+    );
+}
+
+fn health() -> Option<(bool, Value)> {
+    Spi::connect(|client| {
+        let rows = client.select("SELECT check_name, status, message FROM ihub.health()", None, &[]).ok()?;
+        let mut ok = true;
+        let mut checks = Vec::new();
+        for row in rows {
+            let status: String = row.get(2).ok().flatten().unwrap_or_default();
+            ok &= status != "critical";
+            checks.push(json!({
+                "check": row.get::<String>(1).ok().flatten(),
+                "status": status,
+                "message": row.get::<String>(3).ok().flatten(),
+            }));
+        }
+        Some((ok, json!({ "status": if ok { "ok" } else { "critical" }, "checks": checks })))
+    })
+}
+
+// ---------------------------------------------------------------------------
+// HTTP side (runtime threads; never touches Postgres)
+// ---------------------------------------------------------------------------
+
+async fn serve(listener: tokio::net::TcpListener, shared: Arc<Shared>, max_connections: usize) {
+    let limit = Arc::new(tokio::sync::Semaphore::new(max_connections));
+    loop {
+        let Ok(permit) = limit.clone().acquire_owned().await else { return };
+        let (stream, remote) = match listener.accept().await {
+            Ok(pair) => pair,
+            Err(_) => {
+                // Out of descriptors, say: back off instead of spinning.
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let timeout = shared.timeout();
+            let service = service_fn(move |req| {
+                let shared = shared.clone();
+                async move { Ok::<_, Infallible>(route(req, &shared, remote).await) }
+            });
+            let _ = http1::Builder::new()
+                .keep_alive(true)
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(timeout)
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+            drop(permit);
+        });
+    }
+}
+
+fn reply(status: StatusCode, body: Value) -> Response<Full<Bytes>> {
+    Response::builder()
+        .status(status)
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(body.to_string())))
+        .expect("a valid response")
+}
+
+fn error(status: StatusCode, message: &str) -> Response<Full<Bytes>> {
+    reply(status, json!({ "error": message }))
+}
+
+async fn route(req: Request<Incoming>, shared: &Shared, remote: SocketAddr) -> Response<Full<Bytes>> {
+    let path = req.uri().path().to_string();
+    let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+    match (req.method(), segments.as_slice()) {
+        (&Method::GET, ["healthz"]) => healthz(shared).await,
+        (&Method::POST, ["webhooks", integration, source]) => {
+            let (integration, source) = (integration.to_string(), source.to_string());
+            receive(req, shared, remote, integration, source).await
+        }
+        (_, ["webhooks", _, _]) => error(StatusCode::METHOD_NOT_ALLOWED, "use POST"),
+        _ => error(StatusCode::NOT_FOUND, "no such path; POST /webhooks/<integration>/<source>"),
+    }
+}
+
+async fn healthz(shared: &Shared) -> Response<Full<Bytes>> {
+    let (tx, rx) = oneshot::channel();
+    if !shared.send(Work::Health(tx)) {
+        return error(StatusCode::SERVICE_UNAVAILABLE, "listener stopping");
+    }
+    match tokio::time::timeout(shared.timeout(), rx).await {
+        Ok(Ok(Ok((true, body)))) => reply(StatusCode::OK, body),
+        Ok(Ok(Ok((false, body)))) => reply(StatusCode::SERVICE_UNAVAILABLE, body),
+        _ => error(StatusCode::SERVICE_UNAVAILABLE, "the database did not answer"),
+    }
+}
+
+fn lookup(shared: &Shared, integration: &str, source: &str) -> Option<Arc<Source>> {
+    shared.sources.read().ok()?.get(&(integration.to_string(), source.to_string())).cloned()
+}
+
+async fn receive(
+    req: Request<Incoming>,
+    shared: &Shared,
+    remote: SocketAddr,
+    integration: String,
+    name: String,
+) -> Response<Full<Bytes>> {
+    let source = match lookup(shared, &integration, &name) {
+        Some(s) => s,
+        None => {
+            // Maybe created a moment ago: have the main thread reload once.
+            let (tx, rx) = oneshot::channel();
+            if shared.send(Work::Reload(tx)) {
+                let _ = tokio::time::timeout(shared.timeout(), rx).await;
+            }
+            match lookup(shared, &integration, &name) {
+                Some(s) => s,
+                None if !shared.ready.load(Ordering::Relaxed) => {
+                    return error(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "pg_ihub is not installed in the listener's database",
+                    )
+                }
+                None => return error(StatusCode::NOT_FOUND, "unknown integration or source"),
+            }
+        }
+    };
+    if !source.active {
+        return error(StatusCode::SERVICE_UNAVAILABLE, "the integration is disabled");
+    }
+    let execute_at = match req.uri().query().and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("delay="))) {
+        None => None,
+        Some(text) => match text.parse::<f64>() {
+            Ok(delay) if (0.0..=31_536_000.0).contains(&delay) => Some(now_secs() + delay),
+            _ => return error(StatusCode::BAD_REQUEST, "delay must be a number of seconds"),
+        },
+    };
+    let max_body = shared.max_body.load(Ordering::Relaxed);
+    let declared = req
+        .headers()
+        .get(hyper::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > max_body) {
+        return error(StatusCode::PAYLOAD_TOO_LARGE, "body larger than ihub.max_body_size");
+    }
+    let rate = shared.rate_limit.load(Ordering::Relaxed);
+    if rate > 0 {
+        let burst = shared.burst.load(Ordering::Relaxed) as u32;
+        let now = Instant::now();
+        let verdict = shared
+            .buckets
+            .lock()
+            .map(|mut b| b.entry(source.id).or_insert_with(|| Bucket::new(burst, now)).take(rate as f64, burst, now));
+        if let Ok(Err(wait)) = verdict {
+            let mut response = error(StatusCode::TOO_MANY_REQUESTS, "rate limit exceeded");
+            response.headers_mut().insert(
+                hyper::header::RETRY_AFTER,
+                hyper::header::HeaderValue::from(wait.as_secs_f64().ceil().max(1.0) as u64),
+            );
+            return response;
+        }
+    }
+    let mut headers: Vec<(String, String)> = Vec::new();
+    for (k, v) in req.headers() {
+        match v.to_str() {
+            Ok(v) => headers.push((k.as_str().to_string(), v.to_string())),
+            Err(_) => return error(StatusCode::BAD_REQUEST, "header values must be visible ASCII"),
+        }
+    }
+    let body = match tokio::time::timeout(shared.timeout(), Limited::new(req.into_body(), max_body as usize).collect())
+        .await
+    {
+        Err(_) => return error(StatusCode::REQUEST_TIMEOUT, "the body did not arrive in time"),
+        Ok(Err(e)) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => {
+            return error(StatusCode::PAYLOAD_TOO_LARGE, "body larger than ihub.max_body_size")
+        }
+        Ok(Err(_)) => return error(StatusCode::BAD_REQUEST, "the body could not be read"),
+        Ok(Ok(collected)) => collected.to_bytes(),
+    };
+    let header = |name: &str| headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str());
+    // The secret header of a shared-secret source is masked like any credential.
+    let extra = source.rule.header.iter().cloned().collect::<Vec<_>>();
+    let stored_headers =
+        Value::Object(mask::mask_headers(&headers, &extra).into_iter().map(|(k, v)| (k, Value::String(v))).collect());
+    if let Err(refusal) = verify(&source.rule, header, &body, now_secs() as i64) {
+        shared.send(Work::Reject {
+            source: source.id,
+            reason: refusal.to_string(),
+            remote: remote.ip().to_string(),
+            hash: body_hash(&body),
+            headers: stored_headers,
+        });
+        return error(StatusCode::UNAUTHORIZED, &refusal.to_string());
+    }
+    let dedup = match source.rule.mode {
+        Mode::StandardWebhooks => header("webhook-id").map(str::to_string),
+        _ => None,
+    }
+    .or_else(|| source.id_header.as_deref().and_then(header).map(str::to_string))
+    .unwrap_or_else(|| format!("sha256:{}", body_hash(&body)));
+    let (tx, rx) = oneshot::channel();
+    let queued = shared.send(Work::Accept {
+        source: source.id,
+        headers: stored_headers,
+        body: body.to_vec(),
+        dedup,
+        remote: remote.ip().to_string(),
+        execute_at,
+        reply: tx,
+    });
+    if !queued {
+        return error(StatusCode::SERVICE_UNAVAILABLE, "listener stopping");
+    }
+    match tokio::time::timeout(shared.timeout(), rx).await {
+        Ok(Ok(Ok((id, false)))) => reply(StatusCode::ACCEPTED, json!({ "id": id })),
+        Ok(Ok(Ok((id, true)))) => reply(StatusCode::OK, json!({ "id": id, "duplicate": true })),
+        _ => error(StatusCode::SERVICE_UNAVAILABLE, "could not queue the request; try again"),
+    }
+}
+
+fn now_secs() -> f64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
+}

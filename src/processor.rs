@@ -1,0 +1,131 @@
+//! The inbound processor worker: claims the next queued item due (in order
+//! of execution time, and in arrival order among items with the same
+//! ordering key) and calls its source's handler in a transaction of its own,
+//! as the role that created the source. A failed item is archived.
+
+use std::time::{Duration, Instant};
+
+use pgrx::bgworkers::{BackgroundWorker, SignalWakeFlags};
+use pgrx::prelude::*;
+use pgrx::PgOid;
+
+use crate::bgw::{in_transaction, run_prepared, wait};
+use crate::jobs::{postgres_die, run_user_call};
+use crate::{settings, workers};
+
+struct Item {
+    id: i64,
+    call: String,
+    run_as: pg_sys::Oid,
+    timeout_ms: i32,
+    more_due: bool,
+}
+
+#[pg_guard]
+#[no_mangle]
+pub extern "C-unwind" fn ihub_processor_main(_arg: pg_sys::Datum) {
+    BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP);
+    // As for job workers: a termination stops a running handler at once.
+    unsafe { pg_sys::pqsignal(pg_sys::SIGTERM as i32, Some(postgres_die)) };
+    let database = BackgroundWorker::get_extra().to_string();
+    BackgroundWorker::connect_worker_to_spi(Some(&database), None);
+    workers::register(workers::Kind::Processor);
+    let pid = unsafe { pg_sys::MyProcPid };
+    log!("pg_ihub inbound processor started for database \"{database}\"");
+
+    let mut last_rescue: Option<Instant> = None;
+    loop {
+        pg_sys::check_for_interrupts!();
+        if BackgroundWorker::sighup_received() {
+            unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
+        }
+        workers::heartbeat(true);
+        let poll = Duration::from_millis(settings::POLL_INTERVAL_MS.get() as u64);
+        let ready = in_transaction(|| {
+            Spi::get_one::<bool>("SELECT to_regprocedure('ihub._claim_inbound(integer, integer)') IS NOT NULL")
+                .ok()
+                .flatten()
+        })
+        .flatten()
+        .unwrap_or(false);
+        if !ready {
+            wait(poll);
+            continue;
+        }
+        if last_rescue.is_none_or(|t| t.elapsed() >= poll) {
+            in_transaction(|| Spi::run("SELECT ihub._rescue_inbound()"));
+            last_rescue = Some(Instant::now());
+        }
+        // At most ihub.inbound_batch items per run, then yield.
+        let mut ran = 0;
+        while ran < settings::INBOUND_BATCH.get() {
+            let Some(Some(item)) = in_transaction(|| claim(pid)) else { break };
+            workers::heartbeat(false);
+            if item.more_due {
+                workers::wake_peer(workers::Kind::Processor);
+            }
+            process(item, pid);
+            ran += 1;
+        }
+        if ran == 0 {
+            let due = in_transaction(|| {
+                Spi::get_one::<f64>("SELECT ihub._next_inbound_due()")
+                    .ok()
+                    .flatten()
+                    .map(|s| Duration::from_secs_f64(s.clamp(0.0, 86_400.0)))
+            })
+            .flatten();
+            wait(due.map_or(poll, |d| d.min(poll)));
+        }
+    }
+}
+
+fn claim(pid: i32) -> Option<Item> {
+    Spi::connect_mut(|client| {
+        // As for jobs: the handler's own commit flushes this claim.
+        run_prepared(client, "SET LOCAL synchronous_commit = off", &[], &[]).ok()?;
+        let rows = run_prepared(
+            client,
+            "SELECT id, call, run_as, timeout_ms, more_due FROM ihub._claim_inbound($1, $2)",
+            &[PgOid::from(pg_sys::INT4OID), PgOid::from(pg_sys::INT4OID)],
+            &[pid.into(), settings::JOB_TIMEOUT_MS.get().into()],
+        )
+        .ok()?;
+        let row = rows.into_iter().next()?;
+        Some(Item {
+            id: row.get(1).ok()??,
+            call: row.get(2).ok()??,
+            run_as: row.get(3).ok()??,
+            timeout_ms: row.get(4).ok()??,
+            more_due: row.get(5).ok().flatten().unwrap_or(false),
+        })
+    })
+}
+
+fn process(item: Item, pid: i32) {
+    let id = item.id;
+    let outcome =
+        run_user_call(&item.call, PgOid::from(pg_sys::INT8OID), id.into(), item.run_as, item.timeout_ms, |result| {
+            Spi::connect_mut(|client| {
+                run_prepared(
+                    client,
+                    "SELECT ihub._inbound_done($1, $2)",
+                    &[PgOid::from(pg_sys::INT8OID), PgOid::from(pg_sys::JSONBOID)],
+                    &[id.into(), result.into()],
+                )
+                .map(|_| ())
+            })
+            .expect("ihub._inbound_done");
+        });
+    if let Err(failure) = outcome {
+        let recorded = in_transaction(|| {
+            Spi::run_with_args(
+                "SELECT ihub._inbound_failed($1, $2, $3)",
+                &[id.into(), pid.into(), failure.message.clone().into()],
+            )
+        });
+        if recorded.is_none() {
+            warning!("pg_ihub: could not archive inbound item {id}; it is rescued later");
+        }
+    }
+}
