@@ -254,8 +254,13 @@ BEGIN
         RAISE WARNING 'pg_ihub: inbound request for %/% refused: %', receive.integration, receive.source, v_reason;
         RETURN NULL;
     END IF;
+    -- Stored like the listener stores them: credentials and the source's
+    -- secret header masked.
     SELECT a.item_id INTO v_id
-    FROM ihub._accept_inbound(ARRAY[v.id], ARRAY[v_headers], ARRAY[body], ARRAY[ihub._dedup_key(v, v_headers, body)],
+    FROM ihub._accept_inbound(ARRAY[v.id],
+                              ARRAY[ihub._mask_headers(v_headers) || CASE WHEN v_headers ? v.header
+                                    THEN jsonb_build_object(v.header, '********') ELSE '{}' END],
+                              ARRAY[body], ARRAY[ihub._dedup_key(v, v_headers, body)],
                               ARRAY['sql:' || ihub._invoker()], ARRAY[coalesce(execute_at, now())]) a;
     RETURN v_id;
 END
@@ -417,8 +422,10 @@ $$;
 -- Processes one item now, in the caller's session and with the caller's
 -- rights; returns the handler's result, or {"error": ...} (the item is then
 -- archived as failed).
+-- (No SET search_path: the handler runs with the caller's, as it would
+-- when called directly.)
 CREATE FUNCTION ihub.process_inbound(id bigint) RETURNS jsonb
-LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+LANGUAGE plpgsql
 AS $$
 DECLARE
     v_call text := ihub._inbound_take(process_inbound.id);

@@ -979,6 +979,128 @@ mod tests {
             "credentials=critical,endpoints=warning,queue: deliveries=critical,queue: jobs=ok,schedules=ok"
         );
         assert!(one::<String>("SELECT message FROM ihub.health() WHERE check_name = 'endpoints'").contains("hook"));
-        assert!(one::<bool>("SELECT count(*) = 4 FROM ihub.health() WHERE check_name LIKE 'workers%'"));
+        assert!(one::<bool>("SELECT count(*) = 5 FROM ihub.health() WHERE check_name LIKE 'workers%'"));
+    }
+
+    fn setup_inbound() {
+        Spi::run(
+            "SELECT ihub.create_integration('shop'); SELECT ihub.enable_integration('shop');
+             CREATE TABLE handled (item bigint, note text);
+             CREATE FUNCTION on_order(item ihub.inbound_items) RETURNS jsonb LANGUAGE plpgsql AS $$
+             BEGIN
+                 IF item.payload ? 'fail' AND NOT EXISTS (SELECT 1 FROM handled WHERE note = 'fixed') THEN
+                     RAISE EXCEPTION 'cannot handle order %', item.payload->>'order';
+                 END IF;
+                 INSERT INTO handled VALUES (item.id, item.payload->>'order');
+                 RETURN jsonb_build_object('handled', item.id);
+             END $$;
+             CREATE FUNCTION wrong(n int) RETURNS jsonb LANGUAGE sql AS $$ SELECT NULL::jsonb $$;",
+        )
+        .unwrap();
+    }
+
+    /// Standard Webhooks headers for a body, signed now with `secret`.
+    fn signed_headers(secret: &str, id: &str, body: &str, skew_s: i64) -> String {
+        one::<String>(&format!(
+            "SELECT jsonb_build_object('webhook-id', '{id}', 'webhook-timestamp', (extract(epoch FROM now())::bigint + {skew_s})::text,
+                 'webhook-signature', ihub.sign('{secret}', '{id}', extract(epoch FROM now())::bigint + {skew_s}, '{body}'))::text"
+        ))
+    }
+
+    #[pg_test]
+    fn create_source_checks_its_input() {
+        setup_inbound();
+        let h = "'on_order(ihub.inbound_items)'";
+        expect_error("SELECT ihub.create_source('shop', 'o', 'wrong(int)')", &["cannot handle inbound items", "ihub.inbound_items"]);
+        expect_error(&format!("SELECT ihub.create_source('nope', 'o', {h})"), &["does not exist"]);
+        expect_error(&format!("SELECT ihub.create_source('shop', 'o', {h}, verify => 'md5')"), &["unknown verification"]);
+        expect_error(&format!("SELECT ihub.create_source('shop', 'o', {h})"), &["needs a secret"]);
+        expect_error(&format!("SELECT ihub.create_source('shop', 'o', {h}, 'shared-secret', 's')"), &["needs the header"]);
+        expect_error(&format!("SELECT ihub.create_source('shop', 'o', {h}, 'none', ordering_key => 'customer')"), &["invalid ordering key"]);
+        expect_error(&format!("SELECT ihub.create_source('shop', 'bad name', {h}, 'none')"), &["invalid inbound source name"]);
+        Spi::run(&format!("SELECT ihub.create_source('shop', 'o', {h}, 'none')")).unwrap();
+        expect_error(&format!("SELECT ihub.create_source('shop', 'o', {h}, 'none')"), &["already has an inbound source"]);
+        assert_eq!(one::<String>("SELECT path FROM ihub.inbound_sources"), "/webhooks/shop/o");
+    }
+
+    #[pg_test]
+    fn receive_verifies_deduplicates_and_records_refusals() {
+        setup_inbound();
+        let secret = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+        Spi::run(&format!("SELECT ihub.create_source('shop', 'sw', 'on_order(ihub.inbound_items)', secret => '{secret}')")).unwrap();
+        let body = r#"{"order": 7}"#;
+        let good = signed_headers(secret, "msg_1", body, 0);
+        let receive = |headers: &str, body: &str| {
+            Spi::get_one::<i64>(&format!("SELECT ihub.receive('shop', 'sw', '{headers}', convert_to('{body}', 'UTF8'))")).unwrap()
+        };
+        let id = receive(&good, body).expect("accepted");
+        assert_eq!(receive(&good, body), Some(id), "a duplicate gets the first id");
+        assert_eq!(one::<i64>("SELECT count(*) FROM ihub.inbound_item"), 1);
+        assert_eq!(receive(&good, r#"{"order": 8}"#), None, "tampered body");
+        assert_eq!(receive(&signed_headers(secret, "msg_2", body, -3600), body), None, "stale");
+        assert_eq!(receive(r#"{"webhook-id": "msg_3"}"#, body), None, "missing headers");
+        assert_eq!(
+            one::<String>("SELECT string_agg(reason, ' | ' ORDER BY id) FROM ihub.inbound_rejections"),
+            "invalid signature | webhook-timestamp is outside the tolerance (replayed or clock skew) | missing header webhook-timestamp"
+        );
+        assert_eq!(one::<i64>("SELECT count(*) FROM ihub.inbound_rejections WHERE body_sha256 ~ '^[0-9a-f]{64}$'"), 3);
+        assert_eq!(one::<i64>("SELECT count(*) FROM ihub.inbound_item"), 1, "refused requests are not queued");
+
+        Spi::run("SELECT ihub.create_source('shop', 'zoho', 'on_order(ihub.inbound_items)', 'shared-secret', 'z-secret', 'X-Zoho-Webhook-Secret', id_header => 'X-Zoho-Id')").unwrap();
+        let zoho = |secret: &str, id: &str| {
+            Spi::get_one::<i64>(&format!(
+                "SELECT ihub.receive('shop', 'zoho', '{{\"X-Zoho-Webhook-Secret\": \"{secret}\", \"X-Zoho-Id\": \"{id}\"}}', convert_to('{{}}', 'UTF8'))"
+            ))
+            .unwrap()
+        };
+        let first = zoho("z-secret", "a").expect("accepted");
+        assert_eq!(zoho("z-secret", "a"), Some(first), "deduplicated by the id header");
+        assert_ne!(zoho("z-secret", "b"), Some(first));
+        assert_eq!(zoho("wrong", "c"), None);
+        let stored = one::<String>("SELECT headers::text FROM ihub.inbound_item WHERE id = (SELECT max(id) FROM ihub.inbound_item)");
+        assert!(!stored.contains("z-secret"), "the shared secret is masked in stored headers: {stored}");
+        expect_error("SELECT ihub.receive('shop', 'nope', '{}', '')", &["has no inbound source"]);
+    }
+
+    #[pg_test]
+    fn items_are_claimed_by_execution_time_and_ordering_key() {
+        setup_inbound();
+        Spi::run("SELECT ihub.create_source('shop', 'o', 'on_order(ihub.inbound_items)', 'none', ordering_key => '{customer}')").unwrap();
+        let post = |body: &str, delay: &str| {
+            one::<i64>(&format!(
+                "SELECT ihub.receive('shop', 'o', '{{}}', convert_to('{body}', 'UTF8'), now() + interval '{delay}')"
+            ))
+        };
+        let a1 = post(r#"{"customer": "a", "n": 1}"#, "-3 s");
+        let a2 = post(r#"{"customer": "a", "n": 2}"#, "-5 s");
+        let b1 = post(r#"{"customer": "b", "n": 1}"#, "-1 s");
+        let _later = post(r#"{"customer": "c", "n": 1}"#, "1 hour");
+        assert_eq!(one::<String>(&format!("SELECT ordering_key FROM ihub.inbound_item WHERE id = {a2}")), "a");
+        let claim = || Spi::get_one::<i64>("SELECT (SELECT id FROM ihub._claim_inbound(4242, 1000))").unwrap();
+        // a2 is due earliest, but a1 came first with the same key: a1 goes first.
+        assert_eq!(claim(), Some(a1));
+        assert_eq!(claim(), Some(b1), "a2 waits while a1 is being processed");
+        assert_eq!(claim(), None, "the delayed item is not due");
+        Spi::run(&format!("SELECT ihub._inbound_done({a1}, NULL)")).unwrap();
+        assert_eq!(claim(), Some(a2));
+    }
+
+    #[pg_test]
+    fn failed_items_are_archived_and_can_be_processed_again() {
+        setup_inbound();
+        Spi::run("SELECT ihub.create_source('shop', 'o', 'on_order(ihub.inbound_items)', 'none')").unwrap();
+        let ok = one::<i64>(r#"SELECT ihub.receive('shop', 'o', '{}', convert_to('{"order": 1}', 'UTF8'))"#);
+        let bad = one::<i64>(r#"SELECT ihub.receive('shop', 'o', '{}', convert_to('{"order": 2, "fail": true}', 'UTF8'))"#);
+        assert_eq!(one::<pgrx::JsonB>(&format!("SELECT ihub.process_inbound({ok})")).0, serde_json::json!({"handled": ok}));
+        let err = one::<pgrx::JsonB>(&format!("SELECT ihub.process_inbound({bad})")).0;
+        assert_eq!(err, serde_json::json!({"error": "cannot handle order 2"}));
+        assert_eq!(one::<String>("SELECT string_agg(id || ':' || error, ',') FROM ihub.inbound_failed"), format!("{bad}:cannot handle order 2"));
+        assert_eq!(one::<i64>(&format!("SELECT count(*) FROM ihub.logs WHERE inbound_item = {bad} AND level = 'error'")), 1);
+        expect_error(&format!("SELECT ihub.process_inbound({ok})"), &["is done"]);
+        Spi::run("INSERT INTO handled VALUES (NULL, 'fixed')").unwrap();
+        assert_eq!(one::<i64>(&format!("SELECT ihub.reactivate_inbound(ARRAY[{bad}, {ok}])")), 1, "only failed ones");
+        assert_eq!(one::<String>(&format!("SELECT state || ':' || reactivated FROM ihub.inbound_items WHERE id = {bad}")), "queued:1");
+        assert_eq!(one::<pgrx::JsonB>(&format!("SELECT ihub.process_inbound({bad})")).0, serde_json::json!({"handled": bad}));
+        assert_eq!(one::<i64>("SELECT count(*) FROM ihub.inbound_failed"), 0);
     }
 }
