@@ -355,11 +355,21 @@ BEGIN
 END
 $$;
 
+-- Items blocked behind an earlier one with the same ordering key do not
+-- count: they become claimable when that one is done, and the processor
+-- finishing it claims them; counting them would wake an idle processor
+-- over and over.
 CREATE FUNCTION ihub._next_inbound_due() RETURNS double precision
 LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp
 AS $$
-    SELECT CASE WHEN min(execute_at) IS NOT NULL THEN greatest(0, extract(epoch FROM min(execute_at) - now()))::double precision END
-    FROM ihub.inbound_item WHERE state = 'queued'
+    SELECT CASE WHEN min(t.execute_at) IS NOT NULL
+                THEN greatest(0, extract(epoch FROM min(t.execute_at) - now()))::double precision END
+    FROM ihub.inbound_item t
+    WHERE t.state = 'queued'
+      AND (t.ordering_key IS NULL OR NOT EXISTS (
+            SELECT 1 FROM ihub.inbound_item e
+            WHERE e.source_id = t.source_id AND e.ordering_key = t.ordering_key
+              AND e.state IN ('queued', 'processing') AND e.id < t.id))
 $$;
 
 CREATE FUNCTION ihub.reactivate_inbound(ids bigint[]) RETURNS bigint

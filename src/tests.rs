@@ -1011,15 +1011,33 @@ mod tests {
     fn create_source_checks_its_input() {
         setup_inbound();
         let h = "'on_order(ihub.inbound_items)'";
-        expect_error("SELECT ihub.create_source('shop', 'o', 'wrong(int)')", &["cannot handle inbound items", "ihub.inbound_items"]);
+        expect_error(
+            "SELECT ihub.create_source('shop', 'o', 'wrong(int)')",
+            &["cannot handle inbound items", "ihub.inbound_items"],
+        );
         expect_error(&format!("SELECT ihub.create_source('nope', 'o', {h})"), &["does not exist"]);
-        expect_error(&format!("SELECT ihub.create_source('shop', 'o', {h}, verify => 'md5')"), &["unknown verification"]);
+        expect_error(
+            &format!("SELECT ihub.create_source('shop', 'o', {h}, verify => 'md5')"),
+            &["unknown verification"],
+        );
         expect_error(&format!("SELECT ihub.create_source('shop', 'o', {h})"), &["needs a secret"]);
-        expect_error(&format!("SELECT ihub.create_source('shop', 'o', {h}, 'shared-secret', 's')"), &["needs the header"]);
-        expect_error(&format!("SELECT ihub.create_source('shop', 'o', {h}, 'none', ordering_key => 'customer')"), &["invalid ordering key"]);
-        expect_error(&format!("SELECT ihub.create_source('shop', 'bad name', {h}, 'none')"), &["invalid inbound source name"]);
+        expect_error(
+            &format!("SELECT ihub.create_source('shop', 'o', {h}, 'shared-secret', 's')"),
+            &["needs the header"],
+        );
+        expect_error(
+            &format!("SELECT ihub.create_source('shop', 'o', {h}, 'none', ordering_key => 'customer')"),
+            &["invalid ordering key"],
+        );
+        expect_error(
+            &format!("SELECT ihub.create_source('shop', 'bad name', {h}, 'none')"),
+            &["invalid inbound source name"],
+        );
         Spi::run(&format!("SELECT ihub.create_source('shop', 'o', {h}, 'none')")).unwrap();
-        expect_error(&format!("SELECT ihub.create_source('shop', 'o', {h}, 'none')"), &["already has an inbound source"]);
+        expect_error(
+            &format!("SELECT ihub.create_source('shop', 'o', {h}, 'none')"),
+            &["already has an inbound source"],
+        );
         assert_eq!(one::<String>("SELECT path FROM ihub.inbound_sources"), "/webhooks/shop/o");
     }
 
@@ -1027,11 +1045,17 @@ mod tests {
     fn receive_verifies_deduplicates_and_records_refusals() {
         setup_inbound();
         let secret = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
-        Spi::run(&format!("SELECT ihub.create_source('shop', 'sw', 'on_order(ihub.inbound_items)', secret => '{secret}')")).unwrap();
+        Spi::run(&format!(
+            "SELECT ihub.create_source('shop', 'sw', 'on_order(ihub.inbound_items)', secret => '{secret}')"
+        ))
+        .unwrap();
         let body = r#"{"order": 7}"#;
         let good = signed_headers(secret, "msg_1", body, 0);
         let receive = |headers: &str, body: &str| {
-            Spi::get_one::<i64>(&format!("SELECT ihub.receive('shop', 'sw', '{headers}', convert_to('{body}', 'UTF8'))")).unwrap()
+            Spi::get_one::<i64>(&format!(
+                "SELECT ihub.receive('shop', 'sw', '{headers}', convert_to('{body}', 'UTF8'))"
+            ))
+            .unwrap()
         };
         let id = receive(&good, body).expect("accepted");
         assert_eq!(receive(&good, body), Some(id), "a duplicate gets the first id");
@@ -1057,7 +1081,9 @@ mod tests {
         assert_eq!(zoho("z-secret", "a"), Some(first), "deduplicated by the id header");
         assert_ne!(zoho("z-secret", "b"), Some(first));
         assert_eq!(zoho("wrong", "c"), None);
-        let stored = one::<String>("SELECT headers::text FROM ihub.inbound_item WHERE id = (SELECT max(id) FROM ihub.inbound_item)");
+        let stored = one::<String>(
+            "SELECT headers::text FROM ihub.inbound_item WHERE id = (SELECT max(id) FROM ihub.inbound_item)",
+        );
         assert!(!stored.contains("z-secret"), "the shared secret is masked in stored headers: {stored}");
         expect_error("SELECT ihub.receive('shop', 'nope', '{}', '')", &["has no inbound source"]);
     }
@@ -1081,6 +1107,9 @@ mod tests {
         assert_eq!(claim(), Some(a1));
         assert_eq!(claim(), Some(b1), "a2 waits while a1 is being processed");
         assert_eq!(claim(), None, "the delayed item is not due");
+        // a2 is past its time but blocked behind a1: waking for it would spin.
+        let due = one::<f64>("SELECT ihub._next_inbound_due()");
+        assert!(due > 3500.0, "next due in {due} s, expected the delayed item's hour");
         Spi::run(&format!("SELECT ihub._inbound_done({a1}, NULL)")).unwrap();
         assert_eq!(claim(), Some(a2));
     }
@@ -1090,17 +1119,33 @@ mod tests {
         setup_inbound();
         Spi::run("SELECT ihub.create_source('shop', 'o', 'on_order(ihub.inbound_items)', 'none')").unwrap();
         let ok = one::<i64>(r#"SELECT ihub.receive('shop', 'o', '{}', convert_to('{"order": 1}', 'UTF8'))"#);
-        let bad = one::<i64>(r#"SELECT ihub.receive('shop', 'o', '{}', convert_to('{"order": 2, "fail": true}', 'UTF8'))"#);
-        assert_eq!(one::<pgrx::JsonB>(&format!("SELECT ihub.process_inbound({ok})")).0, serde_json::json!({"handled": ok}));
+        let bad =
+            one::<i64>(r#"SELECT ihub.receive('shop', 'o', '{}', convert_to('{"order": 2, "fail": true}', 'UTF8'))"#);
+        assert_eq!(
+            one::<pgrx::JsonB>(&format!("SELECT ihub.process_inbound({ok})")).0,
+            serde_json::json!({"handled": ok})
+        );
         let err = one::<pgrx::JsonB>(&format!("SELECT ihub.process_inbound({bad})")).0;
         assert_eq!(err, serde_json::json!({"error": "cannot handle order 2"}));
-        assert_eq!(one::<String>("SELECT string_agg(id || ':' || error, ',') FROM ihub.inbound_failed"), format!("{bad}:cannot handle order 2"));
-        assert_eq!(one::<i64>(&format!("SELECT count(*) FROM ihub.logs WHERE inbound_item = {bad} AND level = 'error'")), 1);
+        assert_eq!(
+            one::<String>("SELECT string_agg(id || ':' || error, ',') FROM ihub.inbound_failed"),
+            format!("{bad}:cannot handle order 2")
+        );
+        assert_eq!(
+            one::<i64>(&format!("SELECT count(*) FROM ihub.logs WHERE inbound_item = {bad} AND level = 'error'")),
+            1
+        );
         expect_error(&format!("SELECT ihub.process_inbound({ok})"), &["is done"]);
         Spi::run("INSERT INTO handled VALUES (NULL, 'fixed')").unwrap();
         assert_eq!(one::<i64>(&format!("SELECT ihub.reactivate_inbound(ARRAY[{bad}, {ok}])")), 1, "only failed ones");
-        assert_eq!(one::<String>(&format!("SELECT state || ':' || reactivated FROM ihub.inbound_items WHERE id = {bad}")), "queued:1");
-        assert_eq!(one::<pgrx::JsonB>(&format!("SELECT ihub.process_inbound({bad})")).0, serde_json::json!({"handled": bad}));
+        assert_eq!(
+            one::<String>(&format!("SELECT state || ':' || reactivated FROM ihub.inbound_items WHERE id = {bad}")),
+            "queued:1"
+        );
+        assert_eq!(
+            one::<pgrx::JsonB>(&format!("SELECT ihub.process_inbound({bad})")).0,
+            serde_json::json!({"handled": bad})
+        );
         assert_eq!(one::<i64>("SELECT count(*) FROM ihub.inbound_failed"), 0);
     }
 }

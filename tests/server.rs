@@ -337,3 +337,153 @@ fn health_turns_critical_while_a_worker_is_gone() {
         Duration::from_secs(20)
     ));
 }
+
+/// An enabled integration with an unverified source whose handler takes
+/// `delay` seconds and records each item it handles in `<p>_effects`.
+/// Returns (table prefix, source URL).
+fn inbound_kit(hub: &mut Hub, delay: f64) -> (String, String) {
+    let p = unique("inq");
+    let integration = unique("it");
+    hub.exec(&format!(
+        "CREATE TABLE {p}_effects (item bigint);
+         CREATE FUNCTION {p}_handle(item ihub.inbound_items) RETURNS jsonb LANGUAGE plpgsql AS $$
+         BEGIN
+             INSERT INTO {p}_effects VALUES (item.id);
+             PERFORM pg_sleep({delay});
+             RETURN NULL;
+         END $$;
+         SELECT ihub.create_integration('{integration}');
+         SELECT ihub.enable_integration('{integration}');
+         SELECT ihub.create_source('{integration}', 'q', '{p}_handle(ihub.inbound_items)', 'none');"
+    ));
+    (p, listener_url(&format!("/webhooks/{integration}/q")))
+}
+
+fn post_items(url: &str, count: usize) -> Vec<i64> {
+    let client = http();
+    (0..count)
+        .map(|n| {
+            let r = client.post(url).body(format!(r#"{{"n": {n}}}"#)).send().unwrap();
+            assert_eq!(r.status(), 202);
+            let body: serde_json::Value = r.json().unwrap();
+            body["id"].as_i64().unwrap()
+        })
+        .collect()
+}
+
+/// Every item done, and each handled exactly once (an interrupted handler's
+/// writes roll back with it).
+fn assert_each_handled_once(hub: &mut Hub, p: &str, ids: &[i64]) {
+    let list = ids.iter().map(i64::to_string).collect::<Vec<_>>().join(",");
+    let done = hub.wait_true(
+        &format!("SELECT count(*) = {} FROM ihub.inbound_items WHERE id IN ({list}) AND state = 'done'", ids.len()),
+        Duration::from_secs(90),
+    );
+    let states: String = hub.one(&format!(
+        "SELECT string_agg(state || ':' || n, ' ') FROM (SELECT state, count(*) n FROM ihub.inbound_items \
+         WHERE id IN ({list}) GROUP BY state) s"
+    ));
+    assert!(done, "items not all done: {states}");
+    let (total, distinct): (i64, i64) = {
+        let r = hub.db.query_one(&format!("SELECT count(*), count(DISTINCT item) FROM {p}_effects"), &[]).unwrap();
+        (r.get(0), r.get(1))
+    };
+    assert_eq!((total, distinct), (ids.len() as i64, ids.len() as i64));
+}
+
+#[test]
+fn terminating_processors_mid_queue_loses_no_item() {
+    let _g = serial();
+    let mut hub = hub();
+    let (p, url) = inbound_kit(&mut hub, 0.05);
+    let ids = post_items(&url, 150);
+    assert!(hub.wait_true(&format!("SELECT count(*) >= 5 FROM {p}_effects"), Duration::from_secs(20)));
+    let terminated: i64 =
+        hub.one("SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM ihub.workers WHERE kind = 'processor') t");
+    assert!(terminated >= 1);
+    assert_each_handled_once(&mut hub, &p, &ids);
+}
+
+#[test]
+fn restarting_postgres_mid_queue_loses_no_accepted_item() {
+    let _g = serial();
+    let mut hub = hub();
+    let (p, url) = inbound_kit(&mut hub, 0.05);
+    let ids = post_items(&url, 150);
+    assert!(hub.wait_true(&format!("SELECT count(*) >= 5 FROM {p}_effects"), Duration::from_secs(20)));
+    drop(hub);
+    Cluster::from_env().crash_and_restart();
+    let mut hub = pg_ihub_e2e::hub();
+    assert_each_handled_once(&mut hub, &p, &ids);
+    // And the listener is back.
+    let client = http();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while client.post(&url).body(r#"{"n": "after"}"#).send().map(|r| r.status() != 202).unwrap_or(true) {
+        assert!(std::time::Instant::now() < deadline, "the listener did not come back");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Puts the server's rate limit back even when the test fails.
+struct RateLimit;
+
+impl RateLimit {
+    fn set(hub: &mut Hub, per_second: i32, burst: i32) -> RateLimit {
+        // One statement each: ALTER SYSTEM refuses to run in a transaction block.
+        hub.exec(&format!("ALTER SYSTEM SET ihub.inbound_rate_limit = {per_second}"));
+        hub.exec(&format!("ALTER SYSTEM SET ihub.inbound_burst = {burst}"));
+        hub.exec("SELECT pg_reload_conf()");
+        RateLimit
+    }
+}
+
+impl Drop for RateLimit {
+    fn drop(&mut self) {
+        let mut hub = pg_ihub_e2e::hub();
+        for sql in [
+            "ALTER SYSTEM RESET ihub.inbound_rate_limit",
+            "ALTER SYSTEM RESET ihub.inbound_burst",
+            "SELECT pg_reload_conf()",
+        ] {
+            hub.exec(sql);
+        }
+    }
+}
+
+#[test]
+fn the_rate_limit_answers_429_with_retry_after_then_recovers() {
+    let _g = serial();
+    let mut hub = hub();
+    let (p, url) = inbound_kit(&mut hub, 0.0);
+    let client = http();
+    let post = |n: usize| client.post(&url).body(format!(r#"{{"n": {n}}}"#)).send().unwrap();
+    let _limit = RateLimit::set(&mut hub, 2, 4);
+    // The listener applies the new settings on its next wake-up.
+    let mut n = 0;
+    let first_refusal = loop {
+        n += 1;
+        let r = post(n);
+        if r.status() == 429 {
+            break r;
+        }
+        assert_eq!(r.status(), 202);
+        assert!(n < 200, "the rate limit never applied");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let retry_after: u64 = first_refusal.headers()["retry-after"].to_str().unwrap().parse().unwrap();
+    assert!((1..=2).contains(&retry_after), "Retry-After: {retry_after}");
+    // Refused requests are not queued; an immediate burst gets at most one more slot.
+    let burst: Vec<u16> = (0..10).map(|i| post(1000 + i).status().as_u16()).collect();
+    assert!(burst.iter().filter(|s| **s == 202).count() <= 1, "{burst:?}");
+    assert!(burst.iter().all(|s| *s == 202 || *s == 429), "{burst:?}");
+    // After waiting as told, the sender gets through again, up to the burst.
+    std::thread::sleep(Duration::from_secs(retry_after) + Duration::from_millis(1500));
+    let recovered: Vec<u16> = (0..3).map(|i| post(2000 + i).status().as_u16()).collect();
+    assert_eq!(recovered, vec![202, 202, 202]);
+    let accepted: i64 = hub.one(&format!(
+        "SELECT count(*) FROM ihub.inbound_items i JOIN ihub.inbound_sources s ON s.name = i.source AND s.integration = i.integration \
+         WHERE s.handler LIKE '{p}%'"
+    ));
+    let answered_202 = (n - 1) as i64 + burst.iter().filter(|s| **s == 202).count() as i64 + 3;
+    assert_eq!(accepted, answered_202, "exactly the requests answered 202 were queued");
+}

@@ -137,3 +137,17 @@ pub fn distinct_row_ids(rx: &Receiver) -> usize {
     ids.dedup();
     ids.len()
 }
+
+/// The inbound listener of the test cluster (IHUB_LISTEN, host:port).
+pub fn listener_url(path: &str) -> String {
+    format!("http://{}{}", std::env::var("IHUB_LISTEN").unwrap_or_else(|_| "127.0.0.1:8490".into()), path)
+}
+
+/// A blocking HTTP client for the listener.
+pub fn http() -> reqwest::blocking::Client {
+    reqwest::blocking::Client::builder().timeout(Duration::from_secs(30)).build().unwrap()
+}
+
+pub fn now_s() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64
+}
