@@ -106,7 +106,9 @@ BEGIN
                              (SELECT name FROM ihub.integration WHERE id = s.integration_id));
         END;
     END LOOP;
-    RETURN (SELECT greatest(0, extract(epoch FROM min(next_run_at) - now()))::double precision
+    -- NULL when nothing is scheduled (greatest() skips NULLs: it would say 0).
+    RETURN (SELECT CASE WHEN min(next_run_at) IS NOT NULL
+                        THEN greatest(0, extract(epoch FROM min(next_run_at) - now()))::double precision END
             FROM ihub.schedule WHERE active);
 END
 $$;
@@ -410,7 +412,7 @@ BEGIN
         END IF;
     END LOOP;
     RETURN (
-        SELECT greatest(0, extract(epoch FROM min(t) - now()))::double precision
+        SELECT CASE WHEN min(t) IS NOT NULL THEN greatest(0, extract(epoch FROM min(t) - now()))::double precision END
         FROM (SELECT s.next_run_at + w2.grace AS t
               FROM ihub.watcher w2 JOIN ihub.schedule s ON s.id = w2.schedule_id
               WHERE s.active AND s.next_run_at + w2.grace > now()

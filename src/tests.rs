@@ -681,6 +681,15 @@ mod tests {
     }
 
     #[pg_test]
+    fn with_nothing_to_do_no_worker_has_a_deadline() {
+        // NULL means "sleep until woken or ihub.poll_interval"; 0 would make
+        // the worker wake again at once, over and over.
+        for f in ["_schedule_tick", "_cronwatch_check", "_next_job_due", "_next_due", "_next_inbound_due"] {
+            assert_eq!(Spi::get_one::<f64>(&format!("SELECT ihub.{f}()")).unwrap(), None, "ihub.{f}()");
+        }
+    }
+
+    #[pg_test]
     fn scheduled_runs_merge_per_integration_parameters() {
         setup_jobs();
         Spi::run(

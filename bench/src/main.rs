@@ -4,7 +4,11 @@
 //! 1. throughput: 20,000 committed row changes delivered, per second;
 //! 2. latency from commit to receipt at a steady 500 changes/s (p50, p99);
 //! 3. writer overhead: a 200,000-row INSERT ... SELECT into a subscribed
-//!    table against the same insert into an unsubscribed one.
+//!    table against the same insert into an unsubscribed one;
+//!
+//! then jobs, logs and statistics, and inbound webhooks (`inbound.rs`).
+
+mod inbound;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -26,27 +30,51 @@ fn main() {
         }
         thread::sleep(Duration::from_millis(100));
     }
-    let batch: String = db.query_one("SHOW ihub.batch_size", &[]).unwrap().get(0);
-    println!("pg_ihub benchmark: {workers} dispatcher workers, batch size {batch}, receiver on {}", receiver.url("/"));
-    setup(&mut db, &receiver);
+    // IHUB_BENCH_PARTS=outbound,jobs,logs,inbound runs some parts only.
+    let parts = std::env::var("IHUB_BENCH_PARTS").unwrap_or_else(|_| "outbound,jobs,logs,inbound".into());
+    let part = |name: &str| parts.split(',').any(|p| p.trim() == name);
 
-    // First, while the dispatchers are idle: it measures the writer alone.
-    writer_overhead(&mut db, 200_000);
-    let rows = std::env::var("IHUB_BENCH_ROWS").ok().and_then(|v| v.parse().ok()).unwrap_or(20_000);
-    throughput(&mut db, &receiver, rows);
-    latency(&cluster, &receiver, 500, Duration::from_secs(10));
-
-    println!();
-    jobs_throughput(&mut db, 50_000);
-    jobs_latency(&cluster, &mut db, 200, Duration::from_secs(5));
-    for backlog in [10_000, 1_000_000] {
-        claim_time(&mut db, backlog);
+    if part("outbound") {
+        let batch: String = db.query_one("SHOW ihub.batch_size", &[]).unwrap().get(0);
+        println!(
+            "pg_ihub benchmark: {workers} dispatcher workers, batch size {batch}, receiver on {}",
+            receiver.url("/")
+        );
+        setup(&mut db, &receiver);
+        // First, while the dispatchers are idle: it measures the writer alone.
+        writer_overhead(&mut db, 200_000);
+        let rows = std::env::var("IHUB_BENCH_ROWS").ok().and_then(|v| v.parse().ok()).unwrap_or(20_000);
+        throughput(&mut db, &receiver, rows);
+        latency(&cluster, &receiver, 500, Duration::from_secs(10));
+        println!();
     }
 
-    println!();
-    log_writes(&cluster, 4, Duration::from_secs(5));
-    cleanup_time(&mut db, 1_000_000);
-    stats_time(&mut db, 1_000_000);
+    if part("jobs") {
+        jobs_throughput(&mut db, 50_000);
+        jobs_latency(&cluster, &mut db, 200, Duration::from_secs(5));
+        for backlog in [10_000, 1_000_000] {
+            claim_time(&mut db, backlog);
+        }
+        println!();
+    }
+
+    if part("logs") {
+        if !part("outbound") {
+            setup(&mut db, &receiver);
+        }
+        log_writes(&cluster, 4, Duration::from_secs(5));
+        cleanup_time(&mut db, 1_000_000);
+        stats_time(&mut db, 1_000_000);
+        println!();
+    }
+
+    if !part("inbound") {
+        return;
+    }
+    inbound::setup(&mut db);
+    let listen = std::env::var("IHUB_LISTEN").unwrap_or_else(|_| "127.0.0.1:8491".into());
+    inbound::accept_rate(&listen, 64, Duration::from_secs(10));
+    inbound::process_rate(&mut db, 50_000);
 }
 
 /// `ihub.log` calls, each its own transaction, from several clients.

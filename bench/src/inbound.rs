@@ -1,0 +1,134 @@
+//! Inbound benchmark: signed Standard Webhooks requests from 64 keep-alive
+//! clients on loopback (accepted per second, response time), then how fast
+//! the processors drain a backlog with a trivial handler.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use pg_ihub_testkit::verify::sign;
+
+const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+
+pub fn setup(db: &mut postgres::Client) {
+    db.batch_execute(&format!(
+        "CREATE OR REPLACE FUNCTION bench_inbound(item ihub.inbound_items) RETURNS jsonb LANGUAGE sql AS $$ SELECT NULL::jsonb $$;
+         SELECT ihub.create_integration('bench_in') WHERE NOT EXISTS (SELECT 1 FROM ihub.integrations WHERE name = 'bench_in');
+         SELECT ihub.enable_integration('bench_in');
+         SELECT ihub.create_source('bench_in', 'signed', 'bench_inbound(ihub.inbound_items)', secret => '{SECRET}')
+         WHERE NOT EXISTS (SELECT 1 FROM ihub.inbound_sources WHERE integration = 'bench_in' AND name = 'signed');
+         SELECT ihub.create_source('bench_in', 'backlog', 'bench_inbound(ihub.inbound_items)', 'none')
+         WHERE NOT EXISTS (SELECT 1 FROM ihub.inbound_sources WHERE integration = 'bench_in' AND name = 'backlog');"
+    ))
+    .unwrap();
+}
+
+/// `clients` tasks, each one keep-alive connection sending requests back to
+/// back for `length`; prints accepted/s and response-time percentiles.
+pub fn accept_rate(listen: &str, clients: usize, length: Duration) {
+    let url = Arc::new(format!("http://{listen}/webhooks/bench_in/signed"));
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let (accepted, mut times, other) = runtime.block_on(async move {
+        let start = Instant::now();
+        let tasks: Vec<_> = (0..clients)
+            .map(|c| {
+                let url = url.clone();
+                tokio::spawn(async move {
+                    // One client per task: one connection each, kept alive.
+                    let client = reqwest::Client::builder().pool_max_idle_per_host(1).build().unwrap();
+                    let mut times = Vec::new();
+                    let (mut accepted, mut other) = (0u64, 0u64);
+                    let mut n = 0u64;
+                    while start.elapsed() < length {
+                        n += 1;
+                        let id = format!("msg_{c}_{n}_{}", start.elapsed().as_nanos());
+                        let body = format!(r#"{{"type": "order.paid", "client": {c}, "n": {n}}}"#);
+                        let ts = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs() as i64;
+                        let signature = sign(SECRET, &id, ts, body.as_bytes());
+                        let sent = Instant::now();
+                        let response = client
+                            .post(url.as_str())
+                            .header("content-type", "application/json")
+                            .header("webhook-id", id)
+                            .header("webhook-timestamp", ts.to_string())
+                            .header("webhook-signature", signature)
+                            .body(body)
+                            .send()
+                            .await;
+                        match response {
+                            Ok(r) if r.status() == 202 => {
+                                let _ = r.bytes().await;
+                                times.push(sent.elapsed().as_secs_f64() * 1000.0);
+                                accepted += 1;
+                            }
+                            _ => other += 1,
+                        }
+                    }
+                    (accepted, times, other)
+                })
+            })
+            .collect();
+        let (mut accepted, mut times, mut other) = (0u64, Vec::new(), 0u64);
+        for t in tasks {
+            let (a, ts, o) = t.await.unwrap();
+            accepted += a;
+            times.extend(ts);
+            other += o;
+        }
+        (accepted, times, other)
+    });
+    times.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let pct = |p: f64| times.get(((times.len() as f64 * p) as usize).min(times.len().saturating_sub(1))).copied();
+    println!(
+        "inbound: {accepted} signed webhooks accepted (202) from {clients} keep-alive clients in {:.0} s -> {:.0}/s; \
+         response p50 {:.2} ms, p99 {:.2} ms{}",
+        length.as_secs_f64(),
+        accepted as f64 / length.as_secs_f64(),
+        pct(0.50).unwrap_or(f64::NAN),
+        pct(0.99).unwrap_or(f64::NAN),
+        if other > 0 { format!(" ({other} other answers)") } else { String::new() }
+    );
+}
+
+/// Waits until no inbound item is queued or being processed.
+fn wait_drained(db: &mut postgres::Client, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        // EXISTS on the partial indexes: a count over the whole table every
+        // few milliseconds would slow the processors it measures.
+        let open: bool = db
+            .query_one(
+                "SELECT EXISTS (SELECT 1 FROM ihub.inbound_item WHERE state = 'queued') \
+                     OR EXISTS (SELECT 1 FROM ihub.inbound_item WHERE state = 'processing')",
+                &[],
+            )
+            .unwrap()
+            .get(0);
+        if !open {
+            return;
+        }
+        assert!(Instant::now() < deadline, "inbound items still open");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// `n` items queued in one transaction (ihub.receive); time from its commit
+/// until the processors have handled the last one.
+pub fn process_rate(db: &mut postgres::Client, n: i32) {
+    wait_drained(db, Duration::from_secs(600));
+    let processors: i64 =
+        db.query_one("SELECT count(*) FROM ihub.workers WHERE kind = 'processor'", &[]).unwrap().get(0);
+    db.execute(
+        "SELECT ihub.receive('bench_in', 'backlog', '{\"content-type\": \"application/json\"}',
+                             convert_to(jsonb_build_object('n', g, 'at', clock_timestamp())::text, 'UTF8'))
+         FROM generate_series(1, $1) g",
+        &[&n],
+    )
+    .unwrap();
+    let start = Instant::now();
+    wait_drained(db, Duration::from_secs(600));
+    let took = start.elapsed().as_secs_f64();
+    println!(
+        "inbound: {n} queued items handled by {processors} processors (trivial handler) in {took:.2} s -> {:.0} items/s",
+        n as f64 / took
+    );
+}
