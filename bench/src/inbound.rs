@@ -1,6 +1,8 @@
 //! Inbound benchmark: signed Standard Webhooks requests from 64 keep-alive
-//! clients on loopback (accepted per second, response time), then how fast
-//! the processors drain a backlog with a trivial handler.
+//! clients on loopback (accepted per second, response time), first with the
+//! items delayed so that the processors stay idle and the listener is
+//! measured alone; then how fast the processors drain that backlog with a
+//! trivial handler; then both at once.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -15,17 +17,16 @@ pub fn setup(db: &mut postgres::Client) {
          SELECT ihub.create_integration('bench_in') WHERE NOT EXISTS (SELECT 1 FROM ihub.integrations WHERE name = 'bench_in');
          SELECT ihub.enable_integration('bench_in');
          SELECT ihub.create_source('bench_in', 'signed', 'bench_inbound(ihub.inbound_items)', secret => '{SECRET}')
-         WHERE NOT EXISTS (SELECT 1 FROM ihub.inbound_sources WHERE integration = 'bench_in' AND name = 'signed');
-         SELECT ihub.create_source('bench_in', 'backlog', 'bench_inbound(ihub.inbound_items)', 'none')
-         WHERE NOT EXISTS (SELECT 1 FROM ihub.inbound_sources WHERE integration = 'bench_in' AND name = 'backlog');"
+         WHERE NOT EXISTS (SELECT 1 FROM ihub.inbound_sources WHERE integration = 'bench_in' AND name = 'signed');"
     ))
     .unwrap();
 }
 
 /// `clients` tasks, each one keep-alive connection sending requests back to
 /// back for `length`; prints accepted/s and response-time percentiles.
-pub fn accept_rate(listen: &str, clients: usize, length: Duration) {
-    let url = Arc::new(format!("http://{listen}/webhooks/bench_in/signed"));
+pub fn accept_rate(listen: &str, clients: usize, length: Duration, delayed: bool) -> u64 {
+    let query = if delayed { "?delay=86400" } else { "" };
+    let url = Arc::new(format!("http://{listen}/webhooks/bench_in/signed{query}"));
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     let (accepted, mut times, other) = runtime.block_on(async move {
         let start = Instant::now();
@@ -79,14 +80,16 @@ pub fn accept_rate(listen: &str, clients: usize, length: Duration) {
     times.sort_by(|a, b| a.partial_cmp(b).unwrap());
     let pct = |p: f64| times.get(((times.len() as f64 * p) as usize).min(times.len().saturating_sub(1))).copied();
     println!(
-        "inbound: {accepted} signed webhooks accepted (202) from {clients} keep-alive clients in {:.0} s -> {:.0}/s; \
+        "inbound: {accepted} signed webhooks accepted (202) from {clients} keep-alive clients in {:.0} s ({}) -> {:.0}/s; \
          response p50 {:.2} ms, p99 {:.2} ms{}",
         length.as_secs_f64(),
+        if delayed { "delayed: processors idle" } else { "processors busy at the same time" },
         accepted as f64 / length.as_secs_f64(),
         pct(0.50).unwrap_or(f64::NAN),
         pct(0.99).unwrap_or(f64::NAN),
         if other > 0 { format!(" ({other} other answers)") } else { String::new() }
     );
+    accepted
 }
 
 /// Waits until no inbound item is queued or being processed.
@@ -111,21 +114,14 @@ fn wait_drained(db: &mut postgres::Client, timeout: Duration) {
     }
 }
 
-/// `n` items queued in one transaction (ihub.receive); time from its commit
-/// until the processors have handled the last one.
-pub fn process_rate(db: &mut postgres::Client, n: i32) {
-    wait_drained(db, Duration::from_secs(600));
+/// Makes every queued item due now and times the processors draining them.
+pub fn process_rate(db: &mut postgres::Client) {
     let processors: i64 =
         db.query_one("SELECT count(*) FROM ihub.workers WHERE kind = 'processor'", &[]).unwrap().get(0);
-    db.execute(
-        "SELECT ihub.receive('bench_in', 'backlog', '{\"content-type\": \"application/json\"}',
-                             convert_to(jsonb_build_object('n', g, 'at', clock_timestamp())::text, 'UTF8'))
-         FROM generate_series(1, $1) g",
-        &[&n],
-    )
-    .unwrap();
+    let n = db.execute("UPDATE ihub.inbound_item SET execute_at = now() WHERE state = 'queued'", &[]).unwrap();
+    db.batch_execute("SELECT ihub._wake_processor()").unwrap();
     let start = Instant::now();
-    wait_drained(db, Duration::from_secs(600));
+    wait_drained(db, Duration::from_secs(900));
     let took = start.elapsed().as_secs_f64();
     println!(
         "inbound: {n} queued items handled by {processors} processors (trivial handler) in {took:.2} s -> {:.0} items/s",

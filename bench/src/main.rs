@@ -73,8 +73,9 @@ fn main() {
     }
     inbound::setup(&mut db);
     let listen = std::env::var("IHUB_LISTEN").unwrap_or_else(|_| "127.0.0.1:8491".into());
-    inbound::accept_rate(&listen, 64, Duration::from_secs(10));
-    inbound::process_rate(&mut db, 50_000);
+    inbound::accept_rate(&listen, 64, Duration::from_secs(10), true);
+    inbound::process_rate(&mut db);
+    inbound::accept_rate(&listen, 64, Duration::from_secs(5), false);
 }
 
 /// `ihub.log` calls, each its own transaction, from several clients.
