@@ -163,9 +163,25 @@ BEGIN
             USING ERRCODE = 'object_in_use',
                   HINT = format('Disable it first: SELECT ihub.disable_integration(%L);', v.name);
     END IF;
+    -- Scheduled actions belong to whoever made them: say so rather than drop them.
+    IF EXISTS (SELECT 1 FROM ihub.schedule s WHERE s.integration_id = v.id) THEN
+        RAISE EXCEPTION 'integration "%" is used by scheduled action(s) %', v.name,
+              (SELECT string_agg(s.name, ', ' ORDER BY s.name) FROM ihub.schedule s WHERE s.integration_id = v.id)
+            USING ERRCODE = 'object_in_use', HINT = 'Remove them first with ihub.unschedule(name).';
+    END IF;
+    -- Accepted inbound items were answered 202: they must not vanish unprocessed.
+    IF EXISTS (SELECT 1 FROM ihub.inbound_item t JOIN ihub.inbound_source s ON s.id = t.source_id
+               WHERE s.integration_id = v.id AND t.state IN ('queued', 'processing')) THEN
+        RAISE EXCEPTION 'integration "%" has inbound items waiting to be processed', v.name
+            USING ERRCODE = 'object_in_use',
+                  HINT = 'Let the processors finish them (see ihub.queue_stats()), or delete them from ihub.inbound_item.';
+    END IF;
     PERFORM ihub.unsubscribe(s.id)
     FROM ihub.subscription s JOIN ihub.endpoint e ON e.id = s.endpoint_id
     WHERE e.integration_id = v.id;
+    DELETE FROM ihub.inbound_dedup d USING ihub.inbound_source s WHERE d.source_id = s.id AND s.integration_id = v.id;
+    DELETE FROM ihub.inbound_item t USING ihub.inbound_source s WHERE t.source_id = s.id AND s.integration_id = v.id;
+    DELETE FROM ihub.inbound_source WHERE integration_id = v.id;
     DELETE FROM ihub.delivery_attempt a USING ihub.delivery d, ihub.endpoint e
     WHERE a.delivery_id = d.id AND d.endpoint_id = e.id AND e.integration_id = v.id;
     DELETE FROM ihub.delivery d USING ihub.endpoint e WHERE d.endpoint_id = e.id AND e.integration_id = v.id;

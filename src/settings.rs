@@ -147,7 +147,7 @@ fn define_reloadable_settings() {
     GucRegistry::define_int_guc(
         c"ihub.inbound_max_connections",
         c"Connections the listener serves at once; more wait to be accepted.",
-        c"",
+        c"Read when the listener starts: change it, then terminate the listener (the postmaster restarts it).",
         &INBOUND_MAX_CONNECTIONS,
         1,
         100_000,
@@ -236,7 +236,7 @@ fn define_reloadable_settings() {
     );
     GucRegistry::define_int_guc(
         c"ihub.max_body_size",
-        c"Largest request body pg_ihub will send (and, later, accept).",
+        c"Largest request body pg_ihub sends (ihub.http_request) or accepts (inbound webhooks, ihub.receive).",
         c"",
         &MAX_BODY_SIZE,
         1024,

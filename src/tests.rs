@@ -1098,6 +1098,42 @@ mod tests {
     }
 
     #[pg_test]
+    fn deleting_an_integration_takes_its_sources_and_refuses_while_items_wait() {
+        setup_inbound();
+        Spi::run(
+            "SELECT ihub.create_source('shop', 'o', 'on_order(ihub.inbound_items)', 'shared-secret', 'k', 'X-Secret')",
+        )
+        .unwrap();
+        let item = one::<i64>("SELECT ihub.receive('shop', 'o', '{\"X-Secret\": \"k\"}', '{\"order\": 1}')");
+        assert_eq!(Spi::get_one::<i64>("SELECT ihub.receive('shop', 'o', '{}', 'forged')").unwrap(), None);
+        Spi::run("SELECT ihub.disable_integration('shop')").unwrap();
+        expect_error("SELECT ihub.delete_integration('shop')", &["inbound items waiting", "HINT:"]);
+        one::<pgrx::JsonB>(&format!("SELECT ihub.process_inbound({item})"));
+        Spi::run("SELECT ihub.delete_integration('shop')").unwrap();
+        assert_eq!(one::<i64>("SELECT count(*) FROM ihub.inbound_source"), 0);
+        assert_eq!(one::<i64>("SELECT count(*) FROM ihub.inbound_item"), 0);
+        assert_eq!(one::<i64>("SELECT count(*) FROM ihub.inbound_secret"), 0);
+        assert_eq!(
+            one::<i64>("SELECT count(*) FROM ihub.inbound_rejection WHERE source_id IS NULL"),
+            1,
+            "rejections stay on record"
+        );
+    }
+
+    #[pg_test]
+    fn deleting_an_integration_with_schedules_says_so() {
+        setup_jobs();
+        Spi::run(
+            "SELECT ihub.create_integration('shop');
+             SELECT ihub.schedule('pull', 'note_it(jsonb)', every => '1 hour', integration => 'shop');",
+        )
+        .unwrap();
+        expect_error("SELECT ihub.delete_integration('shop')", &["scheduled action", "pull", "HINT:", "unschedule"]);
+        Spi::run("SELECT ihub.unschedule('pull'); SELECT ihub.delete_integration('shop')").unwrap();
+        assert_eq!(one::<i64>("SELECT count(*) FROM ihub.integration"), 0);
+    }
+
+    #[pg_test]
     fn items_are_claimed_by_execution_time_and_ordering_key() {
         setup_inbound();
         Spi::run("SELECT ihub.create_source('shop', 'o', 'on_order(ihub.inbound_items)', 'none', ordering_key => '{customer}')").unwrap();
