@@ -9,3 +9,11 @@ FROM ihub.deliveries d
 LEFT JOIN ihub.delivery_attempts a ON a.delivery_id = d.id AND a.attempt = d.attempts
 WHERE d.integration = 'shop'
 ORDER BY d.id;
+
+\echo
+\echo 'Inbound webhooks (ihub.inbound_items): processed by on_payment(), or archived with the error:'
+SELECT id, source, payload ->> 'order_id' AS order_id, state, coalesce(result::text, error) AS outcome
+FROM ihub.inbound_items WHERE integration = 'shop' ORDER BY id;
+\echo
+\echo 'Refused requests (ihub.inbound_rejections):'
+SELECT id, source, reason, remote_addr FROM ihub.inbound_rejections WHERE integration = 'shop' ORDER BY id;

@@ -20,3 +20,23 @@ SELECT ihub.create_endpoint('shop', 'orders-webhook', 'http://127.0.0.1:' || :'r
                             retry => '{"initial_delay": 1, "max_attempts": 5}');
 SELECT ihub.subscribe('orders', 'orders-webhook', events => '{insert,update}', watch => '{status}');
 SELECT ihub.enable_integration('shop');
+
+-- Inbound: the payment provider posts signed webhooks (Standard Webhooks)
+-- to POST /webhooks/shop/payments. Each is queued, answered 202, and then
+-- handled by this function in its own transaction: marking the order paid
+-- is an ordinary write, so the subscription above sends it on.
+CREATE OR REPLACE FUNCTION on_payment(item ihub.inbound_items) RETURNS jsonb
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_order bigint := (item.payload ->> 'order_id')::bigint;
+BEGIN
+    UPDATE orders SET status = 'paid' WHERE id = v_order AND status = 'new';
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'order % is not awaiting payment', v_order;
+    END IF;
+    RETURN jsonb_build_object('order', v_order, 'status', 'paid');
+END
+$$;
+-- A fixed secret, for the demo only; the provider gives you yours.
+SELECT ihub.create_source('shop', 'payments', 'on_payment(ihub.inbound_items)',
+                          secret => 'whsec_cGdfaWh1Yi1kZW1vLXBheW1lbnRzLWtleQ==');

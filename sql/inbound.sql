@@ -123,6 +123,25 @@ BEGIN
 END
 $$;
 
+-- The listener caches sources; any change to them, their secrets or an
+-- integration's state tells it at commit (ihub._sources_changed), so that
+-- it never answers from a stale cache.
+CREATE FUNCTION ihub._sources_changed_trigger() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    PERFORM ihub._sources_changed();
+    RETURN NULL;
+END
+$$;
+
+CREATE TRIGGER sources_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON ihub.inbound_source
+    FOR EACH STATEMENT EXECUTE FUNCTION ihub._sources_changed_trigger();
+CREATE TRIGGER sources_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON ihub.inbound_secret
+    FOR EACH STATEMENT EXECUTE FUNCTION ihub._sources_changed_trigger();
+CREATE TRIGGER sources_changed AFTER UPDATE OR DELETE ON ihub.integration
+    FOR EACH STATEMENT EXECUTE FUNCTION ihub._sources_changed_trigger();
+
 -- Sources as the listener caches them (with their secrets: the listener
 -- verifies signatures itself).
 CREATE FUNCTION ihub._inbound_sources()
@@ -163,6 +182,13 @@ BEGIN
         SELECT * INTO v_source FROM ihub.inbound_source s WHERE s.id = p_sources[i];
         n := i;
         v_existing := NULL;
+        IF v_source.id IS NULL THEN
+            -- Dropped since the listener verified the request: it looks again.
+            item_id := NULL;
+            duplicate := NULL;
+            RETURN NEXT;
+            CONTINUE;
+        END IF;
         IF p_dedup[i] IS NOT NULL AND v_source.dedup_window > interval '0' THEN
             SELECT d.item_id INTO v_existing FROM ihub.inbound_dedup d
             WHERE d.source_id = v_source.id AND d.key = p_dedup[i] AND d.expires_at > now();
@@ -207,7 +233,8 @@ RETURNS void
 LANGUAGE sql SET search_path = pg_catalog, pg_temp
 AS $$
     INSERT INTO ihub.inbound_rejection (source_id, reason, remote_addr, body_sha256, headers)
-    SELECT s, r, a, h, ihub._mask_headers(hd)
+    -- A source dropped meanwhile: the rejection is kept without it.
+    SELECT (SELECT id FROM ihub.inbound_source WHERE id = s), r, a, h, ihub._mask_headers(hd)
     FROM unnest(p_sources, p_reasons, p_remote, p_hashes, p_headers) AS x(s, r, a, h, hd)
 $$;
 
@@ -505,6 +532,10 @@ COMMENT ON FUNCTION ihub._source_row(text, text) IS 'Internal: an inbound source
 COMMENT ON FUNCTION ihub.create_source(text, text, regprocedure, text, text, text, interval, interval, text, text) IS
     'Creates an inbound source, POST /webhooks/<integration>/<name>: verification (standard-webhooks, hmac-sha256, shared-secret, none), secret, tolerance, de-duplication window and the SQL handler. Returns its id.';
 COMMENT ON FUNCTION ihub.drop_source(text, text) IS 'Drops an inbound source with nothing queued, and its items.';
+COMMENT ON FUNCTION ihub._sources_changed_trigger() IS 'Internal: tells the listener at commit that sources changed.';
+COMMENT ON TRIGGER sources_changed ON ihub.inbound_source IS 'Tells the listener to reload its cache of sources at commit.';
+COMMENT ON TRIGGER sources_changed ON ihub.inbound_secret IS 'Tells the listener to reload its cache of sources at commit.';
+COMMENT ON TRIGGER sources_changed ON ihub.integration IS 'Tells the listener to reload its cache of sources at commit.';
 COMMENT ON FUNCTION ihub._inbound_sources() IS 'Internal (listener): sources with what verifying needs.';
 COMMENT ON FUNCTION ihub._ordering_key(text, jsonb, bytea) IS 'Internal: an item''s ordering key.';
 COMMENT ON FUNCTION ihub._accept_inbound(bigint[], jsonb[], bytea[], text[], text[], timestamptz[]) IS

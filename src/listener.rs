@@ -56,7 +56,7 @@ enum Work {
         dedup: String,
         remote: String,
         execute_at: Option<f64>,
-        reply: oneshot::Sender<Result<(i64, bool), ()>>,
+        reply: oneshot::Sender<Accepted>,
     },
     Reject {
         source: i64,
@@ -69,6 +69,17 @@ enum Work {
     Health(oneshot::Sender<Result<(bool, Value), ()>>),
 }
 
+/// What became of a request handed to the main thread.
+#[derive(Clone, Copy)]
+enum Accepted {
+    Queued(i64),
+    /// Seen before within the source's window: the first item's id.
+    Duplicate(i64),
+    /// The source was dropped after the request was verified.
+    SourceGone,
+    Failed,
+}
+
 /// What the HTTP side shares with the main thread.
 struct Shared {
     sources: RwLock<HashMap<(String, String), Arc<Source>>>,
@@ -77,6 +88,10 @@ struct Shared {
     /// A byte written here wakes the main thread from its latch wait.
     wake: Mutex<UnixStream>,
     ready: AtomicBool,
+    /// The shared sources version (bumped at commit of any change) and the
+    /// one the cache was loaded at.
+    version: Option<&'static AtomicU64>,
+    loaded_version: AtomicU64,
     max_body: AtomicU64,
     rate_limit: AtomicU64,
     burst: AtomicU64,
@@ -101,6 +116,11 @@ impl Shared {
 
     fn timeout(&self) -> Duration {
         Duration::from_millis(self.timeout_ms.load(Ordering::Relaxed))
+    }
+
+    /// True when sources changed since the cache was loaded.
+    fn stale(&self) -> bool {
+        self.version.is_some_and(|v| v.load(Ordering::SeqCst) != self.loaded_version.load(Ordering::SeqCst))
     }
 }
 
@@ -132,6 +152,8 @@ pub extern "C-unwind" fn ihub_listener_main(_arg: pg_sys::Datum) {
         work: Mutex::new(tx),
         wake: Mutex::new(wake_tx),
         ready: AtomicBool::new(false),
+        version: workers::sources_version(),
+        loaded_version: AtomicU64::new(0),
         max_body: AtomicU64::new(0),
         rate_limit: AtomicU64::new(0),
         burst: AtomicU64::new(1),
@@ -180,9 +202,9 @@ fn main_loop(shared: &Shared, rx: &Receiver<Work>, wake: &UnixStream) {
             shared.load_settings();
         }
         workers::heartbeat(true);
-        // Sources are re-read every few seconds (and at once on a cache
-        // miss), so that new sources, secrets and integration states apply.
-        if last_reload.is_none_or(|t| t.elapsed() >= Duration::from_secs(2)) {
+        // Sources are re-read when a commit changed them (it wakes us), on a
+        // cache miss, and every half minute in case.
+        if shared.stale() || last_reload.is_none_or(|t| t.elapsed() >= Duration::from_secs(30)) {
             reload_sources(shared);
             last_reload = Some(Instant::now());
         }
@@ -239,14 +261,21 @@ fn handle_batch(shared: &Shared, batch: Vec<Work>) {
         return;
     }
     let results = in_transaction(AssertUnwindSafe(|| accept(&accepts))).flatten();
+    if results.as_ref().is_some_and(|r| r.values().any(|a| matches!(a, Accepted::SourceGone))) {
+        // Before answering, so that the retried lookups see the change.
+        reload_sources(shared);
+    }
     for (i, work) in accepts.into_iter().enumerate() {
         if let Work::Accept { reply, .. } = work {
-            let _ = reply.send(results.as_ref().and_then(|r| r.get(&(i as i32 + 1)).copied()).ok_or(()));
+            let _ =
+                reply.send(results.as_ref().and_then(|r| r.get(&(i as i32 + 1)).copied()).unwrap_or(Accepted::Failed));
         }
     }
 }
 
 fn reload_sources(shared: &Shared) {
+    // Read first: a change committed while loading makes the cache stale again.
+    let version = shared.version.map(|v| v.load(Ordering::SeqCst)).unwrap_or(0);
     let loaded = in_transaction(|| {
         if !Spi::get_one::<bool>("SELECT to_regprocedure('ihub._inbound_sources()') IS NOT NULL").ok().flatten()? {
             return None;
@@ -283,12 +312,13 @@ fn reload_sources(shared: &Shared) {
     shared.ready.store(loaded.is_some(), Ordering::Relaxed);
     if let (Some(map), Ok(mut sources)) = (loaded, shared.sources.write()) {
         *sources = map;
+        shared.loaded_version.store(version, Ordering::SeqCst);
     }
 }
 
-/// One transaction for the whole batch; returns item id and whether it was
-/// a duplicate, by 1-based position.
-fn accept(works: &[Work]) -> Option<HashMap<i32, (i64, bool)>> {
+/// One transaction for the whole batch; returns what became of each
+/// request, by 1-based position.
+fn accept(works: &[Work]) -> Option<HashMap<i32, Accepted>> {
     let (mut sources, mut headers, mut bodies, mut dedup, mut remote, mut execute_at) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for work in works {
@@ -322,7 +352,12 @@ fn accept(works: &[Work]) -> Option<HashMap<i32, (i64, bool)>> {
         .ok()?;
         let mut out = HashMap::new();
         for row in rows {
-            out.insert(row.get::<i32>(1).ok()??, (row.get::<i64>(2).ok()??, row.get::<bool>(3).ok()??));
+            let accepted = match (row.get::<i64>(2).ok()?, row.get::<bool>(3).ok()?) {
+                (Some(id), Some(true)) => Accepted::Duplicate(id),
+                (Some(id), _) => Accepted::Queued(id),
+                (None, _) => Accepted::SourceGone,
+            };
+            out.insert(row.get::<i32>(1).ok()??, accepted);
         }
         Some(out)
     })
@@ -437,8 +472,44 @@ async fn healthz(shared: &Shared) -> Response<Full<Bytes>> {
     }
 }
 
-fn lookup(shared: &Shared, integration: &str, source: &str) -> Option<Arc<Source>> {
+fn cached(shared: &Shared, integration: &str, source: &str) -> Option<Arc<Source>> {
     shared.sources.read().ok()?.get(&(integration.to_string(), source.to_string())).cloned()
+}
+
+/// Has the main thread reload the sources and waits for it.
+async fn reload(shared: &Shared) {
+    let (tx, rx) = oneshot::channel();
+    if shared.send(Work::Reload(tx)) {
+        let _ = tokio::time::timeout(shared.timeout(), rx).await;
+    }
+}
+
+/// The source for a path, from a cache that is fresh: reloaded first when a
+/// commit changed sources, and once on a miss (maybe created a moment ago).
+async fn lookup(shared: &Shared, integration: &str, name: &str) -> Result<Arc<Source>, Response<Full<Bytes>>> {
+    if shared.stale() {
+        reload(shared).await;
+    }
+    let source = match cached(shared, integration, name) {
+        Some(s) => s,
+        None => {
+            reload(shared).await;
+            match cached(shared, integration, name) {
+                Some(s) => s,
+                None if !shared.ready.load(Ordering::Relaxed) => {
+                    return Err(error(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "pg_ihub is not installed in the listener's database",
+                    ))
+                }
+                None => return Err(error(StatusCode::NOT_FOUND, "unknown integration or source")),
+            }
+        }
+    };
+    if !source.active {
+        return Err(error(StatusCode::SERVICE_UNAVAILABLE, "the integration is disabled"));
+    }
+    Ok(source)
 }
 
 async fn receive(
@@ -448,29 +519,10 @@ async fn receive(
     integration: String,
     name: String,
 ) -> Response<Full<Bytes>> {
-    let source = match lookup(shared, &integration, &name) {
-        Some(s) => s,
-        None => {
-            // Maybe created a moment ago: have the main thread reload once.
-            let (tx, rx) = oneshot::channel();
-            if shared.send(Work::Reload(tx)) {
-                let _ = tokio::time::timeout(shared.timeout(), rx).await;
-            }
-            match lookup(shared, &integration, &name) {
-                Some(s) => s,
-                None if !shared.ready.load(Ordering::Relaxed) => {
-                    return error(
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        "pg_ihub is not installed in the listener's database",
-                    )
-                }
-                None => return error(StatusCode::NOT_FOUND, "unknown integration or source"),
-            }
-        }
+    let mut source = match lookup(shared, &integration, &name).await {
+        Ok(s) => s,
+        Err(response) => return response,
     };
-    if !source.active {
-        return error(StatusCode::SERVICE_UNAVAILABLE, "the integration is disabled");
-    }
     let execute_at = match req.uri().query().and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("delay="))) {
         None => None,
         Some(text) => match text.parse::<f64>() {
@@ -522,44 +574,57 @@ async fn receive(
         Ok(Ok(collected)) => collected.to_bytes(),
     };
     let header = |name: &str| headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str());
-    // The secret header of a shared-secret source is masked like any credential.
-    let extra = source.rule.header.iter().cloned().collect::<Vec<_>>();
-    let stored_headers =
-        Value::Object(mask::mask_headers(&headers, &extra).into_iter().map(|(k, v)| (k, Value::String(v))).collect());
-    if let Err(refusal) = verify(&source.rule, header, &body, now_secs() as i64) {
-        shared.send(Work::Reject {
+    // Twice at most: a source dropped (and maybe created again) after the
+    // lookup is looked up, and the request verified, once more.
+    for pass in 0..2 {
+        if pass > 0 {
+            source = match lookup(shared, &integration, &name).await {
+                Ok(s) => s,
+                Err(response) => return response,
+            };
+        }
+        // The secret header of a shared-secret source is masked like any credential.
+        let extra = source.rule.header.iter().cloned().collect::<Vec<_>>();
+        let stored_headers = Value::Object(
+            mask::mask_headers(&headers, &extra).into_iter().map(|(k, v)| (k, Value::String(v))).collect(),
+        );
+        if let Err(refusal) = verify(&source.rule, header, &body, now_secs() as i64) {
+            shared.send(Work::Reject {
+                source: source.id,
+                reason: refusal.to_string(),
+                remote: remote.ip().to_string(),
+                hash: body_hash(&body),
+                headers: stored_headers,
+            });
+            return error(StatusCode::UNAUTHORIZED, &refusal.to_string());
+        }
+        let dedup = match source.rule.mode {
+            Mode::StandardWebhooks => header("webhook-id").map(str::to_string),
+            _ => None,
+        }
+        .or_else(|| source.id_header.as_deref().and_then(header).map(str::to_string))
+        .unwrap_or_else(|| format!("sha256:{}", body_hash(&body)));
+        let (tx, rx) = oneshot::channel();
+        let queued = shared.send(Work::Accept {
             source: source.id,
-            reason: refusal.to_string(),
-            remote: remote.ip().to_string(),
-            hash: body_hash(&body),
             headers: stored_headers,
+            body: body.to_vec(),
+            dedup,
+            remote: remote.ip().to_string(),
+            execute_at,
+            reply: tx,
         });
-        return error(StatusCode::UNAUTHORIZED, &refusal.to_string());
+        if !queued {
+            return error(StatusCode::SERVICE_UNAVAILABLE, "listener stopping");
+        }
+        match tokio::time::timeout(shared.timeout(), rx).await {
+            Ok(Ok(Accepted::Queued(id))) => return reply(StatusCode::ACCEPTED, json!({ "id": id })),
+            Ok(Ok(Accepted::Duplicate(id))) => return reply(StatusCode::OK, json!({ "id": id, "duplicate": true })),
+            Ok(Ok(Accepted::SourceGone)) => continue,
+            _ => return error(StatusCode::SERVICE_UNAVAILABLE, "could not queue the request; try again"),
+        }
     }
-    let dedup = match source.rule.mode {
-        Mode::StandardWebhooks => header("webhook-id").map(str::to_string),
-        _ => None,
-    }
-    .or_else(|| source.id_header.as_deref().and_then(header).map(str::to_string))
-    .unwrap_or_else(|| format!("sha256:{}", body_hash(&body)));
-    let (tx, rx) = oneshot::channel();
-    let queued = shared.send(Work::Accept {
-        source: source.id,
-        headers: stored_headers,
-        body: body.to_vec(),
-        dedup,
-        remote: remote.ip().to_string(),
-        execute_at,
-        reply: tx,
-    });
-    if !queued {
-        return error(StatusCode::SERVICE_UNAVAILABLE, "listener stopping");
-    }
-    match tokio::time::timeout(shared.timeout(), rx).await {
-        Ok(Ok(Ok((id, false)))) => reply(StatusCode::ACCEPTED, json!({ "id": id })),
-        Ok(Ok(Ok((id, true)))) => reply(StatusCode::OK, json!({ "id": id, "duplicate": true })),
-        _ => error(StatusCode::SERVICE_UNAVAILABLE, "could not queue the request; try again"),
-    }
+    error(StatusCode::NOT_FOUND, "unknown integration or source")
 }
 
 fn now_secs() -> f64 {

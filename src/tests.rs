@@ -1121,6 +1121,23 @@ mod tests {
     }
 
     #[pg_test]
+    fn a_source_dropped_under_the_listener_is_reported_not_failed() {
+        // The listener verified against a cached source that is gone by the
+        // time it writes: that request is reported, the rest of the batch queued.
+        setup_inbound();
+        let id = one::<i64>("SELECT ihub.create_source('shop', 'o', 'on_order(ihub.inbound_items)', 'none')");
+        let rows = one::<String>(&format!(
+            "SELECT string_agg(n || ':' || coalesce(item_id::text, 'gone'), ' ' ORDER BY n)
+             FROM ihub._accept_inbound(ARRAY[-1, {id}], ARRAY['{{}}', '{{}}']::jsonb[], ARRAY['a', 'b']::bytea[],
+                                       ARRAY['k1', 'k2'], ARRAY['127.0.0.1', '127.0.0.1'], ARRAY[NULL, NULL]::timestamptz[])"
+        ));
+        assert!(rows.starts_with("1:gone 2:"), "{rows}");
+        assert_eq!(one::<i64>("SELECT count(*) FROM ihub.inbound_item"), 1);
+        Spi::run("SELECT ihub._reject_inbound(ARRAY[-1], ARRAY['invalid signature'], ARRAY['127.0.0.1'], ARRAY['00'], ARRAY['{}'::jsonb])").unwrap();
+        assert_eq!(one::<i64>("SELECT count(*) FROM ihub.inbound_rejection WHERE source_id IS NULL"), 1);
+    }
+
+    #[pg_test]
     fn deleting_an_integration_with_schedules_says_so() {
         setup_jobs();
         Spi::run(

@@ -3,7 +3,7 @@
 //! database and heartbeat, so that any backend can wake the dispatchers of
 //! its database and `ihub.workers` can show who is alive.
 
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use pgrx::bgworkers::{BackgroundWorkerBuilder, BgWorkerStartTime};
@@ -93,6 +93,10 @@ static REGISTRY: PgLwLock<Registry> = unsafe { PgLwLock::new(c"pg_ihub_registry"
 /// Spreads wakeups over the idle dispatchers.
 static NEXT_WAKE: PgAtomic<AtomicU32> = unsafe { PgAtomic::new(c"pg_ihub_next_wake") };
 
+/// Bumped at the commit of every change to inbound sources, their secrets or
+/// integration states: the listener compares it with the version it loaded.
+static SOURCES_VERSION: PgAtomic<AtomicU64> = unsafe { PgAtomic::new(c"pg_ihub_sources_version") };
+
 /// True in every process forked from a postmaster that preloaded us.
 static PRELOADED: AtomicBool = AtomicBool::new(false);
 
@@ -102,6 +106,7 @@ static WAKE_DISPATCHER: AtomicBool = AtomicBool::new(false);
 static WAKE_JOB_WORKER: AtomicBool = AtomicBool::new(false);
 static WAKE_SCHEDULER: AtomicBool = AtomicBool::new(false);
 static WAKE_PROCESSOR: AtomicBool = AtomicBool::new(false);
+static SOURCES_CHANGED: AtomicBool = AtomicBool::new(false);
 
 fn now_ms() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
@@ -112,6 +117,7 @@ pub fn init_preloaded() {
     PRELOADED.store(true, Ordering::SeqCst);
     pg_shmem_init!(REGISTRY);
     pg_shmem_init!(NEXT_WAKE);
+    pg_shmem_init!(SOURCES_VERSION);
     for db in settings::databases() {
         for n in 0..settings::DISPATCH_WORKERS.get() {
             start_worker("dispatcher", n, &db, "ihub_dispatcher_main");
@@ -266,6 +272,28 @@ pub fn wake_processor() {
 #[pg_extern(name = "_wake_scheduler", volatile, parallel_unsafe)]
 fn wake_scheduler() {
     wake_at_commit(Kind::Scheduler);
+}
+
+/// The shared sources version, when preloaded. The listener's HTTP threads
+/// read it directly: it is a plain atomic in shared memory.
+pub fn sources_version() -> Option<&'static AtomicU64> {
+    preloaded().then(|| SOURCES_VERSION.get())
+}
+
+/// Called (by triggers) when sources, secrets or integration states change:
+/// at commit the version moves on and the listener is woken to reload.
+#[pg_extern(name = "_sources_changed", volatile, parallel_unsafe)]
+fn sources_changed() {
+    if !preloaded() || SOURCES_CHANGED.swap(true, Ordering::SeqCst) {
+        return;
+    }
+    let dboid = unsafe { pg_sys::MyDatabaseId };
+    register_xact_callback(PgXactCallbackEvent::Commit, move || {
+        SOURCES_CHANGED.store(false, Ordering::SeqCst);
+        SOURCES_VERSION.get().fetch_add(1, Ordering::SeqCst);
+        wake_one(Kind::Listener, dboid);
+    });
+    register_xact_callback(PgXactCallbackEvent::Abort, || SOURCES_CHANGED.store(false, Ordering::SeqCst));
 }
 
 pub fn wake_at_commit(kind: Kind) {

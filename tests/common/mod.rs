@@ -143,8 +143,15 @@ pub fn listener_url(path: &str) -> String {
     format!("http://{}{}", std::env::var("IHUB_LISTEN").unwrap_or_else(|_| "127.0.0.1:8490".into()), path)
 }
 
-/// A blocking HTTP client for the listener.
+/// A blocking HTTP client for the listener, once the listener accepts
+/// connections (it starts a moment after the server, and again after a crash).
 pub fn http() -> reqwest::blocking::Client {
+    let address = listener_url("").trim_start_matches("http://").to_string();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::net::TcpStream::connect(&address).is_err() {
+        assert!(Instant::now() < deadline, "the listener on {address} does not accept connections");
+        std::thread::sleep(Duration::from_millis(100));
+    }
     reqwest::blocking::Client::builder().timeout(Duration::from_secs(30)).build().unwrap()
 }
 
