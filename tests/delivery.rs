@@ -235,6 +235,45 @@ fn a_dropped_connection_is_retried() {
 }
 
 #[test]
+fn connections_the_receiver_closed_while_idle_are_not_reused() {
+    let mut hub = hub();
+    let rx = Receiver::start();
+    let port = rx.addr.port();
+    let s = hub.setup(&rx.url("/"), &format!(", retry => '{FAST_RETRY}'"));
+    let send = |hub: &mut Hub, n: usize| {
+        for _ in 0..n {
+            // One transaction each, so that both dispatchers get some.
+            hub.exec(&format!("SELECT ihub.http_request('{}', '{{}}')", s.endpoint));
+        }
+    };
+    send(&mut hub, 10);
+    hub.wait_settled(&s.endpoint, 10, WAIT);
+    // The receiver restarts: every kept-alive connection is closed while
+    // the dispatchers sleep.
+    drop(rx);
+    let rx = Receiver::start_on(port, 2, true);
+    std::thread::sleep(Duration::from_millis(100));
+    send(&mut hub, 10);
+    let states = hub.wait_settled(&s.endpoint, 20, WAIT);
+    assert!(states.iter().all(|s| s == "delivered"), "{states:?}");
+    let failed: Vec<String> = hub
+        .db
+        .query(
+            &format!(
+                "SELECT error FROM ihub.delivery_attempts WHERE endpoint = '{}' AND error IS NOT NULL",
+                s.endpoint
+            ),
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert!(failed.is_empty(), "first attempts failed on stale connections: {failed:?}");
+    assert_eq!(rx.count(), 10);
+}
+
+#[test]
 fn retry_after_is_honoured_for_429_and_503() {
     for status in [429u16, 503] {
         let mut hub = hub();

@@ -113,6 +113,13 @@ impl Sender {
     /// 100 ms); the unfinished deliveries keep their lease and are claimed
     /// again later.
     pub async fn send_all(&self, requests: Vec<Request>, stop: impl Fn() -> bool) -> Vec<Attempt> {
+        // A dispatcher's runtime only runs inside this call, so connections
+        // that servers closed while it slept still look reusable in the pool
+        // and the next request on one fails. Yielding lets the runtime poll
+        // its sockets and the connection tasks see those closes first.
+        for _ in 0..2 {
+            tokio::task::yield_now().await;
+        }
         let total = requests.len();
         let mut pending = futures_util::stream::iter(requests.into_iter().map(|r| self.send_one(r)))
             .buffer_unordered(self.concurrency);
@@ -343,6 +350,48 @@ mod tests {
         assert_eq!(a.response_body.as_deref(), Some("ok"));
         let auth = a.request_headers.iter().find(|(k, _)| k == "authorization").unwrap();
         assert_eq!(auth.1, crate::outbound::mask::MASK);
+    }
+
+    /// Reads one request (up to its `{"a":1}` body) from a connection.
+    fn read_request(s: &mut std::net::TcpStream) {
+        let mut buf = vec![0u8; 8192];
+        let mut seen = Vec::new();
+        while !seen.windows(7).any(|w| w == b"{\"a\":1}") {
+            let n = s.read(&mut buf).unwrap();
+            assert!(n > 0, "connection closed mid-request");
+            seen.extend_from_slice(&buf[..n]);
+        }
+    }
+
+    #[test]
+    fn a_kept_alive_connection_the_server_closed_while_idle_is_not_reused() {
+        // As a dispatcher does: one runtime, driven only while a batch is
+        // sent. The server answers keep-alive, closes the connection while the
+        // sender is idle, then waits for a new one.
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}/hook", listener.local_addr().unwrap());
+        let (closed_tx, closed_rx) = std::sync::mpsc::channel();
+        let server = std::thread::spawn(move || {
+            let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n";
+            let (mut first, _) = listener.accept().unwrap();
+            read_request(&mut first);
+            first.write_all(ok).unwrap();
+            std::thread::sleep(Duration::from_millis(50));
+            drop(first);
+            closed_tx.send(()).unwrap();
+            let (mut second, _) = listener.accept().unwrap();
+            read_request(&mut second);
+            second.write_all(ok).unwrap();
+        });
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let sender = Sender::new(loopback(), 1024, 8, "t");
+        let first = runtime.block_on(sender.send_all(vec![request(url.clone())], || false)).remove(0);
+        assert_eq!(first.status, Some(200));
+        closed_rx.recv().unwrap();
+        std::thread::sleep(Duration::from_millis(50)); // the FIN has arrived
+        let second = runtime.block_on(sender.send_all(vec![request(url)], || false)).remove(0);
+        assert_eq!((second.status, second.error), (Some(200), None));
+        server.join().unwrap();
     }
 
     #[test]
