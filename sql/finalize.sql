@@ -6,6 +6,7 @@ COMMENT ON FUNCTION ihub._wake() IS 'Internal: wakes the dispatchers when the cu
 COMMENT ON FUNCTION ihub._require_workers() IS
     'Internal: raises an error with a hint unless pg_ihub''s workers serve this database.';
 COMMENT ON FUNCTION ihub._workers() IS 'Internal: the worker registry in shared memory.';
+COMMENT ON FUNCTION ihub._pid_alive(integer) IS 'Internal: whether a process with this pid runs now (read from the proc array, not a snapshot).';
 COMMENT ON FUNCTION ihub._invoker() IS 'Internal: the role that called into pg_ihub, outside SECURITY DEFINER.';
 COMMENT ON FUNCTION ihub._default_timeout_ms() IS 'Internal: ihub.default_timeout in milliseconds.';
 COMMENT ON FUNCTION ihub._check_url(text) IS 'Internal: validates an endpoint URL and the private-host allow-list.';

@@ -297,6 +297,17 @@ $$;
 -- Processing
 -------------------------------------------------------------------------------
 
+-- The statement that calls a handler for item $1 (a void handler yields NULL).
+CREATE FUNCTION ihub._handler_call(p_handler regprocedure) RETURNS text
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT CASE WHEN p.prorettype = 'void'::regtype
+                THEN format('SELECT NULL::jsonb FROM ihub.inbound_items i, %I.%I(i) f WHERE i.id = $1', n.nspname, p.proname)
+                ELSE format('SELECT to_jsonb(%I.%I(i)) FROM ihub.inbound_items i WHERE i.id = $1', n.nspname, p.proname) END
+    FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
+    WHERE p.oid = p_handler
+$$;
+
 -- Claims the next item due (by execution time) whose ordering key has no
 -- earlier item still queued or being processed.
 CREATE FUNCTION ihub._claim_inbound(p_owner integer, p_default_timeout_ms integer)
@@ -323,15 +334,9 @@ BEGIN
         FROM first WHERE t.id = first.id
         RETURNING t.id, t.source_id, first.more
     )
-    SELECT c.id,
-           CASE WHEN p.prorettype = 'void'::regtype
-                THEN format('SELECT NULL::jsonb FROM ihub.inbound_items i, %I.%I(i) f WHERE i.id = $1', n.nspname, p.proname)
-                ELSE format('SELECT to_jsonb(%I.%I(i)) FROM ihub.inbound_items i WHERE i.id = $1', n.nspname, p.proname) END,
-           s.run_as::oid, p_default_timeout_ms, c.more
+    SELECT c.id, ihub._handler_call(s.handler), s.run_as::oid, p_default_timeout_ms, c.more
     FROM claimed c
-    JOIN ihub.inbound_source s ON s.id = c.source_id
-    JOIN pg_proc p ON p.oid = s.handler
-    JOIN pg_namespace n ON n.oid = p.pronamespace;
+    JOIN ihub.inbound_source s ON s.id = c.source_id;
 END
 $$;
 
@@ -372,7 +377,7 @@ DECLARE
     v_count bigint;
 BEGIN
     UPDATE ihub.inbound_item t SET state = 'queued', processor_pid = NULL
-    WHERE t.state = 'processing' AND NOT EXISTS (SELECT 1 FROM pg_stat_activity a WHERE a.pid = t.processor_pid);
+    WHERE t.state = 'processing' AND NOT ihub._pid_alive(t.processor_pid);
     GET DIAGNOSTICS v_count = ROW_COUNT;
     IF v_count > 0 THEN
         PERFORM ihub.log('warning', format('%s inbound item(s) left by a stopped processor queued again', v_count));
@@ -433,12 +438,8 @@ BEGIN
     END IF;
     UPDATE ihub.inbound_item t SET state = 'processing', processor_pid = pg_backend_pid(), attempts = t.attempts + 1
     WHERE t.id = p_id;
-    SELECT CASE WHEN p.prorettype = 'void'::regtype
-                THEN format('SELECT NULL::jsonb FROM ihub.inbound_items i, %I.%I(i) f WHERE i.id = $1', n.nspname, p.proname)
-                ELSE format('SELECT to_jsonb(%I.%I(i)) FROM ihub.inbound_items i WHERE i.id = $1', n.nspname, p.proname) END
-    INTO v_call
+    SELECT ihub._handler_call(s.handler) INTO v_call
     FROM ihub.inbound_item t JOIN ihub.inbound_source s ON s.id = t.source_id
-    JOIN pg_proc p ON p.oid = s.handler JOIN pg_namespace n ON n.oid = p.pronamespace
     WHERE t.id = p_id;
     RETURN v_call;
 END
@@ -544,6 +545,7 @@ COMMENT ON FUNCTION ihub._reject_inbound(bigint[], text[], text[], text[], jsonb
 COMMENT ON FUNCTION ihub._dedup_key(ihub.inbound_source, jsonb, bytea) IS 'Internal: a request''s de-duplication key.';
 COMMENT ON FUNCTION ihub.receive(text, text, jsonb, bytea, timestamptz) IS
     'Verifies and queues a request received by the application itself, like the listener. Returns the item id (the first one''s for a duplicate), or NULL when verification fails.';
+COMMENT ON FUNCTION ihub._handler_call(regprocedure) IS 'Internal: the statement that calls an inbound handler for an item.';
 COMMENT ON FUNCTION ihub._claim_inbound(integer, integer) IS 'Internal (processor): claims the next item due.';
 COMMENT ON FUNCTION ihub._inbound_done(bigint, jsonb) IS 'Internal: records a processed item.';
 COMMENT ON FUNCTION ihub._inbound_failed(bigint, integer, text) IS 'Internal: archives a failed item with its error.';

@@ -223,7 +223,7 @@ BEGIN
         UPDATE ihub.job j
         SET state = 'retry', run_at = now(), worker_pid = NULL,
             last_error = format('its worker (pid %s) stopped during the job; queued again', j.worker_pid)
-        WHERE j.state = 'running' AND NOT EXISTS (SELECT 1 FROM pg_stat_activity a WHERE a.pid = j.worker_pid)
+        WHERE j.state = 'running' AND NOT ihub._pid_alive(j.worker_pid)
         RETURNING j.id, j.fn, j.last_error, j.integration_id
     LOOP
         v_count := v_count + 1;
@@ -322,7 +322,7 @@ DECLARE
 BEGIN
     FOR v IN
         SELECT j.id, j.fn::text AS fn, j.worker_pid AS pid FROM ihub.job j
-        WHERE j.state = 'running' AND NOT EXISTS (SELECT 1 FROM pg_stat_activity a WHERE a.pid = j.worker_pid)
+        WHERE j.state = 'running' AND NOT ihub._pid_alive(j.worker_pid)
     LOOP
         job_id := v.id; function := v.fn; worker_pid := v.pid;
         problem := 'its worker is gone'; action := 'queued again';

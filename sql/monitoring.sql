@@ -113,11 +113,10 @@ BEGIN
             'pg_ihub is not in shared_preload_libraries: no background worker runs';
     ELSE
         FOR v_kind IN SELECT * FROM ihub._expected_workers() LOOP
-            SELECT count(*) FILTER (WHERE a.pid IS NOT NULL),
-                   count(*) FILTER (WHERE a.pid IS NOT NULL AND w.last_heartbeat < now() - v_kind.stale_after)
+            SELECT count(*) FILTER (WHERE ihub._pid_alive(w.pid)),
+                   count(*) FILTER (WHERE ihub._pid_alive(w.pid) AND w.last_heartbeat < now() - v_kind.stale_after)
             INTO v_alive, v_stale
             FROM ihub._workers() w
-            LEFT JOIN pg_stat_activity a ON a.pid = w.pid
             WHERE w.kind = v_kind.kind AND w.database_oid = (SELECT oid FROM pg_database WHERE datname = current_database());
             check_name := 'workers: ' || v_kind.kind;
             IF v_alive < v_kind.expected THEN

@@ -807,7 +807,7 @@ AS $$
             lease_owner = NULL, lease_until = NULL, next_attempt_at = now()
         WHERE d.state = 'running'
           AND (d.lease_until < now()
-               OR NOT EXISTS (SELECT 1 FROM pg_stat_activity a WHERE a.pid = d.lease_owner))
+               OR NOT ihub._pid_alive(d.lease_owner))
         RETURNING 1
     )
     SELECT count(*) FROM rescued

@@ -36,7 +36,8 @@ pgrx::extension_sql_file!(
         api::mask_headers,
         api::mask_url,
         api::default_timeout_ms,
-        workers::workers_sql
+        workers::workers_sql,
+        workers::pid_alive
     ]
 );
 pgrx::extension_sql_file!(
@@ -58,7 +59,8 @@ pgrx::extension_sql_file!(
 pgrx::extension_sql_file!(
     "../sql/inbound.sql",
     name = "inbound",
-    requires = ["monitoring", api::mask_headers, api::verify_inbound, workers::wake_processor]
+    requires =
+        ["monitoring", api::mask_headers, api::verify_inbound, workers::wake_processor, workers::sources_changed]
 );
 pgrx::extension_sql_file!("../sql/finalize.sql", name = "finalize", finalize);
 

@@ -681,6 +681,25 @@ mod tests {
     }
 
     #[pg_test]
+    fn pid_alive_reads_the_proc_array() {
+        assert!(one::<bool>("SELECT ihub._pid_alive(pg_backend_pid())"));
+        assert!(!one::<bool>("SELECT ihub._pid_alive(NULL)"));
+        // A pid no process has (pid_max is at most 2^22 on Linux).
+        assert!(!one::<bool>("SELECT ihub._pid_alive(2147483000)"));
+        // Rescue leaves an item being processed by a live session alone.
+        setup_inbound();
+        Spi::run("SELECT ihub.create_source('shop', 'o', 'on_order(ihub.inbound_items)', 'none')").unwrap();
+        let id = one::<i64>("SELECT ihub.receive('shop', 'o', '{}', '{\"order\": 1}')");
+        Spi::run(&format!(
+            "UPDATE ihub.inbound_item SET state = 'processing', processor_pid = pg_backend_pid() WHERE id = {id}"
+        ))
+        .unwrap();
+        assert_eq!(one::<i64>("SELECT ihub._rescue_inbound()"), 0);
+        Spi::run(&format!("UPDATE ihub.inbound_item SET processor_pid = 2147483000 WHERE id = {id}")).unwrap();
+        assert_eq!(one::<i64>("SELECT ihub._rescue_inbound()"), 1);
+    }
+
+    #[pg_test]
     fn with_nothing_to_do_no_worker_has_a_deadline() {
         // NULL means "sleep until woken or ihub.poll_interval"; 0 would make
         // the worker wake again at once, over and over.

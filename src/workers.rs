@@ -200,6 +200,15 @@ pub fn register(kind: Kind) {
             warning!("pg_ihub: worker registry is full; this worker will not be woken at commit")
         }
     }
+    drop(reg);
+    // However the worker ends (pg_terminate_backend ends a running job or
+    // handler at once, without returning to its loop), its slot is freed.
+    unsafe { pg_sys::before_shmem_exit(Some(unregister_at_exit), pg_sys::Datum::from(0)) };
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn unregister_at_exit(_code: std::os::raw::c_int, _arg: pg_sys::Datum) {
+    unregister();
 }
 
 pub fn unregister() {
@@ -312,6 +321,19 @@ pub fn wake_at_commit(kind: Kind) {
         wake_one(kind, dboid);
     });
     register_xact_callback(PgXactCallbackEvent::Abort, move || flag.store(false, Ordering::SeqCst));
+}
+
+/// Whether a backend or worker with this pid runs now, read from the proc
+/// array at the moment of the call. Rescues use it rather than
+/// pg_stat_activity, whose contents are a snapshot taken once per
+/// transaction: a worker started after that snapshot looked dead, and a
+/// rescue re-checking a row it had just claimed queued it a second time.
+#[pg_extern(name = "_pid_alive", volatile, parallel_safe)]
+fn pid_alive(pid: Option<i32>) -> bool {
+    match pid {
+        Some(pid) if pid > 0 => unsafe { !pg_sys::BackendPidGetProc(pid).is_null() },
+        _ => false,
+    }
 }
 
 /// Records the job this worker runs and its progress, for ihub.jobs.

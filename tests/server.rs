@@ -346,6 +346,13 @@ fn health_turns_critical_while_a_worker_is_gone() {
         "SELECT status = 'ok' FROM ihub.health() WHERE check_name = 'workers: job worker'",
         Duration::from_secs(20)
     ));
+    // The terminated worker left the registry: ihub.workers lists live processes only.
+    let listed: String = hub.one(
+        "SELECT count(*) FILTER (WHERE kind = 'job worker') || ' job workers, ' ||
+                count(*) FILTER (WHERE NOT EXISTS (SELECT 1 FROM pg_stat_activity a WHERE a.pid = w.pid)) || ' gone'
+         FROM ihub.workers w",
+    );
+    assert_eq!(listed, "2 job workers, 0 gone");
 }
 
 /// An enabled integration with an unverified source whose handler takes

@@ -8,7 +8,7 @@ use base64::Engine;
 use hmac::{Hmac, Mac};
 use sha2::{Digest, Sha256};
 
-use crate::outbound::signature;
+use crate::outbound::signature::{self, constant_time_eq};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
@@ -60,10 +60,6 @@ pub enum Refusal {
 /// The secret's key bytes: `whsec_…` decodes to its key, anything else is used as is.
 pub fn secret_bytes(secret: &str) -> Vec<u8> {
     signature::decode_secret(secret).unwrap_or_else(|_| secret.as_bytes().to_vec())
-}
-
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 /// Verifies a request. `header` looks a header up by lower-case name.
