@@ -1,6 +1,7 @@
 //! Tests that stop workers, crash the server or change its settings. They
 //! take a lock so that they run one at a time.
 
+use std::io::{Read, Write};
 use std::path::PathBuf;
 use std::sync::Mutex;
 use std::time::Duration;
@@ -441,30 +442,53 @@ fn restarting_postgres_mid_queue_loses_no_accepted_item() {
     }
 }
 
-/// Puts the server's rate limit back even when the test fails.
-struct RateLimit;
+/// Settings changed with ALTER SYSTEM, put back even when the test fails.
+struct AlterSystem(Vec<&'static str>);
 
-impl RateLimit {
-    fn set(hub: &mut Hub, per_second: i32, burst: i32) -> RateLimit {
+impl AlterSystem {
+    fn set(hub: &mut Hub, settings: &[(&'static str, &str)]) -> AlterSystem {
         // One statement each: ALTER SYSTEM refuses to run in a transaction block.
-        hub.exec(&format!("ALTER SYSTEM SET ihub.inbound_rate_limit = {per_second}"));
-        hub.exec(&format!("ALTER SYSTEM SET ihub.inbound_burst = {burst}"));
+        for (name, value) in settings {
+            hub.exec(&format!("ALTER SYSTEM SET {name} = {value}"));
+        }
         hub.exec("SELECT pg_reload_conf()");
-        RateLimit
+        AlterSystem(settings.iter().map(|(name, _)| *name).collect())
     }
 }
 
-impl Drop for RateLimit {
+impl Drop for AlterSystem {
     fn drop(&mut self) {
         let mut hub = pg_ihub_e2e::hub();
-        for sql in [
-            "ALTER SYSTEM RESET ihub.inbound_rate_limit",
-            "ALTER SYSTEM RESET ihub.inbound_burst",
-            "SELECT pg_reload_conf()",
-        ] {
-            hub.exec(sql);
+        for name in &self.0 {
+            hub.exec(&format!("ALTER SYSTEM RESET {name}"));
         }
+        hub.exec("SELECT pg_reload_conf()");
     }
+}
+
+#[test]
+fn a_request_that_stalls_gets_408_and_the_listener_goes_on() {
+    let _g = serial();
+    let mut hub = hub();
+    let (p, url) = inbound_kit(&mut hub, 0.0);
+    let _timeout = AlterSystem::set(&mut hub, &[("ihub.inbound_request_timeout", "'1s'")]);
+    std::thread::sleep(Duration::from_millis(500)); // the listener reloads its settings
+    let address = url.trim_start_matches("http://").split('/').next().unwrap().to_string();
+    let path = &url[url.find("/webhooks").unwrap()..];
+    let client = http(); // once the listener accepts connections
+                         // Promises 100 bytes, sends 5, and waits.
+    let mut socket = std::net::TcpStream::connect(&address).unwrap();
+    socket.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let started = std::time::Instant::now();
+    write!(socket, "POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\nshort").unwrap();
+    let mut answer = [0u8; 64];
+    let n = socket.read(&mut answer).unwrap_or(0);
+    let answer = String::from_utf8_lossy(&answer[..n]).to_string();
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer:?}");
+    assert!(started.elapsed() < Duration::from_secs(5), "answered after {:?}", started.elapsed());
+    // Others were served all along, and nothing half-sent was queued.
+    assert_eq!(client.post(&url).body(r#"{"n": 1}"#).send().unwrap().status(), 202);
+    assert!(hub.wait_true(&format!("SELECT count(*) = 1 FROM {p}_effects"), Duration::from_secs(20)));
 }
 
 #[test]
@@ -474,7 +498,7 @@ fn the_rate_limit_answers_429_with_retry_after_then_recovers() {
     let (p, url) = inbound_kit(&mut hub, 0.0);
     let client = http();
     let post = |n: usize| client.post(&url).body(format!(r#"{{"n": {n}}}"#)).send().unwrap();
-    let _limit = RateLimit::set(&mut hub, 2, 4);
+    let _limit = AlterSystem::set(&mut hub, &[("ihub.inbound_rate_limit", "2"), ("ihub.inbound_burst", "4")]);
     // The listener applies the new settings on its next wake-up.
     let mut n = 0;
     let first_refusal = loop {
