@@ -513,3 +513,20 @@ BEGIN
     END LOOP;
 END
 $seq$;
+
+-- The identity sequences of those tables too: restored rows keep their ids,
+-- and new ones must not start again at 1.
+DO $seq$
+DECLARE
+    s text;
+BEGIN
+    FOR s IN
+        SELECT DISTINCT pg_get_serial_sequence(t.oid::regclass::text, a.attname)
+        FROM pg_extension e, unnest(e.extconfig) t(oid)
+        JOIN pg_attribute a ON a.attrelid = t.oid AND a.attidentity <> ''
+        WHERE e.extname = 'pg_ihub'
+    LOOP
+        PERFORM pg_catalog.pg_extension_config_dump(s, '');
+    END LOOP;
+END
+$seq$;

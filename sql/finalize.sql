@@ -16,6 +16,7 @@ COMMENT ON FUNCTION ihub._check_secret(text) IS 'Internal: validates a whsec_ se
 COMMENT ON FUNCTION ihub._generate_secret() IS 'Internal: a new random whsec_ secret.';
 COMMENT ON FUNCTION ihub._check_headers(jsonb) IS 'Internal: validates custom request headers.';
 COMMENT ON FUNCTION ihub._mask_headers(jsonb) IS 'Internal: masks credential header values for views.';
+COMMENT ON FUNCTION ihub._mask_headers(jsonb, text) IS 'Internal: masks credential header values and one more header (an inbound source''s secret header).';
 COMMENT ON FUNCTION ihub._mask_settings(jsonb) IS 'Internal: masks secret-looking setting values for views.';
 COMMENT ON FUNCTION ihub._mask_url(text) IS 'Internal: masks secret-looking query parameters for views.';
 COMMENT ON FUNCTION ihub._check_expression(text) IS 'Internal: checks that a condition is exactly one SQL expression.';

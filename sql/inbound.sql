@@ -16,7 +16,10 @@ $$;
 CREATE VIEW ihub.inbound_items AS
 SELECT t.id, i.name AS integration, s.name AS source, t.received_at, t.execute_at, t.state, t.attempts,
        t.headers, t.body,
-       CASE WHEN t.headers ->> 'content-type' LIKE '%json%' OR left(ltrim(convert_from(t.body, 'UTF8')), 1) IN ('{', '[')
+       -- The first byte is looked at undecoded: a body that is not UTF-8 must
+       -- not break the view (and every handler reading it).
+       CASE WHEN t.headers ->> 'content-type' LIKE '%json%'
+                 OR substring(ltrim(t.body, '\x20090a0d'::bytea) FROM 1 FOR 1) IN ('\x7b'::bytea, '\x5b'::bytea)
             THEN ihub._try_jsonb(t.body) END AS payload,
        t.ordering_key, t.dedup_key, t.remote_addr, t.result, t.error, t.processed_at, t.reactivated
 FROM ihub.inbound_item t
@@ -81,6 +84,9 @@ BEGIN
     IF verify <> 'none' AND coalesce(secret, '') = '' THEN
         RAISE EXCEPTION 'verification % needs a secret', verify
             USING ERRCODE = 'invalid_parameter_value', HINT = 'Pass the secret the sender signs with (whsec_... for Standard Webhooks).';
+    END IF;
+    IF verify = 'standard-webhooks' THEN
+        PERFORM ihub._check_secret(secret);
     END IF;
     IF verify = 'shared-secret' AND header IS NULL THEN
         RAISE EXCEPTION 'shared-secret verification needs the header that carries the secret'
@@ -262,6 +268,9 @@ DECLARE
     v_headers jsonb := (SELECT coalesce(jsonb_object_agg(lower(key), value), '{}') FROM jsonb_each_text(coalesce(headers, '{}')));
     v_reason text;
     v_id bigint;
+    -- Stored like the listener stores them: credentials and the source's
+    -- secret header masked, whether the request passes or not.
+    v_stored jsonb := ihub._mask_headers(v_headers, v.header);
 BEGIN
     SELECT state INTO v_state FROM ihub.integration WHERE id = v.integration_id;
     IF v_state = 'inactive' THEN
@@ -277,17 +286,12 @@ BEGIN
                                      v.header, extract(epoch FROM v.tolerance)::bigint, v_headers, body);
     IF v_reason IS NOT NULL THEN
         PERFORM ihub._reject_inbound(ARRAY[v.id], ARRAY[v_reason], ARRAY['sql:' || ihub._invoker()],
-                                     ARRAY[encode(sha256(body), 'hex')], ARRAY[v_headers]);
+                                     ARRAY[encode(sha256(body), 'hex')], ARRAY[v_stored]);
         RAISE WARNING 'pg_ihub: inbound request for %/% refused: %', receive.integration, receive.source, v_reason;
         RETURN NULL;
     END IF;
-    -- Stored like the listener stores them: credentials and the source's
-    -- secret header masked.
     SELECT a.item_id INTO v_id
-    FROM ihub._accept_inbound(ARRAY[v.id],
-                              ARRAY[ihub._mask_headers(v_headers) || CASE WHEN v_headers ? v.header
-                                    THEN jsonb_build_object(v.header, '********') ELSE '{}' END],
-                              ARRAY[body], ARRAY[ihub._dedup_key(v, v_headers, body)],
+    FROM ihub._accept_inbound(ARRAY[v.id], ARRAY[v_stored], ARRAY[body], ARRAY[ihub._dedup_key(v, v_headers, body)],
                               ARRAY['sql:' || ihub._invoker()], ARRAY[coalesce(execute_at, now())]) a;
     RETURN v_id;
 END
@@ -340,13 +344,14 @@ BEGIN
 END
 $$;
 
-CREATE FUNCTION ihub._inbound_done(p_id bigint, p_result jsonb) RETURNS void
+-- Only the process that took the item (p_owner) can settle it.
+CREATE FUNCTION ihub._inbound_done(p_id bigint, p_owner integer, p_result jsonb) RETURNS void
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
     UPDATE ihub.inbound_item SET state = 'done', processed_at = clock_timestamp(), result = p_result,
                                  error = NULL, processor_pid = NULL
-    WHERE id = p_id;
+    WHERE id = p_id AND state = 'processing' AND processor_pid = p_owner;
 END
 $$;
 
@@ -359,7 +364,7 @@ DECLARE
     v record;
 BEGIN
     UPDATE ihub.inbound_item t SET state = 'failed', processed_at = clock_timestamp(), error = p_error, processor_pid = NULL
-    WHERE t.id = p_id AND t.state = 'processing' AND (p_owner IS NULL OR t.processor_pid = p_owner)
+    WHERE t.id = p_id AND t.state = 'processing' AND t.processor_pid = p_owner
     RETURNING t.id, (SELECT i.name FROM ihub.inbound_source s JOIN ihub.integration i ON i.id = s.integration_id
                      WHERE s.id = t.source_id) AS integration
     INTO v;
@@ -449,10 +454,11 @@ CREATE FUNCTION ihub._inbound_settle(p_id bigint, p_result jsonb, p_error text) 
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
+    -- pg_backend_pid(): the session that took the item with _inbound_take.
     IF p_error IS NULL THEN
-        PERFORM ihub._inbound_done(p_id, p_result);
+        PERFORM ihub._inbound_done(p_id, pg_backend_pid(), p_result);
     ELSE
-        PERFORM ihub._inbound_failed(p_id, NULL, p_error);
+        PERFORM ihub._inbound_failed(p_id, pg_backend_pid(), p_error);
     END IF;
 END
 $$;
@@ -547,7 +553,7 @@ COMMENT ON FUNCTION ihub.receive(text, text, jsonb, bytea, timestamptz) IS
     'Verifies and queues a request received by the application itself, like the listener. Returns the item id (the first one''s for a duplicate), or NULL when verification fails.';
 COMMENT ON FUNCTION ihub._handler_call(regprocedure) IS 'Internal: the statement that calls an inbound handler for an item.';
 COMMENT ON FUNCTION ihub._claim_inbound(integer, integer) IS 'Internal (processor): claims the next item due.';
-COMMENT ON FUNCTION ihub._inbound_done(bigint, jsonb) IS 'Internal: records a processed item.';
+COMMENT ON FUNCTION ihub._inbound_done(bigint, integer, jsonb) IS 'Internal: records a processed item (by the process that took it).';
 COMMENT ON FUNCTION ihub._inbound_failed(bigint, integer, text) IS 'Internal: archives a failed item with its error.';
 COMMENT ON FUNCTION ihub._rescue_inbound() IS 'Internal: queues again items whose processor is gone.';
 COMMENT ON FUNCTION ihub._next_inbound_due() IS 'Internal (processor): seconds until the next item is due.';

@@ -55,7 +55,7 @@ BEGIN
         PERFORM ihub._count_logged(v_level);
         IF v_level = 'critical' THEN
             PERFORM ihub._open_activity(v_id, v_message, ihub._mask_settings(details), v_integration,
-                                        ihub._current_job(), log.delivery, log.row_table, log.row_key);
+                                        ihub._current_job(), log.delivery, log.row_table, log.row_key, log.inbound);
         END IF;
     EXCEPTION WHEN OTHERS THEN
         RAISE WARNING 'pg_ihub: could not write a log entry: %', SQLERRM;
@@ -135,7 +135,8 @@ $$;
 -- Opens an activity for a critical entry, assigned to the primary role, or
 -- to the secondary one when the primary no longer exists or cannot log in.
 CREATE FUNCTION ihub._open_activity(p_log bigint, p_summary text, p_details jsonb, p_integration bigint,
-                                    p_job bigint, p_delivery bigint, p_row_table regclass, p_row_key text)
+                                    p_job bigint, p_delivery bigint, p_row_table regclass, p_row_key text,
+                                    p_inbound bigint)
 RETURNS bigint
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
 AS $$
@@ -152,8 +153,9 @@ BEGIN
         WHEN EXISTS (SELECT 1 FROM pg_roles WHERE rolname = v.primary_role AND rolcanlogin) THEN v.primary_role
         WHEN EXISTS (SELECT 1 FROM pg_roles WHERE rolname = v.secondary_role) THEN v.secondary_role
         ELSE v.primary_role END;
-    INSERT INTO ihub.activity (summary, details, log_id, integration_id, job_id, delivery_id, row_table, row_key, assigned_to)
-    VALUES (p_summary, p_details, p_log, p_integration, p_job, p_delivery, p_row_table, p_row_key, v_assignee)
+    INSERT INTO ihub.activity (summary, details, log_id, integration_id, job_id, delivery_id, inbound_id, row_table,
+                               row_key, assigned_to)
+    VALUES (p_summary, p_details, p_log, p_integration, p_job, p_delivery, p_inbound, p_row_table, p_row_key, v_assignee)
     RETURNING id INTO v_id;
     PERFORM pg_notify('ihub_activity', jsonb_build_object('activity', v_id, 'assigned_to', v_assignee,
                                                           'summary', left(p_summary, 500))::text);
@@ -278,9 +280,8 @@ BEGIN
                 v_total := v_total + v_n;
                 EXIT WHEN v_n < p_batch;
             END LOOP;
-        ELSIF r.kind = 'inbound' AND to_regclass('ihub.inbound_item') IS NOT NULL THEN
-            EXECUTE 'SELECT ihub._cleanup_inbound($1, $2)' INTO v_n USING v_cutoff, p_batch;
-            v_total := v_total + coalesce(v_n, 0);
+        ELSIF r.kind = 'inbound' THEN
+            v_total := ihub._cleanup_inbound(v_cutoff, p_batch);
         END IF;
         kind := r.kind;
         removed := v_total;
@@ -326,7 +327,7 @@ COMMENT ON FUNCTION ihub.set_retention(text, interval) IS
     'Sets how long a log level, delivered deliveries, finished jobs or processed inbound items are kept (NULL: forever). Applied at the next cleanup.';
 COMMENT ON FUNCTION ihub.set_activity_users(regrole, regrole) IS
     'Turns activity creation on (NULL primary: off): each critical entry becomes an activity for the primary role, or the secondary one.';
-COMMENT ON FUNCTION ihub._open_activity(bigint, text, jsonb, bigint, bigint, bigint, regclass, text) IS
+COMMENT ON FUNCTION ihub._open_activity(bigint, text, jsonb, bigint, bigint, bigint, regclass, text, bigint) IS
     'Internal: opens the activity of a critical entry and sends NOTIFY ihub_activity.';
 COMMENT ON FUNCTION ihub.close_activity(bigint, text) IS 'Closes an open activity with a note.';
 COMMENT ON FUNCTION ihub._ensure_log_partitions() IS 'Internal: creates the daily log partitions of today and the next two days.';
@@ -337,4 +338,20 @@ COMMENT ON VIEW ihub.activities IS 'Activities made from critical log entries, o
 COMMENT ON VIEW ihub.retention_settings IS 'How long each kind of record is kept.';
 COMMENT ON VIEW ihub.log_settings IS 'Logging per integration: on or off and the minimum level.';
 
+-- Today's partitions exist from the start. Tables made by CREATE EXTENSION
+-- would belong to the extension, and the cleanup could never drop them:
+-- they are handed over like the ones the maintenance worker makes later.
 SELECT ihub._ensure_log_partitions();
+DO $own$
+DECLARE
+    t regclass;
+BEGIN
+    FOR t IN
+        SELECT c.oid::regclass FROM pg_depend d JOIN pg_class c ON c.oid = d.objid
+        WHERE d.deptype = 'e' AND d.classid = 'pg_class'::regclass AND d.refobjid = (SELECT oid FROM pg_extension WHERE extname = 'pg_ihub')
+          AND c.relnamespace = 'ihub'::regnamespace AND c.relname ~ '^log_entry_(debug|info|warning)_[0-9]{8}$'
+    LOOP
+        EXECUTE format('ALTER EXTENSION pg_ihub DROP TABLE %s', t);
+    END LOOP;
+END
+$own$;

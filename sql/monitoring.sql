@@ -76,11 +76,18 @@ RETURNS TABLE (queue text, state text, items bigint, oldest_age interval)
 LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
+    -- One literal state per branch: a join on the state would scan the
+    -- whole delivery history instead of the partial indexes.
     RETURN QUERY
-    SELECT 'deliveries', s.state, count(d.id), now() - min(d.created_at)
-    FROM unnest(ARRAY['pending', 'running', 'retry', 'failed', 'dead']) AS s(state)
-    LEFT JOIN ihub.delivery d ON d.state = s.state
-    GROUP BY s.state;
+    SELECT 'deliveries', 'pending', count(*), now() - min(d.created_at) FROM ihub.delivery d WHERE d.state = 'pending'
+    UNION ALL
+    SELECT 'deliveries', 'running', count(*), now() - min(d.created_at) FROM ihub.delivery d WHERE d.state = 'running'
+    UNION ALL
+    SELECT 'deliveries', 'retry', count(*), now() - min(d.created_at) FROM ihub.delivery d WHERE d.state = 'retry'
+    UNION ALL
+    SELECT 'deliveries', 'failed', count(*), now() - min(d.created_at) FROM ihub.delivery d WHERE d.state = 'failed'
+    UNION ALL
+    SELECT 'deliveries', 'dead', count(*), now() - min(d.created_at) FROM ihub.delivery d WHERE d.state = 'dead';
     RETURN QUERY
     SELECT 'deliveries', 'delivered (24 h)', coalesce(sum(h.delivered), 0)::bigint, NULL::interval
     FROM ihub.endpoint_hourly h WHERE h.hour >= now() - interval '24 hours';
@@ -89,9 +96,7 @@ BEGIN
     FROM unnest(ARRAY['pending', 'running', 'retry', 'done', 'partial', 'failed', 'cancelled']) AS s(state)
     LEFT JOIN ihub.job j ON j.state = s.state
     GROUP BY s.state;
-    IF to_regclass('ihub.inbound_item') IS NOT NULL THEN
-        RETURN QUERY EXECUTE 'SELECT * FROM ihub._inbound_queue_stats()';
-    END IF;
+    RETURN QUERY SELECT * FROM ihub._inbound_queue_stats();
 END
 $$;
 

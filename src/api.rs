@@ -68,13 +68,21 @@ fn check_headers(headers: JsonB) {
 /// Credentials in header values replaced by a mask, for views.
 #[pg_extern(name = "_mask_headers", immutable, parallel_safe)]
 fn mask_headers(headers: Option<JsonB>) -> Option<JsonB> {
+    mask_headers_and(headers, None)
+}
+
+/// The same, also masking `extra` (an inbound source's secret header), as
+/// the listener stores headers.
+#[pg_extern(name = "_mask_headers", immutable, parallel_safe)]
+fn mask_headers_and(headers: Option<JsonB>, extra: Option<&str>) -> Option<JsonB> {
     let Value::Object(map) = headers?.0 else {
         return None;
     };
+    let extra: Vec<String> = extra.map(str::to_ascii_lowercase).into_iter().collect();
     let masked: Map<String, Value> = map
         .into_iter()
         .map(|(k, v)| {
-            let v = if mask::is_sensitive_header(&k, &[]) { Value::String(mask::MASK.into()) } else { v };
+            let v = if mask::is_sensitive_header(&k, &extra) { Value::String(mask::MASK.into()) } else { v };
             (k, v)
         })
         .collect();
@@ -231,16 +239,14 @@ fn verify_inbound(
     headers: JsonB,
     body: &[u8],
 ) -> Option<String> {
-    use crate::inbound::verify::{secret_bytes, verify as check, Mode, Rule};
-    let mode = Mode::parse(verify)?;
-    let rule = Rule {
-        mode,
-        secret: secret_bytes(secret.unwrap_or("")),
-        header: header.map(str::to_ascii_lowercase),
-        tolerance_s,
+    use crate::inbound::verify::{verify as check, Mode, Rule};
+    // Fails closed: an unknown mode never lets a request through.
+    let Some(mode) = Mode::parse(verify) else {
+        return Some(format!("unknown verification {verify}"));
     };
+    let rule = Rule::new(mode, secret.unwrap_or(""), header.map(str::to_ascii_lowercase), tolerance_s);
     let now =
         std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0);
-    let map = headers.0.as_object().cloned().unwrap_or_default();
-    check(&rule, |name| map.get(name).and_then(Value::as_str), body, now).err().map(|e| e.to_string())
+    let map = headers.0.as_object();
+    check(&rule, |name| map.and_then(|m| m.get(name)).and_then(Value::as_str), body, now).err().map(|e| e.to_string())
 }

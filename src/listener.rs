@@ -35,7 +35,7 @@ use tokio::sync::oneshot;
 
 use crate::bgw::{in_transaction, run_prepared, set_session, shutdown_requested};
 use crate::inbound::limiter::Bucket;
-use crate::inbound::verify::{body_hash, secret_bytes, verify, Mode, Rule};
+use crate::inbound::verify::{body_hash, verify, Mode, Rule};
 use crate::outbound::mask;
 use crate::{settings, workers};
 
@@ -294,12 +294,12 @@ fn reload_sources(shared: &Shared) {
                 let source = Source {
                     id: row.get(1).ok()??,
                     active: row.get(4).ok().flatten().unwrap_or(false),
-                    rule: Rule {
-                        mode: Mode::parse(&verify_mode)?,
-                        secret: secret_bytes(&row.get::<String>(8).ok().flatten().unwrap_or_default()),
-                        header: row.get::<String>(6).ok().flatten(),
-                        tolerance_s: row.get::<i64>(9).ok().flatten().unwrap_or(300),
-                    },
+                    rule: Rule::new(
+                        Mode::parse(&verify_mode)?,
+                        &row.get::<String>(8).ok().flatten().unwrap_or_default(),
+                        row.get::<String>(6).ok().flatten(),
+                        row.get::<i64>(9).ok().flatten().unwrap_or(300),
+                    ),
                     id_header: row.get::<String>(7).ok().flatten(),
                 };
                 let key = (row.get::<String>(2).ok()??, row.get::<String>(3).ok()??);

@@ -109,9 +109,9 @@ fn process(item: Item, pid: i32) {
             Spi::connect_mut(|client| {
                 run_prepared(
                     client,
-                    "SELECT ihub._inbound_done($1, $2)",
-                    &[PgOid::from(pg_sys::INT8OID), PgOid::from(pg_sys::JSONBOID)],
-                    &[id.into(), result.into()],
+                    "SELECT ihub._inbound_done($1, $2, $3)",
+                    &[PgOid::from(pg_sys::INT8OID), PgOid::from(pg_sys::INT4OID), PgOid::from(pg_sys::JSONBOID)],
+                    &[id.into(), pid.into(), result.into()],
                 )
                 .map(|_| ())
             })

@@ -681,6 +681,83 @@ mod tests {
     }
 
     #[pg_test]
+    fn no_log_partition_belongs_to_the_extension() {
+        // Members cannot be dropped by the cleanup: retention would stop for good.
+        assert_eq!(
+            one::<i64>(
+                "SELECT count(*) FROM pg_depend d JOIN pg_class c ON c.oid = d.objid
+                 WHERE d.deptype = 'e' AND d.classid = 'pg_class'::regclass AND c.relname ~ '^log_entry_.*_[0-9]{8}$'"
+            ),
+            0
+        );
+    }
+
+    #[pg_test]
+    fn identity_sequences_of_dumped_tables_are_dumped_too() {
+        // Otherwise ids start again at 1 after pg_dump and restore, and collide.
+        let missing = one::<String>(
+            "SELECT coalesce(string_agg(t.oid::regclass::text, ', '), '') FROM pg_extension e, unnest(e.extconfig) t(oid)
+             JOIN pg_attribute a ON a.attrelid = t.oid AND a.attidentity <> ''
+             WHERE e.extname = 'pg_ihub'
+               AND NOT pg_get_serial_sequence(t.oid::regclass::text, a.attname)::regclass::oid = ANY (e.extconfig)",
+        );
+        assert_eq!(missing, "");
+    }
+
+    #[pg_test]
+    fn inbound_items_read_bodies_that_are_not_utf8() {
+        setup_inbound();
+        Spi::run("SELECT ihub.create_source('shop', 'o', 'on_order(ihub.inbound_items)', 'none')").unwrap();
+        let id = one::<i64>("SELECT ihub.receive('shop', 'o', '{\"content-type\": \"text/plain\"}', '\\xff00fe')");
+        assert!(one::<bool>(&format!("SELECT payload IS NULL FROM ihub.inbound_items WHERE id = {id}")));
+        Spi::run("SELECT ihub.receive('shop', 'o', '{}', '  {\"order\": 3}')").unwrap();
+        assert_eq!(one::<i64>("SELECT count(*) FROM ihub.inbound_items WHERE payload ->> 'order' = '3'"), 1);
+    }
+
+    #[pg_test]
+    fn secrets_and_their_headers_are_handled_per_mode() {
+        setup_inbound();
+        let sw = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+        // A shared secret is compared as written, whatever it looks like.
+        Spi::run(&format!(
+            "SELECT ihub.create_source('shop', 'k', 'on_order(ihub.inbound_items)', 'shared-secret', '{sw}', 'X-Hook-Key')"
+        ))
+        .unwrap();
+        let ok = Spi::get_one::<i64>(&format!("SELECT ihub.receive('shop', 'k', '{{\"X-Hook-Key\": \"{sw}\"}}', 'a')"));
+        assert!(ok.unwrap().is_some(), "the shared secret as sent is accepted");
+        // A wrong guess is recorded masked, like the listener does.
+        let refused = Spi::get_one::<i64>("SELECT ihub.receive('shop', 'k', '{\"X-Hook-Key\": \"guess-123\"}', 'b')");
+        assert_eq!(refused.unwrap(), None);
+        assert_eq!(one::<String>("SELECT headers ->> 'x-hook-key' FROM ihub.inbound_rejections"), "********");
+        // A Standard Webhooks secret must be one.
+        expect_error(
+            "SELECT ihub.create_source('shop', 'bad', 'on_order(ihub.inbound_items)', secret => 'whsec_short')",
+            &["invalid secret", "HINT:"],
+        );
+        assert_eq!(one::<i64>("SELECT count(*) FROM ihub.inbound_source WHERE name = 'bad'"), 0);
+    }
+
+    #[pg_test]
+    fn only_the_session_processing_an_item_can_settle_it() {
+        setup_inbound();
+        Spi::run("SELECT ihub.create_source('shop', 'o', 'on_order(ihub.inbound_items)', 'none')").unwrap();
+        let id = one::<i64>("SELECT ihub.receive('shop', 'o', '{}', '{\"order\": 1}')");
+        Spi::run(&format!("SELECT ihub._inbound_settle({id}, '{{\"forged\": true}}', NULL)")).unwrap();
+        Spi::run(&format!("SELECT ihub._inbound_settle({id}, NULL, 'forged')")).unwrap();
+        assert_eq!(one::<String>(&format!("SELECT state FROM ihub.inbound_item WHERE id = {id}")), "queued");
+    }
+
+    #[pg_test]
+    fn a_critical_entry_about_an_inbound_item_opens_an_activity_that_says_so() {
+        setup_inbound();
+        Spi::run("SELECT ihub.set_activity_users(current_user::regrole)").unwrap();
+        Spi::run("SELECT ihub.create_source('shop', 'o', 'on_order(ihub.inbound_items)', 'none')").unwrap();
+        let id = one::<i64>("SELECT ihub.receive('shop', 'o', '{}', '{\"order\": 1}')");
+        Spi::run(&format!("SELECT ihub.log('critical', 'bad item', NULL, 'shop', inbound => {id})")).unwrap();
+        assert_eq!(one::<i64>("SELECT inbound_item FROM ihub.activities"), id);
+    }
+
+    #[pg_test]
     fn pid_alive_reads_the_proc_array() {
         assert!(one::<bool>("SELECT ihub._pid_alive(pg_backend_pid())"));
         assert!(!one::<bool>("SELECT ihub._pid_alive(NULL)"));
@@ -1191,7 +1268,7 @@ mod tests {
         // a2 is past its time but blocked behind a1: waking for it would spin.
         let due = one::<f64>("SELECT ihub._next_inbound_due()");
         assert!(due > 3500.0, "next due in {due} s, expected the delayed item's hour");
-        Spi::run(&format!("SELECT ihub._inbound_done({a1}, NULL)")).unwrap();
+        Spi::run(&format!("SELECT ihub._inbound_done({a1}, 4242, NULL)")).unwrap();
         assert_eq!(claim(), Some(a2));
     }
 
