@@ -441,7 +441,8 @@ BEGIN
     FOREACH v_event IN ARRAY v_events LOOP
         IF condition IS NULL AND (watch IS NULL OR v_event <> 'update') THEN
             -- The fast path: a C-language trigger copies the rows in bulk.
-            v_function := format('ihub._capture_rows(%L)', v_capture::regclass::oid);
+            -- By name, not OID: a dumped and restored trigger must still find it.
+            v_function := format('ihub._capture_rows(%L)', 'ihub_capture.sub_' || v_sub.id);
         ELSE
             -- Watch and condition need SQL: a generated PL/pgSQL trigger, owned
             -- by the subscriber and run with its rights, because the condition

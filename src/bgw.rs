@@ -85,11 +85,6 @@ pub fn vacuum(schema: &str, table: &str) {
     let (Ok(schema), Ok(table)) = (std::ffi::CString::new(schema), std::ffi::CString::new(table)) else { return };
     // SKIP_LOCKED reports a table it skipped as a WARNING; another worker or
     // autovacuum being at it is no news, so keep that out of the server log.
-    let saved_level = unsafe {
-        std::ffi::CStr::from_ptr(pg_sys::GetConfigOption(c"log_min_messages".as_ptr(), false, false))
-            .to_string_lossy()
-            .into_owned()
-    };
     set_session("log_min_messages", "error");
     unsafe {
         pg_sys::SetCurrentStatementStartTimestamp();
@@ -147,7 +142,16 @@ pub fn vacuum(schema: &str, table: &str) {
             pg_sys::AbortCurrentTransaction();
         }
     }
-    set_session("log_min_messages", &saved_level);
+    // RESET, not the old value set again: a session value would outrank the
+    // configuration file, and later changes to it would never apply here.
+    unsafe {
+        pg_sys::SetConfigOption(
+            c"log_min_messages".as_ptr(),
+            std::ptr::null(),
+            pg_sys::GucContext::PGC_SUSET,
+            pg_sys::GucSource::PGC_S_SESSION,
+        );
+    }
 }
 
 thread_local! {

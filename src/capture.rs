@@ -71,10 +71,10 @@ const BATCH: usize = 1000;
 pub enum CaptureError {
     #[error("ihub._capture_rows must run as an AFTER ... FOR EACH STATEMENT trigger with a transition table")]
     NotAStatementTrigger,
-    #[error("ihub._capture_rows needs the capture table's oid as its only argument")]
+    #[error("ihub._capture_rows needs the capture table's name (ihub_capture.sub_<id>) as its only argument")]
     BadArgument,
     #[error("capture table {0} does not hold rows of this table")]
-    WrongCaptureTable(u32),
+    WrongCaptureTable(String),
 }
 
 /// The capture trigger for subscriptions without watch or condition: copies
@@ -113,11 +113,20 @@ unsafe fn capture_rows(data: &pg_sys::TriggerData) -> Result<usize, CaptureError
     if trigger.tgnargs != 1 {
         return Err(CaptureError::BadArgument);
     }
-    let capture_oid: u32 = std::ffi::CStr::from_ptr(*trigger.tgargs)
-        .to_str()
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .ok_or(CaptureError::BadArgument)?;
+    // The capture table, as `ihub_capture.sub_<id>`: by name, so that a
+    // dumped and restored trigger still finds it.
+    let capture_name = std::ffi::CStr::from_ptr(*trigger.tgargs).to_str().map_err(|_| CaptureError::BadArgument)?;
+    let capture_oid = match capture_name.split_once('.') {
+        Some(("ihub_capture", table)) if !table.is_empty() => {
+            let (schema, table) =
+                (c"ihub_capture", std::ffi::CString::new(table).map_err(|_| CaptureError::BadArgument)?);
+            pg_sys::get_relname_relid(table.as_ptr(), pg_sys::get_namespace_oid(schema.as_ptr(), true))
+        }
+        _ => return Err(CaptureError::BadArgument),
+    };
+    if capture_oid == pg_sys::InvalidOid {
+        return Err(CaptureError::WrongCaptureTable(capture_name.to_string()));
+    }
     let (op, new_store, old_store) = match event & pg_sys::TRIGGER_EVENT_OPMASK {
         pg_sys::TRIGGER_EVENT_INSERT => (b'i', data.tg_newtable, std::ptr::null_mut()),
         pg_sys::TRIGGER_EVENT_DELETE => (b'd', std::ptr::null_mut(), data.tg_oldtable),
@@ -130,20 +139,23 @@ unsafe fn capture_rows(data: &pg_sys::TriggerData) -> Result<usize, CaptureError
 
     let source = data.tg_relation;
     let source_desc = (*source).rd_att;
-    let capture = pg_sys::table_open(pg_sys::Oid::from(capture_oid), pg_sys::RowExclusiveLock as _);
+    let capture = pg_sys::table_open(capture_oid, pg_sys::RowExclusiveLock as _);
     // Only the subscribed table can feed its capture table: the row columns
     // have its row type. Capture tables have no indexes, which a raw
     // multi-insert would not maintain.
     let capture_desc = (*capture).rd_att;
     let attrs = (*capture_desc).attrs.as_slice((*capture_desc).natts as usize);
     let reltype = (*(*source).rd_rel).reltype;
+    // A plain table: only a heap has the table AM's multi-insert.
     if attrs.len() != 5
         || attrs[3].atttypid != reltype
         || attrs[4].atttypid != reltype
         || (*(*capture).rd_rel).relhasindex
+        || (*(*capture).rd_rel).relkind != pg_sys::RELKIND_RELATION as std::ffi::c_char
+        || (*capture).rd_tableam.is_null()
     {
         pg_sys::table_close(capture, pg_sys::NoLock as _);
-        return Err(CaptureError::WrongCaptureTable(capture_oid));
+        return Err(CaptureError::WrongCaptureTable(capture_name.to_string()));
     }
 
     let count = pg_sys::tuplestore_tuple_count(if new_store.is_null() { old_store } else { new_store }) as usize;

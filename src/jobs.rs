@@ -166,6 +166,10 @@ fn claim(pid: i32) -> Option<Job> {
 fn run(job: Job, pid: i32) {
     CURRENT_JOB.store(job.id, Ordering::SeqCst);
     ERRORS_LOGGED.store(0, Ordering::SeqCst);
+    // A failed job never reads its progress back: clear it for this one.
+    for p in &PROGRESS {
+        p.store(-1, Ordering::SeqCst);
+    }
     workers::set_job(job.id, -1, -1);
     let id = job.id;
     if let Err(failure) = attempt(job) {
@@ -194,7 +198,7 @@ fn run(job: Job, pid: i32) {
 fn attempt(job: Job) -> Result<(), Failure> {
     let id = job.id;
     run_user_call(&job.call, PgOid::from(pg_sys::JSONBOID), job.args.into(), job.run_as, job.timeout_ms, |result| {
-        let (done, total) = progress(id);
+        let (done, total) = progress();
         Spi::connect_mut(|client| {
             let int8 = PgOid::from(pg_sys::INT8OID);
             run_prepared(
@@ -294,10 +298,8 @@ pub fn as_role<R>(role: pg_sys::Oid, f: impl FnOnce() -> R) -> R {
 
 static PROGRESS: [AtomicI64; 2] = [AtomicI64::new(-1), AtomicI64::new(-1)];
 
-fn progress(job: i64) -> (Option<i64>, Option<i64>) {
-    if CURRENT_JOB.load(Ordering::SeqCst) != job {
-        return (None, None);
-    }
+/// The current job's last reported progress.
+fn progress() -> (Option<i64>, Option<i64>) {
     let get = |i: usize| Some(PROGRESS[i].swap(-1, Ordering::SeqCst)).filter(|v| *v >= 0);
     (get(0), get(1))
 }

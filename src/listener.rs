@@ -21,7 +21,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
@@ -138,8 +138,7 @@ pub extern "C-unwind" fn ihub_listener_main(_arg: pg_sys::Datum) {
         Ok(a) => a,
         Err(_) => {
             warning!("pg_ihub listener: ihub.listen_address \"{address}\" is not host:port; not listening");
-            idle_until_shutdown();
-            return;
+            retry_later();
         }
     };
     let (wake_tx, wake_rx) = UnixStream::pair().expect("a socket pair");
@@ -170,9 +169,8 @@ pub extern "C-unwind" fn ihub_listener_main(_arg: pg_sys::Datum) {
     let listener = match runtime.block_on(tokio::net::TcpListener::bind(addr)) {
         Ok(l) => l,
         Err(e) => {
-            warning!("pg_ihub listener: cannot listen on {addr}: {e}");
-            idle_until_shutdown();
-            return;
+            warning!("pg_ihub listener: cannot listen on {addr}: {e}; trying again in a minute");
+            retry_later();
         }
     };
     log!("pg_ihub listener serving http://{addr} for database \"{database}\"");
@@ -185,11 +183,17 @@ pub extern "C-unwind" fn ihub_listener_main(_arg: pg_sys::Datum) {
     unsafe { pg_sys::proc_exit(1) };
 }
 
-fn idle_until_shutdown() {
-    while !shutdown_requested() {
-        crate::bgw::wait(Duration::from_secs(60));
+/// Waits a minute (or until asked to stop), then exits so that the
+/// postmaster starts the listener again: an address in use may be free by
+/// then, and a corrected setting applies. Exit code 0 would mean "never
+/// restart".
+fn retry_later() -> ! {
+    let started = Instant::now();
+    while !shutdown_requested() && started.elapsed() < Duration::from_secs(60) {
+        workers::heartbeat(true);
+        crate::bgw::wait(Duration::from_secs(10));
     }
-    workers::unregister();
+    unsafe { pg_sys::proc_exit(1) }
 }
 
 /// The main thread: sleeps on its latch and the wake socket; writes what the
@@ -536,7 +540,10 @@ async fn receive(
         .get(hyper::header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > max_body) {
+    // Far too large: refuse at once. Somewhat too large: read it and throw it
+    // away first (below), so that a sender still writing can read the 413
+    // instead of a reset connection.
+    if declared.is_some_and(|n| n > max_body.saturating_mul(DRAIN_FACTOR)) {
         return error(StatusCode::PAYLOAD_TOO_LARGE, "body larger than ihub.max_body_size");
     }
     let rate = shared.rate_limit.load(Ordering::Relaxed);
@@ -563,15 +570,13 @@ async fn receive(
             Err(_) => return error(StatusCode::BAD_REQUEST, "header values must be visible ASCII"),
         }
     }
-    let body = match tokio::time::timeout(shared.timeout(), Limited::new(req.into_body(), max_body as usize).collect())
-        .await
-    {
+    let body = match tokio::time::timeout(shared.timeout(), read_body(req.into_body(), max_body)).await {
         Err(_) => return error(StatusCode::REQUEST_TIMEOUT, "the body did not arrive in time"),
-        Ok(Err(e)) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => {
+        Ok(Err(BodyError::TooLarge)) => {
             return error(StatusCode::PAYLOAD_TOO_LARGE, "body larger than ihub.max_body_size")
         }
-        Ok(Err(_)) => return error(StatusCode::BAD_REQUEST, "the body could not be read"),
-        Ok(Ok(collected)) => collected.to_bytes(),
+        Ok(Err(BodyError::Unreadable)) => return error(StatusCode::BAD_REQUEST, "the body could not be read"),
+        Ok(Ok(body)) => body,
     };
     let header = |name: &str| headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str());
     // Twice at most: a source dropped (and maybe created again) after the
@@ -625,6 +630,37 @@ async fn receive(
         }
     }
     error(StatusCode::NOT_FOUND, "unknown integration or source")
+}
+
+/// How far past ihub.max_body_size a body is still read (and thrown away)
+/// before the 413, so that the sender sees the answer.
+const DRAIN_FACTOR: u64 = 4;
+
+enum BodyError {
+    TooLarge,
+    Unreadable,
+}
+
+/// The body, if it is at most `max` bytes. A larger one is read on without
+/// keeping it, up to DRAIN_FACTOR times `max`, then refused.
+async fn read_body(mut body: Incoming, max: u64) -> Result<Bytes, BodyError> {
+    let mut kept = bytes::BytesMut::new();
+    let mut total: u64 = 0;
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|_| BodyError::Unreadable)?;
+        let Ok(data) = frame.into_data() else { continue };
+        total += data.len() as u64;
+        if total > max.saturating_mul(DRAIN_FACTOR) {
+            return Err(BodyError::TooLarge);
+        }
+        if total <= max {
+            kept.extend_from_slice(&data);
+        }
+    }
+    if total > max {
+        return Err(BodyError::TooLarge);
+    }
+    Ok(kept.freeze())
 }
 
 fn now_secs() -> f64 {

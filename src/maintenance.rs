@@ -66,7 +66,8 @@ pub extern "C-unwind" fn ihub_maintenance_main(_arg: pg_sys::Datum) {
             None => FIRST_CLEANUP.saturating_sub(started.elapsed()),
             Some(t) => interval.saturating_sub(t.elapsed()),
         };
-        wait(next_cleanup.min(PARTITION_CHECK).max(Duration::from_secs(1)));
+        // Half an hour at most: health calls a worker silent after an hour.
+        wait(next_cleanup.min(PARTITION_CHECK).min(Duration::from_secs(1800)).max(Duration::from_secs(1)));
     }
     workers::unregister();
     unsafe { pg_sys::proc_exit(1) };

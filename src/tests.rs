@@ -416,7 +416,7 @@ mod tests {
     fn the_bulk_capture_trigger_feeds_only_its_own_table() {
         setup_enabled();
         let sub = one::<i64>("SELECT ihub.subscribe('orders', 'hook', events => '{insert}')");
-        let capture = one::<i64>(&format!("SELECT 'ihub_capture.sub_{sub}'::regclass::oid::bigint"));
+        let capture = format!("ihub_capture.sub_{sub}");
         Spi::run("CREATE TABLE other (id bigserial PRIMARY KEY, customer text, amount numeric, status text)").unwrap();
         Spi::run(&format!(
             "CREATE TRIGGER forged AFTER INSERT ON other REFERENCING NEW TABLE AS n FOR EACH STATEMENT
@@ -678,6 +678,20 @@ mod tests {
         );
         Spi::run("SELECT ihub.unschedule('s2')").unwrap();
         expect_error("SELECT ihub.run_now('s2')", &["does not exist", "ihub.schedule"]);
+    }
+
+    #[pg_test]
+    fn capture_triggers_name_their_capture_table_so_that_a_restore_keeps_them_working() {
+        // A dumped trigger keeps its arguments as written: an OID would point
+        // nowhere after a restore.
+        setup_enabled();
+        let sub = one::<i64>("SELECT ihub.subscribe('orders', 'hook', events => '{insert}')");
+        let def = one::<String>(
+            "SELECT pg_get_triggerdef(oid) FROM pg_trigger WHERE tgrelid = 'orders'::regclass AND NOT tgisinternal",
+        );
+        assert!(def.contains(&format!("'ihub_capture.sub_{sub}'")), "{def}");
+        Spi::run("INSERT INTO orders (customer, amount) VALUES ('a', 1)").unwrap();
+        assert_eq!(one::<i64>(&format!("SELECT count(*) FROM ihub_capture.sub_{sub}")), 1);
     }
 
     #[pg_test]

@@ -210,6 +210,31 @@ fn a_job_over_its_timeout_is_stopped_and_a_running_job_can_be_cancelled() {
 }
 
 #[test]
+fn progress_of_a_failed_job_is_not_carried_into_the_next() {
+    let mut hub = hub();
+    let p = job_kit(&mut hub);
+    hub.exec(&format!(
+        "CREATE FUNCTION {p}_half(args jsonb) RETURNS void LANGUAGE plpgsql AS $$
+         BEGIN
+             PERFORM ihub.job_progress(5, 10);
+             RAISE EXCEPTION 'gave up halfway';
+         END $$;"
+    ));
+    // Wake-ups take turns among idle workers: of the next jobs, one at a
+    // time, some land on the worker that ran the failed one.
+    for _ in 0..3 {
+        let half: i64 = hub.one(&format!("SELECT ihub.enqueue('{p}_half(jsonb)', max_attempts => 1)"));
+        wait_job(&mut hub, half, "failed");
+        for _ in 0..3 {
+            let next: i64 = hub.one(&format!("SELECT ihub.enqueue('{p}_note(jsonb)', '{{\"note\": \"n\"}}')"));
+            wait_job(&mut hub, next, "done");
+            let progress: Option<i64> = hub.one(&format!("SELECT progress_done FROM ihub.job WHERE id = {next}"));
+            assert_eq!(progress, None, "job {next} got the progress of job {half}");
+        }
+    }
+}
+
+#[test]
 fn errors_logged_make_a_job_partial_and_progress_shows_while_it_runs() {
     let mut hub = hub();
     let p = unique("prog");

@@ -2,13 +2,26 @@
 
 pub const MASK: &str = "********";
 
+/// Names whose whole value is a credential.
+const EXACT: &[&str] = &["authorization", "proxy-authorization", "cookie", "set-cookie", "key", "sig", "signature_key"];
+/// Parts of names whose values are credentials; also what `mask_text` looks for.
+const PARTS: &[&str] = &[
+    "token",
+    "secret",
+    "password",
+    "passwd",
+    "pwd",
+    "api-key",
+    "apikey",
+    "api_key",
+    "session",
+    "credential",
+    "private",
+];
+
 /// Names (header, setting or query parameter) whose values are credentials.
 pub fn is_sensitive_name(name: &str) -> bool {
     let lower = name.to_ascii_lowercase();
-    const EXACT: &[&str] =
-        &["authorization", "proxy-authorization", "cookie", "set-cookie", "key", "sig", "signature_key"];
-    const PARTS: &[&str] =
-        &["token", "secret", "password", "passwd", "api-key", "apikey", "api_key", "session", "credential", "private"];
     EXACT.contains(&lower.as_str()) || PARTS.iter().any(|p| lower.contains(p))
 }
 
@@ -60,25 +73,49 @@ pub fn mask_url(raw: &str) -> String {
     out
 }
 
-/// Free text (a log message) with credentials masked: Authorization values
-/// (`Bearer …`, `Basic …`), `key=value` or `key: value` pairs whose key looks
-/// secret, and Standard Webhooks secrets.
+/// Free text (a log message) with credentials masked, by the same names as
+/// headers and settings: whole `Authorization:`/`Cookie:` values, `Bearer …`
+/// and `Basic …`, `key=value` or `key: value` pairs whose key looks secret,
+/// and Standard Webhooks secrets.
 pub fn mask_text(text: &str) -> String {
     use std::sync::OnceLock;
-    static PATTERNS: OnceLock<[regex::Regex; 3]> = OnceLock::new();
-    let [auth, pair, whsec] = PATTERNS.get_or_init(|| {
-        [
-            regex::Regex::new(r"(?i)\b(bearer|basic)\s+[A-Za-z0-9._~+/=-]{6,}").unwrap(),
-            regex::Regex::new(
-                r#"(?i)\b([a-z0-9_-]*(?:password|passwd|pwd|secret|token|api[_-]?key|apikey|credential)[a-z0-9_-]*)(["']?\s*[:=]\s*["']?)([^\s"'&,;]+)"#,
+    struct Patterns {
+        cookie: regex::Regex,
+        authorization: regex::Regex,
+        auth: regex::Regex,
+        pair: regex::Regex,
+        whsec: regex::Regex,
+        masked_value: String,
+        masked_auth: String,
+        masked_whsec: String,
+    }
+    static PATTERNS: OnceLock<Patterns> = OnceLock::new();
+    let p = PATTERNS.get_or_init(|| {
+        let words = PARTS.iter().map(|w| regex::escape(w)).collect::<Vec<_>>().join("|");
+        Patterns {
+            // A cookie header's value runs to the end of the line; an
+            // Authorization value is a scheme and a credential.
+            cookie: regex::Regex::new(r#"(?i)\b((?:set-)?cookie)(["']?\s*[:=]\s*["']?)([^\r\n"']+)"#).unwrap(),
+            authorization: regex::Regex::new(
+                r#"(?i)\b((?:proxy-)?authorization)(["']?\s*[:=]\s*["']?)([^\s"']+(?:[ \t]+[^\s"',;]+)?)"#,
             )
             .unwrap(),
-            regex::Regex::new(r"whsec_[A-Za-z0-9+/=]+").unwrap(),
-        ]
+            auth: regex::Regex::new(r"(?i)\b(bearer|basic)\s+[A-Za-z0-9._~+/=-]{6,}").unwrap(),
+            pair: regex::Regex::new(&format!(
+                r#"(?i)\b([a-z0-9_-]*(?:{words})[a-z0-9_-]*)(["']?\s*[:=]\s*["']?)([^\s"'&,;]+)"#
+            ))
+            .unwrap(),
+            whsec: regex::Regex::new(r"whsec_[A-Za-z0-9+/=]+").unwrap(),
+            masked_value: format!("$1$2{MASK}"),
+            masked_auth: format!("$1 {MASK}"),
+            masked_whsec: format!("whsec_{MASK}"),
+        }
     });
-    let text = auth.replace_all(text, format!("$1 {MASK}"));
-    let text = pair.replace_all(&text, format!("$1$2{MASK}"));
-    whsec.replace_all(&text, format!("whsec_{MASK}")).into_owned()
+    let text = p.cookie.replace_all(text, p.masked_value.as_str());
+    let text = p.authorization.replace_all(&text, p.masked_value.as_str());
+    let text = p.auth.replace_all(&text, p.masked_auth.as_str());
+    let text = p.pair.replace_all(&text, p.masked_value.as_str());
+    p.whsec.replace_all(&text, p.masked_whsec.as_str()).into_owned()
 }
 
 /// Returns the headers with credential values replaced by [`MASK`].
@@ -121,6 +158,14 @@ mod tests {
         }
         assert!(m.contains("got 401") && m.contains("user ada") && m.contains("password="), "{m}");
         assert_eq!(mask_text("nothing to hide here"), "nothing to hide here");
+        // Header lines that header masking hides are hidden in text too.
+        let m = mask_text(
+            "sent Cookie: session=abc123; theme=dark\nAuthorization: Token ghp_abcdef123\nX-Session-Id: s-42 ok",
+        );
+        for secret in ["abc123", "ghp_abcdef123", "s-42"] {
+            assert!(!m.contains(secret), "{secret} left in {m}");
+        }
+        assert!(m.ends_with(" ok"), "{m}");
     }
 
     #[test]
