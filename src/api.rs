@@ -2,12 +2,13 @@
 //! normalisation of user input, signing, and masking for views. Each is a
 //! thin wrapper over the pure code in `outbound`.
 
+use pgrx::pg_sys::panic::ErrorReport;
 use pgrx::prelude::*;
-use pgrx::JsonB;
-use serde_json::{Map, Value};
+use pgrx::{JsonB, PgLogLevel, PgSqlErrorCode};
+use serde_json::Value;
 
 use crate::error::{IhubError, OrRaise};
-use crate::outbound::{auth::Auth, mask, retry::RetryPolicy, signature, target};
+use crate::outbound::{auth::Auth, mask, retry::RetryPolicy, sender, signature, target};
 use crate::settings;
 
 pub fn allow_list() -> target::AllowList {
@@ -43,29 +44,22 @@ fn generate_secret() -> String {
     signature::generate_secret()
 }
 
-/// Headers must be an object of valid names to string values, and may not
-/// set the webhook-* headers that carry the signature.
+/// Custom headers must be an object of valid, unreserved names to a string
+/// (secret) or `{"value": "…", "secret": true|false}`; see
+/// `outbound::sender::check_headers`. Errors name the header, never its value.
 #[pg_extern(name = "_check_headers", immutable)]
 fn check_headers(headers: JsonB) {
-    let Value::Object(map) = headers.0 else {
-        IhubError::Headers("headers must be a JSON object".into()).raise();
-    };
-    for (name, value) in &map {
-        if reqwest::header::HeaderName::from_bytes(name.as_bytes()).is_err() {
-            IhubError::Headers(format!("\"{name}\" is not a valid header name")).raise();
-        }
-        if name.to_ascii_lowercase().starts_with("webhook-") {
-            IhubError::Headers(format!("\"{name}\" is reserved for the Standard Webhooks signature")).raise();
-        }
-        match value {
-            Value::String(s) if reqwest::header::HeaderValue::from_str(s).is_ok() => {}
-            _ => IhubError::Headers(format!("the value of \"{name}\" must be a string without control characters"))
-                .raise(),
-        }
+    if let Err(e) = sender::check_headers(&headers.0) {
+        ErrorReport::new(PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE, format!("invalid headers: {e}"), "pg_ihub")
+            .set_hint(e.hint())
+            .report(PgLogLevel::ERROR);
+        unreachable!("ERROR does not return")
     }
 }
 
-/// Credentials in header values replaced by a mask, for views.
+/// Stored headers (inbound requests and rejections; name to string) for
+/// views: credential-looking names masked. An object value (a custom header
+/// form) is masked unless it is `{"value": …, "secret": false}`.
 #[pg_extern(name = "_mask_headers", immutable, parallel_safe)]
 fn mask_headers(headers: Option<JsonB>) -> Option<JsonB> {
     mask_headers_and(headers, None)
@@ -75,18 +69,37 @@ fn mask_headers(headers: Option<JsonB>) -> Option<JsonB> {
 /// the listener stores headers.
 #[pg_extern(name = "_mask_headers", immutable, parallel_safe)]
 fn mask_headers_and(headers: Option<JsonB>, extra: Option<&str>) -> Option<JsonB> {
-    let Value::Object(map) = headers?.0 else {
+    let headers = headers?.0;
+    if !headers.is_object() {
         return None;
-    };
+    }
     let extra: Vec<String> = extra.map(str::to_ascii_lowercase).into_iter().collect();
-    let masked: Map<String, Value> = map
-        .into_iter()
-        .map(|(k, v)| {
-            let v = if mask::is_sensitive_header(&k, &extra) { Value::String(mask::MASK.into()) } else { v };
-            (k, v)
-        })
-        .collect();
-    Some(JsonB(Value::Object(masked)))
+    Some(JsonB(mask::mask_stored_headers(headers, &extra)))
+}
+
+/// An endpoint's custom headers for views: every value masked except those
+/// given as `{"value": "…", "secret": false}`, shown plain.
+#[pg_extern(name = "_mask_endpoint_headers", immutable, parallel_safe)]
+fn mask_endpoint_headers(headers: Option<JsonB>) -> Option<JsonB> {
+    let headers = headers?.0;
+    if !headers.is_object() {
+        return None;
+    }
+    Some(JsonB(mask::mask_endpoint_headers(headers)))
+}
+
+/// A delivery attempt's recorded request headers for views: as
+/// `_mask_headers`, plus the signature and the secret ones among `custom`
+/// (the endpoint's headers merged with the request's). New attempts are
+/// recorded masked already; this also covers those recorded by 0.1.0.
+#[pg_extern(name = "_mask_attempt_headers", immutable, parallel_safe)]
+fn mask_attempt_headers(headers: Option<JsonB>, custom: Option<JsonB>) -> Option<JsonB> {
+    let headers = headers?.0;
+    if !headers.is_object() {
+        return None;
+    }
+    let custom = custom.map(|j| j.0).unwrap_or(Value::Null);
+    Some(JsonB(mask::mask_attempt_headers(headers, &custom)))
 }
 
 /// Settings with the values of secret-looking keys masked, at any depth.

@@ -13,7 +13,7 @@ use serde_json::{json, Value};
 use crate::bgw::{in_transaction, set_session, shutdown_requested, wait};
 use crate::outbound::auth::Auth;
 use crate::outbound::retry::{category, classify, decide, Next, RetryPolicy, Verdict};
-use crate::outbound::sender::{Attempt, Request, Sender};
+use crate::outbound::sender::{headers_from_json, Attempt, Request, Sender};
 use crate::outbound::target::AllowList;
 use crate::{bgw, settings, workers};
 
@@ -85,12 +85,17 @@ pub extern "C-unwind" fn ihub_dispatcher_main(_arg: pg_sys::Datum) {
             }
         };
         // Between bursts, vacuum capture tables full of routed (deleted) or
-        // rolled-back rows, which every route would otherwise scan again.
-        if (round.claimed.len() as i32) < batch_size && last_maintenance.elapsed() >= Duration::from_secs(1) {
-            vacuum_capture_tables();
-            last_maintenance = Instant::now();
-        }
+        // rolled-back rows, which every route would otherwise scan again;
+        // after sending, so that no claimed delivery waits for it.
+        let between_bursts = (round.claimed.len() as i32) < batch_size;
+        let mut vacuum_if_due = || {
+            if between_bursts && last_maintenance.elapsed() >= Duration::from_secs(1) {
+                vacuum_capture_tables();
+                last_maintenance = Instant::now();
+            }
+        };
         if round.claimed.is_empty() {
+            vacuum_if_due();
             wait(round.next_due.map_or(poll, |d| d.min(poll)));
             continue;
         }
@@ -108,6 +113,7 @@ pub extern "C-unwind" fn ihub_dispatcher_main(_arg: pg_sys::Datum) {
             claimed_at.elapsed().as_secs_f64() * 1000.0
         );
         unsettled = Some(decide_all(&round.claimed, attempts));
+        vacuum_if_due();
     }
     if let Some(results) = unsettled {
         in_transaction(|| settle(pid, &results));
@@ -143,7 +149,17 @@ fn new_sender() -> Sender {
     if granted < wanted {
         warning!("pg_ihub: only {granted} of ihub.max_concurrency = {wanted} sockets are available; raise the open-files limit");
     }
-    Sender::new(allow, limit, granted.max(1), concat!("pg_ihub/", env!("CARGO_PKG_VERSION")))
+    let sender = Sender::with_proxy(
+        allow,
+        limit,
+        granted.max(1),
+        concat!("pg_ihub/", env!("CARGO_PKG_VERSION")),
+        &settings::http_proxy(),
+    );
+    if let Some(reason) = sender.unusable() {
+        warning!("pg_ihub: {reason}; no request is sent until it is fixed");
+    }
+    sender
 }
 
 /// Dead rows in a capture table worth a VACUUM: a few ms of work that saves
@@ -235,12 +251,7 @@ fn claim(pid: i32, limit: i32, concurrency: usize) -> Vec<Claimed> {
             .expect("ihub._claim runs");
         rows.map(|row| {
             let get_json = |n: usize| row.get::<JsonB>(n).ok().flatten().map(|j| j.0).unwrap_or(Value::Null);
-            let headers = match get_json(5) {
-                Value::Object(map) => {
-                    map.into_iter().filter_map(|(k, v)| v.as_str().map(|v| (k, v.to_string()))).collect()
-                }
-                _ => Vec::new(),
-            };
+            let headers = headers_from_json(&get_json(5));
             let timeout_ms: i32 = row.get(8).ok().flatten().unwrap_or(default_timeout);
             Claimed {
                 request: Request {

@@ -37,6 +37,7 @@ use crate::bgw::{in_transaction, run_prepared, set_session, shutdown_requested};
 use crate::inbound::limiter::Bucket;
 use crate::inbound::verify::{body_hash, verify, Mode, Rule};
 use crate::outbound::mask;
+use crate::outbound::signature::constant_time_eq;
 use crate::{settings, workers};
 
 /// A source as the HTTP tasks see it.
@@ -96,6 +97,8 @@ struct Shared {
     rate_limit: AtomicU64,
     burst: AtomicU64,
     timeout_ms: AtomicU64,
+    /// SHA-256 of `ihub.health_token`; None: /healthz never shows detail.
+    health_token: RwLock<Option<[u8; 32]>>,
 }
 
 impl Shared {
@@ -112,6 +115,25 @@ impl Shared {
         self.rate_limit.store(settings::INBOUND_RATE_LIMIT.get().max(0) as u64, Ordering::Relaxed);
         self.burst.store(settings::INBOUND_BURST.get().max(1) as u64, Ordering::Relaxed);
         self.timeout_ms.store(settings::INBOUND_REQUEST_TIMEOUT_MS.get().max(100) as u64, Ordering::Relaxed);
+        let token = settings::health_token();
+        let digest = (!token.is_empty()).then(|| sha256(token.as_bytes()));
+        if let Ok(mut t) = self.health_token.write() {
+            *t = digest;
+        }
+    }
+
+    /// Whether the request carries `Authorization: Bearer <ihub.health_token>`.
+    /// Digests are compared, in constant time, so neither the token's
+    /// content nor its length shows in the timing.
+    fn health_detail_allowed(&self, headers: &hyper::HeaderMap) -> bool {
+        let Some(expected) = self.health_token.read().ok().and_then(|t| *t) else {
+            return false;
+        };
+        headers
+            .get(hyper::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(bearer_token)
+            .is_some_and(|token| constant_time_eq(&sha256(token.as_bytes()), &expected))
     }
 
     fn timeout(&self) -> Duration {
@@ -157,6 +179,7 @@ pub extern "C-unwind" fn ihub_listener_main(_arg: pg_sys::Datum) {
         rate_limit: AtomicU64::new(0),
         burst: AtomicU64::new(1),
         timeout_ms: AtomicU64::new(30_000),
+        health_token: RwLock::new(None),
     });
     shared.load_settings();
 
@@ -388,18 +411,19 @@ fn record_rejections(works: &[Work]) {
 fn health() -> Option<(bool, Value)> {
     Spi::connect(|client| {
         let rows = client.select("SELECT check_name, status, message FROM ihub.health()", None, &[]).ok()?;
-        let mut ok = true;
         let mut checks = Vec::new();
+        let mut statuses = Vec::new();
         for row in rows {
             let status: String = row.get(2).ok().flatten().unwrap_or_default();
-            ok &= status != "critical";
             checks.push(json!({
                 "check": row.get::<String>(1).ok().flatten(),
                 "status": status,
                 "message": row.get::<String>(3).ok().flatten(),
             }));
+            statuses.push(status);
         }
-        Some((ok, json!({ "status": if ok { "ok" } else { "critical" }, "checks": checks })))
+        let overall = overall_status(statuses.iter().map(String::as_str));
+        Some((overall != "critical", json!({ "status": overall, "checks": checks })))
     })
 }
 
@@ -454,7 +478,10 @@ async fn route(req: Request<Incoming>, shared: &Shared, remote: SocketAddr) -> R
     let path = req.uri().path().to_string();
     let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
     match (req.method(), segments.as_slice()) {
-        (&Method::GET, ["healthz"]) => healthz(shared).await,
+        (&Method::GET, ["healthz"]) => {
+            let detail = shared.health_detail_allowed(req.headers());
+            healthz(shared, detail).await
+        }
         (&Method::POST, ["webhooks", integration, source]) => {
             let (integration, source) = (integration.to_string(), source.to_string());
             receive(req, shared, remote, integration, source).await
@@ -464,16 +491,45 @@ async fn route(req: Request<Incoming>, shared: &Shared, remote: SocketAddr) -> R
     }
 }
 
-async fn healthz(shared: &Shared) -> Response<Full<Bytes>> {
+/// The overall status (200, or 503 when critical). The checks themselves
+/// (endpoint, schedule and source names) only with `detail`: a request
+/// carrying the bearer token `ihub.health_token`.
+async fn healthz(shared: &Shared, detail: bool) -> Response<Full<Bytes>> {
     let (tx, rx) = oneshot::channel();
     if !shared.send(Work::Health(tx)) {
         return error(StatusCode::SERVICE_UNAVAILABLE, "listener stopping");
     }
-    match tokio::time::timeout(shared.timeout(), rx).await {
-        Ok(Ok(Ok((true, body)))) => reply(StatusCode::OK, body),
-        Ok(Ok(Ok((false, body)))) => reply(StatusCode::SERVICE_UNAVAILABLE, body),
-        _ => error(StatusCode::SERVICE_UNAVAILABLE, "the database did not answer"),
+    let (ok, body) = match tokio::time::timeout(shared.timeout(), rx).await {
+        Ok(Ok(Ok(answer))) => answer,
+        _ => return error(StatusCode::SERVICE_UNAVAILABLE, "the database did not answer"),
+    };
+    let body = if detail { body } else { json!({ "status": body["status"] }) };
+    reply(if ok { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE }, body)
+}
+
+/// The worst of the checks' statuses: critical, warning or ok.
+fn overall_status<'a>(statuses: impl Iterator<Item = &'a str>) -> &'static str {
+    let mut overall = "ok";
+    for status in statuses {
+        match status {
+            "critical" => return "critical",
+            "warning" => overall = "warning",
+            _ => {}
+        }
     }
+    overall
+}
+
+/// The token of an `Authorization: Bearer <token>` value (scheme in any case).
+fn bearer_token(value: &str) -> Option<&str> {
+    let (scheme, token) = value.trim().split_once(' ')?;
+    let token = token.trim();
+    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
+}
+
+fn sha256(bytes: &[u8]) -> [u8; 32] {
+    use sha2::Digest;
+    sha2::Sha256::digest(bytes).into()
 }
 
 fn cached(shared: &Shared, integration: &str, source: &str) -> Option<Arc<Source>> {
@@ -665,4 +721,65 @@ async fn read_body(mut body: Incoming, max: u64) -> Result<Bytes, BodyError> {
 
 fn now_secs() -> f64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn overall_status_is_the_worst_check() {
+        assert_eq!(overall_status(["ok", "ok"].into_iter()), "ok");
+        assert_eq!(overall_status(["ok", "warning", "ok"].into_iter()), "warning");
+        assert_eq!(overall_status(["warning", "critical", "ok"].into_iter()), "critical");
+        assert_eq!(overall_status(std::iter::empty()), "ok");
+    }
+
+    #[test]
+    fn bearer_tokens_are_read_with_any_scheme_case() {
+        assert_eq!(bearer_token("Bearer abc"), Some("abc"));
+        assert_eq!(bearer_token("bearer  abc "), Some("abc"));
+        assert_eq!(bearer_token("Basic abc"), None);
+        assert_eq!(bearer_token("Bearer "), None);
+        assert_eq!(bearer_token("abc"), None);
+    }
+
+    fn shared_with(token: Option<&str>) -> Shared {
+        let (tx, _rx) = mpsc::channel();
+        let (wake, _other) = UnixStream::pair().unwrap();
+        Shared {
+            sources: RwLock::new(HashMap::new()),
+            buckets: Mutex::new(HashMap::new()),
+            work: Mutex::new(tx),
+            wake: Mutex::new(wake),
+            ready: AtomicBool::new(false),
+            version: None,
+            loaded_version: AtomicU64::new(0),
+            max_body: AtomicU64::new(0),
+            rate_limit: AtomicU64::new(0),
+            burst: AtomicU64::new(1),
+            timeout_ms: AtomicU64::new(30_000),
+            health_token: RwLock::new(token.map(|t| sha256(t.as_bytes()))),
+        }
+    }
+
+    fn auth(value: &str) -> hyper::HeaderMap {
+        let mut h = hyper::HeaderMap::new();
+        h.insert(hyper::header::AUTHORIZATION, value.parse().unwrap());
+        h
+    }
+
+    #[test]
+    fn health_detail_needs_the_configured_token() {
+        let shared = shared_with(Some("s3cret-token"));
+        assert!(shared.health_detail_allowed(&auth("Bearer s3cret-token")));
+        assert!(!shared.health_detail_allowed(&auth("Bearer s3cret-tokeN")));
+        assert!(!shared.health_detail_allowed(&auth("Bearer s3cret")));
+        assert!(!shared.health_detail_allowed(&auth("Basic s3cret-token")));
+        assert!(!shared.health_detail_allowed(&hyper::HeaderMap::new()));
+        // No token configured: never any detail, whatever is sent.
+        let none = shared_with(None);
+        assert!(!none.health_detail_allowed(&auth("Bearer ")));
+        assert!(!none.health_detail_allowed(&auth("Bearer s3cret-token")));
+    }
 }

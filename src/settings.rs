@@ -37,6 +37,8 @@ pub static MAX_BODY_SIZE: GucSetting<i32> = GucSetting::<i32>::new(1024 * 1024);
 pub static RESPONSE_BODY_LIMIT: GucSetting<i32> = GucSetting::<i32>::new(4096);
 pub static ALLOW_PRIVATE_HOSTS: GucSetting<Option<std::ffi::CString>> =
     GucSetting::<Option<std::ffi::CString>>::new(None);
+pub static HTTP_PROXY: GucSetting<Option<std::ffi::CString>> = GucSetting::<Option<std::ffi::CString>>::new(None);
+pub static HEALTH_TOKEN: GucSetting<Option<std::ffi::CString>> = GucSetting::<Option<std::ffi::CString>>::new(None);
 pub static ENVIRONMENT: GucSetting<Environment> = GucSetting::<Environment>::new(Environment::Production);
 pub static LOG_MIN_LEVEL: GucSetting<Option<std::ffi::CString>> =
     GucSetting::<Option<std::ffi::CString>>::new(Some(c"info"));
@@ -263,6 +265,27 @@ fn define_reloadable_settings() {
         GucFlags::default(),
     );
     GucRegistry::define_string_guc(
+        c"ihub.http_proxy",
+        c"Proxy for outbound requests (http://host:port or https://host:port); empty connects directly.",
+        c"Proxies named in the server's environment (HTTP_PROXY, HTTPS_PROXY, ALL_PROXY) are never used. Through a proxy, \
+          URLs with a literal address are still checked against ihub.allow_private_hosts, but host names are resolved by \
+          the proxy: the resolver guard does not apply to the proxy's own upstream connections, so the proxy must refuse \
+          private addresses itself. An invalid value makes every request fail (and be retried) until it is fixed. Only \
+          superusers can read it, as it may carry credentials.",
+        &HTTP_PROXY,
+        GucContext::Sighup,
+        GucFlags::SUPERUSER_ONLY,
+    );
+    GucRegistry::define_string_guc(
+        c"ihub.health_token",
+        c"Bearer token for the detailed answer of the listener's GET /healthz; empty: no detail over HTTP.",
+        c"Without an Authorization: Bearer header carrying this token, /healthz answers only the overall status \
+          (ok, warning or critical; 503 when critical). Only superusers can read it.",
+        &HEALTH_TOKEN,
+        GucContext::Sighup,
+        GucFlags::SUPERUSER_ONLY,
+    );
+    GucRegistry::define_string_guc(
         c"ihub.log_min_level",
         c"Lowest level logged for entries without an integration, and for integrations without their own setting.",
         c"debug, info, warning, error or critical. Per integration: ihub.set_log_level.",
@@ -324,4 +347,12 @@ pub fn listen_address() -> String {
 
 pub fn allow_private_hosts() -> String {
     string_setting(&ALLOW_PRIVATE_HOSTS)
+}
+
+pub fn http_proxy() -> String {
+    string_setting(&HTTP_PROXY).trim().to_string()
+}
+
+pub fn health_token() -> String {
+    string_setting(&HEALTH_TOKEN).trim().to_string()
 }

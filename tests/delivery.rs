@@ -349,7 +349,7 @@ fn credentials_reach_the_receiver_but_never_the_records_or_the_log() {
     let token = format!("tok-{}", unique("secret"));
     let s = hub.setup(
         &rx.url("/?page=1&api_key=querysecret"),
-        &format!(r#", auth => '{{"type": "bearer", "token": "{token}"}}', headers => '{{"X-Shop-Token": "hdrsecret", "X-Tenant": "acme"}}'"#),
+        &format!(r#", auth => '{{"type": "bearer", "token": "{token}"}}', headers => '{{"X-Shop-Token": "hdrsecret", "X-Tenant": {{"value": "acme", "secret": false}}}}'"#),
     );
     hub.exec(&format!("SELECT ihub.http_request('{}', '{{}}', method => 'PUT', path => '/x')", s.endpoint));
     assert_eq!(hub.wait_settled(&s.endpoint, 1, WAIT), vec!["delivered"]);

@@ -1,5 +1,8 @@
 //! Sends a batch of signed webhook requests concurrently on the caller's
 //! (single-threaded) tokio runtime and reports one attempt record per request.
+//! Also what custom request headers may be, and how every HTTP client of the
+//! extension is configured ([`client_builder`]: no proxy from the
+//! environment, only `ihub.http_proxy`).
 
 use std::error::Error as StdError;
 use std::net::SocketAddr;
@@ -8,9 +11,10 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use futures_util::stream::StreamExt;
 use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
+use serde_json::Value;
 
 use super::auth::Auth;
-use super::mask::mask_headers;
+use super::mask::mask_request_headers;
 use super::retry::{parse_retry_after, Outcome};
 use super::signature::signature_header;
 use super::target::{check_url, AllowList, TargetError};
@@ -23,7 +27,7 @@ pub struct Request {
     pub method: String,
     pub url: String,
     /// Endpoint headers, then per-delivery headers; later entries win.
-    pub headers: Vec<(String, String)>,
+    pub headers: Vec<CustomHeader>,
     pub auth: Auth,
     pub secrets: Vec<String>,
     pub body: String,
@@ -37,13 +41,173 @@ pub struct Attempt {
     pub delivery_id: i64,
     pub started_at: SystemTime,
     pub duration: Duration,
-    /// Request headers as sent, credentials masked.
+    /// Request headers as sent, with credentials, secret custom headers and
+    /// the signature masked.
     pub request_headers: Vec<(String, String)>,
     pub outcome: Outcome,
     pub status: Option<u16>,
     pub response_headers: Vec<(String, String)>,
     pub response_body: Option<String>,
     pub error: Option<String>,
+}
+
+/// Headers a custom header may not set: the HTTP client sets them (framing,
+/// connection handling, the proxy's credentials), or pg_ihub does (the
+/// Standard Webhooks headers; any other `webhook-*` name is refused too).
+pub const RESERVED_HEADERS: &[&str] = &[
+    "host",
+    "connection",
+    "expect",
+    "transfer-encoding",
+    "content-length",
+    "keep-alive",
+    "upgrade",
+    "te",
+    "trailer",
+    "proxy-authorization",
+    "proxy-connection",
+    "webhook-id",
+    "webhook-timestamp",
+    "webhook-signature",
+];
+
+/// Whether a custom header may not have this name (any case).
+pub fn is_reserved_header(name: &str) -> bool {
+    let lower = name.to_ascii_lowercase();
+    RESERVED_HEADERS.contains(&lower.as_str()) || lower.starts_with("webhook-")
+}
+
+/// A custom request header (an endpoint's `headers`, or those of one
+/// `ihub.http_request`). Its value is secret, and masked wherever it is shown,
+/// unless it was given as `{"value": "…", "secret": false}`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CustomHeader {
+    pub name: String,
+    pub value: String,
+    pub secret: bool,
+}
+
+impl CustomHeader {
+    pub fn secret(name: &str, value: &str) -> CustomHeader {
+        CustomHeader { name: name.into(), value: value.into(), secret: true }
+    }
+}
+
+/// What is wrong with custom headers. Never repeats a value (it may be a credential).
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum HeaderError {
+    #[error("headers must be a JSON object")]
+    NotAnObject,
+    #[error("\"{0}\" is not a valid header name")]
+    Name(String),
+    #[error("header \"{0}\" is reserved: pg_ihub or its HTTP client sets it")]
+    Reserved(String),
+    #[error(
+        "the value of \"{0}\" must be a string without control characters, or {{\"value\": \"…\", \"secret\": false}}"
+    )]
+    Value(String),
+    #[error("header \"{name}\" has an unknown key \"{key}\"; only \"value\" and \"secret\" are allowed")]
+    UnknownKey { name: String, key: String },
+    #[error("\"secret\" of header \"{0}\" must be true or false")]
+    Secret(String),
+}
+
+impl HeaderError {
+    pub fn hint(&self) -> String {
+        match self {
+            HeaderError::Reserved(name) => format!(
+                "Remove \"{name}\". Host, Connection, Content-Length, Transfer-Encoding, Expect, Keep-Alive, TE, Trailer, \
+                 Upgrade and Proxy-* are set by the HTTP client (a proxy is set with ihub.http_proxy), and \
+                 webhook-id, webhook-timestamp and webhook-signature by pg_ihub's signing."
+            ),
+            _ => r#"Pass a JSON object of header names to values. A string value is secret and masked in every view; {"value": "…", "secret": false} is shown. E.g. {"X-Api-Key": "k-123", "X-Tenant": {"value": "acme", "secret": false}}."#.into(),
+        }
+    }
+}
+
+/// Validates custom headers as given by a user, and reads them.
+pub fn check_headers(headers: &Value) -> Result<Vec<CustomHeader>, HeaderError> {
+    let Value::Object(map) = headers else {
+        return Err(HeaderError::NotAnObject);
+    };
+    let mut out = Vec::with_capacity(map.len());
+    for (name, value) in map {
+        if HeaderName::from_bytes(name.as_bytes()).is_err() {
+            return Err(HeaderError::Name(name.chars().take(100).collect()));
+        }
+        if is_reserved_header(name) {
+            return Err(HeaderError::Reserved(name.clone()));
+        }
+        let valid = |v: &Value| v.as_str().filter(|s| HeaderValue::from_str(s).is_ok()).map(str::to_string);
+        let header = match value {
+            Value::Object(form) => {
+                if let Some(key) = form.keys().find(|k| !matches!(k.as_str(), "value" | "secret")) {
+                    return Err(HeaderError::UnknownKey { name: name.clone(), key: key.chars().take(100).collect() });
+                }
+                let value = form.get("value").and_then(valid).ok_or_else(|| HeaderError::Value(name.clone()))?;
+                let secret = match form.get("secret") {
+                    None => true,
+                    Some(Value::Bool(b)) => *b,
+                    Some(_) => return Err(HeaderError::Secret(name.clone())),
+                };
+                CustomHeader { name: name.clone(), value, secret }
+            }
+            other => CustomHeader::secret(name, &valid(other).ok_or_else(|| HeaderError::Value(name.clone()))?),
+        };
+        out.push(header);
+    }
+    Ok(out)
+}
+
+/// Reads stored custom headers for sending, leniently: entries that would not
+/// pass [`check_headers`] now (stored by an older version) are skipped, or,
+/// when reserved, left for the sender to drop. Anything unclear is secret.
+pub fn headers_from_json(headers: &Value) -> Vec<CustomHeader> {
+    let Value::Object(map) = headers else {
+        return Vec::new();
+    };
+    map.iter()
+        .filter_map(|(name, value)| match value {
+            Value::String(v) => Some(CustomHeader::secret(name, v)),
+            Value::Object(form) => Some(CustomHeader {
+                name: name.clone(),
+                value: form.get("value")?.as_str()?.to_string(),
+                secret: form.get("secret").and_then(Value::as_bool).unwrap_or(true),
+            }),
+            _ => None,
+        })
+        .collect()
+}
+
+/// A proxy URL for `ihub.http_proxy`: http or https, a host, nothing past the port.
+pub fn parse_proxy(text: &str) -> Result<Option<reqwest::Proxy>, String> {
+    let text = text.trim();
+    if text.is_empty() {
+        return Ok(None);
+    }
+    let invalid = || "ihub.http_proxy is not a valid proxy URL (http://host:port or https://host:port)".to_string();
+    let url = url::Url::parse(text).map_err(|_| invalid())?;
+    if !matches!(url.scheme(), "http" | "https")
+        || url.host_str().is_none_or(str::is_empty)
+        || !matches!(url.path(), "" | "/")
+        || url.query().is_some()
+        || url.fragment().is_some()
+    {
+        return Err(invalid());
+    }
+    reqwest::Proxy::all(url).map(Some).map_err(|_| invalid())
+}
+
+/// The start of every reqwest client pg_ihub builds: proxies named in the
+/// server's environment (HTTP_PROXY, HTTPS_PROXY, ALL_PROXY) are ignored,
+/// since a proxy's upstream connection escapes the resolver guard; only the
+/// proxy named by `ihub.http_proxy` (the text passed here) is used.
+pub fn client_builder(proxy: &str) -> Result<reqwest::ClientBuilder, String> {
+    let builder = reqwest::Client::builder().no_proxy();
+    Ok(match parse_proxy(proxy)? {
+        Some(p) => builder.proxy(p),
+        None => builder,
+    })
 }
 
 /// Reusable sender: one connection pool for the worker's lifetime.
@@ -53,6 +217,9 @@ pub struct Sender {
     body_limit: usize,
     /// Requests in flight at most; each holds a socket (a file descriptor).
     concurrency: usize,
+    /// Why nothing can be sent (an invalid `ihub.http_proxy`): every attempt
+    /// fails with this, to be retried, rather than bypass the proxy.
+    unusable: Option<String>,
 }
 
 #[derive(Debug)]
@@ -65,19 +232,22 @@ impl std::fmt::Display for Blocked {
 impl StdError for Blocked {}
 
 /// Resolves names and drops restricted addresses, so that a public-looking
-/// name pointing at an internal address is refused too.
+/// name pointing at an internal address is refused too. With a proxy, the
+/// only name resolved here is the proxy's own, which the superuser chose and
+/// which is therefore not filtered.
 struct GuardedResolver {
     allow: Arc<AllowList>,
+    proxy_host: Option<String>,
 }
 
 impl reqwest::dns::Resolve for GuardedResolver {
     fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
         let allow = self.allow.clone();
         let host = name.as_str().to_string();
+        let trusted = self.proxy_host.as_deref().is_some_and(|p| p.eq_ignore_ascii_case(&host));
         Box::pin(async move {
             let addrs = tokio::net::lookup_host((host.as_str(), 0)).await?;
-            let by_name = allow.allows_name(&host);
-            let ok: Vec<SocketAddr> = addrs.filter(|a| by_name || allow.allows_ip(a.ip())).collect();
+            let ok = if trusted { addrs.collect() } else { guard(&host, addrs, &allow) };
             if ok.is_empty() {
                 return Err(Box::new(Blocked(host)) as Box<dyn StdError + Send + Sync>);
             }
@@ -86,22 +256,54 @@ impl reqwest::dns::Resolve for GuardedResolver {
     }
 }
 
+/// The resolved addresses a request may connect to: all of them when the
+/// name is allow-listed, else those [`AllowList::allows_ip`] allows, the
+/// check literal addresses in URLs get.
+fn guard(host: &str, addrs: impl Iterator<Item = SocketAddr>, allow: &AllowList) -> Vec<SocketAddr> {
+    let by_name = allow.allows_name(host);
+    addrs.filter(|a| by_name || allow.allows_ip(a.ip())).collect()
+}
+
 impl Sender {
+    /// A sender that connects directly (no proxy).
     pub fn new(allow: AllowList, body_limit: usize, concurrency: usize, user_agent: &str) -> Sender {
+        Sender::with_proxy(allow, body_limit, concurrency, user_agent, "")
+    }
+
+    /// A sender that connects through `proxy` (`ihub.http_proxy`; empty:
+    /// directly). An invalid proxy URL gives a sender whose every attempt
+    /// fails with the reason, to be retried once the setting is fixed.
+    pub fn with_proxy(
+        allow: AllowList,
+        body_limit: usize,
+        concurrency: usize,
+        user_agent: &str,
+        proxy: &str,
+    ) -> Sender {
         let allow = Arc::new(allow);
-        let client = reqwest::Client::builder()
+        let proxy_host = url::Url::parse(proxy.trim()).ok().and_then(|u| u.host_str().map(str::to_ascii_lowercase));
+        let (builder, unusable) = match client_builder(proxy) {
+            Ok(builder) => (builder, None),
+            Err(reason) => (client_builder("").expect("no proxy is valid"), Some(reason)),
+        };
+        let client = builder
             .user_agent(user_agent)
             // A redirect could lead to an address the allow-list refuses; the
             // receiver's 3xx is recorded as a failure instead.
             .redirect(reqwest::redirect::Policy::none())
-            .dns_resolver(Arc::new(GuardedResolver { allow: allow.clone() }))
+            .dns_resolver(Arc::new(GuardedResolver { allow: allow.clone(), proxy_host }))
             .pool_idle_timeout(Duration::from_secs(30))
             // Idle connections hold descriptors too.
             .pool_max_idle_per_host(concurrency.max(1))
             .tcp_nodelay(true)
             .build()
             .expect("a reqwest client with static settings builds");
-        Sender { client, allow, body_limit, concurrency: concurrency.max(1) }
+        Sender { client, allow, body_limit, concurrency: concurrency.max(1), unusable }
+    }
+
+    /// Why this sender cannot send (an invalid `ihub.http_proxy`), if so.
+    pub fn unusable(&self) -> Option<&str> {
+        self.unusable.as_deref()
     }
 
     pub fn concurrency(&self) -> usize {
@@ -144,18 +346,28 @@ impl Sender {
         let body = if req.method == "GET" { String::new() } else { req.body };
 
         let mut headers: Vec<(String, String)> = vec![("content-type".into(), "application/json".into())];
-        for (k, v) in req.headers {
-            let k = k.to_ascii_lowercase();
+        // Names whose values the attempt record masks: secret custom headers
+        // and the auth header (besides credential-looking names).
+        let mut secret: Vec<String> = Vec::new();
+        let mut set = |k: String, v: String, is_secret: bool| {
+            // Reserved names are refused when headers are stored; rows stored
+            // before that (or an api_key auth header) are dropped here.
+            if is_reserved_header(&k) {
+                return;
+            }
             headers.retain(|(name, _)| *name != k);
+            secret.retain(|name| *name != k);
+            if is_secret {
+                secret.push(k.clone());
+            }
             headers.push((k, v));
+        };
+        for h in req.headers {
+            set(h.name.to_ascii_lowercase(), h.value, h.secret);
         }
-        let mut sensitive = Vec::new();
         if let Some((k, v)) = req.auth.header() {
-            headers.retain(|(name, _)| *name != k);
-            sensitive.push(k.clone());
-            headers.push((k, v));
+            set(k.to_ascii_lowercase(), v, true);
         }
-        headers.retain(|(name, _)| !name.starts_with("webhook-"));
         headers.push(("webhook-id".into(), req.event_id.clone()));
         headers.push(("webhook-timestamp".into(), timestamp.to_string()));
         headers.push((
@@ -167,7 +379,7 @@ impl Sender {
             delivery_id: req.delivery_id,
             started_at,
             duration: Duration::ZERO,
-            request_headers: mask_headers(&headers, &sensitive),
+            request_headers: mask_request_headers(&headers, &secret),
             outcome: Outcome::NotSent,
             status: None,
             response_headers: Vec::new(),
@@ -175,6 +387,11 @@ impl Sender {
             error: None,
         };
         if req.test_mode {
+            return attempt;
+        }
+        if let Some(reason) = &self.unusable {
+            attempt.outcome = Outcome::Connection;
+            attempt.error = Some(format!("not sent: {reason}"));
             return attempt;
         }
         match self.exchange(&req.method, &req.url, headers, body, req.timeout).await {
@@ -295,7 +512,7 @@ mod tests {
             event_id: "evt_1".into(),
             method: "POST".into(),
             url,
-            headers: vec![("X-Extra".into(), "1".into())],
+            headers: vec![CustomHeader::secret("X-Extra", "1")],
             auth: Auth::Bearer { token: "sekrit".into() },
             secrets: vec!["whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw".into()],
             body: "{\"a\":1}".into(),
@@ -350,6 +567,185 @@ mod tests {
         assert_eq!(a.response_body.as_deref(), Some("ok"));
         let auth = a.request_headers.iter().find(|(k, _)| k == "authorization").unwrap();
         assert_eq!(auth.1, crate::outbound::mask::MASK);
+        let recorded = |name: &str| a.request_headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str());
+        assert_eq!(recorded("webhook-signature"), Some("v1,********"));
+        assert_eq!(recorded("x-extra"), Some(crate::outbound::mask::MASK));
+        assert_eq!(recorded("webhook-id"), Some("evt_1"));
+    }
+
+    #[test]
+    fn custom_headers_are_sent_secret_ones_masked_and_reserved_ones_dropped() {
+        let (url, server) = serve_once("HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n");
+        let sender = Sender::new(loopback(), 1024, 8, "t");
+        let mut r = request(url);
+        // As stored rows may hold them: from before validation, or lenient JSON.
+        r.headers = headers_from_json(&serde_json::json!({
+            "X-Functions-Key": "fk-secret",
+            "Ocp-Apim-Subscription-Key": {"value": "apim-secret", "secret": true},
+            "X-Trace": {"value": "trace-1", "secret": false},
+            "Host": "evil.example",
+            "Transfer-Encoding": "chunked",
+            "Content-Length": "1",
+            "Proxy-Authorization": "Basic eA==",
+            "Webhook-Signature": "v1,forged",
+            "Connection": "close",
+        }));
+        r.auth = Auth::ApiKey { header: "Upgrade".into(), value: "h2c".into() };
+        let a = run(sender.send_all(vec![r], || false)).remove(0);
+        assert_eq!(a.status, Some(200), "{:?}", a.error);
+        let seen = server.join().unwrap().to_ascii_lowercase();
+        assert!(seen.contains("x-functions-key: fk-secret"), "{seen}");
+        assert!(seen.contains("ocp-apim-subscription-key: apim-secret"), "{seen}");
+        assert!(seen.contains("x-trace: trace-1"), "{seen}");
+        for dropped in [
+            "evil.example",
+            "transfer-encoding",
+            "content-length: 1\r",
+            "proxy-authorization",
+            "v1,forged",
+            "upgrade",
+            "connection: close",
+        ] {
+            assert!(!seen.contains(dropped), "{dropped} sent: {seen}");
+        }
+        let recorded: std::collections::HashMap<_, _> = a.request_headers.iter().cloned().collect();
+        assert_eq!(recorded["x-functions-key"], crate::outbound::mask::MASK);
+        assert_eq!(recorded["ocp-apim-subscription-key"], crate::outbound::mask::MASK);
+        assert_eq!(recorded["x-trace"], "trace-1");
+        assert!(recorded["webhook-signature"].starts_with("v1,") && !recorded.contains_key("host"));
+        let text = format!("{:?}", a.request_headers);
+        assert!(!text.contains("fk-secret") && !text.contains("apim-secret"), "{text}");
+    }
+
+    #[test]
+    fn header_forms_are_validated() {
+        use serde_json::json;
+        let ok = check_headers(&json!({
+            "X-Key": "k",
+            "X-Secret": {"value": "s", "secret": true},
+            "X-Shown": {"value": "v", "secret": false},
+            "X-Default": {"value": "d"},
+        }))
+        .unwrap();
+        let secret: Vec<(&str, bool)> = ok.iter().map(|h| (h.name.as_str(), h.secret)).collect();
+        assert_eq!(secret, vec![("X-Default", true), ("X-Key", true), ("X-Secret", true), ("X-Shown", false)]);
+        assert_eq!(check_headers(&json!([])), Err(HeaderError::NotAnObject));
+        assert_eq!(check_headers(&json!({"bad name": "x"})), Err(HeaderError::Name("bad name".into())));
+        assert_eq!(check_headers(&json!({"X-A": 1})), Err(HeaderError::Value("X-A".into())));
+        assert_eq!(check_headers(&json!({"X-A": "a\nb"})), Err(HeaderError::Value("X-A".into())));
+        assert_eq!(check_headers(&json!({"X-A": {"secret": false}})), Err(HeaderError::Value("X-A".into())));
+        assert_eq!(check_headers(&json!({"X-A": {"value": 5}})), Err(HeaderError::Value("X-A".into())));
+        assert_eq!(
+            check_headers(&json!({"X-A": {"value": "v", "secret": "no"}})),
+            Err(HeaderError::Secret("X-A".into()))
+        );
+        assert_eq!(
+            check_headers(&json!({"X-A": {"value": "v", "public": true}})),
+            Err(HeaderError::UnknownKey { name: "X-A".into(), key: "public".into() })
+        );
+        for name in RESERVED_HEADERS.iter().copied().chain(["HOST", "Content-Length", "Webhook-Id", "webhook-other"]) {
+            let e = check_headers(&json!({ name: "x" })).unwrap_err();
+            assert_eq!(e, HeaderError::Reserved(name.into()));
+            assert!(e.to_string().contains(name) && e.to_string().contains("reserved"), "{e}");
+            assert!(e.hint().contains(name), "{}", e.hint());
+            // The safe form does not get around it.
+            assert!(check_headers(&json!({ name: {"value": "x", "secret": false} })).is_err());
+        }
+        // Errors never repeat a value.
+        let e = check_headers(&json!({"X-A": {"value": "hunter2", "secret": "hunter2"}})).unwrap_err();
+        assert!(!e.to_string().contains("hunter2") && !e.hint().contains("hunter2"));
+    }
+
+    #[test]
+    fn stored_headers_are_read_leniently_and_secret_by_default() {
+        let h = headers_from_json(&serde_json::json!({
+            "A": "1",
+            "B": {"value": "2", "secret": false},
+            "C": {"value": "3", "secret": "odd"},
+            "D": 4,
+            "E": {"secret": false},
+        }));
+        assert_eq!(
+            h,
+            vec![
+                CustomHeader::secret("A", "1"),
+                CustomHeader { name: "B".into(), value: "2".into(), secret: false },
+                CustomHeader::secret("C", "3"),
+            ]
+        );
+        assert!(headers_from_json(&serde_json::Value::Null).is_empty());
+    }
+
+    #[test]
+    fn the_resolver_guard_applies_the_url_check() {
+        let addrs = |list: &[&str]| list.iter().map(|a| a.parse::<SocketAddr>().unwrap()).collect::<Vec<_>>();
+        let resolved = addrs(&[
+            "[::ffff:127.0.0.1]:0",
+            "[::ffff:0:a9fe:a9fe]:0",
+            "[64:ff9b::a00:1]:0",
+            "[2002:7f00:1::]:0",
+            "[fec0::1]:0",
+            "[2001:0:4136:e378:8000:63bf:80ff:fffe]:0",
+            "[::ffff:8.8.8.8]:0",
+            "8.8.4.4:0",
+        ]);
+        let kept = guard("x.example", resolved.clone().into_iter(), &AllowList::default());
+        assert_eq!(kept, addrs(&["[::ffff:8.8.8.8]:0", "8.8.4.4:0"]));
+        let kept = guard("x.example", resolved.clone().into_iter(), &loopback());
+        assert_eq!(kept, addrs(&["[::ffff:127.0.0.1]:0", "[2002:7f00:1::]:0", "[::ffff:8.8.8.8]:0", "8.8.4.4:0"]));
+        let by_name = AllowList::parse("x.example").unwrap();
+        assert_eq!(guard("X.example", resolved.clone().into_iter(), &by_name).len(), resolved.len());
+    }
+
+    #[test]
+    fn proxies_come_only_from_the_setting() {
+        assert!(parse_proxy("").unwrap().is_none());
+        assert!(parse_proxy("  ").unwrap().is_none());
+        assert!(parse_proxy("http://proxy.internal:3128").unwrap().is_some());
+        assert!(parse_proxy("https://u:p@proxy.internal:3128/").unwrap().is_some());
+        for bad in
+            ["proxy:3128", "ftp://proxy:21", "http://proxy:3128/path", "http://:3128", "http://p:1?x=1", "nonsense"]
+        {
+            assert!(parse_proxy(bad).is_err(), "{bad}");
+        }
+        // An environment proxy is ignored: the request goes straight to the
+        // receiver although HTTP_PROXY/ALL_PROXY name a closed port. (Read
+        // when the client is built, so the variables are set just for that.)
+        let (url, server) = serve_once("HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n");
+        std::env::set_var("HTTP_PROXY", "http://127.0.0.1:9");
+        std::env::set_var("ALL_PROXY", "http://127.0.0.1:9");
+        let sender = Sender::new(loopback(), 1024, 8, "t");
+        std::env::remove_var("HTTP_PROXY");
+        std::env::remove_var("ALL_PROXY");
+        let a = run(sender.send_all(vec![request(url)], || false)).remove(0);
+        assert_eq!((a.status, a.error), (Some(200), None));
+        server.join().unwrap();
+    }
+
+    #[test]
+    fn the_configured_proxy_is_used() {
+        // The proxy sees the absolute URL; the target name is its to resolve,
+        // and the proxy's own (loopback) address is not filtered.
+        let (proxy, server) = serve_once("HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n");
+        let proxy = proxy.trim_end_matches("/hook").to_string();
+        let sender = Sender::with_proxy(AllowList::default(), 1024, 8, "t", &proxy);
+        assert!(sender.unusable().is_none());
+        let a = run(sender.send_all(vec![request("http://hooks.example.com/in".into())], || false)).remove(0);
+        assert_eq!(a.status, Some(200), "{:?}", a.error);
+        let seen = server.join().unwrap();
+        assert!(seen.starts_with("POST http://hooks.example.com/in HTTP/1.1"), "{seen}");
+        // Literal private targets are still refused before the proxy is asked.
+        let b = run(sender.send_all(vec![request("http://[::ffff:127.0.0.1]/".into())], || false)).remove(0);
+        assert_eq!(b.outcome, Outcome::Blocked);
+    }
+
+    #[test]
+    fn an_invalid_proxy_sends_nothing() {
+        let sender = Sender::with_proxy(loopback(), 1024, 8, "t", "ftp://proxy:21");
+        assert!(sender.unusable().unwrap().contains("ihub.http_proxy"));
+        let a = run(sender.send_all(vec![request("http://127.0.0.1:9/".into())], || false)).remove(0);
+        assert_eq!(a.outcome, Outcome::Connection);
+        assert!(a.error.unwrap().contains("ihub.http_proxy"));
     }
 
     /// Reads one request (up to its `{"a":1}` body) from a connection.
