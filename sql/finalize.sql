@@ -7,7 +7,26 @@ COMMENT ON FUNCTION ihub._require_workers() IS
     'Internal: raises an error with a hint unless pg_ihub''s workers serve this database.';
 COMMENT ON FUNCTION ihub._workers() IS 'Internal: the worker registry in shared memory.';
 COMMENT ON FUNCTION ihub._pid_alive(integer) IS 'Internal: whether a process with this pid runs now (read from the proc array, not a snapshot).';
-COMMENT ON FUNCTION ihub._invoker() IS 'Internal: the role that called into pg_ihub, outside SECURITY DEFINER.';
+-- Reads the subscription as the extension owner, then runs the condition as
+-- the subscriber (src/capture.rs); conditions see only pg_catalog and pg_temp.
+ALTER FUNCTION ihub._capture_filtered() SECURITY DEFINER SET search_path = pg_catalog, pg_temp;
+COMMENT ON FUNCTION ihub._capture_filtered() IS
+    'Internal: capture trigger of subscriptions with watched columns or a condition; copies the transition rows that pass (the condition runs as the subscriber) into the capture table named by its argument.';
+COMMENT ON FUNCTION ihub.process_inbound(bigint) IS
+    'Processes one queued or failed inbound item now, in this session and with the caller''s rights (a member of the source''s role); returns the handler''s result or {"error": ...}.';
+-- The internal halves of the functions that act for their caller.
+DO $$
+DECLARE
+    v record;
+BEGIN
+    FOR v IN SELECT p.oid::regprocedure AS fn, substr(p.proname, 2, length(p.proname) - 4) AS public_name
+             FROM pg_proc p WHERE p.pronamespace = 'ihub'::regnamespace AND p.proname ~ '^_.*_by$'
+    LOOP
+        EXECUTE format('COMMENT ON FUNCTION %s IS %L', v.fn,
+                       format('Internal: ihub.%s for the role passed last, the caller its LANGUAGE c entry point saw (src/caller.rs).', v.public_name));
+    END LOOP;
+END
+$$;
 COMMENT ON FUNCTION ihub._default_timeout_ms() IS 'Internal: ihub.default_timeout in milliseconds.';
 COMMENT ON FUNCTION ihub._check_url(text) IS 'Internal: validates an endpoint URL and the private-host allow-list.';
 COMMENT ON FUNCTION ihub._normalize_retry(jsonb) IS 'Internal: validates a retry policy and fills in defaults.';
@@ -15,6 +34,8 @@ COMMENT ON FUNCTION ihub._normalize_auth(jsonb) IS 'Internal: validates endpoint
 COMMENT ON FUNCTION ihub._check_secret(text) IS 'Internal: validates a whsec_ secret.';
 COMMENT ON FUNCTION ihub._generate_secret() IS 'Internal: a new random whsec_ secret.';
 COMMENT ON FUNCTION ihub._check_headers(jsonb) IS 'Internal: validates custom request headers.';
+COMMENT ON FUNCTION ihub._mask_endpoint_headers(jsonb) IS 'Internal: masks every custom header value except those marked {"secret": false}, for views.';
+COMMENT ON FUNCTION ihub._mask_attempt_headers(jsonb, jsonb) IS 'Internal: masks an attempt''s recorded request headers: credentials, the signature and secret custom headers.';
 COMMENT ON FUNCTION ihub._mask_headers(jsonb) IS 'Internal: masks credential header values for views.';
 COMMENT ON FUNCTION ihub._mask_headers(jsonb, text) IS 'Internal: masks credential header values and one more header (an inbound source''s secret header).';
 COMMENT ON FUNCTION ihub._mask_settings(jsonb) IS 'Internal: masks secret-looking setting values for views.';
@@ -56,7 +77,6 @@ COMMENT ON FUNCTION ihub._wake_processor() IS 'Internal: wakes an inbound proces
 REVOKE ALL ON ALL TABLES IN SCHEMA ihub FROM PUBLIC;
 REVOKE ALL ON ALL FUNCTIONS IN SCHEMA ihub FROM PUBLIC;
 GRANT USAGE ON SCHEMA ihub TO ihub_viewer;
-GRANT USAGE ON SCHEMA ihub_capture TO ihub_developer;
 
 GRANT SELECT ON ihub.integrations, ihub.endpoints, ihub.subscriptions, ihub.deliveries,
                 ihub.delivery_attempts, ihub.workers, ihub.jobs, ihub.schedules, ihub.cronwatch,
@@ -71,6 +91,8 @@ GRANT EXECUTE ON FUNCTION
     -- used by the views, which run functions with the reader's rights
     ihub._mask_settings(jsonb),
     ihub._mask_headers(jsonb),
+    ihub._mask_endpoint_headers(jsonb),
+    ihub._mask_attempt_headers(jsonb, jsonb),
     ihub._mask_url(text),
     ihub._default_timeout_ms(),
     ihub._workers(),
@@ -119,11 +141,7 @@ GRANT EXECUTE ON FUNCTION
     ihub.drop_source(text, text),
     ihub.receive(text, text, jsonb, bytea, timestamptz),
     ihub.reactivate_inbound(bigint[]),
-    ihub.process_inbound(bigint),
-    ihub._inbound_take(bigint),
-    ihub._inbound_settle(bigint, jsonb, text),
-    -- Capture triggers are owned by their subscriber and call this.
-    ihub._wake()
+    ihub.process_inbound(bigint)
 TO ihub_developer;
 
 -- Harmless anywhere: they only act inside a running job.

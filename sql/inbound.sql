@@ -42,7 +42,7 @@ BEGIN
 END
 $$;
 
-CREATE FUNCTION ihub.create_source(
+CREATE FUNCTION ihub._create_source_by(
     integration text,
     name text,
     handler regprocedure,
@@ -52,19 +52,19 @@ CREATE FUNCTION ihub.create_source(
     tolerance interval DEFAULT '5 minutes',
     dedup_window interval DEFAULT '24 hours',
     id_header text DEFAULT NULL,
-    ordering_key text DEFAULT NULL
-) RETURNS bigint
+    ordering_key text DEFAULT NULL,
+    p_caller regrole DEFAULT NULL) RETURNS bigint
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-    v_integration bigint := ihub._integration_id(create_source.integration);
-    v_role name := ihub._invoker();
+    v_integration bigint := ihub._integration_id(_create_source_by.integration);
+    v_role name := pg_get_userbyid(p_caller);
     v_proc pg_proc;
     v_id bigint;
 BEGIN
-    PERFORM ihub._check_name('inbound source', create_source.name);
-    IF EXISTS (SELECT 1 FROM ihub.inbound_source s WHERE s.integration_id = v_integration AND s.name = create_source.name) THEN
-        RAISE EXCEPTION 'integration "%" already has an inbound source "%"', create_source.integration, create_source.name
+    PERFORM ihub._check_name('inbound source', _create_source_by.name);
+    IF EXISTS (SELECT 1 FROM ihub.inbound_source s WHERE s.integration_id = v_integration AND s.name = _create_source_by.name) THEN
+        RAISE EXCEPTION 'integration "%" already has an inbound source "%"', _create_source_by.integration, _create_source_by.name
             USING ERRCODE = 'duplicate_object', HINT = 'Choose another name, or drop it with ihub.drop_source first.';
     END IF;
     SELECT * INTO v_proc FROM pg_proc WHERE oid = handler;
@@ -103,8 +103,8 @@ BEGIN
     END IF;
     INSERT INTO ihub.inbound_source (integration_id, name, handler, verify, header, id_header, ordering_key,
                                      tolerance, dedup_window, run_as)
-    VALUES (v_integration, create_source.name, handler, verify, lower(header), lower(id_header), ordering_key,
-            tolerance, dedup_window, v_role::regrole)
+    VALUES (v_integration, _create_source_by.name, handler, verify, lower(header), lower(id_header), ordering_key,
+            tolerance, dedup_window, p_caller)
     RETURNING id INTO v_id;
     IF secret IS NOT NULL THEN
         INSERT INTO ihub.inbound_secret (source_id, secret) VALUES (v_id, secret);
@@ -112,6 +112,20 @@ BEGIN
     RETURN v_id;
 END
 $$;
+
+CREATE FUNCTION ihub.create_source(
+    integration text,
+    name text,
+    handler regprocedure,
+    verify text DEFAULT 'standard-webhooks',
+    secret text DEFAULT NULL,
+    header text DEFAULT NULL,
+    tolerance interval DEFAULT '5 minutes',
+    dedup_window interval DEFAULT '24 hours',
+    id_header text DEFAULT NULL,
+    ordering_key text DEFAULT NULL
+) RETURNS bigint
+LANGUAGE c VOLATILE AS 'MODULE_PATHNAME', 'ihub_for_caller';
 
 CREATE FUNCTION ihub.drop_source(integration text, name text) RETURNS void
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
@@ -257,13 +271,13 @@ $$;
 -- The listener's path from SQL, for applications that receive HTTP
 -- themselves. Returns the item id (the first one's for a duplicate), or
 -- NULL with a WARNING when verification fails (the rejection is recorded).
-CREATE FUNCTION ihub.receive(integration text, source text, headers jsonb, body bytea,
-                             execute_at timestamptz DEFAULT now())
-RETURNS bigint
+CREATE FUNCTION ihub._receive_by(integration text, source text, headers jsonb, body bytea,
+                             execute_at timestamptz DEFAULT now(),
+    p_caller regrole DEFAULT NULL) RETURNS bigint
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-    v ihub.inbound_source := ihub._source_row(receive.integration, receive.source);
+    v ihub.inbound_source := ihub._source_row(_receive_by.integration, _receive_by.source);
     v_state text;
     v_headers jsonb := (SELECT coalesce(jsonb_object_agg(lower(key), value), '{}') FROM jsonb_each_text(coalesce(headers, '{}')));
     v_reason text;
@@ -274,9 +288,9 @@ DECLARE
 BEGIN
     SELECT state INTO v_state FROM ihub.integration WHERE id = v.integration_id;
     IF v_state = 'inactive' THEN
-        RAISE EXCEPTION 'integration "%" is inactive', receive.integration
+        RAISE EXCEPTION 'integration "%" is inactive', _receive_by.integration
             USING ERRCODE = 'object_not_in_prerequisite_state',
-                  HINT = format('Enable it first: SELECT ihub.enable_integration(%L);', receive.integration);
+                  HINT = format('Enable it first: SELECT ihub.enable_integration(%L);', _receive_by.integration);
     END IF;
     IF body IS NULL OR octet_length(body) > pg_size_bytes(current_setting('ihub.max_body_size')) THEN
         RAISE EXCEPTION 'body is missing or larger than ihub.max_body_size (%)', current_setting('ihub.max_body_size')
@@ -285,17 +299,22 @@ BEGIN
     v_reason := ihub._verify_inbound(v.verify, (SELECT secret FROM ihub.inbound_secret WHERE source_id = v.id),
                                      v.header, extract(epoch FROM v.tolerance)::bigint, v_headers, body);
     IF v_reason IS NOT NULL THEN
-        PERFORM ihub._reject_inbound(ARRAY[v.id], ARRAY[v_reason], ARRAY['sql:' || ihub._invoker()],
+        PERFORM ihub._reject_inbound(ARRAY[v.id], ARRAY[v_reason], ARRAY['sql:' || pg_get_userbyid(p_caller)],
                                      ARRAY[encode(sha256(body), 'hex')], ARRAY[v_stored]);
-        RAISE WARNING 'pg_ihub: inbound request for %/% refused: %', receive.integration, receive.source, v_reason;
+        RAISE WARNING 'pg_ihub: inbound request for %/% refused: %', _receive_by.integration, _receive_by.source, v_reason;
         RETURN NULL;
     END IF;
     SELECT a.item_id INTO v_id
     FROM ihub._accept_inbound(ARRAY[v.id], ARRAY[v_stored], ARRAY[body], ARRAY[ihub._dedup_key(v, v_headers, body)],
-                              ARRAY['sql:' || ihub._invoker()], ARRAY[coalesce(execute_at, now())]) a;
+                              ARRAY['sql:' || pg_get_userbyid(p_caller)], ARRAY[coalesce(execute_at, now())]) a;
     RETURN v_id;
 END
 $$;
+
+CREATE FUNCTION ihub.receive(integration text, source text, headers jsonb, body bytea,
+                             execute_at timestamptz DEFAULT now())
+RETURNS bigint
+LANGUAGE c VOLATILE AS 'MODULE_PATHNAME', 'ihub_for_caller';
 
 -------------------------------------------------------------------------------
 -- Processing
@@ -409,12 +428,23 @@ AS $$
               AND e.state IN ('queued', 'processing') AND e.id < t.id))
 $$;
 
-CREATE FUNCTION ihub.reactivate_inbound(ids bigint[]) RETURNS bigint
+CREATE FUNCTION ihub._reactivate_inbound_by(ids bigint[], p_caller regrole) RETURNS bigint
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     v_count bigint;
+    v_denied text;
+    v_role text;
 BEGIN
+    -- Reactivating runs the source's handler again, as the source's role.
+    SELECT string_agg(t.id::text, ', ' ORDER BY t.id), min(s.run_as::text) INTO v_denied, v_role
+    FROM ihub.inbound_item t JOIN ihub.inbound_source s ON s.id = t.source_id
+    WHERE t.id = ANY (ids) AND t.state = 'failed' AND NOT ihub._may_act_for(p_caller, s.run_as);
+    IF v_denied IS NOT NULL THEN
+        RAISE EXCEPTION 'role % may not reactivate inbound items %, whose handler runs as %', p_caller, v_denied, v_role
+            USING ERRCODE = 'insufficient_privilege',
+                  HINT = 'Only members of the source''s role, or ihub_admin when it is not a superuser, may run its handler again.';
+    END IF;
     UPDATE ihub.inbound_item
     SET state = 'queued', execute_at = now(), reactivated = reactivated + 1, processed_at = NULL
     WHERE id = ANY (ids) AND state = 'failed';
@@ -426,27 +456,36 @@ BEGIN
 END
 $$;
 
--- For ihub.process_inbound: takes a queued or failed item for this session.
-CREATE FUNCTION ihub._inbound_take(p_id bigint) RETURNS text
+CREATE FUNCTION ihub.reactivate_inbound(ids bigint[]) RETURNS bigint
+LANGUAGE c VOLATILE AS 'MODULE_PATHNAME', 'ihub_for_caller';
+
+-- For ihub.process_inbound (src/processor.rs): takes a queued or failed item
+-- for this session, if the caller may run the source's handler; returns the
+-- statement that calls it.
+CREATE FUNCTION ihub._inbound_take(p_id bigint, p_caller regrole) RETURNS text
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     v_state text;
-    v_call text;
+    v_source ihub.inbound_source;
 BEGIN
     SELECT t.state INTO v_state FROM ihub.inbound_item t WHERE t.id = p_id FOR UPDATE;
     IF v_state IS NULL THEN
         RAISE EXCEPTION 'inbound item % does not exist', p_id USING ERRCODE = 'undefined_object', HINT = 'See ihub.inbound_items.';
-    ELSIF v_state NOT IN ('queued', 'failed') THEN
+    END IF;
+    SELECT s.* INTO v_source FROM ihub.inbound_item t JOIN ihub.inbound_source s ON s.id = t.source_id WHERE t.id = p_id;
+    IF NOT ihub._may_act_for(p_caller, v_source.run_as) THEN
+        RAISE EXCEPTION 'role % may not process inbound item %, whose handler runs as %', p_caller, p_id, v_source.run_as
+            USING ERRCODE = 'insufficient_privilege',
+                  HINT = 'Only members of the source''s role, or ihub_admin when it is not a superuser, may run its handler.';
+    END IF;
+    IF v_state NOT IN ('queued', 'failed') THEN
         RAISE EXCEPTION 'inbound item % is %', p_id, v_state
             USING ERRCODE = 'object_not_in_prerequisite_state', HINT = 'Only queued or failed items can be processed by hand.';
     END IF;
     UPDATE ihub.inbound_item t SET state = 'processing', processor_pid = pg_backend_pid(), attempts = t.attempts + 1
     WHERE t.id = p_id;
-    SELECT ihub._handler_call(s.handler) INTO v_call
-    FROM ihub.inbound_item t JOIN ihub.inbound_source s ON s.id = t.source_id
-    WHERE t.id = p_id;
-    RETURN v_call;
+    RETURN ihub._handler_call(v_source.handler);
 END
 $$;
 
@@ -454,35 +493,12 @@ CREATE FUNCTION ihub._inbound_settle(p_id bigint, p_result jsonb, p_error text) 
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
-    -- pg_backend_pid(): the session that took the item with _inbound_take.
+    -- pg_backend_pid(): only the session that took the item settles it.
     IF p_error IS NULL THEN
         PERFORM ihub._inbound_done(p_id, pg_backend_pid(), p_result);
     ELSE
         PERFORM ihub._inbound_failed(p_id, pg_backend_pid(), p_error);
     END IF;
-END
-$$;
-
--- Processes one item now, in the caller's session and with the caller's
--- rights; returns the handler's result, or {"error": ...} (the item is then
--- archived as failed).
--- (No SET search_path: the handler runs with the caller's, as it would
--- when called directly.)
-CREATE FUNCTION ihub.process_inbound(id bigint) RETURNS jsonb
-LANGUAGE plpgsql
-AS $$
-DECLARE
-    v_call text := ihub._inbound_take(process_inbound.id);
-    v_result jsonb;
-BEGIN
-    BEGIN
-        EXECUTE v_call INTO v_result USING process_inbound.id;
-    EXCEPTION WHEN OTHERS THEN
-        PERFORM ihub._inbound_settle(process_inbound.id, NULL, SQLERRM);
-        RETURN jsonb_build_object('error', SQLERRM);
-    END;
-    PERFORM ihub._inbound_settle(process_inbound.id, v_result, NULL);
-    RETURN v_result;
 END
 $$;
 
@@ -558,10 +574,8 @@ COMMENT ON FUNCTION ihub._inbound_failed(bigint, integer, text) IS 'Internal: ar
 COMMENT ON FUNCTION ihub._rescue_inbound() IS 'Internal: queues again items whose processor is gone.';
 COMMENT ON FUNCTION ihub._next_inbound_due() IS 'Internal (processor): seconds until the next item is due.';
 COMMENT ON FUNCTION ihub.reactivate_inbound(bigint[]) IS 'Queues failed inbound items again. Returns how many.';
-COMMENT ON FUNCTION ihub._inbound_take(bigint) IS 'Internal: takes an item for ihub.process_inbound.';
+COMMENT ON FUNCTION ihub._inbound_take(bigint, regrole) IS 'Internal: takes an item for ihub.process_inbound, if the caller may run its handler.';
 COMMENT ON FUNCTION ihub._inbound_settle(bigint, jsonb, text) IS 'Internal: records the outcome of ihub.process_inbound.';
-COMMENT ON FUNCTION ihub.process_inbound(bigint) IS
-    'Processes one queued or failed inbound item now, in this session; returns the handler''s result or {"error": ...}.';
 COMMENT ON FUNCTION ihub._cleanup_inbound(timestamptz, integer) IS 'Internal: removes processed items past their retention.';
 COMMENT ON FUNCTION ihub._inbound_queue_stats() IS 'Internal: inbound counts for ihub.queue_stats.';
 COMMENT ON VIEW ihub.inbound_failed IS 'Failed inbound items, archived with their error until reactivated.';

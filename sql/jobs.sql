@@ -26,6 +26,30 @@ BEGIN
 END
 $$;
 
+-- Whether p_caller may act on work that runs as p_role (change, run, retry,
+-- cancel it): as a member of p_role (superusers are members of every role),
+-- or as ihub_admin unless p_role is a superuser, whose work no other role
+-- may change.
+CREATE FUNCTION ihub._may_act_for(p_caller regrole, p_role regrole) RETURNS boolean
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT pg_has_role(p_caller, p_role, 'MEMBER')
+        OR (pg_has_role(p_caller, 'ihub_admin', 'MEMBER')
+            AND NOT coalesce((SELECT rolsuper FROM pg_roles WHERE oid = p_role), true))
+$$;
+
+CREATE FUNCTION ihub._require_may_act_for(p_caller regrole, p_role regrole, p_what text) RETURNS void
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF NOT ihub._may_act_for(p_caller, p_role) THEN
+        RAISE EXCEPTION 'role % may not act on %, which runs as %', p_caller, p_what, p_role
+            USING ERRCODE = 'insufficient_privilege',
+                  HINT = format('Only members of %s, or ihub_admin when it is not a superuser, may change, run, retry or cancel it.', p_role);
+    END IF;
+END
+$$;
+
 -- Queues a job; with an identity key, returns the queued or running job
 -- that already has it instead. The unique partial index on identity_key
 -- makes concurrent enqueues with one key meet: the second waits for the
@@ -64,7 +88,7 @@ BEGIN
 END
 $$;
 
-CREATE FUNCTION ihub.enqueue(
+CREATE FUNCTION ihub._enqueue_by(
     fn regprocedure,
     args jsonb DEFAULT '{}',
     priority integer DEFAULT 10,
@@ -73,12 +97,12 @@ CREATE FUNCTION ihub.enqueue(
     identity_key text DEFAULT NULL,
     integration text DEFAULT NULL,
     retry_schedule interval[] DEFAULT NULL,
-    timeout interval DEFAULT NULL
-) RETURNS bigint
+    timeout interval DEFAULT NULL,
+    p_caller regrole DEFAULT NULL) RETURNS bigint
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-    v_role name := ihub._invoker();
+    v_role name := pg_get_userbyid(p_caller);
 BEGIN
     PERFORM ihub._require_workers();
     PERFORM ihub._check_job_function(fn, v_role);
@@ -97,9 +121,22 @@ BEGIN
     END IF;
     RETURN ihub._enqueue(fn, args, priority, coalesce(run_at, now()), max_attempts, identity_key,
                          CASE WHEN integration IS NOT NULL THEN ihub._integration_id(integration) END,
-                         retry_schedule, timeout, v_role::regrole);
+                         retry_schedule, timeout, p_caller);
 END
 $$;
+
+CREATE FUNCTION ihub.enqueue(
+    fn regprocedure,
+    args jsonb DEFAULT '{}',
+    priority integer DEFAULT 10,
+    run_at timestamptz DEFAULT now(),
+    max_attempts integer DEFAULT 5,
+    identity_key text DEFAULT NULL,
+    integration text DEFAULT NULL,
+    retry_schedule interval[] DEFAULT NULL,
+    timeout interval DEFAULT NULL
+) RETURNS bigint
+LANGUAGE c VOLATILE AS 'MODULE_PATHNAME', 'ihub_for_caller';
 
 -- Claims the most urgent due job for a worker and returns how to call it.
 -- (PL/pgSQL rather than SQL: its plans are cached for the worker's session.)
@@ -259,17 +296,19 @@ BEGIN
 END
 $$;
 
-CREATE FUNCTION ihub.cancel_job(id bigint) RETURNS text
+CREATE FUNCTION ihub._cancel_job_by(id bigint, p_caller regrole) RETURNS text
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     v ihub.job;
 BEGIN
-    SELECT * INTO v FROM ihub.job j WHERE j.id = cancel_job.id FOR UPDATE;
+    SELECT * INTO v FROM ihub.job j WHERE j.id = _cancel_job_by.id FOR UPDATE;
     IF v.id IS NULL THEN
-        RAISE EXCEPTION 'job % does not exist', cancel_job.id USING ERRCODE = 'undefined_object', HINT = 'List jobs in ihub.jobs.';
-    ELSIF v.state IN ('pending', 'retry') THEN
-        UPDATE ihub.job j SET state = 'cancelled', finished_at = now(), last_error = 'cancelled by ' || ihub._invoker()
+        RAISE EXCEPTION 'job % does not exist', _cancel_job_by.id USING ERRCODE = 'undefined_object', HINT = 'List jobs in ihub.jobs.';
+    END IF;
+    PERFORM ihub._require_may_act_for(p_caller, v.run_as, format('job %s', v.id));
+    IF v.state IN ('pending', 'retry') THEN
+        UPDATE ihub.job j SET state = 'cancelled', finished_at = now(), last_error = 'cancelled by ' || pg_get_userbyid(p_caller)
         WHERE j.id = v.id;
         RETURN 'cancelled';
     ELSIF v.state = 'running' THEN
@@ -284,17 +323,22 @@ BEGIN
 END
 $$;
 
-CREATE FUNCTION ihub.retry_job(id bigint) RETURNS void
+CREATE FUNCTION ihub.cancel_job(id bigint) RETURNS text
+LANGUAGE c VOLATILE AS 'MODULE_PATHNAME', 'ihub_for_caller';
+
+CREATE FUNCTION ihub._retry_job_by(id bigint, p_caller regrole) RETURNS void
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     v ihub.job;
 BEGIN
     PERFORM ihub._require_workers();
-    SELECT * INTO v FROM ihub.job j WHERE j.id = retry_job.id FOR UPDATE;
+    SELECT * INTO v FROM ihub.job j WHERE j.id = _retry_job_by.id FOR UPDATE;
     IF v.id IS NULL THEN
-        RAISE EXCEPTION 'job % does not exist', retry_job.id USING ERRCODE = 'undefined_object', HINT = 'List jobs in ihub.jobs.';
-    ELSIF v.state NOT IN ('failed', 'cancelled', 'partial', 'retry') THEN
+        RAISE EXCEPTION 'job % does not exist', _retry_job_by.id USING ERRCODE = 'undefined_object', HINT = 'List jobs in ihub.jobs.';
+    END IF;
+    PERFORM ihub._require_may_act_for(p_caller, v.run_as, format('job %s', v.id));
+    IF v.state NOT IN ('failed', 'cancelled', 'partial', 'retry') THEN
         RAISE EXCEPTION 'job % is %; only failed, cancelled, partial or retrying jobs can be retried', v.id, v.state
             USING ERRCODE = 'object_not_in_prerequisite_state', HINT = 'A queued or running job will run anyway.';
     END IF;
@@ -309,6 +353,9 @@ BEGIN
     PERFORM ihub._wake_job_worker();
 END
 $$;
+
+CREATE FUNCTION ihub.retry_job(id bigint) RETURNS void
+LANGUAGE c VOLATILE AS 'MODULE_PATHNAME', 'ihub_for_caller';
 
 -- The stuck-job check on demand: jobs whose worker is gone are queued
 -- again; jobs running past their timeout have their query cancelled (the
@@ -380,3 +427,5 @@ COMMENT ON FUNCTION ihub.resume_stuck_jobs() IS
     'Queues again the jobs whose worker is gone and stops those running past their timeout; reports what it did.';
 COMMENT ON VIEW ihub.jobs IS
     'Background jobs: state (pending, running, done, partial, retry, failed, cancelled), attempts, timings, last error and progress.';
+COMMENT ON FUNCTION ihub._may_act_for(regrole, regrole) IS 'Internal: whether a role may change, run, retry or cancel work that runs as another.';
+COMMENT ON FUNCTION ihub._require_may_act_for(regrole, regrole, text) IS 'Internal: raises unless ihub._may_act_for.';

@@ -11,7 +11,7 @@ AS $$ SELECT array_position(ARRAY['debug', 'info', 'warning', 'error', 'critical
 -- of secret-looking keys in details, and tokens, passwords and
 -- Authorization values in the message, are masked before they are stored.
 -- Returns the entry's id, or NULL when the integration's settings leave it out.
-CREATE FUNCTION ihub.log(
+CREATE FUNCTION ihub._log_by(
     level text,
     message text,
     details jsonb DEFAULT NULL,
@@ -19,8 +19,8 @@ CREATE FUNCTION ihub.log(
     delivery bigint DEFAULT NULL,
     row_table regclass DEFAULT NULL,
     row_key text DEFAULT NULL,
-    inbound bigint DEFAULT NULL
-) RETURNS bigint
+    inbound bigint DEFAULT NULL,
+    p_caller regrole DEFAULT NULL) RETURNS bigint
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
@@ -37,7 +37,7 @@ BEGIN
         v_level := 'info';
     END IF;
     BEGIN
-        SELECT id INTO v_integration FROM ihub.integration i WHERE i.name = log.integration;
+        SELECT id INTO v_integration FROM ihub.integration i WHERE i.name = _log_by.integration;
         SELECT * INTO v_setting FROM ihub.log_setting s WHERE s.integration_id = v_integration;
         IF v_setting.integration_id IS NOT NULL THEN
             IF NOT v_setting.enabled OR ihub._level_rank(v_level) < ihub._level_rank(v_setting.min_level) THEN
@@ -50,12 +50,12 @@ BEGIN
         INSERT INTO ihub.log_entry (logged_at, level, message, details, integration_id, job_id, delivery_id,
                                     inbound_id, row_table, row_key, logged_by)
         VALUES (v_at, v_level, v_message, ihub._mask_settings(details), v_integration, ihub._current_job(),
-                log.delivery, log.inbound, log.row_table, log.row_key, ihub._invoker())
+                _log_by.delivery, _log_by.inbound, _log_by.row_table, _log_by.row_key, pg_get_userbyid(p_caller))
         RETURNING id INTO v_id;
         PERFORM ihub._count_logged(v_level);
         IF v_level = 'critical' THEN
             PERFORM ihub._open_activity(v_id, v_message, ihub._mask_settings(details), v_integration,
-                                        ihub._current_job(), log.delivery, log.row_table, log.row_key, log.inbound);
+                                        ihub._current_job(), _log_by.delivery, _log_by.row_table, _log_by.row_key, _log_by.inbound);
         END IF;
     EXCEPTION WHEN OTHERS THEN
         RAISE WARNING 'pg_ihub: could not write a log entry: %', SQLERRM;
@@ -64,6 +64,18 @@ BEGIN
     RETURN v_id;
 END
 $$;
+
+CREATE FUNCTION ihub.log(
+    level text,
+    message text,
+    details jsonb DEFAULT NULL,
+    integration text DEFAULT NULL,
+    delivery bigint DEFAULT NULL,
+    row_table regclass DEFAULT NULL,
+    row_key text DEFAULT NULL,
+    inbound bigint DEFAULT NULL
+) RETURNS bigint
+LANGUAGE c VOLATILE AS 'MODULE_PATHNAME', 'ihub_for_caller';
 
 CREATE FUNCTION ihub.set_log_level(integration text, level text) RETURNS void
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
@@ -84,18 +96,21 @@ BEGIN
 END
 $$;
 
-CREATE FUNCTION ihub.mark_checked(ids bigint[]) RETURNS bigint
+CREATE FUNCTION ihub._mark_checked_by(ids bigint[], p_caller regrole) RETURNS bigint
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     v_count bigint;
 BEGIN
-    UPDATE ihub.log_entry SET checked_at = now(), checked_by = ihub._invoker()
+    UPDATE ihub.log_entry SET checked_at = now(), checked_by = pg_get_userbyid(p_caller)
     WHERE id = ANY (ids) AND checked_at IS NULL;
     GET DIAGNOSTICS v_count = ROW_COUNT;
     RETURN v_count;
 END
 $$;
+
+CREATE FUNCTION ihub.mark_checked(ids bigint[]) RETURNS bigint
+LANGUAGE c VOLATILE AS 'MODULE_PATHNAME', 'ihub_for_caller';
 
 CREATE FUNCTION ihub.set_retention(kind text, keep interval) RETURNS void
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
@@ -163,18 +178,21 @@ BEGIN
 END
 $$;
 
-CREATE FUNCTION ihub.close_activity(id bigint, note text DEFAULT NULL) RETURNS void
+CREATE FUNCTION ihub._close_activity_by(id bigint, note text DEFAULT NULL, p_caller regrole DEFAULT NULL) RETURNS void
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
-    UPDATE ihub.activity a SET state = 'closed', closed_at = now(), closed_by = ihub._invoker(), note = close_activity.note
-    WHERE a.id = close_activity.id AND a.state = 'open';
+    UPDATE ihub.activity a SET state = 'closed', closed_at = now(), closed_by = pg_get_userbyid(p_caller), note = _close_activity_by.note
+    WHERE a.id = _close_activity_by.id AND a.state = 'open';
     IF NOT FOUND THEN
-        RAISE EXCEPTION 'no open activity %', close_activity.id
+        RAISE EXCEPTION 'no open activity %', _close_activity_by.id
             USING ERRCODE = 'undefined_object', HINT = 'See SELECT * FROM ihub.activities WHERE state = ''open''.';
     END IF;
 END
 $$;
+
+CREATE FUNCTION ihub.close_activity(id bigint, note text DEFAULT NULL) RETURNS void
+LANGUAGE c VOLATILE AS 'MODULE_PATHNAME', 'ihub_for_caller';
 
 -------------------------------------------------------------------------------
 -- Retention and cleanup

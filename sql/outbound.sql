@@ -289,41 +289,30 @@ $$;
 -- Subscriptions: capture tables and triggers
 -------------------------------------------------------------------------------
 
--- The statement a capture trigger runs for one event. Transition rows are
--- copied as typed rows (the cast turns the transition table's anonymous
--- record into the table's row type without any text conversion); new and old
--- are exposed to the condition by name. Measured on 200,000-row inserts: about
--- 1.25x the unsubscribed insert, against 2.1x for rendering row_to_json here.
-CREATE FUNCTION ihub._capture_statement(p_sub ihub.subscription, p_event text, p_rowtype text)
+-- The query ihub._capture_filtered runs (as the subscriber) for one event of
+-- a subscription with watched columns or a condition: the positions of the
+-- transition rows that pass, numbered in the transition tables' order. New
+-- and old are exposed to the condition by name. Postgres appends each
+-- updated row's old and new versions to the two transition tables together,
+-- so equal positions pair them even when the update changes the key.
+CREATE FUNCTION ihub._capture_filter(p_sub ihub.subscription, p_event text)
 RETURNS text
-LANGUAGE plpgsql IMMUTABLE
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-    v_capture text := format('ihub_capture.%I', 'sub_' || p_sub.id);
+    v_rowtype text := format_type((SELECT reltype FROM pg_class WHERE oid = p_sub.source), NULL);
     v_from text;
-    v_rows text;
     v_filters text[] := '{}';
 BEGIN
     IF p_event = 'insert' THEN
-        v_rows := 'new._ihub_row, NULL';
-        v_from := format('FROM (SELECT t::%s AS _ihub_row, t.* FROM ihub_new t) AS new', p_rowtype);
-        IF p_sub.condition IS NOT NULL THEN
-            v_from := v_from || format(' CROSS JOIN LATERAL (SELECT (NULL::%s).*) AS old', p_rowtype);
-        END IF;
+        v_from := format('FROM (SELECT row_number() OVER () AS _ihub_n, t.* FROM ihub_new t) AS new '
+                         'CROSS JOIN LATERAL (SELECT (NULL::%s).*) AS old', v_rowtype);
     ELSIF p_event = 'delete' THEN
-        v_rows := 'NULL, old._ihub_row';
-        v_from := format('FROM (SELECT t::%s AS _ihub_row, t.* FROM ihub_old t) AS old', p_rowtype);
-        IF p_sub.condition IS NOT NULL THEN
-            v_from := v_from || format(' CROSS JOIN LATERAL (SELECT (NULL::%s).*) AS new', p_rowtype);
-        END IF;
+        v_from := format('FROM (SELECT row_number() OVER () AS _ihub_n, t.* FROM ihub_old t) AS old '
+                         'CROSS JOIN LATERAL (SELECT (NULL::%s).*) AS new', v_rowtype);
     ELSE
-        -- Postgres appends each updated row's old and new versions to the two
-        -- transition tables together, so equal ordinals pair them even when
-        -- the update changes the primary key.
-        v_rows := 'new._ihub_row, old._ihub_row';
-        v_from := format('FROM (SELECT row_number() OVER () AS _ihub_n, t::%1$s AS _ihub_row, t.* FROM ihub_new t) AS new '
-                         'JOIN (SELECT row_number() OVER () AS _ihub_n, t::%1$s AS _ihub_row, t.* FROM ihub_old t) AS old '
-                         'USING (_ihub_n)', p_rowtype);
+        v_from := 'FROM (SELECT row_number() OVER () AS _ihub_n, t.* FROM ihub_new t) AS new '
+                  'JOIN (SELECT row_number() OVER () AS _ihub_n, t.* FROM ihub_old t) AS old USING (_ihub_n)';
         IF p_sub.watch IS NOT NULL THEN
             v_filters := v_filters || (
                 SELECT '(' || string_agg(format('new.%1$I IS DISTINCT FROM old.%1$I', c), ' OR ') || ')'
@@ -334,28 +323,24 @@ BEGIN
         -- Checked by ihub._check_expression to be exactly one expression.
         v_filters := v_filters || format(E'(\n%s\n)', p_sub.condition);
     END IF;
-    RETURN format('INSERT INTO %s (op, xid, occurred_at, new_row, old_row) SELECT %L, pg_current_xact_id(), statement_timestamp(), %s %s%s',
-                  v_capture,
-                  left(p_event, 1),
-                  v_rows,
-                  v_from,
+    RETURN format('SELECT %s._ihub_n %s%s', CASE p_event WHEN 'delete' THEN 'old' ELSE 'new' END, v_from,
                   CASE WHEN cardinality(v_filters) > 0 THEN ' WHERE ' || array_to_string(v_filters, ' AND ') ELSE '' END);
 END
 $$;
 
-CREATE FUNCTION ihub.subscribe(
+CREATE FUNCTION ihub._subscribe_by(
     source regclass,
     endpoint text,
     events text[] DEFAULT '{insert,update,delete}',
     columns text[] DEFAULT NULL,
     watch text[] DEFAULT NULL,
     condition text DEFAULT NULL,
-    test_mode boolean DEFAULT false
-) RETURNS bigint
+    test_mode boolean DEFAULT false,
+    p_caller regrole DEFAULT NULL) RETURNS bigint
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-    v_caller name := ihub._invoker();
+    v_caller name := pg_get_userbyid(p_caller);
     v_endpoint ihub.endpoint;
     v_integration ihub.integration;
     v_rel record;
@@ -368,7 +353,7 @@ DECLARE
     v_columns text[];
 BEGIN
     PERFORM ihub._require_workers();
-    v_endpoint := ihub._endpoint(subscribe.endpoint);
+    v_endpoint := ihub._endpoint(_subscribe_by.endpoint);
     SELECT * INTO v_integration FROM ihub.integration WHERE id = v_endpoint.integration_id;
 
     SELECT c.relkind, c.reltype, n.nspname, c.relname INTO v_rel
@@ -439,26 +424,13 @@ BEGIN
     EXECUTE format('COMMENT ON TABLE %s IS %L', v_capture,
                    format('pg_ihub capture table of subscription %s (%s -> %s)', v_sub.id, source, v_endpoint.name));
     FOREACH v_event IN ARRAY v_events LOOP
-        IF condition IS NULL AND (watch IS NULL OR v_event <> 'update') THEN
-            -- The fast path: a C-language trigger copies the rows in bulk.
-            -- By name, not OID: a dumped and restored trigger must still find it.
-            v_function := format('ihub._capture_rows(%L)', 'ihub_capture.sub_' || v_sub.id);
-        ELSE
-            -- Watch and condition need SQL: a generated PL/pgSQL trigger, owned
-            -- by the subscriber and run with its rights, because the condition
-            -- is the subscriber's code and must not run with the extension
-            -- owner's.
-            v_function := format('ihub_capture.%I()', format('sub_%s_%s', v_sub.id, v_event));
-            EXECUTE format(
-                E'CREATE FUNCTION %s RETURNS trigger LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS %L',
-                v_function,
-                format(E'#variable_conflict use_column\nBEGIN\n    %s;\n    IF FOUND THEN\n        PERFORM ihub._wake();\n    END IF;\n    RETURN NULL;\nEND',
-                       ihub._capture_statement(v_sub, v_event, format_type(v_rel.reltype, NULL))));
-            EXECUTE format('COMMENT ON FUNCTION %s IS %L', v_function,
-                           format('pg_ihub capture trigger of subscription %s (%s on %s)', v_sub.id, v_event, source));
-            EXECUTE format('ALTER FUNCTION %s OWNER TO %I', v_function, v_caller);
-            EXECUTE format('GRANT INSERT ON %s TO %I', v_capture, v_caller);
-        END IF;
+        -- C-language triggers copy the rows in bulk; with watched columns or
+        -- a condition, ihub._capture_filtered first selects the rows that
+        -- pass, as the subscriber. By name, not OID: a dumped and restored
+        -- trigger must still find its capture table.
+        v_function := format(CASE WHEN condition IS NULL AND (watch IS NULL OR v_event <> 'update')
+                                  THEN 'ihub._capture_rows(%L)' ELSE 'ihub._capture_filtered(%L)' END,
+                             'ihub_capture.sub_' || v_sub.id);
         EXECUTE format('CREATE TRIGGER %I AFTER %s ON %s REFERENCING %s TABLE AS %I FOR EACH STATEMENT EXECUTE FUNCTION %s',
                        format('ihub_sub_%s_%s', v_sub.id, v_event), upper(v_event), source,
                        CASE v_event WHEN 'insert' THEN 'NEW' WHEN 'delete' THEN 'OLD' ELSE 'OLD TABLE AS ihub_old NEW' END,
@@ -471,6 +443,17 @@ BEGIN
     RETURN v_sub.id;
 END
 $$;
+
+CREATE FUNCTION ihub.subscribe(
+    source regclass,
+    endpoint text,
+    events text[] DEFAULT '{insert,update,delete}',
+    columns text[] DEFAULT NULL,
+    watch text[] DEFAULT NULL,
+    condition text DEFAULT NULL,
+    test_mode boolean DEFAULT false
+) RETURNS bigint
+LANGUAGE c VOLATILE AS 'MODULE_PATHNAME', 'ihub_for_caller';
 
 CREATE FUNCTION ihub.unsubscribe(id bigint) RETURNS void
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
@@ -946,7 +929,7 @@ FROM ihub.integration i;
 
 CREATE VIEW ihub.endpoints AS
 SELECT e.id, i.name AS integration, e.name, ihub._mask_url(e.url) AS url, e.method,
-       ihub._mask_headers(e.headers) AS headers, e.auth_type,
+       ihub._mask_endpoint_headers(e.headers) AS headers, e.auth_type,
        coalesce(e.timeout_ms, ihub._default_timeout_ms()) AS timeout_ms,
        e.retry, e.enabled, e.disabled_reason, e.disabled_at, e.created_at
 FROM ihub.endpoint e JOIN ihub.integration i ON i.id = e.integration_id;
@@ -976,7 +959,8 @@ JOIN ihub.integration i ON i.id = e.integration_id;
 CREATE VIEW ihub.delivery_attempts AS
 SELECT a.delivery_id, a.attempt, e.name AS endpoint, d.event_id, a.started_at, a.duration_ms,
        coalesce(d.method, e.method) AS request_method, ihub._mask_url(ihub._join_url(e.url, d.path)) AS request_url,
-       a.request_headers, d.payload AS request_body,
+       ihub._mask_attempt_headers(a.request_headers, e.headers || coalesce(d.headers, '{}')) AS request_headers,
+       d.payload AS request_body,
        a.response_status, a.response_headers, a.response_body, a.error, a.error_category
 FROM ihub.delivery_attempt a
 JOIN ihub.delivery d ON d.id = a.delivery_id
@@ -1008,7 +992,7 @@ COMMENT ON FUNCTION ihub.enable_endpoint(text) IS 'Re-enables an endpoint (after
 COMMENT ON FUNCTION ihub.disable_endpoint(text, text) IS 'Stops deliveries to an endpoint; they wait until it is enabled again.';
 COMMENT ON FUNCTION ihub.rotate_secret(text, text, interval) IS
     'Adds a new signing secret (generated when NULL) and keeps the old ones signing for the grace period. Returns the new secret. ihub_admin only.';
-COMMENT ON FUNCTION ihub._capture_statement(ihub.subscription, text, text) IS 'Internal: the INSERT a capture trigger runs for one event.';
+COMMENT ON FUNCTION ihub._capture_filter(ihub.subscription, text) IS 'Internal: the query that selects the transition rows passing a subscription''s watch and condition.';
 COMMENT ON FUNCTION ihub.subscribe(regclass, text, text[], text[], text[], text, boolean) IS
     'Subscribes an endpoint to row changes of a table: events, payload columns, watched columns (updates fire only when one changed), a condition over new and old, and test mode. Returns the subscription id.';
 COMMENT ON FUNCTION ihub.unsubscribe(bigint) IS

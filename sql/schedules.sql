@@ -129,6 +129,18 @@ END
 $$;
 
 -- Validates timing and returns the first due time.
+-- A scheduled action the caller may act on (see ihub._may_act_for).
+CREATE FUNCTION ihub._own_schedule(p_name text, p_caller regrole) RETURNS ihub.schedule
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v ihub.schedule := ihub._schedule_row(p_name);
+BEGIN
+    PERFORM ihub._require_may_act_for(p_caller, v.run_as, format('scheduled action "%s"', p_name));
+    RETURN v;
+END
+$$;
+
 CREATE FUNCTION ihub._check_timing(p_every interval, p_cron text) RETURNS timestamptz
 LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp
 AS $$
@@ -146,7 +158,7 @@ BEGIN
 END
 $$;
 
-CREATE FUNCTION ihub.schedule(
+CREATE FUNCTION ihub._schedule_by(
     name text,
     fn regprocedure,
     every interval DEFAULT NULL,
@@ -157,24 +169,24 @@ CREATE FUNCTION ihub.schedule(
     number_of_calls integer DEFAULT -1,
     repeat_missed boolean DEFAULT false,
     run_as regrole DEFAULT NULL,
-    active boolean DEFAULT true
-) RETURNS bigint
+    active boolean DEFAULT true,
+    p_caller regrole DEFAULT NULL) RETURNS bigint
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-    v_invoker name := ihub._invoker();
-    v_role regrole := coalesce(run_as, v_invoker::regrole);
+    v_invoker name := pg_get_userbyid(p_caller);
+    v_role regrole := coalesce(run_as, p_caller);
     v_first timestamptz;
     v_id bigint;
 BEGIN
     PERFORM ihub._require_workers();
-    PERFORM ihub._check_name('scheduled action', schedule.name);
-    IF EXISTS (SELECT 1 FROM ihub.schedule s WHERE s.name = schedule.name) THEN
-        RAISE EXCEPTION 'scheduled action "%" already exists', schedule.name
+    PERFORM ihub._check_name('scheduled action', _schedule_by.name);
+    IF EXISTS (SELECT 1 FROM ihub.schedule s WHERE s.name = _schedule_by.name) THEN
+        RAISE EXCEPTION 'scheduled action "%" already exists', _schedule_by.name
             USING ERRCODE = 'duplicate_object', HINT = 'Choose another name, or change it with ihub.alter_schedule.';
     END IF;
     v_first := ihub._check_timing(every, cron);
-    IF NOT pg_has_role(v_invoker, v_role, 'MEMBER') THEN
+    IF NOT pg_has_role(p_caller, v_role, 'MEMBER') THEN
         RAISE EXCEPTION 'role % may not schedule actions that run as %', v_invoker, v_role
             USING ERRCODE = 'insufficient_privilege', HINT = 'run_as must be a role you are a member of.';
     END IF;
@@ -188,7 +200,7 @@ BEGIN
     END IF;
     INSERT INTO ihub.schedule (name, fn, every, cron, args, integration_id, priority, number_of_calls, repeat_missed,
                                run_as, active, next_run_at)
-    VALUES (schedule.name, fn, every, cron, args,
+    VALUES (_schedule_by.name, fn, every, cron, args,
             CASE WHEN integration IS NOT NULL THEN ihub._integration_id(integration) END,
             priority, number_of_calls, coalesce(repeat_missed, false), v_role,
             coalesce(active, true) AND number_of_calls <> 0, v_first)
@@ -198,7 +210,22 @@ BEGIN
 END
 $$;
 
-CREATE FUNCTION ihub.alter_schedule(
+CREATE FUNCTION ihub.schedule(
+    name text,
+    fn regprocedure,
+    every interval DEFAULT NULL,
+    cron text DEFAULT NULL,
+    args jsonb DEFAULT '{}',
+    integration text DEFAULT NULL,
+    priority integer DEFAULT 10,
+    number_of_calls integer DEFAULT -1,
+    repeat_missed boolean DEFAULT false,
+    run_as regrole DEFAULT NULL,
+    active boolean DEFAULT true
+) RETURNS bigint
+LANGUAGE c VOLATILE AS 'MODULE_PATHNAME', 'ihub_for_caller';
+
+CREATE FUNCTION ihub._alter_schedule_by(
     name text,
     every interval DEFAULT NULL,
     cron text DEFAULT NULL,
@@ -206,12 +233,12 @@ CREATE FUNCTION ihub.alter_schedule(
     priority integer DEFAULT NULL,
     number_of_calls integer DEFAULT NULL,
     repeat_missed boolean DEFAULT NULL,
-    active boolean DEFAULT NULL
-) RETURNS void
+    active boolean DEFAULT NULL,
+    p_caller regrole DEFAULT NULL) RETURNS void
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-    v ihub.schedule := ihub._schedule_row(alter_schedule.name);
+    v ihub.schedule := ihub._own_schedule(_alter_schedule_by.name, p_caller);
     v_next timestamptz := v.next_run_at;
 BEGIN
     IF every IS NOT NULL OR cron IS NOT NULL THEN
@@ -231,40 +258,58 @@ BEGIN
     END IF;
     UPDATE ihub.schedule s
     SET every = v.every, cron = v.cron, next_run_at = v_next,
-        args = coalesce(alter_schedule.args, s.args),
-        priority = coalesce(alter_schedule.priority, s.priority),
-        number_of_calls = coalesce(alter_schedule.number_of_calls, s.number_of_calls),
-        repeat_missed = coalesce(alter_schedule.repeat_missed, s.repeat_missed),
-        active = coalesce(alter_schedule.active, s.active) AND coalesce(alter_schedule.number_of_calls, s.number_of_calls) <> 0
+        args = coalesce(_alter_schedule_by.args, s.args),
+        priority = coalesce(_alter_schedule_by.priority, s.priority),
+        number_of_calls = coalesce(_alter_schedule_by.number_of_calls, s.number_of_calls),
+        repeat_missed = coalesce(_alter_schedule_by.repeat_missed, s.repeat_missed),
+        active = coalesce(_alter_schedule_by.active, s.active) AND coalesce(_alter_schedule_by.number_of_calls, s.number_of_calls) <> 0
     WHERE s.id = v.id;
     PERFORM ihub._wake_scheduler();
 END
 $$;
 
-CREATE FUNCTION ihub.unschedule(name text) RETURNS void
+CREATE FUNCTION ihub.alter_schedule(
+    name text,
+    every interval DEFAULT NULL,
+    cron text DEFAULT NULL,
+    args jsonb DEFAULT NULL,
+    priority integer DEFAULT NULL,
+    number_of_calls integer DEFAULT NULL,
+    repeat_missed boolean DEFAULT NULL,
+    active boolean DEFAULT NULL
+) RETURNS void
+LANGUAGE c VOLATILE AS 'MODULE_PATHNAME', 'ihub_for_caller';
+
+CREATE FUNCTION ihub._unschedule_by(name text, p_caller regrole) RETURNS void
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
-    DELETE FROM ihub.schedule WHERE id = (ihub._schedule_row(unschedule.name)).id;
+    DELETE FROM ihub.schedule WHERE id = (ihub._own_schedule(_unschedule_by.name, p_caller)).id;
     PERFORM ihub._wake_scheduler();
 END
 $$;
 
-CREATE FUNCTION ihub.run_now(name text) RETURNS bigint
+CREATE FUNCTION ihub.unschedule(name text) RETURNS void
+LANGUAGE c VOLATILE AS 'MODULE_PATHNAME', 'ihub_for_caller';
+
+CREATE FUNCTION ihub._run_now_by(name text, p_caller regrole) RETURNS bigint
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
     PERFORM ihub._require_workers();
-    RETURN ihub._run_schedule(ihub._schedule_row(run_now.name));
+    RETURN ihub._run_schedule(ihub._own_schedule(_run_now_by.name, p_caller));
 END
 $$;
 
-CREATE FUNCTION ihub.set_schedule_params(schedule text, integration text, params jsonb) RETURNS void
+CREATE FUNCTION ihub.run_now(name text) RETURNS bigint
+LANGUAGE c VOLATILE AS 'MODULE_PATHNAME', 'ihub_for_caller';
+
+CREATE FUNCTION ihub._set_schedule_params_by(schedule text, integration text, params jsonb, p_caller regrole) RETURNS void
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-    v_schedule bigint := (ihub._schedule_row(set_schedule_params.schedule)).id;
-    v_integration bigint := ihub._integration_id(set_schedule_params.integration);
+    v_schedule bigint := (ihub._own_schedule(_set_schedule_params_by.schedule, p_caller)).id;
+    v_integration bigint := ihub._integration_id(_set_schedule_params_by.integration);
 BEGIN
     IF params IS NULL THEN
         DELETE FROM ihub.schedule_param WHERE schedule_id = v_schedule AND integration_id = v_integration;
@@ -278,6 +323,9 @@ BEGIN
     ON CONFLICT (schedule_id, integration_id) DO UPDATE SET params = EXCLUDED.params;
 END
 $$;
+
+CREATE FUNCTION ihub.set_schedule_params(schedule text, integration text, params jsonb) RETURNS void
+LANGUAGE c VOLATILE AS 'MODULE_PATHNAME', 'ihub_for_caller';
 
 CREATE VIEW ihub.schedules AS
 SELECT s.id, s.name, s.fn::text AS function, s.every, s.cron, ihub._mask_settings(s.args) AS args,
@@ -495,35 +543,38 @@ $$;
 -- Sets a date in the caller's transaction, so that it advances together with
 -- the data it describes. A change outside a job is a hand edit: recorded, and
 -- warned about, since the next sync will re-import or skip data.
-CREATE FUNCTION ihub.set_date(integration text, name text, value timestamptz) RETURNS timestamptz
+CREATE FUNCTION ihub._set_date_by(integration text, name text, value timestamptz, p_caller regrole) RETURNS timestamptz
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
 #variable_conflict use_column
 DECLARE
-    v_integration bigint := ihub._integration_id(set_date.integration);
+    v_integration bigint := ihub._integration_id(_set_date_by.integration);
     v_old timestamptz;
-    v_who name := ihub._invoker();
+    v_who name := pg_get_userbyid(p_caller);
 BEGIN
     IF name IS NULL OR name = '' THEN
         RAISE EXCEPTION 'a date needs a name' USING ERRCODE = 'invalid_parameter_value', HINT = 'For example ''last_import''.';
     END IF;
     SELECT d.value INTO v_old FROM ihub.integration_date d
-    WHERE d.integration_id = v_integration AND d.name = set_date.name FOR UPDATE;
+    WHERE d.integration_id = v_integration AND d.name = _set_date_by.name FOR UPDATE;
     INSERT INTO ihub.integration_date (integration_id, name, value, updated_at, updated_by)
-    VALUES (v_integration, set_date.name, set_date.value, now(), v_who)
+    VALUES (v_integration, _set_date_by.name, _set_date_by.value, now(), v_who)
     ON CONFLICT (integration_id, name) DO UPDATE
         SET value = EXCLUDED.value, updated_at = EXCLUDED.updated_at, updated_by = EXCLUDED.updated_by;
-    IF ihub._current_job() IS NULL AND v_old IS DISTINCT FROM set_date.value THEN
+    IF ihub._current_job() IS NULL AND v_old IS DISTINCT FROM _set_date_by.value THEN
         INSERT INTO ihub.integration_date_change (integration_id, name, old_value, new_value, changed_by)
-        VALUES (v_integration, set_date.name, v_old, set_date.value, v_who);
-        RAISE WARNING 'integration date %.% changed by hand from % to %', set_date.integration, set_date.name,
-                      coalesce(v_old::text, 'unset'), coalesce(set_date.value::text, 'unset')
-            USING HINT = CASE WHEN set_date.value < v_old THEN 'The next sync will import again what it already imported since then.'
+        VALUES (v_integration, _set_date_by.name, v_old, _set_date_by.value, v_who);
+        RAISE WARNING 'integration date %.% changed by hand from % to %', _set_date_by.integration, _set_date_by.name,
+                      coalesce(v_old::text, 'unset'), coalesce(_set_date_by.value::text, 'unset')
+            USING HINT = CASE WHEN _set_date_by.value < v_old THEN 'The next sync will import again what it already imported since then.'
                               ELSE 'The next sync will skip what changed in between.' END;
     END IF;
     RETURN v_old;
 END
 $$;
+
+CREATE FUNCTION ihub.set_date(integration text, name text, value timestamptz) RETURNS timestamptz
+LANGUAGE c VOLATILE AS 'MODULE_PATHNAME', 'ihub_for_caller';
 
 CREATE VIEW ihub.integration_dates AS
 SELECT i.name AS integration, d.name, d.value, d.updated_at, d.updated_by,
@@ -572,3 +623,4 @@ COMMENT ON FUNCTION ihub.get_date(text, text) IS 'Reads an integration date (a n
 COMMENT ON FUNCTION ihub.set_date(text, text, timestamptz) IS
     'Sets an integration date in the caller''s transaction; outside a job the change is recorded and warned about. Returns the old value.';
 COMMENT ON VIEW ihub.integration_dates IS 'Integration dates, with a warning when the last change was made by hand.';
+COMMENT ON FUNCTION ihub._own_schedule(text, regrole) IS 'Internal: a scheduled action the caller may act on, or an error with a hint.';

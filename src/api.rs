@@ -142,17 +142,6 @@ fn default_timeout_ms() -> i32 {
     settings::DEFAULT_TIMEOUT_MS.get()
 }
 
-/// The role that called into pg_ihub. Inside a SECURITY DEFINER function
-/// current_user is the extension owner; the outer user is the caller (after
-/// any SET ROLE).
-#[pg_extern(name = "_invoker", stable)]
-fn invoker() -> String {
-    unsafe {
-        let name = pg_sys::GetUserNameFromId(pg_sys::GetOuterUserId(), false);
-        std::ffi::CStr::from_ptr(name).to_string_lossy().into_owned()
-    }
-}
-
 /// A log message with credentials masked.
 #[pg_extern(name = "_mask_text", immutable, parallel_safe)]
 fn mask_text(text: &str) -> String {

@@ -182,3 +182,30 @@ pub fn run_prepared<'conn>(
         client.update(&plans[sql], None, args)
     })
 }
+
+/// Runs `f` in a subtransaction, as PL/pgSQL runs a block with an EXCEPTION
+/// clause: an error rolls back only what `f` did and is returned.
+pub fn in_subtransaction<R>(f: impl FnOnce() -> R + UnwindSafe + RefUnwindSafe) -> Result<R, String> {
+    let (context, owner) = unsafe { (pg_sys::CurrentMemoryContext, pg_sys::CurrentResourceOwner) };
+    unsafe {
+        pg_sys::BeginInternalSubTransaction(std::ptr::null());
+        pg_sys::MemoryContextSwitchTo(context);
+    }
+    let restore = move || unsafe {
+        pg_sys::MemoryContextSwitchTo(context);
+        pg_sys::CurrentResourceOwner = owner;
+    };
+    PgTryBuilder::new(|| {
+        let result = f();
+        unsafe { pg_sys::ReleaseCurrentSubTransaction() };
+        restore();
+        Ok(result)
+    })
+    .catch_others(|e| {
+        let message = caught_message(&e).to_string();
+        unsafe { pg_sys::RollbackAndReleaseCurrentSubTransaction() };
+        restore();
+        Err(message)
+    })
+    .execute()
+}

@@ -75,6 +75,8 @@ pub enum CaptureError {
     BadArgument,
     #[error("capture table {0} does not hold rows of this table")]
     WrongCaptureTable(String),
+    #[error("could not read the subscription: {0}")]
+    Lookup(String),
 }
 
 /// The capture trigger for subscriptions without watch or condition: copies
@@ -87,23 +89,118 @@ pub enum CaptureError {
 fn _capture_rows<'a>(
     trigger: &'a pgrx::PgTrigger<'a>,
 ) -> Result<Option<PgHeapTuple<'a, AllocatedByPostgres>>, CaptureError> {
-    let captured = unsafe { capture_rows(trigger.trigger_data()) }.unwrap_or_else(|e| {
-        pgrx::pg_sys::panic::ErrorReport::new(
-            PgSqlErrorCode::ERRCODE_TRIGGERED_ACTION_EXCEPTION,
-            e.to_string(),
-            "pg_ihub",
-        )
-        .set_hint("Capture triggers are made by ihub.subscribe(); drop this one.")
-        .report(PgLogLevel::ERROR);
-        unreachable!()
-    });
+    let captured = unsafe { capture_rows(trigger.trigger_data(), None) }.unwrap_or_else(|e| raise_capture_error(e));
     if captured > 0 {
         crate::workers::wake_at_commit(crate::workers::Kind::Dispatcher);
     }
     Ok(None)
 }
 
-unsafe fn capture_rows(data: &pg_sys::TriggerData) -> Result<usize, CaptureError> {
+/// The capture trigger of subscriptions with a condition or watched
+/// columns. It is SECURITY DEFINER (see sql/finalize.sql): it reads the
+/// subscription, then selects the transition rows that pass as the
+/// subscriber, in a security-restricted operation, since the condition is
+/// the subscriber's code and must run with its rights, never the writer's
+/// or the extension owner's; then it copies those rows like `_capture_rows`.
+/// Writers and subscribers need no privilege on the capture table.
+#[pg_trigger]
+fn _capture_filtered<'a>(
+    trigger: &'a pgrx::PgTrigger<'a>,
+) -> Result<Option<PgHeapTuple<'a, AllocatedByPostgres>>, CaptureError> {
+    let data = trigger.trigger_data();
+    let captured = unsafe { passing_rows(data).and_then(|keep| capture_rows(data, Some(&keep))) }
+        .unwrap_or_else(|e| raise_capture_error(e));
+    if captured > 0 {
+        crate::workers::wake_at_commit(crate::workers::Kind::Dispatcher);
+    }
+    Ok(None)
+}
+
+fn raise_capture_error(e: CaptureError) -> ! {
+    pgrx::pg_sys::panic::ErrorReport::new(PgSqlErrorCode::ERRCODE_TRIGGERED_ACTION_EXCEPTION, e.to_string(), "pg_ihub")
+        .set_hint("Capture triggers are made by ihub.subscribe(); drop this one.")
+        .report(PgLogLevel::ERROR);
+    unreachable!()
+}
+
+/// Which transition rows pass the subscription's watch and condition, by
+/// their position (the filter query numbers them in the transition
+/// tables' order).
+unsafe fn passing_rows(data: &pg_sys::TriggerData) -> Result<Vec<bool>, CaptureError> {
+    let trigger = &*data.tg_trigger;
+    if trigger.tgnargs != 1 {
+        return Err(CaptureError::BadArgument);
+    }
+    let capture_name = std::ffi::CStr::from_ptr(*trigger.tgargs).to_str().map_err(|_| CaptureError::BadArgument)?;
+    let sub_id: i64 = capture_name
+        .strip_prefix("ihub_capture.sub_")
+        .and_then(|id| id.parse().ok())
+        .ok_or(CaptureError::BadArgument)?;
+    let event = match data.tg_event & pg_sys::TRIGGER_EVENT_OPMASK {
+        pg_sys::TRIGGER_EVENT_INSERT => "insert",
+        pg_sys::TRIGGER_EVENT_DELETE => "delete",
+        pg_sys::TRIGGER_EVENT_UPDATE => "update",
+        _ => return Err(CaptureError::NotAStatementTrigger),
+    };
+    let count = {
+        let store = if data.tg_newtable.is_null() { data.tg_oldtable } else { data.tg_newtable };
+        if store.is_null() {
+            return Err(CaptureError::NotAStatementTrigger);
+        }
+        pg_sys::tuplestore_tuple_count(store) as usize
+    };
+    let source = (*data.tg_relation).rd_id;
+    // As the extension owner (this function is SECURITY DEFINER).
+    let (filter, subscriber): (String, pg_sys::Oid) = Spi::connect_mut(|client| {
+        let rows = crate::bgw::run_prepared(
+            client,
+            "SELECT ihub._capture_filter(s, $2), s.created_by::regrole::oid FROM ihub.subscription s \
+             WHERE s.id = $1 AND s.source = $3",
+            &[
+                pgrx::PgOid::from(pg_sys::INT8OID),
+                pgrx::PgOid::from(pg_sys::TEXTOID),
+                pgrx::PgOid::from(pg_sys::OIDOID),
+            ],
+            &[sub_id.into(), event.into(), source.into()],
+        )?;
+        let row = rows.into_iter().next();
+        Ok::<_, pgrx::spi::Error>(match row {
+            Some(row) => {
+                Some((row.get::<String>(1)?.unwrap_or_default(), row.get::<pg_sys::Oid>(2)?.unwrap_or_default()))
+            }
+            None => None,
+        })
+    })
+    .map_err(|e| CaptureError::Lookup(e.to_string()))?
+    .ok_or_else(|| CaptureError::WrongCaptureTable(capture_name.to_string()))?;
+
+    let mut keep = vec![false; count];
+    let filter = CString::new(filter).map_err(|_| CaptureError::BadArgument)?;
+    crate::user_code::restricted_as(subscriber, || {
+        if pg_sys::SPI_connect() != pg_sys::SPI_OK_CONNECT as i32 {
+            return Err(CaptureError::Lookup("SPI_connect failed".into()));
+        }
+        pg_sys::SPI_register_trigger_data(data as *const _ as *mut _);
+        pg_sys::SPI_execute(filter.as_ptr(), false, 0);
+        let table = pg_sys::SPI_tuptable;
+        if !table.is_null() {
+            for i in 0..pg_sys::SPI_processed as usize {
+                let tuple = *(*table).vals.add(i);
+                let mut isnull = false;
+                let n = pg_sys::SPI_getbinval(tuple, (*table).tupdesc, 1, &mut isnull);
+                let n = n.value() as i64;
+                if !isnull && n >= 1 && (n as usize) <= count {
+                    keep[n as usize - 1] = true;
+                }
+            }
+        }
+        pg_sys::SPI_finish();
+        Ok(())
+    })?;
+    Ok(keep)
+}
+
+unsafe fn capture_rows(data: &pg_sys::TriggerData, keep: Option<&[bool]>) -> Result<usize, CaptureError> {
     let event = data.tg_event;
     if event & pg_sys::TRIGGER_EVENT_ROW != 0 || event & pg_sys::TRIGGER_EVENT_TIMINGMASK != pg_sys::TRIGGER_EVENT_AFTER
     {
@@ -159,7 +256,8 @@ unsafe fn capture_rows(data: &pg_sys::TriggerData) -> Result<usize, CaptureError
     }
 
     let count = pg_sys::tuplestore_tuple_count(if new_store.is_null() { old_store } else { new_store }) as usize;
-    if count == 0 {
+    let passing = keep.map_or(count, |k| k.iter().filter(|k| **k).count());
+    if passing == 0 {
         pg_sys::table_close(capture, pg_sys::NoLock as _);
         return Ok(0);
     }
@@ -167,7 +265,7 @@ unsafe fn capture_rows(data: &pg_sys::TriggerData) -> Result<usize, CaptureError
     let at = pg_sys::Datum::from(pg_sys::GetCurrentStatementStartTimestamp());
     let cid = pg_sys::GetCurrentCommandId(true);
     let multi_insert = (*(*capture).rd_tableam).multi_insert.expect("table AM has multi_insert");
-    let bulk = if count > BATCH { pg_sys::GetBulkInsertState() } else { std::ptr::null_mut() };
+    let bulk = if passing > BATCH { pg_sys::GetBulkInsertState() } else { std::ptr::null_mut() };
 
     let reader = |store: *mut pg_sys::Tuplestorestate| {
         if store.is_null() {
@@ -178,17 +276,20 @@ unsafe fn capture_rows(data: &pg_sys::TriggerData) -> Result<usize, CaptureError
     };
     let (new_slot, old_slot) = (reader(new_store), reader(old_store));
     let mut slots: Vec<*mut pg_sys::TupleTableSlot> =
-        (0..count.min(BATCH)).map(|_| pg_sys::table_slot_create(capture, std::ptr::null_mut())).collect();
+        (0..passing.min(BATCH)).map(|_| pg_sys::table_slot_create(capture, std::ptr::null_mut())).collect();
     let mut rows = PgMemoryContexts::new("pg_ihub capture rows");
 
     let mut filled = 0;
     let mut done = 0;
+    let mut position = 0;
     loop {
         // Old and new versions of updated rows come in the same order from
         // their two transition tables.
         let more = (new_slot.is_null() || pg_sys::tuplestore_gettupleslot(new_store, true, false, new_slot))
             && (old_slot.is_null() || pg_sys::tuplestore_gettupleslot(old_store, true, false, old_slot));
-        if more {
+        let passes = keep.is_none_or(|k| k.get(position).copied().unwrap_or(false));
+        position += 1;
+        if more && passes {
             let slot = slots[filled];
             let values = std::slice::from_raw_parts_mut((*slot).tts_values, 5);
             let nulls = std::slice::from_raw_parts_mut((*slot).tts_isnull, 5);

@@ -11,7 +11,8 @@ use pgrx::bgworkers::{BackgroundWorker, SignalWakeFlags};
 use pgrx::prelude::*;
 use pgrx::{JsonB, PgOid};
 
-use crate::bgw::{caught_message, in_transaction, run_prepared, wait};
+use crate::bgw::{in_transaction, run_prepared, wait};
+use crate::user_code::{run_user_call, Failure};
 use crate::{settings, workers};
 
 /// The job this backend is running, 0 when none.
@@ -19,23 +20,12 @@ static CURRENT_JOB: AtomicI64 = AtomicI64::new(0);
 /// Error and critical entries logged through ihub.log during the current job.
 static ERRORS_LOGGED: AtomicI32 = AtomicI32::new(0);
 
-/// Marks errors raised by `ihub.retry_later`.
-const RETRY_LATER: &str = "ihub.retry_later:";
-
 extern "C-unwind" {
     /// Postgres's own SIGTERM handler for backends (pgrx wraps `pg_sys::die`
     /// as a Rust function, which a signal handler cannot be).
     #[link_name = "die"]
     pub fn postgres_die(signal: std::ffi::c_int);
-    // utils/timeout.h, which pgrx does not bind.
-    fn enable_timeout_after(id: std::ffi::c_int, delay_ms: std::ffi::c_int);
-    fn disable_timeout(id: std::ffi::c_int, keep_indicator: bool);
 }
-
-/// `STATEMENT_TIMEOUT` of `enum TimeoutId` (the same in PostgreSQL 15 to 17).
-const STATEMENT_TIMEOUT: std::ffi::c_int = 3;
-/// The lock method of advisory locks (storage/lock.h).
-const USER_LOCKMETHOD: pg_sys::LOCKMETHODID = 2;
 
 struct Job {
     id: i64,
@@ -45,12 +35,6 @@ struct Job {
     timeout_ms: i32,
     /// Other jobs were due when this one was claimed.
     more_due: bool,
-}
-
-/// Why a job attempt (or a handler call) did not finish.
-pub struct Failure {
-    pub message: String,
-    pub retry_after: Option<f64>,
 }
 
 #[pg_guard]
@@ -211,89 +195,6 @@ fn attempt(job: Job) -> Result<(), Failure> {
         })
         .expect("ihub._job_done");
     })
-}
-
-/// Runs user code (a job function, an inbound handler) in a transaction of
-/// its own: a clean session, `run_as` as the current user, a timeout; then
-/// `finish` with the call's jsonb result, in the same transaction. An error
-/// rolls everything back and is returned.
-pub fn run_user_call(
-    call: &str,
-    arg_type: PgOid,
-    arg: pgrx::datum::DatumWithOid<'_>,
-    run_as: pg_sys::Oid,
-    timeout_ms: i32,
-    finish: impl FnOnce(Option<JsonB>) + std::panic::UnwindSafe,
-) -> Result<(), Failure> {
-    unsafe {
-        pg_sys::SetCurrentStatementStartTimestamp();
-        pg_sys::StartTransactionCommand();
-        pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot());
-    }
-    let outcome = PgTryBuilder::new(|| {
-        // A clean session each time: settings, temporary tables and advisory
-        // locks left by earlier user code are gone (RESET ALL, DISCARD TEMP,
-        // pg_advisory_unlock_all).
-        unsafe {
-            pg_sys::ResetAllOptions();
-            pg_sys::ResetTempTableNamespace();
-            pg_sys::LockReleaseSession(USER_LOCKMETHOD);
-        }
-        // Postgres arms statement_timeout only for client queries; a worker
-        // arms the timer itself. When it fires, the query is cancelled.
-        unsafe { enable_timeout_after(STATEMENT_TIMEOUT, timeout_ms.max(1)) };
-        let result = as_role(run_as, || {
-            Spi::connect_mut(|client| {
-                let rows = run_prepared(client, call, &[arg_type], &[arg])?;
-                rows.into_iter().next().map(|row| row.get::<JsonB>(1)).transpose().map(Option::flatten)
-            })
-        })
-        .expect("the user function ran");
-        unsafe { disable_timeout(STATEMENT_TIMEOUT, false) };
-        finish(result);
-        Ok(())
-    })
-    .catch_others(|e| {
-        let detail = match &e {
-            pg_sys::panic::CaughtError::PostgresError(r) | pg_sys::panic::CaughtError::ErrorReport(r) => {
-                r.detail().map(str::to_string)
-            }
-            _ => None,
-        };
-        // ihub.retry_later puts its delay (seconds, maybe empty) in the detail.
-        let retry_after = detail.as_deref().and_then(|d| d.strip_prefix(RETRY_LATER)).and_then(|s| s.parse().ok());
-        let mut message = caught_message(&e).to_string();
-        if message.contains("statement timeout") {
-            message = format!("it ran longer than its timeout ({timeout_ms} ms) and was stopped");
-        }
-        Err(Failure { message, retry_after })
-    })
-    .execute();
-    unsafe {
-        disable_timeout(STATEMENT_TIMEOUT, false);
-        if outcome.is_ok() {
-            pg_sys::PopActiveSnapshot();
-            pg_sys::CommitTransactionCommand();
-        } else {
-            // Also restores the user id the call ran as.
-            pg_sys::AbortCurrentTransaction();
-        }
-        pg_sys::pgstat_report_stat(false);
-    }
-    outcome
-}
-
-/// Runs `f` with `role` as the current user, as SECURITY DEFINER functions
-/// do; an error unwinds through the transaction abort, which restores it.
-pub fn as_role<R>(role: pg_sys::Oid, f: impl FnOnce() -> R) -> R {
-    let (mut saved_user, mut saved_context) = (pg_sys::InvalidOid, 0);
-    unsafe {
-        pg_sys::GetUserIdAndSecContext(&mut saved_user, &mut saved_context);
-        pg_sys::SetUserIdAndSecContext(role, saved_context | pg_sys::SECURITY_LOCAL_USERID_CHANGE as i32);
-    }
-    let result = f();
-    unsafe { pg_sys::SetUserIdAndSecContext(saved_user, saved_context) };
-    result
 }
 
 static PROGRESS: [AtomicI64; 2] = [AtomicI64::new(-1), AtomicI64::new(-1)];

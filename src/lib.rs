@@ -8,6 +8,7 @@ use pgrx::prelude::*;
 
 pub mod api;
 pub mod bgw;
+pub mod caller;
 pub mod capture;
 pub mod dispatch;
 pub mod error;
@@ -19,6 +20,7 @@ pub mod outbound;
 pub mod processor;
 pub mod schedule;
 pub mod settings;
+pub mod user_code;
 pub mod workers;
 
 ::pgrx::pg_module_magic!(name, version);
@@ -34,6 +36,8 @@ pgrx::extension_sql_file!(
         "bootstrap",
         api::mask_settings,
         api::mask_headers,
+        api::mask_endpoint_headers,
+        api::mask_attempt_headers,
         api::mask_url,
         api::default_timeout_ms,
         workers::workers_sql,
@@ -59,8 +63,14 @@ pgrx::extension_sql_file!(
 pgrx::extension_sql_file!(
     "../sql/inbound.sql",
     name = "inbound",
-    requires =
-        ["monitoring", api::mask_headers, api::verify_inbound, workers::wake_processor, workers::sources_changed]
+    requires = [
+        "monitoring",
+        api::mask_headers,
+        api::verify_inbound,
+        workers::wake_processor,
+        workers::sources_changed,
+        processor::process_inbound
+    ]
 );
 pgrx::extension_sql_file!("../sql/finalize.sql", name = "finalize", finalize);
 

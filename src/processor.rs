@@ -10,7 +10,8 @@ use pgrx::prelude::*;
 use pgrx::PgOid;
 
 use crate::bgw::{in_transaction, run_prepared, wait};
-use crate::jobs::{postgres_die, run_user_call};
+use crate::jobs::postgres_die;
+use crate::user_code::run_user_call;
 use crate::{settings, workers};
 
 struct Item {
@@ -127,5 +128,47 @@ fn process(item: Item, pid: i32) {
         if recorded.is_none() {
             warning!("pg_ihub: could not archive inbound item {id}; it is rescued later");
         }
+    }
+}
+
+/// `ihub.process_inbound(id)`: processes one queued or failed item now, in
+/// this session and with the caller's rights, if the caller may run the
+/// source's handler (a member of its role). Returns the handler's result,
+/// or `{"error": ...}` when it failed (the item is then archived as failed).
+///
+/// Not SECURITY DEFINER, so that the handler runs as the caller with its
+/// search_path; taking and settling the item go through internal functions
+/// that no role holds EXECUTE on (see `caller::call_internal`).
+#[pg_extern(volatile)]
+fn process_inbound(id: i64) -> Option<pgrx::JsonB> {
+    let caller = unsafe { pg_sys::GetUserId() };
+    let int8 = pg_sys::INT8OID;
+    let call = crate::caller::call_internal(
+        "_inbound_take",
+        &[int8, pg_sys::REGROLEOID],
+        &[Some(pg_sys::Datum::from(id)), Some(pg_sys::Datum::from(caller))],
+    )
+    .and_then(|d| unsafe { String::from_datum(d, false) })
+    .expect("ihub._inbound_take returns the handler call");
+    let outcome = crate::bgw::in_subtransaction(|| {
+        Spi::get_one_with_args::<pgrx::JsonB>(&call, &[id.into()]).unwrap_or_else(|e| panic!("{e}"))
+    });
+    let (result, error) = match outcome {
+        Ok(result) => (result, None),
+        Err(message) => (None, Some(message)),
+    };
+    let settle_result = result.as_ref().map(|r| pgrx::JsonB(r.0.clone()));
+    crate::caller::call_internal(
+        "_inbound_settle",
+        &[int8, pg_sys::JSONBOID, pg_sys::TEXTOID],
+        &[
+            Some(pg_sys::Datum::from(id)),
+            settle_result.and_then(|r| r.into_datum()),
+            error.clone().and_then(|e| e.into_datum()),
+        ],
+    );
+    match error {
+        Some(message) => Some(pgrx::JsonB(serde_json::json!({ "error": message }))),
+        None => result,
     }
 }

@@ -52,6 +52,50 @@ mod tests {
         Spi::run("SELECT ihub.enable_integration('shop')").unwrap();
     }
 
+    /// The caller is the current user at the call: after SET ROLE the role,
+    /// inside a SECURITY DEFINER function its owner, never the outer user.
+    #[pg_test]
+    fn the_caller_is_the_current_user_at_the_call() {
+        setup();
+        Spi::run(
+            "CREATE ROLE ihub_t_owner NOLOGIN IN ROLE ihub_developer;
+             CREATE ROLE ihub_t_app NOLOGIN;
+             CREATE ROLE ihub_t_other NOLOGIN IN ROLE ihub_developer;
+             CREATE FUNCTION noop(args jsonb) RETURNS void LANGUAGE sql AS $$ SELECT $$;
+             GRANT EXECUTE ON FUNCTION noop(jsonb) TO PUBLIC;
+             CREATE FUNCTION queue_for_me() RETURNS bigint LANGUAGE sql SECURITY DEFINER
+                 AS $$ SELECT ihub.enqueue('noop(jsonb)', run_at => now() + interval '1 day') $$;
+             ALTER FUNCTION queue_for_me() OWNER TO ihub_t_owner;
+             GRANT EXECUTE ON FUNCTION queue_for_me() TO ihub_t_app;",
+        )
+        .unwrap();
+        let direct = one::<i64>(
+            "SET LOCAL ROLE ihub_t_owner; SELECT ihub.enqueue('noop(jsonb)', run_at => now() + interval '1 day')",
+        );
+        Spi::run("RESET ROLE").unwrap();
+        let through_definer = one::<i64>("SET LOCAL ROLE ihub_t_app; SELECT queue_for_me()");
+        Spi::run("RESET ROLE").unwrap();
+        for id in [direct, through_definer] {
+            assert_eq!(one::<String>(&format!("SELECT run_as::text FROM ihub.job WHERE id = {id}")), "ihub_t_owner");
+        }
+        // The internal halves take any caller, so nobody may call them.
+        expect_error(
+            "SET LOCAL ROLE ihub_t_owner; SELECT ihub._enqueue_by('noop(jsonb)', p_caller => 'postgres')",
+            &["permission denied"],
+        );
+        Spi::run("RESET ROLE").unwrap();
+        // Only members of a job's role (or ihub_admin) act on it.
+        expect_error(
+            &format!("SET LOCAL ROLE ihub_t_other; SELECT ihub.cancel_job({direct})"),
+            &["may not act on job", "Only members of ihub_t_owner"],
+        );
+        Spi::run("RESET ROLE").unwrap();
+        assert!(one::<bool>("SELECT ihub._may_act_for('ihub_t_owner', 'ihub_t_owner')"));
+        assert!(!one::<bool>("SELECT ihub._may_act_for('ihub_t_app', 'ihub_t_owner')"));
+        assert!(one::<bool>("SELECT ihub._may_act_for('ihub_admin', 'ihub_t_owner')"));
+        assert!(!one::<bool>("SELECT ihub._may_act_for('ihub_admin', 'postgres')"));
+    }
+
     #[pg_test]
     fn integration_lifecycle_and_its_errors() {
         setup();
