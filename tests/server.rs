@@ -163,12 +163,18 @@ fn idle_workers_sleep_instead_of_polling() {
     for kind in ["dispatcher", "job worker", "scheduler", "maintenance", "listener", "processor"] {
         assert!(workers.iter().any(|(k, _)| k == kind), "no {kind} in {workers:?}");
     }
-    std::thread::sleep(Duration::from_millis(500));
+    // A sleeping worker wakes once per ihub.poll_interval at most; with the
+    // test cluster's 500 ms, the cost of those rounds (which grows with the
+    // subscriptions other tests left) would hide what this test looks for.
+    hub.exec("ALTER SYSTEM SET ihub.poll_interval = '10s'");
+    hub.exec("SELECT pg_reload_conf()");
+    std::thread::sleep(Duration::from_millis(1500));
     let before: Vec<f64> = workers.iter().map(|(_, p)| cpu_seconds(*p)).collect();
     std::thread::sleep(Duration::from_secs(5));
+    hub.exec("ALTER SYSTEM RESET ihub.poll_interval");
+    hub.exec("SELECT pg_reload_conf()");
     // A worker that wakes every few milliseconds uses a tenth of a second or
-    // more here; one sleeping on its latch (woken each ihub.poll_interval at
-    // most) next to nothing.
+    // more here; one sleeping on its latch next to nothing.
     let busy: Vec<String> = workers
         .iter()
         .zip(before)
