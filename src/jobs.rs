@@ -102,7 +102,7 @@ const JOB_DEAD_ROWS: i64 = 10_000;
 
 fn vacuum_job_table() {
     let dead = in_transaction(|| {
-        Spi::get_one::<i64>("SELECT pg_stat_get_dead_tuples('ihub.job'::regclass)").ok().flatten().unwrap_or(0)
+        Spi::get_one::<i64>("SELECT pg_catalog.pg_stat_get_dead_tuples('ihub.job'::regclass)").ok().flatten().unwrap_or(0)
     })
     .unwrap_or(0);
     if dead >= JOB_DEAD_ROWS {
@@ -111,7 +111,7 @@ fn vacuum_job_table() {
 }
 
 fn extension_ready() -> bool {
-    Spi::get_one::<bool>("SELECT to_regprocedure('ihub._claim_job(integer, integer)') IS NOT NULL")
+    Spi::get_one::<bool>("SELECT pg_catalog.to_regprocedure('ihub._claim_job(integer, integer)') IS NOT NULL")
         .ok()
         .flatten()
         .unwrap_or(false)

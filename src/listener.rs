@@ -304,7 +304,7 @@ fn reload_sources(shared: &Shared) {
     // Read first: a change committed while loading makes the cache stale again.
     let version = shared.version.map(|v| v.load(Ordering::SeqCst)).unwrap_or(0);
     let loaded = in_transaction(|| {
-        if !Spi::get_one::<bool>("SELECT to_regprocedure('ihub._inbound_sources()') IS NOT NULL").ok().flatten()? {
+        if !Spi::get_one::<bool>("SELECT pg_catalog.to_regprocedure('ihub._inbound_sources()') IS NOT NULL").ok().flatten()? {
             return None;
         }
         Spi::connect(|client| {

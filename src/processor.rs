@@ -43,7 +43,7 @@ pub extern "C-unwind" fn ihub_processor_main(_arg: pg_sys::Datum) {
         workers::heartbeat(true);
         let poll = Duration::from_millis(settings::POLL_INTERVAL_MS.get() as u64);
         let ready = in_transaction(|| {
-            Spi::get_one::<bool>("SELECT to_regprocedure('ihub._claim_inbound(integer, integer)') IS NOT NULL")
+            Spi::get_one::<bool>("SELECT pg_catalog.to_regprocedure('ihub._claim_inbound(integer, integer)') IS NOT NULL")
                 .ok()
                 .flatten()
         })

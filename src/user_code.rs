@@ -9,8 +9,9 @@
 //! recorded as asked by that role. The security context forbids `SET ROLE`
 //! and `SET SESSION AUTHORIZATION` inside, as in a SECURITY DEFINER function.
 //! Whatever user code leaves in the session (settings, temporary objects,
-//! cursors, prepared statements, LISTEN, advisory locks) is discarded before
-//! the next call, which may be another role's.
+//! cursors, prepared statements, LISTEN, advisory locks) is discarded as soon
+//! as its transaction ends: the worker's own statements and the next call,
+//! which may be another role's, never see it.
 
 use pgrx::prelude::*;
 use pgrx::{JsonB, PgOid};
@@ -58,7 +59,6 @@ pub fn run_user_call(
         pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot());
     }
     let outcome = PgTryBuilder::new(|| {
-        discard_session_state();
         become_role(run_as);
         // Postgres arms statement_timeout only for client queries; a worker
         // arms the timer itself. When it fires, the query is cancelled.
@@ -103,6 +103,12 @@ pub fn run_user_call(
         // call's transaction is left to run.
         pg_sys::SetSessionAuthorization(worker, true);
         pg_sys::SetUserIdAndSecContext(worker, 0);
+        // Then nothing of the call's session state either: the worker's own
+        // statements run as the superuser, and a search_path the call left
+        // behind would have them find the call's functions first.
+        pg_sys::StartTransactionCommand();
+        discard_session_state();
+        pg_sys::CommitTransactionCommand();
         pg_sys::pgstat_report_stat(false);
     }
     outcome

@@ -527,3 +527,42 @@ fn healthz_tells_only_the_status_without_the_token() {
     assert!(full.as_object().map(|o| o.len()).unwrap_or(0) > 1, "the token shows the detail: {full}");
     hub.exec(&format!("SELECT ihub.unschedule('{p}_secret_schedule')"));
 }
+
+#[test]
+fn settings_a_job_leaves_behind_never_reach_the_worker() {
+    let mut hub = hub();
+    let r = roles(&mut hub);
+    hub.exec(&format!(
+        "DO $$ BEGIN EXECUTE format('GRANT CREATE ON DATABASE %I TO {}', current_database()); END $$",
+        r.dev
+    ));
+    let mut dev = r.connect(&r.dev);
+    // A session-level search_path that puts the developer's schema before
+    // pg_catalog: the worker's own statements (run as the superuser) must
+    // never find the developer's functions through it.
+    dev.batch_execute(&format!(
+        "CREATE SCHEMA {p}_trap;
+         GRANT USAGE ON SCHEMA {p}_trap TO PUBLIC;
+         CREATE FUNCTION {p}_trap.to_regprocedure(text) RETURNS regprocedure LANGUAGE sql AS $$
+             SELECT public.{p}_who('trap'); SELECT pg_catalog.to_regprocedure($1) $$;
+         CREATE FUNCTION {p}_trap.pg_stat_get_dead_tuples(oid) RETURNS bigint LANGUAGE sql AS $$
+             SELECT public.{p}_who('trap'); SELECT pg_catalog.pg_stat_get_dead_tuples($1) $$;
+         GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA {p}_trap TO PUBLIC;
+         CREATE FUNCTION {p}_set_trap(args jsonb) RETURNS void LANGUAGE plpgsql AS $$
+         BEGIN
+             PERFORM set_config('search_path', '{p}_trap, pg_catalog, public', false);
+             PERFORM set_config('statement_timeout', '1ms', false);
+         END $$;",
+        p = r.p
+    ))
+    .unwrap_or_else(|e| panic!("{}", describe(&e)));
+    let id: i64 = dev.query_one(&format!("SELECT ihub.enqueue('{}_set_trap(jsonb)')", r.p), &[]).unwrap().get(0);
+    assert!(hub.wait_true(&format!("SELECT state = 'done' FROM ihub.jobs WHERE id = {id}"), WAIT));
+    // Workers loop at least every ihub.poll_interval (500 ms here).
+    let trapped =
+        hub.wait_true(&format!("SELECT count(*) > 0 FROM {}_ident WHERE what = 'trap'", r.p), Duration::from_secs(3));
+    assert!(!trapped, "a worker ran the developer's function: {:?}", r.idents(&mut hub, "trap"));
+    // And the next job of that worker runs with clean settings.
+    dev.batch_execute(&format!("SELECT ihub.enqueue('{}_who_job(jsonb)', '{{\"what\": \"after\"}}')", r.p)).unwrap();
+    r.assert_ran_as(&mut hub, "after", &r.dev);
+}
