@@ -77,6 +77,8 @@ COMMENT ON FUNCTION ihub._wake_processor() IS 'Internal: wakes an inbound proces
 REVOKE ALL ON ALL TABLES IN SCHEMA ihub FROM PUBLIC;
 REVOKE ALL ON ALL FUNCTIONS IN SCHEMA ihub FROM PUBLIC;
 GRANT USAGE ON SCHEMA ihub TO ihub_viewer;
+-- Capture tables are written by pg_ihub's triggers only.
+REVOKE ALL ON SCHEMA ihub_capture FROM PUBLIC;
 
 GRANT SELECT ON ihub.integrations, ihub.endpoints, ihub.subscriptions, ihub.deliveries,
                 ihub.delivery_attempts, ihub.workers, ihub.jobs, ihub.schedules, ihub.cronwatch,
