@@ -156,31 +156,40 @@ pub fn vacuum(schema: &str, table: &str) {
 
 thread_local! {
     /// Statements prepared once per worker (SPI_keepplan), by their text.
-    static PLANS: std::cell::RefCell<std::collections::HashMap<String, pgrx::spi::OwnedPreparedStatement>> =
+    static PLANS: std::cell::RefCell<std::collections::HashMap<String, std::rc::Rc<pgrx::spi::OwnedPreparedStatement>>> =
         std::cell::RefCell::new(std::collections::HashMap::new());
 }
 
 /// Runs `sql` from a plan prepared on first use and kept for the worker's
 /// life: a worker runs the same few statements thousands of times a second,
 /// and parsing and planning them each time was most of its CPU.
+///
+/// Re-entrant: the statement may run user code (a job function) that fires
+/// a capture trigger using this cache too, so no borrow of the cache is held
+/// while it runs.
 pub fn run_prepared<'conn>(
     client: &mut pgrx::spi::SpiClient<'conn>,
     sql: &str,
     types: &[pgrx::PgOid],
     args: &[pgrx::datum::DatumWithOid<'_>],
 ) -> pgrx::spi::SpiResult<pgrx::spi::SpiTupleTable<'conn>> {
-    PLANS.with(|plans| {
-        let mut plans = plans.borrow_mut();
-        if !plans.contains_key(sql) {
-            // Job functions are many but few; never let the cache grow without bound.
-            if plans.len() >= 1000 {
-                plans.clear();
-            }
-            let stmt = client.prepare_mut(sql, types)?.keep();
-            plans.insert(sql.to_string(), stmt);
+    let cached = PLANS.with(|plans| plans.borrow().get(sql).cloned());
+    let statement = match cached {
+        Some(statement) => statement,
+        None => {
+            let statement = std::rc::Rc::new(client.prepare_mut(sql, types)?.keep());
+            PLANS.with(|plans| {
+                let mut plans = plans.borrow_mut();
+                // Job functions are many but few; never let the cache grow without bound.
+                if plans.len() >= 1000 {
+                    plans.clear();
+                }
+                plans.insert(sql.to_string(), statement.clone());
+            });
+            statement
         }
-        client.update(&plans[sql], None, args)
-    })
+    };
+    client.update(&*statement, None, args)
 }
 
 /// Runs `f` in a subtransaction, as PL/pgSQL runs a block with an EXCEPTION

@@ -96,6 +96,32 @@ fn columns_select_the_payload_and_watch_and_condition_filter() {
     assert_eq!(body["changed"], serde_json::json!(["status"]));
 }
 
+/// Writes made by user code that a worker runs (a job, an inbound handler)
+/// go through the same capture triggers, conditions included.
+#[test]
+fn writes_of_jobs_and_handlers_are_captured_with_watch_and_condition() {
+    let mut hub = hub();
+    let rx = Receiver::start();
+    let s = hub.setup(&rx.url("/orders"), "");
+    let integration = &s.integration;
+    hub.exec(&format!(
+        "SELECT ihub.subscribe('{t}', '{e}', watch => '{{status}}', condition => 'new.amount > 0');
+         CREATE FUNCTION {t}_job(args jsonb) RETURNS void LANGUAGE sql AS $$
+             INSERT INTO {t} (customer, amount) VALUES ('from a job', 1);
+             UPDATE {t} SET status = 'paid' WHERE customer = 'from a job' $$;
+         CREATE FUNCTION {t}_handle(item ihub.inbound_items) RETURNS jsonb LANGUAGE sql AS $$
+             INSERT INTO {t} (customer, amount) VALUES ('from a handler', 2) RETURNING '{{}}'::jsonb $$;
+         SELECT ihub.create_source('{integration}', 'src', '{t}_handle(ihub.inbound_items)', 'none');
+         SELECT ihub.enqueue('{t}_job(jsonb)');
+         SELECT ihub.receive('{integration}', 'src', '{{}}', convert_to('{{}}', 'UTF8'));",
+        t = s.table,
+        e = s.endpoint
+    ));
+    assert_eq!(hub.wait_settled(&s.endpoint, 3, WAIT), vec!["delivered"; 3]);
+    let failed: i64 = hub.one("SELECT count(*) FROM ihub.inbound_failed WHERE source = 'src'");
+    assert_eq!(failed, 0);
+}
+
 #[test]
 fn a_rolled_back_write_sends_nothing() {
     let mut hub = hub();
