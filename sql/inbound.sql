@@ -325,8 +325,11 @@ CREATE FUNCTION ihub._handler_call(p_handler regprocedure) RETURNS text
 LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp
 AS $$
     SELECT CASE WHEN p.prorettype = 'void'::regtype
-                THEN format('SELECT NULL::jsonb FROM ihub.inbound_items i, %I.%I(i) f WHERE i.id = $1', n.nspname, p.proname)
-                ELSE format('SELECT to_jsonb(%I.%I(i)) FROM ihub.inbound_items i WHERE i.id = $1', n.nspname, p.proname) END
+                -- Qualified: the statement is parsed with the role's search_path.
+                THEN format('SELECT NULL::pg_catalog.jsonb FROM ihub.inbound_items i, %I.%I(i) f '
+                            'WHERE i.id OPERATOR(pg_catalog.=) $1', n.nspname, p.proname)
+                ELSE format('SELECT pg_catalog.to_jsonb(%I.%I(i)) FROM ihub.inbound_items i '
+                            'WHERE i.id OPERATOR(pg_catalog.=) $1', n.nspname, p.proname) END
     FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
     WHERE p.oid = p_handler
 $$;
@@ -474,10 +477,12 @@ BEGIN
         RAISE EXCEPTION 'inbound item % does not exist', p_id USING ERRCODE = 'undefined_object', HINT = 'See ihub.inbound_items.';
     END IF;
     SELECT s.* INTO v_source FROM ihub.inbound_item t JOIN ihub.inbound_source s ON s.id = t.source_id WHERE t.id = p_id;
-    IF NOT ihub._may_act_for(p_caller, v_source.run_as) THEN
-        RAISE EXCEPTION 'role % may not process inbound item %, whose handler runs as %', p_caller, p_id, v_source.run_as
+    -- The handler runs in the caller's session with the caller's rights: only
+    -- as the source's own role, never with more rights than that role's.
+    IF p_caller <> v_source.run_as THEN
+        RAISE EXCEPTION 'role % may not process inbound item % by hand: its handler runs as %', p_caller, p_id, v_source.run_as
             USING ERRCODE = 'insufficient_privilege',
-                  HINT = 'Only members of the source''s role, or ihub_admin when it is not a superuser, may run its handler.';
+                  HINT = format('SET ROLE %s first (as a member of it), or queue it again with ihub.reactivate_inbound, and a processor runs it as %s.', v_source.run_as, v_source.run_as);
     END IF;
     IF v_state NOT IN ('queued', 'failed') THEN
         RAISE EXCEPTION 'inbound item % is %', p_id, v_state

@@ -28,14 +28,19 @@ $$;
 
 -- Whether p_caller may act on work that runs as p_role (change, run, retry,
 -- cancel it): as a member of p_role (superusers are members of every role),
--- or as ihub_admin unless p_role is a superuser, whose work no other role
--- may change.
+-- or as ihub_admin unless p_role holds powers beyond its own objects
+-- (superuser, CREATEROLE, or the server file and program roles), whose work
+-- no other role may change.
 CREATE FUNCTION ihub._may_act_for(p_caller regrole, p_role regrole) RETURNS boolean
 LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp
 AS $$
     SELECT pg_has_role(p_caller, p_role, 'MEMBER')
         OR (pg_has_role(p_caller, 'ihub_admin', 'MEMBER')
-            AND NOT coalesce((SELECT rolsuper FROM pg_roles WHERE oid = p_role), true))
+            AND coalesce((SELECT NOT (r.rolsuper OR r.rolcreaterole)
+                                 AND NOT pg_has_role(r.oid, 'pg_execute_server_program', 'MEMBER')
+                                 AND NOT pg_has_role(r.oid, 'pg_write_server_files', 'MEMBER')
+                                 AND NOT pg_has_role(r.oid, 'pg_read_server_files', 'MEMBER')
+                          FROM pg_roles r WHERE r.oid = p_role), false))
 $$;
 
 CREATE FUNCTION ihub._require_may_act_for(p_caller regrole, p_role regrole, p_what text) RETURNS void
@@ -45,7 +50,7 @@ BEGIN
     IF NOT ihub._may_act_for(p_caller, p_role) THEN
         RAISE EXCEPTION 'role % may not act on %, which runs as %', p_caller, p_what, p_role
             USING ERRCODE = 'insufficient_privilege',
-                  HINT = format('Only members of %s, or ihub_admin when it is not a superuser, may change, run, retry or cancel it.', p_role);
+                  HINT = format('Only members of %s, or ihub_admin when it is not a superuser or otherwise privileged, may change, run, retry or cancel it.', p_role);
     END IF;
 END
 $$;
@@ -167,8 +172,9 @@ BEGIN
     )
     SELECT c.id,
            CASE WHEN p.prorettype = 'void'::regtype
-                THEN format('SELECT NULL::jsonb FROM %I.%I($1) AS f', n.nspname, p.proname)
-                ELSE format('SELECT to_jsonb(%I.%I($1))', n.nspname, p.proname) END,
+                -- Qualified: the statement is parsed with the role's search_path.
+                THEN format('SELECT NULL::pg_catalog.jsonb FROM %I.%I($1) AS f', n.nspname, p.proname)
+                ELSE format('SELECT pg_catalog.to_jsonb(%I.%I($1))', n.nspname, p.proname) END,
            c.args, c.run_as::oid,
            coalesce((extract(epoch FROM c.timeout) * 1000)::integer, p_default_timeout_ms),
            c.more

@@ -398,6 +398,11 @@ BEGIN
         RAISE EXCEPTION 'table % has a column named _ihub_row or _ihub_n, which pg_ihub reserves', source
             USING ERRCODE = 'duplicate_column', HINT = 'Rename the column to subscribe to this table.';
     END IF;
+    IF ihub._json_cast_hazard(source) IS NOT NULL THEN
+        RAISE EXCEPTION 'cannot subscribe to %: %', source, ihub._json_cast_hazard(source)
+            USING ERRCODE = 'insufficient_privilege',
+                  HINT = 'pg_ihub renders changes as JSON with its workers'' rights and never runs such a cast: drop it (DROP CAST), or subscribe to a table without that type.';
+    END IF;
     IF condition IS NOT NULL THEN
         PERFORM ihub._check_expression(condition);
         -- Parse analysis only (names, types), never planned or run here: the
@@ -494,6 +499,46 @@ CREATE FUNCTION ihub._lease_until(p_timeout_ms integer, p_rounds integer) RETURN
 LANGUAGE sql STABLE
 AS $$ SELECT now() + make_interval(secs => p_timeout_ms * greatest(p_rounds, 1) / 1000.0 + 30) $$;
 
+-- Rendering a row as JSON (to_jsonb) calls the cast to json of any
+-- non-built-in type in it, including types nested in arrays, domains, ranges
+-- and composites. The dispatcher renders as the superuser, so a cast whose
+-- function a role other than a superuser owns would run with its rights:
+-- such a table is not rendered. Returns what stands in the way, or NULL.
+CREATE FUNCTION ihub._json_cast_hazard(p_source regclass) RETURNS text
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v text;
+BEGIN
+    -- The common case, cheaply: no such cast in the database at all.
+    IF NOT EXISTS (SELECT 1 FROM pg_cast c JOIN pg_proc f ON f.oid = c.castfunc JOIN pg_roles r ON r.oid = f.proowner
+                   WHERE c.casttarget = 'json'::regtype AND c.castsource >= 16384 AND NOT r.rolsuper) THEN
+        RETURN NULL;
+    END IF;
+    WITH RECURSIVE types(oid) AS (
+        SELECT a.atttypid FROM pg_attribute a WHERE a.attrelid = p_source AND a.attnum > 0 AND NOT a.attisdropped
+        UNION
+        SELECT x.oid
+        FROM types t JOIN pg_type ty ON ty.oid = t.oid
+        CROSS JOIN LATERAL (
+            SELECT ty.typbasetype UNION ALL SELECT ty.typelem
+            UNION ALL SELECT r.rngsubtype FROM pg_range r WHERE r.rngtypid = ty.oid
+            UNION ALL SELECT r.rngtypid FROM pg_range r WHERE r.rngmultitypid = ty.oid
+            UNION ALL SELECT a.atttypid FROM pg_attribute a
+                      WHERE a.attrelid = ty.typrelid AND a.attnum > 0 AND NOT a.attisdropped
+        ) x(oid)
+        WHERE x.oid <> 0
+    )
+    SELECT format('type %s has a cast to json, %s, owned by %s', c.castsource::regtype, c.castfunc::regprocedure,
+                  pg_get_userbyid(f.proowner))
+    INTO v
+    FROM pg_cast c JOIN pg_proc f ON f.oid = c.castfunc JOIN pg_roles r ON r.oid = f.proowner
+    WHERE c.casttarget = 'json'::regtype AND c.castsource IN (SELECT oid FROM types) AND NOT r.rolsuper
+    LIMIT 1;
+    RETURN v;
+END
+$$;
+
 CREATE FUNCTION ihub._route(p_sub ihub.subscription, p_limit integer, p_owner integer,
                             p_default_timeout_ms integer DEFAULT 10000, p_rounds integer DEFAULT 1)
 RETURNS SETOF bigint
@@ -507,7 +552,18 @@ DECLARE
     v_claim boolean;
     v_routed bigint;
     v_capture text := format('ihub_capture.%I', 'sub_' || p_sub.id);
+    v_hazard text := ihub._json_cast_hazard(p_sub.source);
 BEGIN
+    IF v_hazard IS NOT NULL THEN
+        -- Its changes wait in the capture table until the cast is dropped.
+        IF p_owner IS NULL THEN
+            RAISE EXCEPTION 'cannot render the changes of subscription %: %', p_sub.id, v_hazard
+                USING ERRCODE = 'insufficient_privilege',
+                      HINT = 'pg_ihub renders changes as JSON with its workers'' rights and never runs such a cast: drop it (DROP CAST).';
+        END IF;
+        RAISE WARNING 'pg_ihub: the changes of subscription % wait: %; drop the cast to have them sent', p_sub.id, v_hazard;
+        RETURN;
+    END IF;
     SELECT * INTO v_endpoint FROM ihub.endpoint WHERE id = p_sub.endpoint_id;
     SELECT * INTO v_integration FROM ihub.integration WHERE id = v_endpoint.integration_id;
     SELECT n.nspname, c.relname INTO v_rel FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = p_sub.source;
@@ -997,6 +1053,7 @@ COMMENT ON FUNCTION ihub.subscribe(regclass, text, text[], text[], text[], text,
     'Subscribes an endpoint to row changes of a table: events, payload columns, watched columns (updates fire only when one changed), a condition over new and old, and test mode. Returns the subscription id.';
 COMMENT ON FUNCTION ihub.unsubscribe(bigint) IS
     'Removes a subscription''s triggers and capture table; changes already captured are queued first.';
+COMMENT ON FUNCTION ihub._json_cast_hazard(regclass) IS 'Internal: a cast to json, owned by a role other than a superuser, that rendering the table''s rows would call; NULL when none.';
 COMMENT ON FUNCTION ihub._lease_until(integer, integer) IS 'Internal: when a lease on a claimed delivery runs out.';
 COMMENT ON FUNCTION ihub._route(ihub.subscription, integer, integer, integer, integer) IS
     'Internal: turns captured row changes into deliveries with JSON payloads, claiming them for the calling worker.';

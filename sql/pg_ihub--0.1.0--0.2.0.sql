@@ -117,6 +117,11 @@ BEGIN
         RAISE EXCEPTION 'table % has a column named _ihub_row or _ihub_n, which pg_ihub reserves', source
             USING ERRCODE = 'duplicate_column', HINT = 'Rename the column to subscribe to this table.';
     END IF;
+    IF ihub._json_cast_hazard(source) IS NOT NULL THEN
+        RAISE EXCEPTION 'cannot subscribe to %: %', source, ihub._json_cast_hazard(source)
+            USING ERRCODE = 'insufficient_privilege',
+                  HINT = 'pg_ihub renders changes as JSON with its workers'' rights and never runs such a cast: drop it (DROP CAST), or subscribe to a table without that type.';
+    END IF;
     IF condition IS NOT NULL THEN
         PERFORM ihub._check_expression(condition);
         -- Parse analysis only (names, types), never planned or run here: the
@@ -277,7 +282,11 @@ LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp
 AS $$
     SELECT pg_has_role(p_caller, p_role, 'MEMBER')
         OR (pg_has_role(p_caller, 'ihub_admin', 'MEMBER')
-            AND NOT coalesce((SELECT rolsuper FROM pg_roles WHERE oid = p_role), true))
+            AND coalesce((SELECT NOT (r.rolsuper OR r.rolcreaterole)
+                                 AND NOT pg_has_role(r.oid, 'pg_execute_server_program', 'MEMBER')
+                                 AND NOT pg_has_role(r.oid, 'pg_write_server_files', 'MEMBER')
+                                 AND NOT pg_has_role(r.oid, 'pg_read_server_files', 'MEMBER')
+                          FROM pg_roles r WHERE r.oid = p_role), false))
 $$;
 
 CREATE FUNCTION ihub._require_may_act_for(p_caller regrole, p_role regrole, p_what text) RETURNS void
@@ -287,7 +296,7 @@ BEGIN
     IF NOT ihub._may_act_for(p_caller, p_role) THEN
         RAISE EXCEPTION 'role % may not act on %, which runs as %', p_caller, p_what, p_role
             USING ERRCODE = 'insufficient_privilege',
-                  HINT = format('Only members of %s, or ihub_admin when it is not a superuser, may change, run, retry or cancel it.', p_role);
+                  HINT = format('Only members of %s, or ihub_admin when it is not a superuser or otherwise privileged, may change, run, retry or cancel it.', p_role);
     END IF;
 END
 $$;
@@ -446,7 +455,7 @@ BEGIN
         RAISE EXCEPTION 'role % may not schedule actions that run as %', v_invoker, v_role
             USING ERRCODE = 'insufficient_privilege', HINT = 'run_as must be a role you are a member of.';
     END IF;
-    PERFORM ihub._check_job_function(fn, v_role::name);
+    PERFORM ihub._check_job_function(fn, pg_get_userbyid(v_role));
     IF args IS NULL OR jsonb_typeof(args) <> 'object' THEN
         RAISE EXCEPTION 'args must be a JSON object' USING ERRCODE = 'invalid_parameter_value', HINT = 'For example {"full": false}.';
     END IF;
@@ -789,10 +798,12 @@ BEGIN
         RAISE EXCEPTION 'inbound item % does not exist', p_id USING ERRCODE = 'undefined_object', HINT = 'See ihub.inbound_items.';
     END IF;
     SELECT s.* INTO v_source FROM ihub.inbound_item t JOIN ihub.inbound_source s ON s.id = t.source_id WHERE t.id = p_id;
-    IF NOT ihub._may_act_for(p_caller, v_source.run_as) THEN
-        RAISE EXCEPTION 'role % may not process inbound item %, whose handler runs as %', p_caller, p_id, v_source.run_as
+    -- The handler runs in the caller's session with the caller's rights: only
+    -- as the source's own role, never with more rights than that role's.
+    IF p_caller <> v_source.run_as THEN
+        RAISE EXCEPTION 'role % may not process inbound item % by hand: its handler runs as %', p_caller, p_id, v_source.run_as
             USING ERRCODE = 'insufficient_privilege',
-                  HINT = 'Only members of the source''s role, or ihub_admin when it is not a superuser, may run its handler.';
+                  HINT = format('SET ROLE %s first (as a member of it), or queue it again with ihub.reactivate_inbound, and a processor runs it as %s.', v_source.run_as, v_source.run_as);
     END IF;
     IF v_state NOT IN ('queued', 'failed') THEN
         RAISE EXCEPTION 'inbound item % is %', p_id, v_state
@@ -805,10 +816,206 @@ END
 $$;
 
 
+
+-------------------------------------------------------------------------------
+-- Rendering never runs a cast to json a role other than a superuser wrote;
+-- statements run as a role name pg_catalog explicitly
+-------------------------------------------------------------------------------
+
+-- Rendering a row as JSON (to_jsonb) calls the cast to json of any
+-- non-built-in type in it, including types nested in arrays, domains, ranges
+-- and composites. The dispatcher renders as the superuser, so a cast whose
+-- function a role other than a superuser owns would run with its rights:
+-- such a table is not rendered. Returns what stands in the way, or NULL.
+CREATE FUNCTION ihub._json_cast_hazard(p_source regclass) RETURNS text
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v text;
+BEGIN
+    -- The common case, cheaply: no such cast in the database at all.
+    IF NOT EXISTS (SELECT 1 FROM pg_cast c JOIN pg_proc f ON f.oid = c.castfunc JOIN pg_roles r ON r.oid = f.proowner
+                   WHERE c.casttarget = 'json'::regtype AND c.castsource >= 16384 AND NOT r.rolsuper) THEN
+        RETURN NULL;
+    END IF;
+    WITH RECURSIVE types(oid) AS (
+        SELECT a.atttypid FROM pg_attribute a WHERE a.attrelid = p_source AND a.attnum > 0 AND NOT a.attisdropped
+        UNION
+        SELECT x.oid
+        FROM types t JOIN pg_type ty ON ty.oid = t.oid
+        CROSS JOIN LATERAL (
+            SELECT ty.typbasetype UNION ALL SELECT ty.typelem
+            UNION ALL SELECT r.rngsubtype FROM pg_range r WHERE r.rngtypid = ty.oid
+            UNION ALL SELECT r.rngtypid FROM pg_range r WHERE r.rngmultitypid = ty.oid
+            UNION ALL SELECT a.atttypid FROM pg_attribute a
+                      WHERE a.attrelid = ty.typrelid AND a.attnum > 0 AND NOT a.attisdropped
+        ) x(oid)
+        WHERE x.oid <> 0
+    )
+    SELECT format('type %s has a cast to json, %s, owned by %s', c.castsource::regtype, c.castfunc::regprocedure,
+                  pg_get_userbyid(f.proowner))
+    INTO v
+    FROM pg_cast c JOIN pg_proc f ON f.oid = c.castfunc JOIN pg_roles r ON r.oid = f.proowner
+    WHERE c.casttarget = 'json'::regtype AND c.castsource IN (SELECT oid FROM types) AND NOT r.rolsuper
+    LIMIT 1;
+    RETURN v;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION ihub._route(p_sub ihub.subscription, p_limit integer, p_owner integer,
+                            p_default_timeout_ms integer DEFAULT 10000, p_rounds integer DEFAULT 1)
+RETURNS SETOF bigint
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_endpoint ihub.endpoint;
+    v_integration ihub.integration;
+    v_rel record;
+    v_excluded text[];
+    v_claim boolean;
+    v_routed bigint;
+    v_capture text := format('ihub_capture.%I', 'sub_' || p_sub.id);
+    v_hazard text := ihub._json_cast_hazard(p_sub.source);
+BEGIN
+    IF v_hazard IS NOT NULL THEN
+        -- Its changes wait in the capture table until the cast is dropped.
+        IF p_owner IS NULL THEN
+            RAISE EXCEPTION 'cannot render the changes of subscription %: %', p_sub.id, v_hazard
+                USING ERRCODE = 'insufficient_privilege',
+                      HINT = 'pg_ihub renders changes as JSON with its workers'' rights and never runs such a cast: drop it (DROP CAST).';
+        END IF;
+        RAISE WARNING 'pg_ihub: the changes of subscription % wait: %; drop the cast to have them sent', p_sub.id, v_hazard;
+        RETURN;
+    END IF;
+    SELECT * INTO v_endpoint FROM ihub.endpoint WHERE id = p_sub.endpoint_id;
+    SELECT * INTO v_integration FROM ihub.integration WHERE id = v_endpoint.integration_id;
+    SELECT n.nspname, c.relname INTO v_rel FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = p_sub.source;
+    IF p_sub.columns IS NOT NULL THEN
+        SELECT coalesce(array_agg(a.attname::text), '{}') INTO v_excluded
+        FROM pg_attribute a
+        WHERE a.attrelid = p_sub.source AND a.attnum > 0 AND NOT a.attisdropped AND a.attname::text <> ALL (p_sub.columns);
+    ELSE
+        v_excluded := '{}';
+    END IF;
+    v_claim := p_owner IS NOT NULL AND v_endpoint.enabled AND v_integration.state <> 'inactive';
+
+    RETURN QUERY EXECUTE format($q$
+        WITH moved AS (
+            DELETE FROM ihub_capture.%1$I c
+            WHERE c.ctid = ANY (ARRAY(SELECT x.ctid FROM ihub_capture.%1$I x LIMIT $1 FOR UPDATE SKIP LOCKED))
+            RETURNING c.op, c.xid, c.occurred_at, c.new_row, c.old_row
+        )
+        INSERT INTO ihub.delivery AS d (event_id, endpoint_id, subscription_id, event_type, payload, test_mode,
+                                        state, lease_owner, lease_until, occurred_at, next_attempt_at)
+        SELECT ev.id, $2, $3, ev.type,
+               jsonb_build_object('id', ev.id, 'type', ev.type, 'schema', $4, 'table', $5, 'operation', ev.op,
+                                  'occurred_at', m.occurred_at, 'txid', m.xid::text, 'tenant', $6,
+                                  'data', CASE WHEN m.op = 'd' THEN j.old ELSE j.new END)
+               || CASE m.op
+                      WHEN 'u' THEN jsonb_build_object('old', j.old, 'changed', to_jsonb(ARRAY(
+                          SELECT n.key FROM jsonb_each(j.new) n JOIN jsonb_each(j.old) o USING (key)
+                          WHERE n.value IS DISTINCT FROM o.value ORDER BY n.key)))
+                      WHEN 'd' THEN jsonb_build_object('old', j.old)
+                      ELSE '{}'::jsonb
+                  END,
+               $7,
+               CASE WHEN $8 THEN 'running' ELSE 'pending' END,
+               CASE WHEN $8 THEN $9 END,
+               CASE WHEN $8 THEN $10 END,
+               m.occurred_at, now()
+        FROM moved m
+        CROSS JOIN LATERAL (SELECT to_jsonb(m.new_row) - $11 AS new, to_jsonb(m.old_row) - $11 AS old) j
+        CROSS JOIN LATERAL (
+            SELECT 'evt_' || replace(gen_random_uuid()::text, '-', '') AS id,
+                   CASE m.op WHEN 'i' THEN 'insert' WHEN 'u' THEN 'update' ELSE 'delete' END AS op,
+                   $5 || '.' || CASE m.op WHEN 'i' THEN 'insert' WHEN 'u' THEN 'update' ELSE 'delete' END AS type
+        ) ev
+        RETURNING d.id
+    $q$, 'sub_' || p_sub.id)
+    USING coalesce(p_limit, 2147483647), v_endpoint.id, p_sub.id, v_rel.nspname::text, v_rel.relname::text,
+          v_integration.tenant, p_sub.test_mode, v_claim, p_owner,
+          ihub._lease_until(coalesce(v_endpoint.timeout_ms, p_default_timeout_ms), p_rounds),
+          v_excluded;
+    GET DIAGNOSTICS v_routed = ROW_COUNT;
+
+    -- The capture table is a queue: routed rows are deleted, and rows of
+    -- rolled-back writes are dead too. Until vacuum runs, every route scans
+    -- them (14 ms for 1M dead rows). Once drained and large, truncate it, but
+    -- only if no writer holds it right now (NOWAIT), and only if still empty
+    -- under the lock.
+    IF v_routed < coalesce(p_limit, 2147483647) AND pg_relation_size(v_capture::regclass) > 8 * 1024 * 1024 THEN
+        BEGIN
+            EXECUTE format('LOCK TABLE %s IN ACCESS EXCLUSIVE MODE NOWAIT', v_capture);
+            IF NOT ihub._has_rows(v_capture) THEN
+                EXECUTE format('TRUNCATE %s', v_capture);
+            END IF;
+        EXCEPTION WHEN lock_not_available THEN
+            NULL; -- a writer is busy with it; try again on a later round
+        END;
+    END IF;
+END
+$$;
+
+-- Claims the most urgent due job for a worker and returns how to call it.
+-- (PL/pgSQL rather than SQL: its plans are cached for the worker's session.)
+CREATE OR REPLACE FUNCTION ihub._claim_job(p_owner integer, p_default_timeout_ms integer)
+RETURNS TABLE (id bigint, call text, args jsonb, run_as oid, timeout_ms integer, more_due boolean)
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    -- Two are locked so that the worker learns whether more are due (and wakes
+    -- a peer) without a second scan; the second is released at commit.
+    RETURN QUERY
+    WITH next AS (
+        SELECT j.id, j.priority, j.run_at FROM ihub.job j
+        WHERE j.state IN ('pending', 'retry') AND j.run_at <= now()
+        ORDER BY j.priority, j.run_at, j.id
+        LIMIT 2
+        FOR UPDATE SKIP LOCKED
+    ), first AS (
+        SELECT (array_agg(next.id ORDER BY next.priority, next.run_at, next.id))[1] AS id, count(*) > 1 AS more
+        FROM next
+    ), claimed AS (
+        UPDATE ihub.job j
+        SET state = 'running', worker_pid = p_owner, started_at = clock_timestamp(), finished_at = NULL,
+            attempts = j.attempts + 1, cancel_requested = false, errors_logged = 0,
+            progress_done = NULL, progress_total = NULL
+        FROM first WHERE j.id = first.id
+        RETURNING j.id, j.fn, j.args, j.run_as, j.timeout, first.more
+    )
+    SELECT c.id,
+           CASE WHEN p.prorettype = 'void'::regtype
+                -- Qualified: the statement is parsed with the role's search_path.
+                THEN format('SELECT NULL::pg_catalog.jsonb FROM %I.%I($1) AS f', n.nspname, p.proname)
+                ELSE format('SELECT pg_catalog.to_jsonb(%I.%I($1))', n.nspname, p.proname) END,
+           c.args, c.run_as::oid,
+           coalesce((extract(epoch FROM c.timeout) * 1000)::integer, p_default_timeout_ms),
+           c.more
+    FROM claimed c
+    JOIN pg_proc p ON p.oid = c.fn
+    JOIN pg_namespace n ON n.oid = p.pronamespace;
+END
+$$;
+
+-- The statement that calls a handler for item $1 (a void handler yields NULL).
+CREATE OR REPLACE FUNCTION ihub._handler_call(p_handler regprocedure) RETURNS text
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT CASE WHEN p.prorettype = 'void'::regtype
+                -- Qualified: the statement is parsed with the role's search_path.
+                THEN format('SELECT NULL::pg_catalog.jsonb FROM ihub.inbound_items i, %I.%I(i) f '
+                            'WHERE i.id OPERATOR(pg_catalog.=) $1', n.nspname, p.proname)
+                ELSE format('SELECT pg_catalog.to_jsonb(%I.%I(i)) FROM ihub.inbound_items i '
+                            'WHERE i.id OPERATOR(pg_catalog.=) $1', n.nspname, p.proname) END
+    FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
+    WHERE p.oid = p_handler
+$$;
+
+
 DROP FUNCTION ihub._invoker();
 
 -------------------------------------------------------------------------------
--- Processing an inbound item by hand, as a member of the source's role
+-- Processing an inbound item by hand: only as the source's role
 -------------------------------------------------------------------------------
 
 DROP FUNCTION ihub._inbound_take(bigint);
@@ -935,6 +1142,7 @@ REVOKE ALL ON SCHEMA ihub_capture FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION ihub.retry_later(text, interval), ihub.job_progress(bigint, bigint) TO PUBLIC;
 GRANT EXECUTE ON FUNCTION ihub._mask_endpoint_headers(jsonb), ihub._mask_attempt_headers(jsonb, jsonb) TO ihub_viewer;
 
+COMMENT ON FUNCTION ihub._json_cast_hazard(regclass) IS 'Internal: a cast to json, owned by a role other than a superuser, that rendering the table''s rows would call; NULL when none.';
 COMMENT ON FUNCTION ihub._capture_filter(ihub.subscription, text) IS 'Internal: the query that selects the transition rows passing a subscription''s watch and condition.';
 
 COMMENT ON FUNCTION ihub._may_act_for(regrole, regrole) IS 'Internal: whether a role may change, run, retry or cancel work that runs as another.';

@@ -190,7 +190,7 @@ BEGIN
         RAISE EXCEPTION 'role % may not schedule actions that run as %', v_invoker, v_role
             USING ERRCODE = 'insufficient_privilege', HINT = 'run_as must be a role you are a member of.';
     END IF;
-    PERFORM ihub._check_job_function(fn, v_role::name);
+    PERFORM ihub._check_job_function(fn, pg_get_userbyid(v_role));
     IF args IS NULL OR jsonb_typeof(args) <> 'object' THEN
         RAISE EXCEPTION 'args must be a JSON object' USING ERRCODE = 'invalid_parameter_value', HINT = 'For example {"full": false}.';
     END IF;

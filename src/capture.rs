@@ -77,6 +77,8 @@ pub enum CaptureError {
     WrongCaptureTable(String),
     #[error("could not read the subscription: {0}")]
     Lookup(String),
+    #[error("the role that made subscription {0} no longer exists, so its condition cannot run")]
+    SubscriberGone(i64),
 }
 
 /// The capture trigger for subscriptions without watch or condition: copies
@@ -151,11 +153,13 @@ unsafe fn passing_rows(data: &pg_sys::TriggerData) -> Result<Vec<bool>, CaptureE
     };
     let source = (*data.tg_relation).rd_id;
     // As the extension owner (this function is SECURITY DEFINER).
-    let (filter, subscriber): (String, pg_sys::Oid) = Spi::connect_mut(|client| {
+    let (filter, subscriber): (String, Option<pg_sys::Oid>) = Spi::connect_mut(|client| {
         let rows = crate::bgw::run_prepared(
             client,
-            "SELECT ihub._capture_filter(s, $2), s.created_by::regrole::oid FROM ihub.subscription s \
-             WHERE s.id = $1 AND s.source = $3",
+            // The role by its name, not `::regrole`: that parses a name of
+            // digits as an OID.
+            "SELECT ihub._capture_filter(s, $2), (SELECT r.oid FROM pg_catalog.pg_roles r WHERE r.rolname = s.created_by) \
+             FROM ihub.subscription s WHERE s.id = $1 AND s.source = $3",
             &[
                 pgrx::PgOid::from(pg_sys::INT8OID),
                 pgrx::PgOid::from(pg_sys::TEXTOID),
@@ -165,18 +169,21 @@ unsafe fn passing_rows(data: &pg_sys::TriggerData) -> Result<Vec<bool>, CaptureE
         )?;
         let row = rows.into_iter().next();
         Ok::<_, pgrx::spi::Error>(match row {
-            Some(row) => {
-                Some((row.get::<String>(1)?.unwrap_or_default(), row.get::<pg_sys::Oid>(2)?.unwrap_or_default()))
-            }
+            Some(row) => Some((row.get::<String>(1)?.unwrap_or_default(), row.get::<pg_sys::Oid>(2)?)),
             None => None,
         })
     })
     .map_err(|e| CaptureError::Lookup(e.to_string()))?
     .ok_or_else(|| CaptureError::WrongCaptureTable(capture_name.to_string()))?;
+    let subscriber = subscriber.ok_or(CaptureError::SubscriberGone(sub_id))?;
 
     let mut keep = vec![false; count];
     let filter = CString::new(filter).map_err(|_| CaptureError::BadArgument)?;
-    crate::user_code::restricted_as(subscriber, || {
+    // Settings the condition makes (set_config(..., false) included) end
+    // with it, as after REFRESH MATERIALIZED VIEW: nothing of the
+    // subscriber's stays in the writer's session.
+    let guc_level = pg_sys::NewGUCNestLevel();
+    let passed = crate::user_code::restricted_as(subscriber, || {
         if pg_sys::SPI_connect() != pg_sys::SPI_OK_CONNECT as i32 {
             return Err(CaptureError::Lookup("SPI_connect failed".into()));
         }
@@ -196,7 +203,9 @@ unsafe fn passing_rows(data: &pg_sys::TriggerData) -> Result<Vec<bool>, CaptureE
         }
         pg_sys::SPI_finish();
         Ok(())
-    })?;
+    });
+    pg_sys::AtEOXact_GUC(false, guc_level);
+    passed?;
     Ok(keep)
 }
 

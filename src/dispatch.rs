@@ -189,10 +189,12 @@ fn vacuum_capture_tables() {
 fn extension_ready() -> bool {
     // The function, not just the pg_extension row: CREATE EXTENSION may still
     // be running, or a DROP may have committed since.
-    Spi::get_one::<bool>("SELECT pg_catalog.to_regprocedure('ihub._claim(integer, integer, integer, integer)') IS NOT NULL")
-        .ok()
-        .flatten()
-        .unwrap_or(false)
+    Spi::get_one::<bool>(
+        "SELECT pg_catalog.to_regprocedure('ihub._claim(integer, integer, integer, integer)') IS NOT NULL",
+    )
+    .ok()
+    .flatten()
+    .unwrap_or(false)
 }
 
 fn rescue() {

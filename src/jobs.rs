@@ -102,7 +102,10 @@ const JOB_DEAD_ROWS: i64 = 10_000;
 
 fn vacuum_job_table() {
     let dead = in_transaction(|| {
-        Spi::get_one::<i64>("SELECT pg_catalog.pg_stat_get_dead_tuples('ihub.job'::regclass)").ok().flatten().unwrap_or(0)
+        Spi::get_one::<i64>("SELECT pg_catalog.pg_stat_get_dead_tuples('ihub.job'::regclass)")
+            .ok()
+            .flatten()
+            .unwrap_or(0)
     })
     .unwrap_or(0);
     if dead >= JOB_DEAD_ROWS {

@@ -36,7 +36,9 @@ pub extern "C-unwind" fn ihub_maintenance_main(_arg: pg_sys::Datum) {
         }
         workers::heartbeat(true);
         let ready = in_transaction(|| {
-            Spi::get_one::<bool>("SELECT pg_catalog.to_regprocedure('ihub._cleanup(integer)') IS NOT NULL").ok().flatten()
+            Spi::get_one::<bool>("SELECT pg_catalog.to_regprocedure('ihub._cleanup(integer)') IS NOT NULL")
+                .ok()
+                .flatten()
         })
         .flatten()
         .unwrap_or(false);

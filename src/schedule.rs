@@ -71,7 +71,9 @@ pub extern "C-unwind" fn ihub_scheduler_main(_arg: pg_sys::Datum) {
         workers::heartbeat(true);
         let poll = Duration::from_millis(settings::POLL_INTERVAL_MS.get() as u64);
         let ready = in_transaction(|| {
-            Spi::get_one::<bool>("SELECT pg_catalog.to_regprocedure('ihub._schedule_tick()') IS NOT NULL").ok().flatten()
+            Spi::get_one::<bool>("SELECT pg_catalog.to_regprocedure('ihub._schedule_tick()') IS NOT NULL")
+                .ok()
+                .flatten()
         })
         .flatten()
         .unwrap_or(false);

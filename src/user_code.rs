@@ -22,8 +22,9 @@ extern "C-unwind" {
     // utils/timeout.h, which pgrx does not bind.
     fn enable_timeout_after(id: std::ffi::c_int, delay_ms: std::ffi::c_int);
     fn disable_timeout(id: std::ffi::c_int, keep_indicator: bool);
-    // commands/async.h: what DISCARD ALL calls for UNLISTEN *.
+    // commands/async.h and sequence.h: what DISCARD ALL calls.
     fn Async_UnlistenAll();
+    fn ResetSequenceCaches();
 }
 
 /// `STATEMENT_TIMEOUT` of `enum TimeoutId` (the same in PostgreSQL 15 to 17).
@@ -71,6 +72,13 @@ pub fn run_user_call(
         unsafe { disable_timeout(STATEMENT_TIMEOUT, false) };
         // The worker's own bookkeeping; no user code runs in it.
         as_user(worker, || finish(result));
+        // Commits as run_as: deferred triggers and WITH HOLD cursors run
+        // with its rights, never the worker's; an error they raise fails the
+        // call like any other.
+        unsafe {
+            pg_sys::PopActiveSnapshot();
+            pg_sys::CommitTransactionCommand();
+        }
         Ok(())
     })
     .catch_others(|e| {
@@ -91,18 +99,13 @@ pub fn run_user_call(
     .execute();
     unsafe {
         disable_timeout(STATEMENT_TIMEOUT, false);
-        if outcome.is_ok() {
-            // Commits as run_as: deferred triggers and WITH HOLD cursors run
-            // with its rights, never the worker's.
-            pg_sys::PopActiveSnapshot();
-            pg_sys::CommitTransactionCommand();
-        } else {
+        if outcome.is_err() {
             pg_sys::AbortCurrentTransaction();
         }
         // Back to the worker's own identity, only now that nothing of the
         // call's transaction is left to run.
-        pg_sys::SetSessionAuthorization(worker, true);
         pg_sys::SetUserIdAndSecContext(worker, 0);
+        pg_sys::SetSessionAuthorization(worker, true);
         // Then nothing of the call's session state either: the worker's own
         // statements run as the superuser, and a search_path the call left
         // behind would have them find the call's functions first.
@@ -178,5 +181,9 @@ fn discard_session_state() {
         Async_UnlistenAll();
         pg_sys::ResetTempTableNamespace();
         pg_sys::LockReleaseSession(USER_LOCKMETHOD);
+        // Not ResetPlanCache: the worker's kept plans would all be planned
+        // again after every call; plans are checked against search_path and
+        // role changes when they are used.
+        ResetSequenceCaches();
     }
 }

@@ -566,3 +566,148 @@ fn settings_a_job_leaves_behind_never_reach_the_worker() {
     dev.batch_execute(&format!("SELECT ihub.enqueue('{}_who_job(jsonb)', '{{\"what\": \"after\"}}')", r.p)).unwrap();
     r.assert_ran_as(&mut hub, "after", &r.dev);
 }
+
+#[test]
+fn a_cast_to_json_of_a_developer_type_never_runs_as_the_dispatcher() {
+    let mut hub = hub();
+    let r = roles(&mut hub);
+    let rx = Receiver::start();
+    let s = hub.setup(&rx.url("/hook"), "");
+    let mut dev = r.connect(&r.dev);
+    // to_jsonb() calls a non-built-in type's cast to json.
+    dev.batch_execute(&format!(
+        "CREATE TYPE {p}_mood AS ENUM ('ok');
+         CREATE FUNCTION {p}_mood_json({p}_mood) RETURNS json LANGUAGE plpgsql AS $$
+         BEGIN PERFORM {p}_who('cast'); RETURN '\"ok\"'; END $$;
+         CREATE TABLE {p}_t (id serial PRIMARY KEY, mood {p}_mood);
+         CREATE TABLE {p}_later (id serial PRIMARY KEY, moods {p}_mood[]);
+         SELECT ihub.subscribe('{p}_later', '{e}');
+         CREATE CAST ({p}_mood AS json) WITH FUNCTION {p}_mood_json({p}_mood);",
+        p = r.p,
+        e = s.endpoint
+    ))
+    .unwrap_or_else(|e| panic!("{}", describe(&e)));
+    let refused = sql_error(&mut dev, &format!("SELECT ihub.subscribe('{}_t', '{}')", r.p, s.endpoint));
+    assert!(refused.contains("has a cast to json"), "{refused}");
+    // Subscribed before the cast was made: its changes wait, unrendered.
+    dev.batch_execute(&format!("INSERT INTO {}_later (moods) VALUES ('{{ok}}')", r.p)).unwrap();
+    let rendered = hub.wait_true(
+        &format!("SELECT count(*) > 0 FROM ihub.deliveries WHERE endpoint = '{}'", s.endpoint),
+        Duration::from_secs(3),
+    );
+    assert!(!rendered, "a change was rendered through the developer's cast");
+    assert!(r.idents(&mut hub, "cast").is_empty(), "the cast ran: {:?}", r.idents(&mut hub, "cast"));
+    let e = sql_error(
+        &mut dev,
+        &format!("SELECT ihub.unsubscribe(id) FROM ihub.subscriptions WHERE endpoint = '{}'", s.endpoint),
+    );
+    assert!(e.contains("has a cast to json"), "{e}");
+    // Without the cast, what waited is sent.
+    dev.batch_execute(&format!("DROP CAST ({}_mood AS json)", r.p)).unwrap();
+    assert_eq!(hub.wait_settled(&s.endpoint, 1, WAIT), vec!["delivered"]);
+}
+
+#[test]
+fn only_the_source_role_processes_an_item_by_hand() {
+    let mut hub = hub();
+    let r = roles(&mut hub);
+    let integration = unique("it");
+    hub.exec(&format!(
+        "SELECT ihub.create_integration('{integration}'); SELECT ihub.enable_integration('{integration}');"
+    ));
+    let mut dev = r.connect(&r.dev);
+    dev.batch_execute(&format!(
+        "CREATE FUNCTION {p}_handle(item ihub.inbound_items) RETURNS jsonb LANGUAGE plpgsql AS $$
+         BEGIN PERFORM {p}_who('handled by hand'); RETURN '{{}}'; END $$;
+         SELECT ihub.create_source('{integration}', 'src', '{p}_handle(ihub.inbound_items)', 'none');",
+        p = r.p
+    ))
+    .unwrap_or_else(|e| panic!("{}", describe(&e)));
+    // Queued for tomorrow, so that only a hand processes it now.
+    let item: i64 = dev
+        .query_one(
+            &format!("SELECT ihub.receive('{integration}', 'src', '{{}}', convert_to('{{}}', 'UTF8'), now() + interval '1 day')"),
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    let mut admin = r.connect(&r.admin);
+    for client in [&mut admin, &mut hub.db] {
+        let e = sql_error(client, &format!("SELECT ihub.process_inbound({item})"));
+        assert!(e.contains("may not process inbound item"), "{e}");
+    }
+    dev.batch_execute(&format!("SELECT ihub.process_inbound({item})")).unwrap();
+    r.assert_ran_as(&mut hub, "handled by hand", &r.dev);
+}
+
+#[test]
+fn a_subscriber_named_with_digits_is_still_itself_and_its_condition_leaves_no_settings() {
+    let mut hub = hub();
+    let r = roles(&mut hub);
+    let rx = Receiver::start();
+    let s = hub.setup(&rx.url("/hook"), "");
+    // regrole would read this name as an OID (10 is the bootstrap superuser's).
+    let digits = format!("{}", 10_000_000 + rand::random::<u32>() % 80_000_000);
+    hub.exec(&format!(
+        "CREATE ROLE \"{digits}\" LOGIN IN ROLE ihub_developer;
+         GRANT SELECT, TRIGGER, INSERT ON {t} TO \"{digits}\", {app}; GRANT USAGE ON SEQUENCE {t}_id_seq TO {app};",
+        t = s.table,
+        app = r.app
+    ));
+    let mut numeric = r.connect(&digits);
+    numeric
+        .batch_execute(&format!(
+            "SELECT ihub.subscribe('{t}', '{e}', condition =>
+                 $c$ public.{p}_who('numeric condition') AND pg_catalog.set_config('search_path', 'pg_temp', false) IS NOT NULL $c$)",
+            t = s.table,
+            e = s.endpoint,
+            p = r.p
+        ))
+        .unwrap_or_else(|e| panic!("{}", describe(&e)));
+    let mut app = r.connect(&r.app);
+    let before: String = app.query_one("SHOW search_path", &[]).unwrap().get(0);
+    app.batch_execute(&format!("INSERT INTO {} (customer, amount) VALUES ('x', 1)", s.table)).unwrap();
+    let after: String = app.query_one("SHOW search_path", &[]).unwrap().get(0);
+    assert_eq!(before, after, "the condition changed the writer's session");
+    for (cur, _sess, sup) in r.wait_ident(&mut hub, "numeric condition") {
+        assert_eq!((cur.as_str(), sup), (digits.as_str(), false));
+    }
+    hub.wait_settled(&s.endpoint, 1, WAIT);
+}
+
+#[test]
+fn an_error_at_commit_fails_the_job_and_keeps_the_worker() {
+    let mut hub = hub();
+    let r = roles(&mut hub);
+    let mut dev = r.connect(&r.dev);
+    dev.batch_execute(&format!(
+        "CREATE TABLE {p}_late (id int);
+         CREATE FUNCTION {p}_refuse() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN RAISE EXCEPTION 'refused at commit'; END $$;
+         CREATE CONSTRAINT TRIGGER {p}_refuse AFTER INSERT ON {p}_late DEFERRABLE INITIALLY DEFERRED
+             FOR EACH ROW EXECUTE FUNCTION {p}_refuse();
+         CREATE FUNCTION {p}_job(args jsonb) RETURNS void LANGUAGE sql AS $$ INSERT INTO {p}_late VALUES (1) $$;",
+        p = r.p
+    ))
+    .unwrap_or_else(|e| panic!("{}", describe(&e)));
+    let workers: Vec<i32> = hub
+        .db
+        .query("SELECT pid FROM ihub.workers WHERE kind = 'job worker' ORDER BY pid", &[])
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let id: i64 =
+        dev.query_one(&format!("SELECT ihub.enqueue('{}_job(jsonb)', max_attempts => 1)", r.p), &[]).unwrap().get(0);
+    assert!(hub.wait_true(&format!("SELECT state = 'failed' FROM ihub.jobs WHERE id = {id}"), WAIT));
+    let error: String = hub.one(&format!("SELECT last_error FROM ihub.jobs WHERE id = {id}"));
+    assert!(error.contains("refused at commit"), "{error}");
+    let now: Vec<i32> = hub
+        .db
+        .query("SELECT pid FROM ihub.workers WHERE kind = 'job worker' ORDER BY pid", &[])
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(workers, now, "a job worker exited");
+}

@@ -118,9 +118,21 @@ fn prepare() {
     ));
     // live: 3 inserts and an update pass the first condition, one insert the
     // developer's; held: 3 inserts and the update of a watched column.
-    wait(&mut hub, "live deliveries", "SELECT count(*) = 5 AND bool_and(state = 'delivered') FROM ihub.deliveries WHERE endpoint = 'live'");
-    wait(&mut hub, "retrying deliveries", "SELECT count(*) = 3 AND bool_and(state = 'retry') FROM ihub.deliveries WHERE endpoint = 'retrying'");
-    wait(&mut hub, "dead deliveries", "SELECT count(*) = 3 AND bool_and(state = 'dead') FROM ihub.deliveries WHERE endpoint = 'dead'");
+    wait(
+        &mut hub,
+        "live deliveries",
+        "SELECT count(*) = 5 AND bool_and(state = 'delivered') FROM ihub.deliveries WHERE endpoint = 'live'",
+    );
+    wait(
+        &mut hub,
+        "retrying deliveries",
+        "SELECT count(*) = 3 AND bool_and(state = 'retry') FROM ihub.deliveries WHERE endpoint = 'retrying'",
+    );
+    wait(
+        &mut hub,
+        "dead deliveries",
+        "SELECT count(*) = 3 AND bool_and(state = 'dead') FROM ihub.deliveries WHERE endpoint = 'dead'",
+    );
     wait(&mut hub, "held deliveries", "SELECT count(*) = 4 FROM ihub.deliveries WHERE endpoint = 'held'");
     wait(
         &mut hub,
@@ -193,7 +205,8 @@ fn check() {
              WHERE u.kind = 'inbound' AND i.name = u.name AND s.secret = u.secret)",
     );
     assert_eq!(lost, 0, "secrets kept");
-    let logs: i64 = hub.one("SELECT count(*) FROM ihub.logs WHERE message IN ('upgrade test started', 'something to look at')");
+    let logs: i64 =
+        hub.one("SELECT count(*) FROM ihub.logs WHERE message IN ('upgrade test started', 'something to look at')");
     assert_eq!(logs, 2);
     let activities: i64 = hub.one("SELECT count(*) FROM ihub.activities WHERE summary = 'something to look at'");
     assert_eq!(activities, 1);
@@ -209,7 +222,9 @@ fn check() {
     assert_eq!(leftovers, 0, "per-subscription trigger functions are gone");
 
     // Everything queued is processed.
-    let signing: String = hub.one("SELECT secret FROM ihub.endpoint_secrets WHERE endpoint = 'live' AND signing ORDER BY created_at LIMIT 1");
+    let signing: String = hub.one(
+        "SELECT secret FROM ihub.endpoint_secrets WHERE endpoint = 'live' AND signing ORDER BY created_at LIMIT 1",
+    );
     assert!(signing.starts_with("whsec_"));
     hub.exec(&format!(
         "UPDATE upgrade_flag SET fail = false;
@@ -227,13 +242,11 @@ fn check() {
     // The 15 of before, and one row written after the upgrade for each of
     // the five subscriptions.
     wait(&mut hub, "deliveries", "SELECT bool_and(state = 'delivered') AND count(*) = 15 + 5 FROM ihub.deliveries");
-    wait(
-        &mut hub,
-        "jobs",
-        "SELECT bool_and(state IN ('done', 'cancelled', 'partial')) FROM ihub.jobs",
-    );
+    wait(&mut hub, "jobs", "SELECT bool_and(state IN ('done', 'cancelled', 'partial')) FROM ihub.jobs");
     wait(&mut hub, "inbound items", "SELECT bool_and(state = 'done') FROM ihub.inbound_items");
-    let seen: String = hub.one("SELECT string_agg(what, ',' ORDER BY what) FROM upgrade_seen WHERE what LIKE 'item%' OR what LIKE '%job'");
+    let seen: String = hub.one(
+        "SELECT string_agg(what, ',' ORDER BY what) FROM upgrade_seen WHERE what LIKE 'item%' OR what LIKE '%job'",
+    );
     assert_eq!(seen, "done job,flaky job,flaky job,item 1,item 2,later job");
     assert!(rx.count() >= 3 + 3 + 4 + 5, "the receiver got {}", rx.count());
 
