@@ -179,6 +179,37 @@ CREATE OR REPLACE FUNCTION ihub.subscribe(
 ) RETURNS bigint
 LANGUAGE c VOLATILE AS 'MODULE_PATHNAME', 'ihub_for_caller';
 
+CREATE FUNCTION ihub._unsubscribe_by(id bigint, p_caller regrole) RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_sub ihub.subscription;
+    v_event text;
+BEGIN
+    SELECT * INTO v_sub FROM ihub.subscription s WHERE s.id = _unsubscribe_by.id FOR UPDATE;
+    IF v_sub.id IS NULL THEN
+        RAISE EXCEPTION 'subscription % does not exist', _unsubscribe_by.id
+            USING ERRCODE = 'undefined_object', HINT = 'List subscriptions in ihub.subscriptions.';
+    END IF;
+    -- Its subscriber's (a dropped subscriber's: a superuser's) to remove.
+    PERFORM ihub._require_may_act_for(
+        p_caller, coalesce((SELECT r.oid FROM pg_roles r WHERE r.rolname = v_sub.created_by), 10)::regrole,
+        format('subscription %s', v_sub.id));
+    -- Changes captured but not yet routed become deliveries before the
+    -- capture table goes, so that nothing committed is lost.
+    PERFORM ihub._route(v_sub, NULL, NULL);
+    FOREACH v_event IN ARRAY v_sub.events LOOP
+        EXECUTE format('DROP TRIGGER IF EXISTS %I ON %s', format('ihub_sub_%s_%s', v_sub.id, v_event), v_sub.source);
+        EXECUTE format('DROP FUNCTION IF EXISTS ihub_capture.%I()', format('sub_%s_%s', v_sub.id, v_event));
+    END LOOP;
+    EXECUTE format('DROP TABLE IF EXISTS ihub_capture.%I', 'sub_' || v_sub.id);
+    DELETE FROM ihub.subscription s WHERE s.id = v_sub.id;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION ihub.unsubscribe(id bigint) RETURNS void
+LANGUAGE c VOLATILE AS 'MODULE_PATHNAME', 'ihub_for_caller';
+
 CREATE FUNCTION ihub._log_by(
     level text,
     message text,
@@ -814,7 +845,6 @@ BEGIN
     RETURN ihub._handler_call(v_source.handler);
 END
 $$;
-
 
 
 -------------------------------------------------------------------------------

@@ -330,6 +330,15 @@ fn only_members_of_the_run_as_role_or_an_admin_act_on_schedules_and_jobs() {
         ))
         .unwrap();
     r.assert_ran_as(&mut hub, "by owner", &r.dev);
+    // Nor another role's subscription.
+    let rx = Receiver::start();
+    let s = hub.setup(&rx.url("/hook"), "");
+    hub.exec(&format!("GRANT SELECT, TRIGGER ON {} TO {}", s.table, r.dev));
+    let sub: i64 =
+        dev.query_one(&format!("SELECT ihub.subscribe('{}', '{}')", s.table, s.endpoint), &[]).unwrap().get(0);
+    let e = sql_error(&mut dev2, &format!("SELECT ihub.unsubscribe({sub})"));
+    assert!(e.contains("may not act on subscription"), "{e}");
+    dev.batch_execute(&format!("SELECT ihub.unsubscribe({sub})")).unwrap();
     // Not on work that runs as a superuser.
     hub.exec(&format!("SELECT ihub.schedule('{p}_su', '{p}_who_job(jsonb)', every => '1 hour', active => false)"));
     let e = sql_error(&mut admin, &format!("SELECT ihub.run_now('{p}_su')"));
