@@ -218,3 +218,38 @@ pub fn in_subtransaction<R>(f: impl FnOnce() -> R + UnwindSafe + RefUnwindSafe) 
     })
     .execute()
 }
+
+/// Shows what this worker does in pg_stat_activity (`query`, `state`
+/// active), or that it is idle: "job 42: ...", "dispatching 500 deliveries".
+pub fn report_activity(activity: Option<&str>) {
+    let text = activity.and_then(|a| std::ffi::CString::new(a).ok());
+    unsafe {
+        match &text {
+            Some(text) => pg_sys::pgstat_report_activity(pg_sys::BackendState::STATE_RUNNING, text.as_ptr()),
+            None => pg_sys::pgstat_report_activity(pg_sys::BackendState::STATE_IDLE, std::ptr::null()),
+        }
+    }
+}
+
+/// Names this worker in pg_stat_activity's application_name, as its
+/// background worker name without the database ("pg_ihub job worker 1").
+/// Set as an override, so neither RESET ALL nor user code changes it.
+pub fn set_application_name() {
+    let name = unsafe {
+        let entry = pg_sys::MyBgworkerEntry;
+        if entry.is_null() {
+            return;
+        }
+        std::ffi::CStr::from_ptr((*entry).bgw_name.as_ptr()).to_string_lossy().into_owned()
+    };
+    let name = name.split(" [").next().unwrap_or(&name).to_string();
+    let Ok(name) = std::ffi::CString::new(name) else { return };
+    unsafe {
+        pg_sys::SetConfigOption(
+            c"application_name".as_ptr(),
+            name.as_ptr(),
+            pg_sys::GucContext::PGC_USERSET,
+            pg_sys::GucSource::PGC_S_OVERRIDE,
+        );
+    }
+}

@@ -105,7 +105,9 @@ pub extern "C-unwind" fn ihub_dispatcher_main(_arg: pg_sys::Datum) {
         }
         let claimed_at = Instant::now();
         let requests = round.claimed.iter().map(|c| c.request.clone()).collect();
+        bgw::report_activity(Some(&format!("dispatching {} deliveries", round.claimed.len())));
         let attempts = runtime.block_on(sender.send_all(requests, shutdown_requested));
+        bgw::report_activity(None);
         debug1!(
             "pg_ihub dispatcher: {} deliveries: settle and claim {:.1} ms, send {:.1} ms",
             round.claimed.len(),

@@ -151,6 +151,8 @@ fn claim(pid: i32) -> Option<Job> {
 
 /// Runs one job and records how it went.
 fn run(job: Job, pid: i32) {
+    // The job's code, visible in pg_stat_activity while it runs.
+    crate::bgw::report_activity(Some(&format!("job {}: {}", job.id, job.call)));
     CURRENT_JOB.store(job.id, Ordering::SeqCst);
     ERRORS_LOGGED.store(0, Ordering::SeqCst);
     // A failed job never reads its progress back: clear it for this one.
@@ -178,6 +180,7 @@ fn run(job: Job, pid: i32) {
     }
     CURRENT_JOB.store(0, Ordering::SeqCst);
     workers::set_job(0, 0, 0);
+    crate::bgw::report_activity(None);
 }
 
 /// The job's own transaction: its function and, if that succeeds, its

@@ -107,6 +107,8 @@ fn claim(pid: i32) -> Option<Item> {
 
 fn process(item: Item, pid: i32) {
     let id = item.id;
+    // The handler's call, visible in pg_stat_activity while it runs.
+    crate::bgw::report_activity(Some(&format!("inbound item {id}: {}", item.call)));
     let outcome =
         run_user_call(&item.call, PgOid::from(pg_sys::INT8OID), id.into(), item.run_as, item.timeout_ms, |result| {
             Spi::connect_mut(|client| {
@@ -131,6 +133,7 @@ fn process(item: Item, pid: i32) {
             warning!("pg_ihub: could not archive inbound item {id}; it is rescued later");
         }
     }
+    crate::bgw::report_activity(None);
 }
 
 /// `ihub.process_inbound(id)`: processes one queued or failed item now, in

@@ -93,3 +93,38 @@ fn an_endpoint_that_is_gone_is_logged_as_critical() {
     let health: String = hub.one("SELECT status || ': ' || message FROM ihub.health() WHERE check_name = 'endpoints'");
     assert!(health.starts_with("warning") && health.contains(&s.endpoint), "{health}");
 }
+
+/// Every worker is named in pg_stat_activity, and a running job shows its
+/// code there (as pg_net's workers do).
+#[test]
+fn workers_show_what_they_do_in_pg_stat_activity() {
+    let mut hub = hub();
+    let names: i64 = hub.one(
+        "SELECT count(DISTINCT backend_type) FROM pg_stat_activity
+         WHERE backend_type LIKE 'pg_ihub %' AND application_name LIKE 'pg_ihub %'
+           AND application_name NOT LIKE '%[%'",
+    );
+    assert_eq!(names, 6, "dispatcher, job worker, scheduler, maintenance, listener and processor are named");
+    let p = unique("busy");
+    let key = rand::random::<u32>() as i64;
+    hub.exec(&format!(
+        "CREATE FUNCTION {p}(args jsonb) RETURNS void LANGUAGE sql AS $$ SELECT pg_advisory_lock({key}) $$;"
+    ));
+    // Held here, so that the job waits for it while we look.
+    hub.exec(&format!("SELECT pg_advisory_lock({key})"));
+    let id: i64 = hub.one(&format!("SELECT ihub.enqueue('{p}(jsonb)')"));
+    let shown = hub.wait_true(
+        &format!(
+            "SELECT count(*) = 1 FROM pg_stat_activity
+             WHERE backend_type = 'pg_ihub job worker' AND application_name LIKE 'pg_ihub job worker %'
+               AND state = 'active' AND query LIKE 'job {id}: %{p}%'"
+        ),
+        Duration::from_secs(20),
+    );
+    hub.exec(&format!("SELECT pg_advisory_unlock({key})"));
+    assert!(shown, "the running job is not shown in pg_stat_activity");
+    assert!(hub.wait_true(&format!("SELECT state = 'done' FROM ihub.jobs WHERE id = {id}"), Duration::from_secs(20)));
+    let still: i64 =
+        hub.one(&format!("SELECT count(*) FROM pg_stat_activity WHERE state = 'active' AND query LIKE 'job {id}: %'"));
+    assert_eq!(still, 0, "a finished job is still shown as running");
+}
