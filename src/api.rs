@@ -2,9 +2,8 @@
 //! normalisation of user input, signing, and masking for views. Each is a
 //! thin wrapper over the pure code in `outbound`.
 
-use pgrx::pg_sys::panic::ErrorReport;
 use pgrx::prelude::*;
-use pgrx::{JsonB, PgLogLevel, PgSqlErrorCode};
+use pgrx::JsonB;
 use serde_json::Value;
 
 use crate::error::{IhubError, OrRaise};
@@ -49,12 +48,7 @@ fn generate_secret() -> String {
 /// `outbound::sender::check_headers`. Errors name the header, never its value.
 #[pg_extern(name = "_check_headers", immutable)]
 fn check_headers(headers: JsonB) {
-    if let Err(e) = sender::check_headers(&headers.0) {
-        ErrorReport::new(PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE, format!("invalid headers: {e}"), "pg_ihub")
-            .set_hint(e.hint())
-            .report(PgLogLevel::ERROR);
-        unreachable!("ERROR does not return")
-    }
+    sender::check_headers(&headers.0).or_raise();
 }
 
 /// Stored headers (inbound requests and rejections; name to string) for

@@ -60,20 +60,23 @@ unsafe fn call_with(
 /// The `_<name>_by` function of a `LANGUAGE c` entry point, ready to call.
 unsafe fn lookup_target(entry: pg_sys::Oid, mcxt: pg_sys::MemoryContext) -> *mut pg_sys::FmgrInfo {
     let name = std::ffi::CStr::from_ptr(pg_sys::get_func_name(entry)).to_string_lossy().into_owned();
-    let schema = pg_sys::get_namespace_name(pg_sys::get_func_namespace(entry));
     let (mut types, mut nargs) = (std::ptr::null_mut(), 0);
     pg_sys::get_func_signature(entry, &mut types, &mut nargs);
     let mut arg_types = std::slice::from_raw_parts(types, nargs as usize).to_vec();
     arg_types.push(pg_sys::REGROLEOID);
-    let target_name = std::ffi::CString::new(format!("_{name}_by")).expect("no NUL");
-    let qualified = pg_sys::lappend(
-        pg_sys::lappend(std::ptr::null_mut(), pg_sys::makeString(schema).cast()),
-        pg_sys::makeString(pg_sys::pstrdup(target_name.as_ptr())).cast(),
-    );
-    let oid = pg_sys::LookupFuncName(qualified, arg_types.len() as i32, arg_types.as_ptr(), false);
     let info = pg_sys::MemoryContextAllocZero(mcxt, std::mem::size_of::<pg_sys::FmgrInfo>()) as *mut pg_sys::FmgrInfo;
-    pg_sys::fmgr_info_cxt(oid, info, mcxt);
+    pg_sys::fmgr_info_cxt(ihub_function(&format!("_{name}_by"), &arg_types), info, mcxt);
     info
+}
+
+/// The function `ihub.<name>(<arg_types>)`; an error if there is none.
+unsafe fn ihub_function(name: &str, arg_types: &[pg_sys::Oid]) -> pg_sys::Oid {
+    let name = std::ffi::CString::new(name).expect("no NUL");
+    let qualified = pg_sys::lappend(
+        pg_sys::lappend(std::ptr::null_mut(), pg_sys::makeString(pg_sys::pstrdup(c"ihub".as_ptr())).cast()),
+        pg_sys::makeString(pg_sys::pstrdup(name.as_ptr())).cast(),
+    );
+    pg_sys::LookupFuncName(qualified, arg_types.len() as i32, arg_types.as_ptr(), false)
 }
 
 /// Calls the internal function `ihub.<name>(args)` with the extension
@@ -81,17 +84,12 @@ unsafe fn lookup_target(entry: pg_sys::Oid, mcxt: pg_sys::MemoryContext) -> *mut
 /// For Rust entry points that are not SECURITY DEFINER themselves.
 pub fn call_internal(name: &str, arg_types: &[pg_sys::Oid], args: &[Option<pg_sys::Datum>]) -> Option<pg_sys::Datum> {
     unsafe {
-        let qualified = pg_sys::lappend(
-            pg_sys::lappend(std::ptr::null_mut(), pg_sys::makeString(pg_sys::pstrdup(c"ihub".as_ptr())).cast()),
-            pg_sys::makeString(pg_sys::pstrdup(std::ffi::CString::new(name).expect("no NUL").as_ptr())).cast(),
-        );
-        let oid = pg_sys::LookupFuncName(qualified, arg_types.len() as i32, arg_types.as_ptr(), false);
         let info = pg_sys::palloc0(std::mem::size_of::<pg_sys::FmgrInfo>()) as *mut pg_sys::FmgrInfo;
-        pg_sys::fmgr_info(oid, info);
+        pg_sys::fmgr_info(ihub_function(name, arg_types), info);
         let args = args
             .iter()
             .map(|a| pg_sys::NullableDatum { value: a.unwrap_or(pg_sys::Datum::from(0)), isnull: a.is_none() });
-        let (value, isnull) = call_with(info, pg_sys::InvalidOid, args);
+        let (value, isnull) = call_with(info, pg_sys::DEFAULT_COLLATION_OID, args);
         (!isnull).then_some(value)
     }
 }

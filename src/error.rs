@@ -6,6 +6,7 @@ use pgrx::{PgLogLevel, PgSqlErrorCode};
 
 use crate::outbound::auth::{AuthError, AUTH_HINT};
 use crate::outbound::retry::{PolicyError, POLICY_KEYS};
+use crate::outbound::sender::HeaderError;
 use crate::outbound::signature::SecretError;
 use crate::outbound::target::TargetError;
 
@@ -24,7 +25,7 @@ pub enum IhubError {
     #[error("invalid secret: {0}")]
     Secret(#[from] SecretError),
     #[error("invalid headers: {0}")]
-    Headers(String),
+    Headers(#[from] HeaderError),
     #[error("invalid condition: {0}")]
     Condition(String),
     #[error("setting ihub.allow_private_hosts is invalid: {0}")]
@@ -54,9 +55,7 @@ impl IhubError {
             IhubError::Secret(_) => {
                 "Pass NULL to have one generated, or a Standard Webhooks secret: \"whsec_\" followed by base64 of 24 to 64 random bytes.".into()
             }
-            IhubError::Headers(_) => {
-                "Pass a JSON object of header names to string values, e.g. {\"X-Tenant\": \"acme\"}; webhook-* headers are set by pg_ihub.".into()
-            }
+            IhubError::Headers(e) => e.hint(),
             IhubError::Condition(_) => {
                 "Write one SQL boolean expression over new and old, e.g. new.amount > 100 AND old.status <> new.status.".into()
             }

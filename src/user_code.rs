@@ -141,14 +141,7 @@ fn become_role(role: pg_sys::Oid) {
 /// (so role changes stay refused); an error unwinds through the
 /// (sub)transaction abort, which restores the user.
 pub fn as_user<R>(role: pg_sys::Oid, f: impl FnOnce() -> R) -> R {
-    let (mut saved_user, mut saved_context) = (pg_sys::InvalidOid, 0);
-    unsafe {
-        pg_sys::GetUserIdAndSecContext(&mut saved_user, &mut saved_context);
-        pg_sys::SetUserIdAndSecContext(role, saved_context | pg_sys::SECURITY_LOCAL_USERID_CHANGE as i32);
-    }
-    let result = f();
-    unsafe { pg_sys::SetUserIdAndSecContext(saved_user, saved_context) };
-    result
+    with_user(role, pg_sys::SECURITY_LOCAL_USERID_CHANGE, f)
 }
 
 /// Runs `f` as `role` in a security-restricted operation, as Postgres runs
@@ -157,13 +150,14 @@ pub fn as_user<R>(role: pg_sys::Oid, f: impl FnOnce() -> R) -> R {
 /// nothing of `role`'s outlives the call. For subscription conditions, which
 /// run inside the writer's transaction.
 pub fn restricted_as<R>(role: pg_sys::Oid, f: impl FnOnce() -> R) -> R {
+    with_user(role, pg_sys::SECURITY_LOCAL_USERID_CHANGE | pg_sys::SECURITY_RESTRICTED_OPERATION, f)
+}
+
+fn with_user<R>(role: pg_sys::Oid, context: u32, f: impl FnOnce() -> R) -> R {
     let (mut saved_user, mut saved_context) = (pg_sys::InvalidOid, 0);
     unsafe {
         pg_sys::GetUserIdAndSecContext(&mut saved_user, &mut saved_context);
-        pg_sys::SetUserIdAndSecContext(
-            role,
-            saved_context | (pg_sys::SECURITY_LOCAL_USERID_CHANGE | pg_sys::SECURITY_RESTRICTED_OPERATION) as i32,
-        );
+        pg_sys::SetUserIdAndSecContext(role, saved_context | context as i32);
     }
     let result = f();
     unsafe { pg_sys::SetUserIdAndSecContext(saved_user, saved_context) };

@@ -10,7 +10,7 @@
 use std::time::Duration;
 
 use pg_ihub_e2e::*;
-use postgres::{Client, NoTls};
+use postgres::Client;
 
 const WAIT: Duration = Duration::from_secs(20);
 
@@ -73,11 +73,7 @@ fn roles(hub: &mut Hub) -> Roles {
 impl Roles {
     fn connect(&self, role: &str) -> Client {
         let cluster = Cluster::from_env();
-        Client::connect(
-            &format!("host={} port={} dbname={} user={role}", cluster.host, cluster.port, cluster.dbname),
-            NoTls,
-        )
-        .unwrap_or_else(|e| panic!("connect as {role}: {e}"))
+        cluster.connect_as(role, &cluster.dbname)
     }
 
     /// (what, current_user, session_user, superuser) rows recorded for `what`.
@@ -104,16 +100,6 @@ impl Roles {
     fn assert_ran_as(&self, hub: &mut Hub, what: &str, role: &str) {
         for (cur, sess, sup) in self.wait_ident(hub, what) {
             assert_eq!((cur.as_str(), sess.as_str(), sup), (role, role, false), "{what} ran as someone else");
-        }
-    }
-}
-
-fn sql_error(client: &mut Client, sql: &str) -> String {
-    match client.batch_execute(sql) {
-        Ok(()) => panic!("expected an error from: {sql}"),
-        Err(e) => {
-            let db = e.as_db_error().unwrap_or_else(|| panic!("not a database error: {e}"));
-            format!("{} HINT: {}", db.message(), db.hint().unwrap_or(""))
         }
     }
 }
@@ -282,7 +268,7 @@ fn a_subscription_condition_runs_as_the_subscriber_whoever_writes_the_row() {
         e = s.endpoint
     ))
     .unwrap_or_else(|e| panic!("{}", describe(&e)));
-    let refused = sql_error(&mut app, &format!("INSERT INTO {}_orders (amount) VALUES (3)", r.p));
+    let refused = error_of(&mut app, &format!("INSERT INTO {}_orders (amount) VALUES (3)", r.p));
     assert!(refused.contains("permission denied"), "{refused}");
 }
 
@@ -316,7 +302,7 @@ fn only_members_of_the_run_as_role_or_an_admin_act_on_schedules_and_jobs() {
         format!("SELECT ihub.retry_job({failed})"),
         format!("SELECT ihub.cancel_job({queued})"),
     ] {
-        let e = sql_error(&mut dev2, &attempt);
+        let e = error_of(&mut dev2, &attempt);
         assert!(e.contains("may not act on"), "{attempt}: {e}");
     }
     assert!(r.idents(&mut hub, "hijacked").is_empty());
@@ -336,12 +322,12 @@ fn only_members_of_the_run_as_role_or_an_admin_act_on_schedules_and_jobs() {
     hub.exec(&format!("GRANT SELECT, TRIGGER ON {} TO {}", s.table, r.dev));
     let sub: i64 =
         dev.query_one(&format!("SELECT ihub.subscribe('{}', '{}')", s.table, s.endpoint), &[]).unwrap().get(0);
-    let e = sql_error(&mut dev2, &format!("SELECT ihub.unsubscribe({sub})"));
+    let e = error_of(&mut dev2, &format!("SELECT ihub.unsubscribe({sub})"));
     assert!(e.contains("may not act on subscription"), "{e}");
     dev.batch_execute(&format!("SELECT ihub.unsubscribe({sub})")).unwrap();
     // Not on work that runs as a superuser.
     hub.exec(&format!("SELECT ihub.schedule('{p}_su', '{p}_who_job(jsonb)', every => '1 hour', active => false)"));
-    let e = sql_error(&mut admin, &format!("SELECT ihub.run_now('{p}_su')"));
+    let e = error_of(&mut admin, &format!("SELECT ihub.run_now('{p}_su')"));
     assert!(e.contains("may not act on"), "{e}");
     hub.exec(&format!("SELECT ihub.unschedule('{p}_su')"));
 }
@@ -390,7 +376,7 @@ fn internal_functions_tables_and_capture_tables_are_out_of_reach() {
         "SELECT ihub._inbound_settle(1, '{}', NULL)".to_string(),
         format!("SELECT ihub._enqueue_by('{}_who_job(jsonb)', p_caller => 'postgres')", r.p),
     ] {
-        let e = sql_error(&mut dev, &forged);
+        let e = error_of(&mut dev, &forged);
         assert!(e.contains("permission denied"), "{forged}: {e}");
     }
     // The developer's own writes are still captured, by the definer trigger.
@@ -596,7 +582,7 @@ fn a_cast_to_json_of_a_developer_type_never_runs_as_the_dispatcher() {
         e = s.endpoint
     ))
     .unwrap_or_else(|e| panic!("{}", describe(&e)));
-    let refused = sql_error(&mut dev, &format!("SELECT ihub.subscribe('{}_t', '{}')", r.p, s.endpoint));
+    let refused = error_of(&mut dev, &format!("SELECT ihub.subscribe('{}_t', '{}')", r.p, s.endpoint));
     assert!(refused.contains("has a cast to json"), "{refused}");
     // Subscribed before the cast was made: its changes wait, unrendered.
     dev.batch_execute(&format!("INSERT INTO {}_later (moods) VALUES ('{{ok}}')", r.p)).unwrap();
@@ -606,7 +592,7 @@ fn a_cast_to_json_of_a_developer_type_never_runs_as_the_dispatcher() {
     );
     assert!(!rendered, "a change was rendered through the developer's cast");
     assert!(r.idents(&mut hub, "cast").is_empty(), "the cast ran: {:?}", r.idents(&mut hub, "cast"));
-    let e = sql_error(
+    let e = error_of(
         &mut dev,
         &format!("SELECT ihub.unsubscribe(id) FROM ihub.subscriptions WHERE endpoint = '{}'", s.endpoint),
     );
@@ -642,7 +628,7 @@ fn only_the_source_role_processes_an_item_by_hand() {
         .get(0);
     let mut admin = r.connect(&r.admin);
     for client in [&mut admin, &mut hub.db] {
-        let e = sql_error(client, &format!("SELECT ihub.process_inbound({item})"));
+        let e = error_of(client, &format!("SELECT ihub.process_inbound({item})"));
         assert!(e.contains("may not process inbound item"), "{e}");
     }
     dev.batch_execute(&format!("SELECT ihub.process_inbound({item})")).unwrap();

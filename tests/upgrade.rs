@@ -253,11 +253,7 @@ fn check() {
     // The catalog equals that of a fresh CREATE EXTENSION of this version.
     hub.exec("DROP DATABASE IF EXISTS ihub_fresh");
     hub.exec("CREATE DATABASE ihub_fresh");
-    let mut fresh = postgres::Client::connect(
-        &hub.cluster.conninfo().replace(&format!("dbname={}", hub.cluster.dbname), "dbname=ihub_fresh"),
-        postgres::NoTls,
-    )
-    .unwrap();
+    let mut fresh = hub.cluster.connect_as("postgres", "ihub_fresh");
     fresh.batch_execute("CREATE EXTENSION pg_ihub").unwrap();
     let catalog = |client: &mut postgres::Client| -> Vec<String> {
         client

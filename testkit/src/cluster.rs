@@ -38,11 +38,21 @@ impl Cluster {
     }
 
     pub fn conninfo(&self) -> String {
-        format!("host={} port={} dbname={} user=postgres", self.host, self.port, self.dbname)
+        self.conninfo_as("postgres", &self.dbname)
+    }
+
+    /// As another role (the test cluster trusts local connections), to another database.
+    pub fn conninfo_as(&self, user: &str, dbname: &str) -> String {
+        format!("host={} port={} dbname={dbname} user={user}", self.host, self.port)
     }
 
     pub fn connect(&self) -> postgres::Client {
-        postgres::Client::connect(&self.conninfo(), postgres::NoTls).expect("connect to the test cluster")
+        self.connect_as("postgres", &self.dbname)
+    }
+
+    pub fn connect_as(&self, user: &str, dbname: &str) -> postgres::Client {
+        postgres::Client::connect(&self.conninfo_as(user, dbname), postgres::NoTls)
+            .unwrap_or_else(|e| panic!("connect to the test cluster as {user}: {e}"))
     }
 
     /// Connects, retrying while the server starts.

@@ -16,6 +16,17 @@ pub fn describe(e: &postgres::Error) -> String {
     }
 }
 
+/// The error message (and hint) a statement fails with, on any connection.
+pub fn error_of(client: &mut Client, sql: &str) -> String {
+    match client.batch_execute(sql) {
+        Ok(()) => panic!("expected an error from: {sql}"),
+        Err(e) => {
+            let db = e.as_db_error().unwrap_or_else(|| panic!("not a database error: {e}"));
+            format!("{} HINT: {}", db.message(), db.hint().unwrap_or(""))
+        }
+    }
+}
+
 pub struct Hub {
     pub db: Client,
     pub cluster: Cluster,
@@ -53,13 +64,7 @@ impl Hub {
 
     /// The error message (and hint) a statement fails with.
     pub fn error(&mut self, sql: &str) -> String {
-        match self.db.batch_execute(sql) {
-            Ok(()) => panic!("expected an error from: {sql}"),
-            Err(e) => {
-                let db = e.as_db_error().unwrap_or_else(|| panic!("not a database error: {e}"));
-                format!("{} HINT: {}", db.message(), db.hint().unwrap_or(""))
-            }
-        }
+        error_of(&mut self.db, sql)
     }
 
     /// An `orders`-like table, an enabled integration and an endpoint pointing
