@@ -120,25 +120,25 @@ CREATE TABLE ihub.delivery (
     headers         jsonb,
     test_mode       boolean NOT NULL DEFAULT false,
     state           text NOT NULL DEFAULT 'pending'
-                    CHECK (state IN ('pending', 'running', 'delivered', 'retry', 'failed', 'dead')),
+                    CHECK (state IN ('pending', 'running', 'done', 'retry', 'failed', 'dead')),
     attempts        integer NOT NULL DEFAULT 0,
     -- attempts already spent when the delivery was last (re)queued, so that a
     -- replay gets a fresh retry budget while the attempt count keeps growing.
     budget_start    integer NOT NULL DEFAULT 0,
-    next_attempt_at timestamptz NOT NULL DEFAULT now(),
-    lease_owner     integer,
+    run_at timestamptz NOT NULL DEFAULT now(),
+    worker_pid     integer,
     lease_until     timestamptz,
     last_status     integer,
     last_error      text,
     occurred_at     timestamptz NOT NULL DEFAULT now(),
     created_at      timestamptz NOT NULL DEFAULT now(),
-    delivered_at    timestamptz
+    finished_at    timestamptz
 )
 -- Every delivery is updated at least twice; vacuum early so that the partial
 -- indexes do not fill with dead entries.
 WITH (autovacuum_vacuum_scale_factor = 0.02, autovacuum_analyze_scale_factor = 0.02);
 -- The claim scans only due work; finished deliveries stay out of this index.
-CREATE INDEX delivery_due_idx ON ihub.delivery (next_attempt_at)
+CREATE INDEX delivery_due_idx ON ihub.delivery (run_at)
     WHERE state IN ('pending', 'retry');
 CREATE INDEX delivery_running_idx ON ihub.delivery (lease_until)
     WHERE state = 'running';
@@ -457,26 +457,26 @@ CREATE TABLE ihub.inbound_item (
     id            bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     source_id     bigint NOT NULL REFERENCES ihub.inbound_source (id),
     received_at   timestamptz NOT NULL DEFAULT now(),
-    execute_at    timestamptz NOT NULL DEFAULT now(),
-    state         text NOT NULL DEFAULT 'queued' CHECK (state IN ('queued', 'processing', 'done', 'failed')),
+    run_at    timestamptz NOT NULL DEFAULT now(),
+    state         text NOT NULL DEFAULT 'pending' CHECK (state IN ('pending', 'running', 'done', 'failed')),
     ordering_key  text,
     dedup_key     text,
     headers       jsonb NOT NULL DEFAULT '{}',
     body          bytea NOT NULL,
     remote_addr   text,
     attempts      integer NOT NULL DEFAULT 0,
-    processor_pid integer,
+    worker_pid integer,
     started_at    timestamptz,
-    processed_at  timestamptz,
+    finished_at  timestamptz,
     result        jsonb,
     error         text,
     reactivated   integer NOT NULL DEFAULT 0
 )
 WITH (autovacuum_vacuum_scale_factor = 0.02, autovacuum_analyze_scale_factor = 0.02);
-CREATE INDEX inbound_due_idx ON ihub.inbound_item (execute_at, id) WHERE state = 'queued';
+CREATE INDEX inbound_due_idx ON ihub.inbound_item (run_at, id) WHERE state = 'pending';
 CREATE INDEX inbound_ordering_idx ON ihub.inbound_item (source_id, ordering_key, id)
-    WHERE state IN ('queued', 'processing') AND ordering_key IS NOT NULL;
-CREATE INDEX inbound_processing_idx ON ihub.inbound_item (processor_pid) WHERE state = 'processing';
+    WHERE state IN ('pending', 'running') AND ordering_key IS NOT NULL;
+CREATE INDEX inbound_running_idx ON ihub.inbound_item (worker_pid) WHERE state = 'running';
 CREATE INDEX inbound_failed_idx ON ihub.inbound_item (source_id, id) WHERE state = 'failed';
 COMMENT ON TABLE ihub.inbound_item IS
     'Inbound items: accepted requests queued for their source''s handler; failed ones are archived here, never deleted.';

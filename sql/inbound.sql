@@ -14,14 +14,14 @@ $$;
 
 -- What a handler receives: CREATE FUNCTION my_handler(item ihub.inbound_items) RETURNS jsonb.
 CREATE VIEW ihub.inbound_items AS
-SELECT t.id, i.name AS integration, s.name AS source, t.received_at, t.execute_at, t.state, t.attempts,
+SELECT t.id, i.name AS integration, s.name AS source, t.received_at, t.run_at, t.state, t.attempts,
        t.headers, t.body,
        -- The first byte is looked at undecoded: a body that is not UTF-8 must
        -- not break the view (and every handler reading it).
        CASE WHEN t.headers ->> 'content-type' LIKE '%json%'
                  OR substring(ltrim(t.body, '\x20090a0d'::bytea) FROM 1 FOR 1) IN ('\x7b'::bytea, '\x5b'::bytea)
             THEN ihub._try_jsonb(t.body) END AS payload,
-       t.ordering_key, t.dedup_key, t.remote_addr, t.result, t.error, t.processed_at, t.reactivated
+       t.ordering_key, t.dedup_key, t.remote_addr, t.result, t.error, t.finished_at, t.reactivated
 FROM ihub.inbound_item t
 JOIN ihub.inbound_source s ON s.id = t.source_id
 JOIN ihub.integration i ON i.id = s.integration_id;
@@ -133,7 +133,7 @@ AS $$
 DECLARE
     v ihub.inbound_source := ihub._source_row(drop_source.integration, drop_source.name);
 BEGIN
-    IF EXISTS (SELECT 1 FROM ihub.inbound_item WHERE source_id = v.id AND state IN ('queued', 'processing')) THEN
+    IF EXISTS (SELECT 1 FROM ihub.inbound_item WHERE source_id = v.id AND state IN ('pending', 'running')) THEN
         RAISE EXCEPTION 'inbound source % still has queued items', drop_source.name
             USING ERRCODE = 'object_in_use', HINT = 'Let them be processed first, or delete them from ihub.inbound_item.';
     END IF;
@@ -189,7 +189,7 @@ $$;
 -- A request whose delivery id (or body hash) was seen by its source within
 -- the de-duplication window is not queued again: it gets the first one's id.
 CREATE FUNCTION ihub._accept_inbound(p_sources bigint[], p_headers jsonb[], p_bodies bytea[], p_dedup text[],
-                                     p_remote text[], p_execute_at timestamptz[])
+                                     p_remote text[], p_run_at timestamptz[])
 RETURNS TABLE (n integer, item_id bigint, duplicate boolean)
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
 AS $$
@@ -219,8 +219,8 @@ BEGIN
             RETURN NEXT;
             CONTINUE;
         END IF;
-        INSERT INTO ihub.inbound_item (source_id, execute_at, ordering_key, dedup_key, headers, body, remote_addr)
-        VALUES (v_source.id, coalesce(p_execute_at[i], now()),
+        INSERT INTO ihub.inbound_item (source_id, run_at, ordering_key, dedup_key, headers, body, remote_addr)
+        VALUES (v_source.id, coalesce(p_run_at[i], now()),
                 ihub._ordering_key(v_source.ordering_key, p_headers[i], p_bodies[i]),
                 p_dedup[i], p_headers[i], p_bodies[i], p_remote[i])
         RETURNING id INTO v_id;
@@ -272,7 +272,7 @@ $$;
 -- themselves. Returns the item id (the first one's for a duplicate), or
 -- NULL with a WARNING when verification fails (the rejection is recorded).
 CREATE FUNCTION ihub._receive_by(integration text, source text, headers jsonb, body bytea,
-                             execute_at timestamptz DEFAULT now(),
+                             run_at timestamptz DEFAULT now(),
     p_caller regrole DEFAULT NULL) RETURNS bigint
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
@@ -306,13 +306,13 @@ BEGIN
     END IF;
     SELECT a.item_id INTO v_id
     FROM ihub._accept_inbound(ARRAY[v.id], ARRAY[v_stored], ARRAY[body], ARRAY[ihub._dedup_key(v, v_headers, body)],
-                              ARRAY['sql:' || pg_get_userbyid(p_caller)], ARRAY[coalesce(execute_at, now())]) a;
+                              ARRAY['sql:' || pg_get_userbyid(p_caller)], ARRAY[coalesce(run_at, now())]) a;
     RETURN v_id;
 END
 $$;
 
 CREATE FUNCTION ihub.receive(integration text, source text, headers jsonb, body bytea,
-                             execute_at timestamptz DEFAULT now())
+                             run_at timestamptz DEFAULT now())
 RETURNS bigint
 LANGUAGE c VOLATILE AS 'MODULE_PATHNAME', 'ihub_for_caller';
 
@@ -343,20 +343,20 @@ AS $$
 BEGIN
     RETURN QUERY
     WITH next AS (
-        SELECT t.id, t.execute_at FROM ihub.inbound_item t
-        WHERE t.state = 'queued' AND t.execute_at <= now()
+        SELECT t.id, t.run_at FROM ihub.inbound_item t
+        WHERE t.state = 'pending' AND t.run_at <= now()
           AND (t.ordering_key IS NULL OR NOT EXISTS (
                 SELECT 1 FROM ihub.inbound_item e
                 WHERE e.source_id = t.source_id AND e.ordering_key = t.ordering_key
-                  AND e.state IN ('queued', 'processing') AND e.id < t.id))
-        ORDER BY t.execute_at, t.id
+                  AND e.state IN ('pending', 'running') AND e.id < t.id))
+        ORDER BY t.run_at, t.id
         LIMIT 2
         FOR UPDATE SKIP LOCKED
     ), first AS (
-        SELECT (array_agg(next.id ORDER BY next.execute_at, next.id))[1] AS id, count(*) > 1 AS more FROM next
+        SELECT (array_agg(next.id ORDER BY next.run_at, next.id))[1] AS id, count(*) > 1 AS more FROM next
     ), claimed AS (
         UPDATE ihub.inbound_item t
-        SET state = 'processing', processor_pid = p_owner, started_at = clock_timestamp(), attempts = t.attempts + 1
+        SET state = 'running', worker_pid = p_owner, started_at = clock_timestamp(), attempts = t.attempts + 1
         FROM first WHERE t.id = first.id
         RETURNING t.id, t.source_id, first.more
     )
@@ -371,9 +371,9 @@ CREATE FUNCTION ihub._inbound_done(p_id bigint, p_owner integer, p_result jsonb)
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
-    UPDATE ihub.inbound_item SET state = 'done', processed_at = clock_timestamp(), result = p_result,
-                                 error = NULL, processor_pid = NULL
-    WHERE id = p_id AND state = 'processing' AND processor_pid = p_owner;
+    UPDATE ihub.inbound_item SET state = 'done', finished_at = clock_timestamp(), result = p_result,
+                                 error = NULL, worker_pid = NULL
+    WHERE id = p_id AND state = 'running' AND worker_pid = p_owner;
 END
 $$;
 
@@ -385,8 +385,8 @@ AS $$
 DECLARE
     v record;
 BEGIN
-    UPDATE ihub.inbound_item t SET state = 'failed', processed_at = clock_timestamp(), error = p_error, processor_pid = NULL
-    WHERE t.id = p_id AND t.state = 'processing' AND t.processor_pid = p_owner
+    UPDATE ihub.inbound_item t SET state = 'failed', finished_at = clock_timestamp(), error = p_error, worker_pid = NULL
+    WHERE t.id = p_id AND t.state = 'running' AND t.worker_pid = p_owner
     RETURNING t.id, (SELECT i.name FROM ihub.inbound_source s JOIN ihub.integration i ON i.id = s.integration_id
                      WHERE s.id = t.source_id) AS integration
     INTO v;
@@ -403,8 +403,8 @@ AS $$
 DECLARE
     v_count bigint;
 BEGIN
-    UPDATE ihub.inbound_item t SET state = 'queued', processor_pid = NULL
-    WHERE t.state = 'processing' AND NOT ihub._pid_alive(t.processor_pid);
+    UPDATE ihub.inbound_item t SET state = 'pending', worker_pid = NULL
+    WHERE t.state = 'running' AND NOT ihub._pid_alive(t.worker_pid);
     GET DIAGNOSTICS v_count = ROW_COUNT;
     IF v_count > 0 THEN
         PERFORM ihub.log('warning', format('%s inbound item(s) left by a stopped processor queued again', v_count));
@@ -421,14 +421,14 @@ $$;
 CREATE FUNCTION ihub._next_inbound_due() RETURNS double precision
 LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp
 AS $$
-    SELECT CASE WHEN min(t.execute_at) IS NOT NULL
-                THEN greatest(0, extract(epoch FROM min(t.execute_at) - now()))::double precision END
+    SELECT CASE WHEN min(t.run_at) IS NOT NULL
+                THEN greatest(0, extract(epoch FROM min(t.run_at) - now()))::double precision END
     FROM ihub.inbound_item t
-    WHERE t.state = 'queued'
+    WHERE t.state = 'pending'
       AND (t.ordering_key IS NULL OR NOT EXISTS (
             SELECT 1 FROM ihub.inbound_item e
             WHERE e.source_id = t.source_id AND e.ordering_key = t.ordering_key
-              AND e.state IN ('queued', 'processing') AND e.id < t.id))
+              AND e.state IN ('pending', 'running') AND e.id < t.id))
 $$;
 
 CREATE FUNCTION ihub._reactivate_inbound_by(ids bigint[], p_caller regrole) RETURNS bigint
@@ -449,7 +449,7 @@ BEGIN
                   HINT = 'Only members of the source''s role, or ihub_admin when it is not a superuser, may run its handler again.';
     END IF;
     UPDATE ihub.inbound_item
-    SET state = 'queued', execute_at = now(), reactivated = reactivated + 1, processed_at = NULL
+    SET state = 'pending', run_at = now(), reactivated = reactivated + 1, finished_at = NULL
     WHERE id = ANY (ids) AND state = 'failed';
     GET DIAGNOSTICS v_count = ROW_COUNT;
     IF v_count > 0 THEN
@@ -484,11 +484,11 @@ BEGIN
             USING ERRCODE = 'insufficient_privilege',
                   HINT = format('SET ROLE %s first (as a member of it), or queue it again with ihub.reactivate_inbound, and a processor runs it as %s.', v_source.run_as, v_source.run_as);
     END IF;
-    IF v_state NOT IN ('queued', 'failed') THEN
+    IF v_state NOT IN ('pending', 'failed') THEN
         RAISE EXCEPTION 'inbound item % is %', p_id, v_state
             USING ERRCODE = 'object_not_in_prerequisite_state', HINT = 'Only queued or failed items can be processed by hand.';
     END IF;
-    UPDATE ihub.inbound_item t SET state = 'processing', processor_pid = pg_backend_pid(), attempts = t.attempts + 1
+    UPDATE ihub.inbound_item t SET state = 'running', worker_pid = pg_backend_pid(), attempts = t.attempts + 1
     WHERE t.id = p_id;
     RETURN ihub._handler_call(v_source.handler);
 END
@@ -516,7 +516,7 @@ DECLARE
 BEGIN
     LOOP
         DELETE FROM ihub.inbound_item t
-        WHERE t.id = ANY (ARRAY(SELECT x.id FROM ihub.inbound_item x WHERE x.state = 'done' AND x.processed_at < p_cutoff
+        WHERE t.id = ANY (ARRAY(SELECT x.id FROM ihub.inbound_item x WHERE x.state = 'done' AND x.finished_at < p_cutoff
                                 ORDER BY x.id LIMIT p_batch));
         GET DIAGNOSTICS v_n = ROW_COUNT;
         v_total := v_total + v_n;
@@ -533,13 +533,13 @@ RETURNS TABLE (queue text, state text, items bigint, oldest_age interval)
 LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp
 AS $$
     SELECT 'inbound', s.state, count(t.id), now() - min(t.received_at)
-    FROM unnest(ARRAY['queued', 'processing', 'done', 'failed']) AS s(state)
+    FROM unnest(ARRAY['pending', 'running', 'done', 'failed']) AS s(state)
     LEFT JOIN ihub.inbound_item t ON t.state = s.state
     GROUP BY s.state
 $$;
 
 CREATE VIEW ihub.inbound_failed AS
-SELECT id, integration, source, received_at, processed_at AS failed_at, attempts, reactivated, error, headers, payload, body
+SELECT id, integration, source, received_at, finished_at AS failed_at, attempts, reactivated, error, headers, payload, body
 FROM ihub.inbound_items WHERE state = 'failed';
 
 CREATE VIEW ihub.inbound_sources AS

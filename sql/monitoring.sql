@@ -139,8 +139,8 @@ BEGIN
     END IF;
 
     FOR v_q IN
-        SELECT 'deliveries' AS queue, count(*) AS depth, now() - min(next_attempt_at) AS age
-        FROM ihub.delivery WHERE state IN ('pending', 'retry') AND next_attempt_at <= now()
+        SELECT 'deliveries' AS queue, count(*) AS depth, now() - min(run_at) AS age
+        FROM ihub.delivery WHERE state IN ('pending', 'retry') AND run_at <= now()
         UNION ALL
         SELECT 'jobs', count(*), now() - min(run_at)
         FROM ihub.job WHERE state IN ('pending', 'retry') AND run_at <= now()

@@ -171,7 +171,7 @@ BEGIN
     END IF;
     -- Accepted inbound items were answered 202: they must not vanish unprocessed.
     IF EXISTS (SELECT 1 FROM ihub.inbound_item t JOIN ihub.inbound_source s ON s.id = t.source_id
-               WHERE s.integration_id = v.id AND t.state IN ('queued', 'processing')) THEN
+               WHERE s.integration_id = v.id AND t.state IN ('pending', 'running')) THEN
         RAISE EXCEPTION 'integration "%" has inbound items waiting to be processed', v.name
             USING ERRCODE = 'object_in_use',
                   HINT = 'Let the processors finish them (see ihub.queue_stats()), or delete them from ihub.inbound_item.';
@@ -590,7 +590,7 @@ BEGIN
             RETURNING c.op, c.xid, c.occurred_at, c.new_row, c.old_row
         )
         INSERT INTO ihub.delivery AS d (event_id, endpoint_id, subscription_id, event_type, payload, test_mode,
-                                        state, lease_owner, lease_until, occurred_at, next_attempt_at)
+                                        state, worker_pid, lease_until, occurred_at, run_at)
         SELECT ev.id, $2, $3, ev.type,
                jsonb_build_object('id', ev.id, 'type', ev.type, 'schema', $4, 'table', $5, 'operation', ev.op,
                                   'occurred_at', m.occurred_at, 'txid', m.xid::text, 'tenant', $6,
@@ -667,15 +667,15 @@ BEGIN
     IF cardinality(v_ids) < p_limit THEN
         WITH due AS (
             SELECT d.id FROM ihub.delivery d
-            WHERE d.state IN ('pending', 'retry') AND d.next_attempt_at <= now()
+            WHERE d.state IN ('pending', 'retry') AND d.run_at <= now()
               AND d.endpoint_id IN (SELECT e.id FROM ihub.endpoint e JOIN ihub.integration i ON i.id = e.integration_id
                                     WHERE e.enabled AND i.state <> 'inactive')
-            ORDER BY d.next_attempt_at
+            ORDER BY d.run_at
             LIMIT p_limit - cardinality(v_ids)
             FOR UPDATE OF d SKIP LOCKED
         ), claimed AS (
             UPDATE ihub.delivery d
-            SET state = 'running', lease_owner = p_owner,
+            SET state = 'running', worker_pid = p_owner,
                 lease_until = ihub._lease_until(coalesce(e.timeout_ms, p_default_timeout_ms), p_rounds)
             FROM due, ihub.endpoint e
             WHERE d.id = due.id AND e.id = d.endpoint_id
@@ -733,22 +733,22 @@ BEGIN
         UPDATE ihub.delivery d
         SET state = r.state,
             attempts = d.attempts + 1,
-            next_attempt_at = CASE WHEN r.state = 'retry' THEN to_timestamp(r.next_at) ELSE d.next_attempt_at END,
+            run_at = CASE WHEN r.state = 'retry' THEN to_timestamp(r.next_at) ELSE d.run_at END,
             last_status = r.status,
             last_error = r.error,
-            delivered_at = CASE WHEN r.state = 'delivered'
+            finished_at = CASE WHEN r.state = 'done'
                                 THEN to_timestamp(r.started_at) + r.duration_ms * interval '1 millisecond' END,
-            lease_owner = NULL,
+            worker_pid = NULL,
             lease_until = NULL
         FROM r
-        -- lease_owner is set only while running, so it alone says "still
+        -- worker_pid is set only while running, so it alone says "still
         -- ours". Writing state = 'running' here would let the planner scan
         -- delivery_running_idx, whose dead entries (every delivery that was
         -- ever running, until vacuum) made this the hottest query.
         -- The id list lets the planner look deliveries up by primary key; it
         -- cannot estimate the JSON recordset and would otherwise hash-join
         -- it against a scan of the whole delivery history.
-        WHERE d.id = ANY (v_ids) AND d.id = r.delivery_id AND d.lease_owner = p_owner
+        WHERE d.id = ANY (v_ids) AND d.id = r.delivery_id AND d.worker_pid = p_owner
         RETURNING d.id, d.attempts, d.endpoint_id
     ), recorded AS (
         INSERT INTO ihub.delivery_attempt (delivery_id, attempt, started_at, duration_ms, request_headers,
@@ -764,7 +764,7 @@ BEGIN
         INSERT INTO ihub.endpoint_hourly AS h (endpoint_id, hour, worker, attempts, delivered, retried, failed, dead,
                                                latency, last_error, last_error_at)
         SELECT o.endpoint_id, date_trunc('hour', now()), p_owner, count(*),
-               count(*) FILTER (WHERE o.state = 'delivered'), count(*) FILTER (WHERE o.state = 'retry'),
+               count(*) FILTER (WHERE o.state = 'done'), count(*) FILTER (WHERE o.state = 'retry'),
                count(*) FILTER (WHERE o.state = 'failed'), count(*) FILTER (WHERE o.state = 'dead'),
                ihub._histogram(array_agg(o.duration_ms)),
                (array_agg(o.error) FILTER (WHERE o.error IS NOT NULL))[1],
@@ -851,10 +851,10 @@ AS $$
     WITH rescued AS (
         UPDATE ihub.delivery d
         SET state = CASE WHEN d.attempts = 0 THEN 'pending' ELSE 'retry' END,
-            lease_owner = NULL, lease_until = NULL, next_attempt_at = now()
+            worker_pid = NULL, lease_until = NULL, run_at = now()
         WHERE d.state = 'running'
           AND (d.lease_until < now()
-               OR NOT ihub._pid_alive(d.lease_owner))
+               OR NOT ihub._pid_alive(d.worker_pid))
         RETURNING 1
     )
     SELECT count(*) FROM rescued
@@ -877,8 +877,8 @@ $$;
 CREATE FUNCTION ihub._next_due() RETURNS double precision
 LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp
 AS $$
-    SELECT CASE WHEN min(d.next_attempt_at) IS NOT NULL
-                THEN greatest(0, extract(epoch FROM min(d.next_attempt_at) - now()))::double precision
+    SELECT CASE WHEN min(d.run_at) IS NOT NULL
+                THEN greatest(0, extract(epoch FROM min(d.run_at) - now()))::double precision
            END
     FROM ihub.delivery d
     WHERE d.state IN ('pending', 'retry')
@@ -957,7 +957,7 @@ BEGIN
         RAISE EXCEPTION 'delivery % is %; only dead or failed deliveries can be replayed', delivery_id, v_state
             USING ERRCODE = 'object_not_in_prerequisite_state', HINT = 'Pending, running and retrying deliveries are still in the queue.';
     END IF;
-    UPDATE ihub.delivery SET state = 'pending', budget_start = attempts, next_attempt_at = now() WHERE id = delivery_id;
+    UPDATE ihub.delivery SET state = 'pending', budget_start = attempts, run_at = now() WHERE id = delivery_id;
     PERFORM ihub._wake();
 END
 $$;
@@ -970,7 +970,7 @@ DECLARE
 BEGIN
     PERFORM ihub._require_workers();
     UPDATE ihub.delivery
-    SET state = 'pending', budget_start = attempts, next_attempt_at = now()
+    SET state = 'pending', budget_start = attempts, run_at = now()
     WHERE endpoint_id = (ihub._endpoint(replay_dead.endpoint)).id
       AND state IN ('dead', 'failed') AND created_at >= coalesce(since, '-infinity');
     GET DIAGNOSTICS v_count = ROW_COUNT;
@@ -1012,9 +1012,9 @@ JOIN ihub.integration i ON i.id = e.integration_id;
 CREATE VIEW ihub.deliveries AS
 SELECT d.id, i.name AS integration, e.name AS endpoint, d.subscription_id AS subscription,
        d.event_id, d.event_type, d.state, d.attempts,
-       CASE WHEN d.state IN ('pending', 'retry') THEN d.next_attempt_at END AS next_attempt_at,
-       d.last_status, d.last_error, d.test_mode, d.occurred_at, d.created_at, d.delivered_at,
-       d.delivered_at - d.occurred_at AS latency, d.payload
+       CASE WHEN d.state IN ('pending', 'retry') THEN d.run_at END AS run_at,
+       d.last_status, d.last_error, d.test_mode, d.occurred_at, d.created_at, d.finished_at,
+       d.finished_at - d.occurred_at AS latency, d.payload
 FROM ihub.delivery d
 JOIN ihub.endpoint e ON e.id = d.endpoint_id
 JOIN ihub.integration i ON i.id = e.integration_id;

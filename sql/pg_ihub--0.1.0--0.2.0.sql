@@ -11,6 +11,47 @@
 \echo Use "ALTER EXTENSION pg_ihub UPDATE TO '0.2.0'" to load this file. \quit
 
 -------------------------------------------------------------------------------
+-- One vocabulary for the three queues (deliveries, jobs, inbound items)
+-------------------------------------------------------------------------------
+-- States: pending, running, retry, done, failed, dead, cancelled (partial
+-- for jobs); times: run_at (next due), started_at, finished_at; the worker
+-- holding a running item: worker_pid. 0.1.0 said 'delivered' and
+-- delivered_at, next_attempt_at and lease_owner for deliveries, and 'queued',
+-- 'processing', execute_at, processed_at and processor_pid for inbound items.
+-- Views keep their row types (inbound handlers take ihub.inbound_items), so
+-- their columns are renamed in place.
+
+ALTER TABLE ihub.delivery DROP CONSTRAINT delivery_state_check;
+UPDATE ihub.delivery SET state = 'done' WHERE state = 'delivered';
+ALTER TABLE ihub.delivery ADD CONSTRAINT delivery_state_check
+    CHECK (state IN ('pending', 'running', 'done', 'retry', 'failed', 'dead'));
+ALTER TABLE ihub.delivery RENAME COLUMN next_attempt_at TO run_at;
+ALTER TABLE ihub.delivery RENAME COLUMN lease_owner TO worker_pid;
+ALTER TABLE ihub.delivery RENAME COLUMN delivered_at TO finished_at;
+ALTER VIEW ihub.deliveries RENAME COLUMN next_attempt_at TO run_at;
+ALTER VIEW ihub.deliveries RENAME COLUMN delivered_at TO finished_at;
+
+ALTER TABLE ihub.inbound_item DROP CONSTRAINT inbound_item_state_check;
+DROP INDEX ihub.inbound_due_idx, ihub.inbound_ordering_idx, ihub.inbound_processing_idx;
+UPDATE ihub.inbound_item SET state = CASE state WHEN 'queued' THEN 'pending' ELSE 'running' END
+WHERE state IN ('queued', 'processing');
+ALTER TABLE ihub.inbound_item ALTER COLUMN state SET DEFAULT 'pending';
+ALTER TABLE ihub.inbound_item ADD CONSTRAINT inbound_item_state_check
+    CHECK (state IN ('pending', 'running', 'done', 'failed'));
+ALTER TABLE ihub.inbound_item RENAME COLUMN execute_at TO run_at;
+ALTER TABLE ihub.inbound_item RENAME COLUMN processor_pid TO worker_pid;
+ALTER TABLE ihub.inbound_item RENAME COLUMN processed_at TO finished_at;
+ALTER VIEW ihub.inbound_items RENAME COLUMN execute_at TO run_at;
+ALTER VIEW ihub.inbound_items RENAME COLUMN processed_at TO finished_at;
+CREATE INDEX inbound_due_idx ON ihub.inbound_item (run_at, id) WHERE state = 'pending';
+CREATE INDEX inbound_ordering_idx ON ihub.inbound_item (source_id, ordering_key, id)
+    WHERE state IN ('pending', 'running') AND ordering_key IS NOT NULL;
+CREATE INDEX inbound_running_idx ON ihub.inbound_item (worker_pid) WHERE state = 'running';
+
+-- Named arguments change with the vocabulary: receive(..., run_at).
+DROP FUNCTION ihub.receive(text, text, jsonb, bytea, timestamptz);
+
+-------------------------------------------------------------------------------
 -- Who asked: internal halves and C entry points
 -------------------------------------------------------------------------------
 
@@ -742,7 +783,7 @@ CREATE OR REPLACE FUNCTION ihub.create_source(
 LANGUAGE c VOLATILE AS 'MODULE_PATHNAME', 'ihub_for_caller';
 
 CREATE FUNCTION ihub._receive_by(integration text, source text, headers jsonb, body bytea,
-                             execute_at timestamptz DEFAULT now(),
+                             run_at timestamptz DEFAULT now(),
     p_caller regrole DEFAULT NULL) RETURNS bigint
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
@@ -776,13 +817,13 @@ BEGIN
     END IF;
     SELECT a.item_id INTO v_id
     FROM ihub._accept_inbound(ARRAY[v.id], ARRAY[v_stored], ARRAY[body], ARRAY[ihub._dedup_key(v, v_headers, body)],
-                              ARRAY['sql:' || pg_get_userbyid(p_caller)], ARRAY[coalesce(execute_at, now())]) a;
+                              ARRAY['sql:' || pg_get_userbyid(p_caller)], ARRAY[coalesce(run_at, now())]) a;
     RETURN v_id;
 END
 $$;
 
-CREATE OR REPLACE FUNCTION ihub.receive(integration text, source text, headers jsonb, body bytea,
-                             execute_at timestamptz DEFAULT now())
+CREATE FUNCTION ihub.receive(integration text, source text, headers jsonb, body bytea,
+                             run_at timestamptz DEFAULT now())
 RETURNS bigint
 LANGUAGE c VOLATILE AS 'MODULE_PATHNAME', 'ihub_for_caller';
 
@@ -804,7 +845,7 @@ BEGIN
                   HINT = 'Only members of the source''s role, or ihub_admin when it is not a superuser, may run its handler again.';
     END IF;
     UPDATE ihub.inbound_item
-    SET state = 'queued', execute_at = now(), reactivated = reactivated + 1, processed_at = NULL
+    SET state = 'pending', run_at = now(), reactivated = reactivated + 1, finished_at = NULL
     WHERE id = ANY (ids) AND state = 'failed';
     GET DIAGNOSTICS v_count = ROW_COUNT;
     IF v_count > 0 THEN
@@ -836,11 +877,11 @@ BEGIN
             USING ERRCODE = 'insufficient_privilege',
                   HINT = format('SET ROLE %s first (as a member of it), or queue it again with ihub.reactivate_inbound, and a processor runs it as %s.', v_source.run_as, v_source.run_as);
     END IF;
-    IF v_state NOT IN ('queued', 'failed') THEN
+    IF v_state NOT IN ('pending', 'failed') THEN
         RAISE EXCEPTION 'inbound item % is %', p_id, v_state
             USING ERRCODE = 'object_not_in_prerequisite_state', HINT = 'Only queued or failed items can be processed by hand.';
     END IF;
-    UPDATE ihub.inbound_item t SET state = 'processing', processor_pid = pg_backend_pid(), attempts = t.attempts + 1
+    UPDATE ihub.inbound_item t SET state = 'running', worker_pid = pg_backend_pid(), attempts = t.attempts + 1
     WHERE t.id = p_id;
     RETURN ihub._handler_call(v_source.handler);
 END
@@ -936,7 +977,7 @@ BEGIN
             RETURNING c.op, c.xid, c.occurred_at, c.new_row, c.old_row
         )
         INSERT INTO ihub.delivery AS d (event_id, endpoint_id, subscription_id, event_type, payload, test_mode,
-                                        state, lease_owner, lease_until, occurred_at, next_attempt_at)
+                                        state, worker_pid, lease_until, occurred_at, run_at)
         SELECT ev.id, $2, $3, ev.type,
                jsonb_build_object('id', ev.id, 'type', ev.type, 'schema', $4, 'table', $5, 'operation', ev.op,
                                   'occurred_at', m.occurred_at, 'txid', m.xid::text, 'tenant', $6,
@@ -1160,6 +1201,612 @@ UPDATE ihub.delivery_attempt a
 SET request_headers = ihub._mask_attempt_headers(a.request_headers, e.headers || coalesce(d.headers, '{}'))
 FROM ihub.delivery d JOIN ihub.endpoint e ON e.id = d.endpoint_id
 WHERE d.id = a.delivery_id;
+
+-------------------------------------------------------------------------------
+-- Functions that speak the queue vocabulary
+-------------------------------------------------------------------------------
+
+CREATE OR REPLACE FUNCTION ihub.delete_integration(name text) RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v ihub.integration;
+BEGIN
+    SELECT * INTO v FROM ihub.integration i WHERE i.id = ihub._integration_id(delete_integration.name) FOR UPDATE;
+    IF v.state <> 'inactive' THEN
+        RAISE EXCEPTION 'integration "%" is %; an enabled integration cannot be deleted', v.name, v.state
+            USING ERRCODE = 'object_in_use',
+                  HINT = format('Disable it first: SELECT ihub.disable_integration(%L);', v.name);
+    END IF;
+    -- Scheduled actions belong to whoever made them: say so rather than drop them.
+    IF EXISTS (SELECT 1 FROM ihub.schedule s WHERE s.integration_id = v.id) THEN
+        RAISE EXCEPTION 'integration "%" is used by scheduled action(s) %', v.name,
+              (SELECT string_agg(s.name, ', ' ORDER BY s.name) FROM ihub.schedule s WHERE s.integration_id = v.id)
+            USING ERRCODE = 'object_in_use', HINT = 'Remove them first with ihub.unschedule(name).';
+    END IF;
+    -- Accepted inbound items were answered 202: they must not vanish unprocessed.
+    IF EXISTS (SELECT 1 FROM ihub.inbound_item t JOIN ihub.inbound_source s ON s.id = t.source_id
+               WHERE s.integration_id = v.id AND t.state IN ('pending', 'running')) THEN
+        RAISE EXCEPTION 'integration "%" has inbound items waiting to be processed', v.name
+            USING ERRCODE = 'object_in_use',
+                  HINT = 'Let the processors finish them (see ihub.queue_stats()), or delete them from ihub.inbound_item.';
+    END IF;
+    PERFORM ihub.unsubscribe(s.id)
+    FROM ihub.subscription s JOIN ihub.endpoint e ON e.id = s.endpoint_id
+    WHERE e.integration_id = v.id;
+    DELETE FROM ihub.inbound_dedup d USING ihub.inbound_source s WHERE d.source_id = s.id AND s.integration_id = v.id;
+    DELETE FROM ihub.inbound_item t USING ihub.inbound_source s WHERE t.source_id = s.id AND s.integration_id = v.id;
+    DELETE FROM ihub.inbound_source WHERE integration_id = v.id;
+    DELETE FROM ihub.delivery_attempt a USING ihub.delivery d, ihub.endpoint e
+    WHERE a.delivery_id = d.id AND d.endpoint_id = e.id AND e.integration_id = v.id;
+    DELETE FROM ihub.delivery d USING ihub.endpoint e WHERE d.endpoint_id = e.id AND e.integration_id = v.id;
+    DELETE FROM ihub.endpoint WHERE integration_id = v.id;
+    DELETE FROM ihub.integration WHERE id = v.id;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION ihub._claim(p_owner integer, p_limit integer, p_default_timeout_ms integer, p_rounds integer)
+RETURNS TABLE (delivery_id bigint, event_id text, method text, url text, headers jsonb, auth jsonb, secrets text[],
+               timeout_ms integer, retry jsonb, body text, test_mode boolean, attempts_used integer)
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_ids bigint[] := '{}';
+    v_sub ihub.subscription;
+BEGIN
+    FOR v_sub IN SELECT * FROM ihub.subscription ORDER BY id LOOP
+        EXIT WHEN cardinality(v_ids) >= p_limit;
+        v_ids := v_ids || ARRAY(SELECT ihub._route(v_sub, p_limit - cardinality(v_ids), p_owner, p_default_timeout_ms, p_rounds));
+    END LOOP;
+    IF cardinality(v_ids) < p_limit THEN
+        WITH due AS (
+            SELECT d.id FROM ihub.delivery d
+            WHERE d.state IN ('pending', 'retry') AND d.run_at <= now()
+              AND d.endpoint_id IN (SELECT e.id FROM ihub.endpoint e JOIN ihub.integration i ON i.id = e.integration_id
+                                    WHERE e.enabled AND i.state <> 'inactive')
+            ORDER BY d.run_at
+            LIMIT p_limit - cardinality(v_ids)
+            FOR UPDATE OF d SKIP LOCKED
+        ), claimed AS (
+            UPDATE ihub.delivery d
+            SET state = 'running', worker_pid = p_owner,
+                lease_until = ihub._lease_until(coalesce(e.timeout_ms, p_default_timeout_ms), p_rounds)
+            FROM due, ihub.endpoint e
+            WHERE d.id = due.id AND e.id = d.endpoint_id
+            RETURNING d.id
+        )
+        SELECT v_ids || coalesce(array_agg(claimed.id), '{}') INTO v_ids FROM claimed;
+    END IF;
+    RETURN QUERY
+        WITH claimed AS (
+            SELECT * FROM ihub.delivery d WHERE d.id = ANY (v_ids)
+        ), keys AS (
+            SELECT s.endpoint_id, array_agg(s.secret ORDER BY s.id DESC) AS secrets
+            FROM ihub.endpoint_secret s
+            WHERE s.endpoint_id IN (SELECT endpoint_id FROM claimed) AND (s.expires_at IS NULL OR s.expires_at > now())
+            GROUP BY s.endpoint_id
+        )
+        SELECT d.id, d.event_id, coalesce(d.method, e.method), ihub._join_url(e.url, d.path),
+               e.headers || coalesce(d.headers, '{}'), c.auth, k.secrets,
+               coalesce(e.timeout_ms, p_default_timeout_ms), e.retry, d.payload::text, d.test_mode,
+               d.attempts - d.budget_start
+        FROM claimed d
+        JOIN ihub.endpoint e ON e.id = d.endpoint_id
+        LEFT JOIN ihub.endpoint_credential c ON c.endpoint_id = e.id
+        LEFT JOIN keys k ON k.endpoint_id = e.id;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION ihub._settle(p_owner integer, p_results jsonb) RETURNS bigint
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_settled bigint;
+    v_endpoint record;
+    v_ids bigint[] := ARRAY(SELECT (x ->> 'delivery_id')::bigint FROM jsonb_array_elements(p_results) x);
+BEGIN
+    WITH r AS (
+        SELECT * FROM jsonb_to_recordset(p_results) AS x(
+            delivery_id bigint, state text, next_at double precision, status integer, error text, category text,
+            request_headers jsonb, response_headers jsonb, response_body text, started_at double precision,
+            duration_ms double precision)
+    ), updated AS (
+        UPDATE ihub.delivery d
+        SET state = r.state,
+            attempts = d.attempts + 1,
+            run_at = CASE WHEN r.state = 'retry' THEN to_timestamp(r.next_at) ELSE d.run_at END,
+            last_status = r.status,
+            last_error = r.error,
+            finished_at = CASE WHEN r.state = 'done'
+                                THEN to_timestamp(r.started_at) + r.duration_ms * interval '1 millisecond' END,
+            worker_pid = NULL,
+            lease_until = NULL
+        FROM r
+        -- worker_pid is set only while running, so it alone says "still
+        -- ours". Writing state = 'running' here would let the planner scan
+        -- delivery_running_idx, whose dead entries (every delivery that was
+        -- ever running, until vacuum) made this the hottest query.
+        -- The id list lets the planner look deliveries up by primary key; it
+        -- cannot estimate the JSON recordset and would otherwise hash-join
+        -- it against a scan of the whole delivery history.
+        WHERE d.id = ANY (v_ids) AND d.id = r.delivery_id AND d.worker_pid = p_owner
+        RETURNING d.id, d.attempts, d.endpoint_id
+    ), recorded AS (
+        INSERT INTO ihub.delivery_attempt (delivery_id, attempt, started_at, duration_ms, request_headers,
+                                           response_status, response_headers, response_body, error, error_category, worker_pid)
+        SELECT u.id, u.attempts, to_timestamp(r.started_at), r.duration_ms, r.request_headers,
+               r.status, r.response_headers, r.response_body, r.error, r.category, p_owner
+        FROM updated u JOIN r ON r.delivery_id = u.id
+        RETURNING 1
+    ), outcomes AS (
+        SELECT u.endpoint_id, u.id, r.state, r.error, r.duration_ms FROM updated u JOIN r ON r.delivery_id = u.id
+    ), counted AS (
+        -- Rolled-up counters for ihub.endpoint_stats; one row per dispatcher.
+        INSERT INTO ihub.endpoint_hourly AS h (endpoint_id, hour, worker, attempts, delivered, retried, failed, dead,
+                                               latency, last_error, last_error_at)
+        SELECT o.endpoint_id, date_trunc('hour', now()), p_owner, count(*),
+               count(*) FILTER (WHERE o.state = 'done'), count(*) FILTER (WHERE o.state = 'retry'),
+               count(*) FILTER (WHERE o.state = 'failed'), count(*) FILTER (WHERE o.state = 'dead'),
+               ihub._histogram(array_agg(o.duration_ms)),
+               (array_agg(o.error) FILTER (WHERE o.error IS NOT NULL))[1],
+               CASE WHEN bool_or(o.error IS NOT NULL) THEN now() END
+        FROM outcomes o GROUP BY o.endpoint_id
+        ON CONFLICT (endpoint_id, hour, worker) DO UPDATE
+        SET attempts = h.attempts + EXCLUDED.attempts, delivered = h.delivered + EXCLUDED.delivered,
+            retried = h.retried + EXCLUDED.retried, failed = h.failed + EXCLUDED.failed, dead = h.dead + EXCLUDED.dead,
+            latency = ihub._histogram_add(h.latency, EXCLUDED.latency),
+            last_error = coalesce(EXCLUDED.last_error, h.last_error),
+            last_error_at = coalesce(EXCLUDED.last_error_at, h.last_error_at)
+    )
+    SELECT count(*) INTO v_settled FROM recorded;
+
+    -- Failures go to the log: a summary per endpoint for retries, an error
+    -- per delivery that failed for good.
+    IF p_results @> '[{"state": "retry"}]' OR p_results @> '[{"state": "dead"}]' OR p_results @> '[{"state": "failed"}]' THEN
+        PERFORM ihub._log_failures(p_results);
+    END IF;
+
+    -- 410 Gone: the receiver says this endpoint is gone for good.
+    IF p_results @> '[{"disable_endpoint": true}]' THEN
+        FOR v_endpoint IN
+            UPDATE ihub.endpoint e
+            SET enabled = false, disabled_at = now(),
+                disabled_reason = 'the receiver answered 410 Gone; re-enable with ihub.enable_endpoint()'
+            WHERE e.enabled AND e.id IN (
+                SELECT d.endpoint_id FROM ihub.delivery d
+                JOIN jsonb_to_recordset(p_results) AS x(delivery_id bigint, disable_endpoint boolean) ON x.delivery_id = d.id
+                WHERE x.disable_endpoint)
+            RETURNING e.name
+        LOOP
+            RAISE WARNING 'pg_ihub: endpoint "%" disabled: the receiver answered 410 Gone', v_endpoint.name;
+            PERFORM ihub.log('critical', format('endpoint %s disabled: the receiver answered 410 Gone', v_endpoint.name),
+                             jsonb_build_object('endpoint', v_endpoint.name),
+                             (SELECT i.name FROM ihub.endpoint e JOIN ihub.integration i ON i.id = e.integration_id
+                              WHERE e.name = v_endpoint.name));
+        END LOOP;
+    END IF;
+    RETURN v_settled;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION ihub._rescue() RETURNS bigint
+LANGUAGE sql SET search_path = pg_catalog, pg_temp
+AS $$
+    WITH rescued AS (
+        UPDATE ihub.delivery d
+        SET state = CASE WHEN d.attempts = 0 THEN 'pending' ELSE 'retry' END,
+            worker_pid = NULL, lease_until = NULL, run_at = now()
+        WHERE d.state = 'running'
+          AND (d.lease_until < now()
+               OR NOT ihub._pid_alive(d.worker_pid))
+        RETURNING 1
+    )
+    SELECT count(*) FROM rescued
+$$;
+
+CREATE OR REPLACE FUNCTION ihub._next_due() RETURNS double precision
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT CASE WHEN min(d.run_at) IS NOT NULL
+                THEN greatest(0, extract(epoch FROM min(d.run_at) - now()))::double precision
+           END
+    FROM ihub.delivery d
+    WHERE d.state IN ('pending', 'retry')
+      AND d.endpoint_id IN (SELECT e.id FROM ihub.endpoint e JOIN ihub.integration i ON i.id = e.integration_id
+                            WHERE e.enabled AND i.state <> 'inactive')
+$$;
+
+CREATE OR REPLACE FUNCTION ihub.replay(delivery_id bigint) RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_state text;
+BEGIN
+    PERFORM ihub._require_workers();
+    SELECT state INTO v_state FROM ihub.delivery WHERE id = delivery_id FOR UPDATE;
+    IF v_state IS NULL THEN
+        RAISE EXCEPTION 'delivery % does not exist', delivery_id
+            USING ERRCODE = 'undefined_object', HINT = 'List deliveries in ihub.deliveries.';
+    ELSIF v_state NOT IN ('dead', 'failed') THEN
+        RAISE EXCEPTION 'delivery % is %; only dead or failed deliveries can be replayed', delivery_id, v_state
+            USING ERRCODE = 'object_not_in_prerequisite_state', HINT = 'Pending, running and retrying deliveries are still in the queue.';
+    END IF;
+    UPDATE ihub.delivery SET state = 'pending', budget_start = attempts, run_at = now() WHERE id = delivery_id;
+    PERFORM ihub._wake();
+END
+$$;
+
+CREATE OR REPLACE FUNCTION ihub.replay_dead(endpoint text, since timestamptz DEFAULT '-infinity') RETURNS bigint
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_count bigint;
+BEGIN
+    PERFORM ihub._require_workers();
+    UPDATE ihub.delivery
+    SET state = 'pending', budget_start = attempts, run_at = now()
+    WHERE endpoint_id = (ihub._endpoint(replay_dead.endpoint)).id
+      AND state IN ('dead', 'failed') AND created_at >= coalesce(since, '-infinity');
+    GET DIAGNOSTICS v_count = ROW_COUNT;
+    IF v_count > 0 THEN
+        PERFORM ihub._wake();
+    END IF;
+    RETURN v_count;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION ihub._cleanup(p_batch integer DEFAULT 10000)
+RETURNS TABLE (kind text, removed bigint)
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    r ihub.retention;
+    v_cutoff timestamptz;
+    v_part record;
+    v_n bigint;
+    v_total bigint;
+    v_upper timestamptz;
+BEGIN
+    FOR r IN SELECT * FROM ihub.retention WHERE keep IS NOT NULL ORDER BY kind LOOP
+        v_cutoff := now() - r.keep;
+        v_total := 0;
+        IF r.kind IN ('debug', 'info', 'warning') THEN
+            -- Whole daily partitions that ended before the cutoff.
+            FOR v_part IN
+                SELECT c.oid::regclass AS rel, pg_get_expr(c.relpartbound, c.oid) AS bound
+                FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
+                WHERE i.inhparent = ('ihub.log_entry_' || r.kind)::regclass
+                  AND c.relname ~ '_[0-9]{8}$'
+            LOOP
+                v_upper := substring(v_part.bound FROM 'TO \(''([^'']+)''\)')::timestamptz;
+                IF v_upper <= v_cutoff THEN
+                    EXECUTE format('SELECT count(*) FROM %s', v_part.rel) INTO v_n;
+                    EXECUTE format('DROP TABLE %s', v_part.rel);
+                    v_total := v_total + v_n;
+                END IF;
+            END LOOP;
+        END IF;
+        IF r.kind IN ('debug', 'info', 'warning', 'error', 'critical') THEN
+            LOOP
+                DELETE FROM ihub.log_entry l
+                WHERE l.level = r.kind AND l.logged_at < v_cutoff
+                  AND (l.tableoid, l.ctid) IN (SELECT x.tableoid, x.ctid FROM ihub.log_entry x
+                                               WHERE x.level = r.kind AND x.logged_at < v_cutoff LIMIT p_batch);
+                GET DIAGNOSTICS v_n = ROW_COUNT;
+                v_total := v_total + v_n;
+                EXIT WHEN v_n < p_batch;
+            END LOOP;
+        ELSIF r.kind = 'deliveries' THEN
+            LOOP
+                WITH gone AS (
+                    DELETE FROM ihub.delivery d
+                    WHERE d.id = ANY (ARRAY(SELECT x.id FROM ihub.delivery x
+                                            WHERE x.state = 'done' AND x.created_at < v_cutoff
+                                            ORDER BY x.id LIMIT p_batch))
+                    RETURNING d.id
+                ), attempts AS (
+                    DELETE FROM ihub.delivery_attempt a USING gone WHERE a.delivery_id = gone.id
+                )
+                SELECT count(*) INTO v_n FROM gone;
+                v_total := v_total + v_n;
+                EXIT WHEN v_n < p_batch;
+            END LOOP;
+        ELSIF r.kind = 'jobs' THEN
+            LOOP
+                DELETE FROM ihub.job j
+                WHERE j.id = ANY (ARRAY(SELECT x.id FROM ihub.job x
+                                        WHERE x.state IN ('done', 'partial', 'cancelled') AND x.finished_at < v_cutoff
+                                        ORDER BY x.id LIMIT p_batch));
+                GET DIAGNOSTICS v_n = ROW_COUNT;
+                v_total := v_total + v_n;
+                EXIT WHEN v_n < p_batch;
+            END LOOP;
+        ELSIF r.kind = 'inbound' THEN
+            v_total := ihub._cleanup_inbound(v_cutoff, p_batch);
+        END IF;
+        kind := r.kind;
+        removed := v_total;
+        RETURN NEXT;
+    END LOOP;
+    -- Rolled-up statistics outlive the deliveries they count, up to a year.
+    DELETE FROM ihub.endpoint_hourly WHERE hour < now() - interval '1 year';
+    PERFORM ihub._ensure_log_partitions();
+END
+$$;
+
+CREATE OR REPLACE FUNCTION ihub.health()
+RETURNS TABLE (check_name text, status text, message text)
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_kind record;
+    v_alive bigint;
+    v_stale bigint;
+    v_age interval := ihub._health_queue_age();
+    v_depth bigint := ihub._health_queue_depth();
+    v_q record;
+    v_names text;
+BEGIN
+    IF NOT ihub._preloaded() THEN
+        RETURN QUERY SELECT 'workers', 'critical',
+            'pg_ihub is not in shared_preload_libraries: no background worker runs';
+    ELSE
+        FOR v_kind IN SELECT * FROM ihub._expected_workers() LOOP
+            SELECT count(*) FILTER (WHERE ihub._pid_alive(w.pid)),
+                   count(*) FILTER (WHERE ihub._pid_alive(w.pid) AND w.last_heartbeat < now() - v_kind.stale_after)
+            INTO v_alive, v_stale
+            FROM ihub._workers() w
+            WHERE w.kind = v_kind.kind AND w.database_oid = (SELECT oid FROM pg_database WHERE datname = current_database());
+            check_name := 'workers: ' || v_kind.kind;
+            IF v_alive < v_kind.expected THEN
+                status := 'critical';
+                message := format('%s of %s running', v_alive, v_kind.expected);
+            ELSIF v_stale > 0 THEN
+                status := 'warning';
+                message := format('%s of %s running, %s silent for over %s', v_alive, v_kind.expected, v_stale, v_kind.stale_after);
+            ELSE
+                status := 'ok';
+                message := format('%s of %s running', v_alive, v_kind.expected);
+            END IF;
+            RETURN NEXT;
+        END LOOP;
+    END IF;
+
+    FOR v_q IN
+        SELECT 'deliveries' AS queue, count(*) AS depth, now() - min(run_at) AS age
+        FROM ihub.delivery WHERE state IN ('pending', 'retry') AND run_at <= now()
+        UNION ALL
+        SELECT 'jobs', count(*), now() - min(run_at)
+        FROM ihub.job WHERE state IN ('pending', 'retry') AND run_at <= now()
+    LOOP
+        check_name := 'queue: ' || v_q.queue;
+        status := CASE WHEN v_q.depth >= v_depth * 10 OR v_q.age >= v_age * 4 THEN 'critical'
+                       WHEN v_q.depth >= v_depth OR v_q.age >= v_age THEN 'warning'
+                       ELSE 'ok' END;
+        message := format('%s due, oldest waiting %s', v_q.depth, coalesce(date_trunc('second', v_q.age)::text, '-'));
+        RETURN NEXT;
+    END LOOP;
+
+    SELECT string_agg(name, ', ' ORDER BY name) INTO v_names FROM ihub.endpoint WHERE NOT enabled;
+    check_name := 'endpoints';
+    status := CASE WHEN v_names IS NULL THEN 'ok' ELSE 'warning' END;
+    message := coalesce('disabled: ' || v_names, 'all enabled');
+    RETURN NEXT;
+
+    SELECT string_agg(name, ', ' ORDER BY name) INTO v_names
+    FROM ihub.schedule WHERE active AND next_run_at < now() - interval '1 minute';
+    check_name := 'schedules';
+    status := CASE WHEN v_names IS NULL THEN 'ok' ELSE 'warning' END;
+    message := coalesce('late: ' || v_names, 'on time');
+    RETURN NEXT;
+
+    SELECT string_agg(e.name, ', ' ORDER BY e.name) INTO v_names FROM ihub.endpoint e
+    WHERE NOT EXISTS (SELECT 1 FROM ihub.endpoint_secret s
+                      WHERE s.endpoint_id = e.id AND (s.expires_at IS NULL OR s.expires_at > now() + interval '1 day'));
+    check_name := 'credentials';
+    status := CASE WHEN v_names IS NULL THEN 'ok'
+                   WHEN EXISTS (SELECT 1 FROM ihub.endpoint e WHERE NOT EXISTS (
+                       SELECT 1 FROM ihub.endpoint_secret s WHERE s.endpoint_id = e.id AND (s.expires_at IS NULL OR s.expires_at > now())))
+                   THEN 'critical' ELSE 'warning' END;
+    message := coalesce('no signing secret valid for another day: ' || v_names, 'every endpoint has a valid signing secret');
+    RETURN NEXT;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION ihub.drop_source(integration text, name text) RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v ihub.inbound_source := ihub._source_row(drop_source.integration, drop_source.name);
+BEGIN
+    IF EXISTS (SELECT 1 FROM ihub.inbound_item WHERE source_id = v.id AND state IN ('pending', 'running')) THEN
+        RAISE EXCEPTION 'inbound source % still has queued items', drop_source.name
+            USING ERRCODE = 'object_in_use', HINT = 'Let them be processed first, or delete them from ihub.inbound_item.';
+    END IF;
+    DELETE FROM ihub.inbound_dedup WHERE source_id = v.id;
+    DELETE FROM ihub.inbound_item WHERE source_id = v.id;
+    DELETE FROM ihub.inbound_source WHERE id = v.id;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION ihub._accept_inbound(p_sources bigint[], p_headers jsonb[], p_bodies bytea[], p_dedup text[],
+                                     p_remote text[], p_run_at timestamptz[])
+RETURNS TABLE (n integer, item_id bigint, duplicate boolean)
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_source ihub.inbound_source;
+    v_id bigint;
+    v_existing bigint;
+BEGIN
+    FOR i IN 1 .. coalesce(cardinality(p_sources), 0) LOOP
+        SELECT * INTO v_source FROM ihub.inbound_source s WHERE s.id = p_sources[i];
+        n := i;
+        v_existing := NULL;
+        IF v_source.id IS NULL THEN
+            -- Dropped since the listener verified the request: it looks again.
+            item_id := NULL;
+            duplicate := NULL;
+            RETURN NEXT;
+            CONTINUE;
+        END IF;
+        IF p_dedup[i] IS NOT NULL AND v_source.dedup_window > interval '0' THEN
+            SELECT d.item_id INTO v_existing FROM ihub.inbound_dedup d
+            WHERE d.source_id = v_source.id AND d.key = p_dedup[i] AND d.expires_at > now();
+        END IF;
+        IF v_existing IS NOT NULL THEN
+            item_id := v_existing;
+            duplicate := true;
+            RETURN NEXT;
+            CONTINUE;
+        END IF;
+        INSERT INTO ihub.inbound_item (source_id, run_at, ordering_key, dedup_key, headers, body, remote_addr)
+        VALUES (v_source.id, coalesce(p_run_at[i], now()),
+                ihub._ordering_key(v_source.ordering_key, p_headers[i], p_bodies[i]),
+                p_dedup[i], p_headers[i], p_bodies[i], p_remote[i])
+        RETURNING id INTO v_id;
+        IF p_dedup[i] IS NOT NULL AND v_source.dedup_window > interval '0' THEN
+            INSERT INTO ihub.inbound_dedup (source_id, key, item_id, expires_at)
+            VALUES (v_source.id, p_dedup[i], v_id, now() + v_source.dedup_window)
+            ON CONFLICT (source_id, key) DO UPDATE SET item_id = EXCLUDED.item_id, expires_at = EXCLUDED.expires_at
+                WHERE ihub.inbound_dedup.expires_at <= now()
+            RETURNING ihub.inbound_dedup.item_id INTO v_existing;
+            IF v_existing IS NULL THEN
+                -- Another transaction took this id first: ours is a duplicate.
+                DELETE FROM ihub.inbound_item WHERE id = v_id;
+                SELECT d.item_id INTO v_id FROM ihub.inbound_dedup d WHERE d.source_id = v_source.id AND d.key = p_dedup[i];
+                item_id := v_id;
+                duplicate := true;
+                RETURN NEXT;
+                CONTINUE;
+            END IF;
+        END IF;
+        item_id := v_id;
+        duplicate := false;
+        RETURN NEXT;
+    END LOOP;
+    PERFORM ihub._wake_processor();
+END
+$$;
+
+CREATE OR REPLACE FUNCTION ihub._claim_inbound(p_owner integer, p_default_timeout_ms integer)
+RETURNS TABLE (id bigint, call text, run_as oid, timeout_ms integer, more_due boolean)
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    RETURN QUERY
+    WITH next AS (
+        SELECT t.id, t.run_at FROM ihub.inbound_item t
+        WHERE t.state = 'pending' AND t.run_at <= now()
+          AND (t.ordering_key IS NULL OR NOT EXISTS (
+                SELECT 1 FROM ihub.inbound_item e
+                WHERE e.source_id = t.source_id AND e.ordering_key = t.ordering_key
+                  AND e.state IN ('pending', 'running') AND e.id < t.id))
+        ORDER BY t.run_at, t.id
+        LIMIT 2
+        FOR UPDATE SKIP LOCKED
+    ), first AS (
+        SELECT (array_agg(next.id ORDER BY next.run_at, next.id))[1] AS id, count(*) > 1 AS more FROM next
+    ), claimed AS (
+        UPDATE ihub.inbound_item t
+        SET state = 'running', worker_pid = p_owner, started_at = clock_timestamp(), attempts = t.attempts + 1
+        FROM first WHERE t.id = first.id
+        RETURNING t.id, t.source_id, first.more
+    )
+    SELECT c.id, ihub._handler_call(s.handler), s.run_as::oid, p_default_timeout_ms, c.more
+    FROM claimed c
+    JOIN ihub.inbound_source s ON s.id = c.source_id;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION ihub._inbound_done(p_id bigint, p_owner integer, p_result jsonb) RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    UPDATE ihub.inbound_item SET state = 'done', finished_at = clock_timestamp(), result = p_result,
+                                 error = NULL, worker_pid = NULL
+    WHERE id = p_id AND state = 'running' AND worker_pid = p_owner;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION ihub._inbound_failed(p_id bigint, p_owner integer, p_error text) RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v record;
+BEGIN
+    UPDATE ihub.inbound_item t SET state = 'failed', finished_at = clock_timestamp(), error = p_error, worker_pid = NULL
+    WHERE t.id = p_id AND t.state = 'running' AND t.worker_pid = p_owner
+    RETURNING t.id, (SELECT i.name FROM ihub.inbound_source s JOIN ihub.integration i ON i.id = s.integration_id
+                     WHERE s.id = t.source_id) AS integration
+    INTO v;
+    IF v.id IS NOT NULL THEN
+        PERFORM ihub.log('error', format('inbound item %s failed: %s', p_id, p_error),
+                         jsonb_build_object('inbound_item', p_id), v.integration, inbound => p_id);
+    END IF;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION ihub._rescue_inbound() RETURNS bigint
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_count bigint;
+BEGIN
+    UPDATE ihub.inbound_item t SET state = 'pending', worker_pid = NULL
+    WHERE t.state = 'running' AND NOT ihub._pid_alive(t.worker_pid);
+    GET DIAGNOSTICS v_count = ROW_COUNT;
+    IF v_count > 0 THEN
+        PERFORM ihub.log('warning', format('%s inbound item(s) left by a stopped processor queued again', v_count));
+        PERFORM ihub._wake_processor();
+    END IF;
+    RETURN v_count;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION ihub._next_inbound_due() RETURNS double precision
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT CASE WHEN min(t.run_at) IS NOT NULL
+                THEN greatest(0, extract(epoch FROM min(t.run_at) - now()))::double precision END
+    FROM ihub.inbound_item t
+    WHERE t.state = 'pending'
+      AND (t.ordering_key IS NULL OR NOT EXISTS (
+            SELECT 1 FROM ihub.inbound_item e
+            WHERE e.source_id = t.source_id AND e.ordering_key = t.ordering_key
+              AND e.state IN ('pending', 'running') AND e.id < t.id))
+$$;
+
+CREATE OR REPLACE FUNCTION ihub._cleanup_inbound(p_cutoff timestamptz, p_batch integer) RETURNS bigint
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_n bigint;
+    v_total bigint := 0;
+BEGIN
+    LOOP
+        DELETE FROM ihub.inbound_item t
+        WHERE t.id = ANY (ARRAY(SELECT x.id FROM ihub.inbound_item x WHERE x.state = 'done' AND x.finished_at < p_cutoff
+                                ORDER BY x.id LIMIT p_batch));
+        GET DIAGNOSTICS v_n = ROW_COUNT;
+        v_total := v_total + v_n;
+        EXIT WHEN v_n < p_batch;
+    END LOOP;
+    DELETE FROM ihub.inbound_dedup WHERE expires_at < now();
+    DELETE FROM ihub.inbound_rejection WHERE received_at < p_cutoff;
+    RETURN v_total;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION ihub._inbound_queue_stats()
+RETURNS TABLE (queue text, state text, items bigint, oldest_age interval)
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT 'inbound', s.state, count(t.id), now() - min(t.received_at)
+    FROM unnest(ARRAY['pending', 'running', 'done', 'failed']) AS s(state)
+    LEFT JOIN ihub.inbound_item t ON t.state = s.state
+    GROUP BY s.state
+$$;
 
 -------------------------------------------------------------------------------
 -- Privileges and comments

@@ -316,7 +316,7 @@ fn decide_all(claimed: &[Claimed], attempts: Vec<Attempt>) -> Value {
             let verdict = classify(&a.outcome);
             let next = decide(&c.policy, verdict, c.attempts_used + 1, now, &mut rng);
             let (state, next_at) = match next {
-                Next::Delivered => ("delivered", None),
+                Next::Delivered => ("done", None),
                 Next::Retry { at } => ("retry", Some(epoch(at))),
                 Next::Failed => ("failed", None),
                 Next::Dead => ("dead", None),

@@ -56,7 +56,7 @@ enum Work {
         body: Vec<u8>,
         dedup: String,
         remote: String,
-        execute_at: Option<f64>,
+        run_at: Option<f64>,
         reply: oneshot::Sender<Accepted>,
     },
     Reject {
@@ -346,17 +346,17 @@ fn reload_sources(shared: &Shared) {
 /// One transaction for the whole batch; returns what became of each
 /// request, by 1-based position.
 fn accept(works: &[Work]) -> Option<HashMap<i32, Accepted>> {
-    let (mut sources, mut headers, mut bodies, mut dedup, mut remote, mut execute_at) =
+    let (mut sources, mut headers, mut bodies, mut dedup, mut remote, mut run_at) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for work in works {
-        if let Work::Accept { source, headers: h, body, dedup: d, remote: r, execute_at: e, .. } = work {
+        if let Work::Accept { source, headers: h, body, dedup: d, remote: r, run_at: e, .. } = work {
             sources.push(*source);
             headers.push(JsonB(h.clone()));
             bodies.push(body.clone());
             dedup.push(d.clone());
             remote.push(r.clone());
             // Postgres timestamps count microseconds from 2000-01-01.
-            execute_at.push(e.and_then(|secs| {
+            run_at.push(e.and_then(|secs| {
                 pgrx::datum::TimestampWithTimeZone::try_from((secs * 1_000_000.0) as i64 - 946_684_800_000_000).ok()
             }));
         }
@@ -374,7 +374,7 @@ fn accept(works: &[Work]) -> Option<HashMap<i32, Accepted>> {
                 array(pg_sys::TEXTOID),
                 array(pg_sys::TIMESTAMPTZOID),
             ],
-            &[sources.into(), headers.into(), bodies.into(), dedup.into(), remote.into(), execute_at.into()],
+            &[sources.into(), headers.into(), bodies.into(), dedup.into(), remote.into(), run_at.into()],
         )
         .ok()?;
         let mut out = HashMap::new();
@@ -583,7 +583,7 @@ async fn receive(
         Ok(s) => s,
         Err(response) => return response,
     };
-    let execute_at = match req.uri().query().and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("delay="))) {
+    let run_at = match req.uri().query().and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("delay="))) {
         None => None,
         Some(text) => match text.parse::<f64>() {
             Ok(delay) if (0.0..=31_536_000.0).contains(&delay) => Some(now_secs() + delay),
@@ -672,7 +672,7 @@ async fn receive(
             body: body.to_vec(),
             dedup,
             remote: remote.ip().to_string(),
-            execute_at,
+            run_at,
             reply: tx,
         });
         if !queued {

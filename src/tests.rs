@@ -395,7 +395,7 @@ mod tests {
         let claimed = one::<i64>("SELECT count(*) FROM ihub._claim(4242, 10, 1000, 1)");
         assert_eq!(claimed, 1);
         assert_eq!(
-            one::<String>(&format!("SELECT state || ':' || lease_owner FROM ihub.delivery WHERE id = {id}")),
+            one::<String>(&format!("SELECT state || ':' || worker_pid FROM ihub.delivery WHERE id = {id}")),
             "running:4242"
         );
         // The lease covers the timeout (the 1 s default passed here, one round) plus 30 s.
@@ -417,7 +417,7 @@ mod tests {
         );
         assert_eq!(one::<i64>("SELECT count(*) FROM ihub.delivery_attempts"), 1);
         // A lease held by a process that does not exist is rescued.
-        Spi::run(&format!("UPDATE ihub.delivery SET state = 'running', lease_owner = 2147483000, lease_until = now() + interval '1 hour' WHERE id = {id}")).unwrap();
+        Spi::run(&format!("UPDATE ihub.delivery SET state = 'running', worker_pid = 2147483000, lease_until = now() + interval '1 hour' WHERE id = {id}")).unwrap();
         assert_eq!(one::<i64>("SELECT ihub._rescue()"), 1);
         assert_eq!(one::<String>(&format!("SELECT state FROM ihub.delivery WHERE id = {id}")), "retry");
     }
@@ -826,11 +826,11 @@ mod tests {
         Spi::run("SELECT ihub.create_source('shop', 'o', 'on_order(ihub.inbound_items)', 'none')").unwrap();
         let id = one::<i64>("SELECT ihub.receive('shop', 'o', '{}', '{\"order\": 1}')");
         Spi::run(&format!(
-            "UPDATE ihub.inbound_item SET state = 'processing', processor_pid = pg_backend_pid() WHERE id = {id}"
+            "UPDATE ihub.inbound_item SET state = 'running', worker_pid = pg_backend_pid() WHERE id = {id}"
         ))
         .unwrap();
         assert_eq!(one::<i64>("SELECT ihub._rescue_inbound()"), 0);
-        Spi::run(&format!("UPDATE ihub.inbound_item SET processor_pid = 2147483000 WHERE id = {id}")).unwrap();
+        Spi::run(&format!("UPDATE ihub.inbound_item SET worker_pid = 2147483000 WHERE id = {id}")).unwrap();
         assert_eq!(one::<i64>("SELECT ihub._rescue_inbound()"), 1);
     }
 
@@ -1022,7 +1022,7 @@ mod tests {
         let ids: Vec<i64> = (0..4).map(|_| one::<i64>("SELECT ihub.http_request('hook', '{}')")).collect();
         Spi::run(&format!(
             "UPDATE ihub.delivery SET created_at = now() - interval '40 days',
-                 state = (ARRAY['delivered', 'delivered', 'dead', 'failed'])[array_position(ARRAY[{}]::bigint[], id)]
+                 state = (ARRAY['done', 'done', 'dead', 'failed'])[array_position(ARRAY[{}]::bigint[], id)]
              WHERE id = ANY (ARRAY[{}]::bigint[]);
              INSERT INTO ihub.delivery_attempt (delivery_id, attempt, started_at, duration_ms, request_headers, error_category)
              SELECT id, 1, now(), 1, '{{}}', 'ok' FROM ihub.delivery;",
@@ -1084,8 +1084,8 @@ mod tests {
         // 6 delivered (2 of them after a retry), 2 retrying, 1 dead, 1 failed.
         let ids: Vec<i64> = (0..10).map(|_| one::<i64>("SELECT ihub.http_request('hook', '{}')")).collect();
         let settle = |id: i64, state: &str, ms: f64| {
-            Spi::run(&format!("UPDATE ihub.delivery SET state = 'running', lease_owner = 7 WHERE id = {id}")).unwrap();
-            let error = if state == "delivered" { "null".to_string() } else { "\"HTTP 500\"".to_string() };
+            Spi::run(&format!("UPDATE ihub.delivery SET state = 'running', worker_pid = 7 WHERE id = {id}")).unwrap();
+            let error = if state == "done" { "null".to_string() } else { "\"HTTP 500\"".to_string() };
             Spi::run(&format!(
                 r#"SELECT ihub._settle(7, '[{{"delivery_id": {id}, "state": "{state}", "next_at": 0, "status": 500, "error": {error},
                     "category": "x", "request_headers": {{}}, "started_at": 0, "duration_ms": {ms}}}]')"#
@@ -1094,10 +1094,10 @@ mod tests {
         };
         for (i, id) in ids.iter().enumerate() {
             match i {
-                0..=3 => settle(*id, "delivered", 3.0),
+                0..=3 => settle(*id, "done", 3.0),
                 4 | 5 => {
                     settle(*id, "retry", 40.0);
-                    settle(*id, "delivered", 40.0);
+                    settle(*id, "done", 40.0);
                 }
                 6 | 7 => settle(*id, "retry", 3.0),
                 8 => settle(*id, "dead", 3.0),
@@ -1132,7 +1132,7 @@ mod tests {
              SELECT ihub.http_request('hook', '{}');
              SELECT ihub.create_endpoint('shop', 'live', 'https://x.example');
              SELECT ihub.http_request('live', '{}');
-             UPDATE ihub.delivery SET next_attempt_at = now() - interval '30 minutes', created_at = now() - interval '30 minutes';
+             UPDATE ihub.delivery SET run_at = now() - interval '30 minutes', created_at = now() - interval '30 minutes';
              UPDATE ihub.endpoint_secret SET expires_at = now() - interval '1 minute'
                  WHERE endpoint_id = (SELECT id FROM ihub.endpoint WHERE name = 'live');",
         )

@@ -23,7 +23,7 @@ fn row_changes_arrive_signed_with_the_documented_payload() {
         e = s.endpoint
     ));
     assert!(rx.wait_for(3, WAIT), "3 requests expected, got {}", rx.count());
-    assert_eq!(hub.wait_settled(&s.endpoint, 3, WAIT), vec!["delivered"; 3]);
+    assert_eq!(hub.wait_settled(&s.endpoint, 3, WAIT), vec!["done"; 3]);
 
     let got = rx.received();
     let by_type = |t: &str| got.iter().find(|r| r.json()["type"] == format!("{}.{t}", s.table)).unwrap().clone();
@@ -83,7 +83,7 @@ fn columns_select_the_payload_and_watch_and_condition_filter() {
         t = s.table,
         e = s.endpoint
     ));
-    assert_eq!(hub.wait_settled(&s.endpoint, 1, WAIT), vec!["delivered"]);
+    assert_eq!(hub.wait_settled(&s.endpoint, 1, WAIT), vec!["done"]);
     assert!(rx.wait_for(1, WAIT));
     std::thread::sleep(Duration::from_millis(300));
     let got = rx.received();
@@ -117,7 +117,7 @@ fn writes_of_jobs_and_handlers_are_captured_with_watch_and_condition() {
         t = s.table,
         e = s.endpoint
     ));
-    assert_eq!(hub.wait_settled(&s.endpoint, 3, WAIT), vec!["delivered"; 3]);
+    assert_eq!(hub.wait_settled(&s.endpoint, 3, WAIT), vec!["done"; 3]);
     let failed: i64 = hub.one("SELECT count(*) FROM ihub.inbound_failed WHERE source = 'src'");
     assert_eq!(failed, 0);
 }
@@ -130,7 +130,7 @@ fn a_rolled_back_write_sends_nothing() {
     hub.exec(&format!("SELECT ihub.subscribe('{}', '{}')", s.table, s.endpoint));
     hub.exec(&format!("BEGIN; INSERT INTO {} (customer, amount) VALUES ('ghost', 1); ROLLBACK;", s.table));
     hub.exec(&format!("INSERT INTO {} (customer, amount) VALUES ('marker', 2)", s.table));
-    assert_eq!(hub.wait_settled(&s.endpoint, 1, WAIT), vec!["delivered"]);
+    assert_eq!(hub.wait_settled(&s.endpoint, 1, WAIT), vec!["done"]);
     std::thread::sleep(Duration::from_millis(300));
     let got = rx.received();
     assert_eq!(got.len(), 1);
@@ -144,7 +144,7 @@ fn server_errors_are_retried_until_success() {
     rx.script(|_, n| if n < 2 { Reply::status(500) } else { Reply::status(200) });
     let s = hub.setup(&rx.url("/"), &format!(", retry => '{FAST_RETRY}'"));
     hub.exec(&format!("SELECT ihub.http_request('{}', '{{\"n\": 1}}')", s.endpoint));
-    assert_eq!(hub.wait_settled(&s.endpoint, 1, WAIT), vec!["delivered"]);
+    assert_eq!(hub.wait_settled(&s.endpoint, 1, WAIT), vec!["done"]);
     let got = rx.received();
     assert_eq!(got.len(), 3);
     let ids: Vec<_> = got.iter().map(|r| r.header("webhook-id").unwrap().to_string()).collect();
@@ -220,7 +220,7 @@ fn gone_disables_the_endpoint_until_it_is_enabled_again() {
     assert_eq!(rx.count(), 1);
     // ... and sent once enabled.
     hub.exec(&format!("SELECT ihub.enable_endpoint('{}')", s.endpoint));
-    assert_eq!(hub.wait_settled(&s.endpoint, 2, WAIT), vec!["failed", "delivered"]);
+    assert_eq!(hub.wait_settled(&s.endpoint, 2, WAIT), vec!["failed", "done"]);
 }
 
 #[test]
@@ -230,7 +230,7 @@ fn a_receiver_that_never_answers_times_out_and_is_retried() {
     rx.script(|_, n| if n == 0 { Reply::Hang } else { Reply::status(200) });
     let s = hub.setup(&rx.url("/"), &format!(", timeout_ms => 300, retry => '{FAST_RETRY}'"));
     hub.exec(&format!("SELECT ihub.http_request('{}', '{{}}')", s.endpoint));
-    assert_eq!(hub.wait_settled(&s.endpoint, 1, WAIT), vec!["delivered"]);
+    assert_eq!(hub.wait_settled(&s.endpoint, 1, WAIT), vec!["done"]);
     let first: (String, f64) = {
         let row = hub
             .db
@@ -252,7 +252,7 @@ fn a_dropped_connection_is_retried() {
     rx.script(|_, n| if n == 0 { Reply::HangUp } else { Reply::status(200) });
     let s = hub.setup(&rx.url("/"), &format!(", retry => '{FAST_RETRY}'"));
     hub.exec(&format!("SELECT ihub.http_request('{}', '{{}}')", s.endpoint));
-    assert_eq!(hub.wait_settled(&s.endpoint, 1, WAIT), vec!["delivered"]);
+    assert_eq!(hub.wait_settled(&s.endpoint, 1, WAIT), vec!["done"]);
     let category: String = hub.one(&format!(
         "SELECT error_category FROM ihub.delivery_attempts WHERE endpoint = '{}' AND attempt = 1",
         s.endpoint
@@ -281,7 +281,7 @@ fn connections_the_receiver_closed_while_idle_are_not_reused() {
     std::thread::sleep(Duration::from_millis(100));
     send(&mut hub, 10);
     let states = hub.wait_settled(&s.endpoint, 20, WAIT);
-    assert!(states.iter().all(|s| s == "delivered"), "{states:?}");
+    assert!(states.iter().all(|s| s == "done"), "{states:?}");
     let failed: Vec<String> = hub
         .db
         .query(
@@ -308,7 +308,7 @@ fn retry_after_is_honoured_for_429_and_503() {
         // Without Retry-After the next attempt would come a minute later.
         let s = hub.setup(&rx.url("/"), r#", retry => '{"initial_delay": 60, "jitter": 0}'"#);
         hub.exec(&format!("SELECT ihub.http_request('{}', '{{}}')", s.endpoint));
-        assert_eq!(hub.wait_settled(&s.endpoint, 1, WAIT), vec!["delivered"], "status {status}");
+        assert_eq!(hub.wait_settled(&s.endpoint, 1, WAIT), vec!["done"], "status {status}");
         let got = rx.received();
         let gap = got[1].at - got[0].at;
         assert!(gap >= Duration::from_millis(900) && gap < Duration::from_secs(10), "{status}: gap {gap:?}");
@@ -328,12 +328,12 @@ fn exhausted_retries_go_dead_and_replay_brings_them_back() {
 
     rx.script(|_, _| Reply::status(200));
     hub.exec(&format!("SELECT ihub.replay({first})"));
-    assert!(hub.wait_true(&format!("SELECT state = 'delivered' FROM ihub.deliveries WHERE id = {first}"), WAIT));
+    assert!(hub.wait_true(&format!("SELECT state = 'done' FROM ihub.deliveries WHERE id = {first}"), WAIT));
     assert_eq!(hub.one::<i32>(&format!("SELECT attempts FROM ihub.deliveries WHERE id = {first}")), 3);
 
     let replayed: i64 = hub.one(&format!("SELECT ihub.replay_dead('{}', now() - interval '1 hour')", s.endpoint));
     assert_eq!(replayed, 1);
-    assert_eq!(hub.wait_settled(&s.endpoint, 2, WAIT), vec!["delivered", "delivered"]);
+    assert_eq!(hub.wait_settled(&s.endpoint, 2, WAIT), vec!["done", "done"]);
     let err = hub.error(&format!("SELECT ihub.replay({first})"));
     assert!(err.contains("only dead or failed"), "{err}");
 }
@@ -349,7 +349,7 @@ fn test_mode_records_the_signed_request_without_sending_it() {
         t = s.table,
         e = s.endpoint
     ));
-    assert_eq!(hub.wait_settled(&s.endpoint, 1, WAIT), vec!["delivered"]);
+    assert_eq!(hub.wait_settled(&s.endpoint, 1, WAIT), vec!["done"]);
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(rx.count(), 0, "test mode must not send");
     let row = hub
@@ -378,7 +378,7 @@ fn credentials_reach_the_receiver_but_never_the_records_or_the_log() {
         &format!(r#", auth => '{{"type": "bearer", "token": "{token}"}}', headers => '{{"X-Shop-Token": "hdrsecret", "X-Tenant": {{"value": "acme", "secret": false}}}}'"#),
     );
     hub.exec(&format!("SELECT ihub.http_request('{}', '{{}}', method => 'PUT', path => '/x')", s.endpoint));
-    assert_eq!(hub.wait_settled(&s.endpoint, 1, WAIT), vec!["delivered"]);
+    assert_eq!(hub.wait_settled(&s.endpoint, 1, WAIT), vec!["done"]);
     let got = rx.received();
     assert_eq!(got[0].header("authorization"), Some(format!("Bearer {token}").as_str()));
     assert_eq!(got[0].header("x-shop-token"), Some("hdrsecret"));
@@ -429,7 +429,7 @@ fn a_bulk_insert_is_delivered_once_per_row() {
     let s = hub.setup(&rx.url("/"), "");
     hub.subscribe_and_insert(&s, 2000);
     let states = hub.wait_settled(&s.endpoint, 2000, Duration::from_secs(60));
-    assert!(states.iter().all(|s| s == "delivered"));
+    assert!(states.iter().all(|s| s == "done"));
     assert_eq!(distinct_row_ids(&rx), 2000, "every row arrives");
     let sub: i64 = hub.one(&format!("SELECT id FROM ihub.subscriptions WHERE endpoint = '{}'", s.endpoint));
     let leftover: i64 = hub.one(&format!("SELECT count(*) FROM ihub_capture.sub_{sub}"));
@@ -454,7 +454,7 @@ fn unsubscribe_stops_capture_and_keeps_what_was_captured() {
     let capture: Option<String> = hub.one(&format!("SELECT to_regclass('ihub_capture.sub_{sub}')::text"));
     assert_eq!(capture, None);
     hub.exec(&format!("SELECT ihub.enable_endpoint('{}')", s.endpoint));
-    assert_eq!(hub.wait_settled(&s.endpoint, 1, WAIT), vec!["delivered"]);
+    assert_eq!(hub.wait_settled(&s.endpoint, 1, WAIT), vec!["done"]);
     assert_eq!(rx.received()[0].json()["data"]["customer"], "before");
 }
 
@@ -475,7 +475,7 @@ fn a_disabled_integration_captures_nothing_and_holds_its_queue() {
     assert!(err.contains("inactive") && err.contains("enable_integration"), "{err}");
     hub.exec(&format!("SELECT ihub.enable_integration('{}')", s.integration));
     hub.exec(&format!("INSERT INTO {} (customer, amount) VALUES ('while-on', 2)", s.table));
-    assert_eq!(hub.wait_settled(&s.endpoint, 1, WAIT), vec!["delivered"]);
+    assert_eq!(hub.wait_settled(&s.endpoint, 1, WAIT), vec!["done"]);
     assert_eq!(rx.received()[0].json()["data"]["customer"], "while-on");
     let err = hub.error(&format!("SELECT ihub.delete_integration('{}')", s.integration));
     assert!(err.contains("cannot be deleted") && err.contains("disable_integration"), "{err}");

@@ -150,7 +150,7 @@ fn signed_requests_are_accepted_and_processed_in_execution_time_order() {
     );
     // Delayed items waited for their time.
     let waited: bool = hub.one(&format!(
-        "SELECT bool_and(processed_at >= execute_at) AND max(execute_at) - min(execute_at) > interval '1.2 s' \
+        "SELECT bool_and(finished_at >= run_at) AND max(run_at) - min(run_at) > interval '1.2 s' \
          FROM ihub.inbound_items WHERE integration = '{}'",
         k.integration
     ));

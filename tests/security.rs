@@ -495,7 +495,7 @@ fn proxy_variables_in_the_server_environment_are_ignored() {
     let rx = Receiver::start();
     let s = hub.setup(&rx.url("/hook"), "");
     hub.subscribe_and_insert(&s, 1);
-    assert_eq!(hub.wait_settled(&s.endpoint, 1, WAIT), vec!["delivered"]);
+    assert_eq!(hub.wait_settled(&s.endpoint, 1, WAIT), vec!["done"]);
 }
 
 #[test]
@@ -599,7 +599,7 @@ fn a_cast_to_json_of_a_developer_type_never_runs_as_the_dispatcher() {
     assert!(e.contains("has a cast to json"), "{e}");
     // Without the cast, what waited is sent.
     dev.batch_execute(&format!("DROP CAST ({}_mood AS json)", r.p)).unwrap();
-    assert_eq!(hub.wait_settled(&s.endpoint, 1, WAIT), vec!["delivered"]);
+    assert_eq!(hub.wait_settled(&s.endpoint, 1, WAIT), vec!["done"]);
 }
 
 #[test]

@@ -18,7 +18,7 @@ fn serial() -> std::sync::MutexGuard<'static, ()> {
 /// delivery end delivered.
 fn assert_all_arrived(hub: &mut Hub, rx: &Receiver, s: &Setup, rows: i64) {
     let states = hub.wait_settled(&s.endpoint, rows, Duration::from_secs(90));
-    assert!(states.iter().all(|s| s == "delivered"), "{states:?}");
+    assert!(states.iter().all(|s| s == "done"), "{states:?}");
     assert_eq!(distinct_row_ids(rx) as i64, rows, "some rows never arrived");
 }
 

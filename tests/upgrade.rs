@@ -229,19 +229,19 @@ fn check() {
     hub.exec(&format!(
         "UPDATE upgrade_flag SET fail = false;
          UPDATE ihub.endpoint SET url = '{live}' WHERE name IN ('retrying', 'dead');
-         UPDATE ihub.delivery SET next_attempt_at = now() WHERE state = 'retry';
+         UPDATE ihub.delivery SET run_at = now() WHERE state = 'retry';
          SELECT ihub.replay_dead('dead');
          SELECT ihub.enable_endpoint('held');
          UPDATE ihub.job SET run_at = now() WHERE state IN ('pending', 'retry');
          SELECT ihub.retry_job(id) FROM ihub.jobs WHERE state = 'failed';
-         UPDATE ihub.inbound_item SET execute_at = now() WHERE state = 'queued';
+         UPDATE ihub.inbound_item SET run_at = now() WHERE state = 'pending';
          SELECT ihub.reactivate_inbound(array_agg(id)) FROM ihub.inbound_failed;
          INSERT INTO orders (customer, amount) VALUES ('after', 70);",
         live = rx.url("/live")
     ));
     // The 15 of before, and one row written after the upgrade for each of
     // the five subscriptions.
-    wait(&mut hub, "deliveries", "SELECT bool_and(state = 'delivered') AND count(*) = 15 + 5 FROM ihub.deliveries");
+    wait(&mut hub, "deliveries", "SELECT bool_and(state = 'done') AND count(*) = 15 + 5 FROM ihub.deliveries");
     wait(&mut hub, "jobs", "SELECT bool_and(state IN ('done', 'cancelled', 'partial')) FROM ihub.jobs");
     wait(&mut hub, "inbound items", "SELECT bool_and(state = 'done') FROM ihub.inbound_items");
     let seen: String = hub.one(

@@ -100,8 +100,8 @@ fn wait_drained(db: &mut postgres::Client, timeout: Duration) {
         // few milliseconds would slow the processors it measures.
         let open: bool = db
             .query_one(
-                "SELECT EXISTS (SELECT 1 FROM ihub.inbound_item WHERE state = 'queued') \
-                     OR EXISTS (SELECT 1 FROM ihub.inbound_item WHERE state = 'processing')",
+                "SELECT EXISTS (SELECT 1 FROM ihub.inbound_item WHERE state = 'pending') \
+                     OR EXISTS (SELECT 1 FROM ihub.inbound_item WHERE state = 'running')",
                 &[],
             )
             .unwrap()
@@ -118,7 +118,7 @@ fn wait_drained(db: &mut postgres::Client, timeout: Duration) {
 pub fn process_rate(db: &mut postgres::Client) {
     let processors: i64 =
         db.query_one("SELECT count(*) FROM ihub.workers WHERE kind = 'processor'", &[]).unwrap().get(0);
-    let n = db.execute("UPDATE ihub.inbound_item SET execute_at = now() WHERE state = 'queued'", &[]).unwrap();
+    let n = db.execute("UPDATE ihub.inbound_item SET run_at = now() WHERE state = 'pending'", &[]).unwrap();
     db.batch_execute("SELECT ihub._wake_processor()").unwrap();
     let start = Instant::now();
     wait_drained(db, Duration::from_secs(900));

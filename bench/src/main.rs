@@ -327,7 +327,7 @@ fn wait_delivered(db: &mut postgres::Client, n: i64, timeout: Duration) {
     let deadline = Instant::now() + timeout;
     loop {
         let done: i64 =
-            db.query_one("SELECT count(*) FROM ihub.delivery WHERE state = 'delivered'", &[]).unwrap().get(0);
+            db.query_one("SELECT count(*) FROM ihub.delivery WHERE state = 'done'", &[]).unwrap().get(0);
         if done >= n {
             return;
         }
