@@ -67,6 +67,8 @@ COMMENT ON FUNCTION ihub._health_queue_depth() IS 'Internal: ihub.health_queue_d
 
 COMMENT ON FUNCTION ihub._verify_inbound(text, text, text, bigint, jsonb, bytea) IS
     'Internal: verifies an inbound request; NULL when it passes, else the reason.';
+COMMENT ON FUNCTION ihub._dedup_key(text, text, jsonb, bytea) IS
+    'Internal: a request''s de-duplication key (the webhook-id, else the id header, else the body''s SHA-256), as the listener computes it.';
 COMMENT ON FUNCTION ihub._sources_changed() IS 'Internal: bumps the sources version and wakes the listener when the current transaction commits.';
 COMMENT ON FUNCTION ihub._wake_processor() IS 'Internal: wakes an inbound processor when the current transaction commits.';
 

@@ -258,16 +258,6 @@ AS $$
     FROM unnest(p_sources, p_reasons, p_remote, p_hashes, p_headers) AS x(s, r, a, h, hd)
 $$;
 
--- The de-duplication key: the Standard Webhooks id, else the configured id
--- header, else the body's hash.
-CREATE FUNCTION ihub._dedup_key(p_source ihub.inbound_source, p_headers jsonb, p_body bytea) RETURNS text
-LANGUAGE sql IMMUTABLE
-AS $$
-    SELECT coalesce(CASE WHEN p_source.verify = 'standard-webhooks' THEN p_headers ->> 'webhook-id' END,
-                    p_headers ->> p_source.id_header,
-                    'sha256:' || encode(sha256(p_body), 'hex'))
-$$;
-
 -- The listener's path from SQL, for applications that receive HTTP
 -- themselves. Returns the item id (the first one's for a duplicate), or
 -- NULL with a WARNING when verification fails (the rejection is recorded).
@@ -305,7 +295,7 @@ BEGIN
         RETURN NULL;
     END IF;
     SELECT a.item_id INTO v_id
-    FROM ihub._accept_inbound(ARRAY[v.id], ARRAY[v_stored], ARRAY[body], ARRAY[ihub._dedup_key(v, v_headers, body)],
+    FROM ihub._accept_inbound(ARRAY[v.id], ARRAY[v_stored], ARRAY[body], ARRAY[ihub._dedup_key(v.verify, v.id_header, v_headers, body)],
                               ARRAY['sql:' || pg_get_userbyid(p_caller)], ARRAY[coalesce(run_at, now())]) a;
     RETURN v_id;
 END
@@ -569,7 +559,6 @@ COMMENT ON FUNCTION ihub._ordering_key(text, jsonb, bytea) IS 'Internal: an item
 COMMENT ON FUNCTION ihub._accept_inbound(bigint[], jsonb[], bytea[], text[], text[], timestamptz[]) IS
     'Internal: queues a batch of verified requests, dropping duplicates.';
 COMMENT ON FUNCTION ihub._reject_inbound(bigint[], text[], text[], text[], jsonb[]) IS 'Internal: records refused requests.';
-COMMENT ON FUNCTION ihub._dedup_key(ihub.inbound_source, jsonb, bytea) IS 'Internal: a request''s de-duplication key.';
 COMMENT ON FUNCTION ihub.receive(text, text, jsonb, bytea, timestamptz) IS
     'Verifies and queues a request received by the application itself, like the listener. Returns the item id (the first one''s for a duplicate), or NULL when verification fails.';
 COMMENT ON FUNCTION ihub._handler_call(regprocedure) IS 'Internal: the statement that calls an inbound handler for an item.';

@@ -48,6 +48,15 @@ CREATE INDEX inbound_ordering_idx ON ihub.inbound_item (source_id, ordering_key,
     WHERE state IN ('pending', 'running') AND ordering_key IS NOT NULL;
 CREATE INDEX inbound_running_idx ON ihub.inbound_item (worker_pid) WHERE state = 'running';
 
+-- One de-duplication key computation, in Rust, for the listener and receive.
+DROP FUNCTION ihub._dedup_key(ihub.inbound_source, jsonb, bytea);
+CREATE FUNCTION ihub._dedup_key("verify" text, "id_header" text, "headers" jsonb, "body" bytea) RETURNS text
+IMMUTABLE PARALLEL SAFE
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'dedup_key_wrapper';
+COMMENT ON FUNCTION ihub._dedup_key(text, text, jsonb, bytea) IS
+    'Internal: a request''s de-duplication key (the webhook-id, else the id header, else the body''s SHA-256), as the listener computes it.';
+
 -- Named arguments change with the vocabulary: receive(..., run_at).
 DROP FUNCTION ihub.receive(text, text, jsonb, bytea, timestamptz);
 
@@ -816,7 +825,7 @@ BEGIN
         RETURN NULL;
     END IF;
     SELECT a.item_id INTO v_id
-    FROM ihub._accept_inbound(ARRAY[v.id], ARRAY[v_stored], ARRAY[body], ARRAY[ihub._dedup_key(v, v_headers, body)],
+    FROM ihub._accept_inbound(ARRAY[v.id], ARRAY[v_stored], ARRAY[body], ARRAY[ihub._dedup_key(v.verify, v.id_header, v_headers, body)],
                               ARRAY['sql:' || pg_get_userbyid(p_caller)], ARRAY[coalesce(run_at, now())]) a;
     RETURN v_id;
 END

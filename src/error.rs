@@ -4,11 +4,11 @@
 use pgrx::pg_sys::panic::ErrorReport;
 use pgrx::{PgLogLevel, PgSqlErrorCode};
 
-use crate::outbound::auth::{AuthError, AUTH_HINT};
-use crate::outbound::retry::{PolicyError, POLICY_KEYS};
-use crate::outbound::sender::HeaderError;
-use crate::outbound::signature::SecretError;
-use crate::outbound::target::TargetError;
+use pg_ihub_core::outbound::auth::{AuthError, AUTH_HINT};
+use pg_ihub_core::outbound::retry::{PolicyError, POLICY_KEYS};
+use pg_ihub_core::outbound::sender::HeaderError;
+use pg_ihub_core::outbound::signature::SecretError;
+use pg_ihub_core::outbound::target::TargetError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum IhubError {

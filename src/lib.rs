@@ -1,27 +1,23 @@
 //! pg_ihub: an integration hub inside PostgreSQL.
 //!
-//! Layout: `outbound` is pure Rust (signing, retries, HTTP); `capture`,
-//! `dispatch`, `workers` and `api` are the Postgres glue; the schema and the
-//! public SQL API are in `sql/`.
+//! One folder per capability (`outbound`, `inbound`, `jobs`, `schedules`,
+//! `logs`, `monitoring`), each the Postgres glue of its `sql/<capability>.sql`;
+//! `runtime` is what every background worker shares. What needs no Postgres
+//! (signing, verification, retry policy, target checks, masking, HTTP, cron)
+//! is the `pg_ihub_core` crate in `core/`.
 
 use pgrx::prelude::*;
 
-pub mod api;
-pub mod bgw;
 pub mod caller;
-pub mod capture;
-pub mod dispatch;
 pub mod error;
 pub mod inbound;
 pub mod jobs;
-pub mod listener;
-pub mod maintenance;
+pub mod logs;
+pub mod monitoring;
 pub mod outbound;
-pub mod processor;
-pub mod schedule;
+pub mod runtime;
+pub mod schedules;
 pub mod settings;
-pub mod user_code;
-pub mod workers;
 
 ::pgrx::pg_module_magic!(name, version);
 
@@ -34,42 +30,53 @@ pgrx::extension_sql_file!(
     name = "outbound",
     requires = [
         "bootstrap",
-        api::mask_settings,
-        api::mask_headers,
-        api::mask_endpoint_headers,
-        api::mask_attempt_headers,
-        api::mask_url,
-        api::default_timeout_ms,
-        workers::workers_sql,
-        workers::pid_alive
+        outbound::functions::mask_settings,
+        outbound::functions::mask_headers,
+        outbound::functions::mask_endpoint_headers,
+        outbound::functions::mask_attempt_headers,
+        outbound::functions::mask_url,
+        outbound::functions::default_timeout_ms,
+        runtime::registry::workers_sql,
+        runtime::registry::pid_alive
     ]
 );
 pgrx::extension_sql_file!(
     "../sql/logs.sql",
     name = "logs",
-    requires = ["outbound", api::mask_settings, api::mask_text, api::log_min_level]
+    requires = ["outbound", outbound::functions::mask_settings, logs::mask_text, logs::log_min_level]
 );
 pgrx::extension_sql_file!(
     "../sql/jobs.sql",
     name = "jobs",
-    requires = ["logs", api::mask_settings, workers::workers_sql]
+    requires = ["logs", outbound::functions::mask_settings, runtime::registry::workers_sql]
 );
-pgrx::extension_sql_file!("../sql/schedules.sql", name = "schedules", requires = ["jobs", api::mask_settings]);
+pgrx::extension_sql_file!(
+    "../sql/schedules.sql",
+    name = "schedules",
+    requires = ["jobs", outbound::functions::mask_settings]
+);
 pgrx::extension_sql_file!(
     "../sql/monitoring.sql",
     name = "monitoring",
-    requires = ["schedules", api::histogram_add, api::histogram, api::preloaded, api::expected_workers]
+    requires = [
+        "schedules",
+        monitoring::histogram_add,
+        monitoring::histogram,
+        monitoring::preloaded,
+        monitoring::expected_workers
+    ]
 );
 pgrx::extension_sql_file!(
     "../sql/inbound.sql",
     name = "inbound",
     requires = [
         "monitoring",
-        api::mask_headers,
-        api::verify_inbound,
-        workers::wake_processor,
-        workers::sources_changed,
-        processor::process_inbound
+        outbound::functions::mask_headers,
+        inbound::verify_inbound,
+        inbound::dedup_key,
+        runtime::registry::wake_processor,
+        runtime::registry::sources_changed,
+        inbound::processor::process_inbound
     ]
 );
 pgrx::extension_sql_file!("../sql/finalize.sql", name = "finalize", finalize);
@@ -79,7 +86,7 @@ pub extern "C-unwind" fn _PG_init() {
     let preloading = unsafe { pg_sys::process_shared_preload_libraries_in_progress };
     settings::init(preloading);
     if preloading {
-        workers::init_preloaded();
+        runtime::registry::init_preloaded();
     }
 }
 

@@ -326,8 +326,7 @@ fn throughput(db: &mut postgres::Client, receiver: &Receiver, n: usize) {
 fn wait_delivered(db: &mut postgres::Client, n: i64, timeout: Duration) {
     let deadline = Instant::now() + timeout;
     loop {
-        let done: i64 =
-            db.query_one("SELECT count(*) FROM ihub.delivery WHERE state = 'done'", &[]).unwrap().get(0);
+        let done: i64 = db.query_one("SELECT count(*) FROM ihub.delivery WHERE state = 'done'", &[]).unwrap().get(0);
         if done >= n {
             return;
         }

@@ -1,10 +1,8 @@
-//! Outbound webhook logic that knows nothing of Postgres: signing, retry
-//! policy, error classification, target checks, header masking and the HTTP
-//! sender. Everything here is unit-tested with plain `#[test]`.
+//! Outbound: row changes captured in the writer's transaction
+//! (`capture`), dispatchers that route, claim, send and settle deliveries
+//! (`dispatcher`), and the helpers of `sql/outbound.sql` (`functions`).
+//! Signing, retry decisions and HTTP are in `pg_ihub_core::outbound`.
 
-pub mod auth;
-pub mod mask;
-pub mod retry;
-pub mod sender;
-pub mod signature;
-pub mod target;
+pub mod capture;
+pub mod dispatcher;
+pub mod functions;

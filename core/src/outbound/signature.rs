@@ -72,7 +72,7 @@ pub fn verify(secret: &str, header: &str, id: &str, timestamp: i64, body: &[u8])
         .any(|candidate| constant_time_eq(candidate.as_bytes(), expected.as_bytes()))
 }
 
-pub(crate) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     if a.len() != b.len() {
         return false;
     }

@@ -10,12 +10,13 @@ use pgrx::prelude::*;
 use pgrx::JsonB;
 use serde_json::{json, Value};
 
-use crate::bgw::{in_transaction, set_session, shutdown_requested, wait};
-use crate::outbound::auth::Auth;
-use crate::outbound::retry::{category, classify, decide, Next, RetryPolicy, Verdict};
-use crate::outbound::sender::{headers_from_json, Attempt, Request, Sender};
-use crate::outbound::target::AllowList;
-use crate::{bgw, settings, workers};
+use crate::runtime::backend::{in_transaction, set_session, shutdown_requested, wait};
+use crate::runtime::{backend as bgw, registry as workers};
+use crate::settings;
+use pg_ihub_core::outbound::auth::Auth;
+use pg_ihub_core::outbound::retry::{category, classify, decide, Next, RetryPolicy, Verdict};
+use pg_ihub_core::outbound::sender::{headers_from_json, Attempt, Request, Sender};
+use pg_ihub_core::outbound::target::AllowList;
 
 /// A claimed delivery: the request plus what deciding its fate needs.
 struct Claimed {

@@ -132,10 +132,45 @@ pub fn body_hash(body: &[u8]) -> String {
     hex(&Sha256::digest(body))
 }
 
+/// The de-duplication key of a request: the Standard Webhooks `webhook-id`,
+/// else the source's id header, else `sha256:` and the body's hash. The one
+/// computation for the listener and `ihub.receive`; `header` looks up a
+/// request header by its lower-case name.
+pub fn dedup_key<'a>(
+    mode: Mode,
+    id_header: Option<&str>,
+    header: impl Fn(&str) -> Option<&'a str>,
+    body: &[u8],
+) -> String {
+    match mode {
+        Mode::StandardWebhooks => header("webhook-id"),
+        _ => None,
+    }
+    .or_else(|| id_header.and_then(|name| header(&name.to_ascii_lowercase())))
+    .map(str::to_string)
+    .unwrap_or_else(|| format!("sha256:{}", body_hash(body)))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::collections::HashMap;
+
+    #[test]
+    fn the_dedup_key_prefers_the_webhook_id_then_the_id_header_then_the_body() {
+        let headers = HashMap::from([("webhook-id", "msg_1"), ("x-request-id", "req-9")]);
+        let get = |name: &str| headers.get(name).copied();
+        assert_eq!(dedup_key(Mode::StandardWebhooks, Some("X-Request-Id"), get, b"{}"), "msg_1");
+        assert_eq!(dedup_key(Mode::SharedSecret, Some("X-Request-Id"), get, b"{}"), "req-9");
+        assert_eq!(
+            dedup_key(Mode::SharedSecret, None, get, b"{}"),
+            "sha256:44136fa355b3678a1146ad16f7e8649e94fb4fc21fe77e8310c060f61caaff8a"
+        );
+        assert_eq!(
+            dedup_key(Mode::StandardWebhooks, Some("x-missing"), |_| None, b"{}"),
+            dedup_key(Mode::None, None, get, b"{}")
+        );
+    }
 
     const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
     const ID: &str = "msg_p5jXN8AQM9LWM0D4loKWxJek";

@@ -93,7 +93,7 @@ fn _capture_rows<'a>(
 ) -> Result<Option<PgHeapTuple<'a, AllocatedByPostgres>>, CaptureError> {
     let captured = unsafe { capture_rows(trigger.trigger_data(), None) }.unwrap_or_else(|e| raise_capture_error(e));
     if captured > 0 {
-        crate::workers::wake_at_commit(crate::workers::Kind::Dispatcher);
+        crate::runtime::registry::wake_at_commit(crate::runtime::registry::Kind::Dispatcher);
     }
     Ok(None)
 }
@@ -113,7 +113,7 @@ fn _capture_filtered<'a>(
     let captured = unsafe { passing_rows(data).and_then(|keep| capture_rows(data, Some(&keep))) }
         .unwrap_or_else(|e| raise_capture_error(e));
     if captured > 0 {
-        crate::workers::wake_at_commit(crate::workers::Kind::Dispatcher);
+        crate::runtime::registry::wake_at_commit(crate::runtime::registry::Kind::Dispatcher);
     }
     Ok(None)
 }
@@ -154,7 +154,7 @@ unsafe fn passing_rows(data: &pg_sys::TriggerData) -> Result<Vec<bool>, CaptureE
     let source = (*data.tg_relation).rd_id;
     // As the extension owner (this function is SECURITY DEFINER).
     let (filter, subscriber): (String, Option<pg_sys::Oid>) = Spi::connect_mut(|client| {
-        let rows = crate::bgw::run_prepared(
+        let rows = crate::runtime::backend::run_prepared(
             client,
             // The role by its name, not `::regrole`: that parses a name of
             // digits as an OID.
@@ -183,7 +183,7 @@ unsafe fn passing_rows(data: &pg_sys::TriggerData) -> Result<Vec<bool>, CaptureE
     // with it, as after REFRESH MATERIALIZED VIEW: nothing of the
     // subscriber's stays in the writer's session.
     let guc_level = pg_sys::NewGUCNestLevel();
-    let passed = crate::user_code::restricted_as(subscriber, || {
+    let passed = crate::runtime::user_code::restricted_as(subscriber, || {
         if pg_sys::SPI_connect() != pg_sys::SPI_OK_CONNECT as i32 {
             return Err(CaptureError::Lookup("SPI_connect failed".into()));
         }

@@ -16,7 +16,7 @@
 use pgrx::prelude::*;
 use pgrx::{JsonB, PgOid};
 
-use crate::bgw::{caught_message, run_prepared};
+use crate::runtime::backend::{caught_message, run_prepared};
 
 extern "C-unwind" {
     // utils/timeout.h, which pgrx does not bind.

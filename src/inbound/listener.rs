@@ -33,12 +33,13 @@ use pgrx::{JsonB, PgOid};
 use serde_json::{json, Value};
 use tokio::sync::oneshot;
 
-use crate::bgw::{in_transaction, run_prepared, set_session, shutdown_requested};
-use crate::inbound::limiter::Bucket;
-use crate::inbound::verify::{body_hash, verify, Mode, Rule};
-use crate::outbound::mask;
-use crate::outbound::signature::constant_time_eq;
-use crate::{settings, workers};
+use crate::runtime::backend::{in_transaction, run_prepared, set_session, shutdown_requested};
+use crate::runtime::registry as workers;
+use crate::settings;
+use pg_ihub_core::inbound::limiter::Bucket;
+use pg_ihub_core::inbound::verify::{body_hash, dedup_key, verify, Mode, Rule};
+use pg_ihub_core::outbound::mask;
+use pg_ihub_core::outbound::signature::constant_time_eq;
 
 /// A source as the HTTP tasks see it.
 struct Source {
@@ -214,7 +215,7 @@ fn retry_later() -> ! {
     let started = Instant::now();
     while !shutdown_requested() && started.elapsed() < Duration::from_secs(60) {
         workers::heartbeat(true);
-        crate::bgw::wait(Duration::from_secs(10));
+        crate::runtime::backend::wait(Duration::from_secs(10));
     }
     unsafe { pg_sys::proc_exit(1) }
 }
@@ -659,12 +660,7 @@ async fn receive(
             });
             return error(StatusCode::UNAUTHORIZED, &refusal.to_string());
         }
-        let dedup = match source.rule.mode {
-            Mode::StandardWebhooks => header("webhook-id").map(str::to_string),
-            _ => None,
-        }
-        .or_else(|| source.id_header.as_deref().and_then(header).map(str::to_string))
-        .unwrap_or_else(|| format!("sha256:{}", body_hash(&body)));
+        let dedup = dedup_key(source.rule.mode, source.id_header.as_deref(), header, &body);
         let (tx, rx) = oneshot::channel();
         let queued = shared.send(Work::Accept {
             source: source.id,

@@ -6,18 +6,13 @@
 use std::time::Duration;
 
 use chrono::{DateTime, TimeZone, Utc};
-use croner::parser::{CronParser, Seconds};
-use croner::Cron;
 use pgrx::bgworkers::{BackgroundWorker, SignalWakeFlags};
 use pgrx::prelude::*;
 
-use crate::bgw::{in_transaction, set_session, shutdown_requested, wait};
-use crate::{settings, workers};
-
-/// Parses a five-field cron expression (or a nickname such as @daily).
-pub fn parse_cron(expr: &str) -> Result<Cron, String> {
-    CronParser::builder().seconds(Seconds::Disallowed).build().parse(expr.trim()).map_err(|e| e.to_string())
-}
+use crate::runtime::backend::{in_transaction, set_session, shutdown_requested, wait};
+use crate::runtime::registry as workers;
+use crate::settings;
+use pg_ihub_core::cron::{last_at_or_before, next_after, parse_cron};
 
 fn to_chrono(ts: pgrx::datum::TimestampWithTimeZone) -> Option<DateTime<Utc>> {
     // Postgres counts microseconds from 2000-01-01.
@@ -44,14 +39,14 @@ fn raise_cron(expr: &str, problem: String) -> ! {
 #[pg_extern(name = "_cron_next", immutable, parallel_safe)]
 fn cron_next(expr: &str, after: pgrx::datum::TimestampWithTimeZone) -> Option<pgrx::datum::TimestampWithTimeZone> {
     let cron = parse_cron(expr).unwrap_or_else(|e| raise_cron(expr, e));
-    cron.find_next_occurrence(&to_chrono(after)?, false).ok().and_then(from_chrono)
+    next_after(&cron, to_chrono(after)?).and_then(from_chrono)
 }
 
 /// The last time at or before `before` that matches `expr`.
 #[pg_extern(name = "_cron_prev", immutable, parallel_safe)]
 fn cron_prev(expr: &str, before: pgrx::datum::TimestampWithTimeZone) -> Option<pgrx::datum::TimestampWithTimeZone> {
     let cron = parse_cron(expr).unwrap_or_else(|e| raise_cron(expr, e));
-    cron.find_previous_occurrence(&to_chrono(before)?, true).ok().and_then(from_chrono)
+    last_at_or_before(&cron, to_chrono(before)?).and_then(from_chrono)
 }
 
 #[pg_guard]
@@ -95,22 +90,4 @@ fn seconds(query: &str) -> Option<Duration> {
     let secs = Spi::get_one::<f64>(query).ok().flatten()?;
     // Wake a little after the due time rather than a little before it.
     Some(Duration::from_secs_f64(secs.clamp(0.0, 86_400.0)) + Duration::from_millis(5))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::parse_cron;
-    use chrono::{TimeZone, Utc};
-
-    #[test]
-    fn five_fields_and_nicknames_parse_six_fields_do_not() {
-        let at = Utc.with_ymd_and_hms(2026, 11, 25, 12, 3, 0).unwrap();
-        let next = |e: &str| parse_cron(e).unwrap().find_next_occurrence(&at, false).unwrap();
-        assert_eq!(next("*/5 * * * *"), Utc.with_ymd_and_hms(2026, 11, 25, 12, 5, 0).unwrap());
-        assert_eq!(next("0 3 * * *"), Utc.with_ymd_and_hms(2026, 11, 26, 3, 0, 0).unwrap());
-        assert_eq!(next("@daily"), Utc.with_ymd_and_hms(2026, 11, 26, 0, 0, 0).unwrap());
-        assert!(parse_cron("* * * * * *").is_err(), "seconds are not part of a five-field expression");
-        assert!(parse_cron("61 * * * *").is_err());
-        assert!(parse_cron("every minute").is_err());
-    }
 }

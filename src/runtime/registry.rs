@@ -180,7 +180,7 @@ pub fn require_workers() {
 
 /// Claims a registry slot for this worker process.
 pub fn register(kind: Kind) {
-    crate::bgw::set_application_name();
+    crate::runtime::backend::set_application_name();
     let mut reg = REGISTRY.exclusive();
     let pid = unsafe { pg_sys::MyProcPid };
     // A slot left by a worker that crashed carries its old pid: reuse it.

@@ -7,8 +7,9 @@ use std::time::{Duration, Instant};
 use pgrx::bgworkers::{BackgroundWorker, SignalWakeFlags};
 use pgrx::prelude::*;
 
-use crate::bgw::{in_transaction, set_session, shutdown_requested, wait};
-use crate::{settings, workers};
+use crate::runtime::backend::{in_transaction, set_session, shutdown_requested, wait};
+use crate::runtime::registry as workers;
+use crate::settings;
 
 /// Hourly: log partitions for today and the next two days.
 const PARTITION_CHECK: Duration = Duration::from_secs(3600);

@@ -11,9 +11,10 @@ use pgrx::bgworkers::{BackgroundWorker, SignalWakeFlags};
 use pgrx::prelude::*;
 use pgrx::{JsonB, PgOid};
 
-use crate::bgw::{in_transaction, run_prepared, wait};
-use crate::user_code::{run_user_call, Failure};
-use crate::{settings, workers};
+use crate::runtime::backend::{in_transaction, run_prepared, wait};
+use crate::runtime::registry as workers;
+use crate::runtime::user_code::{run_user_call, Failure};
+use crate::settings;
 
 /// The job this backend is running, 0 when none.
 static CURRENT_JOB: AtomicI64 = AtomicI64::new(0);
@@ -109,7 +110,7 @@ fn vacuum_job_table() {
     })
     .unwrap_or(0);
     if dead >= JOB_DEAD_ROWS {
-        crate::bgw::vacuum("ihub", "job");
+        crate::runtime::backend::vacuum("ihub", "job");
     }
 }
 
@@ -152,7 +153,7 @@ fn claim(pid: i32) -> Option<Job> {
 /// Runs one job and records how it went.
 fn run(job: Job, pid: i32) {
     // The job's code, visible in pg_stat_activity while it runs.
-    crate::bgw::report_activity(Some(&format!("job {}: {}", job.id, job.call)));
+    crate::runtime::backend::report_activity(Some(&format!("job {}: {}", job.id, job.call)));
     CURRENT_JOB.store(job.id, Ordering::SeqCst);
     ERRORS_LOGGED.store(0, Ordering::SeqCst);
     // A failed job never reads its progress back: clear it for this one.
@@ -180,7 +181,7 @@ fn run(job: Job, pid: i32) {
     }
     CURRENT_JOB.store(0, Ordering::SeqCst);
     workers::set_job(0, 0, 0);
-    crate::bgw::report_activity(None);
+    crate::runtime::backend::report_activity(None);
 }
 
 /// The job's own transaction: its function and, if that succeeds, its

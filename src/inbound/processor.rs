@@ -9,10 +9,11 @@ use pgrx::bgworkers::{BackgroundWorker, SignalWakeFlags};
 use pgrx::prelude::*;
 use pgrx::PgOid;
 
-use crate::bgw::{in_transaction, run_prepared, wait};
-use crate::jobs::postgres_die;
-use crate::user_code::run_user_call;
-use crate::{settings, workers};
+use crate::jobs::worker::postgres_die;
+use crate::runtime::backend::{in_transaction, run_prepared, wait};
+use crate::runtime::registry as workers;
+use crate::runtime::user_code::run_user_call;
+use crate::settings;
 
 struct Item {
     id: i64,
@@ -108,7 +109,7 @@ fn claim(pid: i32) -> Option<Item> {
 fn process(item: Item, pid: i32) {
     let id = item.id;
     // The handler's call, visible in pg_stat_activity while it runs.
-    crate::bgw::report_activity(Some(&format!("inbound item {id}: {}", item.call)));
+    crate::runtime::backend::report_activity(Some(&format!("inbound item {id}: {}", item.call)));
     let outcome =
         run_user_call(&item.call, PgOid::from(pg_sys::INT8OID), id.into(), item.run_as, item.timeout_ms, |result| {
             Spi::connect_mut(|client| {
@@ -133,7 +134,7 @@ fn process(item: Item, pid: i32) {
             warning!("pg_ihub: could not archive inbound item {id}; it is rescued later");
         }
     }
-    crate::bgw::report_activity(None);
+    crate::runtime::backend::report_activity(None);
 }
 
 /// `ihub.process_inbound(id)`: processes one queued or failed item now, in
@@ -155,7 +156,7 @@ fn process_inbound(id: i64) -> Option<pgrx::JsonB> {
     )
     .and_then(|d| unsafe { String::from_datum(d, false) })
     .expect("ihub._inbound_take returns the handler call");
-    let outcome = crate::bgw::in_subtransaction(|| {
+    let outcome = crate::runtime::backend::in_subtransaction(|| {
         Spi::get_one_with_args::<pgrx::JsonB>(&call, &[id.into()]).unwrap_or_else(|e| panic!("{e}"))
     });
     let (result, error) = match outcome {

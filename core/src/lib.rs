@@ -1,0 +1,8 @@
+//! What pg_ihub does that needs no Postgres: signing and verification,
+//! retry policy and error classification, target (SSRF) checks, masking,
+//! the HTTP sender, the inbound rate limiter and cron. No pgrx here: every
+//! module is unit-tested with plain `cargo test -p pg_ihub_core`.
+
+pub mod cron;
+pub mod inbound;
+pub mod outbound;
