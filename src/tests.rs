@@ -802,7 +802,7 @@ mod tests {
         let id = one::<i64>("SELECT ihub.receive('shop', 'o', '{}', '{\"order\": 1}')");
         Spi::run(&format!("SELECT ihub._inbound_settle({id}, '{{\"forged\": true}}', NULL)")).unwrap();
         Spi::run(&format!("SELECT ihub._inbound_settle({id}, NULL, 'forged')")).unwrap();
-        assert_eq!(one::<String>(&format!("SELECT state FROM ihub.inbound_item WHERE id = {id}")), "queued");
+        assert_eq!(one::<String>(&format!("SELECT state FROM ihub.inbound_item WHERE id = {id}")), "pending");
     }
 
     #[pg_test]
@@ -1356,7 +1356,7 @@ mod tests {
         assert_eq!(one::<i64>(&format!("SELECT ihub.reactivate_inbound(ARRAY[{bad}, {ok}])")), 1, "only failed ones");
         assert_eq!(
             one::<String>(&format!("SELECT state || ':' || reactivated FROM ihub.inbound_items WHERE id = {bad}")),
-            "queued:1"
+            "pending:1"
         );
         assert_eq!(
             one::<pgrx::JsonB>(&format!("SELECT ihub.process_inbound({bad})")).0,
