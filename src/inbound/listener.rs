@@ -27,14 +27,14 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
-use pgrx::bgworkers::{BackgroundWorker, SignalWakeFlags};
 use pgrx::prelude::*;
 use pgrx::{JsonB, PgOid};
 use serde_json::{json, Value};
 use tokio::sync::oneshot;
 
-use crate::runtime::backend::{in_transaction, run_prepared, set_session, shutdown_requested};
-use crate::runtime::registry as workers;
+use crate::runtime::backend::{column, in_transaction, nullable, run_prepared};
+use crate::runtime::registry::{self, Kind};
+use crate::runtime::worker::{run, Worker};
 use crate::settings;
 use pg_ihub_core::inbound::limiter::Bucket;
 use pg_ihub_core::inbound::verify::{body_hash, dedup_key, verify, Mode, Rule};
@@ -150,119 +150,117 @@ impl Shared {
 #[pg_guard]
 #[no_mangle]
 pub extern "C-unwind" fn ihub_listener_main(_arg: pg_sys::Datum) {
-    BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
-    let database = BackgroundWorker::get_extra().to_string();
-    BackgroundWorker::connect_worker_to_spi(Some(&database), None);
-    workers::register(workers::Kind::Listener);
-    set_session("lock_timeout", "1s");
-
-    let address = settings::listen_address();
-    let addr: SocketAddr = match address.parse() {
-        Ok(a) => a,
-        Err(_) => {
-            warning!("pg_ihub listener: ihub.listen_address \"{address}\" is not host:port; not listening");
-            retry_later();
-        }
-    };
-    let (wake_tx, wake_rx) = UnixStream::pair().expect("a socket pair");
-    wake_rx.set_nonblocking(true).expect("nonblocking");
-    wake_tx.set_nonblocking(true).expect("nonblocking");
-    let (tx, rx) = mpsc::channel();
-    let shared = Arc::new(Shared {
-        sources: RwLock::new(HashMap::new()),
-        buckets: Mutex::new(HashMap::new()),
-        work: Mutex::new(tx),
-        wake: Mutex::new(wake_tx),
-        ready: AtomicBool::new(false),
-        version: workers::sources_version(),
-        loaded_version: AtomicU64::new(0),
-        max_body: AtomicU64::new(0),
-        rate_limit: AtomicU64::new(0),
-        burst: AtomicU64::new(1),
-        timeout_ms: AtomicU64::new(30_000),
-        health_token: RwLock::new(None),
-    });
-    shared.load_settings();
-
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .thread_name("pg_ihub-listener")
-        .enable_all()
-        .build()
-        .expect("a tokio runtime");
-    let listener = match runtime.block_on(tokio::net::TcpListener::bind(addr)) {
-        Ok(l) => l,
-        Err(e) => {
-            warning!("pg_ihub listener: cannot listen on {addr}: {e}; trying again in a minute");
-            retry_later();
-        }
-    };
-    log!("pg_ihub listener serving http://{addr} for database \"{database}\"");
-    let max_connections = settings::INBOUND_MAX_CONNECTIONS.get().max(1) as usize;
-    runtime.spawn(serve(listener, shared.clone(), max_connections));
-
-    main_loop(&shared, &rx, &wake_rx);
-    runtime.shutdown_timeout(Duration::from_secs(1));
-    workers::unregister();
-    unsafe { pg_sys::proc_exit(1) };
-}
-
-/// Waits a minute (or until asked to stop), then exits so that the
-/// postmaster starts the listener again: an address in use may be free by
-/// then, and a corrected setting applies. Exit code 0 would mean "never
-/// restart".
-fn retry_later() -> ! {
-    let started = Instant::now();
-    while !shutdown_requested() && started.elapsed() < Duration::from_secs(60) {
-        workers::heartbeat(true);
-        crate::runtime::backend::wait(Duration::from_secs(10));
-    }
-    unsafe { pg_sys::proc_exit(1) }
+    run::<Listener>();
 }
 
 /// The main thread: sleeps on its latch and the wake socket; writes what the
-/// HTTP tasks handed over, a batch per transaction.
-fn main_loop(shared: &Shared, rx: &Receiver<Work>, wake: &UnixStream) {
-    let mut last_reload: Option<Instant> = None;
-    while !shutdown_requested() {
-        if BackgroundWorker::sighup_received() {
-            unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
-            shared.load_settings();
-        }
-        workers::heartbeat(true);
+/// HTTP tasks handed over, a batch per transaction. HTTP runs on a tokio
+/// runtime of its own and never touches SPI.
+struct Listener {
+    shared: Arc<Shared>,
+    work: Receiver<Work>,
+    wake: UnixStream,
+    runtime: tokio::runtime::Runtime,
+    last_reload: Option<Instant>,
+}
+
+impl Worker for Listener {
+    const KIND: Kind = Kind::Listener;
+    // Serves at once: without the extension, requests get 404 or 503.
+    const NEEDS: Option<&'static str> = None;
+    const SESSION: &'static [(&'static str, &'static str)] = &[("lock_timeout", "1s")];
+
+    fn start() -> Result<Self, String> {
+        let address = settings::listen_address();
+        let addr: SocketAddr = address
+            .parse()
+            .map_err(|_| format!("ihub.listen_address \"{address}\" is not host:port; not listening"))?;
+        let (wake_tx, wake_rx) = UnixStream::pair().map_err(|e| format!("no socket pair: {e}"))?;
+        wake_rx.set_nonblocking(true).map_err(|e| e.to_string())?;
+        wake_tx.set_nonblocking(true).map_err(|e| e.to_string())?;
+        let (tx, rx) = mpsc::channel();
+        let shared = Arc::new(Shared {
+            sources: RwLock::new(HashMap::new()),
+            buckets: Mutex::new(HashMap::new()),
+            work: Mutex::new(tx),
+            wake: Mutex::new(wake_tx),
+            ready: AtomicBool::new(false),
+            version: registry::sources_version(),
+            loaded_version: AtomicU64::new(0),
+            max_body: AtomicU64::new(0),
+            rate_limit: AtomicU64::new(0),
+            burst: AtomicU64::new(1),
+            timeout_ms: AtomicU64::new(30_000),
+            health_token: RwLock::new(None),
+        });
+        shared.load_settings();
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("pg_ihub-listener")
+            .enable_all()
+            .build()
+            .map_err(|e| format!("no tokio runtime: {e}"))?;
+        let listener = runtime
+            .block_on(tokio::net::TcpListener::bind(addr))
+            .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
+        log!("pg_ihub listener serving http://{addr}");
+        let max_connections = settings::INBOUND_MAX_CONNECTIONS.get().max(1) as usize;
+        runtime.spawn(serve(listener, shared.clone(), max_connections));
+        Ok(Listener { shared, work: rx, wake: wake_rx, runtime, last_reload: None })
+    }
+
+    fn reloaded(&mut self) {
+        self.shared.load_settings();
+    }
+
+    fn round(&mut self, _poll: Duration) -> Duration {
         // Sources are re-read when a commit changed them (it wakes us), on a
         // cache miss, and every half minute in case.
-        if shared.stale() || last_reload.is_none_or(|t| t.elapsed() >= Duration::from_secs(30)) {
-            reload_sources(shared);
-            last_reload = Some(Instant::now());
+        if self.shared.stale() || self.last_reload.is_none_or(|t| t.elapsed() >= Duration::from_secs(30)) {
+            reload_sources(&self.shared);
+            self.last_reload = Some(Instant::now());
         }
         let mut batch = Vec::new();
-        while let Ok(work) = rx.try_recv() {
+        while let Ok(work) = self.work.try_recv() {
             batch.push(work);
             if batch.len() >= 2000 {
                 break;
             }
         }
         if batch.is_empty() {
-            unsafe {
-                pg_sys::WaitLatchOrSocket(
-                    pg_sys::MyLatch,
-                    (pg_sys::WL_LATCH_SET
-                        | pg_sys::WL_SOCKET_READABLE
-                        | pg_sys::WL_TIMEOUT
-                        | pg_sys::WL_EXIT_ON_PM_DEATH) as i32,
-                    wake.as_raw_fd(),
-                    1000,
-                    pg_sys::PG_WAIT_EXTENSION,
-                );
-                pg_sys::ResetLatch(pg_sys::MyLatch);
-            }
-            let mut sink = [0u8; 256];
-            while matches!((&*wake).read(&mut sink), Ok(n) if n > 0) {}
-            pg_sys::check_for_interrupts!();
-            continue;
+            return Duration::from_secs(1);
         }
-        handle_batch(shared, batch);
+        handle_batch(&self.shared, batch);
+        Duration::ZERO
+    }
+
+    fn sleep(&mut self, timeout: Duration) {
+        if timeout.is_zero() {
+            return;
+        }
+        unsafe {
+            pg_sys::WaitLatchOrSocket(
+                pg_sys::MyLatch,
+                (pg_sys::WL_LATCH_SET | pg_sys::WL_SOCKET_READABLE | pg_sys::WL_TIMEOUT | pg_sys::WL_EXIT_ON_PM_DEATH)
+                    as i32,
+                self.wake.as_raw_fd(),
+                timeout.as_millis().max(1) as std::ffi::c_long,
+                pg_sys::PG_WAIT_EXTENSION,
+            );
+            pg_sys::ResetLatch(pg_sys::MyLatch);
+        }
+        let mut sink = [0u8; 256];
+        while matches!((&self.wake).read(&mut sink), Ok(n) if n > 0) {}
+        pg_sys::check_for_interrupts!();
+    }
+
+    fn stop(&mut self) {
+        // Dropping the runtime would wait for open connections.
+        let runtime = std::mem::replace(
+            &mut self.runtime,
+            tokio::runtime::Builder::new_current_thread().build().expect("an empty runtime"),
+        );
+        runtime.shutdown_timeout(Duration::from_secs(1));
     }
 }
 
@@ -276,19 +274,19 @@ fn handle_batch(shared: &Shared, batch: Vec<Work>) {
                 let _ = reply.send(());
             }
             Work::Health(reply) => {
-                let _ = reply.send(in_transaction(health).flatten().ok_or(()));
+                let _ = reply.send(in_transaction("health", health).flatten().ok_or(()));
             }
             Work::Accept { .. } => accepts.push(work),
             Work::Reject { .. } => rejects.push(work),
         }
     }
     if !rejects.is_empty() {
-        in_transaction(AssertUnwindSafe(|| record_rejections(&rejects)));
+        in_transaction("record rejections", AssertUnwindSafe(|| record_rejections(&rejects)));
     }
     if accepts.is_empty() {
         return;
     }
-    let results = in_transaction(AssertUnwindSafe(|| accept(&accepts))).flatten();
+    let results = in_transaction("accept", AssertUnwindSafe(|| accept(&accepts))).flatten();
     if results.as_ref().is_some_and(|r| r.values().any(|a| matches!(a, Accepted::SourceGone))) {
         // Before answering, so that the retried lookups see the change.
         reload_sources(shared);
@@ -304,7 +302,7 @@ fn handle_batch(shared: &Shared, batch: Vec<Work>) {
 fn reload_sources(shared: &Shared) {
     // Read first: a change committed while loading makes the cache stale again.
     let version = shared.version.map(|v| v.load(Ordering::SeqCst)).unwrap_or(0);
-    let loaded = in_transaction(|| {
+    let loaded = in_transaction("load sources", || {
         if !Spi::get_one::<bool>("SELECT pg_catalog.to_regprocedure('ihub._inbound_sources()') IS NOT NULL").ok().flatten()? {
             return None;
         }
@@ -318,20 +316,25 @@ fn reload_sources(shared: &Shared) {
                 .ok()?;
             let mut map = HashMap::new();
             for row in rows {
-                let verify_mode: String = row.get(5).ok()??;
-                let source = Source {
-                    id: row.get(1).ok()??,
-                    active: row.get(4).ok().flatten().unwrap_or(false),
-                    rule: Rule::new(
-                        Mode::parse(&verify_mode)?,
-                        &row.get::<String>(8).ok().flatten().unwrap_or_default(),
-                        row.get::<String>(6).ok().flatten(),
-                        row.get::<i64>(9).ok().flatten().unwrap_or(300),
-                    ),
-                    id_header: row.get::<String>(7).ok().flatten(),
+                let (integration, name): (String, String) = (column(&row, 2, "integration"), column(&row, 3, "source"));
+                let verify_mode: String = column(&row, 5, "verify");
+                // Fails closed for that source only (404), never for the rest.
+                let Some(mode) = Mode::parse(&verify_mode) else {
+                    warning!("pg_ihub listener: source {integration}/{name} has unknown verification \"{verify_mode}\"; not served");
+                    continue;
                 };
-                let key = (row.get::<String>(2).ok()??, row.get::<String>(3).ok()??);
-                map.insert(key, Arc::new(source));
+                let source = Source {
+                    id: column(&row, 1, "id"),
+                    active: column(&row, 4, "active"),
+                    rule: Rule::new(
+                        mode,
+                        &nullable::<String>(&row, 8, "secret").unwrap_or_default(),
+                        nullable::<String>(&row, 6, "header"),
+                        column::<i64>(&row, 9, "tolerance_s"),
+                    ),
+                    id_header: nullable::<String>(&row, 7, "id_header"),
+                };
+                map.insert((integration, name), Arc::new(source));
             }
             Some(map)
         })

@@ -5,14 +5,13 @@
 
 use std::time::{Duration, Instant};
 
-use pgrx::bgworkers::{BackgroundWorker, SignalWakeFlags};
 use pgrx::prelude::*;
 use pgrx::PgOid;
 
-use crate::jobs::worker::postgres_die;
-use crate::runtime::backend::{in_transaction, run_prepared, wait};
-use crate::runtime::registry as workers;
+use crate::runtime::backend::{column, in_transaction, run_prepared};
+use crate::runtime::registry::{self, Kind};
 use crate::runtime::user_code::run_user_call;
+use crate::runtime::worker::{run, Worker};
 use crate::settings;
 
 struct Item {
@@ -26,61 +25,52 @@ struct Item {
 #[pg_guard]
 #[no_mangle]
 pub extern "C-unwind" fn ihub_processor_main(_arg: pg_sys::Datum) {
-    BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP);
-    // As for job workers: a termination stops a running handler at once.
-    unsafe { pg_sys::pqsignal(pg_sys::SIGTERM as i32, Some(postgres_die)) };
-    let database = BackgroundWorker::get_extra().to_string();
-    BackgroundWorker::connect_worker_to_spi(Some(&database), None);
-    workers::register(workers::Kind::Processor);
-    let pid = unsafe { pg_sys::MyProcPid };
-    log!("pg_ihub inbound processor started for database \"{database}\"");
+    run::<Processor>();
+}
 
-    let mut last_rescue: Option<Instant> = None;
-    loop {
-        pg_sys::check_for_interrupts!();
-        if BackgroundWorker::sighup_received() {
-            unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
+struct Processor {
+    pid: i32,
+    last_rescue: Option<Instant>,
+}
+
+impl Worker for Processor {
+    const KIND: Kind = Kind::Processor;
+    const NEEDS: Option<&'static str> = Some("ihub._claim_inbound(integer, integer)");
+    // As for job workers: a termination stops a running handler at once.
+    const STOP_AT_ONCE: bool = true;
+
+    fn start() -> Result<Self, String> {
+        Ok(Processor { pid: unsafe { pg_sys::MyProcPid }, last_rescue: None })
+    }
+
+    fn round(&mut self, poll: Duration) -> Duration {
+        if self.last_rescue.is_none_or(|t| t.elapsed() >= poll) {
+            in_transaction("rescue items", || Spi::run("SELECT ihub._rescue_inbound()"));
+            self.last_rescue = Some(Instant::now());
         }
-        workers::heartbeat(true);
-        let poll = Duration::from_millis(settings::POLL_INTERVAL_MS.get() as u64);
-        let ready = in_transaction(|| {
-            Spi::get_one::<bool>(
-                "SELECT pg_catalog.to_regprocedure('ihub._claim_inbound(integer, integer)') IS NOT NULL",
-            )
-            .ok()
-            .flatten()
-        })
-        .flatten()
-        .unwrap_or(false);
-        if !ready {
-            wait(poll);
-            continue;
-        }
-        if last_rescue.is_none_or(|t| t.elapsed() >= poll) {
-            in_transaction(|| Spi::run("SELECT ihub._rescue_inbound()"));
-            last_rescue = Some(Instant::now());
-        }
-        // At most ihub.inbound_batch items per run, then yield.
+        // At most ihub.inbound_batch items per round, then yield.
+        let pid = self.pid;
         let mut ran = 0;
         while ran < settings::INBOUND_BATCH.get() {
-            let Some(Some(item)) = in_transaction(|| claim(pid)) else { break };
-            workers::heartbeat(false);
+            let Some(Some(item)) = in_transaction("claim an item", || claim(pid)) else { break };
+            registry::heartbeat(false);
             if item.more_due {
-                workers::wake_peer(workers::Kind::Processor);
+                registry::wake_peer(Kind::Processor);
             }
             process(item, pid);
             ran += 1;
         }
-        if ran == 0 {
-            let due = in_transaction(|| {
-                Spi::get_one::<f64>("SELECT ihub._next_inbound_due()")
-                    .ok()
-                    .flatten()
-                    .map(|s| Duration::from_secs_f64(s.clamp(0.0, 86_400.0)))
-            })
-            .flatten();
-            wait(due.map_or(poll, |d| d.min(poll)));
+        if ran > 0 {
+            return Duration::ZERO;
         }
+        let due = in_transaction("next due item", || {
+            Spi::get_one::<f64>("SELECT ihub._next_inbound_due()")
+                .ok()
+                .flatten()
+                .map(|s| Duration::from_secs_f64(s.clamp(0.0, 86_400.0)))
+        })
+        .flatten();
+        due.map_or(poll, |d| d.min(poll))
     }
 }
 
@@ -97,11 +87,11 @@ fn claim(pid: i32) -> Option<Item> {
         .ok()?;
         let row = rows.into_iter().next()?;
         Some(Item {
-            id: row.get(1).ok()??,
-            call: row.get(2).ok()??,
-            run_as: row.get(3).ok()??,
-            timeout_ms: row.get(4).ok()??,
-            more_due: row.get(5).ok().flatten().unwrap_or(false),
+            id: column(&row, 1, "id"),
+            call: column(&row, 2, "call"),
+            run_as: column(&row, 3, "run_as"),
+            timeout_ms: column(&row, 4, "timeout_ms"),
+            more_due: column(&row, 5, "more_due"),
         })
     })
 }
@@ -124,7 +114,7 @@ fn process(item: Item, pid: i32) {
             .expect("ihub._inbound_done");
         });
     if let Err(failure) = outcome {
-        let recorded = in_transaction(|| {
+        let recorded = in_transaction("archive a failed item", || {
             Spi::run_with_args(
                 "SELECT ihub._inbound_failed($1, $2, $3)",
                 &[id.into(), pid.into(), failure.message.clone().into()],

@@ -7,26 +7,19 @@
 use std::sync::atomic::{AtomicI32, AtomicI64, Ordering};
 use std::time::{Duration, Instant};
 
-use pgrx::bgworkers::{BackgroundWorker, SignalWakeFlags};
 use pgrx::prelude::*;
 use pgrx::{JsonB, PgOid};
 
-use crate::runtime::backend::{in_transaction, run_prepared, wait};
-use crate::runtime::registry as workers;
+use crate::runtime::backend::{column, in_transaction, run_prepared};
+use crate::runtime::registry::{self, Kind};
 use crate::runtime::user_code::{run_user_call, Failure};
+use crate::runtime::worker::{run, Worker};
 use crate::settings;
 
 /// The job this backend is running, 0 when none.
 static CURRENT_JOB: AtomicI64 = AtomicI64::new(0);
 /// Error and critical entries logged through ihub.log during the current job.
 static ERRORS_LOGGED: AtomicI32 = AtomicI32::new(0);
-
-extern "C-unwind" {
-    /// Postgres's own SIGTERM handler for backends (pgrx wraps `pg_sys::die`
-    /// as a Rust function, which a signal handler cannot be).
-    #[link_name = "die"]
-    pub fn postgres_die(signal: std::ffi::c_int);
-}
 
 struct Job {
     id: i64,
@@ -41,60 +34,60 @@ struct Job {
 #[pg_guard]
 #[no_mangle]
 pub extern "C-unwind" fn ihub_job_worker_main(_arg: pg_sys::Datum) {
-    BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP);
+    run::<JobWorker>();
+}
+
+struct JobWorker {
+    pid: i32,
+    last_rescue: Option<Instant>,
+    last_vacuum: Instant,
+}
+
+impl Worker for JobWorker {
+    const KIND: Kind = Kind::JobWorker;
+    const NEEDS: Option<&'static str> = Some("ihub._claim_job(integer, integer)");
     // SIGTERM (pg_terminate_backend, shutdown) must stop a running job at
     // once, as in any backend: the job's transaction rolls back, the worker
     // exits and is restarted, and the job is found orphaned and queued again.
-    unsafe { pg_sys::pqsignal(pg_sys::SIGTERM as i32, Some(postgres_die)) };
-    let database = BackgroundWorker::get_extra().to_string();
-    BackgroundWorker::connect_worker_to_spi(Some(&database), None);
-    workers::register(workers::Kind::JobWorker);
-    let pid = unsafe { pg_sys::MyProcPid };
-    log!("pg_ihub job worker started for database \"{database}\"");
+    const STOP_AT_ONCE: bool = true;
 
-    let mut last_rescue: Option<Instant> = None;
-    let mut last_vacuum = Instant::now();
-    loop {
-        pg_sys::check_for_interrupts!();
-        if BackgroundWorker::sighup_received() {
-            unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
-        }
-        workers::heartbeat(true);
-        let poll = Duration::from_millis(settings::POLL_INTERVAL_MS.get() as u64);
-        if !in_transaction(extension_ready).unwrap_or(false) {
-            wait(poll);
-            continue;
-        }
+    fn start() -> Result<Self, String> {
+        Ok(JobWorker { pid: unsafe { pg_sys::MyProcPid }, last_rescue: None, last_vacuum: Instant::now() })
+    }
+
+    fn round(&mut self, poll: Duration) -> Duration {
         // Jobs whose worker died (crash, termination, restart) go back to
         // the queue: at start, and at the poll cadence.
-        if last_rescue.is_none_or(|t| t.elapsed() >= poll) {
-            in_transaction(|| Spi::run("SELECT ihub._rescue_jobs()"));
-            last_rescue = Some(Instant::now());
+        if self.last_rescue.is_none_or(|t| t.elapsed() >= poll) {
+            in_transaction("rescue jobs", || Spi::run("SELECT ihub._rescue_jobs()"));
+            self.last_rescue = Some(Instant::now());
         }
-
         // One run: jobs until none is due or a bound is reached, then yield.
         let started = Instant::now();
         let max_jobs = settings::MAX_JOBS_PER_RUN.get();
         let max_runtime = Duration::from_secs(settings::MAX_RUNTIME_SECONDS.get() as u64);
         let mut ran = 0;
         while ran < max_jobs && started.elapsed() < max_runtime {
-            let Some(Some(job)) = in_transaction(|| claim(pid)) else { break };
-            workers::heartbeat(false);
+            let pid = self.pid;
+            let Some(Some(job)) = in_transaction("claim a job", || claim(pid)) else { break };
+            registry::heartbeat(false);
             if job.more_due {
-                workers::wake_peer(workers::Kind::JobWorker);
+                registry::wake_peer(Kind::JobWorker);
             }
-            run(job, pid);
+            run_job(job, pid);
             ran += 1;
         }
         if ran == 0 {
-            let due = in_transaction(next_due).flatten();
-            wait(due.map_or(poll, |d| d.min(poll)));
-        } else if last_vacuum.elapsed() >= Duration::from_secs(2) {
+            let due = in_transaction("next due job", next_due).flatten();
+            return due.map_or(poll, |d| d.min(poll));
+        }
+        if self.last_vacuum.elapsed() >= Duration::from_secs(2) {
             // Every claimed job leaves a dead entry at the head of the queue
             // index, which each claim steps over until vacuum removes it.
             vacuum_job_table();
-            last_vacuum = Instant::now();
+            self.last_vacuum = Instant::now();
         }
+        Duration::ZERO
     }
 }
 
@@ -102,7 +95,7 @@ pub extern "C-unwind" fn ihub_job_worker_main(_arg: pg_sys::Datum) {
 const JOB_DEAD_ROWS: i64 = 10_000;
 
 fn vacuum_job_table() {
-    let dead = in_transaction(|| {
+    let dead = in_transaction("count dead jobs", || {
         Spi::get_one::<i64>("SELECT pg_catalog.pg_stat_get_dead_tuples('ihub.job'::regclass)")
             .ok()
             .flatten()
@@ -112,13 +105,6 @@ fn vacuum_job_table() {
     if dead >= JOB_DEAD_ROWS {
         crate::runtime::backend::vacuum("ihub", "job");
     }
-}
-
-fn extension_ready() -> bool {
-    Spi::get_one::<bool>("SELECT pg_catalog.to_regprocedure('ihub._claim_job(integer, integer)') IS NOT NULL")
-        .ok()
-        .flatten()
-        .unwrap_or(false)
 }
 
 fn next_due() -> Option<Duration> {
@@ -140,18 +126,18 @@ fn claim(pid: i32) -> Option<Job> {
         .ok()?;
         let row = rows.into_iter().next()?;
         Some(Job {
-            id: row.get(1).ok()??,
-            call: row.get(2).ok()??,
-            args: row.get(3).ok()??,
-            run_as: row.get(4).ok()??,
-            timeout_ms: row.get(5).ok()??,
-            more_due: row.get(6).ok().flatten().unwrap_or(false),
+            id: column(&row, 1, "id"),
+            call: column(&row, 2, "call"),
+            args: column(&row, 3, "args"),
+            run_as: column(&row, 4, "run_as"),
+            timeout_ms: column(&row, 5, "timeout_ms"),
+            more_due: column(&row, 6, "more_due"),
         })
     })
 }
 
 /// Runs one job and records how it went.
-fn run(job: Job, pid: i32) {
+fn run_job(job: Job, pid: i32) {
     // The job's code, visible in pg_stat_activity while it runs.
     crate::runtime::backend::report_activity(Some(&format!("job {}: {}", job.id, job.call)));
     CURRENT_JOB.store(job.id, Ordering::SeqCst);
@@ -160,10 +146,10 @@ fn run(job: Job, pid: i32) {
     for p in &PROGRESS {
         p.store(-1, Ordering::SeqCst);
     }
-    workers::set_job(job.id, -1, -1);
+    registry::set_job(job.id, -1, -1);
     let id = job.id;
     if let Err(failure) = attempt(job) {
-        let recorded = in_transaction(|| {
+        let recorded = in_transaction("record a job's failure", || {
             Spi::run_with_args(
                 "SELECT ihub._job_failed($1, $2, $3, $4, $5)",
                 &[
@@ -180,7 +166,7 @@ fn run(job: Job, pid: i32) {
         }
     }
     CURRENT_JOB.store(0, Ordering::SeqCst);
-    workers::set_job(0, 0, 0);
+    registry::set_job(0, 0, 0);
     crate::runtime::backend::report_activity(None);
 }
 
@@ -236,7 +222,7 @@ fn job_progress(done: i64, total: default!(Option<i64>, "NULL")) -> bool {
     }
     PROGRESS[0].store(done.max(0), Ordering::SeqCst);
     PROGRESS[1].store(total.unwrap_or(-1).max(-1), Ordering::SeqCst);
-    workers::set_job(job, done.max(0), total.unwrap_or(-1));
+    registry::set_job(job, done.max(0), total.unwrap_or(-1));
     true
 }
 

@@ -5,13 +5,13 @@
 
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use pgrx::bgworkers::{BackgroundWorker, SignalWakeFlags};
 use pgrx::prelude::*;
 use pgrx::JsonB;
 use serde_json::{json, Value};
 
-use crate::runtime::backend::{in_transaction, set_session, shutdown_requested, wait};
-use crate::runtime::{backend as bgw, registry as workers};
+use crate::runtime::backend::{self, column, in_transaction, nullable, report_activity, shutdown_requested};
+use crate::runtime::registry::{self, Kind};
+use crate::runtime::worker::{run, Worker};
 use crate::settings;
 use pg_ihub_core::outbound::auth::Auth;
 use pg_ihub_core::outbound::retry::{category, classify, decide, Next, RetryPolicy, Verdict};
@@ -28,104 +28,112 @@ struct Claimed {
 #[pg_guard]
 #[no_mangle]
 pub extern "C-unwind" fn ihub_dispatcher_main(_arg: pg_sys::Datum) {
-    BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
-    let database = BackgroundWorker::get_extra().to_string();
-    BackgroundWorker::connect_worker_to_spi(Some(&database), None);
-    workers::register(workers::Kind::Dispatcher);
+    run::<Dispatcher>();
+}
+
+struct Dispatcher {
+    pid: i32,
+    runtime: tokio::runtime::Runtime,
+    sender: Sender,
+    last_rescue: Option<Instant>,
+    last_vacuum: Instant,
+    /// Attempts of the last batch, settled in the same transaction as the
+    /// next claim: one commit per batch instead of two.
+    unsettled: Option<Value>,
+}
+
+impl Worker for Dispatcher {
+    const KIND: Kind = Kind::Dispatcher;
+    const NEEDS: Option<&'static str> = Some("ihub._claim(integer, integer, integer, integer)");
     // DDL (DROP EXTENSION, ALTER TABLE on a subscribed table) must never wait
     // behind a dispatcher: the dispatcher gives up and tries again later.
-    set_session("lock_timeout", "100ms");
+    const SESSION: &'static [(&'static str, &'static str)] = &[("lock_timeout", "100ms")];
 
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("a current-thread tokio runtime builds");
-    let mut sender = new_sender();
-    let pid = unsafe { pg_sys::MyProcPid };
-    let mut last_rescue: Option<Instant> = None;
-    let mut last_maintenance = Instant::now();
+    fn start() -> Result<Self, String> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| format!("no tokio runtime: {e}"))?;
+        Ok(Dispatcher {
+            pid: unsafe { pg_sys::MyProcPid },
+            runtime,
+            sender: new_sender(),
+            last_rescue: None,
+            last_vacuum: Instant::now(),
+            unsettled: None,
+        })
+    }
 
-    log!("pg_ihub dispatcher started for database \"{database}\"");
-    // Attempts of the last batch, settled in the same transaction as the next
-    // claim: one commit per batch instead of two.
-    let mut unsettled: Option<Value> = None;
-    while !shutdown_requested() {
-        if BackgroundWorker::sighup_received() {
-            unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
-            sender = new_sender();
-        }
-        workers::heartbeat(true);
-        let poll = Duration::from_millis(settings::POLL_INTERVAL_MS.get() as u64);
-        let batch_size = settings::BATCH_SIZE.get();
+    fn reloaded(&mut self) {
+        self.sender = new_sender();
+    }
+
+    fn round(&mut self, poll: Duration) -> Duration {
+        let (pid, batch_size) = (self.pid, settings::BATCH_SIZE.get());
         // Deliveries whose worker died (or whose lease ran out) go back to the
         // queue; checked at the poll cadence, and at once after a start.
-        let rescue_now = last_rescue.is_none_or(|t| t.elapsed() >= poll);
+        let rescue_now = self.last_rescue.is_none_or(|t| t.elapsed() >= poll);
         let started = Instant::now();
-        let results = unsettled.take();
-        let concurrency = sender.concurrency();
-        let round = in_transaction(|| next_round(pid, batch_size, concurrency, results.as_ref(), rescue_now));
+        let results = self.unsettled.take();
+        let concurrency = self.sender.concurrency();
+        let round = in_transaction("settle and claim", || {
+            next_round(pid, batch_size, concurrency, results.as_ref(), rescue_now)
+        });
         if rescue_now {
-            last_rescue = Some(Instant::now());
+            self.last_rescue = Some(Instant::now());
         }
-        let round = match round {
-            Some(Some(round)) => round,
-            // The extension is not (or no longer) installed here.
-            Some(None) => {
-                wait(poll);
-                continue;
+        let Some(round) = round else {
+            // Rolled back (and logged). Settle alone, once more; if that fails
+            // too the leases run out and the deliveries are sent again, with
+            // the same webhook-id.
+            if let Some(results) = results {
+                in_transaction("settle", || settle(pid, &results));
             }
-            // The round failed and was rolled back (logged). Settle alone, once
-            // more; if that fails too the leases run out and the deliveries are
-            // sent again, with the same webhook-id.
-            None => {
-                if let Some(results) = results {
-                    in_transaction(|| settle(pid, &results));
-                }
-                wait(Duration::from_millis(100).min(poll));
-                continue;
-            }
+            return poll;
         };
         // Between bursts, vacuum capture tables full of routed (deleted) or
         // rolled-back rows, which every route would otherwise scan again;
         // after sending, so that no claimed delivery waits for it.
         let between_bursts = (round.claimed.len() as i32) < batch_size;
-        let mut vacuum_if_due = || {
-            if between_bursts && last_maintenance.elapsed() >= Duration::from_secs(1) {
-                vacuum_capture_tables();
-                last_maintenance = Instant::now();
-            }
-        };
         if round.claimed.is_empty() {
-            vacuum_if_due();
-            wait(round.next_due.map_or(poll, |d| d.min(poll)));
-            continue;
+            self.vacuum_if_due(between_bursts);
+            return round.next_due.map_or(poll, |d| d.min(poll));
         }
-        workers::heartbeat(false);
+        registry::heartbeat(false);
         if round.claimed.len() as i32 >= batch_size {
-            workers::wake_peer(workers::Kind::Dispatcher);
+            registry::wake_peer(Kind::Dispatcher);
         }
         let claimed_at = Instant::now();
         let requests = round.claimed.iter().map(|c| c.request.clone()).collect();
-        bgw::report_activity(Some(&format!("dispatching {} deliveries", round.claimed.len())));
-        let attempts = runtime.block_on(sender.send_all(requests, shutdown_requested));
-        bgw::report_activity(None);
+        report_activity(Some(&format!("dispatching {} deliveries", round.claimed.len())));
+        let attempts = self.runtime.block_on(self.sender.send_all(requests, shutdown_requested));
+        report_activity(None);
         debug1!(
             "pg_ihub dispatcher: {} deliveries: settle and claim {:.1} ms, send {:.1} ms",
             round.claimed.len(),
             (claimed_at - started).as_secs_f64() * 1000.0,
             claimed_at.elapsed().as_secs_f64() * 1000.0
         );
-        unsettled = Some(decide_all(&round.claimed, attempts));
-        vacuum_if_due();
+        self.unsettled = Some(decide_all(&round.claimed, attempts));
+        self.vacuum_if_due(between_bursts);
+        Duration::ZERO
     }
-    if let Some(results) = unsettled {
-        in_transaction(|| settle(pid, &results));
+
+    fn stop(&mut self) {
+        if let Some(results) = self.unsettled.take() {
+            let pid = self.pid;
+            in_transaction("settle", || settle(pid, &results));
+        }
     }
-    workers::unregister();
-    log!("pg_ihub dispatcher for database \"{database}\" stopping");
-    // Exit code 1 makes the postmaster start us again after a
-    // pg_terminate_backend; at server shutdown no restart happens anyway.
-    unsafe { pg_sys::proc_exit(1) };
+}
+
+impl Dispatcher {
+    fn vacuum_if_due(&mut self, between_bursts: bool) {
+        if between_bursts && self.last_vacuum.elapsed() >= Duration::from_secs(1) {
+            vacuum_capture_tables();
+            self.last_vacuum = Instant::now();
+        }
+    }
 }
 
 /// Reserves up to `wanted` file descriptors from Postgres for sockets, so
@@ -170,7 +178,7 @@ fn new_sender() -> Sender {
 const CAPTURE_DEAD_ROWS: i64 = 10_000;
 
 fn vacuum_capture_tables() {
-    let tables: Vec<(String, String)> = in_transaction(|| {
+    let tables: Vec<(String, String)> = in_transaction("find bloated capture tables", || {
         Spi::connect(|client| {
             client
                 .select("SELECT schema, name FROM ihub._bloated_capture_tables($1)", None, &[CAPTURE_DEAD_ROWS.into()])
@@ -185,19 +193,8 @@ fn vacuum_capture_tables() {
     })
     .unwrap_or_default();
     for (schema, name) in tables {
-        bgw::vacuum(&schema, &name);
+        backend::vacuum(&schema, &name);
     }
-}
-
-fn extension_ready() -> bool {
-    // The function, not just the pg_extension row: CREATE EXTENSION may still
-    // be running, or a DROP may have committed since.
-    Spi::get_one::<bool>(
-        "SELECT pg_catalog.to_regprocedure('ihub._claim(integer, integer, integer, integer)') IS NOT NULL",
-    )
-    .ok()
-    .flatten()
-    .unwrap_or(false)
 }
 
 fn rescue() {
@@ -220,17 +217,7 @@ struct Round {
 }
 
 /// One transaction: settle the last batch, rescue if due, claim the next.
-/// None when the extension is not installed in this database.
-fn next_round(
-    pid: i32,
-    batch_size: i32,
-    concurrency: usize,
-    results: Option<&Value>,
-    rescue_now: bool,
-) -> Option<Round> {
-    if !extension_ready() {
-        return None;
-    }
+fn next_round(pid: i32, batch_size: i32, concurrency: usize, results: Option<&Value>, rescue_now: bool) -> Round {
     if let Some(results) = results {
         settle(pid, results);
     }
@@ -239,7 +226,7 @@ fn next_round(
     }
     let claimed = claim(pid, batch_size, concurrency);
     let next_due = if claimed.is_empty() { next_due() } else { None };
-    Some(Round { claimed, next_due })
+    Round { claimed, next_due }
 }
 
 fn claim(pid: i32, limit: i32, concurrency: usize) -> Vec<Claimed> {
@@ -255,24 +242,30 @@ fn claim(pid: i32, limit: i32, concurrency: usize) -> Vec<Claimed> {
             )
             .expect("ihub._claim runs");
         rows.map(|row| {
-            let get_json = |n: usize| row.get::<JsonB>(n).ok().flatten().map(|j| j.0).unwrap_or(Value::Null);
-            let headers = headers_from_json(&get_json(5));
-            let timeout_ms: i32 = row.get(8).ok().flatten().unwrap_or(default_timeout);
+            let delivery_id: i64 = column(&row, 1, "delivery_id");
+            let json = |n: usize, name: &str| nullable::<JsonB>(&row, n, name).map_or(Value::Null, |j| j.0);
+            // Checked when the endpoint was created: a stored value that no
+            // longer parses fails the round loudly, never sends without auth.
+            let auth = Auth::from_json(&json(6, "auth"))
+                .unwrap_or_else(|e| error!("pg_ihub: delivery {delivery_id}: stored auth does not parse: {e}"));
+            let policy = RetryPolicy::from_json(&json(9, "retry"))
+                .unwrap_or_else(|e| error!("pg_ihub: delivery {delivery_id}: stored retry policy does not parse: {e}"));
+            let timeout_ms: i32 = nullable(&row, 8, "timeout_ms").unwrap_or(default_timeout);
             Claimed {
                 request: Request {
-                    delivery_id: row.get(1).ok().flatten().unwrap_or_default(),
-                    event_id: row.get(2).ok().flatten().unwrap_or_default(),
-                    method: row.get(3).ok().flatten().unwrap_or_else(|| "POST".into()),
-                    url: row.get(4).ok().flatten().unwrap_or_default(),
-                    headers,
-                    auth: Auth::from_json(&get_json(6)).unwrap_or(Auth::None),
-                    secrets: row.get::<Vec<String>>(7).ok().flatten().unwrap_or_default(),
-                    body: row.get(10).ok().flatten().unwrap_or_default(),
+                    delivery_id,
+                    event_id: column(&row, 2, "event_id"),
+                    method: column(&row, 3, "method"),
+                    url: column(&row, 4, "url"),
+                    headers: headers_from_json(&json(5, "headers")),
+                    auth,
+                    secrets: nullable::<Vec<String>>(&row, 7, "secrets").unwrap_or_default(),
+                    body: column(&row, 10, "body"),
                     timeout: Duration::from_millis(timeout_ms.max(1) as u64),
-                    test_mode: row.get(11).ok().flatten().unwrap_or(false),
+                    test_mode: column(&row, 11, "test_mode"),
                 },
-                policy: RetryPolicy::from_json(&get_json(9)).unwrap_or_default(),
-                attempts_used: row.get::<i32>(12).ok().flatten().unwrap_or(0).max(0) as u32,
+                policy,
+                attempts_used: column::<i32>(&row, 12, "attempts_used").max(0) as u32,
             }
         })
         .collect()

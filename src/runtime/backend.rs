@@ -34,9 +34,21 @@ pub fn caught_message(e: &pg_sys::panic::CaughtError) -> &str {
     }
 }
 
-/// Runs `f` in its own transaction. An error is logged as a WARNING and the
+thread_local! {
+    /// Steps of this worker that failed so far (see `in_transaction`).
+    static FAILED_STEPS: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
+/// How many steps of this worker failed so far: the runtime backs off
+/// while rounds keep failing.
+pub fn failed_steps() -> u64 {
+    FAILED_STEPS.with(|n| n.get())
+}
+
+/// Runs `f` in its own transaction. An error is logged as a WARNING naming
+/// the worker and the step ("pg_ihub dispatcher 0: claim: ...") and the
 /// transaction rolled back, so that one bad batch never stops the worker.
-pub fn in_transaction<R>(f: impl FnOnce() -> R + UnwindSafe + RefUnwindSafe) -> Option<R> {
+pub fn in_transaction<R>(step: &str, f: impl FnOnce() -> R + UnwindSafe + RefUnwindSafe) -> Option<R> {
     unsafe {
         pg_sys::SetCurrentStatementStartTimestamp();
         pg_sys::StartTransactionCommand();
@@ -44,7 +56,8 @@ pub fn in_transaction<R>(f: impl FnOnce() -> R + UnwindSafe + RefUnwindSafe) -> 
     }
     let result = PgTryBuilder::new(|| Some(f()))
         .catch_others(|e| {
-            warning!("pg_ihub worker: {}", caught_message(&e));
+            warning!("{}: {step}: {}", worker_label(), caught_message(&e));
+            FAILED_STEPS.with(|n| n.set(n.get() + 1));
             None
         })
         .execute();
@@ -231,19 +244,24 @@ pub fn report_activity(activity: Option<&str>) {
     }
 }
 
+/// This worker's name without its database ("pg_ihub job worker 1"), or
+/// "pg_ihub" in a session that is not a background worker.
+pub fn worker_label() -> String {
+    let name = unsafe {
+        let entry = pg_sys::MyBgworkerEntry;
+        if entry.is_null() {
+            return "pg_ihub".into();
+        }
+        std::ffi::CStr::from_ptr((*entry).bgw_name.as_ptr()).to_string_lossy().into_owned()
+    };
+    name.split(" [").next().unwrap_or(&name).to_string()
+}
+
 /// Names this worker in pg_stat_activity's application_name, as its
 /// background worker name without the database ("pg_ihub job worker 1").
 /// Set as an override, so neither RESET ALL nor user code changes it.
 pub fn set_application_name() {
-    let name = unsafe {
-        let entry = pg_sys::MyBgworkerEntry;
-        if entry.is_null() {
-            return;
-        }
-        std::ffi::CStr::from_ptr((*entry).bgw_name.as_ptr()).to_string_lossy().into_owned()
-    };
-    let name = name.split(" [").next().unwrap_or(&name).to_string();
-    let Ok(name) = std::ffi::CString::new(name) else { return };
+    let Ok(name) = std::ffi::CString::new(worker_label()) else { return };
     unsafe {
         pg_sys::SetConfigOption(
             c"application_name".as_ptr(),
@@ -252,4 +270,29 @@ pub fn set_application_name() {
             pg_sys::GucSource::PGC_S_OVERRIDE,
         );
     }
+}
+
+/// A column of a row a worker claimed, which must not be NULL and must have
+/// the type the worker expects. Anything else is an error naming the column
+/// (the step fails and is logged), never a default: an empty URL or a zero
+/// timeout would be a wrong request, not a visible fault.
+pub fn column<T: pgrx::FromDatum + pgrx::IntoDatum>(
+    row: &pgrx::spi::SpiHeapTupleData,
+    ordinal: usize,
+    name: &str,
+) -> T {
+    match row.get::<T>(ordinal) {
+        Ok(Some(value)) => value,
+        Ok(None) => error!("pg_ihub: column \"{name}\" of a claimed row is NULL"),
+        Err(e) => error!("pg_ihub: column \"{name}\" of a claimed row: {e}"),
+    }
+}
+
+/// Like `column`, for a column that may be NULL.
+pub fn nullable<T: pgrx::FromDatum + pgrx::IntoDatum>(
+    row: &pgrx::spi::SpiHeapTupleData,
+    ordinal: usize,
+    name: &str,
+) -> Option<T> {
+    row.get::<T>(ordinal).unwrap_or_else(|e| error!("pg_ihub: column \"{name}\" of a claimed row: {e}"))
 }

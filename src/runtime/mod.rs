@@ -5,3 +5,4 @@
 pub mod backend;
 pub mod registry;
 pub mod user_code;
+pub mod worker;

@@ -6,12 +6,11 @@
 use std::time::Duration;
 
 use chrono::{DateTime, TimeZone, Utc};
-use pgrx::bgworkers::{BackgroundWorker, SignalWakeFlags};
 use pgrx::prelude::*;
 
-use crate::runtime::backend::{in_transaction, set_session, shutdown_requested, wait};
-use crate::runtime::registry as workers;
-use crate::settings;
+use crate::runtime::backend::in_transaction;
+use crate::runtime::registry::Kind;
+use crate::runtime::worker::{run, Worker};
 use pg_ihub_core::cron::{last_at_or_before, next_after, parse_cron};
 
 fn to_chrono(ts: pgrx::datum::TimestampWithTimeZone) -> Option<DateTime<Utc>> {
@@ -52,38 +51,26 @@ fn cron_prev(expr: &str, before: pgrx::datum::TimestampWithTimeZone) -> Option<p
 #[pg_guard]
 #[no_mangle]
 pub extern "C-unwind" fn ihub_scheduler_main(_arg: pg_sys::Datum) {
-    BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
-    let database = BackgroundWorker::get_extra().to_string();
-    BackgroundWorker::connect_worker_to_spi(Some(&database), None);
-    workers::register(workers::Kind::Scheduler);
-    set_session("lock_timeout", "100ms");
-    log!("pg_ihub scheduler started for database \"{database}\"");
+    run::<Scheduler>();
+}
 
-    while !shutdown_requested() {
-        if BackgroundWorker::sighup_received() {
-            unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
-        }
-        workers::heartbeat(true);
-        let poll = Duration::from_millis(settings::POLL_INTERVAL_MS.get() as u64);
-        let ready = in_transaction(|| {
-            Spi::get_one::<bool>("SELECT pg_catalog.to_regprocedure('ihub._schedule_tick()') IS NOT NULL")
-                .ok()
-                .flatten()
-        })
-        .flatten()
-        .unwrap_or(false);
-        if !ready {
-            wait(poll);
-            continue;
-        }
-        // Each in its own transaction: an error in one never stops the other.
-        let next_run = in_transaction(|| seconds("SELECT ihub._schedule_tick()")).flatten();
-        let next_check = in_transaction(|| seconds("SELECT ihub._cronwatch_check()")).flatten();
-        let sleep = [next_run, next_check].into_iter().flatten().fold(poll, Duration::min);
-        wait(sleep);
+struct Scheduler;
+
+impl Worker for Scheduler {
+    const KIND: Kind = Kind::Scheduler;
+    const NEEDS: Option<&'static str> = Some("ihub._schedule_tick()");
+    const SESSION: &'static [(&'static str, &'static str)] = &[("lock_timeout", "100ms")];
+
+    fn start() -> Result<Self, String> {
+        Ok(Scheduler)
     }
-    workers::unregister();
-    unsafe { pg_sys::proc_exit(1) };
+
+    fn round(&mut self, poll: Duration) -> Duration {
+        // Each in its own transaction: an error in one never stops the other.
+        let next_run = in_transaction("queue due runs", || seconds("SELECT ihub._schedule_tick()")).flatten();
+        let next_check = in_transaction("cronwatch", || seconds("SELECT ihub._cronwatch_check()")).flatten();
+        [next_run, next_check].into_iter().flatten().fold(poll, Duration::min)
+    }
 }
 
 fn seconds(query: &str) -> Option<Duration> {

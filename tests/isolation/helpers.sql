@@ -11,6 +11,9 @@
 -- (next_attempt_at, lease_owner, state 'delivered'), it translates. Once
 -- the rename has landed, the branch marked OLD can go.
 
+-- A spec whose teardown failed must not break the next one.
+SET client_min_messages = warning;
+DROP SCHEMA IF EXISTS t CASCADE;
 CREATE SCHEMA t;
 
 -- Which vocabulary the installed schema speaks.
@@ -146,4 +149,40 @@ AS $$
            j.last_error
     FROM ihub.job j
     ORDER BY j.id
+$$;
+
+CREATE FUNCTION t.job_id() RETURNS bigint LANGUAGE sql STABLE AS $$ SELECT id FROM ihub.job ORDER BY id LIMIT 1 $$;
+
+-- Enqueues the job with identity key 'sync-orders' as a session and records
+-- the id it got in t.enqueued.
+CREATE TABLE t.enqueued (who text NOT NULL, id bigint NOT NULL);
+
+CREATE FUNCTION t.enqueue_keyed(p_who text) RETURNS text
+LANGUAGE sql
+AS $$
+    INSERT INTO t.enqueued (who, id)
+    VALUES (p_who, ihub.enqueue('t.job_fn(jsonb)'::regprocedure, identity_key => 'sync-orders'))
+    RETURNING 'enqueued'
+$$;
+
+-- ihub.replay of the one delivery, with the outcome as text rather than an
+-- error (whose message would name the state in the installed vocabulary).
+CREATE FUNCTION t.try_replay() RETURNS text
+LANGUAGE plpgsql
+AS $$
+BEGIN
+    PERFORM ihub.replay(t.the_delivery());
+    RETURN 'replayed';
+EXCEPTION WHEN object_not_in_prerequisite_state THEN
+    RETURN 'refused: ' || (SELECT d.state FROM t.delivery d WHERE d.id = t.the_delivery());
+END
+$$;
+
+-- What is left of subscriptions: capture tables, capture triggers on a table.
+CREATE FUNCTION t.capture_tables() RETURNS bigint LANGUAGE sql STABLE AS $$
+    SELECT count(*) FROM pg_class WHERE relnamespace = 'ihub_capture'::regnamespace AND relkind = 'r'
+$$;
+
+CREATE FUNCTION t.capture_triggers(p_table regclass) RETURNS bigint LANGUAGE sql STABLE AS $$
+    SELECT count(*) FROM pg_trigger WHERE tgrelid = p_table AND tgname LIKE 'ihub_sub_%'
 $$;
