@@ -198,59 +198,54 @@ BEGIN
 END
 $$;
 
--- The delay before the next attempt: the job's schedule, else its
--- integration's (settings->'job_retry_schedule'), else the default; its
--- last entry repeats; capped at p_cap_s seconds.
-CREATE FUNCTION ihub._job_retry_delay(p_job ihub.job, p_cap_s integer) RETURNS interval
-LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp
+-- What deciding a failed attempt needs, with the job locked; no row when this
+-- worker does not hold it. The decision is pg_ihub_core::retry::job_next.
+-- The schedule is the job's own, else its integration's
+-- settings->'job_retry_schedule', else the default, in seconds.
+CREATE FUNCTION ihub._job_attempt(p_id bigint, p_owner integer)
+RETURNS TABLE (attempts integer, max_attempts integer, cancel_requested boolean, schedule_s double precision[])
+LANGUAGE sql SET search_path = pg_catalog, pg_temp
 AS $$
-    WITH s AS (
-        SELECT coalesce(
-            p_job.retry_schedule,
-            (SELECT ARRAY(SELECT jsonb_array_elements_text(i.settings -> 'job_retry_schedule')::interval)
-             FROM ihub.integration i
-             WHERE i.id = p_job.integration_id AND jsonb_typeof(i.settings -> 'job_retry_schedule') = 'array'),
-            ihub._default_job_retry_schedule()) AS steps
-    )
-    SELECT least(coalesce(steps[least(greatest(p_job.attempts - p_job.budget_start, 1), cardinality(steps))],
-                          interval '5 minutes'),
-                 make_interval(secs => p_cap_s))
-    FROM s
+    SELECT j.attempts - j.budget_start, j.max_attempts, j.cancel_requested,
+           ARRAY(SELECT extract(epoch FROM u.step)::double precision
+                 FROM unnest(coalesce(
+                     j.retry_schedule,
+                     (SELECT ARRAY(SELECT jsonb_array_elements_text(i.settings -> 'job_retry_schedule')::interval)
+                      FROM ihub.integration i
+                      WHERE i.id = j.integration_id AND jsonb_typeof(i.settings -> 'job_retry_schedule') = 'array'),
+                     ihub._default_job_retry_schedule())) WITH ORDINALITY AS u(step, n)
+                 ORDER BY u.n)
+    FROM ihub.job j
+    WHERE j.id = p_id AND j.state = 'running' AND j.worker_pid = p_owner
+    FOR UPDATE OF j
 $$;
 
--- Records a failed attempt: cancelled if that was asked for, retried while
--- attempts remain (after p_retry_after seconds when ihub.retry_later gave
--- them), else failed.
-CREATE FUNCTION ihub._job_failed(p_id bigint, p_owner integer, p_error text, p_retry_after double precision,
-                                 p_cap_s integer)
+-- Records a failed attempt as the job worker decided it: cancelled, failed,
+-- or retry after p_delay_s seconds. NULL when this worker does not hold it.
+CREATE FUNCTION ihub._job_failed(p_id bigint, p_owner integer, p_error text, p_state text, p_delay_s double precision)
 RETURNS text
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     v ihub.job;
-    v_state text;
 BEGIN
-    SELECT * INTO v FROM ihub.job WHERE id = p_id AND state = 'running' AND worker_pid = p_owner FOR UPDATE;
+    IF p_state NOT IN ('retry', 'failed', 'cancelled') OR (p_state = 'retry') <> (p_delay_s IS NOT NULL) THEN
+        RAISE EXCEPTION 'a failed job goes to retry (with a delay), failed or cancelled, not % (delay %)', p_state, p_delay_s;
+    END IF;
+    UPDATE ihub.job
+    SET state = p_state, worker_pid = NULL, last_error = p_error,
+        finished_at = CASE WHEN p_state = 'retry' THEN NULL ELSE clock_timestamp() END,
+        run_at = CASE WHEN p_state = 'retry' THEN now() + make_interval(secs => p_delay_s) ELSE run_at END
+    WHERE id = p_id AND state = 'running' AND worker_pid = p_owner
+    RETURNING * INTO v;
     IF NOT FOUND THEN
         RETURN NULL;
     END IF;
-    v_state := CASE WHEN v.cancel_requested THEN 'cancelled'
-                    WHEN v.attempts - v.budget_start >= v.max_attempts THEN 'failed'
-                    ELSE 'retry' END;
-    UPDATE ihub.job
-    SET state = v_state, worker_pid = NULL, last_error = p_error,
-        finished_at = CASE WHEN v_state = 'retry' THEN NULL ELSE clock_timestamp() END,
-        run_at = CASE WHEN v_state <> 'retry' THEN run_at
-                      -- (least() skips NULLs, so the explicit CASE)
-                      WHEN p_retry_after IS NOT NULL
-                      THEN now() + least(make_interval(secs => p_retry_after), make_interval(secs => p_cap_s))
-                      ELSE now() + ihub._job_retry_delay(v, p_cap_s) END
-    WHERE id = p_id;
-    PERFORM ihub.log(CASE WHEN v_state = 'failed' THEN 'error' ELSE 'warning' END,
+    PERFORM ihub.log(CASE WHEN p_state = 'failed' THEN 'error' ELSE 'warning' END,
                      format('job %s (%s) attempt %s failed: %s', p_id, v.fn, v.attempts, p_error),
-                     jsonb_build_object('job', p_id, 'state', v_state),
+                     jsonb_build_object('job', p_id, 'state', p_state),
                      (SELECT name FROM ihub.integration WHERE id = v.integration_id));
-    RETURN v_state;
+    RETURN p_state;
 END
 $$;
 
@@ -420,9 +415,10 @@ COMMENT ON FUNCTION ihub.enqueue(regprocedure, jsonb, integer, timestamptz, inte
     'Queues a background job: fn(args jsonb) runs in a job worker, in its own transaction, as the calling role. Priority 0 runs first. With an identity key, returns the queued or running job that already has it.';
 COMMENT ON FUNCTION ihub._claim_job(integer, integer) IS 'Internal (job worker): claims the most urgent due job.';
 COMMENT ON FUNCTION ihub._job_done(bigint, jsonb, integer, bigint, bigint) IS 'Internal (job worker): records a finished job (partial when errors were logged).';
-COMMENT ON FUNCTION ihub._job_retry_delay(ihub.job, integer) IS 'Internal: the delay before a job''s next attempt.';
-COMMENT ON FUNCTION ihub._job_failed(bigint, integer, text, double precision, integer) IS
-    'Internal (job worker): records a failed attempt: cancelled, retry or failed.';
+COMMENT ON FUNCTION ihub._job_attempt(bigint, integer) IS
+    'Internal (job worker): locks a running job and returns what deciding its failed attempt needs.';
+COMMENT ON FUNCTION ihub._job_failed(bigint, integer, text, text, double precision) IS
+    'Internal (job worker): records a failed attempt as decided: cancelled, failed, or retry after a delay.';
 COMMENT ON FUNCTION ihub._rescue_jobs() IS 'Internal: queues again the jobs whose worker is gone.';
 COMMENT ON FUNCTION ihub._next_job_due() IS 'Internal (job worker): seconds until the next job is due.';
 COMMENT ON FUNCTION ihub.retry_later(text, interval) IS

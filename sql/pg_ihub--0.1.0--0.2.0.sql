@@ -61,6 +61,69 @@ COMMENT ON FUNCTION ihub._dedup_key(text, text, jsonb, bytea) IS
 DROP FUNCTION ihub.receive(text, text, jsonb, bytea, timestamptz);
 
 -------------------------------------------------------------------------------
+-- Job retries are decided in Rust (pg_ihub_core::retry), like deliveries'
+-------------------------------------------------------------------------------
+
+DROP FUNCTION ihub._job_failed(bigint, integer, text, double precision, integer);
+DROP FUNCTION ihub._job_retry_delay(ihub.job, integer);
+
+-- What deciding a failed attempt needs, with the job locked; no row when this
+-- worker does not hold it. The decision is pg_ihub_core::retry::job_next.
+-- The schedule is the job's own, else its integration's
+-- settings->'job_retry_schedule', else the default, in seconds.
+CREATE FUNCTION ihub._job_attempt(p_id bigint, p_owner integer)
+RETURNS TABLE (attempts integer, max_attempts integer, cancel_requested boolean, schedule_s double precision[])
+LANGUAGE sql SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT j.attempts - j.budget_start, j.max_attempts, j.cancel_requested,
+           ARRAY(SELECT extract(epoch FROM u.step)::double precision
+                 FROM unnest(coalesce(
+                     j.retry_schedule,
+                     (SELECT ARRAY(SELECT jsonb_array_elements_text(i.settings -> 'job_retry_schedule')::interval)
+                      FROM ihub.integration i
+                      WHERE i.id = j.integration_id AND jsonb_typeof(i.settings -> 'job_retry_schedule') = 'array'),
+                     ihub._default_job_retry_schedule())) WITH ORDINALITY AS u(step, n)
+                 ORDER BY u.n)
+    FROM ihub.job j
+    WHERE j.id = p_id AND j.state = 'running' AND j.worker_pid = p_owner
+    FOR UPDATE OF j
+$$;
+
+-- Records a failed attempt as the job worker decided it: cancelled, failed,
+-- or retry after p_delay_s seconds. NULL when this worker does not hold it.
+CREATE FUNCTION ihub._job_failed(p_id bigint, p_owner integer, p_error text, p_state text, p_delay_s double precision)
+RETURNS text
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v ihub.job;
+BEGIN
+    IF p_state NOT IN ('retry', 'failed', 'cancelled') OR (p_state = 'retry') <> (p_delay_s IS NOT NULL) THEN
+        RAISE EXCEPTION 'a failed job goes to retry (with a delay), failed or cancelled, not % (delay %)', p_state, p_delay_s;
+    END IF;
+    UPDATE ihub.job
+    SET state = p_state, worker_pid = NULL, last_error = p_error,
+        finished_at = CASE WHEN p_state = 'retry' THEN NULL ELSE clock_timestamp() END,
+        run_at = CASE WHEN p_state = 'retry' THEN now() + make_interval(secs => p_delay_s) ELSE run_at END
+    WHERE id = p_id AND state = 'running' AND worker_pid = p_owner
+    RETURNING * INTO v;
+    IF NOT FOUND THEN
+        RETURN NULL;
+    END IF;
+    PERFORM ihub.log(CASE WHEN p_state = 'failed' THEN 'error' ELSE 'warning' END,
+                     format('job %s (%s) attempt %s failed: %s', p_id, v.fn, v.attempts, p_error),
+                     jsonb_build_object('job', p_id, 'state', p_state),
+                     (SELECT name FROM ihub.integration WHERE id = v.integration_id));
+    RETURN p_state;
+END
+$$;
+
+COMMENT ON FUNCTION ihub._job_attempt(bigint, integer) IS
+    'Internal (job worker): locks a running job and returns what deciding its failed attempt needs.';
+COMMENT ON FUNCTION ihub._job_failed(bigint, integer, text, text, double precision) IS
+    'Internal (job worker): records a failed attempt as decided: cancelled, failed, or retry after a delay.';
+
+-------------------------------------------------------------------------------
 -- Who asked: internal halves and C entry points
 -------------------------------------------------------------------------------
 

@@ -5,10 +5,10 @@ use pgrx::pg_sys::panic::ErrorReport;
 use pgrx::{PgLogLevel, PgSqlErrorCode};
 
 use pg_ihub_core::outbound::auth::{AuthError, AUTH_HINT};
-use pg_ihub_core::outbound::retry::{PolicyError, POLICY_KEYS};
 use pg_ihub_core::outbound::sender::HeaderError;
 use pg_ihub_core::outbound::signature::SecretError;
 use pg_ihub_core::outbound::target::TargetError;
+use pg_ihub_core::retry::{PolicyError, POLICY_KEYS};
 
 #[derive(Debug, thiserror::Error)]
 pub enum IhubError {

@@ -595,25 +595,29 @@ mod tests {
     }
 
     #[pg_test]
-    fn failed_attempts_follow_the_retry_schedule() {
+    fn a_failed_attempt_is_decided_with_the_right_schedule() {
         setup_jobs();
         Spi::run("SELECT ihub.create_integration('crm', settings => '{\"job_retry_schedule\": [\"2 minutes\", \"4 minutes\"]}')").unwrap();
-        let job = one::<i64>("SELECT ihub.enqueue('note_it(jsonb)')");
-        let schedule = |attempts: i32, cap: i32| {
-            Spi::run(&format!("UPDATE ihub.job SET attempts = {attempts} WHERE id = {job}")).unwrap();
-            one::<String>(&format!("SELECT ihub._job_retry_delay(j, {cap})::text FROM ihub.job j WHERE id = {job}"))
+        let job = one::<i64>("SELECT ihub.enqueue('note_it(jsonb)', max_attempts => 3)");
+        assert_eq!(one::<i64>("SELECT id FROM ihub._claim_job(4242, 1000)"), job);
+        let inputs = || {
+            one::<String>(&format!(
+                "SELECT concat_ws(':', attempts, max_attempts, cancel_requested, schedule_s::text) FROM ihub._job_attempt({job}, 4242)"
+            ))
         };
-        assert_eq!(schedule(1, 86400), "00:05:00");
-        assert_eq!(schedule(2, 86400), "00:15:00");
-        assert_eq!(schedule(3, 86400), "01:00:00");
-        assert_eq!(schedule(4, 86400), "03:00:00");
-        assert_eq!(schedule(9, 86400), "03:00:00", "the last step repeats");
+        assert_eq!(inputs(), "1:3:false:{300,900,3600,10800}", "the default schedule");
         Spi::run(&format!("UPDATE ihub.job SET integration_id = (SELECT id FROM ihub.integration WHERE name = 'crm') WHERE id = {job}")).unwrap();
-        assert_eq!(schedule(1, 86400), "00:02:00", "the integration's schedule");
-        Spi::run(&format!("UPDATE ihub.job SET retry_schedule = '{{10 seconds}}' WHERE id = {job}")).unwrap();
-        assert_eq!(schedule(3, 86400), "00:00:10", "the job's own schedule");
-        Spi::run(&format!("UPDATE ihub.job SET retry_schedule = '{{2 days}}' WHERE id = {job}")).unwrap();
-        assert_eq!(schedule(1, 86400), "24:00:00", "capped by ihub.job_backoff_cap");
+        assert_eq!(inputs(), "1:3:false:{120,240}", "the integration's schedule");
+        Spi::run(&format!(
+            "UPDATE ihub.job SET retry_schedule = '{{10 seconds, 1 day}}', cancel_requested = true WHERE id = {job}"
+        ))
+        .unwrap();
+        assert_eq!(inputs(), "1:3:true:{10,86400}", "the job's own schedule");
+        assert_eq!(
+            one::<i64>(&format!("SELECT count(*) FROM ihub._job_attempt({job}, 4243)")),
+            0,
+            "another worker's job"
+        );
     }
 
     #[pg_test]
@@ -632,17 +636,17 @@ mod tests {
         );
         // Someone else's failure report is ignored.
         assert_eq!(
-            Spi::get_one::<String>(&format!("SELECT ihub._job_failed({job}, 1, 'x', NULL, 86400)")).unwrap(),
+            Spi::get_one::<String>(&format!("SELECT ihub._job_failed({job}, 1, 'x', 'retry', 30)")).unwrap(),
             None
         );
-        assert_eq!(one::<String>(&format!("SELECT ihub._job_failed({job}, 4242, 'boom', 30, 86400)")), "retry");
+        assert_eq!(one::<String>(&format!("SELECT ihub._job_failed({job}, 4242, 'boom', 'retry', 30)")), "retry");
         assert!(one::<bool>(&format!(
             "SELECT run_at BETWEEN now() + interval '29 s' AND now() + interval '31 s' FROM ihub.job WHERE id = {job}"
         )));
         Spi::run(&format!("UPDATE ihub.job SET run_at = now() WHERE id = {job}")).unwrap();
         assert_eq!(one::<i64>("SELECT id FROM ihub._claim_job(4242, 1000)"), job);
         assert_eq!(
-            one::<String>(&format!("SELECT ihub._job_failed({job}, 4242, 'boom again', NULL, 86400)")),
+            one::<String>(&format!("SELECT ihub._job_failed({job}, 4242, 'boom again', 'failed', NULL)")),
             "failed"
         );
         assert_eq!(one::<String>("SELECT last_error FROM ihub.jobs"), "boom again");
@@ -650,13 +654,17 @@ mod tests {
             one::<i64>("SELECT count(*) FROM ihub.logs WHERE level = 'error' AND message LIKE '%boom again%'"),
             1
         );
-        // Without a delay from retry_later, the retry schedule decides.
+        // A decision that does not add up is refused.
         let other = one::<i64>("SELECT ihub.enqueue('note_it(jsonb)')");
         assert_eq!(one::<i64>("SELECT id FROM ihub._claim_job(4242, 1000)"), other);
-        assert_eq!(one::<String>(&format!("SELECT ihub._job_failed({other}, 4242, 'x', NULL, 86400)")), "retry");
-        assert!(one::<bool>(&format!(
-            "SELECT run_at BETWEEN now() + interval '299 s' AND now() + interval '301 s' FROM ihub.job WHERE id = {other}"
-        )));
+        expect_error(
+            &format!("SELECT ihub._job_failed({other}, 4242, 'x', 'retry', NULL)"),
+            &["a failed job goes to retry"],
+        );
+        expect_error(
+            &format!("SELECT ihub._job_failed({other}, 4242, 'x', 'done', NULL)"),
+            &["a failed job goes to retry"],
+        );
         Spi::run(&format!("DELETE FROM ihub.job WHERE id = {other}")).unwrap();
         // Retried by hand with a fresh budget.
         Spi::run(&format!("SELECT ihub.retry_job({job})")).unwrap();

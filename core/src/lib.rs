@@ -6,3 +6,4 @@
 pub mod cron;
 pub mod inbound;
 pub mod outbound;
+pub mod retry;

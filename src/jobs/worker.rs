@@ -15,6 +15,7 @@ use crate::runtime::registry::{self, Kind};
 use crate::runtime::user_code::{run_user_call, Failure};
 use crate::runtime::worker::{run, Worker};
 use crate::settings;
+use pg_ihub_core::retry::{job_next, JobAttempt, JobNext};
 
 /// The job this backend is running, 0 when none.
 static CURRENT_JOB: AtomicI64 = AtomicI64::new(0);
@@ -149,25 +150,54 @@ fn run_job(job: Job, pid: i32) {
     registry::set_job(job.id, -1, -1);
     let id = job.id;
     if let Err(failure) = attempt(job) {
-        let recorded = in_transaction("record a job's failure", || {
-            Spi::run_with_args(
-                "SELECT ihub._job_failed($1, $2, $3, $4, $5)",
-                &[
-                    id.into(),
-                    pid.into(),
-                    failure.message.clone().into(),
-                    failure.retry_after.into(),
-                    settings::JOB_BACKOFF_CAP_S.get().into(),
-                ],
-            )
-        });
-        if recorded.is_none() {
+        if in_transaction("record a job's failure", || record_failure(id, pid, &failure)).is_none() {
             warning!("pg_ihub: could not record the failure of job {id}; it is rescued later");
         }
     }
     CURRENT_JOB.store(0, Ordering::SeqCst);
     registry::set_job(0, 0, 0);
     crate::runtime::backend::report_activity(None);
+}
+
+/// Decides what follows a failed attempt (`pg_ihub_core::retry::job_next`)
+/// and records it, with the job locked.
+fn record_failure(id: i64, pid: i32, failure: &Failure) {
+    let (int4, int8) = (PgOid::from(pg_sys::INT4OID), PgOid::from(pg_sys::INT8OID));
+    Spi::connect_mut(|client| {
+        let rows = run_prepared(
+            client,
+            "SELECT attempts, max_attempts, cancel_requested, schedule_s FROM ihub._job_attempt($1, $2)",
+            &[int8, int4],
+            &[id.into(), pid.into()],
+        )
+        .unwrap_or_else(|e| error!("ihub._job_attempt: {e}"));
+        // Not ours any more (cancelled and rescued meanwhile): nothing to record.
+        let Some(row) = rows.into_iter().next() else { return };
+        let attempt = JobAttempt {
+            attempts: column::<i32>(&row, 1, "attempts").max(0) as u32,
+            max_attempts: column::<i32>(&row, 2, "max_attempts").max(1) as u32,
+            cancel_requested: column(&row, 3, "cancel_requested"),
+            schedule: column::<Vec<f64>>(&row, 4, "schedule_s")
+                .into_iter()
+                .map(|s| Duration::from_secs_f64(s.clamp(0.0, 1e9)))
+                .collect(),
+        };
+        let cap = Duration::from_secs(settings::JOB_BACKOFF_CAP_S.get().max(0) as u64);
+        let retry_after = failure.retry_after.map(|s| Duration::from_secs_f64(s.clamp(0.0, 1e9)));
+        let (state, delay) = match job_next(&attempt, retry_after, cap) {
+            JobNext::Cancelled => ("cancelled", None),
+            JobNext::Failed => ("failed", None),
+            JobNext::Retry { after } => ("retry", Some(after.as_secs_f64())),
+        };
+        let text = PgOid::from(pg_sys::TEXTOID);
+        run_prepared(
+            client,
+            "SELECT ihub._job_failed($1, $2, $3, $4, $5)",
+            &[int8, int4, text, text, PgOid::from(pg_sys::FLOAT8OID)],
+            &[id.into(), pid.into(), failure.message.clone().into(), state.into(), delay.into()],
+        )
+        .unwrap_or_else(|e| error!("ihub._job_failed: {e}"));
+    })
 }
 
 /// The job's own transaction: its function and, if that succeeds, its

@@ -14,9 +14,9 @@ use crate::runtime::registry::{self, Kind};
 use crate::runtime::worker::{run, Worker};
 use crate::settings;
 use pg_ihub_core::outbound::auth::Auth;
-use pg_ihub_core::outbound::retry::{category, classify, decide, Next, RetryPolicy, Verdict};
 use pg_ihub_core::outbound::sender::{headers_from_json, Attempt, Request, Sender};
 use pg_ihub_core::outbound::target::AllowList;
+use pg_ihub_core::retry::{category, classify, decide, Next, RetryPolicy, Verdict};
 
 /// A claimed delivery: the request plus what deciding its fate needs.
 struct Claimed {

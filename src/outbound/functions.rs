@@ -8,7 +8,8 @@ use serde_json::Value;
 
 use crate::error::{IhubError, OrRaise};
 use crate::settings;
-use pg_ihub_core::outbound::{auth::Auth, mask, retry::RetryPolicy, sender, signature, target};
+use pg_ihub_core::outbound::{auth::Auth, mask, sender, signature, target};
+use pg_ihub_core::retry::RetryPolicy;
 
 pub fn allow_list() -> target::AllowList {
     target::AllowList::parse(&settings::allow_private_hosts()).unwrap_or_else(|e| IhubError::AllowList(e).raise())

@@ -4,7 +4,6 @@
 
 pub mod auth;
 pub mod mask;
-pub mod retry;
 pub mod sender;
 pub mod signature;
 pub mod target;

@@ -15,9 +15,9 @@ use serde_json::Value;
 
 use super::auth::Auth;
 use super::mask::mask_request_headers;
-use super::retry::{parse_retry_after, Outcome};
 use super::signature::signature_header;
 use super::target::{check_url, AllowList, TargetError};
+use crate::retry::{parse_retry_after, Outcome};
 
 /// One request to make, as claimed from the queue.
 #[derive(Debug, Clone)]

@@ -1,5 +1,8 @@
-//! Retry policy, backoff with jitter, and what each response or error means
-//! for a delivery.
+//! Every retry decision of the three queues, in one place: for deliveries,
+//! the endpoint's policy (backoff with jitter) and what each response or
+//! error means; for jobs, the retry schedule (`job_next`). An inbound item
+//! whose handler fails is not retried: it is archived as `failed` until
+//! someone reactivates it, so there is nothing to decide for it here.
 
 use std::time::{Duration, SystemTime};
 
@@ -196,6 +199,44 @@ pub fn decide(policy: &RetryPolicy, verdict: Verdict, attempts_made: u32, now: S
     }
 }
 
+/// What a job's failed attempt leads to, and what deciding it needs.
+#[derive(Debug, Clone, PartialEq)]
+pub struct JobAttempt {
+    /// Attempts made in the current budget (since the last `retry_job`), this one included.
+    pub attempts: u32,
+    pub max_attempts: u32,
+    /// `ihub.cancel_job` was called while it ran.
+    pub cancel_requested: bool,
+    /// The delay after attempt 1, 2, ...; the last step repeats.
+    pub schedule: Vec<Duration>,
+}
+
+/// A job's next state after a failed attempt.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum JobNext {
+    Cancelled,
+    Failed,
+    Retry { after: Duration },
+}
+
+/// When a schedule is empty.
+const JOB_DEFAULT_DELAY: Duration = Duration::from_secs(300);
+
+/// Decides what follows a job's failed attempt: cancelled if that was
+/// asked for, failed when the budget is spent, else a retry after the delay
+/// `ihub.retry_later` asked for or the schedule's step, capped by `cap`.
+pub fn job_next(attempt: &JobAttempt, retry_after: Option<Duration>, cap: Duration) -> JobNext {
+    if attempt.cancel_requested {
+        return JobNext::Cancelled;
+    }
+    if attempt.attempts >= attempt.max_attempts {
+        return JobNext::Failed;
+    }
+    let step = attempt.attempts.clamp(1, attempt.schedule.len().max(1) as u32) as usize - 1;
+    let scheduled = attempt.schedule.get(step).copied().unwrap_or(JOB_DEFAULT_DELAY);
+    JobNext::Retry { after: retry_after.unwrap_or(scheduled).min(cap) }
+}
+
 /// Parses `Retry-After`: delay-seconds or an HTTP date.
 pub fn parse_retry_after(value: &str, now: SystemTime) -> Option<Duration> {
     let value = value.trim();
@@ -204,6 +245,56 @@ pub fn parse_retry_after(value: &str, now: SystemTime) -> Option<Duration> {
     }
     let at = httpdate::parse_http_date(value).ok()?;
     Some(at.duration_since(now).unwrap_or(Duration::ZERO))
+}
+
+#[cfg(test)]
+mod job_tests {
+    use super::*;
+
+    fn attempt(attempts: u32) -> JobAttempt {
+        let minutes = |m: u64| Duration::from_secs(m * 60);
+        JobAttempt {
+            attempts,
+            max_attempts: 5,
+            cancel_requested: false,
+            schedule: vec![minutes(5), minutes(15), minutes(60), minutes(180)],
+        }
+    }
+
+    const DAY: Duration = Duration::from_secs(86_400);
+
+    #[test]
+    fn a_failed_job_follows_its_schedule_and_the_last_step_repeats() {
+        let after = |a: &JobAttempt| match job_next(a, None, DAY) {
+            JobNext::Retry { after } => after.as_secs() / 60,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(after(&attempt(1)), 5);
+        assert_eq!(after(&attempt(2)), 15);
+        assert_eq!(after(&attempt(4)), 180);
+        let long = JobAttempt { max_attempts: 10, ..attempt(9) };
+        assert_eq!(after(&long), 180, "the last step repeats");
+        let empty = JobAttempt { schedule: vec![], ..attempt(1) };
+        assert_eq!(after(&empty), 5, "an empty schedule waits five minutes");
+    }
+
+    #[test]
+    fn retry_later_cancellation_budget_and_cap_decide_first() {
+        assert_eq!(job_next(&attempt(5), None, DAY), JobNext::Failed, "five of five attempts made");
+        let cancelled = JobAttempt { cancel_requested: true, ..attempt(1) };
+        assert_eq!(job_next(&cancelled, Some(Duration::from_secs(1)), DAY), JobNext::Cancelled);
+        assert_eq!(
+            job_next(&attempt(1), Some(Duration::from_secs(30)), DAY),
+            JobNext::Retry { after: Duration::from_secs(30) }
+        );
+        let two_days = JobAttempt { schedule: vec![DAY * 2], ..attempt(1) };
+        assert_eq!(job_next(&two_days, None, DAY), JobNext::Retry { after: DAY }, "capped");
+        assert_eq!(
+            job_next(&attempt(1), Some(DAY * 3), DAY),
+            JobNext::Retry { after: DAY },
+            "retry_later is capped too"
+        );
+    }
 }
 
 #[cfg(test)]
