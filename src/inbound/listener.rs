@@ -380,15 +380,15 @@ fn accept(works: &[Work]) -> Option<HashMap<i32, Accepted>> {
             ],
             &[sources.into(), headers.into(), bodies.into(), dedup.into(), remote.into(), run_at.into()],
         )
-        .ok()?;
+        .unwrap_or_else(|e| error!("ihub._accept_inbound: {e}"));
         let mut out = HashMap::new();
         for row in rows {
-            let accepted = match (row.get::<i64>(2).ok()?, row.get::<bool>(3).ok()?) {
+            let accepted = match (nullable::<i64>(&row, 2, "item_id"), nullable::<bool>(&row, 3, "duplicate")) {
                 (Some(id), Some(true)) => Accepted::Duplicate(id),
                 (Some(id), _) => Accepted::Queued(id),
                 (None, _) => Accepted::SourceGone,
             };
-            out.insert(row.get::<i32>(1).ok()??, accepted);
+            out.insert(column::<i32>(&row, 1, "n"), accepted);
         }
         Some(out)
     })
@@ -406,23 +406,27 @@ fn record_rejections(works: &[Work]) {
             headers.push(JsonB(h.clone()));
         }
     }
-    let _ = Spi::run_with_args(
+    // Loud: a rejection record lost must show in the log (the step's WARNING).
+    Spi::run_with_args(
         "SELECT ihub._reject_inbound($1, $2, $3, $4, $5)",
         &[sources.into(), reasons.into(), remote.into(), hashes.into(), headers.into()],
-    );
+    )
+    .unwrap_or_else(|e| error!("ihub._reject_inbound: {e}"));
 }
 
 fn health() -> Option<(bool, Value)> {
     Spi::connect(|client| {
-        let rows = client.select("SELECT check_name, status, message FROM ihub.health()", None, &[]).ok()?;
+        let rows = client
+            .select("SELECT check_name, status, message FROM ihub.health()", None, &[])
+            .unwrap_or_else(|e| error!("ihub.health(): {e}"));
         let mut checks = Vec::new();
         let mut statuses = Vec::new();
         for row in rows {
-            let status: String = row.get(2).ok().flatten().unwrap_or_default();
+            let status: String = column(&row, 2, "status");
             checks.push(json!({
-                "check": row.get::<String>(1).ok().flatten(),
+                "check": column::<String>(&row, 1, "check_name"),
                 "status": status,
-                "message": row.get::<String>(3).ok().flatten(),
+                "message": nullable::<String>(&row, 3, "message"),
             }));
             statuses.push(status);
         }

@@ -182,13 +182,9 @@ fn vacuum_capture_tables() {
         Spi::connect(|client| {
             client
                 .select("SELECT schema, name FROM ihub._bloated_capture_tables($1)", None, &[CAPTURE_DEAD_ROWS.into()])
-                .map(|rows| {
-                    rows.map(|r| {
-                        (r.get(1).ok().flatten().unwrap_or_default(), r.get(2).ok().flatten().unwrap_or_default())
-                    })
-                    .collect()
-                })
-                .unwrap_or_default()
+                .unwrap_or_else(|e| error!("ihub._bloated_capture_tables: {e}"))
+                .map(|r| (column(&r, 1, "schema"), column(&r, 2, "name")))
+                .collect()
         })
     })
     .unwrap_or_default();
