@@ -534,3 +534,25 @@ fn the_rate_limit_answers_429_with_retry_after_then_recovers() {
     let answered_202 = (n - 1) as i64 + burst.iter().filter(|s| **s == 202).count() as i64 + 3;
     assert_eq!(accepted, answered_202, "exactly the requests answered 202 were queued");
 }
+
+/// A step that keeps failing is logged naming the worker and the step, and
+/// the worker carries on by itself once the cause is gone.
+#[test]
+fn a_failing_step_is_logged_with_its_worker_and_the_worker_recovers() {
+    let _g = serial();
+    let mut hub = hub();
+    let cluster = Cluster::from_env();
+    let rx = Receiver::start();
+    let s = hub.setup(&rx.url("/"), "");
+    // Idle dispatchers ask when the next delivery is due; make that fail.
+    hub.exec("ALTER FUNCTION ihub._next_due() RENAME TO _next_due_gone");
+    let expected = ": settle and claim: function ihub._next_due() does not exist";
+    let logged = (0..200).any(|_| {
+        std::thread::sleep(Duration::from_millis(100));
+        cluster.log().lines().any(|l| l.contains("WARNING:  pg_ihub dispatcher ") && l.contains(expected))
+    });
+    hub.exec("ALTER FUNCTION ihub._next_due_gone() RENAME TO _next_due");
+    assert!(logged, "no WARNING \"{expected}\" in the server log");
+    hub.subscribe_and_insert(&s, 3);
+    assert_all_arrived(&mut hub, &rx, &s, 3);
+}
