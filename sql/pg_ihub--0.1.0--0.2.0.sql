@@ -59,6 +59,7 @@ COMMENT ON FUNCTION ihub._dedup_key(text, text, jsonb, bytea) IS
 
 -- Named arguments change with the vocabulary: receive(..., run_at).
 DROP FUNCTION ihub.receive(text, text, jsonb, bytea, timestamptz);
+DROP FUNCTION ihub._accept_inbound(bigint[], jsonb[], bytea[], text[], text[], timestamptz[]);
 
 -------------------------------------------------------------------------------
 -- Job retries are decided in Rust (pg_ihub_core::retry), like deliveries'
@@ -898,6 +899,9 @@ CREATE FUNCTION ihub.receive(integration text, source text, headers jsonb, body 
                              run_at timestamptz DEFAULT now())
 RETURNS bigint
 LANGUAGE c VOLATILE AS 'MODULE_PATHNAME', 'ihub_for_caller';
+GRANT EXECUTE ON FUNCTION ihub.receive(text, text, jsonb, bytea, timestamptz) TO ihub_developer;
+COMMENT ON FUNCTION ihub.receive(text, text, jsonb, bytea, timestamptz) IS
+    'Verifies and queues a request received by the application itself, like the listener. Returns the item id (the first one''s for a duplicate), or NULL when verification fails.';
 
 CREATE FUNCTION ihub._reactivate_inbound_by(ids bigint[], p_caller regrole) RETURNS bigint
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
@@ -1760,6 +1764,8 @@ BEGIN
     PERFORM ihub._wake_processor();
 END
 $$;
+COMMENT ON FUNCTION ihub._accept_inbound(bigint[], jsonb[], bytea[], text[], text[], timestamptz[]) IS
+    'Internal: queues a batch of verified requests, dropping duplicates.';
 
 CREATE OR REPLACE FUNCTION ihub._claim_inbound(p_owner integer, p_default_timeout_ms integer)
 RETURNS TABLE (id bigint, call text, run_as oid, timeout_ms integer, more_due boolean)
