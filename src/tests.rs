@@ -605,14 +605,14 @@ mod tests {
                 "SELECT concat_ws(':', attempts, max_attempts, cancel_requested, schedule_s::text) FROM ihub._job_attempt({job}, 4242)"
             ))
         };
-        assert_eq!(inputs(), "1:3:false:{300,900,3600,10800}", "the default schedule");
+        assert_eq!(inputs(), "1:3:f:{300,900,3600,10800}", "the default schedule");
         Spi::run(&format!("UPDATE ihub.job SET integration_id = (SELECT id FROM ihub.integration WHERE name = 'crm') WHERE id = {job}")).unwrap();
-        assert_eq!(inputs(), "1:3:false:{120,240}", "the integration's schedule");
+        assert_eq!(inputs(), "1:3:f:{120,240}", "the integration's schedule");
         Spi::run(&format!(
             "UPDATE ihub.job SET retry_schedule = '{{10 seconds, 1 day}}', cancel_requested = true WHERE id = {job}"
         ))
         .unwrap();
-        assert_eq!(inputs(), "1:3:true:{10,86400}", "the job's own schedule");
+        assert_eq!(inputs(), "1:3:t:{10,86400}", "the job's own schedule");
         assert_eq!(
             one::<i64>(&format!("SELECT count(*) FROM ihub._job_attempt({job}, 4243)")),
             0,
