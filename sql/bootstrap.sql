@@ -530,3 +530,33 @@ BEGIN
     END LOOP;
 END
 $seq$;
+
+-- Retention has a row per kind from CREATE EXTENSION on, so its dumped rows
+-- cannot simply be copied back: a restore's COPY (or any INSERT) of a kind
+-- that exists updates its row instead.
+CREATE FUNCTION ihub._retention_upsert() RETURNS trigger
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    UPDATE ihub.retention SET keep = NEW.keep WHERE kind = NEW.kind;
+    IF FOUND THEN
+        RETURN NULL;
+    END IF;
+    RETURN NEW;
+END
+$$;
+CREATE TRIGGER retention_upsert BEFORE INSERT ON ihub.retention
+    FOR EACH ROW EXECUTE FUNCTION ihub._retention_upsert();
+COMMENT ON FUNCTION ihub._retention_upsert() IS
+    'Internal: trigger making an insert of an existing retention kind (as pg_restore does) update its period.';
+COMMENT ON TRIGGER retention_upsert ON ihub.retention IS
+    'Restoring a dump keeps the dumped retention periods over the defaults CREATE EXTENSION made.';
+SELECT pg_catalog.pg_extension_config_dump('ihub.retention', '');
+-- Log entries of days without their own partition; the daily partitions
+-- are not members and are dumped as tables of their own.
+SELECT pg_catalog.pg_extension_config_dump('ihub.log_entry_debug_default', '');
+SELECT pg_catalog.pg_extension_config_dump('ihub.log_entry_info_default', '');
+SELECT pg_catalog.pg_extension_config_dump('ihub.log_entry_warning_default', '');
+-- The log's identity lives on the partitioned parent, which the loop above
+-- does not see: restored entries keep their ids, new ones continue after.
+SELECT pg_catalog.pg_extension_config_dump('ihub.log_entry_id_seq', '');

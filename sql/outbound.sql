@@ -491,6 +491,54 @@ $$;
 CREATE FUNCTION ihub.unsubscribe(id bigint) RETURNS void
 LANGUAGE c VOLATILE AS 'MODULE_PATHNAME', 'ihub_for_caller';
 
+-- DROP EXTENSION pg_ihub without CASCADE: capture tables and the capture
+-- triggers on users' tables are made at run time and so are not members of
+-- the extension; the event trigger ihub_drop_extension (a member, made by
+-- CREATE EXTENSION and by the upgrade, never dumped) removes them first
+-- when, and only when, the statement drops pg_ihub (src/outbound/capture.rs).
+CREATE FUNCTION ihub._drop_capture() RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v record;
+BEGIN
+    -- Every trigger calling a capture function, whatever its name; clones on
+    -- partitions go with their parent's.
+    FOR v IN
+        SELECT t.tgname, t.tgrelid::regclass AS rel
+        FROM pg_trigger t
+        WHERE t.tgfoid IN ('ihub._capture_rows()'::regprocedure, 'ihub._capture_filtered()'::regprocedure)
+          AND t.tgparentid = 0
+    LOOP
+        EXECUTE format('DROP TRIGGER %I ON %s', v.tgname, v.rel);
+    END LOOP;
+    -- Capture tables, and nothing of the extension's own (the schema).
+    FOR v IN
+        SELECT c.oid::regclass AS rel
+        FROM pg_class c
+        WHERE c.relnamespace = 'ihub_capture'::regnamespace AND c.relkind IN ('r', 'p')
+          AND NOT c.relispartition
+          AND NOT EXISTS (SELECT 1 FROM pg_depend d
+                          WHERE d.classid = 'pg_class'::regclass AND d.objid = c.oid AND d.deptype = 'e')
+    LOOP
+        EXECUTE format('DROP TABLE %s', v.rel);
+    END LOOP;
+END
+$$;
+
+CREATE FUNCTION ihub._on_drop_extension() RETURNS event_trigger
+LANGUAGE c AS 'MODULE_PATHNAME', 'ihub_drop_extension';
+
+CREATE EVENT TRIGGER ihub_drop_extension ON ddl_command_start WHEN TAG IN ('DROP EXTENSION')
+    EXECUTE FUNCTION ihub._on_drop_extension();
+
+COMMENT ON FUNCTION ihub._drop_capture() IS
+    'Internal: drops every capture trigger and capture table, so that DROP EXTENSION pg_ihub needs no CASCADE.';
+COMMENT ON FUNCTION ihub._on_drop_extension() IS
+    'Internal: event trigger function; before DROP EXTENSION pg_ihub runs, calls ihub._drop_capture().';
+COMMENT ON EVENT TRIGGER ihub_drop_extension IS
+    'pg_ihub: removes capture triggers and capture tables (made at run time, not extension members) before DROP EXTENSION pg_ihub.';
+
 -------------------------------------------------------------------------------
 -- Queue: routing, claiming, settling (called by the dispatcher workers)
 -------------------------------------------------------------------------------

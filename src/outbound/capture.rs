@@ -340,3 +340,51 @@ unsafe fn capture_rows(data: &pg_sys::TriggerData, keep: Option<&[bool]>) -> Res
     pg_sys::table_close(capture, pg_sys::NoLock as _);
     Ok(done)
 }
+
+#[no_mangle]
+pub extern "C" fn pg_finfo_ihub_drop_extension() -> &'static pg_sys::Pg_finfo_record {
+    const V1: pg_sys::Pg_finfo_record = pg_sys::Pg_finfo_record { api_version: 1 };
+    &V1
+}
+
+/// The event trigger `ihub_drop_extension` (ddl_command_start, DROP
+/// EXTENSION). Capture tables and the capture triggers on users' tables are
+/// made at run time, so they are not members of the extension and would
+/// make `DROP EXTENSION pg_ihub` fail without CASCADE. When the statement
+/// drops pg_ihub, `ihub._drop_capture()` removes them first, in the same
+/// transaction; a DROP EXTENSION of any other extension is left alone. The
+/// names are read from the statement itself, which only a C event trigger
+/// sees. Being a member, the event trigger is made by CREATE EXTENSION (or
+/// the upgrade) and never dumped, so a restored database has it too.
+///
+/// # Safety
+/// Called by the function manager as an event trigger.
+#[pg_guard]
+#[no_mangle]
+pub unsafe extern "C-unwind" fn ihub_drop_extension(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum {
+    let context = (*fcinfo).context;
+    if context.is_null() || (*context).type_ != pg_sys::NodeTag::T_EventTriggerData {
+        pgrx::error!("ihub._on_drop_extension() must be called as an event trigger");
+    }
+    let data = &*(context as *const pg_sys::EventTriggerData);
+    if drops_pg_ihub(data.parsetree) {
+        Spi::run("SELECT ihub._drop_capture()").unwrap_or_else(|e| pgrx::error!("{e}"));
+    }
+    pg_sys::Datum::from(0)
+}
+
+/// Whether a statement is a DROP EXTENSION naming pg_ihub.
+unsafe fn drops_pg_ihub(tree: *mut pg_sys::Node) -> bool {
+    if tree.is_null() || (*tree).type_ != pg_sys::NodeTag::T_DropStmt {
+        return false;
+    }
+    let drop = &*(tree as *const pg_sys::DropStmt);
+    if drop.removeType != pg_sys::ObjectType::OBJECT_EXTENSION {
+        return false;
+    }
+    PgList::<pg_sys::Node>::from_pg(drop.objects).iter_ptr().any(|name| {
+        !name.is_null()
+            && (*name).type_ == pg_sys::NodeTag::T_String
+            && std::ffi::CStr::from_ptr((*(name as *const pg_sys::String)).sval).to_bytes() == b"pg_ihub"
+    })
+}
