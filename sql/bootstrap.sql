@@ -318,8 +318,9 @@ CREATE TABLE ihub.log_entry (
     checked_at     timestamptz,
     checked_by     name
 ) PARTITION BY LIST (level);
-CREATE INDEX ON ihub.log_entry (id);
-CREATE INDEX ON ihub.log_entry (logged_at);
+-- No index on the parent: each partition has its own (id) and (logged_at)
+-- indexes. A parent index would be rebuilt on every partition pg_restore
+-- attaches, colliding with the partition's own dumped index.
 COMMENT ON TABLE ihub.log_entry IS
     'Log entries written through ihub.log by SQL code, jobs and pg_ihub''s own workers; partitioned by level, then by day.';
 CREATE TABLE ihub.log_entry_lasting PARTITION OF ihub.log_entry FOR VALUES IN ('error', 'critical');
@@ -337,6 +338,14 @@ CREATE TABLE ihub.log_entry_warning_default PARTITION OF ihub.log_entry_warning 
 COMMENT ON TABLE ihub.log_entry_debug_default IS 'Debug entries of days without their own partition.';
 COMMENT ON TABLE ihub.log_entry_info_default IS 'Info entries of days without their own partition.';
 COMMENT ON TABLE ihub.log_entry_warning_default IS 'Warning entries of days without their own partition.';
+CREATE INDEX log_entry_lasting_id_idx ON ihub.log_entry_lasting (id);
+CREATE INDEX log_entry_lasting_logged_at_idx ON ihub.log_entry_lasting (logged_at);
+CREATE INDEX log_entry_debug_default_id_idx ON ihub.log_entry_debug_default (id);
+CREATE INDEX log_entry_debug_default_logged_at_idx ON ihub.log_entry_debug_default (logged_at);
+CREATE INDEX log_entry_info_default_id_idx ON ihub.log_entry_info_default (id);
+CREATE INDEX log_entry_info_default_logged_at_idx ON ihub.log_entry_info_default (logged_at);
+CREATE INDEX log_entry_warning_default_id_idx ON ihub.log_entry_warning_default (id);
+CREATE INDEX log_entry_warning_default_logged_at_idx ON ihub.log_entry_warning_default (logged_at);
 
 -- Logging per integration: on or off, and the lowest level kept.
 CREATE TABLE ihub.log_setting (

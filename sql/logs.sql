@@ -209,6 +209,12 @@ DECLARE
     v_name text;
     v_made integer := 0;
 BEGIN
+    -- A restore brings the source's partitions: making ours meanwhile would
+    -- collide with them (pg_restore names itself in application_name).
+    IF EXISTS (SELECT 1 FROM pg_stat_activity
+               WHERE datname = current_database() AND application_name = 'pg_restore') THEN
+        RETURN 0;
+    END IF;
     FOREACH v_level IN ARRAY ARRAY['debug', 'info', 'warning'] LOOP
         FOR v_day IN SELECT generate_series(current_date, current_date + 2, interval '1 day')::date LOOP
             v_name := format('log_entry_%s_%s', v_level, to_char(v_day, 'YYYYMMDD'));
@@ -218,6 +224,8 @@ BEGIN
                                v_name, 'log_entry_' || v_level, v_day::timestamptz, (v_day + 1)::timestamptz);
                 EXECUTE format('COMMENT ON TABLE ihub.%I IS %L', v_name,
                                format('%s log entries of %s (dropped whole when expired)', v_level, v_day));
+                EXECUTE format('CREATE INDEX %I ON ihub.%I (id)', v_name || '_id_idx', v_name);
+                EXECUTE format('CREATE INDEX %I ON ihub.%I (logged_at)', v_name || '_logged_at_idx', v_name);
                 v_made := v_made + 1;
             EXCEPTION WHEN check_violation OR lock_not_available OR query_canceled THEN
                 NULL; -- rows of that day already in the default partition, or busy: stay there
@@ -348,7 +356,7 @@ COMMENT ON FUNCTION ihub.set_activity_users(regrole, regrole) IS
 COMMENT ON FUNCTION ihub._open_activity(bigint, text, jsonb, bigint, bigint, bigint, regclass, text, bigint) IS
     'Internal: opens the activity of a critical entry and sends NOTIFY ihub_activity.';
 COMMENT ON FUNCTION ihub.close_activity(bigint, text) IS 'Closes an open activity with a note.';
-COMMENT ON FUNCTION ihub._ensure_log_partitions() IS 'Internal: creates the daily log partitions of today and the next two days.';
+COMMENT ON FUNCTION ihub._ensure_log_partitions() IS 'Internal: creates the daily log partitions of today and the next two days, with their indexes (not during a pg_restore).';
 COMMENT ON FUNCTION ihub._cleanup(integer) IS 'Internal: removes what retention says, in batches.';
 COMMENT ON FUNCTION ihub.cleanup() IS 'Runs the retention cleanup now; returns what it removed per kind.';
 COMMENT ON VIEW ihub.logs IS 'Log entries with their links and whether someone checked them.';
@@ -356,20 +364,7 @@ COMMENT ON VIEW ihub.activities IS 'Activities made from critical log entries, o
 COMMENT ON VIEW ihub.retention_settings IS 'How long each kind of record is kept.';
 COMMENT ON VIEW ihub.log_settings IS 'Logging per integration: on or off and the minimum level.';
 
--- Today's partitions exist from the start. Tables made by CREATE EXTENSION
--- would belong to the extension, and the cleanup could never drop them:
--- they are handed over like the ones the maintenance worker makes later.
-SELECT ihub._ensure_log_partitions();
-DO $own$
-DECLARE
-    t regclass;
-BEGIN
-    FOR t IN
-        SELECT c.oid::regclass FROM pg_depend d JOIN pg_class c ON c.oid = d.objid
-        WHERE d.deptype = 'e' AND d.classid = 'pg_class'::regclass AND d.refobjid = (SELECT oid FROM pg_extension WHERE extname = 'pg_ihub')
-          AND c.relnamespace = 'ihub'::regnamespace AND c.relname ~ '^log_entry_(debug|info|warning)_[0-9]{8}$'
-    LOOP
-        EXECUTE format('ALTER EXTENSION pg_ihub DROP TABLE %s', t);
-    END LOOP;
-END
-$own$;
+-- Daily partitions are made by the maintenance worker, never by CREATE
+-- EXTENSION: tables it made would be members of the extension, and in a
+-- restore they would collide with the dumped ones. Until the worker makes
+-- them, entries land in the default partitions.

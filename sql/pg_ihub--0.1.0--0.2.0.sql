@@ -1970,6 +1970,74 @@ SELECT pg_catalog.pg_extension_config_dump('ihub.log_entry_warning_default', '')
 SELECT pg_catalog.pg_extension_config_dump('ihub.log_entry_id_seq', '');
 
 -------------------------------------------------------------------------------
+-- Log partitions carry their own indexes, so that pg_restore can attach them
+-------------------------------------------------------------------------------
+-- An index on the partitioned parent is built again on every partition
+-- pg_restore attaches, colliding with the partition's dumped index; and
+-- daily partitions are made by the maintenance worker only (not during a
+-- restore), never by CREATE EXTENSION.
+
+DROP INDEX ihub.log_entry_id_idx, ihub.log_entry_logged_at_idx;
+CREATE INDEX log_entry_lasting_id_idx ON ihub.log_entry_lasting (id);
+CREATE INDEX log_entry_lasting_logged_at_idx ON ihub.log_entry_lasting (logged_at);
+CREATE INDEX log_entry_debug_default_id_idx ON ihub.log_entry_debug_default (id);
+CREATE INDEX log_entry_debug_default_logged_at_idx ON ihub.log_entry_debug_default (logged_at);
+CREATE INDEX log_entry_info_default_id_idx ON ihub.log_entry_info_default (id);
+CREATE INDEX log_entry_info_default_logged_at_idx ON ihub.log_entry_info_default (logged_at);
+CREATE INDEX log_entry_warning_default_id_idx ON ihub.log_entry_warning_default (id);
+CREATE INDEX log_entry_warning_default_logged_at_idx ON ihub.log_entry_warning_default (logged_at);
+DO $idx$
+DECLARE
+    v record;
+BEGIN
+    FOR v IN SELECT c.relname FROM pg_class c
+             WHERE c.relnamespace = 'ihub'::regnamespace AND c.relkind = 'r'
+               AND c.relname ~ '^log_entry_(debug|info|warning)_[0-9]{8}$'
+    LOOP
+        EXECUTE format('CREATE INDEX %I ON ihub.%I (id)', v.relname || '_id_idx', v.relname);
+        EXECUTE format('CREATE INDEX %I ON ihub.%I (logged_at)', v.relname || '_logged_at_idx', v.relname);
+    END LOOP;
+END
+$idx$;
+
+CREATE OR REPLACE FUNCTION ihub._ensure_log_partitions() RETURNS integer
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_level text;
+    v_day date;
+    v_name text;
+    v_made integer := 0;
+BEGIN
+    -- A restore brings the source's partitions: making ours meanwhile would
+    -- collide with them (pg_restore names itself in application_name).
+    IF EXISTS (SELECT 1 FROM pg_stat_activity
+               WHERE datname = current_database() AND application_name = 'pg_restore') THEN
+        RETURN 0;
+    END IF;
+    FOREACH v_level IN ARRAY ARRAY['debug', 'info', 'warning'] LOOP
+        FOR v_day IN SELECT generate_series(current_date, current_date + 2, interval '1 day')::date LOOP
+            v_name := format('log_entry_%s_%s', v_level, to_char(v_day, 'YYYYMMDD'));
+            CONTINUE WHEN to_regclass('ihub.' || v_name) IS NOT NULL;
+            BEGIN
+                EXECUTE format('CREATE TABLE ihub.%I PARTITION OF ihub.%I FOR VALUES FROM (%L) TO (%L)',
+                               v_name, 'log_entry_' || v_level, v_day::timestamptz, (v_day + 1)::timestamptz);
+                EXECUTE format('COMMENT ON TABLE ihub.%I IS %L', v_name,
+                               format('%s log entries of %s (dropped whole when expired)', v_level, v_day));
+                EXECUTE format('CREATE INDEX %I ON ihub.%I (id)', v_name || '_id_idx', v_name);
+                EXECUTE format('CREATE INDEX %I ON ihub.%I (logged_at)', v_name || '_logged_at_idx', v_name);
+                v_made := v_made + 1;
+            EXCEPTION WHEN check_violation OR lock_not_available OR query_canceled THEN
+                NULL; -- rows of that day already in the default partition, or busy: stay there
+            END;
+        END LOOP;
+    END LOOP;
+    RETURN v_made;
+END
+$$;
+COMMENT ON FUNCTION ihub._ensure_log_partitions() IS 'Internal: creates the daily log partitions of today and the next two days, with their indexes (not during a pg_restore).';
+
+-------------------------------------------------------------------------------
 -- Privileges and comments
 -------------------------------------------------------------------------------
 

@@ -10,6 +10,7 @@ WITH ns AS (
     WHERE c.relkind IN ('r', 'p', 'v', 'm', 'S', 'i', 'c') AND c.relname !~ '^sub_[0-9]+$'
       -- log partitions are made per day and level, not by the extension script
       AND NOT (c.relkind IN ('r', 'i') AND c.relispartition)
+      AND c.relname !~ '^log_entry_(debug|info|warning)_[0-9]{8}_(id|logged_at)_idx$'
 ), fn AS (
     SELECT p.*, ns.nspname FROM pg_proc p JOIN ns ON ns.oid = p.pronamespace
 )
