@@ -26,10 +26,15 @@ pgrx::extension_sql_file!("../sql/bootstrap.sql", name = "bootstrap", bootstrap)
 // Rust helpers, hence the requires), then comments on the Rust functions and
 // all privileges.
 pgrx::extension_sql_file!(
+    "../sql/integrations.sql",
+    name = "integrations",
+    requires = ["bootstrap", outbound::functions::mask_settings]
+);
+pgrx::extension_sql_file!(
     "../sql/outbound.sql",
     name = "outbound",
     requires = [
-        "bootstrap",
+        "integrations",
         outbound::functions::mask_settings,
         outbound::functions::mask_headers,
         outbound::functions::mask_endpoint_headers,
