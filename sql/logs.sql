@@ -202,6 +202,10 @@ LANGUAGE c VOLATILE AS 'MODULE_PATHNAME', 'ihub_for_caller';
 -- A day whose rows already sit in the default partition keeps them there.
 CREATE FUNCTION ihub._ensure_log_partitions() RETURNS integer
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+-- Making a partition locks its level's table: give up quickly (and try at
+-- the next round) rather than wait for a session writing logs, which could
+-- be waiting for us in turn (a cleanup run by hand).
+SET lock_timeout = '200ms'
 AS $$
 DECLARE
     v_level text;

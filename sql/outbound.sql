@@ -293,7 +293,10 @@ BEGIN
         p_caller, coalesce((SELECT r.oid FROM pg_roles r WHERE r.rolname = v_sub.created_by), 10)::regrole,
         format('subscription %s', v_sub.id));
     -- Changes captured but not yet routed become deliveries before the
-    -- capture table goes, so that nothing committed is lost.
+    -- capture table goes, so that nothing committed is lost. Writers still
+    -- open may have captured changes the route cannot see yet: wait for them
+    -- (the lock CREATE TRIGGER takes), and keep new ones out until commit.
+    EXECUTE format('LOCK TABLE %s IN SHARE ROW EXCLUSIVE MODE', v_sub.source);
     PERFORM ihub._route(v_sub, NULL, NULL);
     FOREACH v_event IN ARRAY v_sub.events LOOP
         EXECUTE format('DROP TRIGGER IF EXISTS %I ON %s', format('ihub_sub_%s_%s', v_sub.id, v_event), v_sub.source);

@@ -310,7 +310,10 @@ BEGIN
         p_caller, coalesce((SELECT r.oid FROM pg_roles r WHERE r.rolname = v_sub.created_by), 10)::regrole,
         format('subscription %s', v_sub.id));
     -- Changes captured but not yet routed become deliveries before the
-    -- capture table goes, so that nothing committed is lost.
+    -- capture table goes, so that nothing committed is lost. Writers still
+    -- open may have captured changes the route cannot see yet: wait for them
+    -- (the lock CREATE TRIGGER takes), and keep new ones out until commit.
+    EXECUTE format('LOCK TABLE %s IN SHARE ROW EXCLUSIVE MODE', v_sub.source);
     PERFORM ihub._route(v_sub, NULL, NULL);
     FOREACH v_event IN ARRAY v_sub.events LOOP
         EXECUTE format('DROP TRIGGER IF EXISTS %I ON %s', format('ihub_sub_%s_%s', v_sub.id, v_event), v_sub.source);
@@ -2002,6 +2005,10 @@ $idx$;
 
 CREATE OR REPLACE FUNCTION ihub._ensure_log_partitions() RETURNS integer
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+-- Making a partition locks its level's table: give up quickly (and try at
+-- the next round) rather than wait for a session writing logs, which could
+-- be waiting for us in turn (a cleanup run by hand).
+SET lock_timeout = '200ms'
 AS $$
 DECLARE
     v_level text;
