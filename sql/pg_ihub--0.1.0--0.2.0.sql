@@ -2034,8 +2034,15 @@ BEGIN
                 EXECUTE format('CREATE INDEX %I ON ihub.%I (id)', v_name || '_id_idx', v_name);
                 EXECUTE format('CREATE INDEX %I ON ihub.%I (logged_at)', v_name || '_logged_at_idx', v_name);
                 v_made := v_made + 1;
-            EXCEPTION WHEN check_violation OR lock_not_available OR query_canceled THEN
-                NULL; -- rows of that day already in the default partition, or busy: stay there
+            EXCEPTION
+                WHEN check_violation THEN
+                    NULL; -- rows of that day already in the default partition: they stay there
+                WHEN lock_not_available OR query_canceled THEN
+                    -- Busy: stop here, so that the locks of the partitions
+                    -- made so far go with this transaction at once instead
+                    -- of being held while waiting for the next (a session
+                    -- logging could be waiting for them: a deadlock).
+                    RETURN v_made;
             END;
         END LOOP;
     END LOOP;
