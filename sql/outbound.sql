@@ -934,7 +934,7 @@ COMMENT ON VIEW ihub.endpoints IS 'Endpoints with masked headers and URL; creden
 COMMENT ON VIEW ihub.endpoint_secrets IS 'Signing secrets per endpoint, with rotation expiry. ihub_admin only.';
 COMMENT ON VIEW ihub.subscriptions IS 'Row-change subscriptions and whether they are capturing.';
 COMMENT ON VIEW ihub.deliveries IS
-    'Outbound deliveries: state (pending, running, delivered, retry, failed, dead), attempts, next attempt, last status and error, latency from commit to delivery.';
+    'Outbound deliveries: state (pending, running, retry, done, failed, dead), attempts, next attempt (run_at), last status and error, latency from commit to delivery.';
 COMMENT ON VIEW ihub.delivery_attempts IS
     'Every delivery attempt: request (credentials masked), response status, headers and body (truncated), duration, error category.';
 COMMENT ON VIEW ihub.workers IS 'pg_ihub background workers alive now, with their database and last heartbeat.';

@@ -57,6 +57,9 @@ AS 'MODULE_PATHNAME', 'dedup_key_wrapper';
 COMMENT ON FUNCTION ihub._dedup_key(text, text, jsonb, bytea) IS
     'Internal: a request''s de-duplication key (the webhook-id, else the id header, else the body''s SHA-256), as the listener computes it.';
 
+COMMENT ON VIEW ihub.deliveries IS
+    'Outbound deliveries: state (pending, running, retry, done, failed, dead), attempts, next attempt (run_at), last status and error, latency from commit to delivery.';
+
 -- Named arguments change with the vocabulary: receive(..., run_at).
 DROP FUNCTION ihub.receive(text, text, jsonb, bytea, timestamptz);
 DROP FUNCTION ihub._accept_inbound(bigint[], jsonb[], bytea[], text[], text[], timestamptz[]);

@@ -343,7 +343,7 @@ fn health_turns_critical_while_a_worker_is_gone() {
         "SELECT status = 'ok' FROM ihub.health() WHERE check_name = 'workers: job worker'",
         Duration::from_secs(20)
     ));
-    hub.exec("SELECT pg_terminate_backend(pid) FROM ihub.workers WHERE kind = 'job worker' LIMIT 1");
+    hub.exec("SELECT pg_terminate_backend(pid) FROM ihub.workers WHERE kind = 'job worker' AND database = current_database() LIMIT 1");
     std::thread::sleep(Duration::from_millis(200));
     assert_eq!(status(&mut hub), "critical");
     let message: String = hub.one("SELECT message FROM ihub.health() WHERE check_name = 'workers: job worker'");
@@ -357,7 +357,7 @@ fn health_turns_critical_while_a_worker_is_gone() {
     let listed: String = hub.one(
         "SELECT count(*) FILTER (WHERE kind = 'job worker') || ' job workers, ' ||
                 count(*) FILTER (WHERE NOT EXISTS (SELECT 1 FROM pg_stat_activity a WHERE a.pid = w.pid)) || ' gone'
-         FROM ihub.workers w",
+         FROM ihub.workers w WHERE w.database = current_database()",
     );
     assert_eq!(listed, "2 job workers, 0 gone");
 }
