@@ -101,7 +101,12 @@ CREATE TABLE ihub.subscription (
     condition     text,
     test_mode     boolean NOT NULL DEFAULT false,
     created_by    name NOT NULL DEFAULT current_user,
-    created_at    timestamptz NOT NULL DEFAULT now()
+    created_at    timestamptz NOT NULL DEFAULT now(),
+    -- Set when routing its changes fails for a reason that does not pass
+    -- (its table or capture table broken): the others go on, and it is tried
+    -- again every 10 seconds until it works.
+    broken_at     timestamptz,
+    broken_reason text
 );
 CREATE INDEX ON ihub.subscription (endpoint_id);
 COMMENT ON TABLE ihub.subscription IS

@@ -103,6 +103,10 @@ DECLARE
     v_event text;
 BEGIN
     SELECT * INTO v_sub FROM ihub.subscription WHERE id = p_subscription;
+    -- A table dropped with its schema: nothing to switch (it is marked broken).
+    IF NOT EXISTS (SELECT 1 FROM pg_class WHERE oid = v_sub.source) THEN
+        RETURN;
+    END IF;
     FOREACH v_event IN ARRAY v_sub.events LOOP
         EXECUTE format('ALTER TABLE %s %s TRIGGER %I', v_sub.source,
                        CASE WHEN p_enabled THEN 'ENABLE' ELSE 'DISABLE' END,

@@ -153,6 +153,13 @@ BEGIN
         RETURN NEXT;
     END LOOP;
 
+    SELECT string_agg(format('%s (%s)', id, broken_reason), '; ' ORDER BY id) INTO v_names
+    FROM ihub.subscription WHERE broken_at IS NOT NULL;
+    check_name := 'subscriptions';
+    status := CASE WHEN v_names IS NULL THEN 'ok' ELSE 'critical' END;
+    message := coalesce('broken: ' || v_names, 'all capturing');
+    RETURN NEXT;
+
     SELECT string_agg(name, ', ' ORDER BY name) INTO v_names FROM ihub.endpoint WHERE NOT enabled;
     check_name := 'endpoints';
     status := CASE WHEN v_names IS NULL THEN 'ok' ELSE 'warning' END;

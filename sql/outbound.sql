@@ -144,6 +144,24 @@ BEGIN
 END
 $$;
 
+-- A subscription's capture table: the captured rows keep the table's own
+-- row type, copied unchanged by the capture triggers.
+CREATE FUNCTION ihub._create_capture_table(p_sub ihub.subscription) RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_capture text := format('ihub_capture.%I', 'sub_' || p_sub.id);
+    v_type text := format_type((SELECT reltype FROM pg_class WHERE oid = p_sub.source), NULL);
+BEGIN
+    EXECUTE format('CREATE TABLE %s (op "char" NOT NULL, xid xid8 NOT NULL, occurred_at timestamptz NOT NULL, new_row %s, old_row %s) '
+                   'WITH (autovacuum_vacuum_scale_factor = 0, autovacuum_vacuum_threshold = 1000)',
+                   v_capture, v_type, v_type);
+    EXECUTE format('COMMENT ON TABLE %s IS %L', v_capture,
+                   format('pg_ihub capture table of subscription %s (%s -> %s)', p_sub.id, p_sub.source,
+                          (SELECT name FROM ihub.endpoint WHERE id = p_sub.endpoint_id)));
+END
+$$;
+
 CREATE FUNCTION ihub._subscribe_by(
     source regclass,
     endpoint text,
@@ -164,7 +182,6 @@ DECLARE
     v_sub ihub.subscription;
     v_event text;
     v_bad text;
-    v_capture text;
     v_function text;
     v_columns text[];
 BEGIN
@@ -238,12 +255,7 @@ BEGIN
     VALUES (v_endpoint.id, source, v_events, columns, watch, condition, coalesce(test_mode, false), v_caller)
     RETURNING * INTO v_sub;
 
-    v_capture := format('ihub_capture.%I', 'sub_' || v_sub.id);
-    EXECUTE format('CREATE TABLE %s (op "char" NOT NULL, xid xid8 NOT NULL, occurred_at timestamptz NOT NULL, new_row %s, old_row %s) '
-                   'WITH (autovacuum_vacuum_scale_factor = 0, autovacuum_vacuum_threshold = 1000)',
-                   v_capture, format_type(v_rel.reltype, NULL), format_type(v_rel.reltype, NULL));
-    EXECUTE format('COMMENT ON TABLE %s IS %L', v_capture,
-                   format('pg_ihub capture table of subscription %s (%s -> %s)', v_sub.id, source, v_endpoint.name));
+    PERFORM ihub._create_capture_table(v_sub);
     FOREACH v_event IN ARRAY v_events LOOP
         -- C-language triggers copy the rows in bulk; with watched columns or
         -- a condition, ihub._capture_filtered first selects the rows that
@@ -292,20 +304,189 @@ BEGIN
     PERFORM ihub._require_may_act_for(
         p_caller, coalesce((SELECT r.oid FROM pg_roles r WHERE r.rolname = v_sub.created_by), 10)::regrole,
         format('subscription %s', v_sub.id));
-    -- Changes captured but not yet routed become deliveries before the
-    -- capture table goes, so that nothing committed is lost. Writers still
-    -- open may have captured changes the route cannot see yet: wait for them
-    -- (the lock CREATE TRIGGER takes), and keep new ones out until commit.
-    EXECUTE format('LOCK TABLE %s IN SHARE ROW EXCLUSIVE MODE', v_sub.source);
-    PERFORM ihub._route(v_sub, NULL, NULL);
-    FOREACH v_event IN ARRAY v_sub.events LOOP
-        EXECUTE format('DROP TRIGGER IF EXISTS %I ON %s', format('ihub_sub_%s_%s', v_sub.id, v_event), v_sub.source);
-        EXECUTE format('DROP FUNCTION IF EXISTS ihub_capture.%I()', format('sub_%s_%s', v_sub.id, v_event));
-    END LOOP;
-    EXECUTE format('DROP TABLE IF EXISTS ihub_capture.%I', 'sub_' || v_sub.id);
-    DELETE FROM ihub.subscription s WHERE s.id = v_sub.id;
+    PERFORM ihub._end_subscription(v_sub);
 END
 $$;
+
+-- Ends a subscription: what it captured becomes deliveries, then its
+-- triggers, capture table and row go. Writers still open may have captured
+-- changes the route cannot see yet: it waits for them (the lock CREATE
+-- TRIGGER takes) and keeps new ones out until commit. A subscription whose
+-- table is gone (dropped with its schema) has nothing left to route.
+CREATE FUNCTION ihub._end_subscription(p_sub ihub.subscription) RETURNS bigint
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_event text;
+    v_routed bigint := 0;
+BEGIN
+    IF EXISTS (SELECT 1 FROM pg_class WHERE oid = p_sub.source) THEN
+        EXECUTE format('LOCK TABLE %s IN SHARE ROW EXCLUSIVE MODE', p_sub.source);
+        BEGIN
+            SELECT count(*) INTO v_routed FROM ihub._route(p_sub, NULL, NULL);
+        EXCEPTION
+            WHEN insufficient_privilege THEN
+                RAISE; -- a cast to json in the way: dropping it lets them go
+            WHEN OTHERS THEN
+                -- A broken capture table: what it holds cannot be sent.
+                PERFORM ihub.log('error',
+                                 format('subscription %s ended: its captured changes could not be sent: %s', p_sub.id, SQLERRM),
+                                 jsonb_build_object('subscription', p_sub.id));
+        END;
+        FOREACH v_event IN ARRAY p_sub.events LOOP
+            EXECUTE format('DROP TRIGGER IF EXISTS %I ON %s', format('ihub_sub_%s_%s', p_sub.id, v_event), p_sub.source);
+        END LOOP;
+    END IF;
+    EXECUTE format('DROP TABLE IF EXISTS ihub_capture.%I', 'sub_' || p_sub.id);
+    DELETE FROM ihub.subscription s WHERE s.id = p_sub.id;
+    RETURN v_routed;
+END
+$$;
+
+-- DROP TABLE of subscribed tables (from the event trigger ihub_ddl_start,
+-- src/outbound/ddl.rs): each subscription delivers what it captured, then
+-- ends, before the table goes.
+CREATE FUNCTION ihub._subscriptions_dropping(p_tables oid[]) RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_sub ihub.subscription;
+    v_routed bigint;
+BEGIN
+    FOR v_sub IN SELECT * FROM ihub.subscription WHERE source = ANY (p_tables) ORDER BY id FOR UPDATE LOOP
+        v_routed := ihub._end_subscription(v_sub);
+        PERFORM ihub.log('warning',
+                         format('subscription %s ended: its table %s was dropped; %s captured change(s) queued for delivery',
+                                v_sub.id, v_sub.source, v_routed),
+                         jsonb_build_object('subscription', v_sub.id),
+                         (SELECT i.name FROM ihub.endpoint e JOIN ihub.integration i ON i.id = e.integration_id
+                          WHERE e.id = v_sub.endpoint_id));
+    END LOOP;
+END
+$$;
+
+-- ALTER TABLE ... ADD COLUMN or ALTER COLUMN ... TYPE of a subscribed table
+-- (from ihub_ddl_start): Postgres refuses to change a row type that another
+-- table stores (the capture table) when the change needs a default or a
+-- rewrite. So, with the table locked against writers, what was captured is
+-- delivered and the capture table goes; ihub._on_ddl_end makes it again
+-- with the new row type once the ALTER is done, in the same transaction.
+CREATE FUNCTION ihub._capture_before_alter(p_table oid) RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_sub ihub.subscription;
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM ihub.subscription WHERE source = p_table) THEN
+        RETURN;
+    END IF;
+    EXECUTE format('LOCK TABLE %s IN ACCESS EXCLUSIVE MODE', p_table::regclass);
+    FOR v_sub IN SELECT * FROM ihub.subscription WHERE source = p_table ORDER BY id FOR UPDATE LOOP
+        IF v_sub.broken_at IS NOT NULL THEN
+            RAISE EXCEPTION 'cannot alter %: subscription % is broken (%)', p_table::regclass, v_sub.id, v_sub.broken_reason
+                USING ERRCODE = 'object_not_in_prerequisite_state',
+                      HINT = 'Repair it or remove it (SELECT ihub.unsubscribe(id)) first: its captured changes would be lost.';
+        END IF;
+        PERFORM ihub._route(v_sub, NULL, NULL);
+        EXECUTE format('DROP TABLE ihub_capture.%I', 'sub_' || v_sub.id);
+    END LOOP;
+END
+$$;
+
+-- After ALTER TABLE: capture tables that ihub._capture_before_alter removed
+-- are made again with the table's new row type.
+CREATE FUNCTION ihub._on_ddl_end() RETURNS event_trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_sub ihub.subscription;
+BEGIN
+    FOR v_sub IN
+        SELECT s.* FROM ihub.subscription s
+        WHERE to_regclass(format('ihub_capture.%I', 'sub_' || s.id)) IS NULL
+          AND EXISTS (SELECT 1 FROM pg_class c WHERE c.oid = s.source)
+    LOOP
+        PERFORM ihub._create_capture_table(v_sub);
+    END LOOP;
+END
+$$;
+
+-- Marks a subscription broken (the first time: a critical log entry, hence
+-- an activity), or keeps the mark with the latest reason on a retry.
+CREATE FUNCTION ihub._subscription_broken(p_sub ihub.subscription, p_reason text) RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    -- Two dispatchers may find it broken at once: the row lock lets one
+    -- mark it and log; the other sees the mark and only refreshes it.
+    UPDATE ihub.subscription SET broken_at = now(), broken_reason = left(p_reason, 1000)
+    WHERE id = p_sub.id AND broken_at IS NULL;
+    IF NOT FOUND THEN
+        UPDATE ihub.subscription SET broken_at = now(), broken_reason = left(p_reason, 1000) WHERE id = p_sub.id;
+    ELSE
+        PERFORM ihub.log('critical',
+                         format('subscription %s is broken: %s; its changes wait, the other subscriptions go on', p_sub.id, p_reason),
+                         jsonb_build_object('subscription', p_sub.id),
+                         (SELECT i.name FROM ihub.endpoint e JOIN ihub.integration i ON i.id = e.integration_id
+                          WHERE e.id = p_sub.endpoint_id));
+    END IF;
+END
+$$;
+
+-- Tables dropped other than by DROP TABLE (DROP SCHEMA ... CASCADE, DROP
+-- OWNED): their subscriptions are marked broken; what their capture tables
+-- held went with the table's row type. ihub.unsubscribe removes them.
+CREATE FUNCTION ihub._on_sql_drop() RETURNS event_trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_sub ihub.subscription;
+    v record;
+BEGIN
+    FOR v IN
+        SELECT s.id, d.object_identity FROM ihub.subscription s
+        JOIN pg_event_trigger_dropped_objects() d ON d.classid = 'pg_class'::regclass AND d.objid = s.source
+        WHERE d.object_type IN ('table', 'partitioned table')
+    LOOP
+        SELECT * INTO v_sub FROM ihub.subscription WHERE id = v.id;
+        PERFORM ihub._subscription_broken(v_sub,
+            format('its table %s was dropped (%s); changes not yet sent were lost with it', v.object_identity, tg_tag));
+    END LOOP;
+END
+$$;
+
+CREATE FUNCTION ihub._on_ddl_start() RETURNS event_trigger
+LANGUAGE c AS 'MODULE_PATHNAME', 'ihub_ddl_start';
+
+CREATE EVENT TRIGGER ihub_ddl_start ON ddl_command_start WHEN TAG IN ('DROP TABLE', 'ALTER TABLE')
+    EXECUTE FUNCTION ihub._on_ddl_start();
+CREATE EVENT TRIGGER ihub_sql_drop ON sql_drop
+    EXECUTE FUNCTION ihub._on_sql_drop();
+CREATE EVENT TRIGGER ihub_ddl_end ON ddl_command_end WHEN TAG IN ('ALTER TABLE')
+    EXECUTE FUNCTION ihub._on_ddl_end();
+
+COMMENT ON FUNCTION ihub._end_subscription(ihub.subscription) IS
+    'Internal: ends a subscription after routing what it captured; returns how many changes were queued.';
+COMMENT ON FUNCTION ihub._subscriptions_dropping(oid[]) IS
+    'Internal: before DROP TABLE, ends the subscriptions of the tables dropped, delivering what they captured.';
+COMMENT ON FUNCTION ihub._create_capture_table(ihub.subscription) IS
+    'Internal: makes a subscription''s capture table, of its table''s current row type.';
+COMMENT ON FUNCTION ihub._capture_before_alter(oid) IS
+    'Internal: before ALTER TABLE adds a column or changes a type, delivers what was captured and removes the capture tables.';
+COMMENT ON FUNCTION ihub._on_ddl_end() IS
+    'Internal: event trigger function; after ALTER TABLE, makes again the capture tables of the new row type.';
+COMMENT ON FUNCTION ihub._subscription_broken(ihub.subscription, text) IS
+    'Internal: marks a subscription broken (a critical log entry the first time).';
+COMMENT ON FUNCTION ihub._on_sql_drop() IS
+    'Internal: event trigger function; marks broken the subscriptions of tables dropped other than by DROP TABLE.';
+COMMENT ON FUNCTION ihub._on_ddl_start() IS
+    'Internal: event trigger function; DROP TABLE of a subscribed table ends its subscriptions first, and ALTER TABLE adding a column or changing a type empties the capture tables first.';
+COMMENT ON EVENT TRIGGER ihub_ddl_start IS
+    'pg_ihub: before DROP TABLE, delivers and ends the subscriptions of the table; before ALTER TABLE adding a column or changing a type, delivers what was captured.';
+COMMENT ON EVENT TRIGGER ihub_ddl_end IS
+    'pg_ihub: after ALTER TABLE, makes the capture tables again with the new row type.';
+COMMENT ON EVENT TRIGGER ihub_sql_drop IS
+    'pg_ihub: marks broken the subscriptions of tables dropped with their schema or owner.';
 
 CREATE FUNCTION ihub.unsubscribe(id bigint) RETURNS void
 LANGUAGE c VOLATILE AS 'MODULE_PATHNAME', 'ihub_for_caller';
@@ -429,14 +610,11 @@ DECLARE
     v_hazard text := ihub._json_cast_hazard(p_sub.source);
 BEGIN
     IF v_hazard IS NOT NULL THEN
-        -- Its changes wait in the capture table until the cast is dropped.
-        IF p_owner IS NULL THEN
-            RAISE EXCEPTION 'cannot render the changes of subscription %: %', p_sub.id, v_hazard
-                USING ERRCODE = 'insufficient_privilege',
-                      HINT = 'pg_ihub renders changes as JSON with its workers'' rights and never runs such a cast: drop it (DROP CAST).';
-        END IF;
-        RAISE WARNING 'pg_ihub: the changes of subscription % wait: %; drop the cast to have them sent', p_sub.id, v_hazard;
-        RETURN;
+        -- Its changes wait in the capture table until the cast is dropped
+        -- (the dispatcher marks the subscription broken with this reason).
+        RAISE EXCEPTION 'cannot render the changes of subscription %: %', p_sub.id, v_hazard
+            USING ERRCODE = 'insufficient_privilege',
+                  HINT = 'pg_ihub renders changes as JSON with its workers'' rights and never runs such a cast: drop it (DROP CAST).';
     END IF;
     SELECT * INTO v_endpoint FROM ihub.endpoint WHERE id = p_sub.endpoint_id;
     SELECT * INTO v_integration FROM ihub.integration WHERE id = v_endpoint.integration_id;
@@ -527,9 +705,35 @@ DECLARE
     v_ids bigint[] := '{}';
     v_sub ihub.subscription;
 BEGIN
-    FOR v_sub IN SELECT * FROM ihub.subscription ORDER BY id LOOP
+    -- Each subscription in a subtransaction of its own: one whose table or
+    -- capture table is broken is marked and skipped, and the others go on.
+    -- A broken one is tried again every 10 seconds (one failed route, no
+    -- log entry), and unmarked when it works.
+    FOR v_sub IN SELECT * FROM ihub.subscription
+                 WHERE broken_at IS NULL OR broken_at < now() - interval '10 seconds' ORDER BY id LOOP
         EXIT WHEN cardinality(v_ids) >= p_limit;
-        v_ids := v_ids || ARRAY(SELECT ihub._route(v_sub, p_limit - cardinality(v_ids), p_owner, p_default_timeout_ms, p_rounds));
+        BEGIN
+            v_ids := v_ids || ARRAY(SELECT ihub._route(v_sub, p_limit - cardinality(v_ids), p_owner, p_default_timeout_ms, p_rounds));
+            IF v_sub.broken_at IS NOT NULL THEN
+                UPDATE ihub.subscription SET broken_at = NULL, broken_reason = NULL
+                WHERE id = v_sub.id AND broken_at IS NOT NULL;
+                IF FOUND THEN
+                    PERFORM ihub.log('info', format('subscription %s works again', v_sub.id),
+                                     jsonb_build_object('subscription', v_sub.id));
+                END IF;
+            END IF;
+        EXCEPTION
+            WHEN lock_not_available OR deadlock_detected OR serialization_failure THEN
+                NULL; -- busy (DDL or an unsubscribe holds it): the next round
+            WHEN OTHERS THEN
+                -- Errors about this subscription's objects or data (names,
+                -- types, privileges, values) mark it; anything else (out of
+                -- disk, shutdown) fails the round, as before.
+                IF left(SQLSTATE, 2) NOT IN ('42', '22', '23', '0A') THEN
+                    RAISE;
+                END IF;
+                PERFORM ihub._subscription_broken(v_sub, SQLERRM);
+        END;
     END LOOP;
     IF cardinality(v_ids) < p_limit THEN
         WITH due AS (
@@ -866,7 +1070,8 @@ FROM ihub.endpoint_secret s JOIN ihub.endpoint e ON e.id = s.endpoint_id;
 
 CREATE VIEW ihub.subscriptions AS
 SELECT s.id, i.name AS integration, e.name AS endpoint, s.source, s.events, s.columns, s.watch, s.condition,
-       s.test_mode, (i.state <> 'inactive') AS capturing, s.created_by, s.created_at
+       s.test_mode, (i.state <> 'inactive') AS capturing, s.created_by, s.created_at,
+       s.broken_reason AS broken, s.broken_at
 FROM ihub.subscription s
 JOIN ihub.endpoint e ON e.id = s.endpoint_id
 JOIN ihub.integration i ON i.id = e.integration_id;
@@ -932,7 +1137,7 @@ COMMENT ON FUNCTION ihub.replay_dead(text, timestamptz) IS
 
 COMMENT ON VIEW ihub.endpoints IS 'Endpoints with masked headers and URL; credentials are never shown here.';
 COMMENT ON VIEW ihub.endpoint_secrets IS 'Signing secrets per endpoint, with rotation expiry. ihub_admin only.';
-COMMENT ON VIEW ihub.subscriptions IS 'Row-change subscriptions and whether they are capturing.';
+COMMENT ON VIEW ihub.subscriptions IS 'Row-change subscriptions, whether they are capturing, and why one is broken.';
 COMMENT ON VIEW ihub.deliveries IS
     'Outbound deliveries: state (pending, running, retry, done, failed, dead), attempts, next attempt (run_at), last status and error, latency from commit to delivery.';
 COMMENT ON VIEW ihub.delivery_attempts IS

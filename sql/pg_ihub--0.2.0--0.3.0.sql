@@ -11,6 +11,605 @@
 -- Capture: DDL on subscribed tables, partitions, TRUNCATE
 -------------------------------------------------------------------------------
 
+-- A subscription whose table or capture table is broken is marked (and
+-- retried every 10 seconds), the others go on; DROP TABLE of a subscribed table
+-- delivers what was captured and ends the subscription; a table dropped with
+-- its schema marks it broken; ALTER TABLE adding a column or changing a type
+-- delivers what was captured and remakes the capture table.
+
+ALTER TABLE ihub.subscription ADD COLUMN broken_at timestamptz, ADD COLUMN broken_reason text;
+
+CREATE FUNCTION ihub._create_capture_table(p_sub ihub.subscription) RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_capture text := format('ihub_capture.%I', 'sub_' || p_sub.id);
+    v_type text := format_type((SELECT reltype FROM pg_class WHERE oid = p_sub.source), NULL);
+BEGIN
+    EXECUTE format('CREATE TABLE %s (op "char" NOT NULL, xid xid8 NOT NULL, occurred_at timestamptz NOT NULL, new_row %s, old_row %s) '
+                   'WITH (autovacuum_vacuum_scale_factor = 0, autovacuum_vacuum_threshold = 1000)',
+                   v_capture, v_type, v_type);
+    EXECUTE format('COMMENT ON TABLE %s IS %L', v_capture,
+                   format('pg_ihub capture table of subscription %s (%s -> %s)', p_sub.id, p_sub.source,
+                          (SELECT name FROM ihub.endpoint WHERE id = p_sub.endpoint_id)));
+END
+$$;
+
+CREATE FUNCTION ihub._end_subscription(p_sub ihub.subscription) RETURNS bigint
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_event text;
+    v_routed bigint := 0;
+BEGIN
+    IF EXISTS (SELECT 1 FROM pg_class WHERE oid = p_sub.source) THEN
+        EXECUTE format('LOCK TABLE %s IN SHARE ROW EXCLUSIVE MODE', p_sub.source);
+        BEGIN
+            SELECT count(*) INTO v_routed FROM ihub._route(p_sub, NULL, NULL);
+        EXCEPTION
+            WHEN insufficient_privilege THEN
+                RAISE; -- a cast to json in the way: dropping it lets them go
+            WHEN OTHERS THEN
+                -- A broken capture table: what it holds cannot be sent.
+                PERFORM ihub.log('error',
+                                 format('subscription %s ended: its captured changes could not be sent: %s', p_sub.id, SQLERRM),
+                                 jsonb_build_object('subscription', p_sub.id));
+        END;
+        FOREACH v_event IN ARRAY p_sub.events LOOP
+            EXECUTE format('DROP TRIGGER IF EXISTS %I ON %s', format('ihub_sub_%s_%s', p_sub.id, v_event), p_sub.source);
+        END LOOP;
+    END IF;
+    EXECUTE format('DROP TABLE IF EXISTS ihub_capture.%I', 'sub_' || p_sub.id);
+    DELETE FROM ihub.subscription s WHERE s.id = p_sub.id;
+    RETURN v_routed;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION ihub._unsubscribe_by(id bigint, p_caller regrole) RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_sub ihub.subscription;
+    v_event text;
+BEGIN
+    SELECT * INTO v_sub FROM ihub.subscription s WHERE s.id = _unsubscribe_by.id FOR UPDATE;
+    IF v_sub.id IS NULL THEN
+        RAISE EXCEPTION 'subscription % does not exist', _unsubscribe_by.id
+            USING ERRCODE = 'undefined_object', HINT = 'List subscriptions in ihub.subscriptions.';
+    END IF;
+    -- Its subscriber's (a dropped subscriber's: a superuser's) to remove.
+    PERFORM ihub._require_may_act_for(
+        p_caller, coalesce((SELECT r.oid FROM pg_roles r WHERE r.rolname = v_sub.created_by), 10)::regrole,
+        format('subscription %s', v_sub.id));
+    PERFORM ihub._end_subscription(v_sub);
+END
+$$;
+
+CREATE FUNCTION ihub._subscriptions_dropping(p_tables oid[]) RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_sub ihub.subscription;
+    v_routed bigint;
+BEGIN
+    FOR v_sub IN SELECT * FROM ihub.subscription WHERE source = ANY (p_tables) ORDER BY id FOR UPDATE LOOP
+        v_routed := ihub._end_subscription(v_sub);
+        PERFORM ihub.log('warning',
+                         format('subscription %s ended: its table %s was dropped; %s captured change(s) queued for delivery',
+                                v_sub.id, v_sub.source, v_routed),
+                         jsonb_build_object('subscription', v_sub.id),
+                         (SELECT i.name FROM ihub.endpoint e JOIN ihub.integration i ON i.id = e.integration_id
+                          WHERE e.id = v_sub.endpoint_id));
+    END LOOP;
+END
+$$;
+
+CREATE FUNCTION ihub._capture_before_alter(p_table oid) RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_sub ihub.subscription;
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM ihub.subscription WHERE source = p_table) THEN
+        RETURN;
+    END IF;
+    EXECUTE format('LOCK TABLE %s IN ACCESS EXCLUSIVE MODE', p_table::regclass);
+    FOR v_sub IN SELECT * FROM ihub.subscription WHERE source = p_table ORDER BY id FOR UPDATE LOOP
+        IF v_sub.broken_at IS NOT NULL THEN
+            RAISE EXCEPTION 'cannot alter %: subscription % is broken (%)', p_table::regclass, v_sub.id, v_sub.broken_reason
+                USING ERRCODE = 'object_not_in_prerequisite_state',
+                      HINT = 'Repair it or remove it (SELECT ihub.unsubscribe(id)) first: its captured changes would be lost.';
+        END IF;
+        PERFORM ihub._route(v_sub, NULL, NULL);
+        EXECUTE format('DROP TABLE ihub_capture.%I', 'sub_' || v_sub.id);
+    END LOOP;
+END
+$$;
+
+CREATE FUNCTION ihub._on_ddl_end() RETURNS event_trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_sub ihub.subscription;
+BEGIN
+    FOR v_sub IN
+        SELECT s.* FROM ihub.subscription s
+        WHERE to_regclass(format('ihub_capture.%I', 'sub_' || s.id)) IS NULL
+          AND EXISTS (SELECT 1 FROM pg_class c WHERE c.oid = s.source)
+    LOOP
+        PERFORM ihub._create_capture_table(v_sub);
+    END LOOP;
+END
+$$;
+
+CREATE FUNCTION ihub._subscription_broken(p_sub ihub.subscription, p_reason text) RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    -- Two dispatchers may find it broken at once: the row lock lets one
+    -- mark it and log; the other sees the mark and only refreshes it.
+    UPDATE ihub.subscription SET broken_at = now(), broken_reason = left(p_reason, 1000)
+    WHERE id = p_sub.id AND broken_at IS NULL;
+    IF NOT FOUND THEN
+        UPDATE ihub.subscription SET broken_at = now(), broken_reason = left(p_reason, 1000) WHERE id = p_sub.id;
+    ELSE
+        PERFORM ihub.log('critical',
+                         format('subscription %s is broken: %s; its changes wait, the other subscriptions go on', p_sub.id, p_reason),
+                         jsonb_build_object('subscription', p_sub.id),
+                         (SELECT i.name FROM ihub.endpoint e JOIN ihub.integration i ON i.id = e.integration_id
+                          WHERE e.id = p_sub.endpoint_id));
+    END IF;
+END
+$$;
+
+CREATE FUNCTION ihub._on_sql_drop() RETURNS event_trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_sub ihub.subscription;
+    v record;
+BEGIN
+    FOR v IN
+        SELECT s.id, d.object_identity FROM ihub.subscription s
+        JOIN pg_event_trigger_dropped_objects() d ON d.classid = 'pg_class'::regclass AND d.objid = s.source
+        WHERE d.object_type IN ('table', 'partitioned table')
+    LOOP
+        SELECT * INTO v_sub FROM ihub.subscription WHERE id = v.id;
+        PERFORM ihub._subscription_broken(v_sub,
+            format('its table %s was dropped (%s); changes not yet sent were lost with it', v.object_identity, tg_tag));
+    END LOOP;
+END
+$$;
+
+CREATE FUNCTION ihub._on_ddl_start() RETURNS event_trigger
+LANGUAGE c AS 'MODULE_PATHNAME', 'ihub_ddl_start';
+
+CREATE OR REPLACE FUNCTION ihub._set_capture_enabled(p_subscription bigint, p_enabled boolean) RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_sub ihub.subscription;
+    v_event text;
+BEGIN
+    SELECT * INTO v_sub FROM ihub.subscription WHERE id = p_subscription;
+    -- A table dropped with its schema: nothing to switch (it is marked broken).
+    IF NOT EXISTS (SELECT 1 FROM pg_class WHERE oid = v_sub.source) THEN
+        RETURN;
+    END IF;
+    FOREACH v_event IN ARRAY v_sub.events LOOP
+        EXECUTE format('ALTER TABLE %s %s TRIGGER %I', v_sub.source,
+                       CASE WHEN p_enabled THEN 'ENABLE' ELSE 'DISABLE' END,
+                       format('ihub_sub_%s_%s', v_sub.id, v_event));
+    END LOOP;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION ihub._subscribe_by(
+    source regclass,
+    endpoint text,
+    events text[] DEFAULT '{insert,update,delete}',
+    columns text[] DEFAULT NULL,
+    watch text[] DEFAULT NULL,
+    condition text DEFAULT NULL,
+    test_mode boolean DEFAULT false,
+    p_caller regrole DEFAULT NULL) RETURNS bigint
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_caller name := pg_get_userbyid(p_caller);
+    v_endpoint ihub.endpoint;
+    v_integration ihub.integration;
+    v_rel record;
+    v_events text[];
+    v_sub ihub.subscription;
+    v_event text;
+    v_bad text;
+    v_function text;
+    v_columns text[];
+BEGIN
+    PERFORM ihub._require_workers();
+    v_endpoint := ihub._endpoint(_subscribe_by.endpoint);
+    SELECT * INTO v_integration FROM ihub.integration WHERE id = v_endpoint.integration_id;
+
+    SELECT c.relkind, c.reltype, n.nspname, c.relname INTO v_rel
+    FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = source;
+    IF v_rel.relkind NOT IN ('r', 'p') THEN
+        RAISE EXCEPTION '% is not a table', source
+            USING ERRCODE = 'wrong_object_type', HINT = 'Subscribe to an ordinary or partitioned table; views and foreign tables have no row-change triggers.';
+    END IF;
+    IF v_rel.nspname IN ('ihub', 'ihub_capture', 'pg_catalog', 'information_schema') THEN
+        RAISE EXCEPTION 'cannot subscribe to %', source
+            USING ERRCODE = 'wrong_object_type', HINT = 'Subscribe to your own tables.';
+    END IF;
+    IF NOT has_table_privilege(v_caller, source, 'SELECT') OR NOT has_table_privilege(v_caller, source, 'TRIGGER') THEN
+        RAISE EXCEPTION 'permission denied to subscribe to %', source
+            USING ERRCODE = 'insufficient_privilege',
+                  HINT = format('Role %s needs SELECT and TRIGGER on the table (or to own it).', v_caller);
+    END IF;
+
+    SELECT array_agg(DISTINCT lower(e) ORDER BY lower(e)) INTO v_events FROM unnest(events) AS e;
+    v_bad := (SELECT string_agg(e, ', ') FROM unnest(v_events) AS e WHERE e NOT IN ('insert', 'update', 'delete'));
+    IF v_events IS NULL OR v_bad IS NOT NULL THEN
+        RAISE EXCEPTION 'invalid events: %', coalesce(v_bad, 'none given')
+            USING ERRCODE = 'invalid_parameter_value', HINT = 'Use any of insert, update and delete, e.g. ''{insert,update}''.';
+    END IF;
+
+    SELECT array_agg(a.attname::text ORDER BY a.attnum) INTO v_columns
+    FROM pg_attribute a WHERE a.attrelid = source AND a.attnum > 0 AND NOT a.attisdropped;
+    v_bad := (SELECT string_agg(format('%I', c), ', ') FROM unnest(columns || watch) AS c WHERE c <> ALL (v_columns));
+    IF v_bad IS NOT NULL THEN
+        RAISE EXCEPTION 'table % has no column %', source, v_bad
+            USING ERRCODE = 'undefined_column', HINT = format('Its columns are: %s.', array_to_string(v_columns, ', '));
+    END IF;
+    IF cardinality(columns) = 0 OR cardinality(watch) = 0 THEN
+        RAISE EXCEPTION 'columns and watch must list at least one column when given'
+            USING ERRCODE = 'invalid_parameter_value', HINT = 'Pass NULL for all columns.';
+    END IF;
+    IF watch IS NOT NULL AND 'update' <> ALL (v_events) THEN
+        RAISE EXCEPTION 'watch applies to updates, but events has no update'
+            USING ERRCODE = 'invalid_parameter_value', HINT = 'Add update to events, or drop watch.';
+    END IF;
+    IF '_ihub_row' = ANY (v_columns) OR '_ihub_n' = ANY (v_columns) THEN
+        RAISE EXCEPTION 'table % has a column named _ihub_row or _ihub_n, which pg_ihub reserves', source
+            USING ERRCODE = 'duplicate_column', HINT = 'Rename the column to subscribe to this table.';
+    END IF;
+    IF ihub._json_cast_hazard(source) IS NOT NULL THEN
+        RAISE EXCEPTION 'cannot subscribe to %: %', source, ihub._json_cast_hazard(source)
+            USING ERRCODE = 'insufficient_privilege',
+                  HINT = 'pg_ihub renders changes as JSON with its workers'' rights and never runs such a cast: drop it (DROP CAST), or subscribe to a table without that type.';
+    END IF;
+    IF condition IS NOT NULL THEN
+        PERFORM ihub._check_expression(condition);
+        -- Parse analysis only (names, types), never planned or run here: the
+        -- condition runs later in the writer's transaction as its subscriber.
+        BEGIN
+            EXECUTE format(E'PREPARE ihub_condition_check AS SELECT (\n%s\n)::boolean FROM %s AS new, %s AS old',
+                           condition, source, source);
+            DEALLOCATE ihub_condition_check;
+        EXCEPTION WHEN OTHERS THEN
+            RAISE EXCEPTION 'invalid condition: %', SQLERRM
+                USING ERRCODE = 'syntax_error',
+                      HINT = 'Write one SQL boolean expression over new and old, e.g. new.amount > 100 AND old.status <> new.status.';
+        END;
+    END IF;
+
+    INSERT INTO ihub.subscription (endpoint_id, source, events, columns, watch, condition, test_mode, created_by)
+    VALUES (v_endpoint.id, source, v_events, columns, watch, condition, coalesce(test_mode, false), v_caller)
+    RETURNING * INTO v_sub;
+
+    PERFORM ihub._create_capture_table(v_sub);
+    FOREACH v_event IN ARRAY v_events LOOP
+        -- C-language triggers copy the rows in bulk; with watched columns or
+        -- a condition, ihub._capture_filtered first selects the rows that
+        -- pass, as the subscriber. By name, not OID: a dumped and restored
+        -- trigger must still find its capture table.
+        v_function := format(CASE WHEN condition IS NULL AND (watch IS NULL OR v_event <> 'update')
+                                  THEN 'ihub._capture_rows(%L)' ELSE 'ihub._capture_filtered(%L)' END,
+                             'ihub_capture.sub_' || v_sub.id);
+        EXECUTE format('CREATE TRIGGER %I AFTER %s ON %s REFERENCING %s TABLE AS %I FOR EACH STATEMENT EXECUTE FUNCTION %s',
+                       format('ihub_sub_%s_%s', v_sub.id, v_event), upper(v_event), source,
+                       CASE v_event WHEN 'insert' THEN 'NEW' WHEN 'delete' THEN 'OLD' ELSE 'OLD TABLE AS ihub_old NEW' END,
+                       CASE v_event WHEN 'delete' THEN 'ihub_old' ELSE 'ihub_new' END,
+                       v_function);
+    END LOOP;
+    IF v_integration.state = 'inactive' THEN
+        PERFORM ihub._set_capture_enabled(v_sub.id, false);
+    END IF;
+    RETURN v_sub.id;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION ihub._route(p_sub ihub.subscription, p_limit integer, p_owner integer,
+                            p_default_timeout_ms integer DEFAULT 10000, p_rounds integer DEFAULT 1)
+RETURNS SETOF bigint
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_endpoint ihub.endpoint;
+    v_integration ihub.integration;
+    v_rel record;
+    v_excluded text[];
+    v_claim boolean;
+    v_routed bigint;
+    v_capture text := format('ihub_capture.%I', 'sub_' || p_sub.id);
+    v_hazard text := ihub._json_cast_hazard(p_sub.source);
+BEGIN
+    IF v_hazard IS NOT NULL THEN
+        -- Its changes wait in the capture table until the cast is dropped
+        -- (the dispatcher marks the subscription broken with this reason).
+        RAISE EXCEPTION 'cannot render the changes of subscription %: %', p_sub.id, v_hazard
+            USING ERRCODE = 'insufficient_privilege',
+                  HINT = 'pg_ihub renders changes as JSON with its workers'' rights and never runs such a cast: drop it (DROP CAST).';
+    END IF;
+    SELECT * INTO v_endpoint FROM ihub.endpoint WHERE id = p_sub.endpoint_id;
+    SELECT * INTO v_integration FROM ihub.integration WHERE id = v_endpoint.integration_id;
+    SELECT n.nspname, c.relname INTO v_rel FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = p_sub.source;
+    IF p_sub.columns IS NOT NULL THEN
+        SELECT coalesce(array_agg(a.attname::text), '{}') INTO v_excluded
+        FROM pg_attribute a
+        WHERE a.attrelid = p_sub.source AND a.attnum > 0 AND NOT a.attisdropped AND a.attname::text <> ALL (p_sub.columns);
+    ELSE
+        v_excluded := '{}';
+    END IF;
+    v_claim := p_owner IS NOT NULL AND v_endpoint.enabled AND v_integration.state <> 'inactive';
+
+    RETURN QUERY EXECUTE format($q$
+        WITH moved AS (
+            DELETE FROM ihub_capture.%1$I c
+            WHERE c.ctid = ANY (ARRAY(SELECT x.ctid FROM ihub_capture.%1$I x LIMIT $1 FOR UPDATE SKIP LOCKED))
+            RETURNING c.op, c.xid, c.occurred_at, c.new_row, c.old_row
+        )
+        INSERT INTO ihub.delivery AS d (event_id, endpoint_id, subscription_id, event_type, payload, test_mode,
+                                        state, worker_pid, lease_until, occurred_at, run_at)
+        SELECT ev.id, $2, $3, ev.type,
+               jsonb_build_object('id', ev.id, 'type', ev.type, 'schema', $4, 'table', $5, 'operation', ev.op,
+                                  'occurred_at', m.occurred_at, 'txid', m.xid::text, 'tenant', $6,
+                                  'data', CASE WHEN m.op = 'd' THEN j.old ELSE j.new END)
+               || CASE m.op
+                      WHEN 'u' THEN jsonb_build_object('old', j.old, 'changed', to_jsonb(ARRAY(
+                          SELECT n.key FROM jsonb_each(j.new) n JOIN jsonb_each(j.old) o USING (key)
+                          WHERE n.value IS DISTINCT FROM o.value ORDER BY n.key)))
+                      WHEN 'd' THEN jsonb_build_object('old', j.old)
+                      ELSE '{}'::jsonb
+                  END,
+               $7,
+               CASE WHEN $8 THEN 'running' ELSE 'pending' END,
+               CASE WHEN $8 THEN $9 END,
+               CASE WHEN $8 THEN $10 END,
+               m.occurred_at, now()
+        FROM moved m
+        CROSS JOIN LATERAL (SELECT to_jsonb(m.new_row) - $11 AS new, to_jsonb(m.old_row) - $11 AS old) j
+        CROSS JOIN LATERAL (
+            SELECT 'evt_' || replace(gen_random_uuid()::text, '-', '') AS id,
+                   CASE m.op WHEN 'i' THEN 'insert' WHEN 'u' THEN 'update' ELSE 'delete' END AS op,
+                   $5 || '.' || CASE m.op WHEN 'i' THEN 'insert' WHEN 'u' THEN 'update' ELSE 'delete' END AS type
+        ) ev
+        RETURNING d.id
+    $q$, 'sub_' || p_sub.id)
+    USING coalesce(p_limit, 2147483647), v_endpoint.id, p_sub.id, v_rel.nspname::text, v_rel.relname::text,
+          v_integration.tenant, p_sub.test_mode, v_claim, p_owner,
+          ihub._lease_until(coalesce(v_endpoint.timeout_ms, p_default_timeout_ms), p_rounds),
+          v_excluded;
+    GET DIAGNOSTICS v_routed = ROW_COUNT;
+
+    -- The capture table is a queue: routed rows are deleted, and rows of
+    -- rolled-back writes are dead too. Until vacuum runs, every route scans
+    -- them (14 ms for 1M dead rows). Once drained and large, truncate it, but
+    -- only if no writer holds it right now (NOWAIT), and only if still empty
+    -- under the lock.
+    IF v_routed < coalesce(p_limit, 2147483647) AND pg_relation_size(v_capture::regclass) > 8 * 1024 * 1024 THEN
+        BEGIN
+            EXECUTE format('LOCK TABLE %s IN ACCESS EXCLUSIVE MODE NOWAIT', v_capture);
+            IF NOT ihub._has_rows(v_capture) THEN
+                EXECUTE format('TRUNCATE %s', v_capture);
+            END IF;
+        EXCEPTION WHEN lock_not_available THEN
+            NULL; -- a writer is busy with it; try again on a later round
+        END;
+    END IF;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION ihub._claim(p_owner integer, p_limit integer, p_default_timeout_ms integer, p_rounds integer)
+RETURNS TABLE (delivery_id bigint, event_id text, method text, url text, headers jsonb, auth jsonb, secrets text[],
+               timeout_ms integer, retry jsonb, body text, test_mode boolean, attempts_used integer)
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_ids bigint[] := '{}';
+    v_sub ihub.subscription;
+BEGIN
+    -- Each subscription in a subtransaction of its own: one whose table or
+    -- capture table is broken is marked and skipped, and the others go on.
+    -- A broken one is tried again every 10 seconds (one failed route, no
+    -- log entry), and unmarked when it works.
+    FOR v_sub IN SELECT * FROM ihub.subscription
+                 WHERE broken_at IS NULL OR broken_at < now() - interval '10 seconds' ORDER BY id LOOP
+        EXIT WHEN cardinality(v_ids) >= p_limit;
+        BEGIN
+            v_ids := v_ids || ARRAY(SELECT ihub._route(v_sub, p_limit - cardinality(v_ids), p_owner, p_default_timeout_ms, p_rounds));
+            IF v_sub.broken_at IS NOT NULL THEN
+                UPDATE ihub.subscription SET broken_at = NULL, broken_reason = NULL
+                WHERE id = v_sub.id AND broken_at IS NOT NULL;
+                IF FOUND THEN
+                    PERFORM ihub.log('info', format('subscription %s works again', v_sub.id),
+                                     jsonb_build_object('subscription', v_sub.id));
+                END IF;
+            END IF;
+        EXCEPTION
+            WHEN lock_not_available OR deadlock_detected OR serialization_failure THEN
+                NULL; -- busy (DDL or an unsubscribe holds it): the next round
+            WHEN OTHERS THEN
+                -- Errors about this subscription's objects or data (names,
+                -- types, privileges, values) mark it; anything else (out of
+                -- disk, shutdown) fails the round, as before.
+                IF left(SQLSTATE, 2) NOT IN ('42', '22', '23', '0A') THEN
+                    RAISE;
+                END IF;
+                PERFORM ihub._subscription_broken(v_sub, SQLERRM);
+        END;
+    END LOOP;
+    IF cardinality(v_ids) < p_limit THEN
+        WITH due AS (
+            SELECT d.id FROM ihub.delivery d
+            WHERE d.state IN ('pending', 'retry') AND d.run_at <= now()
+              AND d.endpoint_id IN (SELECT e.id FROM ihub.endpoint e JOIN ihub.integration i ON i.id = e.integration_id
+                                    WHERE e.enabled AND i.state <> 'inactive')
+            ORDER BY d.run_at
+            LIMIT p_limit - cardinality(v_ids)
+            FOR UPDATE OF d SKIP LOCKED
+        ), claimed AS (
+            UPDATE ihub.delivery d
+            SET state = 'running', worker_pid = p_owner,
+                lease_until = ihub._lease_until(coalesce(e.timeout_ms, p_default_timeout_ms), p_rounds)
+            FROM due, ihub.endpoint e
+            WHERE d.id = due.id AND e.id = d.endpoint_id
+            RETURNING d.id
+        )
+        SELECT v_ids || coalesce(array_agg(claimed.id), '{}') INTO v_ids FROM claimed;
+    END IF;
+    RETURN QUERY
+        WITH claimed AS (
+            SELECT * FROM ihub.delivery d WHERE d.id = ANY (v_ids)
+        ), keys AS (
+            SELECT s.endpoint_id, array_agg(s.secret ORDER BY s.id DESC) AS secrets
+            FROM ihub.endpoint_secret s
+            WHERE s.endpoint_id IN (SELECT endpoint_id FROM claimed) AND (s.expires_at IS NULL OR s.expires_at > now())
+            GROUP BY s.endpoint_id
+        )
+        SELECT d.id, d.event_id, coalesce(d.method, e.method), ihub._join_url(e.url, d.path),
+               e.headers || coalesce(d.headers, '{}'), c.auth, k.secrets,
+               coalesce(e.timeout_ms, p_default_timeout_ms), e.retry, d.payload::text, d.test_mode,
+               d.attempts - d.budget_start
+        FROM claimed d
+        JOIN ihub.endpoint e ON e.id = d.endpoint_id
+        LEFT JOIN ihub.endpoint_credential c ON c.endpoint_id = e.id
+        LEFT JOIN keys k ON k.endpoint_id = e.id;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION ihub.health()
+RETURNS TABLE (check_name text, status text, message text)
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_kind record;
+    v_alive bigint;
+    v_stale bigint;
+    v_age interval := ihub._health_queue_age();
+    v_depth bigint := ihub._health_queue_depth();
+    v_q record;
+    v_names text;
+BEGIN
+    IF NOT ihub._preloaded() THEN
+        RETURN QUERY SELECT 'workers', 'critical',
+            'pg_ihub is not in shared_preload_libraries: no background worker runs';
+    ELSE
+        FOR v_kind IN SELECT * FROM ihub._expected_workers() LOOP
+            SELECT count(*) FILTER (WHERE ihub._pid_alive(w.pid)),
+                   count(*) FILTER (WHERE ihub._pid_alive(w.pid) AND w.last_heartbeat < now() - v_kind.stale_after)
+            INTO v_alive, v_stale
+            FROM ihub._workers() w
+            WHERE w.kind = v_kind.kind AND w.database_oid = (SELECT oid FROM pg_database WHERE datname = current_database());
+            check_name := 'workers: ' || v_kind.kind;
+            IF v_alive < v_kind.expected THEN
+                status := 'critical';
+                message := format('%s of %s running', v_alive, v_kind.expected);
+            ELSIF v_stale > 0 THEN
+                status := 'warning';
+                message := format('%s of %s running, %s silent for over %s', v_alive, v_kind.expected, v_stale, v_kind.stale_after);
+            ELSE
+                status := 'ok';
+                message := format('%s of %s running', v_alive, v_kind.expected);
+            END IF;
+            RETURN NEXT;
+        END LOOP;
+    END IF;
+
+    FOR v_q IN
+        SELECT 'deliveries' AS queue, count(*) AS depth, now() - min(run_at) AS age
+        FROM ihub.delivery WHERE state IN ('pending', 'retry') AND run_at <= now()
+        UNION ALL
+        SELECT 'jobs', count(*), now() - min(run_at)
+        FROM ihub.job WHERE state IN ('pending', 'retry') AND run_at <= now()
+    LOOP
+        check_name := 'queue: ' || v_q.queue;
+        status := CASE WHEN v_q.depth >= v_depth * 10 OR v_q.age >= v_age * 4 THEN 'critical'
+                       WHEN v_q.depth >= v_depth OR v_q.age >= v_age THEN 'warning'
+                       ELSE 'ok' END;
+        message := format('%s due, oldest waiting %s', v_q.depth, coalesce(date_trunc('second', v_q.age)::text, '-'));
+        RETURN NEXT;
+    END LOOP;
+
+    SELECT string_agg(format('%s (%s)', id, broken_reason), '; ' ORDER BY id) INTO v_names
+    FROM ihub.subscription WHERE broken_at IS NOT NULL;
+    check_name := 'subscriptions';
+    status := CASE WHEN v_names IS NULL THEN 'ok' ELSE 'critical' END;
+    message := coalesce('broken: ' || v_names, 'all capturing');
+    RETURN NEXT;
+
+    SELECT string_agg(name, ', ' ORDER BY name) INTO v_names FROM ihub.endpoint WHERE NOT enabled;
+    check_name := 'endpoints';
+    status := CASE WHEN v_names IS NULL THEN 'ok' ELSE 'warning' END;
+    message := coalesce('disabled: ' || v_names, 'all enabled');
+    RETURN NEXT;
+
+    SELECT string_agg(name, ', ' ORDER BY name) INTO v_names
+    FROM ihub.schedule WHERE active AND next_run_at < now() - interval '1 minute';
+    check_name := 'schedules';
+    status := CASE WHEN v_names IS NULL THEN 'ok' ELSE 'warning' END;
+    message := coalesce('late: ' || v_names, 'on time');
+    RETURN NEXT;
+
+    SELECT string_agg(e.name, ', ' ORDER BY e.name) INTO v_names FROM ihub.endpoint e
+    WHERE NOT EXISTS (SELECT 1 FROM ihub.endpoint_secret s
+                      WHERE s.endpoint_id = e.id AND (s.expires_at IS NULL OR s.expires_at > now() + interval '1 day'));
+    check_name := 'credentials';
+    status := CASE WHEN v_names IS NULL THEN 'ok'
+                   WHEN EXISTS (SELECT 1 FROM ihub.endpoint e WHERE NOT EXISTS (
+                       SELECT 1 FROM ihub.endpoint_secret s WHERE s.endpoint_id = e.id AND (s.expires_at IS NULL OR s.expires_at > now())))
+                   THEN 'critical' ELSE 'warning' END;
+    message := coalesce('no signing secret valid for another day: ' || v_names, 'every endpoint has a valid signing secret');
+    RETURN NEXT;
+END
+$$;
+
+CREATE OR REPLACE VIEW ihub.subscriptions AS
+SELECT s.id, i.name AS integration, e.name AS endpoint, s.source, s.events, s.columns, s.watch, s.condition,
+       s.test_mode, (i.state <> 'inactive') AS capturing, s.created_by, s.created_at,
+       s.broken_reason AS broken, s.broken_at
+FROM ihub.subscription s
+JOIN ihub.endpoint e ON e.id = s.endpoint_id
+JOIN ihub.integration i ON i.id = e.integration_id;
+CREATE EVENT TRIGGER ihub_ddl_start ON ddl_command_start WHEN TAG IN ('DROP TABLE', 'ALTER TABLE')
+    EXECUTE FUNCTION ihub._on_ddl_start();
+CREATE EVENT TRIGGER ihub_sql_drop ON sql_drop
+    EXECUTE FUNCTION ihub._on_sql_drop();
+CREATE EVENT TRIGGER ihub_ddl_end ON ddl_command_end WHEN TAG IN ('ALTER TABLE')
+    EXECUTE FUNCTION ihub._on_ddl_end();
+
+COMMENT ON FUNCTION ihub._end_subscription(ihub.subscription) IS
+    'Internal: ends a subscription after routing what it captured; returns how many changes were queued.';
+COMMENT ON FUNCTION ihub._subscriptions_dropping(oid[]) IS
+    'Internal: before DROP TABLE, ends the subscriptions of the tables dropped, delivering what they captured.';
+COMMENT ON FUNCTION ihub._create_capture_table(ihub.subscription) IS
+    'Internal: makes a subscription''s capture table, of its table''s current row type.';
+COMMENT ON FUNCTION ihub._capture_before_alter(oid) IS
+    'Internal: before ALTER TABLE adds a column or changes a type, delivers what was captured and removes the capture tables.';
+COMMENT ON FUNCTION ihub._on_ddl_end() IS
+    'Internal: event trigger function; after ALTER TABLE, makes again the capture tables of the new row type.';
+COMMENT ON FUNCTION ihub._subscription_broken(ihub.subscription, text) IS
+    'Internal: marks a subscription broken (a critical log entry the first time).';
+COMMENT ON FUNCTION ihub._on_sql_drop() IS
+    'Internal: event trigger function; marks broken the subscriptions of tables dropped other than by DROP TABLE.';
+COMMENT ON FUNCTION ihub._on_ddl_start() IS
+    'Internal: event trigger function; DROP TABLE of a subscribed table ends its subscriptions first, and ALTER TABLE adding a column or changing a type empties the capture tables first.';
+COMMENT ON EVENT TRIGGER ihub_ddl_start IS
+    'pg_ihub: before DROP TABLE, delivers and ends the subscriptions of the table; before ALTER TABLE adding a column or changing a type, delivers what was captured.';
+COMMENT ON EVENT TRIGGER ihub_ddl_end IS
+    'pg_ihub: after ALTER TABLE, makes the capture tables again with the new row type.';
+COMMENT ON VIEW ihub.subscriptions IS 'Row-change subscriptions, whether they are capturing, and why one is broken.';
+
 -------------------------------------------------------------------------------
 -- Jobs and inbound items whose function is gone; rescue and cancel
 -------------------------------------------------------------------------------

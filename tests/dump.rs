@@ -286,7 +286,8 @@ fn dump_and_restore_keep_a_working_hub() {
              DROP EXTENSION hstore;"
         ),
     );
-    let kept: i64 = one(&mut other, "SELECT count(*) FROM pg_trigger WHERE tgrelid = 'orders'::regclass AND NOT tgisinternal");
+    let kept: i64 =
+        one(&mut other, "SELECT count(*) FROM pg_trigger WHERE tgrelid = 'orders'::regclass AND NOT tgisinternal");
     assert_eq!(kept, 3, "dropping another extension leaves capture triggers alone");
     exec(&mut other, "DROP EXTENSION pg_ihub");
     assert_no_capture_left_empty(&mut other);

@@ -4,5 +4,6 @@
 //! Signing, retry decisions and HTTP are in `pg_ihub_core::outbound`.
 
 pub mod capture;
+pub mod ddl;
 pub mod dispatcher;
 pub mod functions;
