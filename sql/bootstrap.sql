@@ -249,7 +249,9 @@ CREATE TABLE ihub.job (
     progress_done   bigint,
     progress_total  bigint,
     result          jsonb,
-    created_at      timestamptz NOT NULL DEFAULT now()
+    created_at      timestamptz NOT NULL DEFAULT now(),
+    -- fn as queued (schema-qualified), for the error once fn is dropped
+    fn_name         text
 )
 WITH (autovacuum_vacuum_scale_factor = 0.02, autovacuum_analyze_scale_factor = 0.02);
 -- Workers take the most urgent due job: priority 0 first, then the oldest.
@@ -261,6 +263,8 @@ CREATE UNIQUE INDEX job_identity_key_idx ON ihub.job (identity_key)
     WHERE identity_key IS NOT NULL AND state IN ('pending', 'running', 'retry');
 COMMENT ON TABLE ihub.job IS
     'Background jobs: a SQL function called with jsonb args in a worker, in its own transaction, as the role that enqueued it.';
+COMMENT ON COLUMN ihub.job.fn_name IS
+    'The job''s function as it was named when queued: the error of a job whose function was dropped names it.';
 
 CREATE TABLE ihub.watcher (
     id                 bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
@@ -456,10 +460,14 @@ CREATE TABLE ihub.inbound_source (
     dedup_window   interval NOT NULL DEFAULT '24 hours' CHECK (dedup_window >= interval '0'),
     run_as         regrole NOT NULL,
     created_at     timestamptz NOT NULL DEFAULT now(),
+    -- handler as given (schema-qualified), for the error once it is dropped
+    handler_name   text,
     UNIQUE (integration_id, name)
 );
 COMMENT ON TABLE ihub.inbound_source IS
     'Inbound webhook sources: POST /webhooks/<integration>/<source>, their verification and their SQL handler.';
+COMMENT ON COLUMN ihub.inbound_source.handler_name IS
+    'The handler as it was named when the source was created: the error of an item whose handler was dropped names it.';
 
 CREATE TABLE ihub.inbound_secret (
     source_id bigint PRIMARY KEY REFERENCES ihub.inbound_source (id) ON DELETE CASCADE,

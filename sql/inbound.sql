@@ -102,9 +102,9 @@ BEGIN
                   HINT = 'Use header:<name>, or a JSON path into the body as a text array, e.g. ''{customer,id}''.';
     END IF;
     INSERT INTO ihub.inbound_source (integration_id, name, handler, verify, header, id_header, ordering_key,
-                                     tolerance, dedup_window, run_as)
+                                     tolerance, dedup_window, run_as, handler_name)
     VALUES (v_integration, _create_source_by.name, handler, verify, lower(header), lower(id_header), ordering_key,
-            tolerance, dedup_window, p_caller)
+            tolerance, dedup_window, p_caller, handler::text)
     RETURNING id INTO v_id;
     IF secret IS NOT NULL THEN
         INSERT INTO ihub.inbound_secret (source_id, secret) VALUES (v_id, secret);
@@ -330,29 +330,48 @@ CREATE FUNCTION ihub._claim_inbound(p_owner integer, p_default_timeout_ms intege
 RETURNS TABLE (id bigint, call text, run_as oid, timeout_ms integer, more_due boolean)
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
 AS $$
+DECLARE
+    v record;
 BEGIN
-    RETURN QUERY
-    WITH next AS (
-        SELECT t.id, t.run_at FROM ihub.inbound_item t
-        WHERE t.state = 'pending' AND t.run_at <= now()
-          AND (t.ordering_key IS NULL OR NOT EXISTS (
-                SELECT 1 FROM ihub.inbound_item e
-                WHERE e.source_id = t.source_id AND e.ordering_key = t.ordering_key
-                  AND e.state IN ('pending', 'running') AND e.id < t.id))
-        ORDER BY t.run_at, t.id
-        LIMIT 2
-        FOR UPDATE SKIP LOCKED
-    ), first AS (
-        SELECT (array_agg(next.id ORDER BY next.run_at, next.id))[1] AS id, count(*) > 1 AS more FROM next
-    ), claimed AS (
-        UPDATE ihub.inbound_item t
-        SET state = 'running', worker_pid = p_owner, started_at = clock_timestamp(), attempts = t.attempts + 1
-        FROM first WHERE t.id = first.id
-        RETURNING t.id, t.source_id, first.more
-    )
-    SELECT c.id, ihub._handler_call(s.handler), s.run_as::oid, p_default_timeout_ms, c.more
-    FROM claimed c
-    JOIN ihub.inbound_source s ON s.id = c.source_id;
+    LOOP
+        WITH next AS (
+            SELECT t.id, t.run_at FROM ihub.inbound_item t
+            WHERE t.state = 'pending' AND t.run_at <= now()
+              AND (t.ordering_key IS NULL OR NOT EXISTS (
+                    SELECT 1 FROM ihub.inbound_item e
+                    WHERE e.source_id = t.source_id AND e.ordering_key = t.ordering_key
+                      AND e.state IN ('pending', 'running') AND e.id < t.id))
+            ORDER BY t.run_at, t.id
+            LIMIT 2
+            FOR UPDATE SKIP LOCKED
+        ), first AS (
+            SELECT (array_agg(next.id ORDER BY next.run_at, next.id))[1] AS id, count(*) > 1 AS more FROM next
+        ), claimed AS (
+            UPDATE ihub.inbound_item t
+            SET state = 'running', worker_pid = p_owner, started_at = clock_timestamp(), attempts = t.attempts + 1
+            FROM first WHERE t.id = first.id
+            RETURNING t.id, t.source_id, first.more
+        )
+        SELECT c.id, ihub._handler_call(s.handler) AS call, s.run_as, c.more,
+               coalesce(s.handler_name, s.handler::text) AS handler_name
+        INTO v
+        FROM claimed c
+        JOIN ihub.inbound_source s ON s.id = c.source_id;
+        IF v.id IS NULL THEN
+            RETURN;
+        END IF;
+        IF v.call IS NOT NULL THEN
+            id := v.id; call := v.call; run_as := v.run_as::oid; timeout_ms := p_default_timeout_ms; more_due := v.more;
+            RETURN NEXT;
+            RETURN;
+        END IF;
+        -- Its source's handler was dropped: no call can handle it. It is
+        -- archived as failed now (so that it holds its ordering key no
+        -- longer), and the claim goes on to the next item.
+        PERFORM ihub._inbound_failed(v.id, p_owner,
+                                     format('its handler %s no longer exists: it was dropped after the source was created',
+                                            v.handler_name));
+    END LOOP;
 END
 $$;
 
@@ -562,7 +581,8 @@ COMMENT ON FUNCTION ihub._reject_inbound(bigint[], text[], text[], text[], jsonb
 COMMENT ON FUNCTION ihub.receive(text, text, jsonb, bytea, timestamptz) IS
     'Verifies and queues a request received by the application itself, like the listener. Returns the item id (the first one''s for a duplicate), or NULL when verification fails.';
 COMMENT ON FUNCTION ihub._handler_call(regprocedure) IS 'Internal: the statement that calls an inbound handler for an item.';
-COMMENT ON FUNCTION ihub._claim_inbound(integer, integer) IS 'Internal (processor): claims the next item due.';
+COMMENT ON FUNCTION ihub._claim_inbound(integer, integer) IS
+    'Internal (processor): claims the next item due; archives as failed the claimed items whose handler was dropped on the way.';
 COMMENT ON FUNCTION ihub._inbound_done(bigint, integer, jsonb) IS 'Internal: records a processed item (by the process that took it).';
 COMMENT ON FUNCTION ihub._inbound_failed(bigint, integer, text) IS 'Internal: archives a failed item with its error.';
 COMMENT ON FUNCTION ihub._rescue_inbound() IS 'Internal: queues again items whose processor is gone.';

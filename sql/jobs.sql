@@ -71,9 +71,9 @@ DECLARE
 BEGIN
     FOR attempt IN 1..10 LOOP
         INSERT INTO ihub.job (fn, args, priority, run_at, max_attempts, identity_key, integration_id,
-                              retry_schedule, timeout, run_as, schedule_id)
+                              retry_schedule, timeout, run_as, schedule_id, fn_name)
         VALUES (p_fn, p_args, p_priority, p_run_at, p_max_attempts, p_identity_key, p_integration_id,
-                p_retry_schedule, p_timeout, p_run_as, p_schedule_id)
+                p_retry_schedule, p_timeout, p_run_as, p_schedule_id, p_fn::text)
         ON CONFLICT (identity_key) WHERE identity_key IS NOT NULL AND state IN ('pending', 'running', 'retry')
         DO NOTHING
         RETURNING id INTO v_id;
@@ -149,42 +149,62 @@ CREATE FUNCTION ihub._claim_job(p_owner integer, p_default_timeout_ms integer)
 RETURNS TABLE (id bigint, call text, args jsonb, run_as oid, timeout_ms integer, more_due boolean)
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
 AS $$
+DECLARE
+    v record;
 BEGIN
-    -- Two are locked so that the worker learns whether more are due (and wakes
-    -- a peer) without a second scan; the second is released at commit.
-    RETURN QUERY
-    WITH next AS (
-        SELECT j.id, j.priority, j.run_at FROM ihub.job j
-        WHERE j.state IN ('pending', 'retry') AND j.run_at <= now()
-        ORDER BY j.priority, j.run_at, j.id
-        LIMIT 2
-        FOR UPDATE SKIP LOCKED
-    ), first AS (
-        SELECT (array_agg(next.id ORDER BY next.priority, next.run_at, next.id))[1] AS id, count(*) > 1 AS more
-        FROM next
-    ), claimed AS (
-        UPDATE ihub.job j
-        SET state = 'running', worker_pid = p_owner, started_at = clock_timestamp(), finished_at = NULL,
-            attempts = j.attempts + 1, cancel_requested = false, errors_logged = 0,
-            progress_done = NULL, progress_total = NULL
-        FROM first WHERE j.id = first.id
-        RETURNING j.id, j.fn, j.args, j.run_as, j.timeout, first.more
-    )
-    SELECT c.id,
-           CASE WHEN p.prorettype = 'void'::regtype
-                -- Qualified: the statement is parsed with the role's search_path.
-                THEN format('SELECT NULL::pg_catalog.jsonb FROM %I.%I($1) AS f', n.nspname, p.proname)
-                ELSE format('SELECT pg_catalog.to_jsonb(%I.%I($1))', n.nspname, p.proname) END,
-           c.args, c.run_as::oid,
-           coalesce((extract(epoch FROM c.timeout) * 1000)::integer, p_default_timeout_ms),
-           c.more
-    FROM claimed c
-    JOIN pg_proc p ON p.oid = c.fn
-    JOIN pg_namespace n ON n.oid = p.pronamespace;
+    LOOP
+        -- Two are locked so that the worker learns whether more are due (and
+        -- wakes a peer) without a second scan; the second is released at commit.
+        WITH next AS (
+            SELECT j.id, j.priority, j.run_at FROM ihub.job j
+            WHERE j.state IN ('pending', 'retry') AND j.run_at <= now()
+            ORDER BY j.priority, j.run_at, j.id
+            LIMIT 2
+            FOR UPDATE SKIP LOCKED
+        ), first AS (
+            SELECT (array_agg(next.id ORDER BY next.priority, next.run_at, next.id))[1] AS id, count(*) > 1 AS more
+            FROM next
+        ), claimed AS (
+            UPDATE ihub.job j
+            SET state = 'running', worker_pid = p_owner, started_at = clock_timestamp(), finished_at = NULL,
+                attempts = j.attempts + 1, cancel_requested = false, errors_logged = 0,
+                progress_done = NULL, progress_total = NULL
+            FROM first WHERE j.id = first.id
+            RETURNING j.id, j.fn, j.fn_name, j.args, j.run_as, j.timeout, first.more
+        )
+        SELECT c.id, c.fn, c.fn_name, c.args, c.run_as, c.timeout, c.more, p.prorettype, p.proname, n.nspname
+        INTO v
+        FROM claimed c
+        LEFT JOIN pg_proc p ON p.oid = c.fn
+        LEFT JOIN pg_namespace n ON n.oid = p.pronamespace;
+        IF v.id IS NULL THEN
+            RETURN;
+        END IF;
+        IF v.proname IS NOT NULL THEN
+            id := v.id;
+            call := CASE WHEN v.prorettype = 'void'::regtype
+                         -- Qualified: the statement is parsed with the role's search_path.
+                         THEN format('SELECT NULL::pg_catalog.jsonb FROM %I.%I($1) AS f', v.nspname, v.proname)
+                         ELSE format('SELECT pg_catalog.to_jsonb(%I.%I($1))', v.nspname, v.proname) END;
+            args := v.args;
+            run_as := v.run_as::oid;
+            timeout_ms := coalesce((extract(epoch FROM v.timeout) * 1000)::integer, p_default_timeout_ms);
+            more_due := v.more;
+            RETURN NEXT;
+            RETURN;
+        END IF;
+        -- Its function was dropped after it was queued: no attempt can call
+        -- it. It fails now (which frees its identity key), and the claim
+        -- goes on to the next job.
+        PERFORM ihub._job_failed(v.id, p_owner,
+                                 format('its function %s no longer exists: it was dropped after the job was queued',
+                                        coalesce(v.fn_name, v.fn::text)),
+                                 'failed', NULL);
+    END LOOP;
 END
 $$;
 
-CREATE FUNCTION ihub._job_done(p_id bigint, p_result jsonb, p_errors integer, p_done bigint, p_total bigint)
+CREATE FUNCTION ihub._job_done(p_id bigint, p_owner integer, p_result jsonb, p_errors integer, p_done bigint, p_total bigint)
 RETURNS void
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
 AS $$
@@ -194,7 +214,13 @@ BEGIN
         finished_at = clock_timestamp(), worker_pid = NULL, result = p_result, errors_logged = p_errors,
         last_error = CASE WHEN p_errors > 0 THEN format('%s error(s) logged during the run', p_errors) END,
         progress_done = coalesce(p_done, progress_done), progress_total = coalesce(p_total, progress_total)
-    WHERE id = p_id;
+    WHERE id = p_id AND state = 'running' AND worker_pid = p_owner;
+    IF NOT FOUND THEN
+        -- Not this worker's job any more: what its run did must not commit.
+        RAISE EXCEPTION 'job % is not running in this worker', p_id
+            USING ERRCODE = 'object_not_in_prerequisite_state',
+                  HINT = 'Only the worker that claimed a job records it as done; the run is rolled back.';
+    END IF;
 END
 $$;
 
@@ -249,30 +275,52 @@ BEGIN
 END
 $$;
 
--- Jobs left running by a worker that is gone are queued again at once.
-CREATE FUNCTION ihub._rescue_jobs() RETURNS bigint
+-- Jobs left running by a worker that is gone: queued again at once, or
+-- cancelled when ihub.cancel_job asked for it meanwhile (it cannot reach a
+-- worker that is gone). Returns the jobs this call rescued, with their
+-- worker's pid and new state: a concurrent call waits for the rows, then
+-- finds them no longer stuck.
+CREATE FUNCTION ihub._rescue_stuck_jobs()
+RETURNS TABLE (job_id bigint, function text, worker_pid integer, state text)
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     v record;
-    v_count bigint := 0;
 BEGIN
     FOR v IN
         UPDATE ihub.job j
-        SET state = 'retry', run_at = now(), worker_pid = NULL,
-            last_error = format('its worker (pid %s) stopped during the job; queued again', j.worker_pid)
-        WHERE j.state = 'running' AND NOT ihub._pid_alive(j.worker_pid)
-        RETURNING j.id, j.fn, j.last_error, j.integration_id
+        SET state = CASE WHEN j.cancel_requested THEN 'cancelled' ELSE 'retry' END,
+            run_at = CASE WHEN j.cancel_requested THEN j.run_at ELSE now() END,
+            finished_at = CASE WHEN j.cancel_requested THEN clock_timestamp() END,
+            worker_pid = NULL,
+            last_error = CASE WHEN j.cancel_requested
+                              THEN format('cancelled; its worker (pid %s) had stopped during the job', j.worker_pid)
+                              ELSE format('its worker (pid %s) stopped during the job; queued again', j.worker_pid) END
+        FROM (SELECT s.id, s.worker_pid FROM ihub.job s
+              WHERE s.state = 'running' AND NOT ihub._pid_alive(s.worker_pid)) gone
+        WHERE j.id = gone.id AND j.state = 'running' AND NOT ihub._pid_alive(j.worker_pid)
+        RETURNING j.id, j.fn, j.state, j.last_error, j.integration_id, gone.worker_pid AS pid
     LOOP
-        v_count := v_count + 1;
-        PERFORM ihub.log('warning', format('stuck job %s (%s) resumed: %s', v.id, v.fn, v.last_error),
+        job_id := v.id; function := v.fn::text; worker_pid := v.pid; state := v.state;
+        RETURN NEXT;
+        PERFORM ihub.log('warning',
+                         format('stuck job %s (%s) %s: %s', v.id, v.fn,
+                                CASE WHEN v.state = 'cancelled' THEN 'cancelled' ELSE 'resumed' END, v.last_error),
                          jsonb_build_object('job', v.id),
-                         (SELECT name FROM ihub.integration WHERE id = v.integration_id));
+                         (SELECT i.name FROM ihub.integration i WHERE i.id = v.integration_id));
+        IF v.state = 'retry' THEN
+            PERFORM ihub._wake_job_worker();
+        END IF;
     END LOOP;
-    IF v_count > 0 THEN
-        PERFORM ihub._wake_job_worker();
-    END IF;
-    RETURN v_count;
+END
+$$;
+
+-- The rescue the job workers run; returns how many jobs it rescued.
+CREATE FUNCTION ihub._rescue_jobs() RETURNS bigint
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    RETURN (SELECT count(*) FROM ihub._rescue_stuck_jobs());
 END
 $$;
 
@@ -313,10 +361,16 @@ BEGIN
         WHERE j.id = v.id;
         RETURN 'cancelled';
     ELSIF v.state = 'running' THEN
-        -- The worker's query is cancelled; the failed attempt is then
-        -- recorded as cancelled rather than retried.
+        -- The attempt is then recorded as cancelled rather than retried, by
+        -- its worker, or by the rescue when the worker is gone.
         UPDATE ihub.job j SET cancel_requested = true WHERE j.id = v.id;
-        PERFORM pg_cancel_backend(v.worker_pid);
+        -- The worker's query is cancelled only while the worker reports
+        -- running this very job: not while it records the job's outcome
+        -- (which the signal would cancel), nor any other job. The row lock
+        -- keeps it from finishing this one and moving on meanwhile.
+        IF EXISTS (SELECT 1 FROM ihub._workers() w WHERE w.pid = v.worker_pid AND w.job_id = v.id) THEN
+            PERFORM pg_cancel_backend(v.worker_pid);
+        END IF;
         RETURN 'cancelling';
     END IF;
     RAISE EXCEPTION 'job % is %; only queued or running jobs can be cancelled', v.id, v.state
@@ -368,22 +422,27 @@ AS $$
 DECLARE
     v record;
 BEGIN
-    FOR v IN
-        SELECT j.id, j.fn::text AS fn, j.worker_pid AS pid FROM ihub.job j
-        WHERE j.state = 'running' AND NOT ihub._pid_alive(j.worker_pid)
-    LOOP
+    -- What this call rescued: a job another call rescued meanwhile is not
+    -- reported twice.
+    FOR v IN SELECT r.job_id AS id, r.function AS fn, r.worker_pid AS pid, r.state FROM ihub._rescue_stuck_jobs() r LOOP
         job_id := v.id; function := v.fn; worker_pid := v.pid;
-        problem := 'its worker is gone'; action := 'queued again';
+        problem := 'its worker is gone';
+        action := CASE WHEN v.state = 'cancelled' THEN 'cancelled, as asked' ELSE 'queued again' END;
         RETURN NEXT;
     END LOOP;
-    PERFORM ihub._rescue_jobs();
+    -- Locked, so that the worker cannot finish the job and move on to
+    -- another before the signal; skipped when locked (the worker records it
+    -- right now). Signalled only when the worker reports running this very
+    -- job, not while it records its outcome.
     FOR v IN
         SELECT j.id, j.fn::text AS fn, j.worker_pid AS pid,
                coalesce(j.timeout, make_interval(secs => ihub._job_timeout_ms() / 1000.0)) AS limit_
         FROM ihub.job j
         WHERE j.state = 'running'
           AND j.started_at + coalesce(j.timeout, make_interval(secs => ihub._job_timeout_ms() / 1000.0)) + interval '5 seconds' < clock_timestamp()
+        FOR UPDATE OF j SKIP LOCKED
     LOOP
+        CONTINUE WHEN NOT EXISTS (SELECT 1 FROM ihub._workers() w WHERE w.pid = v.pid AND w.job_id = v.id);
         PERFORM pg_cancel_backend(v.pid);
         job_id := v.id; function := v.fn; worker_pid := v.pid;
         problem := format('running longer than its timeout (%s)', v.limit_); action := 'query cancelled; it will be retried';
@@ -413,20 +472,24 @@ COMMENT ON FUNCTION ihub._enqueue(regprocedure, jsonb, integer, timestamptz, int
     'Internal: queues a job, honouring its identity key.';
 COMMENT ON FUNCTION ihub.enqueue(regprocedure, jsonb, integer, timestamptz, integer, text, text, interval[], interval) IS
     'Queues a background job: fn(args jsonb) runs in a job worker, in its own transaction, as the calling role. Priority 0 runs first. With an identity key, returns the queued or running job that already has it.';
-COMMENT ON FUNCTION ihub._claim_job(integer, integer) IS 'Internal (job worker): claims the most urgent due job.';
-COMMENT ON FUNCTION ihub._job_done(bigint, jsonb, integer, bigint, bigint) IS 'Internal (job worker): records a finished job (partial when errors were logged).';
+COMMENT ON FUNCTION ihub._claim_job(integer, integer) IS
+    'Internal (job worker): claims the most urgent due job; fails the claimed jobs whose function was dropped on the way.';
+COMMENT ON FUNCTION ihub._job_done(bigint, integer, jsonb, integer, bigint, bigint) IS
+    'Internal (job worker): records a finished job (partial when errors were logged); raises unless the worker holds it.';
 COMMENT ON FUNCTION ihub._job_attempt(bigint, integer) IS
     'Internal (job worker): locks a running job and returns what deciding its failed attempt needs.';
 COMMENT ON FUNCTION ihub._job_failed(bigint, integer, text, text, double precision) IS
     'Internal (job worker): records a failed attempt as decided: cancelled, failed, or retry after a delay.';
-COMMENT ON FUNCTION ihub._rescue_jobs() IS 'Internal: queues again the jobs whose worker is gone.';
+COMMENT ON FUNCTION ihub._rescue_jobs() IS 'Internal: queues again (or cancels, when asked) the jobs whose worker is gone; returns how many.';
+COMMENT ON FUNCTION ihub._rescue_stuck_jobs() IS
+    'Internal: queues again (or cancels, when asked) the jobs whose worker is gone; returns each job it rescued and its new state.';
 COMMENT ON FUNCTION ihub._next_job_due() IS 'Internal (job worker): seconds until the next job is due.';
 COMMENT ON FUNCTION ihub.retry_later(text, interval) IS
     'Called by a job to be retried: after the given delay, or per its retry schedule. Raises an error (SQLSTATE IHRTY).';
 COMMENT ON FUNCTION ihub.cancel_job(bigint) IS 'Cancels a queued job, or stops a running one. Returns cancelled or cancelling.';
 COMMENT ON FUNCTION ihub.retry_job(bigint) IS 'Queues a failed, cancelled or partial job again, with a fresh retry budget.';
 COMMENT ON FUNCTION ihub.resume_stuck_jobs() IS
-    'Queues again the jobs whose worker is gone and stops those running past their timeout; reports what it did.';
+    'Queues again (or cancels, when asked) the jobs whose worker is gone and stops those running past their timeout; reports what this call did.';
 COMMENT ON VIEW ihub.jobs IS
     'Background jobs: state (pending, running, done, partial, retry, failed, cancelled), attempts, timings, last error and progress.';
 COMMENT ON FUNCTION ihub._may_act_for(regrole, regrole) IS 'Internal: whether a role may change, run, retry or cancel work that runs as another.';

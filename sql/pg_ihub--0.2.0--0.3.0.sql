@@ -614,6 +614,384 @@ COMMENT ON VIEW ihub.subscriptions IS 'Row-change subscriptions, whether they ar
 -- Jobs and inbound items whose function is gone; rescue and cancel
 -------------------------------------------------------------------------------
 
+-- The job's function and the source's handler as named when queued or
+-- created: once dropped, the error of a job or item names them.
+ALTER TABLE ihub.job ADD COLUMN fn_name text;
+COMMENT ON COLUMN ihub.job.fn_name IS
+    'The job''s function as it was named when queued: the error of a job whose function was dropped names it.';
+UPDATE ihub.job j SET fn_name = j.fn::text
+WHERE j.state <> 'done' AND EXISTS (SELECT 1 FROM pg_catalog.pg_proc p WHERE p.oid = j.fn);
+ALTER TABLE ihub.inbound_source ADD COLUMN handler_name text;
+COMMENT ON COLUMN ihub.inbound_source.handler_name IS
+    'The handler as it was named when the source was created: the error of an item whose handler was dropped names it.';
+UPDATE ihub.inbound_source s SET handler_name = s.handler::text
+WHERE EXISTS (SELECT 1 FROM pg_catalog.pg_proc p WHERE p.oid = s.handler);
+
+CREATE OR REPLACE FUNCTION ihub._enqueue(p_fn regprocedure, p_args jsonb, p_priority integer, p_run_at timestamptz,
+                              p_max_attempts integer, p_identity_key text, p_integration_id bigint,
+                              p_retry_schedule interval[], p_timeout interval, p_run_as regrole,
+                              p_schedule_id bigint DEFAULT NULL)
+RETURNS bigint
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_id bigint;
+BEGIN
+    FOR attempt IN 1..10 LOOP
+        INSERT INTO ihub.job (fn, args, priority, run_at, max_attempts, identity_key, integration_id,
+                              retry_schedule, timeout, run_as, schedule_id, fn_name)
+        VALUES (p_fn, p_args, p_priority, p_run_at, p_max_attempts, p_identity_key, p_integration_id,
+                p_retry_schedule, p_timeout, p_run_as, p_schedule_id, p_fn::text)
+        ON CONFLICT (identity_key) WHERE identity_key IS NOT NULL AND state IN ('pending', 'running', 'retry')
+        DO NOTHING
+        RETURNING id INTO v_id;
+        IF v_id IS NOT NULL THEN
+            PERFORM ihub._wake_job_worker();
+            RETURN v_id;
+        END IF;
+        SELECT id INTO v_id FROM ihub.job
+        WHERE identity_key = p_identity_key AND state IN ('pending', 'running', 'retry');
+        IF v_id IS NOT NULL THEN
+            RETURN v_id;
+        END IF;
+        -- The job holding the key finished in between; try again.
+    END LOOP;
+    RAISE EXCEPTION 'could not queue a job with identity key %', p_identity_key
+        USING ERRCODE = 'serialization_failure', HINT = 'Jobs with this key keep starting and finishing; try again.';
+END
+$$;
+
+CREATE OR REPLACE FUNCTION ihub._create_source_by(
+    integration text,
+    name text,
+    handler regprocedure,
+    verify text DEFAULT 'standard-webhooks',
+    secret text DEFAULT NULL,
+    header text DEFAULT NULL,
+    tolerance interval DEFAULT '5 minutes',
+    dedup_window interval DEFAULT '24 hours',
+    id_header text DEFAULT NULL,
+    ordering_key text DEFAULT NULL,
+    p_caller regrole DEFAULT NULL) RETURNS bigint
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_integration bigint := ihub._integration_id(_create_source_by.integration);
+    v_role name := pg_get_userbyid(p_caller);
+    v_proc pg_proc;
+    v_id bigint;
+BEGIN
+    PERFORM ihub._check_name('inbound source', _create_source_by.name);
+    IF EXISTS (SELECT 1 FROM ihub.inbound_source s WHERE s.integration_id = v_integration AND s.name = _create_source_by.name) THEN
+        RAISE EXCEPTION 'integration "%" already has an inbound source "%"', _create_source_by.integration, _create_source_by.name
+            USING ERRCODE = 'duplicate_object', HINT = 'Choose another name, or drop it with ihub.drop_source first.';
+    END IF;
+    SELECT * INTO v_proc FROM pg_proc WHERE oid = handler;
+    IF v_proc.prokind <> 'f' OR v_proc.pronargs <> 1 OR v_proc.proargtypes[0] <> 'ihub.inbound_items'::regtype OR v_proc.proretset THEN
+        RAISE EXCEPTION 'function % cannot handle inbound items', handler
+            USING ERRCODE = 'invalid_function_definition',
+                  HINT = 'A handler takes one ihub.inbound_items and returns jsonb (or void): CREATE FUNCTION on_order(item ihub.inbound_items) RETURNS jsonb.';
+    END IF;
+    IF NOT has_function_privilege(v_role, handler, 'EXECUTE') THEN
+        RAISE EXCEPTION 'role % may not execute %', v_role, handler
+            USING ERRCODE = 'insufficient_privilege', HINT = 'Handlers run as the role that created the source; grant it EXECUTE.';
+    END IF;
+    IF verify IS NULL OR verify NOT IN ('standard-webhooks', 'hmac-sha256', 'shared-secret', 'none') THEN
+        RAISE EXCEPTION 'unknown verification "%"', verify
+            USING ERRCODE = 'invalid_parameter_value', HINT = 'Use standard-webhooks, hmac-sha256, shared-secret or none.';
+    END IF;
+    IF verify <> 'none' AND coalesce(secret, '') = '' THEN
+        RAISE EXCEPTION 'verification % needs a secret', verify
+            USING ERRCODE = 'invalid_parameter_value', HINT = 'Pass the secret the sender signs with (whsec_... for Standard Webhooks).';
+    END IF;
+    IF verify = 'standard-webhooks' THEN
+        PERFORM ihub._check_secret(secret);
+    END IF;
+    IF verify = 'shared-secret' AND header IS NULL THEN
+        RAISE EXCEPTION 'shared-secret verification needs the header that carries the secret'
+            USING ERRCODE = 'invalid_parameter_value', HINT = 'For example header => ''X-Zoho-Webhook-Secret''.';
+    END IF;
+    IF tolerance IS NULL OR tolerance < interval '0' OR dedup_window IS NULL OR dedup_window < interval '0' THEN
+        RAISE EXCEPTION 'tolerance and dedup_window must be non-negative intervals'
+            USING ERRCODE = 'invalid_parameter_value', HINT = 'For example tolerance => ''5 minutes'', dedup_window => ''1 day''.';
+    END IF;
+    IF ordering_key IS NOT NULL AND ordering_key !~ '^header:[A-Za-z0-9_-]+$' AND ordering_key !~ '^\{.+\}$' THEN
+        RAISE EXCEPTION 'invalid ordering key "%"', ordering_key
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'Use header:<name>, or a JSON path into the body as a text array, e.g. ''{customer,id}''.';
+    END IF;
+    INSERT INTO ihub.inbound_source (integration_id, name, handler, verify, header, id_header, ordering_key,
+                                     tolerance, dedup_window, run_as, handler_name)
+    VALUES (v_integration, _create_source_by.name, handler, verify, lower(header), lower(id_header), ordering_key,
+            tolerance, dedup_window, p_caller, handler::text)
+    RETURNING id INTO v_id;
+    IF secret IS NOT NULL THEN
+        INSERT INTO ihub.inbound_secret (source_id, secret) VALUES (v_id, secret);
+    END IF;
+    RETURN v_id;
+END
+$$;
+
+-- A claimed job or item whose function is gone fails at once; the claim goes
+-- on to the next.
+CREATE OR REPLACE FUNCTION ihub._claim_job(p_owner integer, p_default_timeout_ms integer)
+RETURNS TABLE (id bigint, call text, args jsonb, run_as oid, timeout_ms integer, more_due boolean)
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v record;
+BEGIN
+    LOOP
+        -- Two are locked so that the worker learns whether more are due (and
+        -- wakes a peer) without a second scan; the second is released at commit.
+        WITH next AS (
+            SELECT j.id, j.priority, j.run_at FROM ihub.job j
+            WHERE j.state IN ('pending', 'retry') AND j.run_at <= now()
+            ORDER BY j.priority, j.run_at, j.id
+            LIMIT 2
+            FOR UPDATE SKIP LOCKED
+        ), first AS (
+            SELECT (array_agg(next.id ORDER BY next.priority, next.run_at, next.id))[1] AS id, count(*) > 1 AS more
+            FROM next
+        ), claimed AS (
+            UPDATE ihub.job j
+            SET state = 'running', worker_pid = p_owner, started_at = clock_timestamp(), finished_at = NULL,
+                attempts = j.attempts + 1, cancel_requested = false, errors_logged = 0,
+                progress_done = NULL, progress_total = NULL
+            FROM first WHERE j.id = first.id
+            RETURNING j.id, j.fn, j.fn_name, j.args, j.run_as, j.timeout, first.more
+        )
+        SELECT c.id, c.fn, c.fn_name, c.args, c.run_as, c.timeout, c.more, p.prorettype, p.proname, n.nspname
+        INTO v
+        FROM claimed c
+        LEFT JOIN pg_proc p ON p.oid = c.fn
+        LEFT JOIN pg_namespace n ON n.oid = p.pronamespace;
+        IF v.id IS NULL THEN
+            RETURN;
+        END IF;
+        IF v.proname IS NOT NULL THEN
+            id := v.id;
+            call := CASE WHEN v.prorettype = 'void'::regtype
+                         -- Qualified: the statement is parsed with the role's search_path.
+                         THEN format('SELECT NULL::pg_catalog.jsonb FROM %I.%I($1) AS f', v.nspname, v.proname)
+                         ELSE format('SELECT pg_catalog.to_jsonb(%I.%I($1))', v.nspname, v.proname) END;
+            args := v.args;
+            run_as := v.run_as::oid;
+            timeout_ms := coalesce((extract(epoch FROM v.timeout) * 1000)::integer, p_default_timeout_ms);
+            more_due := v.more;
+            RETURN NEXT;
+            RETURN;
+        END IF;
+        -- Its function was dropped after it was queued: no attempt can call
+        -- it. It fails now (which frees its identity key), and the claim
+        -- goes on to the next job.
+        PERFORM ihub._job_failed(v.id, p_owner,
+                                 format('its function %s no longer exists: it was dropped after the job was queued',
+                                        coalesce(v.fn_name, v.fn::text)),
+                                 'failed', NULL);
+    END LOOP;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION ihub._claim_inbound(p_owner integer, p_default_timeout_ms integer)
+RETURNS TABLE (id bigint, call text, run_as oid, timeout_ms integer, more_due boolean)
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v record;
+BEGIN
+    LOOP
+        WITH next AS (
+            SELECT t.id, t.run_at FROM ihub.inbound_item t
+            WHERE t.state = 'pending' AND t.run_at <= now()
+              AND (t.ordering_key IS NULL OR NOT EXISTS (
+                    SELECT 1 FROM ihub.inbound_item e
+                    WHERE e.source_id = t.source_id AND e.ordering_key = t.ordering_key
+                      AND e.state IN ('pending', 'running') AND e.id < t.id))
+            ORDER BY t.run_at, t.id
+            LIMIT 2
+            FOR UPDATE SKIP LOCKED
+        ), first AS (
+            SELECT (array_agg(next.id ORDER BY next.run_at, next.id))[1] AS id, count(*) > 1 AS more FROM next
+        ), claimed AS (
+            UPDATE ihub.inbound_item t
+            SET state = 'running', worker_pid = p_owner, started_at = clock_timestamp(), attempts = t.attempts + 1
+            FROM first WHERE t.id = first.id
+            RETURNING t.id, t.source_id, first.more
+        )
+        SELECT c.id, ihub._handler_call(s.handler) AS call, s.run_as, c.more,
+               coalesce(s.handler_name, s.handler::text) AS handler_name
+        INTO v
+        FROM claimed c
+        JOIN ihub.inbound_source s ON s.id = c.source_id;
+        IF v.id IS NULL THEN
+            RETURN;
+        END IF;
+        IF v.call IS NOT NULL THEN
+            id := v.id; call := v.call; run_as := v.run_as::oid; timeout_ms := p_default_timeout_ms; more_due := v.more;
+            RETURN NEXT;
+            RETURN;
+        END IF;
+        -- Its source's handler was dropped: no call can handle it. It is
+        -- archived as failed now (so that it holds its ordering key no
+        -- longer), and the claim goes on to the next item.
+        PERFORM ihub._inbound_failed(v.id, p_owner,
+                                     format('its handler %s no longer exists: it was dropped after the source was created',
+                                            v.handler_name));
+    END LOOP;
+END
+$$;
+
+-- _job_done checks the state and the owner, as _job_failed does.
+DROP FUNCTION ihub._job_done(bigint, jsonb, integer, bigint, bigint);
+CREATE FUNCTION ihub._job_done(p_id bigint, p_owner integer, p_result jsonb, p_errors integer, p_done bigint, p_total bigint)
+RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    UPDATE ihub.job
+    SET state = CASE WHEN p_errors > 0 THEN 'partial' ELSE 'done' END,
+        finished_at = clock_timestamp(), worker_pid = NULL, result = p_result, errors_logged = p_errors,
+        last_error = CASE WHEN p_errors > 0 THEN format('%s error(s) logged during the run', p_errors) END,
+        progress_done = coalesce(p_done, progress_done), progress_total = coalesce(p_total, progress_total)
+    WHERE id = p_id AND state = 'running' AND worker_pid = p_owner;
+    IF NOT FOUND THEN
+        -- Not this worker's job any more: what its run did must not commit.
+        RAISE EXCEPTION 'job % is not running in this worker', p_id
+            USING ERRCODE = 'object_not_in_prerequisite_state',
+                  HINT = 'Only the worker that claimed a job records it as done; the run is rolled back.';
+    END IF;
+END
+$$;
+
+-- The rescue cancels the jobs whose cancel could not reach their gone
+-- worker, and reports only what it did itself.
+CREATE FUNCTION ihub._rescue_stuck_jobs()
+RETURNS TABLE (job_id bigint, function text, worker_pid integer, state text)
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v record;
+BEGIN
+    FOR v IN
+        UPDATE ihub.job j
+        SET state = CASE WHEN j.cancel_requested THEN 'cancelled' ELSE 'retry' END,
+            run_at = CASE WHEN j.cancel_requested THEN j.run_at ELSE now() END,
+            finished_at = CASE WHEN j.cancel_requested THEN clock_timestamp() END,
+            worker_pid = NULL,
+            last_error = CASE WHEN j.cancel_requested
+                              THEN format('cancelled; its worker (pid %s) had stopped during the job', j.worker_pid)
+                              ELSE format('its worker (pid %s) stopped during the job; queued again', j.worker_pid) END
+        FROM (SELECT s.id, s.worker_pid FROM ihub.job s
+              WHERE s.state = 'running' AND NOT ihub._pid_alive(s.worker_pid)) gone
+        WHERE j.id = gone.id AND j.state = 'running' AND NOT ihub._pid_alive(j.worker_pid)
+        RETURNING j.id, j.fn, j.state, j.last_error, j.integration_id, gone.worker_pid AS pid
+    LOOP
+        job_id := v.id; function := v.fn::text; worker_pid := v.pid; state := v.state;
+        RETURN NEXT;
+        PERFORM ihub.log('warning',
+                         format('stuck job %s (%s) %s: %s', v.id, v.fn,
+                                CASE WHEN v.state = 'cancelled' THEN 'cancelled' ELSE 'resumed' END, v.last_error),
+                         jsonb_build_object('job', v.id),
+                         (SELECT i.name FROM ihub.integration i WHERE i.id = v.integration_id));
+        IF v.state = 'retry' THEN
+            PERFORM ihub._wake_job_worker();
+        END IF;
+    END LOOP;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION ihub._rescue_jobs() RETURNS bigint
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    RETURN (SELECT count(*) FROM ihub._rescue_stuck_jobs());
+END
+$$;
+
+-- Cancel and the timeout check signal only a worker that runs the job.
+CREATE OR REPLACE FUNCTION ihub._cancel_job_by(id bigint, p_caller regrole) RETURNS text
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v ihub.job;
+BEGIN
+    SELECT * INTO v FROM ihub.job j WHERE j.id = _cancel_job_by.id FOR UPDATE;
+    IF v.id IS NULL THEN
+        RAISE EXCEPTION 'job % does not exist', _cancel_job_by.id USING ERRCODE = 'undefined_object', HINT = 'List jobs in ihub.jobs.';
+    END IF;
+    PERFORM ihub._require_may_act_for(p_caller, v.run_as, format('job %s', v.id));
+    IF v.state IN ('pending', 'retry') THEN
+        UPDATE ihub.job j SET state = 'cancelled', finished_at = now(), last_error = 'cancelled by ' || pg_get_userbyid(p_caller)
+        WHERE j.id = v.id;
+        RETURN 'cancelled';
+    ELSIF v.state = 'running' THEN
+        -- The attempt is then recorded as cancelled rather than retried, by
+        -- its worker, or by the rescue when the worker is gone.
+        UPDATE ihub.job j SET cancel_requested = true WHERE j.id = v.id;
+        -- The worker's query is cancelled only while the worker reports
+        -- running this very job: not while it records the job's outcome
+        -- (which the signal would cancel), nor any other job. The row lock
+        -- keeps it from finishing this one and moving on meanwhile.
+        IF EXISTS (SELECT 1 FROM ihub._workers() w WHERE w.pid = v.worker_pid AND w.job_id = v.id) THEN
+            PERFORM pg_cancel_backend(v.worker_pid);
+        END IF;
+        RETURN 'cancelling';
+    END IF;
+    RAISE EXCEPTION 'job % is %; only queued or running jobs can be cancelled', v.id, v.state
+        USING ERRCODE = 'object_not_in_prerequisite_state', HINT = 'Use ihub.retry_job to run a finished job again.';
+END
+$$;
+
+CREATE OR REPLACE FUNCTION ihub.resume_stuck_jobs()
+RETURNS TABLE (job_id bigint, function text, worker_pid integer, problem text, action text)
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v record;
+BEGIN
+    -- What this call rescued: a job another call rescued meanwhile is not
+    -- reported twice.
+    FOR v IN SELECT r.job_id AS id, r.function AS fn, r.worker_pid AS pid, r.state FROM ihub._rescue_stuck_jobs() r LOOP
+        job_id := v.id; function := v.fn; worker_pid := v.pid;
+        problem := 'its worker is gone';
+        action := CASE WHEN v.state = 'cancelled' THEN 'cancelled, as asked' ELSE 'queued again' END;
+        RETURN NEXT;
+    END LOOP;
+    -- Locked, so that the worker cannot finish the job and move on to
+    -- another before the signal; skipped when locked (the worker records it
+    -- right now). Signalled only when the worker reports running this very
+    -- job, not while it records its outcome.
+    FOR v IN
+        SELECT j.id, j.fn::text AS fn, j.worker_pid AS pid,
+               coalesce(j.timeout, make_interval(secs => ihub._job_timeout_ms() / 1000.0)) AS limit_
+        FROM ihub.job j
+        WHERE j.state = 'running'
+          AND j.started_at + coalesce(j.timeout, make_interval(secs => ihub._job_timeout_ms() / 1000.0)) + interval '5 seconds' < clock_timestamp()
+        FOR UPDATE OF j SKIP LOCKED
+    LOOP
+        CONTINUE WHEN NOT EXISTS (SELECT 1 FROM ihub._workers() w WHERE w.pid = v.pid AND w.job_id = v.id);
+        PERFORM pg_cancel_backend(v.pid);
+        job_id := v.id; function := v.fn; worker_pid := v.pid;
+        problem := format('running longer than its timeout (%s)', v.limit_); action := 'query cancelled; it will be retried';
+        RETURN NEXT;
+    END LOOP;
+END
+$$;
+
+COMMENT ON FUNCTION ihub._claim_job(integer, integer) IS
+    'Internal (job worker): claims the most urgent due job; fails the claimed jobs whose function was dropped on the way.';
+COMMENT ON FUNCTION ihub._job_done(bigint, integer, jsonb, integer, bigint, bigint) IS
+    'Internal (job worker): records a finished job (partial when errors were logged); raises unless the worker holds it.';
+COMMENT ON FUNCTION ihub._rescue_jobs() IS 'Internal: queues again (or cancels, when asked) the jobs whose worker is gone; returns how many.';
+COMMENT ON FUNCTION ihub._rescue_stuck_jobs() IS
+    'Internal: queues again (or cancels, when asked) the jobs whose worker is gone; returns each job it rescued and its new state.';
+COMMENT ON FUNCTION ihub.resume_stuck_jobs() IS
+    'Queues again (or cancels, when asked) the jobs whose worker is gone and stops those running past their timeout; reports what this call did.';
+COMMENT ON FUNCTION ihub._claim_inbound(integer, integer) IS
+    'Internal (processor): claims the next item due; archives as failed the claimed items whose handler was dropped on the way.';
+REVOKE ALL ON FUNCTION ihub._job_done(bigint, integer, jsonb, integer, bigint, bigint), ihub._rescue_stuck_jobs() FROM PUBLIC;
+
 -------------------------------------------------------------------------------
 -- The listener: per-item commits, bounded rejections and connections
 -------------------------------------------------------------------------------

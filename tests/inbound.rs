@@ -524,6 +524,55 @@ fn items_with_one_ordering_key_are_processed_in_arrival_order() {
 }
 
 #[test]
+fn an_item_whose_handler_was_dropped_fails_naming_it_and_frees_its_ordering_key() {
+    let mut hub = hub();
+    let k = kit(&mut hub);
+    let p = &k.p;
+    hub.exec(&format!(
+        "CREATE FUNCTION {p}_gone(item ihub.inbound_items) RETURNS jsonb LANGUAGE sql AS $$ SELECT '{{}}'::jsonb $$;
+         SELECT ihub.create_source('{i}', 'gone', '{p}_gone(ihub.inbound_items)', 'none',
+                                   ordering_key => 'header:X-Customer');",
+        i = k.integration
+    ));
+    // Two items with one ordering key, queued and the handler dropped in one
+    // transaction: the handler is gone before any processor sees them.
+    let ids: Vec<i64> = {
+        let mut tx = hub.db.transaction().unwrap();
+        let ids = (1..=2)
+            .map(|n| {
+                tx.query_one(
+                    &format!(
+                        "SELECT ihub.receive('{}', 'gone', '{{\"X-Customer\": \"c1\"}}', convert_to('{{\"n\": {n}}}', 'UTF8'))",
+                        k.integration
+                    ),
+                    &[],
+                )
+                .unwrap()
+                .get(0)
+            })
+            .collect();
+        tx.batch_execute(&format!("DROP FUNCTION {p}_gone(ihub.inbound_items)")).unwrap();
+        tx.commit().unwrap();
+        ids
+    };
+    // Both end archived as failed, the second after the first: the first
+    // does not hold the ordering key.
+    for id in &ids {
+        assert!(
+            hub.wait_true(&format!("SELECT count(*) = 1 FROM ihub.inbound_failed WHERE id = {id}"), WAIT),
+            "item {id} is {}",
+            hub.one::<String>(&format!("SELECT state FROM ihub.inbound_items WHERE id = {id}"))
+        );
+        let error: String = hub.one(&format!("SELECT error FROM ihub.inbound_failed WHERE id = {id}"));
+        assert!(error.contains(&format!("{p}_gone(ihub.inbound_items)")), "the error names the handler: {error}");
+    }
+    // The processors go on with other sources' items.
+    let url = k.source(&mut hub, "fine", ", 'none'");
+    item_id(http().post(&url).body(r#"{"n": 7}"#).send().unwrap());
+    assert_eq!(k.wait_seen(&mut hub, 1), vec![7]);
+}
+
+#[test]
 fn a_handler_can_fan_out_to_jobs_and_logs_in_its_transaction() {
     let mut hub = hub();
     let k = kit(&mut hub);

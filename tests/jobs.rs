@@ -210,6 +210,38 @@ fn a_job_over_its_timeout_is_stopped_and_a_running_job_can_be_cancelled() {
 }
 
 #[test]
+fn a_job_whose_function_was_dropped_fails_naming_it_and_frees_its_identity_key() {
+    let mut hub = hub();
+    let p = job_kit(&mut hub);
+    hub.exec(&format!("CREATE FUNCTION {p}_gone(args jsonb) RETURNS void LANGUAGE sql AS $$ SELECT $$;"));
+    // Queued and dropped in one transaction: the function is gone before
+    // any worker sees the job.
+    let key = format!("{p}-key");
+    let id: i64 = {
+        let mut tx = hub.db.transaction().unwrap();
+        let id = tx
+            .query_one(&format!("SELECT ihub.enqueue('{p}_gone(jsonb)', identity_key => '{key}')"), &[])
+            .unwrap()
+            .get(0);
+        tx.batch_execute(&format!("DROP FUNCTION {p}_gone(jsonb)")).unwrap();
+        tx.commit().unwrap();
+        id
+    };
+    wait_job(&mut hub, id, "failed");
+    let error: String = hub.one(&format!("SELECT last_error FROM ihub.jobs WHERE id = {id}"));
+    assert!(error.contains(&format!("{p}_gone(jsonb)")), "the error names the function: {error}");
+    let logged: i64 = hub.one(&format!(
+        "SELECT count(*) FROM ihub.logs WHERE level = 'error' AND message LIKE 'job {id} %' AND message LIKE '%{p}_gone(jsonb)%'"
+    ));
+    assert_eq!(logged, 1);
+    // Its identity key is free again: the next job with it is a new one, and runs.
+    let next: i64 =
+        hub.one(&format!("SELECT ihub.enqueue('{p}_note(jsonb)', '{{\"note\": \"after\"}}', identity_key => '{key}')"));
+    assert_ne!(next, id);
+    wait_job(&mut hub, next, "done");
+}
+
+#[test]
 fn progress_of_a_failed_job_is_not_carried_into_the_next() {
     let mut hub = hub();
     let p = job_kit(&mut hub);

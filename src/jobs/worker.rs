@@ -149,14 +149,42 @@ fn run_job(job: Job, pid: i32) {
     }
     registry::set_job(job.id, -1, -1);
     let id = job.id;
-    if let Err(failure) = attempt(job) {
-        if in_transaction("record a job's failure", || record_failure(id, pid, &failure)).is_none() {
-            warning!("pg_ihub: could not record the failure of job {id}; it is rescued later");
-        }
-    }
+    let outcome = attempt(job, pid);
+    // The job's code has ended. From now on ihub.cancel_job and
+    // ihub.resume_stuck_jobs see that this worker runs no job, and leave it
+    // alone: a cancel would only cancel the recording below, or the next job.
     CURRENT_JOB.store(0, Ordering::SeqCst);
     registry::set_job(0, 0, 0);
+    if let Err(failure) = outcome {
+        // A cancel sent before the registry said so was meant for the job's
+        // code, which has ended: it must not cancel the recording, or the job
+        // would stay running for as long as this worker lives (the rescue
+        // takes only jobs whose worker is gone). One that still arrives
+        // during the recording cancels it once; the second try is not
+        // signalled any more.
+        let mut recorded = false;
+        for _ in 0..RECORD_TRIES {
+            clear_pending_cancel();
+            if in_transaction("record a job's failure", || record_failure(id, pid, &failure)).is_some() {
+                recorded = true;
+                break;
+            }
+        }
+        if !recorded {
+            warning!("pg_ihub: could not record the failure of job {id}; it stays running until this worker stops");
+        }
+    }
+    clear_pending_cancel();
     crate::runtime::backend::report_activity(None);
+}
+
+/// Tries at recording a failed attempt.
+const RECORD_TRIES: usize = 2;
+
+/// Forgets a query cancel (pg_cancel_backend) that reached this worker for
+/// a job whose code has ended.
+fn clear_pending_cancel() {
+    unsafe { pg_sys::QueryCancelPending = 0 };
 }
 
 /// Decides what follows a failed attempt (`pg_ihub_core::retry::job_next`)
@@ -202,17 +230,24 @@ fn record_failure(id: i64, pid: i32, failure: &Failure) {
 
 /// The job's own transaction: its function and, if that succeeds, its
 /// `done` (or `partial`) state, committed together.
-fn attempt(job: Job) -> Result<(), Failure> {
+fn attempt(job: Job, pid: i32) -> Result<(), Failure> {
     let id = job.id;
     run_user_call(&job.call, PgOid::from(pg_sys::JSONBOID), job.args.into(), job.run_as, job.timeout_ms, |result| {
         let (done, total) = progress();
         Spi::connect_mut(|client| {
-            let int8 = PgOid::from(pg_sys::INT8OID);
+            let (int4, int8) = (PgOid::from(pg_sys::INT4OID), PgOid::from(pg_sys::INT8OID));
             run_prepared(
                 client,
-                "SELECT ihub._job_done($1, $2, $3, $4, $5)",
-                &[int8, PgOid::from(pg_sys::JSONBOID), PgOid::from(pg_sys::INT4OID), int8, int8],
-                &[id.into(), result.into(), ERRORS_LOGGED.load(Ordering::SeqCst).into(), done.into(), total.into()],
+                "SELECT ihub._job_done($1, $2, $3, $4, $5, $6)",
+                &[int8, int4, PgOid::from(pg_sys::JSONBOID), int4, int8, int8],
+                &[
+                    id.into(),
+                    pid.into(),
+                    result.into(),
+                    ERRORS_LOGGED.load(Ordering::SeqCst).into(),
+                    done.into(),
+                    total.into(),
+                ],
             )
             .map(|_| ())
         })

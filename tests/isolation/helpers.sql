@@ -145,10 +145,11 @@ AS $$
 $$;
 
 -- The end of a successful run of the first job, as the job's own
--- transaction records it (ihub._job_done).
+-- transaction records it (ihub._job_done, as this session's pid: it raises
+-- unless this session holds the job).
 CREATE FUNCTION t.job_done() RETURNS void
 LANGUAGE sql
-AS $$ SELECT ihub._job_done(t.job_id(), '"ok"', 0, NULL, NULL) $$;
+AS $$ SELECT ihub._job_done(t.job_id(), pg_backend_pid(), '"ok"', 0, NULL, NULL) $$;
 
 -- A failed attempt of the first job, recorded as the job worker does after
 -- the job's transaction rolled back: in a transaction of its own, lock the
@@ -190,6 +191,12 @@ AS $$
            j.last_error
     FROM ihub.job j
     ORDER BY j.id
+$$;
+
+-- Makes the running jobs look as if they started an hour ago: past any
+-- timeout.
+CREATE FUNCTION t.backdate_running() RETURNS void LANGUAGE sql AS $$
+    UPDATE ihub.job SET started_at = started_at - interval '1 hour' WHERE state = 'running'
 $$;
 
 -- Whether the first job has a cancel pending.
