@@ -13,9 +13,11 @@ const RECEIVER_PORT: u16 = 8493;
 const CLOSED: &str = "http://127.0.0.1:9/hook";
 const WAIT: Duration = Duration::from_secs(30);
 
-/// A row as compared before and after the upgrade: without the columns the
-/// upgrade adds (which the old version's rows did not have).
-const ROW: &str = "(to_jsonb(t) - '{handler_name,fn_name}'::text[])::text";
+/// A row as text, without the columns later versions added (a new column
+/// changes every row's text): job.fn_name and inbound_source.handler_name
+/// (0.3.0, filled by the upgrade), subscription.broken_at and broken_reason
+/// (0.3.0, NULL).
+const ROW: &str = "(to_jsonb(t) - '{handler_name,fn_name,broken_at,broken_reason}'::text[])::text";
 
 /// Tables whose rows only the test changes: they must come through equal.
 const KEPT: &[&str] = &[
