@@ -995,3 +995,10 @@ REVOKE ALL ON FUNCTION ihub._job_done(bigint, integer, jsonb, integer, bigint, b
 -------------------------------------------------------------------------------
 -- The listener: per-item commits, bounded rejections and connections
 -------------------------------------------------------------------------------
+
+-------------------------------------------------------------------------------
+-- Privileges: as a fresh install sets them (finalize.sql)
+-------------------------------------------------------------------------------
+
+REVOKE ALL ON ALL FUNCTIONS IN SCHEMA ihub FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION ihub.retry_later(text, interval), ihub.job_progress(bigint, bigint) TO PUBLIC;
