@@ -316,13 +316,13 @@ fn throughput(db: &mut postgres::Client, receiver: &Receiver, n: usize) {
         n as f64 / arrived.as_secs_f64()
     );
     println!(
-        "  all recorded after   {:.2} s  -> {:>8.0} deliveries/s (state delivered, attempt on record)",
+        "  all recorded after   {:.2} s  -> {:>8.0} deliveries/s (state done, attempt on record)",
         settled.as_secs_f64(),
         n as f64 / settled.as_secs_f64()
     );
 }
 
-/// Waits until `n` deliveries are recorded as delivered.
+/// Waits until `n` deliveries are recorded as done.
 fn wait_delivered(db: &mut postgres::Client, n: i64, timeout: Duration) {
     let deadline = Instant::now() + timeout;
     loop {
