@@ -367,14 +367,14 @@ COMMENT ON TABLE ihub.log_setting IS 'Per-integration logging: on or off, and th
 -- How long each kind of record is kept; NULL keeps it until removed by hand.
 CREATE TABLE ihub.retention (
     kind  text PRIMARY KEY CHECK (kind IN ('debug', 'info', 'warning', 'error', 'critical',
-                                           'deliveries', 'jobs', 'inbound')),
+                                           'deliveries', 'jobs', 'inbound', 'rejections')),
     keep  interval CHECK (keep > interval '0')
 );
 INSERT INTO ihub.retention (kind, keep) VALUES
     ('debug', '4 hours'), ('info', '14 days'), ('warning', '14 days'), ('error', NULL), ('critical', NULL),
-    ('deliveries', '30 days'), ('jobs', '30 days'), ('inbound', '30 days');
+    ('deliveries', '30 days'), ('jobs', '30 days'), ('inbound', '30 days'), ('rejections', '7 days');
 COMMENT ON TABLE ihub.retention IS
-    'Retention per log level and for delivered deliveries (with their attempts), finished jobs and processed inbound items; NULL keeps forever.';
+    'Retention per log level and for delivered deliveries (with their attempts), finished jobs, processed inbound items and refused inbound requests; NULL keeps forever.';
 
 CREATE TABLE ihub.activity_setting (
     id        boolean PRIMARY KEY DEFAULT true CHECK (id),

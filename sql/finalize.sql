@@ -6,6 +6,8 @@ COMMENT ON FUNCTION ihub._wake() IS 'Internal: wakes the dispatchers when the cu
 COMMENT ON FUNCTION ihub._require_workers() IS
     'Internal: raises an error with a hint unless pg_ihub''s workers serve this database.';
 COMMENT ON FUNCTION ihub._workers() IS 'Internal: the worker registry in shared memory.';
+COMMENT ON FUNCTION ihub.listener_stats() IS
+    'The inbound listener''s counters since the server started: reloads of its cache of sources, rejected requests not recorded (their queue was full), connections refused with 503.';
 COMMENT ON FUNCTION ihub._pid_alive(integer) IS 'Internal: whether a process with this pid runs now (read from the proc array, not a snapshot).';
 -- Reads the subscription as the extension owner, then runs the condition as
 -- the subscriber (src/capture.rs); conditions see only pg_catalog and pg_temp.
@@ -100,6 +102,7 @@ GRANT EXECUTE ON FUNCTION
     ihub._mask_url(text),
     ihub._default_timeout_ms(),
     ihub._workers(),
+    ihub.listener_stats(),
     ihub._log_min_level(),
     ihub._join_url(text, text),
     ihub._try_jsonb(bytea),

@@ -137,6 +137,12 @@ BEGIN
         RAISE EXCEPTION 'inbound source % still has queued items', drop_source.name
             USING ERRCODE = 'object_in_use', HINT = 'Let them be processed first, or delete them from ihub.inbound_item.';
     END IF;
+    -- Failed items are archived and never deleted: the source stays with them.
+    IF EXISTS (SELECT 1 FROM ihub.inbound_item WHERE source_id = v.id AND state = 'failed') THEN
+        RAISE EXCEPTION 'inbound source % has failed items', drop_source.name
+            USING ERRCODE = 'object_in_use',
+                  HINT = 'See them in ihub.inbound_failed; queue them again with ihub.reactivate_inbound, or delete them from ihub.inbound_item yourself.';
+    END IF;
     DELETE FROM ihub.inbound_dedup WHERE source_id = v.id;
     DELETE FROM ihub.inbound_item WHERE source_id = v.id;
     DELETE FROM ihub.inbound_source WHERE id = v.id;
@@ -176,13 +182,16 @@ AS $$
     LEFT JOIN ihub.inbound_secret k ON k.source_id = s.id
 $$;
 
--- The ordering key of an item, per its source's rule.
+-- The ordering key of an item, per its source's rule. A key longer than
+-- 256 bytes is stored as 'sha256:' and its hash, so that no sender's value
+-- can exceed the index's row limit (the rule of pg_ihub_core's bounded_key).
 CREATE FUNCTION ihub._ordering_key(p_rule text, p_headers jsonb, p_body bytea) RETURNS text
 LANGUAGE sql IMMUTABLE
 AS $$
-    SELECT CASE WHEN p_rule IS NULL THEN NULL
-                WHEN p_rule LIKE 'header:%' THEN p_headers ->> lower(substr(p_rule, 8))
-                ELSE ihub._try_jsonb(p_body) #>> p_rule::text[] END
+    SELECT CASE WHEN octet_length(k) > 256 THEN 'sha256:' || encode(sha256(convert_to(k, 'UTF8')), 'hex') ELSE k END
+    FROM (SELECT CASE WHEN p_rule IS NULL THEN NULL
+                      WHEN p_rule LIKE 'header:%' THEN p_headers ->> lower(substr(p_rule, 8))
+                      ELSE ihub._try_jsonb(p_body) #>> p_rule::text[] END AS k) x
 $$;
 
 -- Queues a batch of verified requests (the listener's group commit).
@@ -532,7 +541,6 @@ BEGIN
         EXIT WHEN v_n < p_batch;
     END LOOP;
     DELETE FROM ihub.inbound_dedup WHERE expires_at < now();
-    DELETE FROM ihub.inbound_rejection WHERE received_at < p_cutoff;
     RETURN v_total;
 END
 $$;
@@ -568,13 +576,14 @@ COMMENT ON FUNCTION ihub._try_jsonb(bytea) IS 'Internal: a body as jsonb, or NUL
 COMMENT ON FUNCTION ihub._source_row(text, text) IS 'Internal: an inbound source by name, or an error with a hint.';
 COMMENT ON FUNCTION ihub.create_source(text, text, regprocedure, text, text, text, interval, interval, text, text) IS
     'Creates an inbound source, POST /webhooks/<integration>/<name>: verification (standard-webhooks, hmac-sha256, shared-secret, none), secret, tolerance, de-duplication window and the SQL handler. Returns its id.';
-COMMENT ON FUNCTION ihub.drop_source(text, text) IS 'Drops an inbound source with nothing queued, and its items.';
+COMMENT ON FUNCTION ihub.drop_source(text, text) IS
+    'Drops an inbound source with nothing queued and no failed items, and its processed items.';
 COMMENT ON FUNCTION ihub._sources_changed_trigger() IS 'Internal: tells the listener at commit that sources changed.';
 COMMENT ON TRIGGER sources_changed ON ihub.inbound_source IS 'Tells the listener to reload its cache of sources at commit.';
 COMMENT ON TRIGGER sources_changed ON ihub.inbound_secret IS 'Tells the listener to reload its cache of sources at commit.';
 COMMENT ON TRIGGER sources_changed ON ihub.integration IS 'Tells the listener to reload its cache of sources at commit.';
 COMMENT ON FUNCTION ihub._inbound_sources() IS 'Internal (listener): sources with what verifying needs.';
-COMMENT ON FUNCTION ihub._ordering_key(text, jsonb, bytea) IS 'Internal: an item''s ordering key.';
+COMMENT ON FUNCTION ihub._ordering_key(text, jsonb, bytea) IS 'Internal: an item''s ordering key (hashed when over 256 bytes).';
 COMMENT ON FUNCTION ihub._accept_inbound(bigint[], jsonb[], bytea[], text[], text[], timestamptz[]) IS
     'Internal: queues a batch of verified requests, dropping duplicates.';
 COMMENT ON FUNCTION ihub._reject_inbound(bigint[], text[], text[], text[], jsonb[]) IS 'Internal: records refused requests.';

@@ -319,6 +319,15 @@ BEGIN
             END LOOP;
         ELSIF r.kind = 'inbound' THEN
             v_total := ihub._cleanup_inbound(v_cutoff, p_batch);
+        ELSIF r.kind = 'rejections' THEN
+            LOOP
+                DELETE FROM ihub.inbound_rejection x
+                WHERE x.id = ANY (ARRAY(SELECT y.id FROM ihub.inbound_rejection y WHERE y.received_at < v_cutoff
+                                        ORDER BY y.id LIMIT p_batch));
+                GET DIAGNOSTICS v_n = ROW_COUNT;
+                v_total := v_total + v_n;
+                EXIT WHEN v_n < p_batch;
+            END LOOP;
         END IF;
         kind := r.kind;
         removed := v_total;

@@ -996,6 +996,172 @@ REVOKE ALL ON FUNCTION ihub._job_done(bigint, integer, jsonb, integer, bigint, b
 -- The listener: per-item commits, bounded rejections and connections
 -------------------------------------------------------------------------------
 
+-- One request no longer fails the others of its batch: the listener retries
+-- a failed batch item by item. Keys over 256 bytes are stored hashed
+-- ('sha256:' and 64 hex digits), under the btree row limit.
+CREATE OR REPLACE FUNCTION ihub._ordering_key(p_rule text, p_headers jsonb, p_body bytea) RETURNS text
+LANGUAGE sql IMMUTABLE
+AS $$
+    SELECT CASE WHEN octet_length(k) > 256 THEN 'sha256:' || encode(sha256(convert_to(k, 'UTF8')), 'hex') ELSE k END
+    FROM (SELECT CASE WHEN p_rule IS NULL THEN NULL
+                      WHEN p_rule LIKE 'header:%' THEN p_headers ->> lower(substr(p_rule, 8))
+                      ELSE ihub._try_jsonb(p_body) #>> p_rule::text[] END AS k) x
+$$;
+COMMENT ON FUNCTION ihub._ordering_key(text, jsonb, bytea) IS 'Internal: an item''s ordering key (hashed when over 256 bytes).';
+
+-- Failed items are archived and never deleted: a source that has some is not dropped.
+CREATE OR REPLACE FUNCTION ihub.drop_source(integration text, name text) RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v ihub.inbound_source := ihub._source_row(drop_source.integration, drop_source.name);
+BEGIN
+    IF EXISTS (SELECT 1 FROM ihub.inbound_item WHERE source_id = v.id AND state IN ('pending', 'running')) THEN
+        RAISE EXCEPTION 'inbound source % still has queued items', drop_source.name
+            USING ERRCODE = 'object_in_use', HINT = 'Let them be processed first, or delete them from ihub.inbound_item.';
+    END IF;
+    -- Failed items are archived and never deleted: the source stays with them.
+    IF EXISTS (SELECT 1 FROM ihub.inbound_item WHERE source_id = v.id AND state = 'failed') THEN
+        RAISE EXCEPTION 'inbound source % has failed items', drop_source.name
+            USING ERRCODE = 'object_in_use',
+                  HINT = 'See them in ihub.inbound_failed; queue them again with ihub.reactivate_inbound, or delete them from ihub.inbound_item yourself.';
+    END IF;
+    DELETE FROM ihub.inbound_dedup WHERE source_id = v.id;
+    DELETE FROM ihub.inbound_item WHERE source_id = v.id;
+    DELETE FROM ihub.inbound_source WHERE id = v.id;
+END
+$$;
+COMMENT ON FUNCTION ihub.drop_source(text, text) IS
+    'Drops an inbound source with nothing queued and no failed items, and its processed items.';
+
+-- Refused requests get a retention of their own (7 days by default).
+ALTER TABLE ihub.retention DROP CONSTRAINT retention_kind_check;
+ALTER TABLE ihub.retention ADD CONSTRAINT retention_kind_check
+    CHECK (kind IN ('debug', 'info', 'warning', 'error', 'critical', 'deliveries', 'jobs', 'inbound', 'rejections'));
+INSERT INTO ihub.retention (kind, keep) VALUES ('rejections', '7 days');
+COMMENT ON TABLE ihub.retention IS
+    'Retention per log level and for delivered deliveries (with their attempts), finished jobs, processed inbound items and refused inbound requests; NULL keeps forever.';
+CREATE OR REPLACE FUNCTION ihub._cleanup_inbound(p_cutoff timestamptz, p_batch integer) RETURNS bigint
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_n bigint;
+    v_total bigint := 0;
+BEGIN
+    LOOP
+        DELETE FROM ihub.inbound_item t
+        WHERE t.id = ANY (ARRAY(SELECT x.id FROM ihub.inbound_item x WHERE x.state = 'done' AND x.finished_at < p_cutoff
+                                ORDER BY x.id LIMIT p_batch));
+        GET DIAGNOSTICS v_n = ROW_COUNT;
+        v_total := v_total + v_n;
+        EXIT WHEN v_n < p_batch;
+    END LOOP;
+    DELETE FROM ihub.inbound_dedup WHERE expires_at < now();
+    RETURN v_total;
+END
+$$;
+CREATE OR REPLACE FUNCTION ihub._cleanup(p_batch integer DEFAULT 10000)
+RETURNS TABLE (kind text, removed bigint)
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    r ihub.retention;
+    v_cutoff timestamptz;
+    v_part record;
+    v_n bigint;
+    v_total bigint;
+    v_upper timestamptz;
+BEGIN
+    FOR r IN SELECT * FROM ihub.retention WHERE keep IS NOT NULL ORDER BY kind LOOP
+        v_cutoff := now() - r.keep;
+        v_total := 0;
+        IF r.kind IN ('debug', 'info', 'warning') THEN
+            -- Whole daily partitions that ended before the cutoff.
+            FOR v_part IN
+                SELECT c.oid::regclass AS rel, pg_get_expr(c.relpartbound, c.oid) AS bound
+                FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
+                WHERE i.inhparent = ('ihub.log_entry_' || r.kind)::regclass
+                  AND c.relname ~ '_[0-9]{8}$'
+            LOOP
+                v_upper := substring(v_part.bound FROM 'TO \(''([^'']+)''\)')::timestamptz;
+                IF v_upper <= v_cutoff THEN
+                    EXECUTE format('SELECT count(*) FROM %s', v_part.rel) INTO v_n;
+                    EXECUTE format('DROP TABLE %s', v_part.rel);
+                    v_total := v_total + v_n;
+                END IF;
+            END LOOP;
+        END IF;
+        IF r.kind IN ('debug', 'info', 'warning', 'error', 'critical') THEN
+            LOOP
+                DELETE FROM ihub.log_entry l
+                WHERE l.level = r.kind AND l.logged_at < v_cutoff
+                  AND (l.tableoid, l.ctid) IN (SELECT x.tableoid, x.ctid FROM ihub.log_entry x
+                                               WHERE x.level = r.kind AND x.logged_at < v_cutoff LIMIT p_batch);
+                GET DIAGNOSTICS v_n = ROW_COUNT;
+                v_total := v_total + v_n;
+                EXIT WHEN v_n < p_batch;
+            END LOOP;
+        ELSIF r.kind = 'deliveries' THEN
+            LOOP
+                WITH gone AS (
+                    DELETE FROM ihub.delivery d
+                    WHERE d.id = ANY (ARRAY(SELECT x.id FROM ihub.delivery x
+                                            WHERE x.state = 'done' AND x.created_at < v_cutoff
+                                            ORDER BY x.id LIMIT p_batch))
+                    RETURNING d.id
+                ), attempts AS (
+                    DELETE FROM ihub.delivery_attempt a USING gone WHERE a.delivery_id = gone.id
+                )
+                SELECT count(*) INTO v_n FROM gone;
+                v_total := v_total + v_n;
+                EXIT WHEN v_n < p_batch;
+            END LOOP;
+        ELSIF r.kind = 'jobs' THEN
+            LOOP
+                DELETE FROM ihub.job j
+                WHERE j.id = ANY (ARRAY(SELECT x.id FROM ihub.job x
+                                        WHERE x.state IN ('done', 'partial', 'cancelled') AND x.finished_at < v_cutoff
+                                        ORDER BY x.id LIMIT p_batch));
+                GET DIAGNOSTICS v_n = ROW_COUNT;
+                v_total := v_total + v_n;
+                EXIT WHEN v_n < p_batch;
+            END LOOP;
+        ELSIF r.kind = 'inbound' THEN
+            v_total := ihub._cleanup_inbound(v_cutoff, p_batch);
+        ELSIF r.kind = 'rejections' THEN
+            LOOP
+                DELETE FROM ihub.inbound_rejection x
+                WHERE x.id = ANY (ARRAY(SELECT y.id FROM ihub.inbound_rejection y WHERE y.received_at < v_cutoff
+                                        ORDER BY y.id LIMIT p_batch));
+                GET DIAGNOSTICS v_n = ROW_COUNT;
+                v_total := v_total + v_n;
+                EXIT WHEN v_n < p_batch;
+            END LOOP;
+        END IF;
+        kind := r.kind;
+        removed := v_total;
+        RETURN NEXT;
+    END LOOP;
+    -- Rolled-up statistics outlive the deliveries they count, up to a year.
+    DELETE FROM ihub.endpoint_hourly WHERE hour < now() - interval '1 year';
+    PERFORM ihub._ensure_log_partitions();
+END
+$$;
+
+-- The listener's counters.
+CREATE FUNCTION ihub.listener_stats() RETURNS TABLE (
+	"source_reloads" bigint,
+	"rejections_dropped" bigint,
+	"connections_refused" bigint
+)
+STRICT VOLATILE
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'listener_stats_wrapper';
+REVOKE ALL ON FUNCTION ihub.listener_stats() FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION ihub.listener_stats() TO ihub_viewer;
+COMMENT ON FUNCTION ihub.listener_stats() IS
+    'The inbound listener''s counters since the server started: reloads of its cache of sources, rejected requests not recorded (their queue was full), connections refused with 503.';
+
 -------------------------------------------------------------------------------
 -- Privileges: as a fresh install sets them (finalize.sql)
 -------------------------------------------------------------------------------

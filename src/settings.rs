@@ -45,6 +45,8 @@ pub static LOG_MIN_LEVEL: GucSetting<Option<std::ffi::CString>> =
 pub static CLEANUP_INTERVAL_S: GucSetting<i32> = GucSetting::<i32>::new(86_400);
 pub static HEALTH_QUEUE_AGE_S: GucSetting<i32> = GucSetting::<i32>::new(300);
 pub static HEALTH_QUEUE_DEPTH: GucSetting<i32> = GucSetting::<i32>::new(10_000);
+pub static INBOUND_MAX_CONNECTIONS_PER_ADDRESS: GucSetting<i32> = GucSetting::<i32>::new(100);
+pub static INBOUND_HEADER_TIMEOUT_MS: GucSetting<i32> = GucSetting::<i32>::new(10_000);
 
 /// Defines the settings. Postmaster-context ones can only be defined while
 /// shared_preload_libraries is processed (later it is a FATAL error), so a
@@ -148,7 +150,7 @@ fn define_reloadable_settings() {
     );
     GucRegistry::define_int_guc(
         c"ihub.inbound_max_connections",
-        c"Connections the listener serves at once; more wait to be accepted.",
+        c"Connections the listener serves at once; more are answered 503 and closed.",
         c"Read when the listener starts: change it, then terminate the listener (the postmaster restarts it).",
         &INBOUND_MAX_CONNECTIONS,
         1,
@@ -330,6 +332,26 @@ fn define_reloadable_settings() {
         &ENVIRONMENT,
         GucContext::Sighup,
         GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"ihub.inbound_max_connections_per_address",
+        c"Connections the listener serves at once from one remote address; more are answered 503 and closed.",
+        c"Behind a reverse proxy every connection comes from the proxy's address: raise it to ihub.inbound_max_connections there.",
+        &INBOUND_MAX_CONNECTIONS_PER_ADDRESS,
+        1,
+        100_000,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"ihub.inbound_header_timeout",
+        c"How long the listener waits for a request's headers on a connection before closing it.",
+        c"Idle connections are closed after it; the body then has ihub.inbound_request_timeout. Applies to new connections.",
+        &INBOUND_HEADER_TIMEOUT_MS,
+        100,
+        3_600_000,
+        GucContext::Sighup,
+        GucFlags::UNIT_MS,
     );
 }
 

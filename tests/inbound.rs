@@ -633,3 +633,124 @@ fn receive_from_sql_verifies_dedups_and_queues_like_the_listener() {
     assert_eq!(k.rejections(&mut hub, "both", 1), vec!["invalid signature"]);
     assert_eq!(k.items(&mut hub, "both"), 1);
 }
+
+/// Random letters and digits: long enough and varied enough that Postgres
+/// cannot compress them under the btree limit (2704 bytes an index row).
+fn incompressible(len: usize) -> String {
+    use rand::Rng;
+    rand::thread_rng().sample_iter(&rand::distributions::Alphanumeric).take(len).map(char::from).collect()
+}
+
+#[test]
+fn one_request_with_an_oversized_key_fails_nothing_else_in_its_batch() {
+    let mut hub = hub();
+    let k = kit(&mut hub);
+    let url = k.source(&mut hub, "keys", ", 'none', id_header => 'X-Delivery', ordering_key => 'header:X-Customer'");
+    let long_customer = incompressible(12_000);
+    let long_delivery = incompressible(12_000);
+    // Eight senders at once, so that their requests share the listener's
+    // batches; two of them send keys far over the btree limit.
+    let threads: Vec<_> = (0..8)
+        .map(|t| {
+            let (url, long_customer, long_delivery) = (url.clone(), long_customer.clone(), long_delivery.clone());
+            std::thread::spawn(move || {
+                let client = http();
+                (0..25)
+                    .map(|i| {
+                        let n = t * 100 + i;
+                        let (customer, delivery) = match t {
+                            0 => (long_customer.clone(), unique("d")),
+                            1 => (format!("c{n}"), format!("{long_delivery}{n}")),
+                            _ => (format!("c{n}"), unique("d")),
+                        };
+                        let r = client
+                            .post(&url)
+                            .header("x-customer", customer)
+                            .header("x-delivery", delivery)
+                            .body(format!(r#"{{"n": {n}}}"#))
+                            .send()
+                            .unwrap();
+                        (n, r.status())
+                    })
+                    .collect::<Vec<_>>()
+            })
+        })
+        .collect();
+    let answers: Vec<(i32, StatusCode)> = threads.into_iter().flat_map(|t| t.join().unwrap()).collect();
+    let refused: Vec<_> = answers.iter().filter(|(_, s)| *s != StatusCode::ACCEPTED).collect();
+    assert!(refused.is_empty(), "not accepted: {refused:?}");
+    assert_eq!(k.wait_seen(&mut hub, 200).len(), 200);
+    // Long keys are stored hashed, short ones as they are.
+    let keys: Vec<(i32, i32)> = hub
+        .db
+        .query(
+            &format!(
+                "SELECT max(length(ordering_key)), max(length(dedup_key)) FROM ihub.inbound_items \
+                 WHERE integration = '{}'",
+                k.integration
+            ),
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(keys, vec![(71, 71)], "sha256: and 64 hex digits at most");
+    let hashed: i64 = hub.one(&format!(
+        "SELECT count(DISTINCT ordering_key) FROM ihub.inbound_items WHERE integration = '{}' AND ordering_key LIKE 'sha256:%'",
+        k.integration
+    ));
+    assert_eq!(hashed, 1, "one long customer key, one hash");
+    // A hashed delivery id still finds its duplicate.
+    let again = http()
+        .post(&url)
+        .header("x-customer", "c1")
+        .header("x-delivery", format!("{long_delivery}100"))
+        .body(r#"{"n": 100}"#)
+        .send()
+        .unwrap();
+    assert_eq!(again.status(), StatusCode::OK, "a duplicate");
+}
+
+#[test]
+fn rejections_are_kept_for_their_own_retention() {
+    let mut hub = hub();
+    let reason = unique("old");
+    hub.exec(&format!(
+        "INSERT INTO ihub.inbound_rejection (received_at, reason) VALUES
+             (now() - interval '8 days', '{reason}-8d'), (now() - interval '1 day', '{reason}-1d')"
+    ));
+    assert_eq!(hub.one::<String>("SELECT keep::text FROM ihub.retention_settings WHERE kind = 'rejections'"), "7 days");
+    hub.exec("SELECT ihub.cleanup()");
+    let left: Vec<String> = hub
+        .db
+        .query(&format!("SELECT reason FROM ihub.inbound_rejections WHERE reason LIKE '{reason}%'"), &[])
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(left, vec![format!("{reason}-1d")]);
+}
+
+#[test]
+fn a_source_with_failed_items_is_not_dropped_with_them() {
+    let mut hub = hub();
+    let k = kit(&mut hub);
+    let url = k.source(&mut hub, "keepfailed", ", 'none'");
+    let bad = item_id(http().post(&url).body(r#"{"n": 1, "fail": true}"#).send().unwrap());
+    assert!(hub.wait_true(&format!("SELECT count(*) = 1 FROM ihub.inbound_failed WHERE id = {bad}"), WAIT));
+    let error = hub.error(&format!("SELECT ihub.drop_source('{}', 'keepfailed')", k.integration));
+    assert!(error.contains("failed item"), "{error}");
+    assert!(error.contains("ihub.inbound_failed") && error.contains("ihub.reactivate_inbound"), "{error}");
+    assert_eq!(hub.one::<i64>(&format!("SELECT count(*) FROM ihub.inbound_failed WHERE id = {bad}")), 1);
+    assert!(hub.one::<bool>(&format!(
+        "SELECT count(*) = 1 FROM ihub.inbound_sources WHERE integration = '{}' AND name = 'keepfailed'",
+        k.integration
+    )));
+    // Once it is processed, the source goes with its processed items.
+    hub.exec(&format!("UPDATE {}_flag SET fail = false", k.p));
+    hub.exec(&format!("SELECT ihub.reactivate_inbound(ARRAY[{bad}])"));
+    assert!(hub.wait_true(&format!("SELECT state = 'done' FROM ihub.inbound_items WHERE id = {bad}"), WAIT));
+    hub.exec(&format!("SELECT ihub.drop_source('{}', 'keepfailed')", k.integration));
+    assert_eq!(k.items(&mut hub, "keepfailed"), 0);
+}

@@ -556,3 +556,169 @@ fn a_failing_step_is_logged_with_its_worker_and_the_worker_recovers() {
     hub.subscribe_and_insert(&s, 3);
     assert_all_arrived(&mut hub, &rx, &s, 3);
 }
+
+/// The listener's counters (ihub.listener_stats()).
+fn listener_stat(hub: &mut Hub, name: &str) -> i64 {
+    hub.one(&format!("SELECT {name} FROM ihub.listener_stats()"))
+}
+
+#[test]
+fn rejected_requests_are_bounded_in_memory_and_in_the_table() {
+    let _g = serial();
+    let mut hub = hub();
+    let integration = unique("it");
+    let p = unique("rj");
+    hub.exec(&format!(
+        "CREATE FUNCTION {p}_handle(item ihub.inbound_items) RETURNS jsonb LANGUAGE sql AS $$ SELECT NULL::jsonb $$;
+         SELECT ihub.create_integration('{integration}');
+         SELECT ihub.enable_integration('{integration}');
+         SELECT ihub.create_source('{integration}', 'signed', '{p}_handle(ihub.inbound_items)',
+                                   secret => 'whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw');"
+    ));
+    let url = listener_url(&format!("/webhooks/{integration}/signed"));
+    let client = http();
+    let junk = "x".repeat(300_000);
+    let bad = |client: &reqwest::blocking::Client, junk: &str| {
+        client
+            .post(&url)
+            .header("webhook-id", "msg_1")
+            .header("webhook-timestamp", now_s().to_string())
+            .header("webhook-signature", "v1,Zm9yZ2Vk")
+            .header("x-junk", junk)
+            .body("{}")
+            .send()
+            .unwrap()
+            .status()
+    };
+    for _ in 0..10 {
+        assert_eq!(bad(&client, &junk), 401);
+    }
+    let recorded = format!(
+        "SELECT count(*) FROM ihub.inbound_rejections WHERE integration = '{integration}' AND source = 'signed'"
+    );
+    assert!(hub.wait_true(&format!("SELECT ({recorded}) = 10"), Duration::from_secs(20)));
+    // Stored headers are cut to a bounded size; the signature never kept.
+    let largest: i32 = hub.one(&format!(
+        "SELECT max(octet_length(r.headers::text)) FROM ihub.inbound_rejection r JOIN ihub.inbound_sources s ON s.id = r.source_id \
+         WHERE s.integration = '{integration}'"
+    ));
+    assert!(largest <= 16 * 1024, "{largest} bytes of headers stored for one rejection");
+
+    // While the main thread cannot write them, rejections wait in a bounded
+    // queue: the overflow is counted, not kept.
+    let dropped_before = listener_stat(&mut hub, "rejections_dropped");
+    let mut blocker = hub.cluster.connect_wait(Duration::from_secs(10));
+    let mut tx = blocker.transaction().unwrap();
+    tx.batch_execute("LOCK TABLE ihub.inbound_rejection IN ACCESS EXCLUSIVE MODE").unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let senders: Vec<_> = (0..8)
+        .map(|_| {
+            let (stop, url) = (stop.clone(), url.clone());
+            std::thread::spawn(move || {
+                let client = http();
+                let mut sent = 0;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) && sent < 20_000 {
+                    let s = client.post(&url).header("webhook-id", "m").body("{}").send().unwrap().status();
+                    assert_eq!(s, 401);
+                    sent += 1;
+                }
+            })
+        })
+        .collect();
+    let mut check = hub.cluster.connect_wait(Duration::from_secs(10));
+    let overflowed = (0..).any(|_| {
+        let dropped: i64 = check.query_one("SELECT rejections_dropped FROM ihub.listener_stats()", &[]).unwrap().get(0);
+        dropped > dropped_before || senders.iter().all(|s| s.is_finished())
+    });
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for s in senders {
+        s.join().unwrap();
+    }
+    tx.rollback().unwrap();
+    assert!(overflowed);
+    assert!(listener_stat(&mut hub, "rejections_dropped") > dropped_before, "nothing counted as dropped");
+    // The listener goes on recording once it can.
+    assert_eq!(bad(&client, "short"), 401);
+    assert!(hub.wait_true(
+        &format!(
+            "SELECT count(*) > 0 FROM ihub.inbound_rejections WHERE integration = '{integration}' \
+             AND headers->>'x-junk' = 'short'"
+        ),
+        Duration::from_secs(20)
+    ));
+}
+
+/// Opens a connection that sends nothing.
+fn idle_connection() -> std::net::TcpStream {
+    let address = listener_url("").trim_start_matches("http://").to_string();
+    let socket = std::net::TcpStream::connect(address).unwrap();
+    socket
+}
+
+/// What the listener answers before it closes the connection (empty when it
+/// closes it without a word).
+fn answer_of(socket: &mut std::net::TcpStream) -> String {
+    socket.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let mut answer = Vec::new();
+    let _ = socket.read_to_end(&mut answer);
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
+#[test]
+fn idle_connections_from_one_address_are_limited_and_timed_out() {
+    let _g = serial();
+    let mut hub = hub();
+    let (p, url) = inbound_kit(&mut hub, 0.0);
+    let _limits = AlterSystem::set(
+        &mut hub,
+        &[("ihub.inbound_max_connections_per_address", "10"), ("ihub.inbound_header_timeout", "'1s'")],
+    );
+    // Once the listener has the new limit, idle connections from this
+    // address past the tenth are answered 503 at once.
+    let (refused, held) = (0..50)
+        .find_map(|_| {
+            let sockets: Vec<_> = (0..30).map(|_| idle_connection()).collect();
+            let (mut refused, mut held) = (0, Vec::new());
+            for mut socket in sockets {
+                socket.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
+                let mut first = [0u8; 12];
+                match socket.read(&mut first) {
+                    Ok(12) if &first == b"HTTP/1.1 503" => refused += 1,
+                    _ => held.push(socket),
+                }
+            }
+            (refused > 0).then_some((refused, held))
+        })
+        .expect("no idle connection refused with 503");
+    assert!(refused >= 20 - 1, "{refused} of 30 refused with a limit of 10");
+    assert!(listener_stat(&mut hub, "connections_refused") > 0);
+    // The others are closed after the header timeout.
+    for mut socket in held {
+        let answer = answer_of(&mut socket);
+        assert!(answer.is_empty() || answer.starts_with("HTTP/1.1 408"), "{answer:?}");
+    }
+    // The address is served again.
+    assert_eq!(http().post(&url).body(r#"{"n": 1}"#).send().unwrap().status(), 202);
+    assert_eq!(http().get(listener_url("/healthz")).send().unwrap().status(), 200);
+    assert!(hub.wait_true(&format!("SELECT count(*) = 1 FROM {p}_effects"), Duration::from_secs(20)));
+}
+
+#[test]
+fn unknown_paths_are_answered_from_the_cache_without_reloading_each_time() {
+    let _g = serial();
+    let mut hub = hub();
+    let (_, url) = inbound_kit(&mut hub, 0.0);
+    let client = http();
+    assert_eq!(client.post(&url).body("{}").send().unwrap().status(), 202);
+    let before = listener_stat(&mut hub, "source_reloads");
+    let missing = listener_url(&format!("/webhooks/{}/nope", unique("it")));
+    for _ in 0..400 {
+        assert_eq!(client.post(&missing).body("{}").send().unwrap().status(), 404);
+    }
+    let reloads = listener_stat(&mut hub, "source_reloads") - before;
+    assert!(reloads < 100, "{reloads} reloads for 400 requests to an unknown path");
+    // Known sources are still served, and new ones found at once.
+    assert_eq!(client.post(&url).body(r#"{"n": 2}"#).send().unwrap().status(), 202);
+    let (_, fresh) = inbound_kit(&mut hub, 0.0);
+    assert_eq!(client.post(&fresh).body("{}").send().unwrap().status(), 202);
+}

@@ -16,7 +16,7 @@ use std::os::unix::io::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::mpsc::{self, Receiver, Sender, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -28,7 +28,7 @@ use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use pgrx::prelude::*;
-use pgrx::{JsonB, PgOid};
+use pgrx::{pg_shmem_init, JsonB, PgAtomic, PgOid};
 use serde_json::{json, Value};
 use tokio::sync::oneshot;
 
@@ -36,6 +36,7 @@ use crate::runtime::backend::{column, in_transaction, nullable, run_prepared};
 use crate::runtime::registry::{self, Kind};
 use crate::runtime::worker::{run, Worker};
 use crate::settings;
+use pg_ihub_core::inbound::bounds::{self, Connections, Throttle};
 use pg_ihub_core::inbound::limiter::Bucket;
 use pg_ihub_core::inbound::verify::{body_hash, dedup_key, verify, Mode, Rule};
 use pg_ihub_core::outbound::mask;
@@ -60,15 +61,63 @@ enum Work {
         run_at: Option<f64>,
         reply: oneshot::Sender<Accepted>,
     },
-    Reject {
-        source: i64,
-        reason: String,
-        remote: String,
-        hash: String,
-        headers: Value,
-    },
     Reload(oneshot::Sender<()>),
     Health(oneshot::Sender<Result<(bool, Value), ()>>),
+}
+
+/// A request refused by verification, to be recorded. These wait in a
+/// bounded queue of their own (REJECTION_QUEUE): past it they are counted,
+/// not kept, so that a flood of bad requests cannot grow the listener.
+struct Rejection {
+    source: i64,
+    reason: String,
+    remote: String,
+    hash: String,
+    headers: Value,
+}
+
+/// Rejections waiting to be recorded, at most.
+const REJECTION_QUEUE: usize = 1000;
+
+/// How often a request for an unknown path may have the sources reloaded;
+/// in between, unknown paths are answered 404 from the cache. (Changes to
+/// sources reach the cache at commit anyway.)
+const MISS_RELOAD_INTERVAL: Duration = Duration::from_secs(1);
+
+/// The listener's counters, in shared memory (ihub.listener_stats()).
+static SOURCE_RELOADS: PgAtomic<AtomicU64> = unsafe { PgAtomic::new(c"pg_ihub_listener_reloads") };
+static REJECTIONS_DROPPED: PgAtomic<AtomicU64> = unsafe { PgAtomic::new(c"pg_ihub_rejections_dropped") };
+static CONNECTIONS_REFUSED: PgAtomic<AtomicU64> = unsafe { PgAtomic::new(c"pg_ihub_connections_refused") };
+
+/// Called from `_PG_init` while shared_preload_libraries is processed.
+pub fn init_shmem() {
+    pg_shmem_init!(SOURCE_RELOADS);
+    pg_shmem_init!(REJECTIONS_DROPPED);
+    pg_shmem_init!(CONNECTIONS_REFUSED);
+}
+
+fn count(counter: &PgAtomic<AtomicU64>) {
+    if registry::preloaded() {
+        counter.get().fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+fn read(counter: &PgAtomic<AtomicU64>) -> i64 {
+    if registry::preloaded() {
+        counter.get().load(Ordering::Relaxed) as i64
+    } else {
+        0
+    }
+}
+
+/// The listener's counters since the server started: reloads of its cache
+/// of sources, rejected requests not recorded because their queue was full,
+/// and connections refused with 503 (too many in all or from one address).
+#[pg_extern(name = "listener_stats", volatile)]
+fn listener_stats(
+) -> TableIterator<'static, (name!(source_reloads, i64), name!(rejections_dropped, i64), name!(connections_refused, i64))>
+{
+    TableIterator::once((read(&SOURCE_RELOADS), read(&REJECTIONS_DROPPED), read(&CONNECTIONS_REFUSED)))
 }
 
 /// What became of a request handed to the main thread.
@@ -87,6 +136,11 @@ struct Shared {
     sources: RwLock<HashMap<(String, String), Arc<Source>>>,
     buckets: Mutex<HashMap<i64, Bucket>>,
     work: Mutex<Sender<Work>>,
+    rejections: SyncSender<Rejection>,
+    /// Open connections per remote address.
+    connections: Mutex<Connections<std::net::IpAddr>>,
+    /// Reloads on a cache miss (an unknown path), at most one per MISS_RELOAD_INTERVAL.
+    miss_reload: Mutex<Throttle>,
     /// A byte written here wakes the main thread from its latch wait.
     wake: Mutex<UnixStream>,
     ready: AtomicBool,
@@ -98,6 +152,8 @@ struct Shared {
     rate_limit: AtomicU64,
     burst: AtomicU64,
     timeout_ms: AtomicU64,
+    header_timeout_ms: AtomicU64,
+    per_address: AtomicU64,
     /// SHA-256 of `ihub.health_token`; None: /healthz never shows detail.
     health_token: RwLock<Option<[u8; 32]>>,
 }
@@ -111,11 +167,31 @@ impl Shared {
         sent
     }
 
+    /// Queues a rejection to be recorded, unless its queue is full: then it
+    /// is only counted (ihub.listener_stats().rejections_dropped).
+    fn reject(&self, rejection: Rejection) {
+        match self.rejections.try_send(rejection) {
+            Ok(()) => {
+                if let Ok(mut w) = self.wake.lock() {
+                    let _ = w.write(&[1]);
+                }
+            }
+            Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => count(&REJECTIONS_DROPPED),
+        }
+    }
+
+    /// Whether a cache miss may reload the sources now.
+    fn miss_reload_allowed(&self) -> bool {
+        self.miss_reload.lock().map(|mut t| t.allow(Instant::now(), MISS_RELOAD_INTERVAL)).unwrap_or(false)
+    }
+
     fn load_settings(&self) {
         self.max_body.store(settings::MAX_BODY_SIZE.get().max(0) as u64, Ordering::Relaxed);
         self.rate_limit.store(settings::INBOUND_RATE_LIMIT.get().max(0) as u64, Ordering::Relaxed);
         self.burst.store(settings::INBOUND_BURST.get().max(1) as u64, Ordering::Relaxed);
         self.timeout_ms.store(settings::INBOUND_REQUEST_TIMEOUT_MS.get().max(100) as u64, Ordering::Relaxed);
+        self.header_timeout_ms.store(settings::INBOUND_HEADER_TIMEOUT_MS.get().max(100) as u64, Ordering::Relaxed);
+        self.per_address.store(settings::INBOUND_MAX_CONNECTIONS_PER_ADDRESS.get().max(1) as u64, Ordering::Relaxed);
         let token = settings::health_token();
         let digest = (!token.is_empty()).then(|| sha256(token.as_bytes()));
         if let Ok(mut t) = self.health_token.write() {
@@ -141,6 +217,10 @@ impl Shared {
         Duration::from_millis(self.timeout_ms.load(Ordering::Relaxed))
     }
 
+    fn header_timeout(&self) -> Duration {
+        Duration::from_millis(self.header_timeout_ms.load(Ordering::Relaxed))
+    }
+
     /// True when sources changed since the cache was loaded.
     fn stale(&self) -> bool {
         self.version.is_some_and(|v| v.load(Ordering::SeqCst) != self.loaded_version.load(Ordering::SeqCst))
@@ -159,9 +239,12 @@ pub extern "C-unwind" fn ihub_listener_main(_arg: pg_sys::Datum) {
 struct Listener {
     shared: Arc<Shared>,
     work: Receiver<Work>,
+    rejections: Receiver<Rejection>,
     wake: UnixStream,
     runtime: tokio::runtime::Runtime,
     last_reload: Option<Instant>,
+    /// The dropped-rejections count last logged, and when.
+    dropped_logged: (u64, Option<Instant>),
 }
 
 impl Worker for Listener {
@@ -179,10 +262,14 @@ impl Worker for Listener {
         wake_rx.set_nonblocking(true).map_err(|e| e.to_string())?;
         wake_tx.set_nonblocking(true).map_err(|e| e.to_string())?;
         let (tx, rx) = mpsc::channel();
+        let (reject_tx, reject_rx) = mpsc::sync_channel(REJECTION_QUEUE);
         let shared = Arc::new(Shared {
             sources: RwLock::new(HashMap::new()),
             buckets: Mutex::new(HashMap::new()),
             work: Mutex::new(tx),
+            rejections: reject_tx,
+            connections: Mutex::new(Connections::new()),
+            miss_reload: Mutex::new(Throttle::default()),
             wake: Mutex::new(wake_tx),
             ready: AtomicBool::new(false),
             version: registry::sources_version(),
@@ -191,6 +278,8 @@ impl Worker for Listener {
             rate_limit: AtomicU64::new(0),
             burst: AtomicU64::new(1),
             timeout_ms: AtomicU64::new(30_000),
+            header_timeout_ms: AtomicU64::new(10_000),
+            per_address: AtomicU64::new(100),
             health_token: RwLock::new(None),
         });
         shared.load_settings();
@@ -206,7 +295,15 @@ impl Worker for Listener {
         log!("pg_ihub listener serving http://{addr}");
         let max_connections = settings::INBOUND_MAX_CONNECTIONS.get().max(1) as usize;
         runtime.spawn(serve(listener, shared.clone(), max_connections));
-        Ok(Listener { shared, work: rx, wake: wake_rx, runtime, last_reload: None })
+        Ok(Listener {
+            shared,
+            work: rx,
+            rejections: reject_rx,
+            wake: wake_rx,
+            runtime,
+            last_reload: None,
+            dropped_logged: (read(&REJECTIONS_DROPPED) as u64, None),
+        })
     }
 
     fn reloaded(&mut self) {
@@ -220,6 +317,17 @@ impl Worker for Listener {
             reload_sources(&self.shared);
             self.last_reload = Some(Instant::now());
         }
+        let mut rejections = Vec::new();
+        while let Ok(rejection) = self.rejections.try_recv() {
+            rejections.push(rejection);
+            if rejections.len() >= REJECTION_QUEUE {
+                break;
+            }
+        }
+        if !rejections.is_empty() {
+            in_transaction("record rejections", AssertUnwindSafe(|| record_rejections(&rejections)));
+        }
+        self.log_dropped();
         let mut batch = Vec::new();
         while let Ok(work) = self.work.try_recv() {
             batch.push(work);
@@ -228,7 +336,7 @@ impl Worker for Listener {
             }
         }
         if batch.is_empty() {
-            return Duration::from_secs(1);
+            return if rejections.is_empty() { Duration::from_secs(1) } else { Duration::ZERO };
         }
         handle_batch(&self.shared, batch);
         Duration::ZERO
@@ -264,9 +372,24 @@ impl Worker for Listener {
     }
 }
 
+impl Listener {
+    /// Rejections dropped from a full queue show in the server log, at most
+    /// once a minute (and in ihub.listener_stats() at once).
+    fn log_dropped(&mut self) {
+        let dropped = read(&REJECTIONS_DROPPED) as u64;
+        let (logged, at) = self.dropped_logged;
+        if dropped > logged && at.is_none_or(|t| t.elapsed() >= Duration::from_secs(60)) {
+            warning!(
+                "pg_ihub listener: {} rejected request(s) not recorded: more arrived than could be written (queue of {REJECTION_QUEUE})",
+                dropped - logged
+            );
+            self.dropped_logged = (dropped, Some(Instant::now()));
+        }
+    }
+}
+
 fn handle_batch(shared: &Shared, batch: Vec<Work>) {
     let mut accepts = Vec::new();
-    let mut rejects = Vec::new();
     for work in batch {
         match work {
             Work::Reload(reply) => {
@@ -277,16 +400,29 @@ fn handle_batch(shared: &Shared, batch: Vec<Work>) {
                 let _ = reply.send(in_transaction("health", health).flatten().ok_or(()));
             }
             Work::Accept { .. } => accepts.push(work),
-            Work::Reject { .. } => rejects.push(work),
         }
-    }
-    if !rejects.is_empty() {
-        in_transaction("record rejections", AssertUnwindSafe(|| record_rejections(&rejects)));
     }
     if accepts.is_empty() {
         return;
     }
-    let results = in_transaction("accept", AssertUnwindSafe(|| accept(&accepts))).flatten();
+    let mut results = in_transaction("accept", AssertUnwindSafe(|| accept(&accepts))).flatten();
+    if results.is_none() && accepts.len() > 1 {
+        // One bad request must not fail the others: each alone, in a
+        // transaction of its own. Only while their senders still wait: when
+        // the database itself fails, this must not stall the listener.
+        let deadline = Instant::now() + shared.timeout();
+        let mut alone = HashMap::new();
+        for (i, work) in accepts.iter().enumerate() {
+            if Instant::now() >= deadline {
+                break;
+            }
+            let one = in_transaction("accept one", AssertUnwindSafe(|| accept(std::slice::from_ref(work)))).flatten();
+            if let Some(accepted) = one.and_then(|r| r.get(&1).copied()) {
+                alone.insert(i as i32 + 1, accepted);
+            }
+        }
+        results = Some(alone);
+    }
     if results.as_ref().is_some_and(|r| r.values().any(|a| matches!(a, Accepted::SourceGone))) {
         // Before answering, so that the retried lookups see the change.
         reload_sources(shared);
@@ -300,6 +436,7 @@ fn handle_batch(shared: &Shared, batch: Vec<Work>) {
 }
 
 fn reload_sources(shared: &Shared) {
+    count(&SOURCE_RELOADS);
     // Read first: a change committed while loading makes the cache stale again.
     let version = shared.version.map(|v| v.load(Ordering::SeqCst)).unwrap_or(0);
     let loaded = in_transaction("load sources", || {
@@ -394,17 +531,15 @@ fn accept(works: &[Work]) -> Option<HashMap<i32, Accepted>> {
     })
 }
 
-fn record_rejections(works: &[Work]) {
+fn record_rejections(rejections: &[Rejection]) {
     let (mut sources, mut reasons, mut remote, mut hashes, mut headers) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    for work in works {
-        if let Work::Reject { source, reason, remote: r, hash, headers: h } = work {
-            sources.push(*source);
-            reasons.push(reason.clone());
-            remote.push(r.clone());
-            hashes.push(hash.clone());
-            headers.push(JsonB(h.clone()));
-        }
+    for r in rejections {
+        sources.push(r.source);
+        reasons.push(r.reason.clone());
+        remote.push(r.remote.clone());
+        hashes.push(r.hash.clone());
+        headers.push(JsonB(r.headers.clone()));
     }
     // Loud: a rejection record lost must show in the log (the step's WARNING).
     Spi::run_with_args(
@@ -439,10 +574,28 @@ fn health() -> Option<(bool, Value)> {
 // HTTP side (runtime threads; never touches Postgres)
 // ---------------------------------------------------------------------------
 
+/// The answer to a connection over the limits, written without reading
+/// anything, before the connection is closed.
+const TOO_MANY_CONNECTIONS: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n\
+    content-length: 32\r\nretry-after: 1\r\nconnection: close\r\n\r\n{\"error\":\"too many connections\"}";
+
+/// Ends a connection's count for its address, however its task ends.
+struct Counted {
+    shared: Arc<Shared>,
+    from: std::net::IpAddr,
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        if let Ok(mut c) = self.shared.connections.lock() {
+            c.close(&self.from);
+        }
+    }
+}
+
 async fn serve(listener: tokio::net::TcpListener, shared: Arc<Shared>, max_connections: usize) {
     let limit = Arc::new(tokio::sync::Semaphore::new(max_connections));
     loop {
-        let Ok(permit) = limit.clone().acquire_owned().await else { return };
         let (stream, remote) = match listener.accept().await {
             Ok(pair) => pair,
             Err(_) => {
@@ -451,10 +604,27 @@ async fn serve(listener: tokio::net::TcpListener, shared: Arc<Shared>, max_conne
                 continue;
             }
         };
+        // Over ihub.inbound_max_connections in all, or
+        // ihub.inbound_max_connections_per_address from this address: 503
+        // at once, so that idle connections cannot lock others out.
+        let per_address = shared.per_address.load(Ordering::Relaxed) as usize;
+        let permit = limit.clone().try_acquire_owned().ok();
+        let counted = permit.as_ref().and_then(|_| {
+            let open = shared.connections.lock().ok()?.try_open(remote.ip(), per_address);
+            open.then(|| Counted { shared: shared.clone(), from: remote.ip() })
+        });
+        let (Some(permit), Some(counted)) = (permit, counted) else {
+            count(&CONNECTIONS_REFUSED);
+            let _ = stream.try_write(TOO_MANY_CONNECTIONS);
+            if let Ok(stream) = stream.into_std() {
+                let _ = stream.shutdown(std::net::Shutdown::Write);
+            }
+            continue;
+        };
         let _ = stream.set_nodelay(true);
         let shared = shared.clone();
         tokio::spawn(async move {
-            let timeout = shared.timeout();
+            let header_timeout = shared.header_timeout();
             let service = service_fn(move |req| {
                 let shared = shared.clone();
                 async move { Ok::<_, Infallible>(route(req, &shared, remote).await) }
@@ -462,9 +632,10 @@ async fn serve(listener: tokio::net::TcpListener, shared: Arc<Shared>, max_conne
             let _ = http1::Builder::new()
                 .keep_alive(true)
                 .timer(hyper_util::rt::TokioTimer::new())
-                .header_read_timeout(timeout)
+                .header_read_timeout(header_timeout)
                 .serve_connection(TokioIo::new(stream), service)
                 .await;
+            drop(counted);
             drop(permit);
         });
     }
@@ -561,7 +732,11 @@ async fn lookup(shared: &Shared, integration: &str, name: &str) -> Result<Arc<So
     let source = match cached(shared, integration, name) {
         Some(s) => s,
         None => {
-            reload(shared).await;
+            // Maybe created a moment ago; but unknown paths must not have
+            // the sources reloaded for every request.
+            if shared.miss_reload_allowed() {
+                reload(shared).await;
+            }
             match cached(shared, integration, name) {
                 Some(s) => s,
                 None if !shared.ready.load(Ordering::Relaxed) => {
@@ -658,12 +833,17 @@ async fn receive(
             mask::mask_headers(&headers, &extra).into_iter().map(|(k, v)| (k, Value::String(v))).collect(),
         );
         if let Err(refusal) = verify(&source.rule, header, &body, now_secs() as i64) {
-            shared.send(Work::Reject {
+            // Kept bounded: a refused request is not trusted with space.
+            let kept = bounds::bounded_headers(&headers, bounds::REJECTION_VALUE_BYTES, bounds::REJECTION_HEADER_BYTES);
+            let kept = Value::Object(
+                mask::mask_headers(&kept, &extra).into_iter().map(|(k, v)| (k, Value::String(v))).collect(),
+            );
+            shared.reject(Rejection {
                 source: source.id,
                 reason: refusal.to_string(),
                 remote: remote.ip().to_string(),
                 hash: body_hash(&body),
-                headers: stored_headers,
+                headers: kept,
             });
             return error(StatusCode::UNAUTHORIZED, &refusal.to_string());
         }
@@ -749,11 +929,15 @@ mod tests {
 
     fn shared_with(token: Option<&str>) -> Shared {
         let (tx, _rx) = mpsc::channel();
+        let (reject_tx, _reject_rx) = mpsc::sync_channel(1);
         let (wake, _other) = UnixStream::pair().unwrap();
         Shared {
             sources: RwLock::new(HashMap::new()),
             buckets: Mutex::new(HashMap::new()),
             work: Mutex::new(tx),
+            rejections: reject_tx,
+            connections: Mutex::new(Connections::new()),
+            miss_reload: Mutex::new(Throttle::default()),
             wake: Mutex::new(wake),
             ready: AtomicBool::new(false),
             version: None,
@@ -762,6 +946,8 @@ mod tests {
             rate_limit: AtomicU64::new(0),
             burst: AtomicU64::new(1),
             timeout_ms: AtomicU64::new(30_000),
+            header_timeout_ms: AtomicU64::new(10_000),
+            per_address: AtomicU64::new(100),
             health_token: RwLock::new(token.map(|t| sha256(t.as_bytes()))),
         }
     }

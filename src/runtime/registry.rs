@@ -118,6 +118,7 @@ pub fn init_preloaded() {
     pg_shmem_init!(REGISTRY);
     pg_shmem_init!(NEXT_WAKE);
     pg_shmem_init!(SOURCES_VERSION);
+    crate::inbound::listener::init_shmem();
     for db in settings::databases() {
         for n in 0..settings::DISPATCH_WORKERS.get() {
             start_worker("dispatcher", n, &db, "ihub_dispatcher_main");

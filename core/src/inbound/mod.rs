@@ -1,5 +1,7 @@
-//! Inbound webhooks without Postgres: signature verification and the
-//! per-source rate limiter, used by the listener worker and ihub.receive.
+//! Inbound webhooks without Postgres: signature verification, the
+//! per-source rate limiter and the listener's bounds, used by the listener
+//! worker and ihub.receive.
 
+pub mod bounds;
 pub mod limiter;
 pub mod verify;

@@ -147,7 +147,8 @@ pub fn dedup_key<'a>(
         _ => None,
     }
     .or_else(|| id_header.and_then(|name| header(&name.to_ascii_lowercase())))
-    .map(str::to_string)
+    // A sender's id may be any length: long ones are stored hashed.
+    .map(crate::inbound::bounds::bounded_key)
     .unwrap_or_else(|| format!("sha256:{}", body_hash(body)))
 }
 
@@ -170,6 +171,9 @@ mod tests {
             dedup_key(Mode::StandardWebhooks, Some("x-missing"), |_| None, b"{}"),
             dedup_key(Mode::None, None, get, b"{}")
         );
+        let long = "i".repeat(5000);
+        let key = dedup_key(Mode::StandardWebhooks, None, |_| Some(long.as_str()), b"{}");
+        assert_eq!((key.len(), &key[..7]), (71, "sha256:"), "long ids are hashed");
     }
 
     const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
