@@ -147,11 +147,13 @@ LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
     -- Two dispatchers may find it broken at once: the row lock lets one
-    -- mark it and log; the other sees the mark and only refreshes it.
+    -- mark it and log; the other sees the mark and only moves the next try
+    -- on. The first reason stays: it is the incident's cause (a later error,
+    -- such as a missing column after its table went, is a consequence).
     UPDATE ihub.subscription SET broken_at = now(), broken_reason = left(p_reason, 1000)
     WHERE id = p_sub.id AND broken_at IS NULL;
     IF NOT FOUND THEN
-        UPDATE ihub.subscription SET broken_at = now(), broken_reason = left(p_reason, 1000) WHERE id = p_sub.id;
+        UPDATE ihub.subscription SET broken_at = now() WHERE id = p_sub.id;
     ELSE
         PERFORM ihub.log('critical',
                          format('subscription %s is broken: %s; its changes wait, the other subscriptions go on', p_sub.id, p_reason),
