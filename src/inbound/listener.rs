@@ -346,6 +346,9 @@ impl Worker for Listener {
         if timeout.is_zero() {
             return;
         }
+        // Senders wait for their answers: never the runtime's long back-off
+        // after a failed step (a table locked for a while), at most a second.
+        let timeout = timeout.min(Duration::from_secs(1));
         unsafe {
             pg_sys::WaitLatchOrSocket(
                 pg_sys::MyLatch,
