@@ -1135,7 +1135,10 @@ mod tests {
         let checks = || {
             one::<String>("SELECT string_agg(check_name || '=' || status, ',' ORDER BY check_name) FROM ihub.health() WHERE check_name NOT LIKE 'workers%'")
         };
-        assert_eq!(checks(), "credentials=ok,endpoints=ok,queue: deliveries=ok,queue: jobs=ok,schedules=ok,subscriptions=ok");
+        assert_eq!(
+            checks(),
+            "credentials=ok,endpoints=ok,queue: deliveries=ok,queue: jobs=ok,schedules=ok,subscriptions=ok"
+        );
         Spi::run(
             "SELECT ihub.disable_endpoint('hook');
              SELECT ihub.http_request('hook', '{}');

@@ -139,7 +139,10 @@ fn adding_dropping_renaming_and_retyping_columns_keeps_capture_working() {
     assert_eq!(hub.wait_settled(&s.endpoint, 5, WAIT), vec!["done"; 5]);
     let all: Vec<serde_json::Value> = rx.received().iter().map(|r| r.json()["data"].clone()).collect();
     let by = |name: &str| {
-        all.iter().find(|d| d["customer"] == name || d["client"] == name).unwrap_or_else(|| panic!("{name}: {all:?}")).clone()
+        all.iter()
+            .find(|d| d["customer"] == name || d["client"] == name)
+            .unwrap_or_else(|| panic!("{name}: {all:?}"))
+            .clone()
     };
     assert!(by("before").get("region").is_none());
     assert_eq!(by("added")["region"], "eu");
