@@ -1165,6 +1165,59 @@ COMMENT ON FUNCTION ihub.listener_stats() IS
     'The inbound listener''s counters since the server started: reloads of its cache of sources, rejected requests not recorded (their queue was full), connections refused with 503.';
 
 -------------------------------------------------------------------------------
+-- Schedules: altering one while its run is queued
+-------------------------------------------------------------------------------
+
+CREATE OR REPLACE FUNCTION ihub._alter_schedule_by(
+    name text,
+    every interval DEFAULT NULL,
+    cron text DEFAULT NULL,
+    args jsonb DEFAULT NULL,
+    priority integer DEFAULT NULL,
+    number_of_calls integer DEFAULT NULL,
+    repeat_missed boolean DEFAULT NULL,
+    active boolean DEFAULT NULL,
+    p_caller regrole DEFAULT NULL) RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v ihub.schedule;
+    v_next timestamptz;
+BEGIN
+    -- Lock first, then read: a run the scheduler queues meanwhile has moved
+    -- next_run_at on, and writing back the time read before it would queue
+    -- that run again.
+    PERFORM 1 FROM ihub.schedule s WHERE s.name = _alter_schedule_by.name FOR UPDATE;
+    v := ihub._own_schedule(_alter_schedule_by.name, p_caller);
+    v_next := v.next_run_at;
+    IF every IS NOT NULL OR cron IS NOT NULL THEN
+        v_next := ihub._check_timing(every, cron);
+        v.every := every;
+        v.cron := cron;
+    ELSIF active AND NOT v.active THEN
+        -- Reactivated: due from now on, not for the time it was off.
+        v_next := coalesce(now() + v.every, ihub._cron_next(v.cron, now()));
+    END IF;
+    IF args IS NOT NULL AND jsonb_typeof(args) <> 'object' THEN
+        RAISE EXCEPTION 'args must be a JSON object' USING ERRCODE = 'invalid_parameter_value', HINT = 'For example {"full": false}.';
+    END IF;
+    IF priority < 0 OR number_of_calls < -1 THEN
+        RAISE EXCEPTION 'priority must be 0 or more and number_of_calls -1 (unlimited) or more'
+            USING ERRCODE = 'invalid_parameter_value', HINT = 'Priority 0 runs first; number_of_calls counts down to 0.';
+    END IF;
+    UPDATE ihub.schedule s
+    SET every = v.every, cron = v.cron, next_run_at = v_next,
+        args = coalesce(_alter_schedule_by.args, s.args),
+        priority = coalesce(_alter_schedule_by.priority, s.priority),
+        number_of_calls = coalesce(_alter_schedule_by.number_of_calls, s.number_of_calls),
+        repeat_missed = coalesce(_alter_schedule_by.repeat_missed, s.repeat_missed),
+        active = coalesce(_alter_schedule_by.active, s.active) AND coalesce(_alter_schedule_by.number_of_calls, s.number_of_calls) <> 0
+    WHERE s.id = v.id;
+    PERFORM ihub._wake_scheduler();
+END
+$$;
+
+-------------------------------------------------------------------------------
 -- Privileges: as a fresh install sets them (finalize.sql)
 -------------------------------------------------------------------------------
 

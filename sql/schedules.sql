@@ -238,9 +238,15 @@ CREATE FUNCTION ihub._alter_schedule_by(
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-    v ihub.schedule := ihub._own_schedule(_alter_schedule_by.name, p_caller);
-    v_next timestamptz := v.next_run_at;
+    v ihub.schedule;
+    v_next timestamptz;
 BEGIN
+    -- Lock first, then read: a run the scheduler queues meanwhile has moved
+    -- next_run_at on, and writing back the time read before it would queue
+    -- that run again.
+    PERFORM 1 FROM ihub.schedule s WHERE s.name = _alter_schedule_by.name FOR UPDATE;
+    v := ihub._own_schedule(_alter_schedule_by.name, p_caller);
+    v_next := v.next_run_at;
     IF every IS NOT NULL OR cron IS NOT NULL THEN
         v_next := ihub._check_timing(every, cron);
         v.every := every;
