@@ -99,18 +99,12 @@ CREATE FUNCTION ihub._set_capture_enabled(p_subscription bigint, p_enabled boole
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-    v_sub ihub.subscription;
-    v_event text;
+    v record;
 BEGIN
-    SELECT * INTO v_sub FROM ihub.subscription WHERE id = p_subscription;
-    -- A table dropped with its schema: nothing to switch (it is marked broken).
-    IF NOT EXISTS (SELECT 1 FROM pg_class WHERE oid = v_sub.source) THEN
-        RETURN;
-    END IF;
-    FOREACH v_event IN ARRAY v_sub.events LOOP
-        EXECUTE format('ALTER TABLE %s %s TRIGGER %I', v_sub.source,
-                       CASE WHEN p_enabled THEN 'ENABLE' ELSE 'DISABLE' END,
-                       format('ihub_sub_%s_%s', v_sub.id, v_event));
+    -- On the table and its partitions; none when the table was dropped with
+    -- its schema (the subscription is marked broken).
+    FOR v IN SELECT t.* FROM ihub.subscription s, ihub._capture_triggers(s) t WHERE s.id = p_subscription LOOP
+        EXECUTE format('ALTER TABLE %s %s TRIGGER %I', v.rel, CASE WHEN p_enabled THEN 'ENABLE' ELSE 'DISABLE' END, v.name);
     END LOOP;
 END
 $$;

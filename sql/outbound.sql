@@ -162,6 +162,133 @@ BEGIN
 END
 $$;
 
+-- The tables whose writes a subscription captures: its table and, when that
+-- is partitioned, every partition below it, since a statement's triggers
+-- fire on the table it names only. Foreign partitions cannot have
+-- transition tables: writes addressed to them are not captured.
+CREATE FUNCTION ihub._capture_relations(p_source oid) RETURNS SETOF oid
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp
+AS $$
+    -- pg_partition_tree gives nothing for a table outside any partition tree.
+    SELECT p_source
+    UNION
+    SELECT t.relid::oid FROM pg_partition_tree(p_source::regclass) t
+    JOIN pg_class c ON c.oid = t.relid
+    WHERE c.relkind IN ('r', 'p')
+$$;
+
+-- A subscription's capture triggers, on whichever tables they are.
+CREATE FUNCTION ihub._capture_triggers(p_sub ihub.subscription) RETURNS TABLE (rel regclass, name name)
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT t.tgrelid::regclass, t.tgname FROM pg_trigger t
+    WHERE t.tgname IN (SELECT format('ihub_sub_%s_%s', p_sub.id, e) FROM unnest(p_sub.events) AS e)
+      AND t.tgfoid IN (SELECT p.oid FROM pg_proc p WHERE p.pronamespace = 'ihub'::regnamespace
+                       AND p.proname IN ('_capture_rows', '_capture_filtered', '_capture_truncate'))
+$$;
+
+-- Makes a subscription's capture triggers on one of its tables (see
+-- ihub._capture_relations), those that are not there yet. C-language
+-- triggers copy the rows in bulk; with watched columns or a condition,
+-- ihub._capture_filtered first selects the rows that pass, as the
+-- subscriber. By name, not OID: a dumped and restored trigger must still
+-- find its capture table.
+CREATE FUNCTION ihub._create_capture_triggers(p_sub ihub.subscription, p_rel oid) RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_capture text := 'ihub_capture.sub_' || p_sub.id;
+    v_event text;
+    v_name text;
+BEGIN
+    FOREACH v_event IN ARRAY p_sub.events LOOP
+        v_name := format('ihub_sub_%s_%s', p_sub.id, v_event);
+        CONTINUE WHEN EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid = p_rel AND tgname = v_name);
+        IF v_event = 'truncate' THEN
+            EXECUTE format('CREATE TRIGGER %I AFTER TRUNCATE ON %s FOR EACH STATEMENT EXECUTE FUNCTION ihub._capture_truncate(%L)',
+                           v_name, p_rel::regclass, v_capture);
+        ELSE
+            EXECUTE format('CREATE TRIGGER %I AFTER %s ON %s REFERENCING %s TABLE AS %I FOR EACH STATEMENT EXECUTE FUNCTION %s(%L)',
+                           v_name, upper(v_event), p_rel::regclass,
+                           CASE v_event WHEN 'insert' THEN 'NEW' WHEN 'delete' THEN 'OLD' ELSE 'OLD TABLE AS ihub_old NEW' END,
+                           CASE v_event WHEN 'delete' THEN 'ihub_old' ELSE 'ihub_new' END,
+                           CASE WHEN p_sub.condition IS NULL AND (p_sub.watch IS NULL OR v_event <> 'update')
+                                THEN 'ihub._capture_rows' ELSE 'ihub._capture_filtered' END,
+                           v_capture);
+        END IF;
+    END LOOP;
+END
+$$;
+
+-- The capture trigger of TRUNCATE, for subscriptions whose events include
+-- truncate: a row without data, which the route sends as <table>.truncate.
+-- A TRUNCATE of a partitioned table fires it on the table and on each of
+-- its partitions: one row per statement is kept. SECURITY DEFINER: the
+-- writer has no right on the capture table.
+CREATE FUNCTION ihub._capture_truncate() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_sub bigint := substring(TG_ARGV[0] FROM '^ihub_capture\.sub_([0-9]+)$')::bigint;
+BEGIN
+    IF TG_OP <> 'TRUNCATE' OR TG_LEVEL <> 'STATEMENT' OR NOT EXISTS (
+        SELECT 1 FROM ihub.subscription s
+        WHERE s.id = v_sub AND 'truncate' = ANY (s.events)
+          AND (s.source = TG_RELID OR TG_RELID IN (SELECT ihub._capture_relations(s.source))))
+    THEN
+        RAISE EXCEPTION 'ihub._capture_truncate() runs only as the TRUNCATE trigger ihub.subscribe made, not on % for %',
+                        TG_RELID::regclass, TG_ARGV[0]
+            USING ERRCODE = 'triggered_action_exception', HINT = 'Capture triggers are made by ihub.subscribe(); drop this one.';
+    END IF;
+    EXECUTE format($q$
+        INSERT INTO ihub_capture.%1$I (op, xid, occurred_at)
+        SELECT 't', pg_current_xact_id(), statement_timestamp()
+        WHERE NOT EXISTS (SELECT 1 FROM ihub_capture.%1$I
+                          WHERE op = 't' AND xid = pg_current_xact_id() AND occurred_at = statement_timestamp())
+    $q$, 'sub_' || v_sub);
+    PERFORM ihub._wake();
+    RETURN NULL;
+END
+$$;
+
+-- Keeps the capture triggers of subscriptions on partitioned tables on
+-- exactly their partitions: made on partitions created or attached since,
+-- removed from those detached, whose writes are no longer the table's.
+-- From ihub._on_ddl_end, after CREATE TABLE and ALTER TABLE.
+CREATE FUNCTION ihub._sync_partition_triggers() RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_sub ihub.subscription;
+    v record;
+    v_made boolean;
+BEGIN
+    FOR v_sub IN
+        SELECT s.* FROM ihub.subscription s JOIN pg_class c ON c.oid = s.source
+        WHERE c.relkind = 'p' ORDER BY s.id
+    LOOP
+        v_made := false;
+        FOR v IN
+            SELECT r AS rel FROM ihub._capture_relations(v_sub.source) AS r
+            WHERE (SELECT count(*) FROM ihub._capture_triggers(v_sub) t WHERE t.rel = r) < cardinality(v_sub.events)
+        LOOP
+            PERFORM ihub._create_capture_triggers(v_sub, v.rel);
+            v_made := true;
+        END LOOP;
+        FOR v IN
+            SELECT t.rel, t.name FROM ihub._capture_triggers(v_sub) t
+            WHERE t.rel NOT IN (SELECT ihub._capture_relations(v_sub.source))
+        LOOP
+            EXECUTE format('DROP TRIGGER %I ON %s', v.name, v.rel);
+        END LOOP;
+        IF v_made AND (SELECT i.state = 'inactive' FROM ihub.endpoint e JOIN ihub.integration i ON i.id = e.integration_id
+                       WHERE e.id = v_sub.endpoint_id) THEN
+            PERFORM ihub._set_capture_enabled(v_sub.id, false);
+        END IF;
+    END LOOP;
+END
+$$;
+
 CREATE FUNCTION ihub._subscribe_by(
     source regclass,
     endpoint text,
@@ -180,9 +307,7 @@ DECLARE
     v_rel record;
     v_events text[];
     v_sub ihub.subscription;
-    v_event text;
     v_bad text;
-    v_function text;
     v_columns text[];
 BEGIN
     PERFORM ihub._require_workers();
@@ -206,10 +331,11 @@ BEGIN
     END IF;
 
     SELECT array_agg(DISTINCT lower(e) ORDER BY lower(e)) INTO v_events FROM unnest(events) AS e;
-    v_bad := (SELECT string_agg(e, ', ') FROM unnest(v_events) AS e WHERE e NOT IN ('insert', 'update', 'delete'));
+    v_bad := (SELECT string_agg(e, ', ') FROM unnest(v_events) AS e WHERE e NOT IN ('insert', 'update', 'delete', 'truncate'));
     IF v_events IS NULL OR v_bad IS NOT NULL THEN
         RAISE EXCEPTION 'invalid events: %', coalesce(v_bad, 'none given')
-            USING ERRCODE = 'invalid_parameter_value', HINT = 'Use any of insert, update and delete, e.g. ''{insert,update}''.';
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'Use any of insert, update, delete and truncate, e.g. ''{insert,update}''.';
     END IF;
 
     SELECT array_agg(a.attname::text ORDER BY a.attnum) INTO v_columns
@@ -256,20 +382,7 @@ BEGIN
     RETURNING * INTO v_sub;
 
     PERFORM ihub._create_capture_table(v_sub);
-    FOREACH v_event IN ARRAY v_events LOOP
-        -- C-language triggers copy the rows in bulk; with watched columns or
-        -- a condition, ihub._capture_filtered first selects the rows that
-        -- pass, as the subscriber. By name, not OID: a dumped and restored
-        -- trigger must still find its capture table.
-        v_function := format(CASE WHEN condition IS NULL AND (watch IS NULL OR v_event <> 'update')
-                                  THEN 'ihub._capture_rows(%L)' ELSE 'ihub._capture_filtered(%L)' END,
-                             'ihub_capture.sub_' || v_sub.id);
-        EXECUTE format('CREATE TRIGGER %I AFTER %s ON %s REFERENCING %s TABLE AS %I FOR EACH STATEMENT EXECUTE FUNCTION %s',
-                       format('ihub_sub_%s_%s', v_sub.id, v_event), upper(v_event), source,
-                       CASE v_event WHEN 'insert' THEN 'NEW' WHEN 'delete' THEN 'OLD' ELSE 'OLD TABLE AS ihub_old NEW' END,
-                       CASE v_event WHEN 'delete' THEN 'ihub_old' ELSE 'ihub_new' END,
-                       v_function);
-    END LOOP;
+    PERFORM ihub._create_capture_triggers(v_sub, r) FROM ihub._capture_relations(source) AS r;
     IF v_integration.state = 'inactive' THEN
         PERFORM ihub._set_capture_enabled(v_sub.id, false);
     END IF;
@@ -317,7 +430,7 @@ CREATE FUNCTION ihub._end_subscription(p_sub ihub.subscription) RETURNS bigint
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-    v_event text;
+    v record;
     v_routed bigint := 0;
 BEGIN
     IF EXISTS (SELECT 1 FROM pg_class WHERE oid = p_sub.source) THEN
@@ -333,10 +446,10 @@ BEGIN
                                  format('subscription %s ended: its captured changes could not be sent: %s', p_sub.id, SQLERRM),
                                  jsonb_build_object('subscription', p_sub.id));
         END;
-        FOREACH v_event IN ARRAY p_sub.events LOOP
-            EXECUTE format('DROP TRIGGER IF EXISTS %I ON %s', format('ihub_sub_%s_%s', p_sub.id, v_event), p_sub.source);
-        END LOOP;
     END IF;
+    FOR v IN SELECT * FROM ihub._capture_triggers(p_sub) LOOP
+        EXECUTE format('DROP TRIGGER %I ON %s', v.name, v.rel);
+    END LOOP;
     EXECUTE format('DROP TABLE IF EXISTS ihub_capture.%I', 'sub_' || p_sub.id);
     DELETE FROM ihub.subscription s WHERE s.id = p_sub.id;
     RETURN v_routed;
@@ -394,13 +507,19 @@ END
 $$;
 
 -- After ALTER TABLE: capture tables that ihub._capture_before_alter removed
--- are made again with the table's new row type.
+-- are made again with the table's new row type. After CREATE TABLE and
+-- ALTER TABLE: partitions made, attached or detached get or lose capture
+-- triggers.
 CREATE FUNCTION ihub._on_ddl_end() RETURNS event_trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     v_sub ihub.subscription;
 BEGIN
+    IF NOT EXISTS (SELECT 1 FROM ihub.subscription) THEN
+        RETURN;
+    END IF;
+    PERFORM ihub._sync_partition_triggers();
     FOR v_sub IN
         SELECT s.* FROM ihub.subscription s
         WHERE to_regclass(format('ihub_capture.%I', 'sub_' || s.id)) IS NULL
@@ -464,19 +583,29 @@ CREATE EVENT TRIGGER ihub_ddl_start ON ddl_command_start WHEN TAG IN ('DROP TABL
     EXECUTE FUNCTION ihub._on_ddl_start();
 CREATE EVENT TRIGGER ihub_sql_drop ON sql_drop
     EXECUTE FUNCTION ihub._on_sql_drop();
-CREATE EVENT TRIGGER ihub_ddl_end ON ddl_command_end WHEN TAG IN ('ALTER TABLE')
+CREATE EVENT TRIGGER ihub_ddl_end ON ddl_command_end WHEN TAG IN ('ALTER TABLE', 'CREATE TABLE')
     EXECUTE FUNCTION ihub._on_ddl_end();
 
 COMMENT ON FUNCTION ihub._end_subscription(ihub.subscription) IS
     'Internal: ends a subscription after routing what it captured; returns how many changes were queued.';
 COMMENT ON FUNCTION ihub._subscriptions_dropping(oid[]) IS
     'Internal: before DROP TABLE, ends the subscriptions of the tables dropped, delivering what they captured.';
+COMMENT ON FUNCTION ihub._capture_relations(oid) IS
+    'Internal: the tables whose writes a subscription on this table captures: the table and, when partitioned, its partitions.';
+COMMENT ON FUNCTION ihub._capture_triggers(ihub.subscription) IS
+    'Internal: a subscription''s capture triggers and the tables they are on.';
+COMMENT ON FUNCTION ihub._create_capture_triggers(ihub.subscription, oid) IS
+    'Internal: makes the capture triggers of a subscription that a table of it lacks.';
+COMMENT ON FUNCTION ihub._capture_truncate() IS
+    'Internal: TRUNCATE capture trigger of subscriptions with the event truncate; records one truncate event per statement.';
+COMMENT ON FUNCTION ihub._sync_partition_triggers() IS
+    'Internal: puts capture triggers on new partitions of subscribed tables and removes them from detached ones.';
 COMMENT ON FUNCTION ihub._create_capture_table(ihub.subscription) IS
     'Internal: makes a subscription''s capture table, of its table''s current row type.';
 COMMENT ON FUNCTION ihub._capture_before_alter(oid) IS
     'Internal: before ALTER TABLE adds a column or changes a type, delivers what was captured and removes the capture tables.';
 COMMENT ON FUNCTION ihub._on_ddl_end() IS
-    'Internal: event trigger function; after ALTER TABLE, makes again the capture tables of the new row type.';
+    'Internal: event trigger function; after ALTER TABLE, makes again the capture tables of the new row type; keeps capture triggers on the partitions of subscribed tables.';
 COMMENT ON FUNCTION ihub._subscription_broken(ihub.subscription, text) IS
     'Internal: marks a subscription broken (a critical log entry the first time).';
 COMMENT ON FUNCTION ihub._on_sql_drop() IS
@@ -486,7 +615,7 @@ COMMENT ON FUNCTION ihub._on_ddl_start() IS
 COMMENT ON EVENT TRIGGER ihub_ddl_start IS
     'pg_ihub: before DROP TABLE, delivers and ends the subscriptions of the table; before ALTER TABLE adding a column or changing a type, delivers what was captured.';
 COMMENT ON EVENT TRIGGER ihub_ddl_end IS
-    'pg_ihub: after ALTER TABLE, makes the capture tables again with the new row type.';
+    'pg_ihub: after ALTER TABLE, makes the capture tables again with the new row type; after CREATE or ALTER TABLE, puts capture triggers on new partitions of subscribed tables and removes them from detached ones.';
 COMMENT ON EVENT TRIGGER ihub_sql_drop IS
     'pg_ihub: marks broken the subscriptions of tables dropped with their schema or owner.';
 
@@ -509,7 +638,8 @@ BEGIN
     FOR v IN
         SELECT t.tgname, t.tgrelid::regclass AS rel
         FROM pg_trigger t
-        WHERE t.tgfoid IN ('ihub._capture_rows()'::regprocedure, 'ihub._capture_filtered()'::regprocedure)
+        WHERE t.tgfoid IN ('ihub._capture_rows()'::regprocedure, 'ihub._capture_filtered()'::regprocedure,
+                           'ihub._capture_truncate()'::regprocedure)
           AND t.tgparentid = 0
     LOOP
         EXECUTE format('DROP TRIGGER %I ON %s', v.tgname, v.rel);
@@ -658,8 +788,8 @@ BEGIN
         CROSS JOIN LATERAL (SELECT to_jsonb(m.new_row) - $11 AS new, to_jsonb(m.old_row) - $11 AS old) j
         CROSS JOIN LATERAL (
             SELECT 'evt_' || replace(gen_random_uuid()::text, '-', '') AS id,
-                   CASE m.op WHEN 'i' THEN 'insert' WHEN 'u' THEN 'update' ELSE 'delete' END AS op,
-                   $5 || '.' || CASE m.op WHEN 'i' THEN 'insert' WHEN 'u' THEN 'update' ELSE 'delete' END AS type
+                   CASE m.op WHEN 'i' THEN 'insert' WHEN 'u' THEN 'update' WHEN 't' THEN 'truncate' ELSE 'delete' END AS op,
+                   $5 || '.' || CASE m.op WHEN 'i' THEN 'insert' WHEN 'u' THEN 'update' WHEN 't' THEN 'truncate' ELSE 'delete' END AS type
         ) ev
         RETURNING d.id
     $q$, 'sub_' || p_sub.id)
@@ -1114,7 +1244,7 @@ COMMENT ON FUNCTION ihub.rotate_secret(text, text, interval) IS
     'Adds a new signing secret (generated when NULL) and keeps the old ones signing for the grace period. Returns the new secret. ihub_admin only.';
 COMMENT ON FUNCTION ihub._capture_filter(ihub.subscription, text) IS 'Internal: the query that selects the transition rows passing a subscription''s watch and condition.';
 COMMENT ON FUNCTION ihub.subscribe(regclass, text, text[], text[], text[], text, boolean) IS
-    'Subscribes an endpoint to row changes of a table: events, payload columns, watched columns (updates fire only when one changed), a condition over new and old, and test mode. Returns the subscription id.';
+    'Subscribes an endpoint to row changes of a table (and of all its partitions): events (insert, update, delete, truncate), payload columns, watched columns (updates fire only when one changed), a condition over new and old, and test mode. Returns the subscription id.';
 COMMENT ON FUNCTION ihub.unsubscribe(bigint) IS
     'Removes a subscription''s triggers and capture table; changes already captured are queued first.';
 COMMENT ON FUNCTION ihub._json_cast_hazard(regclass) IS 'Internal: a cast to json, owned by a role other than a superuser, that rendering the table''s rows would call; NULL when none.';

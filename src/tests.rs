@@ -748,6 +748,35 @@ mod tests {
     }
 
     #[pg_test]
+    fn partitions_made_while_an_integration_is_off_get_its_capture_triggers_disabled() {
+        // A disabled integration costs its tables' writers nothing, whichever
+        // partition they write to; enabling it turns every trigger on.
+        setup();
+        Spi::run(
+            "CREATE TABLE parted (id int, region text) PARTITION BY LIST (region);
+             CREATE TABLE parted_eu PARTITION OF parted FOR VALUES IN ('eu');
+             SELECT ihub.subscribe('parted', 'hook', events => '{insert,truncate}');
+             CREATE TABLE parted_us PARTITION OF parted FOR VALUES IN ('us');",
+        )
+        .unwrap();
+        let states = "SELECT string_agg(tgrelid::regclass || ':' || tgname || ':' || tgenabled, ' ' ORDER BY tgrelid::regclass::text, tgname)
+                      FROM pg_trigger WHERE tgname LIKE 'ihub_sub_%'";
+        let sub = one::<i64>("SELECT id FROM ihub.subscription");
+        let expect = |state: &str| {
+            ["parted", "parted_eu", "parted_us"]
+                .iter()
+                .flat_map(|t| ["insert", "truncate"].map(|e| format!("{t}:ihub_sub_{sub}_{e}:{state}")))
+                .collect::<Vec<_>>()
+                .join(" ")
+        };
+        assert_eq!(one::<String>(states), expect("D"));
+        Spi::run("SELECT ihub.enable_integration('shop')").unwrap();
+        assert_eq!(one::<String>(states), expect("O"));
+        Spi::run(&format!("SELECT ihub.unsubscribe({sub})")).unwrap();
+        assert_eq!(Spi::get_one::<String>(states).unwrap(), None, "unsubscribe removes them from every partition");
+    }
+
+    #[pg_test]
     fn no_log_partition_belongs_to_the_extension() {
         // Members cannot be dropped by the cleanup: retention would stop for good.
         assert_eq!(

@@ -150,3 +150,115 @@ fn adding_dropping_renaming_and_retyping_columns_keeps_capture_working() {
     assert_eq!(by("renamed")["client"], "renamed");
     assert_eq!(by("retyped")["amount"].as_f64(), Some(5.0));
 }
+
+/// The events the receiver got, as `type data.id data.note`, sorted.
+fn events(rx: &Receiver) -> Vec<String> {
+    let mut got: Vec<String> = rx
+        .received()
+        .iter()
+        .map(|r| {
+            let j = r.json();
+            format!("{} {} {}", j["type"].as_str().unwrap_or("?"), j["data"]["id"], j["data"]["note"])
+        })
+        .collect();
+    got.sort();
+    got
+}
+
+#[test]
+fn writes_to_any_partition_are_captured_including_partitions_attached_later() {
+    let mut hub = hub();
+    let rx = Receiver::start();
+    let s = hub.setup(&rx.url("/partitioned"), "");
+    let t = unique("parted");
+    hub.exec(&format!(
+        "CREATE TABLE {t} (id int NOT NULL, region text NOT NULL, note text) PARTITION BY LIST (region);
+         CREATE TABLE {t}_eu PARTITION OF {t} FOR VALUES IN ('eu');
+         CREATE TABLE {t}_am PARTITION OF {t} FOR VALUES IN ('us', 'ca') PARTITION BY LIST (region);
+         CREATE TABLE {t}_us PARTITION OF {t}_am FOR VALUES IN ('us');
+         SELECT ihub.subscribe('{t}', '{e}');",
+        e = s.endpoint
+    ));
+    hub.exec(&format!(
+        "INSERT INTO {t} VALUES (1, 'eu', 'by the parent');
+         INSERT INTO {t}_eu VALUES (2, 'eu', 'to the partition');
+         INSERT INTO {t}_us VALUES (3, 'us', 'to a partition two levels down');
+         UPDATE {t}_eu SET note = 'updated in the partition' WHERE id = 2;
+         DELETE FROM {t}_am WHERE id = 3;"
+    ));
+    // Made after the subscription: by CREATE TABLE ... PARTITION OF, and by
+    // ATTACH of a table whose columns lie in another order, one dropped.
+    hub.exec(&format!(
+        "CREATE TABLE {t}_ca PARTITION OF {t}_am FOR VALUES IN ('ca');
+         CREATE TABLE {t}_asia (gone int, note text, region text NOT NULL, id int NOT NULL);
+         ALTER TABLE {t}_asia DROP COLUMN gone;
+         ALTER TABLE {t} ATTACH PARTITION {t}_asia FOR VALUES IN ('jp');
+         INSERT INTO {t}_ca VALUES (4, 'ca', 'to a new partition');
+         INSERT INTO {t}_asia (id, region, note) VALUES (5, 'jp', 'to an attached partition');"
+    ));
+    // A detached partition is no longer the table's: its writes are not sent.
+    hub.exec(&format!(
+        "ALTER TABLE {t} DETACH PARTITION {t}_eu;
+         INSERT INTO {t}_eu VALUES (6, 'eu', 'after detach');"
+    ));
+    assert!(rx.wait_for(7, WAIT), "got {:?}", events(&rx));
+    assert_eq!(hub.wait_settled(&s.endpoint, 7, WAIT), vec!["done"; 7]);
+    assert_eq!(
+        events(&rx),
+        vec![
+            format!("{t}.delete 3 \"to a partition two levels down\""),
+            format!("{t}.insert 1 \"by the parent\""),
+            format!("{t}.insert 2 \"to the partition\""),
+            format!("{t}.insert 3 \"to a partition two levels down\""),
+            format!("{t}.insert 4 \"to a new partition\""),
+            format!("{t}.insert 5 \"to an attached partition\""),
+            format!("{t}.update 2 \"updated in the partition\""),
+        ]
+    );
+    let attached = rx.received().into_iter().find(|r| r.json()["data"]["id"] == 5).unwrap().json();
+    assert_eq!(attached["table"], t.as_str(), "events name the subscribed table");
+    assert_eq!(attached["data"], serde_json::json!({"id": 5, "region": "jp", "note": "to an attached partition"}));
+    let left: i64 = hub.one(&format!("SELECT count(*) FROM pg_trigger WHERE tgrelid = '{t}_eu'::regclass"));
+    assert_eq!(left, 0, "the detached partition keeps no capture trigger");
+}
+
+#[test]
+fn truncate_is_sent_as_an_event_to_subscriptions_that_ask() {
+    let mut hub = hub();
+    let rx = Receiver::start();
+    let s = hub.setup(&rx.url("/truncated"), "");
+    let quiet = Receiver::start();
+    let q = hub.setup(&quiet.url("/quiet"), "");
+    let t = unique("parted");
+    hub.exec(&format!(
+        "CREATE TABLE {t} (id int NOT NULL, region text NOT NULL, note text) PARTITION BY LIST (region);
+         CREATE TABLE {t}_eu PARTITION OF {t} FOR VALUES IN ('eu');
+         CREATE TABLE {t}_us PARTITION OF {t} FOR VALUES IN ('us');
+         SELECT ihub.subscribe('{t}', '{e}', events => '{{insert,truncate}}');
+         SELECT ihub.subscribe('{t}', '{qe}', events => '{{delete}}');
+         SELECT ihub.subscribe('{plain}', '{e}', events => '{{truncate}}');
+         INSERT INTO {t} VALUES (1, 'eu', 'one'), (2, 'us', 'two');",
+        e = s.endpoint,
+        qe = q.endpoint,
+        plain = s.table
+    ));
+    assert!(rx.wait_for(2, WAIT));
+    // One event per TRUNCATE statement: of the table, of one partition, and
+    // of a plain table; none for the subscription that did not ask.
+    hub.exec(&format!("TRUNCATE {t}"));
+    assert!(rx.wait_for(3, WAIT), "no event for TRUNCATE of the partitioned table: {:?}", events(&rx));
+    hub.exec(&format!("TRUNCATE {t}_us"));
+    assert!(rx.wait_for(4, WAIT), "no event for TRUNCATE of a partition: {:?}", events(&rx));
+    hub.exec(&format!("TRUNCATE {}", s.table));
+    assert!(rx.wait_for(5, WAIT));
+    assert_eq!(hub.wait_settled(&s.endpoint, 5, WAIT), vec!["done"; 5]);
+    let truncates: Vec<serde_json::Value> =
+        rx.received().iter().map(|r| r.json()).filter(|j| j["operation"] == "truncate").collect();
+    assert_eq!(truncates.len(), 3, "{truncates:?}");
+    assert_eq!(truncates[0]["type"], format!("{t}.truncate"));
+    assert_eq!(truncates[0]["data"], serde_json::Value::Null);
+    assert_eq!(truncates[2]["type"], format!("{}.truncate", s.table));
+    assert_eq!(quiet.count(), 0);
+    let bad = hub.error(&format!("SELECT ihub.subscribe('{t}', '{e}', events => '{{truncate,upsert}}')", e = s.endpoint));
+    assert!(bad.contains("invalid events: upsert") && bad.contains("truncate"), "{bad}");
+}

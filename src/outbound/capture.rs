@@ -159,7 +159,8 @@ unsafe fn passing_rows(data: &pg_sys::TriggerData) -> Result<Vec<bool>, CaptureE
             // The role by its name, not `::regrole`: that parses a name of
             // digits as an OID.
             "SELECT ihub._capture_filter(s, $2), (SELECT r.oid FROM pg_catalog.pg_roles r WHERE r.rolname = s.created_by) \
-             FROM ihub.subscription s WHERE s.id = $1 AND s.source = $3",
+             FROM ihub.subscription s \
+             WHERE s.id = $1 AND (s.source = $3 OR $3 IN (SELECT ihub._capture_relations(s.source)))",
             &[
                 pgrx::PgOid::from(pg_sys::INT8OID),
                 pgrx::PgOid::from(pg_sys::TEXTOID),
@@ -244,18 +245,17 @@ unsafe fn capture_rows(data: &pg_sys::TriggerData, keep: Option<&[bool]>) -> Res
     }
 
     let source = data.tg_relation;
-    let source_desc = (*source).rd_att;
     let capture = pg_sys::table_open(capture_oid, pg_sys::RowExclusiveLock as _);
-    // Only the subscribed table can feed its capture table: the row columns
-    // have its row type. Capture tables have no indexes, which a raw
-    // multi-insert would not maintain.
+    // Only the subscribed table and its partitions can feed its capture
+    // table: the row columns have its row type. Capture tables have no
+    // indexes, which a raw multi-insert would not maintain.
     let capture_desc = (*capture).rd_att;
     let attrs = (*capture_desc).attrs.as_slice((*capture_desc).natts as usize);
-    let reltype = (*(*source).rd_rel).reltype;
+    let row_type = attrs.get(3).map_or(pg_sys::InvalidOid, |a| a.atttypid);
     // A plain table: only a heap has the table AM's multi-insert.
     if attrs.len() != 5
-        || attrs[3].atttypid != reltype
-        || attrs[4].atttypid != reltype
+        || attrs[4].atttypid != row_type
+        || !feeds(source, row_type)
         || (*(*capture).rd_rel).relhasindex
         || (*(*capture).rd_rel).relkind != pg_sys::RELKIND_RELATION as std::ffi::c_char
         || (*capture).rd_tableam.is_null()
@@ -276,12 +276,13 @@ unsafe fn capture_rows(data: &pg_sys::TriggerData, keep: Option<&[bool]>) -> Res
     let multi_insert = (*(*capture).rd_tableam).multi_insert.expect("table AM has multi_insert");
     let bulk = if passing > BATCH { pg_sys::GetBulkInsertState() } else { std::ptr::null_mut() };
 
+    let rows_as = RowConversion::new(source, row_type);
     let reader = |store: *mut pg_sys::Tuplestorestate| {
         if store.is_null() {
             return std::ptr::null_mut();
         }
         pg_sys::tuplestore_rescan(store);
-        pg_sys::MakeSingleTupleTableSlot(source_desc, &pg_sys::TTSOpsMinimalTuple)
+        pg_sys::MakeSingleTupleTableSlot(rows_as.read_desc, &pg_sys::TTSOpsMinimalTuple)
     };
     let (new_slot, old_slot) = (reader(new_store), reader(old_store));
     let mut slots: Vec<*mut pg_sys::TupleTableSlot> =
@@ -308,8 +309,7 @@ unsafe fn capture_rows(data: &pg_sys::TriggerData, keep: Option<&[bool]>) -> Res
                 values[2] = at;
                 for (i, row) in [(3, new_slot), (4, old_slot)] {
                     nulls[i] = row.is_null();
-                    values[i] =
-                        if row.is_null() { pg_sys::Datum::from(0) } else { pg_sys::ExecFetchSlotHeapTupleDatum(row) };
+                    values[i] = if row.is_null() { pg_sys::Datum::from(0) } else { rows_as.datum(row) };
                 }
             });
             nulls[0] = false;
@@ -334,9 +334,88 @@ unsafe fn capture_rows(data: &pg_sys::TriggerData, keep: Option<&[bool]>) -> Res
     for slot in slots.into_iter().chain([new_slot, old_slot]).filter(|s| !s.is_null()) {
         pg_sys::ExecDropSingleTupleTableSlot(slot);
     }
+    rows_as.release();
     if !bulk.is_null() {
         pg_sys::FreeBulkInsertState(bulk);
     }
     pg_sys::table_close(capture, pg_sys::NoLock as _);
     Ok(done)
+}
+
+// From catalog/partition.h, which pgrx's bindings leave out; called
+// through pgrx's guard, as its own bindings are.
+unsafe extern "C-unwind" {
+    fn get_partition_ancestors(relid: pg_sys::Oid) -> *mut pg_sys::List;
+}
+
+/// Whether writes to `source` belong in a capture table of rows of
+/// `row_type`: the subscribed table's own, or one of its partitions'.
+unsafe fn feeds(source: pg_sys::Relation, row_type: pg_sys::Oid) -> bool {
+    if (*(*source).rd_rel).reltype == row_type {
+        return true;
+    }
+    if !(*(*source).rd_rel).relispartition {
+        return false;
+    }
+    let subscribed = pg_sys::get_typ_typrelid(row_type);
+    subscribed != pg_sys::InvalidOid
+        && PgList::<pg_sys::Oid>::from_pg(pg_sys::submodules::ffi::pg_guard_ffi_boundary(|| {
+            get_partition_ancestors((*source).rd_id)
+        }))
+            .iter_oid()
+            .any(|ancestor| ancestor == subscribed)
+}
+
+/// Transition rows of a partition, stored as rows of the subscribed
+/// (partitioned) table: its columns may lie in another order or around
+/// dropped ones, and a stored composite names its row type.
+struct RowConversion {
+    /// The descriptor the transition tuples are read with.
+    read_desc: pg_sys::TupleDesc,
+    /// The subscribed table's row type, when it is not the source's.
+    target: pg_sys::TupleDesc,
+    /// Set when the layouts differ: the columns are moved into `out`.
+    map: *mut pg_sys::TupleConversionMap,
+    out: *mut pg_sys::TupleTableSlot,
+}
+
+impl RowConversion {
+    unsafe fn new(source: pg_sys::Relation, row_type: pg_sys::Oid) -> RowConversion {
+        let source_desc = (*source).rd_att;
+        if (*(*source).rd_rel).reltype == row_type {
+            return RowConversion {
+                read_desc: source_desc,
+                target: std::ptr::null_mut(),
+                map: std::ptr::null_mut(),
+                out: std::ptr::null_mut(),
+            };
+        }
+        let target = pg_sys::lookup_rowtype_tupdesc(row_type, -1);
+        let map = pg_sys::convert_tuples_by_name(source_desc, target);
+        if map.is_null() {
+            // Same physical layout: the tuples read as the target's rows.
+            RowConversion { read_desc: target, target, map, out: std::ptr::null_mut() }
+        } else {
+            let out = pg_sys::MakeSingleTupleTableSlot(target, &pg_sys::TTSOpsVirtual);
+            RowConversion { read_desc: source_desc, target, map, out }
+        }
+    }
+
+    /// The row in `slot` as a composite datum of the subscribed row type.
+    unsafe fn datum(&self, slot: *mut pg_sys::TupleTableSlot) -> pg_sys::Datum {
+        if self.map.is_null() {
+            return pg_sys::ExecFetchSlotHeapTupleDatum(slot);
+        }
+        pg_sys::execute_attr_map_slot((*self.map).attrMap, slot, self.out);
+        pg_sys::ExecFetchSlotHeapTupleDatum(self.out)
+    }
+
+    unsafe fn release(self) {
+        if !self.out.is_null() {
+            pg_sys::ExecDropSingleTupleTableSlot(self.out);
+        }
+        if !self.target.is_null() && (*self.target).tdrefcount >= 0 {
+            pg_sys::DecrTupleDescRefCount(self.target);
+        }
+    }
 }
