@@ -362,8 +362,8 @@ unsafe fn feeds(source: pg_sys::Relation, row_type: pg_sys::Oid) -> bool {
         && PgList::<pg_sys::Oid>::from_pg(pg_sys::submodules::ffi::pg_guard_ffi_boundary(|| {
             get_partition_ancestors((*source).rd_id)
         }))
-            .iter_oid()
-            .any(|ancestor| ancestor == subscribed)
+        .iter_oid()
+        .any(|ancestor| ancestor == subscribed)
 }
 
 /// Transition rows of a partition, stored as rows of the subscribed
