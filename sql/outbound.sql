@@ -408,7 +408,8 @@ DECLARE
     v_sub ihub.subscription;
     v_event text;
 BEGIN
-    SELECT * INTO v_sub FROM ihub.subscription s WHERE s.id = _unsubscribe_by.id FOR UPDATE;
+    -- Locked by ihub._end_subscription, in its order.
+    SELECT * INTO v_sub FROM ihub.subscription s WHERE s.id = _unsubscribe_by.id;
     IF v_sub.id IS NULL THEN
         RAISE EXCEPTION 'subscription % does not exist', _unsubscribe_by.id
             USING ERRCODE = 'undefined_object', HINT = 'List subscriptions in ihub.subscriptions.';
@@ -421,10 +422,35 @@ BEGIN
 END
 $$;
 
+-- Takes what ending or emptying a subscription's capture table needs, in an
+-- order that waits for everyone and deadlocks with no one: the table (its
+-- open writers finish and new ones wait), then the capture table (a
+-- dispatcher routing it finishes: it holds captured rows and, to insert
+-- their deliveries, needs the subscription row), then the subscription row.
+-- The subscription as it is now, or NULL when another session ended it.
+CREATE FUNCTION ihub._lock_subscription(p_sub ihub.subscription, p_table_mode text) RETURNS ihub.subscription
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_capture regclass := to_regclass(format('ihub_capture.%I', 'sub_' || p_sub.id));
+    v_sub ihub.subscription;
+BEGIN
+    IF EXISTS (SELECT 1 FROM pg_class WHERE oid = p_sub.source) THEN
+        EXECUTE format('LOCK TABLE %s IN %s MODE', p_sub.source, p_table_mode);
+    END IF;
+    IF v_capture IS NOT NULL THEN
+        EXECUTE format('LOCK TABLE %s IN EXCLUSIVE MODE', v_capture);
+    END IF;
+    SELECT * INTO v_sub FROM ihub.subscription s WHERE s.id = p_sub.id FOR UPDATE;
+    RETURN v_sub;
+END
+$$;
+
 -- Ends a subscription: what it captured becomes deliveries, then its
 -- triggers, capture table and row go. Writers still open may have captured
 -- changes the route cannot see yet: it waits for them (the lock CREATE
--- TRIGGER takes) and keeps new ones out until commit. A subscription whose
+-- TRIGGER takes) and keeps new ones out until commit; so it does for a
+-- dispatcher routing (see ihub._lock_subscription). A subscription whose
 -- table is gone (dropped with its schema) has nothing left to route.
 CREATE FUNCTION ihub._end_subscription(p_sub ihub.subscription) RETURNS bigint
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
@@ -433,8 +459,11 @@ DECLARE
     v record;
     v_routed bigint := 0;
 BEGIN
+    p_sub := ihub._lock_subscription(p_sub, 'SHARE ROW EXCLUSIVE');
+    IF p_sub.id IS NULL THEN
+        RETURN 0; -- ended meanwhile
+    END IF;
     IF EXISTS (SELECT 1 FROM pg_class WHERE oid = p_sub.source) THEN
-        EXECUTE format('LOCK TABLE %s IN SHARE ROW EXCLUSIVE MODE', p_sub.source);
         BEGIN
             SELECT count(*) INTO v_routed FROM ihub._route(p_sub, NULL, NULL);
         EXCEPTION
@@ -466,7 +495,8 @@ DECLARE
     v_sub ihub.subscription;
     v_routed bigint;
 BEGIN
-    FOR v_sub IN SELECT * FROM ihub.subscription WHERE source = ANY (p_tables) ORDER BY id FOR UPDATE LOOP
+    -- Not locked here: ihub._end_subscription locks in its order.
+    FOR v_sub IN SELECT * FROM ihub.subscription WHERE source = ANY (p_tables) ORDER BY id LOOP
         v_routed := ihub._end_subscription(v_sub);
         PERFORM ihub.log('warning',
                          format('subscription %s ended: its table %s was dropped; %s captured change(s) queued for delivery',
@@ -494,7 +524,9 @@ BEGIN
         RETURN;
     END IF;
     EXECUTE format('LOCK TABLE %s IN ACCESS EXCLUSIVE MODE', p_table::regclass);
-    FOR v_sub IN SELECT * FROM ihub.subscription WHERE source = p_table ORDER BY id FOR UPDATE LOOP
+    FOR v_sub IN SELECT * FROM ihub.subscription WHERE source = p_table ORDER BY id LOOP
+        v_sub := ihub._lock_subscription(v_sub, 'ACCESS EXCLUSIVE');
+        CONTINUE WHEN v_sub.id IS NULL;
         IF v_sub.broken_at IS NOT NULL THEN
             RAISE EXCEPTION 'cannot alter %: subscription % is broken (%)', p_table::regclass, v_sub.id, v_sub.broken_reason
                 USING ERRCODE = 'object_not_in_prerequisite_state',
@@ -586,6 +618,8 @@ CREATE EVENT TRIGGER ihub_sql_drop ON sql_drop
 CREATE EVENT TRIGGER ihub_ddl_end ON ddl_command_end WHEN TAG IN ('ALTER TABLE', 'CREATE TABLE')
     EXECUTE FUNCTION ihub._on_ddl_end();
 
+COMMENT ON FUNCTION ihub._lock_subscription(ihub.subscription, text) IS
+    'Internal: locks a subscription''s table, capture table and row, in that order; returns the row, or NULL once ended.';
 COMMENT ON FUNCTION ihub._end_subscription(ihub.subscription) IS
     'Internal: ends a subscription after routing what it captured; returns how many changes were queued.';
 COMMENT ON FUNCTION ihub._subscriptions_dropping(oid[]) IS

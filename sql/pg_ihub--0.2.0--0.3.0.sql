@@ -201,6 +201,30 @@ BEGIN
 END
 $$;
 
+-- Takes what ending or emptying a subscription's capture table needs, in an
+-- order that waits for everyone and deadlocks with no one: the table (its
+-- open writers finish and new ones wait), then the capture table (a
+-- dispatcher routing it finishes: it holds captured rows and, to insert
+-- their deliveries, needs the subscription row), then the subscription row.
+-- The subscription as it is now, or NULL when another session ended it.
+CREATE FUNCTION ihub._lock_subscription(p_sub ihub.subscription, p_table_mode text) RETURNS ihub.subscription
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_capture regclass := to_regclass(format('ihub_capture.%I', 'sub_' || p_sub.id));
+    v_sub ihub.subscription;
+BEGIN
+    IF EXISTS (SELECT 1 FROM pg_class WHERE oid = p_sub.source) THEN
+        EXECUTE format('LOCK TABLE %s IN %s MODE', p_sub.source, p_table_mode);
+    END IF;
+    IF v_capture IS NOT NULL THEN
+        EXECUTE format('LOCK TABLE %s IN EXCLUSIVE MODE', v_capture);
+    END IF;
+    SELECT * INTO v_sub FROM ihub.subscription s WHERE s.id = p_sub.id FOR UPDATE;
+    RETURN v_sub;
+END
+$$;
+
 CREATE FUNCTION ihub._end_subscription(p_sub ihub.subscription) RETURNS bigint
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
 AS $$
@@ -208,8 +232,11 @@ DECLARE
     v record;
     v_routed bigint := 0;
 BEGIN
+    p_sub := ihub._lock_subscription(p_sub, 'SHARE ROW EXCLUSIVE');
+    IF p_sub.id IS NULL THEN
+        RETURN 0; -- ended meanwhile
+    END IF;
     IF EXISTS (SELECT 1 FROM pg_class WHERE oid = p_sub.source) THEN
-        EXECUTE format('LOCK TABLE %s IN SHARE ROW EXCLUSIVE MODE', p_sub.source);
         BEGIN
             SELECT count(*) INTO v_routed FROM ihub._route(p_sub, NULL, NULL);
         EXCEPTION
@@ -238,7 +265,8 @@ DECLARE
     v_sub ihub.subscription;
     v_event text;
 BEGIN
-    SELECT * INTO v_sub FROM ihub.subscription s WHERE s.id = _unsubscribe_by.id FOR UPDATE;
+    -- Locked by ihub._end_subscription, in its order.
+    SELECT * INTO v_sub FROM ihub.subscription s WHERE s.id = _unsubscribe_by.id;
     IF v_sub.id IS NULL THEN
         RAISE EXCEPTION 'subscription % does not exist', _unsubscribe_by.id
             USING ERRCODE = 'undefined_object', HINT = 'List subscriptions in ihub.subscriptions.';
@@ -258,7 +286,8 @@ DECLARE
     v_sub ihub.subscription;
     v_routed bigint;
 BEGIN
-    FOR v_sub IN SELECT * FROM ihub.subscription WHERE source = ANY (p_tables) ORDER BY id FOR UPDATE LOOP
+    -- Not locked here: ihub._end_subscription locks in its order.
+    FOR v_sub IN SELECT * FROM ihub.subscription WHERE source = ANY (p_tables) ORDER BY id LOOP
         v_routed := ihub._end_subscription(v_sub);
         PERFORM ihub.log('warning',
                          format('subscription %s ended: its table %s was dropped; %s captured change(s) queued for delivery',
@@ -280,7 +309,9 @@ BEGIN
         RETURN;
     END IF;
     EXECUTE format('LOCK TABLE %s IN ACCESS EXCLUSIVE MODE', p_table::regclass);
-    FOR v_sub IN SELECT * FROM ihub.subscription WHERE source = p_table ORDER BY id FOR UPDATE LOOP
+    FOR v_sub IN SELECT * FROM ihub.subscription WHERE source = p_table ORDER BY id LOOP
+        v_sub := ihub._lock_subscription(v_sub, 'ACCESS EXCLUSIVE');
+        CONTINUE WHEN v_sub.id IS NULL;
         IF v_sub.broken_at IS NOT NULL THEN
             RAISE EXCEPTION 'cannot alter %: subscription % is broken (%)', p_table::regclass, v_sub.id, v_sub.broken_reason
                 USING ERRCODE = 'object_not_in_prerequisite_state',
@@ -740,6 +771,8 @@ CREATE EVENT TRIGGER ihub_sql_drop ON sql_drop
 CREATE EVENT TRIGGER ihub_ddl_end ON ddl_command_end WHEN TAG IN ('ALTER TABLE', 'CREATE TABLE')
     EXECUTE FUNCTION ihub._on_ddl_end();
 
+COMMENT ON FUNCTION ihub._lock_subscription(ihub.subscription, text) IS
+    'Internal: locks a subscription''s table, capture table and row, in that order; returns the row, or NULL once ended.';
 COMMENT ON FUNCTION ihub._end_subscription(ihub.subscription) IS
     'Internal: ends a subscription after routing what it captured; returns how many changes were queued.';
 COMMENT ON FUNCTION ihub._subscriptions_dropping(oid[]) IS
@@ -1159,6 +1192,90 @@ COMMENT ON FUNCTION ihub.resume_stuck_jobs() IS
 COMMENT ON FUNCTION ihub._claim_inbound(integer, integer) IS
     'Internal (processor): claims the next item due; archives as failed the claimed items whose handler was dropped on the way.';
 REVOKE ALL ON FUNCTION ihub._job_done(bigint, integer, jsonb, integer, bigint, bigint), ihub._rescue_stuck_jobs() FROM PUBLIC;
+
+-- delete_integration keeps archived failed items, as drop_source does.
+CREATE OR REPLACE FUNCTION ihub.delete_integration(name text) RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v ihub.integration;
+BEGIN
+    SELECT * INTO v FROM ihub.integration i WHERE i.id = ihub._integration_id(delete_integration.name) FOR UPDATE;
+    IF v.state <> 'inactive' THEN
+        RAISE EXCEPTION 'integration "%" is %; an enabled integration cannot be deleted', v.name, v.state
+            USING ERRCODE = 'object_in_use',
+                  HINT = format('Disable it first: SELECT ihub.disable_integration(%L);', v.name);
+    END IF;
+    -- Scheduled actions belong to whoever made them: say so rather than drop them.
+    IF EXISTS (SELECT 1 FROM ihub.schedule s WHERE s.integration_id = v.id) THEN
+        RAISE EXCEPTION 'integration "%" is used by scheduled action(s) %', v.name,
+              (SELECT string_agg(s.name, ', ' ORDER BY s.name) FROM ihub.schedule s WHERE s.integration_id = v.id)
+            USING ERRCODE = 'object_in_use', HINT = 'Remove them first with ihub.unschedule(name).';
+    END IF;
+    -- Accepted inbound items were answered 202: they must not vanish unprocessed.
+    IF EXISTS (SELECT 1 FROM ihub.inbound_item t JOIN ihub.inbound_source s ON s.id = t.source_id
+               WHERE s.integration_id = v.id AND t.state IN ('pending', 'running')) THEN
+        RAISE EXCEPTION 'integration "%" has inbound items waiting to be processed', v.name
+            USING ERRCODE = 'object_in_use',
+                  HINT = 'Let the processors finish them (see ihub.queue_stats()), or delete them from ihub.inbound_item.';
+    END IF;
+    -- Archived failures are kept until someone decides about them (README).
+    IF EXISTS (SELECT 1 FROM ihub.inbound_item t JOIN ihub.inbound_source s ON s.id = t.source_id
+               WHERE s.integration_id = v.id AND t.state = 'failed') THEN
+        RAISE EXCEPTION 'integration "%" has failed inbound items', v.name
+            USING ERRCODE = 'object_in_use',
+                  HINT = 'See them in ihub.inbound_failed; queue them again with ihub.reactivate_inbound, or delete them from ihub.inbound_item yourself.';
+    END IF;
+    PERFORM ihub.unsubscribe(s.id)
+    FROM ihub.subscription s JOIN ihub.endpoint e ON e.id = s.endpoint_id
+    WHERE e.integration_id = v.id;
+    DELETE FROM ihub.inbound_dedup d USING ihub.inbound_source s WHERE d.source_id = s.id AND s.integration_id = v.id;
+    DELETE FROM ihub.inbound_item t USING ihub.inbound_source s WHERE t.source_id = s.id AND s.integration_id = v.id;
+    DELETE FROM ihub.inbound_source WHERE integration_id = v.id;
+    DELETE FROM ihub.delivery_attempt a USING ihub.delivery d, ihub.endpoint e
+    WHERE a.delivery_id = d.id AND d.endpoint_id = e.id AND e.integration_id = v.id;
+    DELETE FROM ihub.delivery d USING ihub.endpoint e WHERE d.endpoint_id = e.id AND e.integration_id = v.id;
+    DELETE FROM ihub.endpoint WHERE integration_id = v.id;
+    DELETE FROM ihub.integration WHERE id = v.id;
+END
+$$;
+
+-- process_inbound of an item whose handler was dropped says so.
+CREATE OR REPLACE FUNCTION ihub._inbound_take(p_id bigint, p_caller regrole) RETURNS text
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_state text;
+    v_source ihub.inbound_source;
+    v_call text;
+BEGIN
+    SELECT t.state INTO v_state FROM ihub.inbound_item t WHERE t.id = p_id FOR UPDATE;
+    IF v_state IS NULL THEN
+        RAISE EXCEPTION 'inbound item % does not exist', p_id USING ERRCODE = 'undefined_object', HINT = 'See ihub.inbound_items.';
+    END IF;
+    SELECT s.* INTO v_source FROM ihub.inbound_item t JOIN ihub.inbound_source s ON s.id = t.source_id WHERE t.id = p_id;
+    -- The handler runs in the caller's session with the caller's rights: only
+    -- as the source's own role, never with more rights than that role's.
+    IF p_caller <> v_source.run_as THEN
+        RAISE EXCEPTION 'role % may not process inbound item % by hand: its handler runs as %', p_caller, p_id, v_source.run_as
+            USING ERRCODE = 'insufficient_privilege',
+                  HINT = format('SET ROLE %s first (as a member of it), or queue it again with ihub.reactivate_inbound, and a processor runs it as %s.', v_source.run_as, v_source.run_as);
+    END IF;
+    IF v_state NOT IN ('pending', 'failed') THEN
+        RAISE EXCEPTION 'inbound item % is %', p_id, v_state
+            USING ERRCODE = 'object_not_in_prerequisite_state', HINT = 'Only queued or failed items can be processed by hand.';
+    END IF;
+    v_call := ihub._handler_call(v_source.handler);
+    IF v_call IS NULL THEN
+        RAISE EXCEPTION 'the handler % of inbound source % no longer exists', v_source.handler_name, v_source.name
+            USING ERRCODE = 'undefined_function',
+                  HINT = 'Create the function again, or drop the source and make it anew with ihub.create_source and a handler that exists; the item stays queued.';
+    END IF;
+    UPDATE ihub.inbound_item t SET state = 'running', worker_pid = pg_backend_pid(), attempts = t.attempts + 1
+    WHERE t.id = p_id;
+    RETURN v_call;
+END
+$$;
 
 -------------------------------------------------------------------------------
 -- The listener: per-item commits, bounded rejections and connections
