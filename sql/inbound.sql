@@ -489,6 +489,7 @@ AS $$
 DECLARE
     v_state text;
     v_source ihub.inbound_source;
+    v_call text;
 BEGIN
     SELECT t.state INTO v_state FROM ihub.inbound_item t WHERE t.id = p_id FOR UPDATE;
     IF v_state IS NULL THEN
@@ -506,9 +507,15 @@ BEGIN
         RAISE EXCEPTION 'inbound item % is %', p_id, v_state
             USING ERRCODE = 'object_not_in_prerequisite_state', HINT = 'Only queued or failed items can be processed by hand.';
     END IF;
+    v_call := ihub._handler_call(v_source.handler);
+    IF v_call IS NULL THEN
+        RAISE EXCEPTION 'the handler % of inbound source % no longer exists', v_source.handler_name, v_source.name
+            USING ERRCODE = 'undefined_function',
+                  HINT = 'Create the function again, or drop the source and make it anew with ihub.create_source and a handler that exists; the item stays queued.';
+    END IF;
     UPDATE ihub.inbound_item t SET state = 'running', worker_pid = pg_backend_pid(), attempts = t.attempts + 1
     WHERE t.id = p_id;
-    RETURN ihub._handler_call(v_source.handler);
+    RETURN v_call;
 END
 $$;
 

@@ -176,6 +176,13 @@ BEGIN
             USING ERRCODE = 'object_in_use',
                   HINT = 'Let the processors finish them (see ihub.queue_stats()), or delete them from ihub.inbound_item.';
     END IF;
+    -- Archived failures are kept until someone decides about them (README).
+    IF EXISTS (SELECT 1 FROM ihub.inbound_item t JOIN ihub.inbound_source s ON s.id = t.source_id
+               WHERE s.integration_id = v.id AND t.state = 'failed') THEN
+        RAISE EXCEPTION 'integration "%" has failed inbound items', v.name
+            USING ERRCODE = 'object_in_use',
+                  HINT = 'See them in ihub.inbound_failed; queue them again with ihub.reactivate_inbound, or delete them from ihub.inbound_item yourself.';
+    END IF;
     PERFORM ihub.unsubscribe(s.id)
     FROM ihub.subscription s JOIN ihub.endpoint e ON e.id = s.endpoint_id
     WHERE e.integration_id = v.id;

@@ -759,7 +759,7 @@ mod tests {
              CREATE TABLE parted_us PARTITION OF parted FOR VALUES IN ('us');",
         )
         .unwrap();
-        let states = "SELECT string_agg(tgrelid::regclass || ':' || tgname || ':' || tgenabled, ' ' ORDER BY tgrelid::regclass::text, tgname)
+        let states = "SELECT string_agg(tgrelid::regclass || ':' || tgname || ':' || tgenabled::text, ' ' ORDER BY tgrelid::regclass::text, tgname)
                       FROM pg_trigger WHERE tgname LIKE 'ihub_sub_%'";
         let sub = one::<i64>("SELECT id FROM ihub.subscription");
         let expect = |state: &str| {
@@ -1293,6 +1293,23 @@ mod tests {
     }
 
     #[pg_test]
+    fn processing_by_hand_an_item_whose_handler_was_dropped_says_so() {
+        setup_inbound();
+        Spi::run(
+            "CREATE FUNCTION gone_handler(item ihub.inbound_items) RETURNS jsonb LANGUAGE sql AS $$ SELECT NULL::jsonb $$;
+             SELECT ihub.create_source('shop', 'o', 'gone_handler(ihub.inbound_items)', 'none');",
+        )
+        .unwrap();
+        let item = one::<i64>("SELECT ihub.receive('shop', 'o', '{}', '{\"order\": 1}')");
+        Spi::run("DROP FUNCTION gone_handler(ihub.inbound_items)").unwrap();
+        expect_error(
+            &format!("SELECT ihub.process_inbound({item})"),
+            &["gone_handler(ihub.inbound_items) of inbound source o no longer exists", "HINT:", "create_source"],
+        );
+        assert_eq!(one::<String>(&format!("SELECT state FROM ihub.inbound_item WHERE id = {item}")), "pending");
+    }
+
+    #[pg_test]
     fn deleting_an_integration_takes_its_sources_and_refuses_while_items_wait() {
         setup_inbound();
         Spi::run(
@@ -1300,10 +1317,17 @@ mod tests {
         )
         .unwrap();
         let item = one::<i64>("SELECT ihub.receive('shop', 'o', '{\"X-Secret\": \"k\"}', '{\"order\": 1}')");
+        let failed = one::<i64>("SELECT ihub.receive('shop', 'o', '{\"X-Secret\": \"k\"}', '{\"order\": 2}')");
         assert_eq!(Spi::get_one::<i64>("SELECT ihub.receive('shop', 'o', '{}', 'forged')").unwrap(), None);
         Spi::run("SELECT ihub.disable_integration('shop')").unwrap();
         expect_error("SELECT ihub.delete_integration('shop')", &["inbound items waiting", "HINT:"]);
         one::<pgrx::JsonB>(&format!("SELECT ihub.process_inbound({item})"));
+        // Archived failures are never deleted by pg_ihub (as drop_source).
+        Spi::run(&format!("UPDATE ihub.inbound_item SET state = 'failed', error = 'boom' WHERE id = {failed}"))
+            .unwrap();
+        expect_error("SELECT ihub.delete_integration('shop')", &["failed inbound items", "ihub.inbound_failed"]);
+        assert_eq!(one::<i64>("SELECT count(*) FROM ihub.inbound_failed"), 1);
+        Spi::run(&format!("DELETE FROM ihub.inbound_item WHERE id = {failed}")).unwrap();
         Spi::run("SELECT ihub.delete_integration('shop')").unwrap();
         assert_eq!(one::<i64>("SELECT count(*) FROM ihub.inbound_source"), 0);
         assert_eq!(one::<i64>("SELECT count(*) FROM ihub.inbound_item"), 0);
