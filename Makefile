@@ -2,7 +2,7 @@
 PG_CONFIG ?= /usr/lib/postgresql/15/bin/pg_config
 SUDO := $(if $(filter 0,$(shell id -u)),,--sudo)
 
-.PHONY: run test bench deps install stop fmt
+.PHONY: run test bench soak deps install stop fmt
 
 ## Build, install, start a local cluster with the demo and show it working.
 run: install
@@ -15,6 +15,10 @@ test: deps
 ## Throughput, latency and writer-overhead figures.
 bench: install
 	bench/run
+
+## Five minutes of mixed load with crashes and faults, then the accounting (issue 10).
+soak: install
+	tests/soak/run $(or $(IHUB_SOAK_SECS),300)
 
 deps:
 	scripts/deps

@@ -140,6 +140,13 @@ impl Receiver {
         self.state.received.lock().unwrap().len()
     }
 
+    /// Drops the requests kept so far, so that a long run (the soak test,
+    /// which records what it needs in its script) keeps its memory flat.
+    /// Counting starts again from 0, and so do the script's ordinals.
+    pub fn forget(&self) {
+        self.state.received.lock().unwrap().clear();
+    }
+
     /// Waits until at least `n` requests arrived; false on timeout.
     pub fn wait_for(&self, n: usize, timeout: Duration) -> bool {
         let deadline = Instant::now() + timeout;
