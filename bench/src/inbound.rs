@@ -80,11 +80,12 @@ pub fn accept_rate(listen: &str, clients: usize, length: Duration, delayed: bool
     times.sort_by(|a, b| a.partial_cmp(b).unwrap());
     let pct = |p: f64| times.get(((times.len() as f64 * p) as usize).min(times.len().saturating_sub(1))).copied();
     println!(
-        "inbound: {accepted} signed webhooks accepted (202) from {clients} keep-alive clients in {:.0} s ({}) -> {:.0}/s; \
+        "inbound: {accepted} signed webhooks accepted (202) from {clients} keep-alive clients in {:.0} s ({}) -> {:.0}/s{}; \
          response p50 {:.2} ms, p99 {:.2} ms{}",
         length.as_secs_f64(),
         if delayed { "delayed: processors idle" } else { "processors busy at the same time" },
         accepted as f64 / length.as_secs_f64(),
+        crate::machine::ratio(accepted as f64 / length.as_secs_f64()),
         pct(0.50).unwrap_or(f64::NAN),
         pct(0.99).unwrap_or(f64::NAN),
         if other > 0 { format!(" ({other} other answers)") } else { String::new() }
@@ -124,7 +125,8 @@ pub fn process_rate(db: &mut postgres::Client) {
     wait_drained(db, Duration::from_secs(900));
     let took = start.elapsed().as_secs_f64();
     println!(
-        "inbound: {n} queued items handled by {processors} processors (trivial handler) in {took:.2} s -> {:.0} items/s",
-        n as f64 / took
+        "inbound: {n} queued items handled by {processors} processors (trivial handler) in {took:.2} s -> {:.0} items/s{}",
+        n as f64 / took,
+        crate::machine::ratio(n as f64 / took)
     );
 }

@@ -5,10 +5,13 @@
 //! 2. latency from commit to receipt at a steady 500 changes/s (p50, p99);
 //! 3. writer overhead: a 200,000-row INSERT ... SELECT into a subscribed
 //!    table against the same insert into an unsubscribed one;
+//! 4. single-row writes to a subscribed table from 4 pgbench clients while
+//!    the rows are delivered, against the run's reference (plain tps);
 //!
 //! then jobs, logs and statistics, and inbound webhooks (`inbound.rs`).
 
 mod inbound;
+mod machine;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -44,8 +47,9 @@ fn main() {
         // First, while the dispatchers are idle: it measures the writer alone.
         writer_overhead(&mut db, 200_000);
         let rows = std::env::var("IHUB_BENCH_ROWS").ok().and_then(|v| v.parse().ok()).unwrap_or(20_000);
-        throughput(&mut db, &receiver, rows);
+        throughput(&cluster, &mut db, &receiver, rows);
         latency(&cluster, &receiver, 500, Duration::from_secs(10));
+        single_row_writes(&cluster, &mut db, &receiver, Duration::from_secs(10));
         println!();
     }
 
@@ -102,9 +106,10 @@ fn log_writes(cluster: &Cluster, clients: usize, length: Duration) {
         .collect();
     let total: u64 = handles.into_iter().map(|h| h.join().unwrap()).sum();
     println!(
-        "logs: {total} ihub.log calls from {clients} clients (one transaction each) in {:.0} s -> {:.0} writes/s",
+        "logs: {total} ihub.log calls from {clients} clients (one transaction each) in {:.0} s -> {:.0} writes/s{}",
         length.as_secs_f64(),
-        total as f64 / length.as_secs_f64()
+        total as f64 / length.as_secs_f64(),
+        machine::ratio(total as f64 / length.as_secs_f64())
     );
 }
 
@@ -202,7 +207,11 @@ fn jobs_throughput(db: &mut postgres::Client, n: i32) {
     let start = Instant::now();
     wait_jobs_done(db, Duration::from_secs(600));
     let took = start.elapsed().as_secs_f64();
-    println!("jobs: {n} trivial jobs on {workers} job workers in {took:.2} s -> {:.0} jobs/s", n as f64 / took);
+    println!(
+        "jobs: {n} trivial jobs on {workers} job workers in {took:.2} s -> {:.0} jobs/s{}",
+        n as f64 / took,
+        machine::ratio(n as f64 / took)
+    );
 }
 
 /// Single jobs queued at a steady rate; latency from the enqueue's commit
@@ -292,8 +301,9 @@ fn wait_arrivals(receiver: &Receiver, n: usize, timeout: Duration) {
     assert!(receiver.wait_for(n, timeout), "only {} of {n} deliveries arrived", receiver.count());
 }
 
-fn throughput(db: &mut postgres::Client, receiver: &Receiver, n: usize) {
+fn throughput(cluster: &Cluster, db: &mut postgres::Client, receiver: &Receiver, n: usize) {
     let before = receiver.count();
+    let cpu_before = machine::cluster_cpu_seconds(cluster);
     // Committed in transactions of 1,000 rows, as a busy application would.
     let start = Instant::now();
     for chunk in 0..n / 1000 {
@@ -308,17 +318,66 @@ fn throughput(db: &mut postgres::Client, receiver: &Receiver, n: usize) {
     let arrived = start.elapsed();
     wait_delivered(db, n as i64, Duration::from_secs(300));
     let settled = start.elapsed();
+    let cpu = machine::cluster_cpu_seconds(cluster) - cpu_before;
     println!();
     println!("throughput: {n} row changes committed in {:.2} s", committed.as_secs_f64());
     println!(
-        "  all received after   {:.2} s  -> {:>8.0} deliveries/s",
+        "  all received after   {:.2} s  -> {:>8.0} deliveries/s{}",
         arrived.as_secs_f64(),
-        n as f64 / arrived.as_secs_f64()
+        n as f64 / arrived.as_secs_f64(),
+        machine::ratio(n as f64 / arrived.as_secs_f64())
     );
     println!(
-        "  all recorded after   {:.2} s  -> {:>8.0} deliveries/s (state done, attempt on record)",
+        "  all recorded after   {:.2} s  -> {:>8.0} deliveries/s (state done, attempt on record){}",
         settled.as_secs_f64(),
-        n as f64 / settled.as_secs_f64()
+        n as f64 / settled.as_secs_f64(),
+        machine::ratio(n as f64 / settled.as_secs_f64())
+    );
+    println!(
+        "  CPU of all server processes: {:.2} s -> {:.0} us per delivery (writes, capture, route, send, settle)",
+        cpu,
+        cpu * 1e6 / n as f64
+    );
+}
+
+/// Single-row inserts into the subscribed table from 4 pgbench clients, as
+/// the reference does into a plain one, while the dispatchers deliver them;
+/// then how long the queue takes to drain.
+fn single_row_writes(cluster: &Cluster, db: &mut postgres::Client, receiver: &Receiver, length: Duration) {
+    let before_rows: i64 = db.query_one("SELECT count(*) FROM bench_orders", &[]).unwrap().get(0);
+    let before = receiver.count();
+    let script = std::env::temp_dir().join("pg_ihub_bench_subscribed.sql");
+    std::fs::write(&script, "INSERT INTO bench_orders (customer, amount) VALUES ('c', 1);\n").unwrap();
+    let cpu_before = machine::cluster_cpu_seconds(cluster);
+    let out = std::process::Command::new(cluster.bindir.join("pgbench"))
+        .args(["-n", "-c", "4", "-j", "2", "-T", &length.as_secs().to_string()])
+        .args(["-h", &cluster.host, "-p", &cluster.port.to_string(), "-U", "postgres", "-f"])
+        .arg(&script)
+        .arg(&cluster.dbname)
+        .output()
+        .expect("pgbench runs");
+    let ended = Instant::now();
+    let tps: f64 = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find_map(|l| l.strip_prefix("tps = ").and_then(|r| r.split_whitespace().next()).and_then(|v| v.parse().ok()))
+        .unwrap_or_else(|| panic!("pgbench: {}", String::from_utf8_lossy(&out.stderr)));
+    let after_rows: i64 = db.query_one("SELECT count(*) FROM bench_orders", &[]).unwrap().get(0);
+    let n = (after_rows - before_rows) as usize;
+    wait_arrivals(receiver, before + n, Duration::from_secs(300));
+    let drained = ended.elapsed();
+    let cpu = machine::cluster_cpu_seconds(cluster) - cpu_before;
+    println!();
+    println!("single-row writes to the subscribed table, 4 clients (pgbench, {} s), delivered meanwhile:", length.as_secs());
+    println!(
+        "  {tps:.0} tps{}; plain tps / subscribed tps = {}",
+        machine::ratio(tps),
+        machine::plain_tps().map_or("?".into(), |p| format!("{:.2}x", p / tps))
+    );
+    println!("  the last of {n} deliveries arrived {:.2} s after the writes ended", drained.as_secs_f64());
+    println!(
+        "  CPU of all server processes: {:.2} s -> {:.0} us per row written and delivered",
+        cpu,
+        cpu * 1e6 / n.max(1) as f64
     );
 }
 
