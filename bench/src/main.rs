@@ -7,6 +7,9 @@
 //!    table against the same insert into an unsubscribed one;
 //! 4. single-row writes to a subscribed table from 4 pgbench clients while
 //!    the rows are delivered, against the run's reference (plain tps);
+//! 5. a retry storm: 20,000 requests to a receiver that refuses
+//!    connections, retried in waves; dispatcher rounds (calls of
+//!    ihub._claim, from pg_stat_user_functions), CPU and log entries per wave;
 //!
 //! then jobs, logs and statistics, and inbound webhooks (`inbound.rs`).
 
@@ -34,7 +37,7 @@ fn main() {
         thread::sleep(Duration::from_millis(100));
     }
     // IHUB_BENCH_PARTS=outbound,jobs,logs,inbound runs some parts only.
-    let parts = std::env::var("IHUB_BENCH_PARTS").unwrap_or_else(|_| "outbound,jobs,logs,inbound".into());
+    let parts = std::env::var("IHUB_BENCH_PARTS").unwrap_or_else(|_| "outbound,storm,jobs,logs,inbound".into());
     let part = |name: &str| parts.split(',').any(|p| p.trim() == name);
 
     if part("outbound") {
@@ -50,6 +53,11 @@ fn main() {
         throughput(&cluster, &mut db, &receiver, rows);
         latency(&cluster, &receiver, 500, Duration::from_secs(10));
         single_row_writes(&cluster, &mut db, &receiver, Duration::from_secs(10));
+        println!();
+    }
+
+    if part("storm") {
+        retry_storm(&cluster, &mut db, 20_000, 3);
         println!();
     }
 
@@ -340,6 +348,72 @@ fn throughput(cluster: &Cluster, db: &mut postgres::Client, receiver: &Receiver,
     );
 }
 
+/// `n` requests to an endpoint whose receiver refuses connections, each
+/// tried `attempts` times: the retries come due in waves spread by the
+/// policy's jitter (20 % of a 10 s delay, then of 20 s).
+fn retry_storm(cluster: &Cluster, db: &mut postgres::Client, n: i32, attempts: i32) {
+    db.batch_execute(&format!(
+        "SELECT ihub.create_integration('bench') WHERE NOT EXISTS (SELECT 1 FROM ihub.integrations WHERE name = 'bench');
+         SELECT ihub.enable_integration('bench');
+         SELECT ihub.create_endpoint('bench', 'bench-refuse', 'http://127.0.0.1:9/refused',
+             retry => '{{\"initial_delay\": 10, \"multiplier\": 2, \"jitter\": 0.2, \"max_attempts\": {attempts}}}');
+         SELECT pg_stat_reset();"
+    ))
+    .expect("storm setup");
+    let claims = |db: &mut postgres::Client| -> i64 {
+        db.query_one(
+            "SELECT coalesce(sum(calls), 0)::bigint FROM pg_stat_user_functions WHERE schemaname = 'ihub' AND funcname = '_claim'",
+            &[],
+        )
+        .unwrap()
+        .get(0)
+    };
+    let logged = |db: &mut postgres::Client| -> i64 {
+        db.query_one("SELECT count(*) FROM ihub.logs WHERE details ->> 'endpoint' = 'bench-refuse'", &[])
+            .unwrap()
+            .get(0)
+    };
+    let (claims_before, logged_before) = (claims(db), logged(db));
+    let cpu_before = machine::cluster_cpu_seconds(cluster);
+    let start = Instant::now();
+    db.execute(
+        "SELECT ihub.http_request('bench-refuse', jsonb_build_object('n', g)) FROM generate_series(1, $1) g",
+        &[&n],
+    )
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(300);
+    loop {
+        let open: i64 = db
+            .query_one(
+                "SELECT count(*) FROM ihub.deliveries WHERE endpoint = 'bench-refuse' AND state NOT IN ('dead', 'failed')",
+                &[],
+            )
+            .unwrap()
+            .get(0);
+        if open == 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{open} deliveries of the retry storm still open");
+        thread::sleep(Duration::from_millis(200));
+    }
+    let took = start.elapsed();
+    // Function statistics reach the collector when a backend goes idle.
+    thread::sleep(Duration::from_millis(1500));
+    let cpu = machine::cluster_cpu_seconds(cluster) - cpu_before;
+    let rounds = claims(db) - claims_before;
+    let logs = logged(db) - logged_before;
+    println!(
+        "retry storm: {n} requests to a refusing receiver, {attempts} attempts each, all dead after {:.1} s",
+        took.as_secs_f64()
+    );
+    println!(
+        "  per attempt wave: {:.0} dispatcher rounds, {:.2} s CPU of all server processes, {:.0} log entries",
+        rounds as f64 / attempts as f64,
+        cpu / attempts as f64,
+        logs as f64 / attempts as f64
+    );
+}
+
 /// Single-row inserts into the subscribed table from 4 pgbench clients, as
 /// the reference does into a plain one, while the dispatchers deliver them;
 /// then how long the queue takes to drain.
@@ -367,7 +441,10 @@ fn single_row_writes(cluster: &Cluster, db: &mut postgres::Client, receiver: &Re
     let drained = ended.elapsed();
     let cpu = machine::cluster_cpu_seconds(cluster) - cpu_before;
     println!();
-    println!("single-row writes to the subscribed table, 4 clients (pgbench, {} s), delivered meanwhile:", length.as_secs());
+    println!(
+        "single-row writes to the subscribed table, 4 clients (pgbench, {} s), delivered meanwhile:",
+        length.as_secs()
+    );
     println!(
         "  {tps:.0} tps{}; plain tps / subscribed tps = {}",
         machine::ratio(tps),
