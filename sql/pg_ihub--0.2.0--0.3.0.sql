@@ -3,7 +3,7 @@
 -- Faults stay where they happen (issue 10): subscriptions survive DDL on
 -- their tables or are marked broken alone, jobs and inbound items whose
 -- function is gone end failed, and the listener's queues, records and
--- connections are bounded.
+-- connections are bounded. Delivery failures are logged aggregated (issue 11).
 
 \echo Use "ALTER EXTENSION pg_ihub UPDATE TO '0.3.0'" to load this file. \quit
 
@@ -1550,6 +1550,162 @@ BEGIN
     PERFORM ihub._wake_scheduler();
 END
 $$;
+
+-------------------------------------------------------------------------------
+-- Delivery failures are logged aggregated (issue 11)
+-------------------------------------------------------------------------------
+
+CREATE FUNCTION ihub._failure_message(p_outcome text, p_count bigint, p_endpoint text, p_error text) RETURNS text
+LANGUAGE sql IMMUTABLE
+AS $$
+    SELECT format('%s %s to %s %s: %s', p_count, CASE WHEN p_count = 1 THEN 'delivery' ELSE 'deliveries' END, p_endpoint,
+                  CASE p_outcome WHEN 'retry' THEN 'failed and will be retried'
+                                 WHEN 'dead' THEN CASE WHEN p_count = 1 THEN 'is dead, its retries exhausted'
+                                                       ELSE 'are dead, their retries exhausted' END
+                                 ELSE 'failed for good' END,
+                  p_error)
+$$;
+
+CREATE OR REPLACE FUNCTION ihub._log_failures(p_results jsonb) RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v record;
+    v_level text;
+    v_entry ihub.log_entry;
+    v_total bigint;
+BEGIN
+    FOR v IN
+        SELECT e.name AS endpoint, i.name AS integration, x.state, count(*) AS n,
+               (array_agg(x.error ORDER BY x.delivery_id DESC))[1] AS error,
+               array_agg(x.delivery_id ORDER BY x.delivery_id) AS ids
+        FROM jsonb_to_recordset(p_results) AS x(delivery_id bigint, state text, error text)
+        JOIN ihub.delivery d ON d.id = x.delivery_id
+        JOIN ihub.endpoint e ON e.id = d.endpoint_id
+        JOIN ihub.integration i ON i.id = e.integration_id
+        WHERE x.state IN ('retry', 'dead', 'failed')
+        GROUP BY e.name, i.name, x.state
+        ORDER BY e.name, x.state
+    LOOP
+        v_level := CASE WHEN v.state = 'retry' THEN 'warning' ELSE 'error' END;
+        SELECT * INTO v_entry FROM ihub.log_entry l
+        WHERE l.level = v_level AND l.logged_at > clock_timestamp() - interval '1 minute'
+          AND l.details ->> 'endpoint' = v.endpoint AND l.details ->> 'outcome' = v.state
+          AND l.details ->> 'dispatcher' = pg_backend_pid()::text
+        ORDER BY l.logged_at DESC
+        LIMIT 1;
+        v_total := coalesce((v_entry.details ->> 'deliveries_failed')::bigint, 0) + v.n;
+        IF v_entry.id IS NOT NULL THEN
+            UPDATE ihub.log_entry l
+            SET message = ihub._mask_text(ihub._failure_message(v.state, v_total, v.endpoint, v.error)),
+                details = l.details || jsonb_build_object('deliveries_failed', v_total,
+                                                          'last_error', ihub._mask_text(v.error))
+            WHERE l.id = v_entry.id AND l.level = v_entry.level AND l.logged_at = v_entry.logged_at;
+        ELSE
+            PERFORM ihub.log(v_level, ihub._failure_message(v.state, v.n, v.endpoint, v.error),
+                             jsonb_build_object('endpoint', v.endpoint, 'outcome', v.state,
+                                                'dispatcher', pg_backend_pid(), 'deliveries_failed', v.n,
+                                                'deliveries', to_jsonb(v.ids[1:100])),
+                             v.integration, delivery => v.ids[1]);
+        END IF;
+    END LOOP;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION ihub._settle(p_owner integer, p_results jsonb) RETURNS bigint
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_settled bigint;
+    v_endpoint record;
+    v_ids bigint[] := ARRAY(SELECT (x ->> 'delivery_id')::bigint FROM jsonb_array_elements(p_results) x);
+BEGIN
+    WITH r AS (
+        SELECT * FROM jsonb_to_recordset(p_results) AS x(
+            delivery_id bigint, state text, next_at double precision, status integer, error text, category text,
+            request_headers jsonb, response_headers jsonb, response_body text, started_at double precision,
+            duration_ms double precision)
+    ), updated AS (
+        UPDATE ihub.delivery d
+        SET state = r.state,
+            attempts = d.attempts + 1,
+            run_at = CASE WHEN r.state = 'retry' THEN to_timestamp(r.next_at) ELSE d.run_at END,
+            last_status = r.status,
+            last_error = r.error,
+            finished_at = CASE WHEN r.state = 'done'
+                                THEN to_timestamp(r.started_at) + r.duration_ms * interval '1 millisecond' END,
+            worker_pid = NULL,
+            lease_until = NULL
+        FROM r
+        -- worker_pid is set only while running, so it alone says "still
+        -- ours". Writing state = 'running' here would let the planner scan
+        -- delivery_running_idx, whose dead entries (every delivery that was
+        -- ever running, until vacuum) made this the hottest query.
+        -- The id list lets the planner look deliveries up by primary key; it
+        -- cannot estimate the JSON recordset and would otherwise hash-join
+        -- it against a scan of the whole delivery history.
+        WHERE d.id = ANY (v_ids) AND d.id = r.delivery_id AND d.worker_pid = p_owner
+        RETURNING d.id, d.attempts, d.endpoint_id
+    ), recorded AS (
+        INSERT INTO ihub.delivery_attempt (delivery_id, attempt, started_at, duration_ms, request_headers,
+                                           response_status, response_headers, response_body, error, error_category, worker_pid)
+        SELECT u.id, u.attempts, to_timestamp(r.started_at), r.duration_ms, r.request_headers,
+               r.status, r.response_headers, r.response_body, r.error, r.category, p_owner
+        FROM updated u JOIN r ON r.delivery_id = u.id
+        RETURNING 1
+    ), outcomes AS (
+        SELECT u.endpoint_id, u.id, r.state, r.error, r.duration_ms FROM updated u JOIN r ON r.delivery_id = u.id
+    ), counted AS (
+        -- Rolled-up counters for ihub.endpoint_stats; one row per dispatcher.
+        INSERT INTO ihub.endpoint_hourly AS h (endpoint_id, hour, worker, attempts, delivered, retried, failed, dead,
+                                               latency, last_error, last_error_at)
+        SELECT o.endpoint_id, date_trunc('hour', now()), p_owner, count(*),
+               count(*) FILTER (WHERE o.state = 'done'), count(*) FILTER (WHERE o.state = 'retry'),
+               count(*) FILTER (WHERE o.state = 'failed'), count(*) FILTER (WHERE o.state = 'dead'),
+               ihub._histogram(array_agg(o.duration_ms)),
+               (array_agg(o.error) FILTER (WHERE o.error IS NOT NULL))[1],
+               CASE WHEN bool_or(o.error IS NOT NULL) THEN now() END
+        FROM outcomes o GROUP BY o.endpoint_id
+        ON CONFLICT (endpoint_id, hour, worker) DO UPDATE
+        SET attempts = h.attempts + EXCLUDED.attempts, delivered = h.delivered + EXCLUDED.delivered,
+            retried = h.retried + EXCLUDED.retried, failed = h.failed + EXCLUDED.failed, dead = h.dead + EXCLUDED.dead,
+            latency = ihub._histogram_add(h.latency, EXCLUDED.latency),
+            last_error = coalesce(EXCLUDED.last_error, h.last_error),
+            last_error_at = coalesce(EXCLUDED.last_error_at, h.last_error_at)
+    )
+    SELECT count(*) INTO v_settled FROM recorded;
+
+    -- Failures go to the log, aggregated per endpoint and minute.
+    IF p_results @> '[{"state": "retry"}]' OR p_results @> '[{"state": "dead"}]' OR p_results @> '[{"state": "failed"}]' THEN
+        PERFORM ihub._log_failures(p_results);
+    END IF;
+
+    -- 410 Gone: the receiver says this endpoint is gone for good.
+    IF p_results @> '[{"disable_endpoint": true}]' THEN
+        FOR v_endpoint IN
+            UPDATE ihub.endpoint e
+            SET enabled = false, disabled_at = now(),
+                disabled_reason = 'the receiver answered 410 Gone; re-enable with ihub.enable_endpoint()'
+            WHERE e.enabled AND e.id IN (
+                SELECT d.endpoint_id FROM ihub.delivery d
+                JOIN jsonb_to_recordset(p_results) AS x(delivery_id bigint, disable_endpoint boolean) ON x.delivery_id = d.id
+                WHERE x.disable_endpoint)
+            RETURNING e.name
+        LOOP
+            RAISE WARNING 'pg_ihub: endpoint "%" disabled: the receiver answered 410 Gone', v_endpoint.name;
+            PERFORM ihub.log('critical', format('endpoint %s disabled: the receiver answered 410 Gone', v_endpoint.name),
+                             jsonb_build_object('endpoint', v_endpoint.name),
+                             (SELECT i.name FROM ihub.endpoint e JOIN ihub.integration i ON i.id = e.integration_id
+                              WHERE e.name = v_endpoint.name));
+        END LOOP;
+    END IF;
+    RETURN v_settled;
+END
+$$;
+
+COMMENT ON FUNCTION ihub._log_failures(jsonb) IS
+    'Internal (dispatcher): logs retried, dead and failed deliveries, one entry per endpoint, outcome and minute for each dispatcher, with counts.';
+COMMENT ON FUNCTION ihub._failure_message(text, bigint, text, text) IS 'Internal: the message of an aggregated delivery-failure log entry.';
 
 -------------------------------------------------------------------------------
 -- Privileges: as a fresh install sets them (finalize.sql)

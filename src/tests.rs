@@ -386,6 +386,40 @@ mod tests {
     }
 
     #[pg_test]
+    fn failed_attempts_are_logged_one_entry_a_minute_per_endpoint_and_outcome() {
+        // A retry storm logged an entry per dispatcher round and one per
+        // dead delivery: thousands a wave.
+        setup_enabled();
+        let settle_all = |state: &str| {
+            Spi::run("SELECT count(*) FROM ihub._claim(pg_backend_pid(), 100, 1000, 1)").unwrap();
+            one::<i64>(&format!(
+                "SELECT ihub._settle(pg_backend_pid(), jsonb_agg(jsonb_build_object(
+                     'delivery_id', id, 'state', '{state}', 'next_at', 0, 'status', 503, 'error', 'HTTP 503 from ' || id,
+                     'category', 'http_5xx', 'request_headers', '{{}}'::jsonb, 'response_headers', '{{}}'::jsonb,
+                     'response_body', '', 'started_at', 0, 'duration_ms', 1)))
+                 FROM ihub.delivery WHERE state = 'running'"
+            ))
+        };
+        for round in 0..3 {
+            Spi::run("SELECT ihub.http_request('hook', '{}') FROM generate_series(1, 4)").unwrap();
+            assert_eq!(settle_all(if round < 2 { "retry" } else { "dead" }), 4);
+            Spi::run("UPDATE ihub.delivery SET state = 'done' WHERE state = 'retry'").unwrap();
+        }
+        let entries = "SELECT string_agg(level || ' ' || message || ' ' || (details ->> 'deliveries_failed'), ' | ' ORDER BY level DESC)
+                       FROM ihub.logs WHERE details ->> 'endpoint' = 'hook'";
+        let logged = one::<String>(entries);
+        assert!(
+            logged.starts_with("warning 8 deliveries to hook failed and will be retried: HTTP 503 from "),
+            "{logged}"
+        );
+        assert!(
+            logged.contains(" | error 4 deliveries to hook are dead, their retries exhausted: HTTP 503"),
+            "{logged}"
+        );
+        assert_eq!(one::<i64>("SELECT count(*) FROM ihub.logs WHERE details ->> 'endpoint' = 'hook'"), 2);
+    }
+
+    #[pg_test]
     fn claim_and_settle_move_deliveries_through_their_states() {
         setup();
         Spi::run("SELECT ihub.enable_integration('shop')").unwrap();

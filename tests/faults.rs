@@ -259,6 +259,7 @@ fn truncate_is_sent_as_an_event_to_subscriptions_that_ask() {
     assert_eq!(truncates[0]["data"], serde_json::Value::Null);
     assert_eq!(truncates[2]["type"], format!("{}.truncate", s.table));
     assert_eq!(quiet.count(), 0);
-    let bad = hub.error(&format!("SELECT ihub.subscribe('{t}', '{e}', events => '{{truncate,upsert}}')", e = s.endpoint));
+    let bad =
+        hub.error(&format!("SELECT ihub.subscribe('{t}', '{e}', events => '{{truncate,upsert}}')", e = s.endpoint));
     assert!(bad.contains("invalid events: upsert") && bad.contains("truncate"), "{bad}");
 }

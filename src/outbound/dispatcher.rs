@@ -18,6 +18,13 @@ use pg_ihub_core::outbound::sender::{headers_from_json, Attempt, Request, Sender
 use pg_ihub_core::outbound::target::AllowList;
 use pg_ihub_core::retry::{category, classify, decide, Next, RetryPolicy, Verdict};
 
+/// Deliveries due later (retries, delayed requests) are claimed in ticks of
+/// at least this: a wake-up takes all that are due by then, never early, at
+/// most this late. Retries spread by jitter otherwise woke a dispatcher for
+/// each few of them: 1,758 rounds per wave of 20,000 retries (make bench).
+/// Commits still wake a dispatcher at once.
+const DUE_TICK: Duration = Duration::from_millis(250);
+
 /// A claimed delivery: the request plus what deciding its fate needs.
 struct Claimed {
     request: Request,
@@ -47,6 +54,8 @@ impl Worker for Dispatcher {
     const NEEDS: Option<&'static str> = Some("ihub._claim(integer, integer, integer, integer)");
     // DDL (DROP EXTENSION, ALTER TABLE on a subscribed table) must never wait
     // behind a dispatcher: the dispatcher gives up and tries again later.
+    // (plan_cache_mode = force_generic_plan made it slower: single-row
+    // writes 2,495 -> 1,430 tps, commit-to-receipt p50 3.4 -> 12.4 ms.)
     const SESSION: &'static [(&'static str, &'static str)] = &[("lock_timeout", "100ms")];
 
     fn start() -> Result<Self, String> {
@@ -74,6 +83,8 @@ impl Worker for Dispatcher {
         // queue; checked at the poll cadence, and at once after a start.
         let rescue_now = self.last_rescue.is_none_or(|t| t.elapsed() >= poll);
         let started = Instant::now();
+        // What this round claims includes every commit made until now.
+        registry::take_work_committed(Kind::Dispatcher);
         let results = self.unsettled.take();
         let concurrency = self.sender.concurrency();
         let round = in_transaction("settle and claim", || {
@@ -97,7 +108,7 @@ impl Worker for Dispatcher {
         let between_bursts = (round.claimed.len() as i32) < batch_size;
         if round.claimed.is_empty() {
             self.vacuum_if_due(between_bursts);
-            return round.next_due.map_or(poll, |d| d.min(poll));
+            return round.next_due.map_or(poll, |d| d.max(DUE_TICK).min(poll));
         }
         registry::heartbeat(false);
         if round.claimed.len() as i32 >= batch_size {
@@ -116,7 +127,20 @@ impl Worker for Dispatcher {
         );
         self.unsettled = Some(decide_all(&round.claimed, attempts));
         self.vacuum_if_due(between_bursts);
-        Duration::ZERO
+        if !between_bursts {
+            return Duration::ZERO; // a full batch: more is due
+        }
+        // All that was due is taken. Go on at once only if a commit came
+        // meanwhile; otherwise sleep to the next tick (a commit wakes us
+        // earlier, and the next round settles this batch). Going on at once
+        // after every round made retries spread by jitter keep a dispatcher
+        // busy claiming a few at a time: 945 rounds per wave of 20,000.
+        registry::heartbeat(true);
+        if registry::take_work_committed(Kind::Dispatcher) {
+            Duration::ZERO
+        } else {
+            DUE_TICK.min(poll)
+        }
     }
 
     fn stop(&mut self) {

@@ -96,6 +96,10 @@ static NEXT_WAKE: PgAtomic<AtomicU32> = unsafe { PgAtomic::new(c"pg_ihub_next_wa
 /// Bumped at the commit of every change to inbound sources, their secrets or
 /// integration states: the listener compares it with the version it loaded.
 static SOURCES_VERSION: PgAtomic<AtomicU64> = unsafe { PgAtomic::new(c"pg_ihub_sources_version") };
+/// One bit per worker kind: work was committed for that kind since a worker
+/// of it last looked (see `take_work_committed`). Any database: a spurious
+/// extra round costs less than a missed one.
+static WORK_COMMITTED: PgAtomic<AtomicU32> = unsafe { PgAtomic::new(c"pg_ihub_work_committed") };
 
 /// True in every process forked from a postmaster that preloaded us.
 static PRELOADED: AtomicBool = AtomicBool::new(false);
@@ -118,6 +122,7 @@ pub fn init_preloaded() {
     pg_shmem_init!(REGISTRY);
     pg_shmem_init!(NEXT_WAKE);
     pg_shmem_init!(SOURCES_VERSION);
+    pg_shmem_init!(WORK_COMMITTED);
     crate::inbound::listener::init_shmem();
     for db in settings::databases() {
         for n in 0..settings::DISPATCH_WORKERS.get() {
@@ -238,9 +243,21 @@ pub fn wake_peer(kind: Kind) {
     wake_one(kind, unsafe { pg_sys::MyDatabaseId });
 }
 
+/// Whether work for this kind was committed (or a peer asked for help)
+/// since the last call, clearing the flag. A worker that ends a round with
+/// less than a full batch sleeps only when this says no: commits made
+/// while every worker was busy woke nobody.
+pub fn take_work_committed(kind: Kind) -> bool {
+    preloaded() && WORK_COMMITTED.get().fetch_and(!(1 << kind as u32), Ordering::SeqCst) & (1 << kind as u32) != 0
+}
+
 /// Sets the latch of one idle worker of a kind in `dboid`, taking turns.
 /// Waking all of them made every commit cost a claim round per worker.
 fn wake_one(kind: Kind, dboid: pg_sys::Oid) {
+    // First the flag, then the latch: a worker finishing a round marks
+    // itself idle, then takes the flag, so it either sees the flag or is
+    // seen idle here.
+    WORK_COMMITTED.get().fetch_or(1 << kind as u32, Ordering::SeqCst);
     let me = unsafe { pg_sys::MyProcPid };
     let reg = REGISTRY.share();
     let idle: Vec<&Slot> = reg
