@@ -432,13 +432,15 @@ CREATE FUNCTION ihub._lock_subscription(p_sub ihub.subscription, p_table_mode te
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-    v_capture regclass := to_regclass(format('ihub_capture.%I', 'sub_' || p_sub.id));
+    v_capture text := format('ihub_capture.%I', 'sub_' || p_sub.id);
     v_sub ihub.subscription;
 BEGIN
     IF EXISTS (SELECT 1 FROM pg_class WHERE oid = p_sub.source) THEN
         EXECUTE format('LOCK TABLE %s IN %s MODE', p_sub.source, p_table_mode);
     END IF;
-    IF v_capture IS NOT NULL THEN
+    -- Looked up after the wait: another session may have ended the
+    -- subscription (or remade its capture table) meanwhile.
+    IF to_regclass(v_capture) IS NOT NULL THEN
         EXECUTE format('LOCK TABLE %s IN EXCLUSIVE MODE', v_capture);
     END IF;
     SELECT * INTO v_sub FROM ihub.subscription s WHERE s.id = p_sub.id FOR UPDATE;
@@ -557,6 +559,9 @@ BEGIN
         WHERE to_regclass(format('ihub_capture.%I', 'sub_' || s.id)) IS NULL
           AND EXISTS (SELECT 1 FROM pg_class c WHERE c.oid = s.source)
     LOOP
+        -- Made meanwhile: this function also runs for the CREATE TABLE of
+        -- each capture table it makes.
+        CONTINUE WHEN to_regclass(format('ihub_capture.%I', 'sub_' || v_sub.id)) IS NOT NULL;
         PERFORM ihub._create_capture_table(v_sub);
     END LOOP;
 END
@@ -1058,6 +1063,9 @@ DECLARE
     v_level text;
     v_entry ihub.log_entry;
     v_total bigint;
+    -- A value, not clock_timestamp() in the query: that is volatile, and
+    -- would scan every partition instead of the last minute by index.
+    v_since timestamptz := clock_timestamp() - interval '1 minute';
 BEGIN
     FOR v IN
         SELECT e.name AS endpoint, i.name AS integration, x.state, count(*) AS n,
@@ -1073,7 +1081,7 @@ BEGIN
     LOOP
         v_level := CASE WHEN v.state = 'retry' THEN 'warning' ELSE 'error' END;
         SELECT * INTO v_entry FROM ihub.log_entry l
-        WHERE l.level = v_level AND l.logged_at > clock_timestamp() - interval '1 minute'
+        WHERE l.level = v_level AND l.logged_at > v_since AND l.checked_at IS NULL
           AND l.details ->> 'endpoint' = v.endpoint AND l.details ->> 'outcome' = v.state
           AND l.details ->> 'dispatcher' = pg_backend_pid()::text
         ORDER BY l.logged_at DESC
@@ -1081,9 +1089,9 @@ BEGIN
         v_total := coalesce((v_entry.details ->> 'deliveries_failed')::bigint, 0) + v.n;
         IF v_entry.id IS NOT NULL THEN
             UPDATE ihub.log_entry l
-            SET message = ihub._mask_text(ihub._failure_message(v.state, v_total, v.endpoint, v.error)),
+            SET message = ihub._mask_text(left(ihub._failure_message(v.state, v_total, v.endpoint, v.error), 10000)),
                 details = l.details || jsonb_build_object('deliveries_failed', v_total,
-                                                          'last_error', ihub._mask_text(v.error))
+                                                          'last_error', ihub._mask_text(left(v.error, 10000)))
             WHERE l.id = v_entry.id AND l.level = v_entry.level AND l.logged_at = v_entry.logged_at;
         ELSE
             PERFORM ihub.log(v_level, ihub._failure_message(v.state, v.n, v.endpoint, v.error),

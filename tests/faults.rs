@@ -121,6 +121,8 @@ fn adding_dropping_renaming_and_retyping_columns_keeps_capture_working() {
     // transaction): the ALTER must deliver it, not lose it.
     hub.exec(&format!(
         "SELECT ihub.subscribe('{t}', '{e}', events => '{{insert}}');
+         -- A second subscription: each ALTER remakes two capture tables.
+         SELECT ihub.subscribe('{t}', '{e}', events => '{{update}}');
          BEGIN;
          INSERT INTO {t} (customer, amount) VALUES ('before', 1);
          ALTER TABLE {t} ADD COLUMN region text DEFAULT 'eu';
