@@ -143,44 +143,71 @@ CREATE FUNCTION ihub.enqueue(
 ) RETURNS bigint
 LANGUAGE c VOLATILE AS 'MODULE_PATHNAME', 'ihub_for_caller';
 
--- Claims the most urgent due job for a worker and returns how to call it.
+-- Claims the most urgent due jobs for a worker, up to p_limit, and returns
+-- how to call them, most urgent first. A worker runs them in one transaction
+-- (one commit for the batch), so a batch holds the jobs of one role only:
+-- the most urgent job's, among the p_limit + 1 due jobs from it on in queue
+-- order (the one more tells the worker whether more are due, so that it
+-- wakes a peer without a second scan). Only what is claimed is locked: a
+-- worker claiming at the same time skips those jobs, and gets the others.
 -- (PL/pgSQL rather than SQL: its plans are cached for the worker's session.)
-CREATE FUNCTION ihub._claim_job(p_owner integer, p_default_timeout_ms integer)
+CREATE FUNCTION ihub._claim_jobs(p_owner integer, p_default_timeout_ms integer, p_limit integer)
 RETURNS TABLE (id bigint, call text, args jsonb, run_as oid, timeout_ms integer, more_due boolean)
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     v record;
+    v_head record;
+    v_found boolean;
+    v_gone bigint[] := '{}';
+    v_gone_fns text[] := '{}';
+    v_limit integer := greatest(p_limit, 1);
 BEGIN
     LOOP
-        -- Two are locked so that the worker learns whether more are due (and
-        -- wakes a peer) without a second scan; the second is released at commit.
-        WITH next AS (
-            SELECT j.id, j.priority, j.run_at FROM ihub.job j
-            WHERE j.state IN ('pending', 'retry') AND j.run_at <= now()
-            ORDER BY j.priority, j.run_at, j.id
-            LIMIT 2
-            FOR UPDATE SKIP LOCKED
-        ), first AS (
-            SELECT (array_agg(next.id ORDER BY next.priority, next.run_at, next.id))[1] AS id, count(*) > 1 AS more
-            FROM next
-        ), claimed AS (
-            UPDATE ihub.job j
-            SET state = 'running', worker_pid = p_owner, started_at = clock_timestamp(), finished_at = NULL,
-                attempts = j.attempts + 1, cancel_requested = false, errors_logged = 0,
-                progress_done = NULL, progress_total = NULL
-            FROM first WHERE j.id = first.id
-            RETURNING j.id, j.fn, j.fn_name, j.args, j.run_as, j.timeout, first.more
-        )
-        SELECT c.id, c.fn, c.fn_name, c.args, c.run_as, c.timeout, c.more, p.prorettype, p.proname, n.nspname
-        INTO v
-        FROM claimed c
-        LEFT JOIN pg_proc p ON p.oid = c.fn
-        LEFT JOIN pg_namespace n ON n.oid = p.pronamespace;
-        IF v.id IS NULL THEN
+        SELECT j.id, j.priority, j.run_at, j.run_as INTO v_head FROM ihub.job j
+        WHERE j.state IN ('pending', 'retry') AND j.run_at <= now()
+        ORDER BY j.priority, j.run_at, j.id
+        LIMIT 1
+        FOR UPDATE SKIP LOCKED;
+        IF NOT FOUND THEN
             RETURN;
         END IF;
-        IF v.proname IS NOT NULL THEN
+        v_found := false;
+        FOR v IN
+            WITH next AS (
+                SELECT j.id, j.run_as FROM ihub.job j
+                WHERE j.state IN ('pending', 'retry') AND j.run_at <= now()
+                  AND (j.priority, j.run_at, j.id) >= (v_head.priority, v_head.run_at, v_head.id)
+                ORDER BY j.priority, j.run_at, j.id
+                LIMIT v_limit + 1
+            ), picked AS (
+                SELECT j.id, j.priority, j.run_at FROM ihub.job j
+                WHERE j.id IN (SELECT next.id FROM next WHERE next.run_as = v_head.run_as)
+                  AND j.state IN ('pending', 'retry') AND j.run_at <= now()
+                ORDER BY j.priority, j.run_at, j.id
+                LIMIT v_limit
+                FOR UPDATE SKIP LOCKED
+            ), claimed AS (
+                UPDATE ihub.job j
+                SET state = 'running', worker_pid = p_owner, started_at = clock_timestamp(), finished_at = NULL,
+                    attempts = j.attempts + 1, cancel_requested = false, errors_logged = 0,
+                    progress_done = NULL, progress_total = NULL
+                FROM picked WHERE j.id = picked.id
+                RETURNING j.id, j.fn, j.fn_name, j.args, j.run_as, j.timeout, j.priority, j.run_at
+            )
+            SELECT c.id, c.fn, c.fn_name, c.args, c.run_as, c.timeout, p.prorettype, p.proname, n.nspname,
+                   (SELECT count(*) FROM next) > (SELECT count(*) FROM picked) AS more
+            FROM claimed c
+            LEFT JOIN pg_proc p ON p.oid = c.fn
+            LEFT JOIN pg_namespace n ON n.oid = p.pronamespace
+            ORDER BY c.priority, c.run_at, c.id
+        LOOP
+            IF v.proname IS NULL THEN
+                v_gone := v_gone || v.id;
+                v_gone_fns := v_gone_fns || coalesce(v.fn_name, v.fn::text);
+                CONTINUE;
+            END IF;
+            v_found := true;
             id := v.id;
             call := CASE WHEN v.prorettype = 'void'::regtype
                          -- Qualified: the statement is parsed with the role's search_path.
@@ -191,18 +218,28 @@ BEGIN
             timeout_ms := coalesce((extract(epoch FROM v.timeout) * 1000)::integer, p_default_timeout_ms);
             more_due := v.more;
             RETURN NEXT;
-            RETURN;
-        END IF;
-        -- Its function was dropped after it was queued: no attempt can call
-        -- it. It fails now (which frees its identity key), and the claim
-        -- goes on to the next job.
-        PERFORM ihub._job_failed(v.id, p_owner,
-                                 format('its function %s no longer exists: it was dropped after the job was queued',
-                                        coalesce(v.fn_name, v.fn::text)),
-                                 'failed', NULL);
+        END LOOP;
+        -- Their function was dropped after they were queued: no attempt can
+        -- call it. They fail now (which frees their identity keys), and the
+        -- claim goes on to the next jobs if it found none it can run.
+        FOR i IN 1 .. cardinality(v_gone) LOOP
+            PERFORM ihub._job_failed(v_gone[i], p_owner,
+                                     format('its function %s no longer exists: it was dropped after the job was queued',
+                                            v_gone_fns[i]),
+                                     'failed', NULL);
+        END LOOP;
+        EXIT WHEN v_found OR cardinality(v_gone) = 0;
+        v_gone := '{}';
+        v_gone_fns := '{}';
     END LOOP;
 END
 $$;
+
+-- Claims the most urgent due job (a batch of one).
+CREATE FUNCTION ihub._claim_job(p_owner integer, p_default_timeout_ms integer)
+RETURNS TABLE (id bigint, call text, args jsonb, run_as oid, timeout_ms integer, more_due boolean)
+LANGUAGE sql SET search_path = pg_catalog, pg_temp
+AS $$ SELECT * FROM ihub._claim_jobs(p_owner, p_default_timeout_ms, 1) $$;
 
 CREATE FUNCTION ihub._job_done(p_id bigint, p_owner integer, p_result jsonb, p_errors integer, p_done bigint, p_total bigint)
 RETURNS void
@@ -471,9 +508,11 @@ COMMENT ON FUNCTION ihub._check_job_function(regprocedure, name) IS 'Internal: c
 COMMENT ON FUNCTION ihub._enqueue(regprocedure, jsonb, integer, timestamptz, integer, text, bigint, interval[], interval, regrole, bigint) IS
     'Internal: queues a job, honouring its identity key.';
 COMMENT ON FUNCTION ihub.enqueue(regprocedure, jsonb, integer, timestamptz, integer, text, text, interval[], interval) IS
-    'Queues a background job: fn(args jsonb) runs in a job worker, in its own transaction, as the calling role. Priority 0 runs first. With an identity key, returns the queued or running job that already has it.';
+    'Queues a background job: fn(args jsonb) runs in a job worker, in a subtransaction of its own (jobs of one role share a transaction, see ihub.job_batch_size), as the calling role. Priority 0 runs first. With an identity key, returns the queued or running job that already has it.';
+COMMENT ON FUNCTION ihub._claim_jobs(integer, integer, integer) IS
+    'Internal (job worker): claims up to p_limit of the most urgent due jobs of one role, for one transaction; fails the claimed jobs whose function was dropped on the way.';
 COMMENT ON FUNCTION ihub._claim_job(integer, integer) IS
-    'Internal (job worker): claims the most urgent due job; fails the claimed jobs whose function was dropped on the way.';
+    'Internal: claims the most urgent due job (ihub._claim_jobs with a limit of one).';
 COMMENT ON FUNCTION ihub._job_done(bigint, integer, jsonb, integer, bigint, bigint) IS
     'Internal (job worker): records a finished job (partial when errors were logged); raises unless the worker holds it.';
 COMMENT ON FUNCTION ihub._job_attempt(bigint, integer) IS

@@ -26,6 +26,7 @@ pub static INBOUND_BURST: GucSetting<i32> = GucSetting::<i32>::new(100);
 pub static INBOUND_REQUEST_TIMEOUT_MS: GucSetting<i32> = GucSetting::<i32>::new(30_000);
 pub static INBOUND_MAX_CONNECTIONS: GucSetting<i32> = GucSetting::<i32>::new(1000);
 pub static MAX_JOBS_PER_RUN: GucSetting<i32> = GucSetting::<i32>::new(100);
+pub static JOB_BATCH_SIZE: GucSetting<i32> = GucSetting::<i32>::new(20);
 pub static MAX_RUNTIME_SECONDS: GucSetting<i32> = GucSetting::<i32>::new(60);
 pub static JOB_TIMEOUT_MS: GucSetting<i32> = GucSetting::<i32>::new(3_600_000);
 pub static JOB_BACKOFF_CAP_S: GucSetting<i32> = GucSetting::<i32>::new(86_400);
@@ -155,6 +156,16 @@ fn define_reloadable_settings() {
         &INBOUND_MAX_CONNECTIONS,
         1,
         100_000,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"ihub.job_batch_size",
+        c"Due jobs of one role a job worker claims together and runs in one transaction, each in a subtransaction (1: a transaction per job).",
+        c"One commit per batch instead of one per job. A job's effects become visible when its batch commits, at most about 50 ms after the batch began unless a job runs longer.",
+        &JOB_BATCH_SIZE,
+        1,
+        1000,
         GucContext::Sighup,
         GucFlags::default(),
     );

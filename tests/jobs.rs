@@ -59,6 +59,103 @@ fn a_job_runs_as_the_role_that_queued_it() {
     assert!(result.starts_with("{\"id\":"), "{result}");
 }
 
+/// Job workers run due jobs of one role in one transaction (issue 11), each
+/// in a subtransaction: a failing job is rolled back and recorded alone, a
+/// job's settings end with it, other roles' jobs never share the
+/// transaction, and a batch that cannot commit (a deferred trigger refuses)
+/// runs again job by job so that only the guilty job fails.
+#[test]
+fn jobs_of_one_role_share_a_transaction_and_each_failure_is_its_own() {
+    let mut hub = hub();
+    let p = job_kit(&mut hub);
+    let (r1, r2) = (unique("batchrole"), unique("batchrole"));
+    hub.exec(&format!(
+        "CREATE FUNCTION {p}_tx(args jsonb) RETURNS void LANGUAGE plpgsql AS $$
+         BEGIN
+             INSERT INTO {p}_effects (note) VALUES (
+                 format('%s|%s|%s', args->>'note', txid_current(), current_setting('search_path')));
+             PERFORM set_config('search_path', 'leaked', false);
+         END $$;
+         CREATE TABLE {p}_deferred (v int);
+         CREATE FUNCTION {p}_refuse() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN
+             IF NEW.v < 0 THEN RAISE EXCEPTION 'negative % refused at commit', NEW.v; END IF;
+             RETURN NULL;
+         END $$;
+         CREATE CONSTRAINT TRIGGER {p}_refuse AFTER INSERT ON {p}_deferred DEFERRABLE INITIALLY DEFERRED
+             FOR EACH ROW EXECUTE FUNCTION {p}_refuse();
+         CREATE FUNCTION {p}_defer(args jsonb) RETURNS void LANGUAGE sql AS $$
+             INSERT INTO {p}_deferred VALUES ((args->>'v')::int) $$;
+         CREATE ROLE {r1} NOLOGIN IN ROLE ihub_developer;
+         CREATE ROLE {r2} NOLOGIN IN ROLE ihub_developer;
+         GRANT ALL ON {p}_effects, {p}_deferred TO {r1}, {r2};
+         GRANT ALL ON SEQUENCE {p}_effects_id_seq TO {r1}, {r2};"
+    ));
+    // All queued in one transaction: due together, r1's first.
+    hub.exec(&format!(
+        "BEGIN;
+         SET LOCAL ROLE {r1};
+         SELECT ihub.enqueue('{p}_tx(jsonb)', '{{\"note\": \"a\"}}');
+         SELECT ihub.enqueue('{p}_tx(jsonb)', '{{\"note\": \"b\"}}');
+         SELECT ihub.enqueue('{p}_fail(jsonb)', max_attempts => 1);
+         SELECT ihub.enqueue('{p}_tx(jsonb)', '{{\"note\": \"c\"}}');
+         SET LOCAL ROLE {r2};
+         SELECT ihub.enqueue('{p}_tx(jsonb)', '{{\"note\": \"d\"}}');
+         SELECT ihub.enqueue('{p}_tx(jsonb)', '{{\"note\": \"e\"}}');
+         COMMIT;"
+    ));
+    let finished = format!(
+        "SELECT count(*) = 0 FROM ihub.jobs WHERE function::text LIKE '{p}%' AND state NOT IN ('done', 'failed')"
+    );
+    assert!(hub.wait_true(&finished, WAIT), "jobs still open");
+    let notes: Vec<(String, String, String, String)> = hub
+        .db
+        .query(&format!("SELECT note, role::text FROM {p}_effects ORDER BY id"), &[])
+        .unwrap()
+        .iter()
+        .map(|r| {
+            let note: String = r.get(0);
+            let parts: Vec<&str> = note.split('|').collect();
+            (parts[0].to_string(), parts[1].to_string(), parts[2].to_string(), r.get(1))
+        })
+        .collect();
+    let names: Vec<&str> = notes.iter().map(|n| n.0.as_str()).collect();
+    let mut sorted = names.clone();
+    sorted.sort();
+    // The failed job's insert was rolled back with it, and only with it.
+    assert_eq!(sorted, ["a", "b", "c", "d", "e"], "{notes:?}");
+    let failed: String =
+        hub.one(&format!("SELECT state || ': ' || last_error FROM ihub.jobs WHERE function::text LIKE '{p}_fail%'"));
+    assert_eq!(failed, "failed: not yet");
+    for (note, _, search_path, role) in &notes {
+        assert_ne!(search_path, "leaked", "job {note} saw the setting an earlier job made");
+        let expected = if ["a", "b", "c"].contains(&note.as_str()) { &r1 } else { &r2 };
+        assert_eq!(role, expected, "job {note}");
+    }
+    let txid = |n: &str| notes.iter().find(|x| x.0 == n).map(|x| x.1.clone()).unwrap();
+    let r1_txids: std::collections::HashSet<String> = ["a", "b", "c"].iter().map(|n| txid(n)).collect();
+    assert!(r1_txids.len() < 3, "r1's three jobs ran in three transactions: {notes:?}");
+    assert!(!r1_txids.contains(&txid("d")) && !r1_txids.contains(&txid("e")), "roles shared a transaction: {notes:?}");
+
+    // A deferred trigger refuses one job's row at commit: that job fails
+    // alone, the others' work is kept.
+    hub.exec(&format!(
+        "BEGIN;
+         SET LOCAL ROLE {r1};
+         SELECT ihub.enqueue('{p}_defer(jsonb)', '{{\"v\": 1}}');
+         SELECT ihub.enqueue('{p}_defer(jsonb)', '{{\"v\": -1}}', max_attempts => 1);
+         SELECT ihub.enqueue('{p}_defer(jsonb)', '{{\"v\": 2}}');
+         COMMIT;"
+    ));
+    assert!(hub.wait_true(&finished, WAIT), "jobs still open");
+    let kept: String = hub.one(&format!("SELECT string_agg(v::text, ',' ORDER BY v) FROM {p}_deferred"));
+    assert_eq!(kept, "1,2");
+    let refused: String = hub.one(&format!(
+        "SELECT state || ': ' || last_error FROM ihub.jobs WHERE function::text LIKE '{p}_defer%' AND args->>'v' = '-1'"
+    ));
+    assert_eq!(refused, "failed: negative -1 refused at commit");
+}
+
 #[test]
 fn higher_priority_jobs_start_first() {
     let mut hub = hub();

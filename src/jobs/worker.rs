@@ -1,8 +1,10 @@
-//! Background jobs. A job worker claims one due job at a time (priority 0
-//! first, then the oldest) with FOR UPDATE SKIP LOCKED, commits the claim,
-//! and runs the job's SQL function in a transaction of its own, as the role
-//! that enqueued it, under the job's timeout. The queue logic is SQL
-//! (`sql/jobs.sql`); this module runs the worker and the function call.
+//! Background jobs. A job worker claims a batch of due jobs of one role
+//! (priority 0 first, then the oldest) with FOR UPDATE SKIP LOCKED, commits
+//! the claim, and runs the jobs' SQL functions as that role, under each
+//! job's timeout: in one transaction, each job in a subtransaction of its
+//! own (`ihub.job_batch_size`; 1 gives each job a transaction of its own).
+//! The queue logic is SQL (`sql/jobs.sql`); this module runs the worker and
+//! the function calls.
 
 use std::sync::atomic::{AtomicI32, AtomicI64, Ordering};
 use std::time::{Duration, Instant};
@@ -12,7 +14,7 @@ use pgrx::{JsonB, PgOid};
 
 use crate::runtime::backend::{column, in_transaction, run_prepared};
 use crate::runtime::registry::{self, Kind};
-use crate::runtime::user_code::{run_user_call, Failure};
+use crate::runtime::user_code::{run_user_batch, run_user_call, Failure, UserCall};
 use crate::runtime::worker::{run, Worker};
 use crate::settings;
 use pg_ihub_core::retry::{job_next, JobAttempt, JobNext};
@@ -46,7 +48,7 @@ struct JobWorker {
 
 impl Worker for JobWorker {
     const KIND: Kind = Kind::JobWorker;
-    const NEEDS: Option<&'static str> = Some("ihub._claim_job(integer, integer)");
+    const NEEDS: Option<&'static str> = Some("ihub._claim_jobs(integer, integer, integer)");
     // SIGTERM (pg_terminate_backend, shutdown) must stop a running job at
     // once, as in any backend: the job's transaction rolls back, the worker
     // exits and is restarted, and the job is found orphaned and queued again.
@@ -69,14 +71,17 @@ impl Worker for JobWorker {
         let max_runtime = Duration::from_secs(settings::MAX_RUNTIME_SECONDS.get() as u64);
         let mut ran = 0;
         while ran < max_jobs && started.elapsed() < max_runtime {
-            let pid = self.pid;
-            let Some(Some(job)) = in_transaction("claim a job", || claim(pid)) else { break };
+            let (pid, limit) = (self.pid, settings::JOB_BATCH_SIZE.get().min(max_jobs - ran).max(1));
+            let Some(jobs) = in_transaction("claim jobs", || claim(pid, limit)) else { break };
+            if jobs.is_empty() {
+                break;
+            }
             registry::heartbeat(false);
-            if job.more_due {
+            if jobs.iter().any(|j| j.more_due) {
                 registry::wake_peer(Kind::JobWorker);
             }
-            run_job(job, pid);
-            ran += 1;
+            ran += jobs.len() as i32;
+            run_batch(jobs, pid);
         }
         if ran == 0 {
             let due = in_transaction("next due job", next_due).flatten();
@@ -113,20 +118,21 @@ fn next_due() -> Option<Duration> {
     Some(Duration::from_secs_f64(secs.clamp(0.0, 86_400.0)))
 }
 
-fn claim(pid: i32) -> Option<Job> {
-    // The claim need not wait for its WAL flush: the job's own commit
-    // flushes it, and if both are lost in a crash the job is simply pending.
+fn claim(pid: i32, limit: i32) -> Vec<Job> {
+    // The claim need not wait for its WAL flush: the jobs' own commit
+    // flushes it, and if both are lost in a crash the jobs are simply pending.
     Spi::connect_mut(|client| {
-        run_prepared(client, "SET LOCAL synchronous_commit = off", &[], &[]).ok()?;
-        let rows = run_prepared(
+        let int4 = PgOid::from(pg_sys::INT4OID);
+        run_prepared(client, "SET LOCAL synchronous_commit = off", &[], &[]).expect("SET LOCAL runs");
+        run_prepared(
             client,
-            "SELECT id, call, args, run_as, timeout_ms, more_due FROM ihub._claim_job($1, $2)",
-            &[PgOid::from(pg_sys::INT4OID), PgOid::from(pg_sys::INT4OID)],
-            &[pid.into(), settings::JOB_TIMEOUT_MS.get().into()],
+            "SELECT id, call, args, run_as, timeout_ms, more_due FROM ihub._claim_jobs($1, $2, $3)",
+            &[int4, int4, int4],
+            &[pid.into(), settings::JOB_TIMEOUT_MS.get().into(), limit.into()],
         )
-        .ok()?;
-        let row = rows.into_iter().next()?;
-        Some(Job {
+        .unwrap_or_else(|e| error!("ihub._claim_jobs: {e}"))
+        .into_iter()
+        .map(|row| Job {
             id: column(&row, 1, "id"),
             call: column(&row, 2, "call"),
             args: column(&row, 3, "args"),
@@ -134,12 +140,62 @@ fn claim(pid: i32) -> Option<Job> {
             timeout_ms: column(&row, 5, "timeout_ms"),
             more_due: column(&row, 6, "more_due"),
         })
+        .collect()
     })
 }
 
-/// Runs one job and records how it went.
-fn run_job(job: Job, pid: i32) {
-    // The job's code, visible in pg_stat_activity while it runs.
+/// Once a batch has run this long, the jobs that ran commit and no further
+/// one starts in its transaction: a slow job delays the commit of those
+/// before it, never of those after it.
+const BATCH_BUDGET: Duration = Duration::from_millis(50);
+
+/// Runs claimed jobs (all of one role) in one transaction, then records the
+/// failures. A job that failed on a deadlock or serialization failure runs
+/// again alone (another batch may have held what it needed); the whole
+/// batch runs again job by job if its transaction fails (at commit, say),
+/// so that every failure recorded is the job's own.
+fn run_batch(jobs: Vec<Job>, pid: i32) {
+    if jobs.len() == 1 {
+        return jobs.into_iter().for_each(|job| run_job(job, pid));
+    }
+    let outcomes = run_user_batch(
+        jobs[0].run_as,
+        &jobs,
+        BATCH_BUDGET,
+        |job| UserCall {
+            sql: job.call.clone(),
+            arg_type: PgOid::from(pg_sys::JSONBOID),
+            arg: JsonB(job.args.0.clone()).into(),
+            timeout_ms: job.timeout_ms,
+        },
+        |job, starting| if starting { job_started(job) } else { job_ended() },
+        |job, result| record_done(job.id, pid, result),
+    );
+    let outcomes = match outcomes {
+        Ok(outcomes) => outcomes,
+        Err(message) => {
+            warning!("pg_ihub: a batch of {} jobs did not commit ({message}); running them one by one", jobs.len());
+            return jobs.into_iter().for_each(|job| run_job(job, pid));
+        }
+    };
+    let ran = outcomes.len();
+    let mut jobs = jobs.into_iter();
+    for (job, outcome) in jobs.by_ref().take(ran).zip(outcomes) {
+        match outcome {
+            Ok(()) => {}
+            Err(failure) if failure.conflict => run_job(job, pid),
+            Err(failure) => record_failure_of(job.id, pid, &failure),
+        }
+    }
+    let rest: Vec<Job> = jobs.collect();
+    if !rest.is_empty() {
+        run_batch(rest, pid);
+    }
+}
+
+/// The job is this worker's current one: in pg_stat_activity, the
+/// registry (for ihub.cancel_job) and what ihub.log and job_progress count.
+fn job_started(job: &Job) {
     crate::runtime::backend::report_activity(Some(&format!("job {}: {}", job.id, job.call)));
     CURRENT_JOB.store(job.id, Ordering::SeqCst);
     ERRORS_LOGGED.store(0, Ordering::SeqCst);
@@ -148,34 +204,46 @@ fn run_job(job: Job, pid: i32) {
         p.store(-1, Ordering::SeqCst);
     }
     registry::set_job(job.id, -1, -1);
-    let id = job.id;
-    let outcome = attempt(job, pid);
-    // The job's code has ended. From now on ihub.cancel_job and
-    // ihub.resume_stuck_jobs see that this worker runs no job, and leave it
-    // alone: a cancel would only cancel the recording below, or the next job.
+}
+
+/// The job's code has ended. From now on ihub.cancel_job and
+/// ihub.resume_stuck_jobs see that this worker runs no job, and leave it
+/// alone: a cancel would only cancel the recording, or the next job. A
+/// cancel sent before the registry said so was meant for the job's code and
+/// is forgotten.
+fn job_ended() {
     CURRENT_JOB.store(0, Ordering::SeqCst);
     registry::set_job(0, 0, 0);
+    clear_pending_cancel();
+    crate::runtime::backend::report_activity(None);
+}
+
+/// Runs one job in a transaction of its own and records how it went.
+fn run_job(job: Job, pid: i32) {
+    job_started(&job);
+    let id = job.id;
+    let outcome = attempt(job, pid);
+    job_ended();
     if let Err(failure) = outcome {
-        // A cancel sent before the registry said so was meant for the job's
-        // code, which has ended: it must not cancel the recording, or the job
-        // would stay running for as long as this worker lives (the rescue
-        // takes only jobs whose worker is gone). One that still arrives
-        // during the recording cancels it once; the second try is not
-        // signalled any more.
-        let mut recorded = false;
-        for _ in 0..RECORD_TRIES {
+        record_failure_of(id, pid, &failure);
+    }
+}
+
+/// Records a failed attempt in a transaction of its own. A cancel that
+/// still arrives during the recording cancels it once; the second try is
+/// not signalled any more (the registry says no job runs). Unrecorded, the
+/// job would stay running for as long as this worker lives: the rescue takes
+/// only jobs whose worker is gone.
+fn record_failure_of(id: i64, pid: i32, failure: &Failure) {
+    for _ in 0..RECORD_TRIES {
+        clear_pending_cancel();
+        if in_transaction("record a job's failure", || record_failure(id, pid, failure)).is_some() {
             clear_pending_cancel();
-            if in_transaction("record a job's failure", || record_failure(id, pid, &failure)).is_some() {
-                recorded = true;
-                break;
-            }
-        }
-        if !recorded {
-            warning!("pg_ihub: could not record the failure of job {id}; it stays running until this worker stops");
+            return;
         }
     }
     clear_pending_cancel();
-    crate::runtime::backend::report_activity(None);
+    warning!("pg_ihub: could not record the failure of job {id}; it stays running until this worker stops");
 }
 
 /// Tries at recording a failed attempt.
@@ -233,26 +301,32 @@ fn record_failure(id: i64, pid: i32, failure: &Failure) {
 fn attempt(job: Job, pid: i32) -> Result<(), Failure> {
     let id = job.id;
     run_user_call(&job.call, PgOid::from(pg_sys::JSONBOID), job.args.into(), job.run_as, job.timeout_ms, |result| {
-        let (done, total) = progress();
-        Spi::connect_mut(|client| {
-            let (int4, int8) = (PgOid::from(pg_sys::INT4OID), PgOid::from(pg_sys::INT8OID));
-            run_prepared(
-                client,
-                "SELECT ihub._job_done($1, $2, $3, $4, $5, $6)",
-                &[int8, int4, PgOid::from(pg_sys::JSONBOID), int4, int8, int8],
-                &[
-                    id.into(),
-                    pid.into(),
-                    result.into(),
-                    ERRORS_LOGGED.load(Ordering::SeqCst).into(),
-                    done.into(),
-                    total.into(),
-                ],
-            )
-            .map(|_| ())
-        })
-        .expect("ihub._job_done");
+        record_done(id, pid, result)
     })
+}
+
+/// Records a job as done (or partial), with its result and progress, in its
+/// transaction (or subtransaction).
+fn record_done(id: i64, pid: i32, result: Option<JsonB>) {
+    let (done, total) = progress();
+    Spi::connect_mut(|client| {
+        let (int4, int8) = (PgOid::from(pg_sys::INT4OID), PgOid::from(pg_sys::INT8OID));
+        run_prepared(
+            client,
+            "SELECT ihub._job_done($1, $2, $3, $4, $5, $6)",
+            &[int8, int4, PgOid::from(pg_sys::JSONBOID), int4, int8, int8],
+            &[
+                id.into(),
+                pid.into(),
+                result.into(),
+                ERRORS_LOGGED.load(Ordering::SeqCst).into(),
+                done.into(),
+                total.into(),
+            ],
+        )
+        .map(|_| ())
+    })
+    .expect("ihub._job_done");
 }
 
 static PROGRESS: [AtomicI64; 2] = [AtomicI64::new(-1), AtomicI64::new(-1)];

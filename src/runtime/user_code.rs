@@ -39,6 +39,30 @@ pub const RETRY_LATER: &str = "ihub.retry_later:";
 pub struct Failure {
     pub message: String,
     pub retry_after: Option<f64>,
+    /// A deadlock or serialization failure: another transaction was in the
+    /// way, which in a batch may be another batch holding what it wrote.
+    pub conflict: bool,
+}
+
+fn failure_of(e: &pg_sys::panic::CaughtError, timeout_ms: i32) -> Failure {
+    let report = match e {
+        pg_sys::panic::CaughtError::PostgresError(r) | pg_sys::panic::CaughtError::ErrorReport(r) => Some(r),
+        _ => None,
+    };
+    // ihub.retry_later puts its delay (seconds, maybe empty) in the detail.
+    let retry_after =
+        report.and_then(|r| r.detail()).and_then(|d| d.strip_prefix(RETRY_LATER)).and_then(|s| s.parse().ok());
+    let conflict = report.is_some_and(|r| {
+        matches!(
+            r.sql_error_code(),
+            PgSqlErrorCode::ERRCODE_T_R_DEADLOCK_DETECTED | PgSqlErrorCode::ERRCODE_T_R_SERIALIZATION_FAILURE
+        )
+    });
+    let mut message = caught_message(e).to_string();
+    if message.contains("statement timeout") {
+        message = format!("it ran longer than its timeout ({timeout_ms} ms) and was stopped");
+    }
+    Failure { message, retry_after, conflict }
 }
 
 /// Runs user code (`call`, one statement taking `arg`) in a transaction of
@@ -81,21 +105,7 @@ pub fn run_user_call(
         }
         Ok(())
     })
-    .catch_others(|e| {
-        let detail = match &e {
-            pg_sys::panic::CaughtError::PostgresError(r) | pg_sys::panic::CaughtError::ErrorReport(r) => {
-                r.detail().map(str::to_string)
-            }
-            _ => None,
-        };
-        // ihub.retry_later puts its delay (seconds, maybe empty) in the detail.
-        let retry_after = detail.as_deref().and_then(|d| d.strip_prefix(RETRY_LATER)).and_then(|s| s.parse().ok());
-        let mut message = caught_message(&e).to_string();
-        if message.contains("statement timeout") {
-            message = format!("it ran longer than its timeout ({timeout_ms} ms) and was stopped");
-        }
-        Err(Failure { message, retry_after })
-    })
+    .catch_others(|e| Err(failure_of(&e, timeout_ms)))
     .execute();
     unsafe {
         disable_timeout(STATEMENT_TIMEOUT, false);
@@ -114,6 +124,126 @@ pub fn run_user_call(
         pg_sys::CommitTransactionCommand();
         pg_sys::pgstat_report_stat(false);
     }
+    outcome
+}
+
+/// One call of user code in a batch (see `run_user_batch`).
+pub struct UserCall {
+    pub sql: String,
+    pub arg_type: PgOid,
+    pub arg: pgrx::datum::DatumWithOid<'static>,
+    pub timeout_ms: i32,
+}
+
+/// Runs the calls of `items`, all as `run_as`, in one transaction: one
+/// commit (and WAL flush) for the batch instead of one per call, which is
+/// what a trivial job or handler cost most (make bench). Each call runs in a
+/// subtransaction of its own under its own timeout, its settings end with it
+/// (`SET` included), and `finish` records it as the worker inside that
+/// subtransaction; a call that fails is rolled back alone and reported.
+/// After `budget` no further call starts: the calls that ran commit, and the
+/// rest are left to the caller. `around(item, true)` and `around(item,
+/// false)` bracket each call.
+///
+/// Returns each started call's outcome, in order. Err when the batch's own
+/// transaction failed, at commit say (a deferred trigger, a WITH HOLD
+/// cursor): nothing of it is kept, and the caller runs the calls again one
+/// by one (`run_user_call`), so that the failure is the one call's own.
+pub fn run_user_batch<T>(
+    run_as: pg_sys::Oid,
+    items: &[T],
+    budget: std::time::Duration,
+    call: impl Fn(&T) -> UserCall,
+    mut around: impl FnMut(&T, bool),
+    finish: impl Fn(&T, Option<JsonB>),
+) -> Result<Vec<Result<(), Failure>>, String> {
+    let worker = unsafe { pg_sys::GetAuthenticatedUserId() };
+    let started = std::time::Instant::now();
+    unsafe {
+        pg_sys::SetCurrentStatementStartTimestamp();
+        pg_sys::StartTransactionCommand();
+        pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot());
+    }
+    let mut outcomes = Vec::with_capacity(items.len());
+    let committed = PgTryBuilder::new(std::panic::AssertUnwindSafe(|| {
+        become_role(run_as);
+        for item in items {
+            if !outcomes.is_empty() && started.elapsed() >= budget {
+                break;
+            }
+            around(item, true);
+            let outcome = call_in_subtransaction(call(item), worker, |result| finish(item, result));
+            around(item, false);
+            outcomes.push(outcome);
+        }
+        unsafe {
+            pg_sys::PopActiveSnapshot();
+            pg_sys::CommitTransactionCommand();
+        }
+        Ok(())
+    }))
+    .catch_others(|e| Err(caught_message(&e).to_string()))
+    .execute();
+    unsafe {
+        if committed.is_err() {
+            pg_sys::AbortCurrentTransaction();
+        }
+        pg_sys::SetUserIdAndSecContext(worker, 0);
+        pg_sys::SetSessionAuthorization(worker, true);
+        pg_sys::StartTransactionCommand();
+        discard_session_state();
+        pg_sys::CommitTransactionCommand();
+        pg_sys::pgstat_report_stat(false);
+    }
+    committed.map(|()| outcomes)
+}
+
+/// One call of a batch in a subtransaction, as the role the transaction
+/// runs as; `finish` as the worker.
+fn call_in_subtransaction(
+    call: UserCall,
+    worker: pg_sys::Oid,
+    finish: impl FnOnce(Option<JsonB>),
+) -> Result<(), Failure> {
+    let (context, owner) = unsafe { (pg_sys::CurrentMemoryContext, pg_sys::CurrentResourceOwner) };
+    unsafe {
+        pg_sys::BeginInternalSubTransaction(std::ptr::null());
+        pg_sys::MemoryContextSwitchTo(context);
+    }
+    let restore = move || unsafe {
+        pg_sys::MemoryContextSwitchTo(context);
+        pg_sys::CurrentResourceOwner = owner;
+    };
+    let timeout_ms = call.timeout_ms;
+    let outcome = PgTryBuilder::new(std::panic::AssertUnwindSafe(|| {
+        // What the call sets (SET, set_config) ends with it, as if its
+        // transaction had ended: the next call never sees it.
+        let settings = unsafe { pg_sys::NewGUCNestLevel() };
+        unsafe { enable_timeout_after(STATEMENT_TIMEOUT, timeout_ms.max(1)) };
+        let result = Spi::connect_mut(|client| {
+            let rows = run_prepared(client, &call.sql, &[call.arg_type], &[call.arg])?;
+            rows.into_iter().next().map(|row| row.get::<JsonB>(1)).transpose().map(Option::flatten)
+        })
+        .expect("the user function ran");
+        unsafe {
+            disable_timeout(STATEMENT_TIMEOUT, false);
+            pg_sys::AtEOXact_GUC(false, settings);
+        }
+        as_user(worker, || finish(result));
+        unsafe { pg_sys::ReleaseCurrentSubTransaction() };
+        restore();
+        Ok(())
+    }))
+    .catch_others(|e| {
+        let failure = failure_of(&e, timeout_ms);
+        unsafe {
+            disable_timeout(STATEMENT_TIMEOUT, false);
+            pg_sys::RollbackAndReleaseCurrentSubTransaction();
+        }
+        restore();
+        Err(failure)
+    })
+    .execute();
     outcome
 }
 
