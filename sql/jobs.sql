@@ -508,7 +508,7 @@ COMMENT ON FUNCTION ihub._check_job_function(regprocedure, name) IS 'Internal: c
 COMMENT ON FUNCTION ihub._enqueue(regprocedure, jsonb, integer, timestamptz, integer, text, bigint, interval[], interval, regrole, bigint) IS
     'Internal: queues a job, honouring its identity key.';
 COMMENT ON FUNCTION ihub.enqueue(regprocedure, jsonb, integer, timestamptz, integer, text, text, interval[], interval) IS
-    'Queues a background job: fn(args jsonb) runs in a job worker, in a subtransaction of its own (jobs of one role share a transaction, see ihub.job_batch_size), as the calling role. Priority 0 runs first. With an identity key, returns the queued or running job that already has it.';
+    'Queues a background job: fn(args jsonb) runs in a job worker, in a subtransaction of its own (jobs of one role share a transaction, see ihub.jobs_per_transaction), as the calling role. Priority 0 runs first. With an identity key, returns the queued or running job that already has it.';
 COMMENT ON FUNCTION ihub._claim_jobs(integer, integer, integer) IS
     'Internal (job worker): claims up to p_limit of the most urgent due jobs of one role, for one transaction; fails the claimed jobs whose function was dropped on the way.';
 COMMENT ON FUNCTION ihub._claim_job(integer, integer) IS

@@ -1036,54 +1036,100 @@ RETURNS TABLE (id bigint, call text, args jsonb, run_as oid, timeout_ms integer,
 LANGUAGE sql SET search_path = pg_catalog, pg_temp
 AS $$ SELECT * FROM ihub._claim_jobs(p_owner, p_default_timeout_ms, 1) $$;
 
-CREATE OR REPLACE FUNCTION ihub._claim_inbound(p_owner integer, p_default_timeout_ms integer)
+-- Claims the next items due for a processor, up to p_limit, in order of
+-- execution time, and returns how to call their handlers. An item with an
+-- ordering key waits while an earlier item with its key is pending or
+-- running, so a claim takes at most the first of a key. A processor runs
+-- the items in one transaction (one commit for them all), so they are the
+-- items of one role only: that of the first item's handler, among the
+-- p_limit + 1 due items from it on (the one more tells whether more are
+-- due). Only what is claimed is locked.
+CREATE FUNCTION ihub._claim_inbound_items(p_owner integer, p_default_timeout_ms integer, p_limit integer)
 RETURNS TABLE (id bigint, call text, run_as oid, timeout_ms integer, more_due boolean)
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     v record;
+    v_head record;
+    v_found boolean;
+    v_gone bigint[] := '{}';
+    v_gone_handlers text[] := '{}';
+    v_limit integer := greatest(p_limit, 1);
 BEGIN
     LOOP
-        WITH next AS (
-            SELECT t.id, t.run_at FROM ihub.inbound_item t
-            WHERE t.state = 'pending' AND t.run_at <= now()
-              AND (t.ordering_key IS NULL OR NOT EXISTS (
-                    SELECT 1 FROM ihub.inbound_item e
-                    WHERE e.source_id = t.source_id AND e.ordering_key = t.ordering_key
-                      AND e.state IN ('pending', 'running') AND e.id < t.id))
-            ORDER BY t.run_at, t.id
-            LIMIT 2
-            FOR UPDATE SKIP LOCKED
-        ), first AS (
-            SELECT (array_agg(next.id ORDER BY next.run_at, next.id))[1] AS id, count(*) > 1 AS more FROM next
-        ), claimed AS (
-            UPDATE ihub.inbound_item t
-            SET state = 'running', worker_pid = p_owner, started_at = clock_timestamp(), attempts = t.attempts + 1
-            FROM first WHERE t.id = first.id
-            RETURNING t.id, t.source_id, first.more
-        )
-        SELECT c.id, ihub._handler_call(s.handler) AS call, s.run_as, c.more,
-               coalesce(s.handler_name, s.handler::text) AS handler_name
-        INTO v
-        FROM claimed c
-        JOIN ihub.inbound_source s ON s.id = c.source_id;
-        IF v.id IS NULL THEN
+        SELECT t.id, t.run_at, s.run_as INTO v_head
+        FROM ihub.inbound_item t JOIN ihub.inbound_source s ON s.id = t.source_id
+        WHERE t.state = 'pending' AND t.run_at <= now()
+          AND (t.ordering_key IS NULL OR NOT EXISTS (
+                SELECT 1 FROM ihub.inbound_item e
+                WHERE e.source_id = t.source_id AND e.ordering_key = t.ordering_key
+                  AND e.state IN ('pending', 'running') AND e.id < t.id))
+        ORDER BY t.run_at, t.id
+        LIMIT 1
+        FOR UPDATE OF t SKIP LOCKED;
+        IF NOT FOUND THEN
             RETURN;
         END IF;
-        IF v.call IS NOT NULL THEN
+        v_found := false;
+        FOR v IN
+            WITH next AS (
+                SELECT t.id, s.run_as FROM ihub.inbound_item t JOIN ihub.inbound_source s ON s.id = t.source_id
+                WHERE t.state = 'pending' AND t.run_at <= now()
+                  AND (t.run_at, t.id) >= (v_head.run_at, v_head.id)
+                  AND (t.ordering_key IS NULL OR NOT EXISTS (
+                        SELECT 1 FROM ihub.inbound_item e
+                        WHERE e.source_id = t.source_id AND e.ordering_key = t.ordering_key
+                          AND e.state IN ('pending', 'running') AND e.id < t.id))
+                ORDER BY t.run_at, t.id
+                LIMIT v_limit + 1
+            ), picked AS (
+                SELECT t.id, t.run_at FROM ihub.inbound_item t
+                WHERE t.id IN (SELECT next.id FROM next WHERE next.run_as = v_head.run_as)
+                  AND t.state = 'pending' AND t.run_at <= now()
+                ORDER BY t.run_at, t.id
+                LIMIT v_limit
+                FOR UPDATE SKIP LOCKED
+            ), claimed AS (
+                UPDATE ihub.inbound_item t
+                SET state = 'running', worker_pid = p_owner, started_at = clock_timestamp(), attempts = t.attempts + 1
+                FROM picked WHERE t.id = picked.id
+                RETURNING t.id, t.source_id, t.run_at
+            )
+            SELECT c.id, ihub._handler_call(s.handler) AS call, s.run_as,
+                   coalesce(s.handler_name, s.handler::text) AS handler_name,
+                   (SELECT count(*) FROM next) > (SELECT count(*) FROM picked) AS more
+            FROM claimed c
+            JOIN ihub.inbound_source s ON s.id = c.source_id
+            ORDER BY c.run_at, c.id
+        LOOP
+            IF v.call IS NULL THEN
+                v_gone := v_gone || v.id;
+                v_gone_handlers := v_gone_handlers || v.handler_name;
+                CONTINUE;
+            END IF;
+            v_found := true;
             id := v.id; call := v.call; run_as := v.run_as::oid; timeout_ms := p_default_timeout_ms; more_due := v.more;
             RETURN NEXT;
-            RETURN;
-        END IF;
-        -- Its source's handler was dropped: no call can handle it. It is
-        -- archived as failed now (so that it holds its ordering key no
-        -- longer), and the claim goes on to the next item.
-        PERFORM ihub._inbound_failed(v.id, p_owner,
-                                     format('its handler %s no longer exists: it was dropped after the source was created',
-                                            v.handler_name));
+        END LOOP;
+        -- Their source's handler was dropped: no call can handle them. They
+        -- are archived as failed now (so that they hold their ordering keys
+        -- no longer), and the claim goes on if it found nothing it can run.
+        FOR i IN 1 .. cardinality(v_gone) LOOP
+            PERFORM ihub._inbound_failed(v_gone[i], p_owner,
+                                         format('its handler %s no longer exists: it was dropped after the source was created',
+                                                v_gone_handlers[i]));
+        END LOOP;
+        EXIT WHEN v_found OR cardinality(v_gone) = 0;
+        v_gone := '{}';
+        v_gone_handlers := '{}';
     END LOOP;
 END
 $$;
+
+CREATE OR REPLACE FUNCTION ihub._claim_inbound(p_owner integer, p_default_timeout_ms integer)
+RETURNS TABLE (id bigint, call text, run_as oid, timeout_ms integer, more_due boolean)
+LANGUAGE sql SET search_path = pg_catalog, pg_temp
+AS $$ SELECT * FROM ihub._claim_inbound_items(p_owner, p_default_timeout_ms, 1) $$;
 
 -- _job_done checks the state and the owner, as _job_failed does.
 DROP FUNCTION ihub._job_done(bigint, jsonb, integer, bigint, bigint);
@@ -1226,8 +1272,12 @@ COMMENT ON FUNCTION ihub._claim_jobs(integer, integer, integer) IS
     'Internal (job worker): claims up to p_limit of the most urgent due jobs of one role, for one transaction; fails the claimed jobs whose function was dropped on the way.';
 COMMENT ON FUNCTION ihub._claim_job(integer, integer) IS
     'Internal: claims the most urgent due job (ihub._claim_jobs with a limit of one).';
+COMMENT ON FUNCTION ihub._claim_inbound_items(integer, integer, integer) IS
+    'Internal (processor): claims up to p_limit of the next items due whose handlers run as one role, for one transaction; archives as failed the claimed items whose handler was dropped on the way.';
+COMMENT ON FUNCTION ihub._claim_inbound(integer, integer) IS
+    'Internal: claims the next item due (ihub._claim_inbound_items with a limit of one).';
 COMMENT ON FUNCTION ihub.enqueue(regprocedure, jsonb, integer, timestamptz, integer, text, text, interval[], interval) IS
-    'Queues a background job: fn(args jsonb) runs in a job worker, in a subtransaction of its own (jobs of one role share a transaction, see ihub.job_batch_size), as the calling role. Priority 0 runs first. With an identity key, returns the queued or running job that already has it.';
+    'Queues a background job: fn(args jsonb) runs in a job worker, in a subtransaction of its own (jobs of one role share a transaction, see ihub.jobs_per_transaction), as the calling role. Priority 0 runs first. With an identity key, returns the queued or running job that already has it.';
 COMMENT ON FUNCTION ihub._job_done(bigint, integer, jsonb, integer, bigint, bigint) IS
     'Internal (job worker): records a finished job (partial when errors were logged); raises unless the worker holds it.';
 COMMENT ON FUNCTION ihub._rescue_jobs() IS 'Internal: queues again (or cancels, when asked) the jobs whose worker is gone; returns how many.';
@@ -1235,8 +1285,6 @@ COMMENT ON FUNCTION ihub._rescue_stuck_jobs() IS
     'Internal: queues again (or cancels, when asked) the jobs whose worker is gone; returns each job it rescued and its new state.';
 COMMENT ON FUNCTION ihub.resume_stuck_jobs() IS
     'Queues again (or cancels, when asked) the jobs whose worker is gone and stops those running past their timeout; reports what this call did.';
-COMMENT ON FUNCTION ihub._claim_inbound(integer, integer) IS
-    'Internal (processor): claims the next item due; archives as failed the claimed items whose handler was dropped on the way.';
 REVOKE ALL ON FUNCTION ihub._job_done(bigint, integer, jsonb, integer, bigint, bigint), ihub._rescue_stuck_jobs() FROM PUBLIC;
 
 -- delete_integration keeps archived failed items, as drop_source does.

@@ -21,12 +21,13 @@ pub static LISTEN_ADDRESS: GucSetting<Option<std::ffi::CString>> =
     GucSetting::<Option<std::ffi::CString>>::new(Some(c"127.0.0.1:8470"));
 pub static INBOUND_PROCESSORS: GucSetting<i32> = GucSetting::<i32>::new(1);
 pub static INBOUND_BATCH: GucSetting<i32> = GucSetting::<i32>::new(100);
+pub static INBOUND_ITEMS_PER_TRANSACTION: GucSetting<i32> = GucSetting::<i32>::new(20);
 pub static INBOUND_RATE_LIMIT: GucSetting<i32> = GucSetting::<i32>::new(0);
 pub static INBOUND_BURST: GucSetting<i32> = GucSetting::<i32>::new(100);
 pub static INBOUND_REQUEST_TIMEOUT_MS: GucSetting<i32> = GucSetting::<i32>::new(30_000);
 pub static INBOUND_MAX_CONNECTIONS: GucSetting<i32> = GucSetting::<i32>::new(1000);
 pub static MAX_JOBS_PER_RUN: GucSetting<i32> = GucSetting::<i32>::new(100);
-pub static JOB_BATCH_SIZE: GucSetting<i32> = GucSetting::<i32>::new(20);
+pub static JOBS_PER_TRANSACTION: GucSetting<i32> = GucSetting::<i32>::new(20);
 pub static MAX_RUNTIME_SECONDS: GucSetting<i32> = GucSetting::<i32>::new(60);
 pub static JOB_TIMEOUT_MS: GucSetting<i32> = GucSetting::<i32>::new(3_600_000);
 pub static JOB_BACKOFF_CAP_S: GucSetting<i32> = GucSetting::<i32>::new(86_400);
@@ -110,6 +111,16 @@ fn define_postmaster_settings() {
 
 fn define_reloadable_settings() {
     GucRegistry::define_int_guc(
+        c"ihub.inbound_items_per_transaction",
+        c"Due inbound items whose handlers run as one role that a processor claims together and handles in one transaction, each in a subtransaction (1: a transaction per item).",
+        c"One commit for them all instead of one per item. An item's effects become visible when its transaction commits, at most about 50 ms after it began unless a handler runs longer.",
+        &INBOUND_ITEMS_PER_TRANSACTION,
+        1,
+        1000,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
         c"ihub.inbound_batch",
         c"Inbound items a processor handles before it yields.",
         c"",
@@ -160,10 +171,10 @@ fn define_reloadable_settings() {
         GucFlags::default(),
     );
     GucRegistry::define_int_guc(
-        c"ihub.job_batch_size",
+        c"ihub.jobs_per_transaction",
         c"Due jobs of one role a job worker claims together and runs in one transaction, each in a subtransaction (1: a transaction per job).",
         c"One commit per batch instead of one per job. A job's effects become visible when its batch commits, at most about 50 ms after the batch began unless a job runs longer.",
-        &JOB_BATCH_SIZE,
+        &JOBS_PER_TRANSACTION,
         1,
         1000,
         GucContext::Sighup,

@@ -523,6 +523,63 @@ fn items_with_one_ordering_key_are_processed_in_arrival_order() {
     assert_eq!(seen, vec![3, 1, 2]);
 }
 
+/// Processors handle due items whose handlers run as one role in one
+/// transaction (issue 11), each in a subtransaction: a failing item is
+/// rolled back and archived alone, the others commit.
+#[test]
+fn items_share_a_transaction_and_a_failing_one_is_archived_alone() {
+    let mut hub = hub();
+    let k = kit(&mut hub);
+    let p = &k.p;
+    hub.exec(&format!(
+        "CREATE TABLE {p}_tx (n int, txid bigint);
+         CREATE FUNCTION {p}_tx(item ihub.inbound_items) RETURNS void LANGUAGE plpgsql AS $$
+         BEGIN
+             INSERT INTO {p}_tx VALUES ((item.payload->>'n')::int, txid_current());
+             IF (item.payload->>'fail')::boolean THEN
+                 RAISE EXCEPTION 'cannot handle %', item.payload->>'n';
+             END IF;
+         END $$;
+         SELECT ihub.create_source('{i}', 'tx', '{p}_tx(ihub.inbound_items)', 'none');",
+        i = k.integration
+    ));
+    // Queued in one transaction: due together.
+    let ids: Vec<i64> = {
+        let mut tx = hub.db.transaction().unwrap();
+        let ids = (1..=5)
+            .map(|n| {
+                let body = format!(r#"{{"n": {n}, "fail": {}}}"#, n == 3);
+                tx.query_one(
+                    &format!("SELECT ihub.receive('{}', 'tx', '{{}}', convert_to('{body}', 'UTF8'))", k.integration),
+                    &[],
+                )
+                .unwrap()
+                .get(0)
+            })
+            .collect();
+        tx.commit().unwrap();
+        ids
+    };
+    let open = format!(
+        "SELECT count(*) = 0 FROM ihub.inbound_item WHERE id = ANY('{{{}}}'::bigint[]) AND state IN ('pending', 'running')",
+        ids.iter().map(|i| i.to_string()).collect::<Vec<_>>().join(",")
+    );
+    assert!(hub.wait_true(&open, WAIT), "items still open");
+    let rows: Vec<(i32, i64)> = hub
+        .db
+        .query(&format!("SELECT n, txid FROM {p}_tx ORDER BY n"), &[])
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    let handled: Vec<i32> = rows.iter().map(|r| r.0).collect();
+    assert_eq!(handled, [1, 2, 4, 5], "the failed item's insert rolled back alone");
+    let txids: std::collections::HashSet<i64> = rows.iter().map(|r| r.1).collect();
+    assert!(txids.len() < rows.len(), "every item had a transaction of its own: {rows:?}");
+    let error: String = hub.one(&format!("SELECT error FROM ihub.inbound_failed WHERE id = {}", ids[2]));
+    assert!(error.contains("cannot handle 3"), "{error}");
+}
+
 #[test]
 fn an_item_whose_handler_was_dropped_fails_naming_it_and_frees_its_ordering_key() {
     let mut hub = hub();

@@ -17,6 +17,13 @@ pub fn ratio(per_second: f64) -> String {
     plain_tps().map_or(String::new(), |plain| format!("  ({:.2}x plain tps)", per_second / plain))
 }
 
+/// Bytes of WAL the cluster has written so far: with default durability
+/// every commit waits for its WAL to reach the disk, so WAL per item is
+/// what single-row writers share with the dispatchers.
+pub fn wal_bytes(db: &mut postgres::Client) -> i64 {
+    db.query_one("SELECT (pg_current_wal_insert_lsn() - '0/0')::bigint", &[]).unwrap().get(0)
+}
+
 /// CPU seconds (user + system) used so far by the postmaster and every
 /// process it started: backends, pg_ihub's workers, the checkpointer, ...
 /// Processes that ended since are not counted, so measure across steps

@@ -318,6 +318,7 @@ fn wait_arrivals(receiver: &Receiver, n: usize, timeout: Duration) {
 
 fn throughput(cluster: &Cluster, db: &mut postgres::Client, receiver: &Receiver, n: usize) {
     let before = receiver.count();
+    let wal_before = machine::wal_bytes(db);
     let cpu_before = machine::cluster_cpu_seconds(cluster);
     // Committed in transactions of 1,000 rows, as a busy application would.
     let start = Instant::now();
@@ -334,6 +335,7 @@ fn throughput(cluster: &Cluster, db: &mut postgres::Client, receiver: &Receiver,
     wait_delivered(db, Duration::from_secs(300));
     let settled = start.elapsed();
     let cpu = machine::cluster_cpu_seconds(cluster) - cpu_before;
+    let wal = machine::wal_bytes(db) - wal_before;
     println!();
     println!("throughput: {n} row changes committed in {:.2} s", committed.as_secs_f64());
     println!(
@@ -353,6 +355,7 @@ fn throughput(cluster: &Cluster, db: &mut postgres::Client, receiver: &Receiver,
         cpu,
         cpu * 1e6 / n as f64
     );
+    println!("  WAL {:.0} bytes per delivery (the same)", wal as f64 / n as f64);
 }
 
 /// `n` requests to an endpoint whose receiver refuses connections, each
@@ -433,6 +436,7 @@ fn single_row_writes(cluster: &Cluster, db: &mut postgres::Client, receiver: &Re
     let script = std::env::temp_dir().join("pg_ihub_bench_subscribed.sql");
     std::fs::write(&script, "INSERT INTO bench_orders (customer, amount) VALUES ('c', 1);\n").unwrap();
     let claims_before = claims(db);
+    let wal_before = machine::wal_bytes(db);
     let cpu_before = machine::cluster_cpu_seconds(cluster);
     let out = std::process::Command::new(cluster.bindir.join("pgbench"))
         .args(["-n", "-c", "4", "-j", "2", "-T", &length.as_secs().to_string()])
@@ -451,6 +455,7 @@ fn single_row_writes(cluster: &Cluster, db: &mut postgres::Client, receiver: &Re
     wait_arrivals(receiver, before + n, Duration::from_secs(300));
     let drained = ended.elapsed();
     let cpu = machine::cluster_cpu_seconds(cluster) - cpu_before;
+    let wal = machine::wal_bytes(db) - wal_before;
     // Function statistics reach the collector when a backend goes idle.
     thread::sleep(Duration::from_millis(1500));
     let rounds = claims(db) - claims_before;
@@ -465,7 +470,11 @@ fn single_row_writes(cluster: &Cluster, db: &mut postgres::Client, receiver: &Re
         machine::plain_tps().map_or("?".into(), |p| format!("{:.2}x", p / tps))
     );
     println!("  the last of {n} deliveries arrived {:.2} s after the writes ended", drained.as_secs_f64());
-    println!("  {rounds} dispatcher rounds, {:.1} deliveries per round", n as f64 / rounds.max(1) as f64);
+    println!(
+        "  {rounds} dispatcher rounds, {:.1} deliveries per round; WAL {:.0} bytes per row written and delivered",
+        n as f64 / rounds.max(1) as f64,
+        wal as f64 / n.max(1) as f64
+    );
     println!(
         "  CPU of all server processes: {:.2} s -> {:.0} us per row written and delivered",
         cpu,

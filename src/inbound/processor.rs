@@ -1,7 +1,9 @@
-//! The inbound processor worker: claims the next queued item due (in order
+//! The inbound processor worker: claims the next queued items due (in order
 //! of execution time, and in arrival order among items with the same
-//! ordering key) and calls its source's handler in a transaction of its own,
-//! as the role that created the source. A failed item is archived.
+//! ordering key) whose handlers run as one role, and calls each source's
+//! handler as the role that created the source: in one transaction, each
+//! item in a subtransaction of its own (`ihub.inbound_items_per_transaction`;
+//! 1 gives each item a transaction of its own). A failed item is archived.
 
 use std::time::{Duration, Instant};
 
@@ -10,7 +12,7 @@ use pgrx::PgOid;
 
 use crate::runtime::backend::{column, in_transaction, run_prepared};
 use crate::runtime::registry::{self, Kind};
-use crate::runtime::user_code::run_user_call;
+use crate::runtime::user_code::{run_user_batch, run_user_call, Failure, UserCall, BATCH_BUDGET};
 use crate::runtime::worker::{run, Worker};
 use crate::settings;
 
@@ -35,7 +37,7 @@ struct Processor {
 
 impl Worker for Processor {
     const KIND: Kind = Kind::Processor;
-    const NEEDS: Option<&'static str> = Some("ihub._claim_inbound(integer, integer)");
+    const NEEDS: Option<&'static str> = Some("ihub._claim_inbound_items(integer, integer, integer)");
     // As for job workers: a termination stops a running handler at once.
     const STOP_AT_ONCE: bool = true;
 
@@ -49,16 +51,20 @@ impl Worker for Processor {
             self.last_rescue = Some(Instant::now());
         }
         // At most ihub.inbound_batch items per round, then yield.
-        let pid = self.pid;
+        let (pid, per_round) = (self.pid, settings::INBOUND_BATCH.get());
         let mut ran = 0;
-        while ran < settings::INBOUND_BATCH.get() {
-            let Some(Some(item)) = in_transaction("claim an item", || claim(pid)) else { break };
+        while ran < per_round {
+            let limit = settings::INBOUND_ITEMS_PER_TRANSACTION.get().min(per_round - ran).max(1);
+            let Some(items) = in_transaction("claim items", || claim(pid, limit)) else { break };
+            if items.is_empty() {
+                break;
+            }
             registry::heartbeat(false);
-            if item.more_due {
+            if items.iter().any(|i| i.more_due) {
                 registry::wake_peer(Kind::Processor);
             }
-            process(item, pid);
-            ran += 1;
+            ran += items.len() as i32;
+            process_batch(items, pid);
         }
         if ran > 0 {
             return Duration::ZERO;
@@ -74,57 +80,116 @@ impl Worker for Processor {
     }
 }
 
-fn claim(pid: i32) -> Option<Item> {
+fn claim(pid: i32, limit: i32) -> Vec<Item> {
     Spi::connect_mut(|client| {
-        // As for jobs: the handler's own commit flushes this claim.
-        run_prepared(client, "SET LOCAL synchronous_commit = off", &[], &[]).ok()?;
-        let rows = run_prepared(
+        // As for jobs: the handlers' own commit flushes this claim.
+        let int4 = PgOid::from(pg_sys::INT4OID);
+        run_prepared(client, "SET LOCAL synchronous_commit = off", &[], &[]).expect("SET LOCAL runs");
+        run_prepared(
             client,
-            "SELECT id, call, run_as, timeout_ms, more_due FROM ihub._claim_inbound($1, $2)",
-            &[PgOid::from(pg_sys::INT4OID), PgOid::from(pg_sys::INT4OID)],
-            &[pid.into(), settings::JOB_TIMEOUT_MS.get().into()],
+            "SELECT id, call, run_as, timeout_ms, more_due FROM ihub._claim_inbound_items($1, $2, $3)",
+            &[int4, int4, int4],
+            &[pid.into(), settings::JOB_TIMEOUT_MS.get().into(), limit.into()],
         )
-        .ok()?;
-        let row = rows.into_iter().next()?;
-        Some(Item {
+        .unwrap_or_else(|e| error!("ihub._claim_inbound_items: {e}"))
+        .into_iter()
+        .map(|row| Item {
             id: column(&row, 1, "id"),
             call: column(&row, 2, "call"),
             run_as: column(&row, 3, "run_as"),
             timeout_ms: column(&row, 4, "timeout_ms"),
             more_due: column(&row, 5, "more_due"),
         })
+        .collect()
     })
 }
 
+/// Handles claimed items (their handlers all run as one role) in one
+/// transaction, then archives the failures. As for jobs: an item whose
+/// handler failed on a deadlock or serialization failure is handled again
+/// alone, and all of them again one by one if the transaction fails.
+fn process_batch(items: Vec<Item>, pid: i32) {
+    if items.len() == 1 {
+        return items.into_iter().for_each(|item| process(item, pid));
+    }
+    let outcomes = run_user_batch(
+        items[0].run_as,
+        &items,
+        BATCH_BUDGET,
+        |item| UserCall {
+            sql: item.call.clone(),
+            arg_type: PgOid::from(pg_sys::INT8OID),
+            arg: item.id.into(),
+            timeout_ms: item.timeout_ms,
+        },
+        |item, starting| {
+            let activity = format!("inbound item {}: {}", item.id, item.call);
+            crate::runtime::backend::report_activity(starting.then_some(activity.as_str()));
+        },
+        |item, result| record_done(item.id, pid, result),
+    );
+    let outcomes = match outcomes {
+        Ok(outcomes) => outcomes,
+        Err(message) => {
+            warning!("pg_ihub: {} inbound items did not commit ({message}); handling them one by one", items.len());
+            return items.into_iter().for_each(|item| process(item, pid));
+        }
+    };
+    let ran = outcomes.len();
+    let mut items = items.into_iter();
+    for (item, outcome) in items.by_ref().take(ran).zip(outcomes) {
+        match outcome {
+            Ok(()) => {}
+            Err(failure) if failure.conflict => process(item, pid),
+            Err(failure) => archive_failure(item.id, pid, &failure),
+        }
+    }
+    let rest: Vec<Item> = items.collect();
+    if !rest.is_empty() {
+        process_batch(rest, pid);
+    }
+}
+
+/// Handles one item in a transaction of its own.
 fn process(item: Item, pid: i32) {
     let id = item.id;
     // The handler's call, visible in pg_stat_activity while it runs.
     crate::runtime::backend::report_activity(Some(&format!("inbound item {id}: {}", item.call)));
     let outcome =
         run_user_call(&item.call, PgOid::from(pg_sys::INT8OID), id.into(), item.run_as, item.timeout_ms, |result| {
-            Spi::connect_mut(|client| {
-                run_prepared(
-                    client,
-                    "SELECT ihub._inbound_done($1, $2, $3)",
-                    &[PgOid::from(pg_sys::INT8OID), PgOid::from(pg_sys::INT4OID), PgOid::from(pg_sys::JSONBOID)],
-                    &[id.into(), pid.into(), result.into()],
-                )
-                .map(|_| ())
-            })
-            .expect("ihub._inbound_done");
+            record_done(id, pid, result)
         });
-    if let Err(failure) = outcome {
-        let recorded = in_transaction("archive a failed item", || {
-            Spi::run_with_args(
-                "SELECT ihub._inbound_failed($1, $2, $3)",
-                &[id.into(), pid.into(), failure.message.clone().into()],
-            )
-        });
-        if recorded.is_none() {
-            warning!("pg_ihub: could not archive inbound item {id}; it is rescued later");
-        }
-    }
     crate::runtime::backend::report_activity(None);
+    if let Err(failure) = outcome {
+        archive_failure(id, pid, &failure);
+    }
+}
+
+/// Records a handled item, in its transaction (or subtransaction).
+fn record_done(id: i64, pid: i32, result: Option<pgrx::JsonB>) {
+    Spi::connect_mut(|client| {
+        run_prepared(
+            client,
+            "SELECT ihub._inbound_done($1, $2, $3)",
+            &[PgOid::from(pg_sys::INT8OID), PgOid::from(pg_sys::INT4OID), PgOid::from(pg_sys::JSONBOID)],
+            &[id.into(), pid.into(), result.into()],
+        )
+        .map(|_| ())
+    })
+    .expect("ihub._inbound_done");
+}
+
+/// Archives a failed item, in a transaction of its own.
+fn archive_failure(id: i64, pid: i32, failure: &Failure) {
+    let recorded = in_transaction("archive a failed item", || {
+        Spi::run_with_args(
+            "SELECT ihub._inbound_failed($1, $2, $3)",
+            &[id.into(), pid.into(), failure.message.clone().into()],
+        )
+    });
+    if recorded.is_none() {
+        warning!("pg_ihub: could not archive inbound item {id}; it is rescued later");
+    }
 }
 
 /// `ihub.process_inbound(id)`: processes one queued or failed item now, in

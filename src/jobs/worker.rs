@@ -2,7 +2,7 @@
 //! (priority 0 first, then the oldest) with FOR UPDATE SKIP LOCKED, commits
 //! the claim, and runs the jobs' SQL functions as that role, under each
 //! job's timeout: in one transaction, each job in a subtransaction of its
-//! own (`ihub.job_batch_size`; 1 gives each job a transaction of its own).
+//! own (`ihub.jobs_per_transaction`; 1 gives each job a transaction of its own).
 //! The queue logic is SQL (`sql/jobs.sql`); this module runs the worker and
 //! the function calls.
 
@@ -14,7 +14,7 @@ use pgrx::{JsonB, PgOid};
 
 use crate::runtime::backend::{column, in_transaction, run_prepared};
 use crate::runtime::registry::{self, Kind};
-use crate::runtime::user_code::{run_user_batch, run_user_call, Failure, UserCall};
+use crate::runtime::user_code::{run_user_batch, run_user_call, Failure, UserCall, BATCH_BUDGET};
 use crate::runtime::worker::{run, Worker};
 use crate::settings;
 use pg_ihub_core::retry::{job_next, JobAttempt, JobNext};
@@ -71,7 +71,7 @@ impl Worker for JobWorker {
         let max_runtime = Duration::from_secs(settings::MAX_RUNTIME_SECONDS.get() as u64);
         let mut ran = 0;
         while ran < max_jobs && started.elapsed() < max_runtime {
-            let (pid, limit) = (self.pid, settings::JOB_BATCH_SIZE.get().min(max_jobs - ran).max(1));
+            let (pid, limit) = (self.pid, settings::JOBS_PER_TRANSACTION.get().min(max_jobs - ran).max(1));
             let Some(jobs) = in_transaction("claim jobs", || claim(pid, limit)) else { break };
             if jobs.is_empty() {
                 break;
@@ -143,11 +143,6 @@ fn claim(pid: i32, limit: i32) -> Vec<Job> {
         .collect()
     })
 }
-
-/// Once a batch has run this long, the jobs that ran commit and no further
-/// one starts in its transaction: a slow job delays the commit of those
-/// before it, never of those after it.
-const BATCH_BUDGET: Duration = Duration::from_millis(50);
 
 /// Runs claimed jobs (all of one role) in one transaction, then records the
 /// failures. A job that failed on a deadlock or serialization failure runs

@@ -127,6 +127,11 @@ pub fn run_user_call(
     outcome
 }
 
+/// Once a batch has run this long, the calls that ran commit and no further
+/// one starts in its transaction: a slow call delays the commit of those
+/// before it, never of those after it.
+pub const BATCH_BUDGET: std::time::Duration = std::time::Duration::from_millis(50);
+
 /// One call of user code in a batch (see `run_user_batch`).
 pub struct UserCall {
     pub sql: String,
