@@ -1379,12 +1379,18 @@ $$;
 -- a failed batch item by item. Keys over 256 bytes are stored hashed
 -- ('sha256:' and 64 hex digits), under the btree row limit.
 CREATE OR REPLACE FUNCTION ihub._ordering_key(p_rule text, p_headers jsonb, p_body bytea) RETURNS text
-LANGUAGE sql IMMUTABLE
+LANGUAGE plpgsql IMMUTABLE
 AS $$
-    SELECT CASE WHEN octet_length(k) > 256 THEN 'sha256:' || encode(sha256(convert_to(k, 'UTF8')), 'hex') ELSE k END
-    FROM (SELECT CASE WHEN p_rule IS NULL THEN NULL
-                      WHEN p_rule LIKE 'header:%' THEN p_headers ->> lower(substr(p_rule, 8))
-                      ELSE ihub._try_jsonb(p_body) #>> p_rule::text[] END AS k) x
+DECLARE
+    k text;
+BEGIN
+    IF p_rule IS NULL THEN
+        RETURN NULL;
+    END IF;
+    k := CASE WHEN p_rule LIKE 'header:%' THEN p_headers ->> lower(substr(p_rule, 8))
+              ELSE ihub._try_jsonb(p_body) #>> p_rule::text[] END;
+    RETURN CASE WHEN octet_length(k) > 256 THEN 'sha256:' || encode(sha256(convert_to(k, 'UTF8')), 'hex') ELSE k END;
+END
 $$;
 COMMENT ON FUNCTION ihub._ordering_key(text, jsonb, bytea) IS 'Internal: an item''s ordering key (hashed when over 256 bytes).';
 

@@ -21,7 +21,7 @@ pub static LISTEN_ADDRESS: GucSetting<Option<std::ffi::CString>> =
     GucSetting::<Option<std::ffi::CString>>::new(Some(c"127.0.0.1:8470"));
 pub static INBOUND_PROCESSORS: GucSetting<i32> = GucSetting::<i32>::new(1);
 pub static INBOUND_BATCH: GucSetting<i32> = GucSetting::<i32>::new(100);
-pub static INBOUND_ITEMS_PER_TRANSACTION: GucSetting<i32> = GucSetting::<i32>::new(20);
+pub static INBOUND_ITEMS_PER_TRANSACTION: GucSetting<i32> = GucSetting::<i32>::new(50);
 pub static INBOUND_RATE_LIMIT: GucSetting<i32> = GucSetting::<i32>::new(0);
 pub static INBOUND_BURST: GucSetting<i32> = GucSetting::<i32>::new(100);
 pub static INBOUND_REQUEST_TIMEOUT_MS: GucSetting<i32> = GucSetting::<i32>::new(30_000);

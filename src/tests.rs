@@ -1391,6 +1391,32 @@ mod tests {
     }
 
     #[pg_test]
+    fn a_batch_queues_a_key_once_and_answers_repeats_with_the_first_item() {
+        // The listener's batch is queued set-based: a key repeated within the
+        // batch, or seen before, gets the first item's id, marked duplicate.
+        setup_inbound();
+        let id = one::<i64>("SELECT ihub.create_source('shop', 'o', 'on_order(ihub.inbound_items)', 'none')");
+        let accept = |keys: &str| {
+            one::<String>(&format!(
+                "SELECT string_agg(n || ':' || item_id || ':' || duplicate, ' ' ORDER BY n)
+                 FROM ihub._accept_inbound(ARRAY[{id}, {id}, {id}], ARRAY['{{}}', '{{}}', '{{}}']::jsonb[],
+                                           ARRAY['a', 'b', 'c']::bytea[], {keys}, ARRAY['127.0.0.1', '127.0.0.1', '127.0.0.1'],
+                                           ARRAY[NULL, NULL, NULL]::timestamptz[])"
+            ))
+        };
+        let first = accept("ARRAY['k1', 'k1', 'k2']");
+        let ids: Vec<&str> = first.split(' ').map(|r| r.split(':').nth(1).unwrap()).collect();
+        assert_eq!(first, format!("1:{a}:false 2:{a}:true 3:{b}:false", a = ids[0], b = ids[2]));
+        assert_ne!(ids[0], ids[2]);
+        let again = accept("ARRAY['k2', NULL, 'k3']");
+        let c: String = again.split(' ').nth(2).unwrap().split(':').nth(1).unwrap().to_string();
+        let d: String = again.split(' ').nth(1).unwrap().split(':').nth(1).unwrap().to_string();
+        assert_eq!(again, format!("1:{b}:true 2:{d}:false 3:{c}:false", b = ids[2]));
+        assert_eq!(one::<i64>("SELECT count(*) FROM ihub.inbound_item"), 4);
+        assert_eq!(one::<i64>("SELECT count(*) FROM ihub.inbound_dedup"), 3);
+    }
+
+    #[pg_test]
     fn deleting_an_integration_with_schedules_says_so() {
         setup_jobs();
         Spi::run(
