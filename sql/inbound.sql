@@ -342,15 +342,17 @@ AS $$
     WHERE p.oid = p_handler
 $$;
 
--- Claims the next items due for a processor, up to p_limit, in order of
--- execution time, and returns how to call their handlers. An item with an
--- ordering key waits while an earlier item with its key is pending or
--- running, so a claim takes at most the first of a key. A processor runs
--- the items in one transaction (one commit for them all), so they are the
--- items of one role only: that of the first item's handler, among the
--- p_limit + 1 due items from it on (the one more tells whether more are
--- due). Only what is claimed is locked.
-CREATE FUNCTION ihub._claim_inbound_items(p_owner integer, p_default_timeout_ms integer, p_limit integer)
+-- Claims the next items due for a processor and returns how to call their
+-- handlers, in order of execution time. An item with an ordering key waits
+-- while an earlier item with its key is pending or running, so a claim
+-- takes at most the first of a key. A processor runs the items in one
+-- transaction (one commit for them all), so they are the items of one role
+-- only: that of the first item's handler. It takes at most p_limit, and at
+-- most its share (rounded down, at least one) of the due items among
+-- p_workers (of the next p_limit * p_workers + 1 from the first on), so
+-- that a few slow handlers still run side by side on idle processors; the
+-- one more tells whether more are due. Only what is claimed is locked.
+CREATE FUNCTION ihub._claim_inbound_items(p_owner integer, p_default_timeout_ms integer, p_limit integer, p_workers integer)
 RETURNS TABLE (id bigint, call text, run_as oid, timeout_ms integer, more_due boolean)
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
 AS $$
@@ -361,6 +363,7 @@ DECLARE
     v_gone bigint[] := '{}';
     v_gone_handlers text[] := '{}';
     v_limit integer := greatest(p_limit, 1);
+    v_workers integer := greatest(p_workers, 1);
 BEGIN
     LOOP
         SELECT t.id, t.run_at, s.run_as INTO v_head
@@ -387,13 +390,13 @@ BEGIN
                         WHERE e.source_id = t.source_id AND e.ordering_key = t.ordering_key
                           AND e.state IN ('pending', 'running') AND e.id < t.id))
                 ORDER BY t.run_at, t.id
-                LIMIT v_limit + 1
+                LIMIT v_limit * v_workers + 1
             ), picked AS (
                 SELECT t.id, t.run_at FROM ihub.inbound_item t
                 WHERE t.id IN (SELECT next.id FROM next WHERE next.run_as = v_head.run_as)
                   AND t.state = 'pending' AND t.run_at <= now()
                 ORDER BY t.run_at, t.id
-                LIMIT v_limit
+                LIMIT (SELECT least(v_limit, greatest(1, count(*)::integer / v_workers)) FROM next)
                 FOR UPDATE SKIP LOCKED
             ), claimed AS (
                 UPDATE ihub.inbound_item t
@@ -436,7 +439,27 @@ $$;
 CREATE FUNCTION ihub._claim_inbound(p_owner integer, p_default_timeout_ms integer)
 RETURNS TABLE (id bigint, call text, run_as oid, timeout_ms integer, more_due boolean)
 LANGUAGE sql SET search_path = pg_catalog, pg_temp
-AS $$ SELECT * FROM ihub._claim_inbound_items(p_owner, p_default_timeout_ms, 1) $$;
+AS $$ SELECT * FROM ihub._claim_inbound_items(p_owner, p_default_timeout_ms, 1, 1) $$;
+
+-- Gives claimed items that a processor did not start back to the queue, as
+-- they were, for any processor to take: those left in a batch whose time
+-- ran out.
+CREATE FUNCTION ihub._unclaim_inbound_items(p_ids bigint[], p_owner integer) RETURNS bigint
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v bigint;
+BEGIN
+    UPDATE ihub.inbound_item t
+    SET state = 'pending', attempts = t.attempts - 1, worker_pid = NULL, started_at = NULL
+    WHERE t.id = ANY (p_ids) AND t.state = 'running' AND t.worker_pid = p_owner;
+    GET DIAGNOSTICS v = ROW_COUNT;
+    IF v > 0 THEN
+        PERFORM ihub._wake_processor();
+    END IF;
+    RETURN v;
+END
+$$;
 
 -- Only the process that took the item (p_owner) can settle it.
 CREATE FUNCTION ihub._inbound_done(p_id bigint, p_owner integer, p_result jsonb) RETURNS void
@@ -651,8 +674,10 @@ COMMENT ON FUNCTION ihub._reject_inbound(bigint[], text[], text[], text[], jsonb
 COMMENT ON FUNCTION ihub.receive(text, text, jsonb, bytea, timestamptz) IS
     'Verifies and queues a request received by the application itself, like the listener. Returns the item id (the first one''s for a duplicate), or NULL when verification fails.';
 COMMENT ON FUNCTION ihub._handler_call(regprocedure) IS 'Internal: the statement that calls an inbound handler for an item.';
-COMMENT ON FUNCTION ihub._claim_inbound_items(integer, integer, integer) IS
-    'Internal (processor): claims up to p_limit of the next items due whose handlers run as one role, for one transaction; archives as failed the claimed items whose handler was dropped on the way.';
+COMMENT ON FUNCTION ihub._claim_inbound_items(integer, integer, integer, integer) IS
+    'Internal (processor): claims up to p_limit (and its share among p_workers) of the next items due whose handlers run as one role, for one transaction; archives as failed the claimed items whose handler was dropped on the way.';
+COMMENT ON FUNCTION ihub._unclaim_inbound_items(bigint[], integer) IS
+    'Internal (processor): gives claimed items it did not start back to the queue.';
 COMMENT ON FUNCTION ihub._claim_inbound(integer, integer) IS
     'Internal: claims the next item due (ihub._claim_inbound_items with a limit of one).';
 COMMENT ON FUNCTION ihub._inbound_done(bigint, integer, jsonb) IS 'Internal: records a processed item (by the process that took it).';

@@ -143,15 +143,17 @@ CREATE FUNCTION ihub.enqueue(
 ) RETURNS bigint
 LANGUAGE c VOLATILE AS 'MODULE_PATHNAME', 'ihub_for_caller';
 
--- Claims the most urgent due jobs for a worker, up to p_limit, and returns
--- how to call them, most urgent first. A worker runs them in one transaction
--- (one commit for the batch), so a batch holds the jobs of one role only:
--- the most urgent job's, among the p_limit + 1 due jobs from it on in queue
--- order (the one more tells the worker whether more are due, so that it
--- wakes a peer without a second scan). Only what is claimed is locked: a
--- worker claiming at the same time skips those jobs, and gets the others.
+-- Claims the most urgent due jobs for a worker and returns how to call
+-- them, most urgent first. A worker runs them in one transaction (one commit
+-- for the batch), so a batch holds the jobs of one role only: the most
+-- urgent job's; and of its priority only, so that no urgent job waits in a
+-- batch behind less urgent ones. It takes at most p_limit, and at most its share (rounded
+-- down, at least one) of the due jobs among p_workers (of the next
+-- p_limit * p_workers + 1 in queue order, from the most urgent on), so that
+-- a few long jobs queued together still run side by side on idle workers; the one more tells the worker whether
+-- more are due (it then wakes a peer). Only what is claimed is locked.
 -- (PL/pgSQL rather than SQL: its plans are cached for the worker's session.)
-CREATE FUNCTION ihub._claim_jobs(p_owner integer, p_default_timeout_ms integer, p_limit integer)
+CREATE FUNCTION ihub._claim_jobs(p_owner integer, p_default_timeout_ms integer, p_limit integer, p_workers integer)
 RETURNS TABLE (id bigint, call text, args jsonb, run_as oid, timeout_ms integer, more_due boolean)
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
 AS $$
@@ -162,6 +164,7 @@ DECLARE
     v_gone bigint[] := '{}';
     v_gone_fns text[] := '{}';
     v_limit integer := greatest(p_limit, 1);
+    v_workers integer := greatest(p_workers, 1);
 BEGIN
     LOOP
         SELECT j.id, j.priority, j.run_at, j.run_as INTO v_head FROM ihub.job j
@@ -175,17 +178,18 @@ BEGIN
         v_found := false;
         FOR v IN
             WITH next AS (
-                SELECT j.id, j.run_as FROM ihub.job j
+                SELECT j.id, j.run_as, j.priority FROM ihub.job j
                 WHERE j.state IN ('pending', 'retry') AND j.run_at <= now()
                   AND (j.priority, j.run_at, j.id) >= (v_head.priority, v_head.run_at, v_head.id)
                 ORDER BY j.priority, j.run_at, j.id
-                LIMIT v_limit + 1
+                LIMIT v_limit * v_workers + 1
             ), picked AS (
                 SELECT j.id, j.priority, j.run_at FROM ihub.job j
-                WHERE j.id IN (SELECT next.id FROM next WHERE next.run_as = v_head.run_as)
+                WHERE j.id IN (SELECT next.id FROM next
+                               WHERE next.run_as = v_head.run_as AND next.priority = v_head.priority)
                   AND j.state IN ('pending', 'retry') AND j.run_at <= now()
                 ORDER BY j.priority, j.run_at, j.id
-                LIMIT v_limit
+                LIMIT (SELECT least(v_limit, greatest(1, count(*)::integer / v_workers)) FROM next)
                 FOR UPDATE SKIP LOCKED
             ), claimed AS (
                 UPDATE ihub.job j
@@ -239,7 +243,28 @@ $$;
 CREATE FUNCTION ihub._claim_job(p_owner integer, p_default_timeout_ms integer)
 RETURNS TABLE (id bigint, call text, args jsonb, run_as oid, timeout_ms integer, more_due boolean)
 LANGUAGE sql SET search_path = pg_catalog, pg_temp
-AS $$ SELECT * FROM ihub._claim_jobs(p_owner, p_default_timeout_ms, 1) $$;
+AS $$ SELECT * FROM ihub._claim_jobs(p_owner, p_default_timeout_ms, 1, 1) $$;
+
+-- Gives claimed jobs that a worker did not start back to the queue, as
+-- they were (their attempt uncounted), for any worker to take: those left
+-- in a batch whose time ran out.
+CREATE FUNCTION ihub._unclaim_jobs(p_ids bigint[], p_owner integer) RETURNS bigint
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v bigint;
+BEGIN
+    UPDATE ihub.job j
+    SET state = CASE WHEN j.attempts - 1 > j.budget_start THEN 'retry' ELSE 'pending' END,
+        attempts = j.attempts - 1, worker_pid = NULL, started_at = NULL
+    WHERE j.id = ANY (p_ids) AND j.state = 'running' AND j.worker_pid = p_owner;
+    GET DIAGNOSTICS v = ROW_COUNT;
+    IF v > 0 THEN
+        PERFORM ihub._wake_job_worker();
+    END IF;
+    RETURN v;
+END
+$$;
 
 CREATE FUNCTION ihub._job_done(p_id bigint, p_owner integer, p_result jsonb, p_errors integer, p_done bigint, p_total bigint)
 RETURNS void
@@ -509,8 +534,10 @@ COMMENT ON FUNCTION ihub._enqueue(regprocedure, jsonb, integer, timestamptz, int
     'Internal: queues a job, honouring its identity key.';
 COMMENT ON FUNCTION ihub.enqueue(regprocedure, jsonb, integer, timestamptz, integer, text, text, interval[], interval) IS
     'Queues a background job: fn(args jsonb) runs in a job worker, in a subtransaction of its own (jobs of one role share a transaction, see ihub.jobs_per_transaction), as the calling role. Priority 0 runs first. With an identity key, returns the queued or running job that already has it.';
-COMMENT ON FUNCTION ihub._claim_jobs(integer, integer, integer) IS
-    'Internal (job worker): claims up to p_limit of the most urgent due jobs of one role, for one transaction; fails the claimed jobs whose function was dropped on the way.';
+COMMENT ON FUNCTION ihub._claim_jobs(integer, integer, integer, integer) IS
+    'Internal (job worker): claims up to p_limit (and its share among p_workers) of the most urgent due jobs of one role, for one transaction; fails the claimed jobs whose function was dropped on the way.';
+COMMENT ON FUNCTION ihub._unclaim_jobs(bigint[], integer) IS
+    'Internal (job worker): gives claimed jobs it did not start back to the queue, their attempt uncounted.';
 COMMENT ON FUNCTION ihub._claim_job(integer, integer) IS
     'Internal: claims the most urgent due job (ihub._claim_jobs with a limit of one).';
 COMMENT ON FUNCTION ihub._job_done(bigint, integer, jsonb, integer, bigint, bigint) IS

@@ -946,7 +946,7 @@ $$;
 -- wakes a peer) without a second scan; what is not claimed is released at
 -- commit. (PL/pgSQL rather than SQL: its plans are cached for the worker's
 -- session.)
-CREATE FUNCTION ihub._claim_jobs(p_owner integer, p_default_timeout_ms integer, p_limit integer)
+CREATE FUNCTION ihub._claim_jobs(p_owner integer, p_default_timeout_ms integer, p_limit integer, p_workers integer)
 RETURNS TABLE (id bigint, call text, args jsonb, run_as oid, timeout_ms integer, more_due boolean)
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
 AS $$
@@ -957,6 +957,7 @@ DECLARE
     v_gone bigint[] := '{}';
     v_gone_fns text[] := '{}';
     v_limit integer := greatest(p_limit, 1);
+    v_workers integer := greatest(p_workers, 1);
 BEGIN
     LOOP
         SELECT j.id, j.priority, j.run_at, j.run_as INTO v_head FROM ihub.job j
@@ -970,17 +971,18 @@ BEGIN
         v_found := false;
         FOR v IN
             WITH next AS (
-                SELECT j.id, j.run_as FROM ihub.job j
+                SELECT j.id, j.run_as, j.priority FROM ihub.job j
                 WHERE j.state IN ('pending', 'retry') AND j.run_at <= now()
                   AND (j.priority, j.run_at, j.id) >= (v_head.priority, v_head.run_at, v_head.id)
                 ORDER BY j.priority, j.run_at, j.id
-                LIMIT v_limit + 1
+                LIMIT v_limit * v_workers + 1
             ), picked AS (
                 SELECT j.id, j.priority, j.run_at FROM ihub.job j
-                WHERE j.id IN (SELECT next.id FROM next WHERE next.run_as = v_head.run_as)
+                WHERE j.id IN (SELECT next.id FROM next
+                               WHERE next.run_as = v_head.run_as AND next.priority = v_head.priority)
                   AND j.state IN ('pending', 'retry') AND j.run_at <= now()
                 ORDER BY j.priority, j.run_at, j.id
-                LIMIT v_limit
+                LIMIT (SELECT least(v_limit, greatest(1, count(*)::integer / v_workers)) FROM next)
                 FOR UPDATE SKIP LOCKED
             ), claimed AS (
                 UPDATE ihub.job j
@@ -1034,7 +1036,28 @@ $$;
 CREATE OR REPLACE FUNCTION ihub._claim_job(p_owner integer, p_default_timeout_ms integer)
 RETURNS TABLE (id bigint, call text, args jsonb, run_as oid, timeout_ms integer, more_due boolean)
 LANGUAGE sql SET search_path = pg_catalog, pg_temp
-AS $$ SELECT * FROM ihub._claim_jobs(p_owner, p_default_timeout_ms, 1) $$;
+AS $$ SELECT * FROM ihub._claim_jobs(p_owner, p_default_timeout_ms, 1, 1) $$;
+
+-- Gives claimed jobs that a worker did not start back to the queue, as
+-- they were (their attempt uncounted), for any worker to take: those left
+-- in a batch whose time ran out.
+CREATE FUNCTION ihub._unclaim_jobs(p_ids bigint[], p_owner integer) RETURNS bigint
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v bigint;
+BEGIN
+    UPDATE ihub.job j
+    SET state = CASE WHEN j.attempts - 1 > j.budget_start THEN 'retry' ELSE 'pending' END,
+        attempts = j.attempts - 1, worker_pid = NULL, started_at = NULL
+    WHERE j.id = ANY (p_ids) AND j.state = 'running' AND j.worker_pid = p_owner;
+    GET DIAGNOSTICS v = ROW_COUNT;
+    IF v > 0 THEN
+        PERFORM ihub._wake_job_worker();
+    END IF;
+    RETURN v;
+END
+$$;
 
 -- Claims the next items due for a processor, up to p_limit, in order of
 -- execution time, and returns how to call their handlers. An item with an
@@ -1044,7 +1067,7 @@ AS $$ SELECT * FROM ihub._claim_jobs(p_owner, p_default_timeout_ms, 1) $$;
 -- items of one role only: that of the first item's handler, among the
 -- p_limit + 1 due items from it on (the one more tells whether more are
 -- due). Only what is claimed is locked.
-CREATE FUNCTION ihub._claim_inbound_items(p_owner integer, p_default_timeout_ms integer, p_limit integer)
+CREATE FUNCTION ihub._claim_inbound_items(p_owner integer, p_default_timeout_ms integer, p_limit integer, p_workers integer)
 RETURNS TABLE (id bigint, call text, run_as oid, timeout_ms integer, more_due boolean)
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
 AS $$
@@ -1055,6 +1078,7 @@ DECLARE
     v_gone bigint[] := '{}';
     v_gone_handlers text[] := '{}';
     v_limit integer := greatest(p_limit, 1);
+    v_workers integer := greatest(p_workers, 1);
 BEGIN
     LOOP
         SELECT t.id, t.run_at, s.run_as INTO v_head
@@ -1081,13 +1105,13 @@ BEGIN
                         WHERE e.source_id = t.source_id AND e.ordering_key = t.ordering_key
                           AND e.state IN ('pending', 'running') AND e.id < t.id))
                 ORDER BY t.run_at, t.id
-                LIMIT v_limit + 1
+                LIMIT v_limit * v_workers + 1
             ), picked AS (
                 SELECT t.id, t.run_at FROM ihub.inbound_item t
                 WHERE t.id IN (SELECT next.id FROM next WHERE next.run_as = v_head.run_as)
                   AND t.state = 'pending' AND t.run_at <= now()
                 ORDER BY t.run_at, t.id
-                LIMIT v_limit
+                LIMIT (SELECT least(v_limit, greatest(1, count(*)::integer / v_workers)) FROM next)
                 FOR UPDATE SKIP LOCKED
             ), claimed AS (
                 UPDATE ihub.inbound_item t
@@ -1129,7 +1153,27 @@ $$;
 CREATE OR REPLACE FUNCTION ihub._claim_inbound(p_owner integer, p_default_timeout_ms integer)
 RETURNS TABLE (id bigint, call text, run_as oid, timeout_ms integer, more_due boolean)
 LANGUAGE sql SET search_path = pg_catalog, pg_temp
-AS $$ SELECT * FROM ihub._claim_inbound_items(p_owner, p_default_timeout_ms, 1) $$;
+AS $$ SELECT * FROM ihub._claim_inbound_items(p_owner, p_default_timeout_ms, 1, 1) $$;
+
+-- Gives claimed items that a processor did not start back to the queue, as
+-- they were, for any processor to take: those left in a batch whose time
+-- ran out.
+CREATE FUNCTION ihub._unclaim_inbound_items(p_ids bigint[], p_owner integer) RETURNS bigint
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v bigint;
+BEGIN
+    UPDATE ihub.inbound_item t
+    SET state = 'pending', attempts = t.attempts - 1, worker_pid = NULL, started_at = NULL
+    WHERE t.id = ANY (p_ids) AND t.state = 'running' AND t.worker_pid = p_owner;
+    GET DIAGNOSTICS v = ROW_COUNT;
+    IF v > 0 THEN
+        PERFORM ihub._wake_processor();
+    END IF;
+    RETURN v;
+END
+$$;
 
 -- _job_done checks the state and the owner, as _job_failed does.
 DROP FUNCTION ihub._job_done(bigint, jsonb, integer, bigint, bigint);
@@ -1268,12 +1312,16 @@ BEGIN
 END
 $$;
 
-COMMENT ON FUNCTION ihub._claim_jobs(integer, integer, integer) IS
-    'Internal (job worker): claims up to p_limit of the most urgent due jobs of one role, for one transaction; fails the claimed jobs whose function was dropped on the way.';
+COMMENT ON FUNCTION ihub._claim_jobs(integer, integer, integer, integer) IS
+    'Internal (job worker): claims up to p_limit (and its share among p_workers) of the most urgent due jobs of one role, for one transaction; fails the claimed jobs whose function was dropped on the way.';
+COMMENT ON FUNCTION ihub._unclaim_jobs(bigint[], integer) IS
+    'Internal (job worker): gives claimed jobs it did not start back to the queue, their attempt uncounted.';
 COMMENT ON FUNCTION ihub._claim_job(integer, integer) IS
     'Internal: claims the most urgent due job (ihub._claim_jobs with a limit of one).';
-COMMENT ON FUNCTION ihub._claim_inbound_items(integer, integer, integer) IS
-    'Internal (processor): claims up to p_limit of the next items due whose handlers run as one role, for one transaction; archives as failed the claimed items whose handler was dropped on the way.';
+COMMENT ON FUNCTION ihub._claim_inbound_items(integer, integer, integer, integer) IS
+    'Internal (processor): claims up to p_limit (and its share among p_workers) of the next items due whose handlers run as one role, for one transaction; archives as failed the claimed items whose handler was dropped on the way.';
+COMMENT ON FUNCTION ihub._unclaim_inbound_items(bigint[], integer) IS
+    'Internal (processor): gives claimed items it did not start back to the queue.';
 COMMENT ON FUNCTION ihub._claim_inbound(integer, integer) IS
     'Internal: claims the next item due (ihub._claim_inbound_items with a limit of one).';
 COMMENT ON FUNCTION ihub.enqueue(regprocedure, jsonb, integer, timestamptz, integer, text, text, interval[], interval) IS

@@ -37,7 +37,7 @@ struct Processor {
 
 impl Worker for Processor {
     const KIND: Kind = Kind::Processor;
-    const NEEDS: Option<&'static str> = Some("ihub._claim_inbound_items(integer, integer, integer)");
+    const NEEDS: Option<&'static str> = Some("ihub._claim_inbound_items(integer, integer, integer, integer)");
     // As for job workers: a termination stops a running handler at once.
     const STOP_AT_ONCE: bool = true;
 
@@ -87,9 +87,14 @@ fn claim(pid: i32, limit: i32) -> Vec<Item> {
         run_prepared(client, "SET LOCAL synchronous_commit = off", &[], &[]).expect("SET LOCAL runs");
         run_prepared(
             client,
-            "SELECT id, call, run_as, timeout_ms, more_due FROM ihub._claim_inbound_items($1, $2, $3)",
-            &[int4, int4, int4],
-            &[pid.into(), settings::JOB_TIMEOUT_MS.get().into(), limit.into()],
+            "SELECT id, call, run_as, timeout_ms, more_due FROM ihub._claim_inbound_items($1, $2, $3, $4)",
+            &[int4, int4, int4, int4],
+            &[
+                pid.into(),
+                settings::JOB_TIMEOUT_MS.get().into(),
+                limit.into(),
+                settings::INBOUND_PROCESSORS.get().into(),
+            ],
         )
         .unwrap_or_else(|e| error!("ihub._claim_inbound_items: {e}"))
         .into_iter()
@@ -107,7 +112,8 @@ fn claim(pid: i32, limit: i32) -> Vec<Item> {
 /// Handles claimed items (their handlers all run as one role) in one
 /// transaction, then archives the failures. As for jobs: an item whose
 /// handler failed on a deadlock or serialization failure is handled again
-/// alone, and all of them again one by one if the transaction fails.
+/// alone, all of them again one by one if the transaction fails, and those
+/// the batch's time left unstarted go back to the queue.
 fn process_batch(items: Vec<Item>, pid: i32) {
     if items.len() == 1 {
         return items.into_iter().for_each(|item| process(item, pid));
@@ -144,9 +150,11 @@ fn process_batch(items: Vec<Item>, pid: i32) {
             Err(failure) => archive_failure(item.id, pid, &failure),
         }
     }
-    let rest: Vec<Item> = items.collect();
+    let rest: Vec<i64> = items.map(|item| item.id).collect();
     if !rest.is_empty() {
-        process_batch(rest, pid);
+        in_transaction("give back unstarted items", || {
+            Spi::run_with_args("SELECT ihub._unclaim_inbound_items($1, $2)", &[rest.clone().into(), pid.into()])
+        });
     }
 }
 

@@ -48,7 +48,7 @@ struct JobWorker {
 
 impl Worker for JobWorker {
     const KIND: Kind = Kind::JobWorker;
-    const NEEDS: Option<&'static str> = Some("ihub._claim_jobs(integer, integer, integer)");
+    const NEEDS: Option<&'static str> = Some("ihub._claim_jobs(integer, integer, integer, integer)");
     // SIGTERM (pg_terminate_backend, shutdown) must stop a running job at
     // once, as in any backend: the job's transaction rolls back, the worker
     // exits and is restarted, and the job is found orphaned and queued again.
@@ -126,9 +126,9 @@ fn claim(pid: i32, limit: i32) -> Vec<Job> {
         run_prepared(client, "SET LOCAL synchronous_commit = off", &[], &[]).expect("SET LOCAL runs");
         run_prepared(
             client,
-            "SELECT id, call, args, run_as, timeout_ms, more_due FROM ihub._claim_jobs($1, $2, $3)",
-            &[int4, int4, int4],
-            &[pid.into(), settings::JOB_TIMEOUT_MS.get().into(), limit.into()],
+            "SELECT id, call, args, run_as, timeout_ms, more_due FROM ihub._claim_jobs($1, $2, $3, $4)",
+            &[int4, int4, int4, int4],
+            &[pid.into(), settings::JOB_TIMEOUT_MS.get().into(), limit.into(), settings::JOB_WORKERS.get().into()],
         )
         .unwrap_or_else(|e| error!("ihub._claim_jobs: {e}"))
         .into_iter()
@@ -148,7 +148,9 @@ fn claim(pid: i32, limit: i32) -> Vec<Job> {
 /// failures. A job that failed on a deadlock or serialization failure runs
 /// again alone (another batch may have held what it needed); the whole
 /// batch runs again job by job if its transaction fails (at commit, say),
-/// so that every failure recorded is the job's own.
+/// so that every failure recorded is the job's own. Jobs the batch's time
+/// left unstarted go back to the queue for any worker: a long job never
+/// keeps the rest of its batch from running elsewhere meanwhile.
 fn run_batch(jobs: Vec<Job>, pid: i32) {
     if jobs.len() == 1 {
         return jobs.into_iter().for_each(|job| run_job(job, pid));
@@ -182,9 +184,11 @@ fn run_batch(jobs: Vec<Job>, pid: i32) {
             Err(failure) => record_failure_of(job.id, pid, &failure),
         }
     }
-    let rest: Vec<Job> = jobs.collect();
+    let rest: Vec<i64> = jobs.map(|job| job.id).collect();
     if !rest.is_empty() {
-        run_batch(rest, pid);
+        in_transaction("give back unstarted jobs", || {
+            Spi::run_with_args("SELECT ihub._unclaim_jobs($1, $2)", &[rest.clone().into(), pid.into()])
+        });
     }
 }
 
