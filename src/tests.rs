@@ -656,6 +656,28 @@ mod tests {
     }
 
     #[pg_test]
+    fn jobs_a_batch_did_not_start_go_back_as_they_were() {
+        setup_jobs();
+        let fresh = one::<i64>("SELECT ihub.enqueue('note_it(jsonb)')");
+        let retried = one::<i64>("SELECT ihub.enqueue('note_it(jsonb)')");
+        Spi::run(&format!("UPDATE ihub.job SET state = 'retry', attempts = 1 WHERE id = {retried}")).unwrap();
+        let claimed = one::<i64>("SELECT count(*) FROM ihub._claim_jobs(4242, 1000, 10, 1)");
+        assert_eq!(claimed, 2);
+        assert_eq!(
+            one::<i64>(&format!("SELECT ihub._unclaim_jobs(ARRAY[{fresh}, {retried}], 4243)")),
+            0,
+            "another worker's jobs stay"
+        );
+        assert_eq!(one::<i64>(&format!("SELECT ihub._unclaim_jobs(ARRAY[{fresh}, {retried}], 4242)")), 2);
+        assert_eq!(
+            one::<String>("SELECT string_agg(state || ':' || attempts || ':' || (worker_pid IS NULL), ' ' ORDER BY id) FROM ihub.job"),
+            "pending:0:true retry:1:true",
+            "back as they were, their attempt uncounted"
+        );
+        assert_eq!(one::<i64>("SELECT count(*) FROM ihub._claim_jobs(4243, 1000, 10, 1)"), 2, "for any worker");
+    }
+
+    #[pg_test]
     fn job_attempts_move_through_their_states() {
         setup_jobs();
         let job = one::<i64>("SELECT ihub.enqueue('note_it(jsonb)', max_attempts => 2)");
@@ -1414,6 +1436,25 @@ mod tests {
         assert_eq!(again, format!("1:{b}:true 2:{d}:false 3:{c}:false", b = ids[2]));
         assert_eq!(one::<i64>("SELECT count(*) FROM ihub.inbound_item"), 4);
         assert_eq!(one::<i64>("SELECT count(*) FROM ihub.inbound_dedup"), 3);
+    }
+
+    #[pg_test]
+    fn items_a_batch_did_not_start_go_back_to_the_queue() {
+        setup_inbound();
+        Spi::run("SELECT ihub.create_source('shop', 'o', 'on_order(ihub.inbound_items)', 'none')").unwrap();
+        for n in 1..=2 {
+            Spi::run(&format!("SELECT ihub.receive('shop', 'o', '{{}}', convert_to('{{\"order\": {n}}}', 'UTF8'))"))
+                .unwrap();
+        }
+        assert_eq!(one::<i64>("SELECT count(*) FROM ihub._claim_inbound_items(4242, 1000, 10, 1)"), 2);
+        let ids = "(SELECT array_agg(id) FROM ihub.inbound_item)";
+        assert_eq!(one::<i64>(&format!("SELECT ihub._unclaim_inbound_items({ids}, 4243)")), 0, "another's");
+        assert_eq!(one::<i64>(&format!("SELECT ihub._unclaim_inbound_items({ids}, 4242)")), 2);
+        assert_eq!(
+            one::<String>("SELECT string_agg(state || ':' || attempts, ' ' ORDER BY id) FROM ihub.inbound_item"),
+            "pending:0 pending:0"
+        );
+        assert_eq!(one::<i64>("SELECT count(*) FROM ihub._claim_inbound_items(4243, 1000, 10, 1)"), 2);
     }
 
     #[pg_test]
