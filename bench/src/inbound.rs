@@ -95,24 +95,8 @@ pub fn accept_rate(listen: &str, clients: usize, length: Duration, delayed: bool
 
 /// Waits until no inbound item is queued or being processed.
 fn wait_drained(db: &mut postgres::Client, timeout: Duration) {
-    let deadline = Instant::now() + timeout;
-    loop {
-        // EXISTS on the partial indexes: a count over the whole table every
-        // few milliseconds would slow the processors it measures.
-        let open: bool = db
-            .query_one(
-                "SELECT EXISTS (SELECT 1 FROM ihub.inbound_item WHERE state = 'pending') \
-                     OR EXISTS (SELECT 1 FROM ihub.inbound_item WHERE state = 'running')",
-                &[],
-            )
-            .unwrap()
-            .get(0);
-        if !open {
-            return;
-        }
-        assert!(Instant::now() < deadline, "inbound items still open");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    let (due, running) = ("ihub.inbound_item WHERE state = 'pending'", "ihub.inbound_item WHERE state = 'running'");
+    crate::wait_until_none(db, due, running, "inbound items", timeout);
 }
 
 /// Makes every queued item due now and times the processors draining them.

@@ -192,25 +192,13 @@ fn jobs_setup(db: &mut postgres::Client) {
 }
 
 fn wait_jobs_done(db: &mut postgres::Client, timeout: Duration) {
-    let deadline = Instant::now() + timeout;
-    loop {
-        // EXISTS on the partial indexes: a count over the whole table every
-        // few milliseconds took 29 % of the machine's CPU from the workers
-        // it measures (perf).
-        let open: bool = db
-            .query_one(
-                "SELECT EXISTS (SELECT 1 FROM ihub.job WHERE state IN ('pending', 'retry')) \
-                     OR EXISTS (SELECT 1 FROM ihub.job WHERE state = 'running')",
-                &[],
-            )
-            .unwrap()
-            .get(0);
-        if !open {
-            return;
-        }
-        assert!(Instant::now() < deadline, "jobs still open");
-        thread::sleep(Duration::from_millis(10));
-    }
+    wait_until_none(
+        db,
+        "ihub.job WHERE state IN ('pending', 'retry')",
+        "ihub.job WHERE state = 'running'",
+        "jobs",
+        timeout,
+    );
 }
 
 /// 50,000 trivial jobs queued in one transaction; time from its commit
@@ -484,23 +472,20 @@ fn single_row_writes(cluster: &Cluster, db: &mut postgres::Client, receiver: &Re
 
 /// Waits until no delivery is queued or running (called once all have
 /// arrived, so all are routed): each is recorded, attempt included.
-/// EXISTS on the partial indexes: counting done deliveries every few
-/// milliseconds was itself part of the CPU measured per delivery.
 fn wait_delivered(db: &mut postgres::Client, timeout: Duration) {
+    let (due, running) = ("ihub.delivery WHERE state IN ('pending', 'retry')", "ihub.delivery WHERE state = 'running'");
+    wait_until_none(db, due, running, "deliveries", timeout);
+}
+
+/// Waits until neither `FROM due` nor `FROM running` has a row. EXISTS on
+/// the queues' partial indexes every 10 ms: a count over the whole table
+/// every few milliseconds took up to 29 % of the machine's CPU from the
+/// workers it measures (perf), and was part of the CPU measured per item.
+pub fn wait_until_none(db: &mut postgres::Client, due: &str, running: &str, what: &str, timeout: Duration) {
     let deadline = Instant::now() + timeout;
-    loop {
-        let open: bool = db
-            .query_one(
-                "SELECT EXISTS (SELECT 1 FROM ihub.delivery WHERE state IN ('pending', 'retry')) \
-                     OR EXISTS (SELECT 1 FROM ihub.delivery WHERE state = 'running')",
-                &[],
-            )
-            .unwrap()
-            .get(0);
-        if !open {
-            return;
-        }
-        assert!(Instant::now() < deadline, "deliveries still open");
+    let query = format!("SELECT EXISTS (SELECT 1 FROM {due}) OR EXISTS (SELECT 1 FROM {running})");
+    while db.query_one(&query, &[]).unwrap().get::<_, bool>(0) {
+        assert!(Instant::now() < deadline, "{what} still open");
         thread::sleep(Duration::from_millis(10));
     }
 }

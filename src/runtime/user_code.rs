@@ -78,22 +78,10 @@ pub fn run_user_call(
     finish: impl FnOnce(Option<JsonB>) + std::panic::UnwindSafe,
 ) -> Result<(), Failure> {
     let worker = unsafe { pg_sys::GetAuthenticatedUserId() };
-    unsafe {
-        pg_sys::SetCurrentStatementStartTimestamp();
-        pg_sys::StartTransactionCommand();
-        pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot());
-    }
+    start_transaction();
     let outcome = PgTryBuilder::new(|| {
         become_role(run_as);
-        // Postgres arms statement_timeout only for client queries; a worker
-        // arms the timer itself. When it fires, the query is cancelled.
-        unsafe { enable_timeout_after(STATEMENT_TIMEOUT, timeout_ms.max(1)) };
-        let result = Spi::connect_mut(|client| {
-            let rows = run_prepared(client, call, &[arg_type], &[arg])?;
-            rows.into_iter().next().map(|row| row.get::<JsonB>(1)).transpose().map(Option::flatten)
-        })
-        .expect("the user function ran");
-        unsafe { disable_timeout(STATEMENT_TIMEOUT, false) };
+        let result = call_with_timeout(call, arg_type, arg, timeout_ms);
         // The worker's own bookkeeping; no user code runs in it.
         as_user(worker, || finish(result));
         // Commits as run_as: deferred triggers and WITH HOLD cursors run
@@ -107,24 +95,52 @@ pub fn run_user_call(
     })
     .catch_others(|e| Err(failure_of(&e, timeout_ms)))
     .execute();
+    unsafe { disable_timeout(STATEMENT_TIMEOUT, false) };
+    back_to_worker(worker, outcome.is_err());
+    outcome
+}
+
+/// Starts the transaction user code runs in, with its snapshot.
+fn start_transaction() {
     unsafe {
-        disable_timeout(STATEMENT_TIMEOUT, false);
-        if outcome.is_err() {
+        pg_sys::SetCurrentStatementStartTimestamp();
+        pg_sys::StartTransactionCommand();
+        pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot());
+    }
+}
+
+/// Runs one statement of user code taking `arg`, under `timeout_ms`, and
+/// returns its jsonb result. Postgres arms statement_timeout only for
+/// client queries; a worker arms the timer itself. When it fires, the query
+/// is cancelled.
+fn call_with_timeout(sql: &str, arg_type: PgOid, arg: pgrx::datum::DatumWithOid<'_>, timeout_ms: i32) -> Option<JsonB> {
+    unsafe { enable_timeout_after(STATEMENT_TIMEOUT, timeout_ms.max(1)) };
+    let result = Spi::connect_mut(|client| {
+        let rows = run_prepared(client, sql, &[arg_type], &[arg])?;
+        rows.into_iter().next().map(|row| row.get::<JsonB>(1)).transpose().map(Option::flatten)
+    })
+    .expect("the user function ran");
+    unsafe { disable_timeout(STATEMENT_TIMEOUT, false) };
+    result
+}
+
+/// Ends a call's (or batch's) transaction, rolling it back if it `failed`:
+/// back to the worker's own identity, only now that nothing of the
+/// transaction is left to run; then nothing of its session state either:
+/// the worker's own statements run as the superuser, and a search_path the
+/// call left behind would have them find the call's functions first.
+fn back_to_worker(worker: pg_sys::Oid, failed: bool) {
+    unsafe {
+        if failed {
             pg_sys::AbortCurrentTransaction();
         }
-        // Back to the worker's own identity, only now that nothing of the
-        // call's transaction is left to run.
         pg_sys::SetUserIdAndSecContext(worker, 0);
         pg_sys::SetSessionAuthorization(worker, true);
-        // Then nothing of the call's session state either: the worker's own
-        // statements run as the superuser, and a search_path the call left
-        // behind would have them find the call's functions first.
         pg_sys::StartTransactionCommand();
         discard_session_state();
         pg_sys::CommitTransactionCommand();
         pg_sys::pgstat_report_stat(false);
     }
-    outcome
 }
 
 /// Once a batch has run this long, the calls that ran commit and no further
@@ -164,11 +180,7 @@ pub fn run_user_batch<T>(
 ) -> Result<Vec<Result<(), Failure>>, String> {
     let worker = unsafe { pg_sys::GetAuthenticatedUserId() };
     let started = std::time::Instant::now();
-    unsafe {
-        pg_sys::SetCurrentStatementStartTimestamp();
-        pg_sys::StartTransactionCommand();
-        pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot());
-    }
+    start_transaction();
     let mut outcomes = Vec::with_capacity(items.len());
     let committed = PgTryBuilder::new(std::panic::AssertUnwindSafe(|| {
         become_role(run_as);
@@ -189,17 +201,7 @@ pub fn run_user_batch<T>(
     }))
     .catch_others(|e| Err(caught_message(&e).to_string()))
     .execute();
-    unsafe {
-        if committed.is_err() {
-            pg_sys::AbortCurrentTransaction();
-        }
-        pg_sys::SetUserIdAndSecContext(worker, 0);
-        pg_sys::SetSessionAuthorization(worker, true);
-        pg_sys::StartTransactionCommand();
-        discard_session_state();
-        pg_sys::CommitTransactionCommand();
-        pg_sys::pgstat_report_stat(false);
-    }
+    back_to_worker(worker, committed.is_err());
     committed.map(|()| outcomes)
 }
 
@@ -224,16 +226,8 @@ fn call_in_subtransaction(
         // What the call sets (SET, set_config) ends with it, as if its
         // transaction had ended: the next call never sees it.
         let settings = unsafe { pg_sys::NewGUCNestLevel() };
-        unsafe { enable_timeout_after(STATEMENT_TIMEOUT, timeout_ms.max(1)) };
-        let result = Spi::connect_mut(|client| {
-            let rows = run_prepared(client, &call.sql, &[call.arg_type], &[call.arg])?;
-            rows.into_iter().next().map(|row| row.get::<JsonB>(1)).transpose().map(Option::flatten)
-        })
-        .expect("the user function ran");
-        unsafe {
-            disable_timeout(STATEMENT_TIMEOUT, false);
-            pg_sys::AtEOXact_GUC(false, settings);
-        }
+        let result = call_with_timeout(&call.sql, call.arg_type, call.arg, timeout_ms);
+        unsafe { pg_sys::AtEOXact_GUC(false, settings) };
         as_user(worker, || finish(result));
         unsafe { pg_sys::ReleaseCurrentSubTransaction() };
         restore();
