@@ -727,3 +727,34 @@ fn unknown_paths_are_answered_from_the_cache_without_reloading_each_time() {
     let (_, fresh) = inbound_kit(&mut hub, 0.0);
     assert_eq!(client.post(&fresh).body("{}").send().unwrap().status(), 202);
 }
+
+/// A commit made while a dispatcher is busy only raises a flag for it, so
+/// that single-row writers get fewer, larger rounds. A dispatcher held up by
+/// a receiver that does not answer must still not hold up changes committed
+/// meanwhile: a batch still sending after a few milliseconds wakes a peer.
+#[test]
+fn changes_committed_while_a_dispatcher_waits_on_a_silent_receiver_go_to_a_peer() {
+    let _g = serial();
+    let mut hub = hub();
+    // A sleeping dispatcher wakes on its own only after a minute here: the
+    // second delivery arrives in time only if something wakes a dispatcher.
+    hub.exec("ALTER SYSTEM SET ihub.poll_interval = '60s'");
+    hub.exec("SELECT pg_reload_conf()");
+    let silent_rx = Receiver::start();
+    silent_rx.script(|_, _| Reply::Hang);
+    let silent = hub.setup(&silent_rx.url("/"), ", timeout_ms => 60000");
+    let fast_rx = Receiver::start();
+    let fast = hub.setup(&fast_rx.url("/"), "");
+    hub.exec(&format!("SELECT ihub.http_request('{}', '{{}}')", silent.endpoint));
+    let silent_reached = silent_rx.wait_for(1, Duration::from_secs(20));
+    hub.exec(&format!("SELECT ihub.http_request('{}', '{{}}')", fast.endpoint));
+    let fast_arrived = fast_rx.wait_for(1, Duration::from_secs(30));
+    let silent_state: String =
+        hub.one(&format!("SELECT state FROM ihub.deliveries WHERE endpoint = '{}'", silent.endpoint));
+    hub.exec("ALTER SYSTEM RESET ihub.poll_interval");
+    hub.exec("SELECT pg_reload_conf()");
+    hub.exec(&format!("SELECT ihub.disable_endpoint('{}')", silent.endpoint));
+    assert!(silent_reached, "the first request never reached its receiver");
+    assert!(fast_arrived, "the change committed meanwhile was not sent");
+    assert_eq!(silent_state, "running", "the second delivery waited for the first to time out");
+}

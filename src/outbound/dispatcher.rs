@@ -25,6 +25,10 @@ use pg_ihub_core::retry::{category, classify, decide, Next, RetryPolicy, Verdict
 /// Commits still wake a dispatcher at once.
 const DUE_TICK: Duration = Duration::from_millis(250);
 
+/// A batch still sending after this is slow (a slow or unreachable
+/// receiver): changes committed meanwhile are not left waiting for it.
+const SLOW_BATCH: Duration = Duration::from_millis(5);
+
 /// A claimed delivery: the request plus what deciding its fate needs.
 struct Claimed {
     request: Request,
@@ -83,6 +87,9 @@ impl Worker for Dispatcher {
         // queue; checked at the poll cadence, and at once after a start.
         let rescue_now = self.last_rescue.is_none_or(|t| t.elapsed() >= poll);
         let started = Instant::now();
+        // Busy from here until the round ends: commits made meanwhile are
+        // left to this dispatcher's next round (registry::wake_for_commit).
+        registry::heartbeat(false);
         // What this round claims includes every commit made until now.
         registry::take_work_committed(Kind::Dispatcher);
         let results = self.unsettled.take();
@@ -100,7 +107,7 @@ impl Worker for Dispatcher {
             if let Some(results) = results {
                 in_transaction("settle", || settle(pid, &results));
             }
-            return poll;
+            return idle_unless_committed(poll);
         };
         // Between bursts, vacuum capture tables full of routed (deleted) or
         // rolled-back rows, which every route would otherwise scan again;
@@ -108,16 +115,24 @@ impl Worker for Dispatcher {
         let between_bursts = (round.claimed.len() as i32) < batch_size;
         if round.claimed.is_empty() {
             self.vacuum_if_due(between_bursts);
-            return round.next_due.map_or(poll, |d| d.max(DUE_TICK).min(poll));
+            return idle_unless_committed(round.next_due.map_or(poll, |d| d.max(DUE_TICK).min(poll)));
         }
-        registry::heartbeat(false);
         if round.claimed.len() as i32 >= batch_size {
             registry::wake_peer(Kind::Dispatcher);
         }
         let claimed_at = Instant::now();
         let requests = round.claimed.iter().map(|c| c.request.clone()).collect();
         report_activity(Some(&format!("dispatching {} deliveries", round.claimed.len())));
-        let attempts = self.runtime.block_on(self.sender.send_all(requests, shutdown_requested));
+        // Commits made while this batch is sent wait for this dispatcher
+        // (see registry::wake_for_commit) unless sending takes long: then a
+        // peer is woken for them (it takes the flag when it starts).
+        let tick = || {
+            if claimed_at.elapsed() >= SLOW_BATCH && registry::work_committed(Kind::Dispatcher) {
+                registry::wake_peer(Kind::Dispatcher);
+            }
+            shutdown_requested()
+        };
+        let attempts = self.runtime.block_on(self.sender.send_all(requests, tick));
         report_activity(None);
         debug1!(
             "pg_ihub dispatcher: {} deliveries: settle and claim {:.1} ms, send {:.1} ms",
@@ -135,12 +150,7 @@ impl Worker for Dispatcher {
         // earlier, and the next round settles this batch). Going on at once
         // after every round made retries spread by jitter keep a dispatcher
         // busy claiming a few at a time: 945 rounds per wave of 20,000.
-        registry::heartbeat(true);
-        if registry::take_work_committed(Kind::Dispatcher) {
-            Duration::ZERO
-        } else {
-            DUE_TICK.min(poll)
-        }
+        idle_unless_committed(DUE_TICK.min(poll))
     }
 
     fn stop(&mut self) {
@@ -148,6 +158,17 @@ impl Worker for Dispatcher {
             let pid = self.pid;
             in_transaction("settle", || settle(pid, &results));
         }
+    }
+}
+
+/// Ends a round that took all that was due: idle, then (in this order, see
+/// registry::wake_for_commit) no sleep if changes were committed meanwhile.
+fn idle_unless_committed(sleep: Duration) -> Duration {
+    registry::heartbeat(true);
+    if registry::take_work_committed(Kind::Dispatcher) {
+        Duration::ZERO
+    } else {
+        sleep
     }
 }
 

@@ -108,6 +108,7 @@ pub fn run<W: Worker>() -> ! {
                 // More work waits: no sleep, but a termination still stops us.
                 pg_sys::check_for_interrupts!();
             } else {
+                registry::heartbeat(true);
                 worker.sleep(sleep);
             }
         } else {
@@ -115,6 +116,8 @@ pub fn run<W: Worker>() -> ! {
             // (DROP EXTENSION): look again before the next round.
             ready = false;
             backoff = (backoff * 2).clamp(FIRST_BACKOFF, MAX_BACKOFF);
+            // Idle while it waits, so that commits wake another worker.
+            registry::heartbeat(true);
             worker.sleep(backoff);
         }
     }

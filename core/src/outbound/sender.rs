@@ -210,6 +210,9 @@ pub fn client_builder(proxy: &str) -> Result<reqwest::ClientBuilder, String> {
     })
 }
 
+/// How often `send_all` calls its `tick` while requests are in flight.
+pub const TICK: Duration = Duration::from_millis(5);
+
 /// Reusable sender: one connection pool for the worker's lifetime.
 pub struct Sender {
     client: reqwest::Client,
@@ -314,7 +317,10 @@ impl Sender {
     /// with only the finished attempts, when `stop` turns true (checked every
     /// 100 ms); the unfinished deliveries keep their lease and are claimed
     /// again later.
-    pub async fn send_all(&self, requests: Vec<Request>, stop: impl Fn() -> bool) -> Vec<Attempt> {
+    /// Sends a batch, at most `concurrency` requests at a time. `tick` runs
+    /// every `TICK` while requests are in flight; sending stops when it
+    /// answers true (shutdown), leaving the unsent unrecorded.
+    pub async fn send_all(&self, requests: Vec<Request>, mut tick: impl FnMut() -> bool) -> Vec<Attempt> {
         // A dispatcher's runtime only runs inside this call, so connections
         // that servers closed while it slept still look reusable in the pool
         // and the next request on one fails. Yielding lets the runtime poll
@@ -326,14 +332,15 @@ impl Sender {
         let mut pending = futures_util::stream::iter(requests.into_iter().map(|r| self.send_one(r)))
             .buffer_unordered(self.concurrency);
         let mut done = Vec::with_capacity(total);
-        let mut tick = tokio::time::interval(Duration::from_millis(100));
+        let mut ticks = tokio::time::interval(TICK);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 next = pending.next() => match next {
                     Some(attempt) => done.push(attempt),
                     None => break,
                 },
-                _ = tick.tick() => if stop() { break },
+                _ = ticks.tick() => if tick() { break },
             }
         }
         done
