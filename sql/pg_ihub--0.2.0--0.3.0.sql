@@ -1859,6 +1859,15 @@ COMMENT ON FUNCTION ihub._log_failures(jsonb) IS
 COMMENT ON FUNCTION ihub._failure_message(text, bigint, text, text) IS 'Internal: the message of an aggregated delivery-failure log entry.';
 
 -------------------------------------------------------------------------------
+-- The running indexes of jobs and inbound items are keyed by id: recording a
+-- job or item done walked every entry of its worker (bootstrap.sql).
+-------------------------------------------------------------------------------
+DROP INDEX ihub.job_running_idx;
+CREATE INDEX job_running_idx ON ihub.job (id) WHERE state = 'running';
+DROP INDEX ihub.inbound_running_idx;
+CREATE INDEX inbound_running_idx ON ihub.inbound_item (id) WHERE state = 'running';
+
+-------------------------------------------------------------------------------
 -- Privileges: as a fresh install sets them (finalize.sql)
 -------------------------------------------------------------------------------
 
