@@ -787,7 +787,8 @@ BEGIN
             USING ERRCODE = 'insufficient_privilege',
                   HINT = 'pg_ihub renders changes as JSON with its workers'' rights and never runs such a cast: drop it (DROP CAST).';
     END IF;
-    SELECT * INTO v_endpoint FROM ihub.endpoint WHERE id = p_sub.endpoint_id;
+    -- Kept until commit, as a foreign key check would (see ihub._endpoint_deleted).
+    SELECT * INTO v_endpoint FROM ihub.endpoint WHERE id = p_sub.endpoint_id FOR KEY SHARE;
     SELECT * INTO v_integration FROM ihub.integration WHERE id = v_endpoint.integration_id;
     SELECT n.nspname, c.relname INTO v_rel FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = p_sub.source;
     IF p_sub.columns IS NOT NULL THEN
@@ -1206,6 +1207,8 @@ BEGIN
     IF http_request.headers IS NOT NULL THEN
         PERFORM ihub._check_headers(http_request.headers);
     END IF;
+    -- Kept until commit, as a foreign key check would (see ihub._endpoint_deleted).
+    PERFORM FROM ihub.endpoint e WHERE e.id = v_endpoint.id FOR KEY SHARE;
     INSERT INTO ihub.delivery (event_id, endpoint_id, event_type, payload, method, path, headers)
     VALUES ('evt_' || replace(gen_random_uuid()::text, '-', ''), v_endpoint.id, coalesce(event_type, 'http_request'),
             body, upper(http_request.method), http_request.path, http_request.headers)
@@ -1214,6 +1217,37 @@ BEGIN
     RETURN v_id;
 END
 $$;
+
+-- What the foreign keys of ihub.delivery would do (it has none: see
+-- bootstrap.sql), checked when an endpoint or a subscription is deleted,
+-- which is rare, instead of for every delivery queued. Whatever queues a
+-- delivery holds its endpoint FOR KEY SHARE until it commits, as a foreign
+-- key check would: a concurrent delete waits, then finds the delivery.
+CREATE FUNCTION ihub._endpoint_deleted() RETURNS trigger
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF EXISTS (SELECT 1 FROM ihub.delivery d WHERE d.endpoint_id = OLD.id) THEN
+        RAISE EXCEPTION 'endpoint "%" still has deliveries', OLD.name
+            USING ERRCODE = 'foreign_key_violation',
+                  HINT = 'ihub.delete_integration deletes an integration with its endpoints and their deliveries.';
+    END IF;
+    RETURN OLD;
+END
+$$;
+CREATE TRIGGER endpoint_deleted BEFORE DELETE ON ihub.endpoint
+    FOR EACH ROW EXECUTE FUNCTION ihub._endpoint_deleted();
+
+CREATE FUNCTION ihub._subscription_deleted() RETURNS trigger
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    UPDATE ihub.delivery d SET subscription_id = NULL WHERE d.subscription_id = OLD.id;
+    RETURN NULL;
+END
+$$;
+CREATE TRIGGER subscription_deleted AFTER DELETE ON ihub.subscription
+    FOR EACH ROW EXECUTE FUNCTION ihub._subscription_deleted();
 
 CREATE FUNCTION ihub.replay(delivery_id bigint) RETURNS void
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
@@ -1335,6 +1369,12 @@ COMMENT ON FUNCTION ihub._bloated_capture_tables(bigint) IS 'Internal (dispatche
 COMMENT ON FUNCTION ihub._next_due() IS 'Internal (dispatcher): seconds until the next claimable delivery is due.';
 COMMENT ON FUNCTION ihub.http_request(text, jsonb, text, text, jsonb, text) IS
     'Queues a one-off durable request to an endpoint with the same signing, retries and record as row-change deliveries. Returns the delivery id.';
+COMMENT ON FUNCTION ihub._endpoint_deleted() IS
+    'Internal: trigger refusing to delete an endpoint that still has deliveries (ihub.delivery has no foreign keys).';
+COMMENT ON FUNCTION ihub._subscription_deleted() IS
+    'Internal: trigger clearing the subscription of deliveries when their subscription is deleted (ihub.delivery has no foreign keys).';
+COMMENT ON TRIGGER endpoint_deleted ON ihub.endpoint IS 'Refuses to delete an endpoint that still has deliveries.';
+COMMENT ON TRIGGER subscription_deleted ON ihub.subscription IS 'Clears the subscription of its deliveries when it is deleted.';
 COMMENT ON FUNCTION ihub.replay(bigint) IS 'Puts a dead or failed delivery back in the queue with a fresh retry budget.';
 COMMENT ON FUNCTION ihub.replay_dead(text, timestamptz) IS
     'Puts every dead or failed delivery of an endpoint created since the given time back in the queue. Returns how many.';

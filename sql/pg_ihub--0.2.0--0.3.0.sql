@@ -529,7 +529,8 @@ BEGIN
             USING ERRCODE = 'insufficient_privilege',
                   HINT = 'pg_ihub renders changes as JSON with its workers'' rights and never runs such a cast: drop it (DROP CAST).';
     END IF;
-    SELECT * INTO v_endpoint FROM ihub.endpoint WHERE id = p_sub.endpoint_id;
+    -- Kept until commit, as a foreign key check would (see ihub._endpoint_deleted).
+    SELECT * INTO v_endpoint FROM ihub.endpoint WHERE id = p_sub.endpoint_id FOR KEY SHARE;
     SELECT * INTO v_integration FROM ihub.integration WHERE id = v_endpoint.integration_id;
     SELECT n.nspname, c.relname INTO v_rel FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = p_sub.source;
     IF p_sub.columns IS NOT NULL THEN
@@ -1866,6 +1867,100 @@ DROP INDEX ihub.job_running_idx;
 CREATE INDEX job_running_idx ON ihub.job (id) WHERE state = 'running';
 DROP INDEX ihub.inbound_running_idx;
 CREATE INDEX inbound_running_idx ON ihub.inbound_item (id) WHERE state = 'running';
+
+-------------------------------------------------------------------------------
+-- ihub.delivery without foreign keys: what they did is done when an
+-- endpoint or subscription is deleted (outbound.sql); whatever queues a
+-- delivery holds its endpoint FOR KEY SHARE until it commits.
+-------------------------------------------------------------------------------
+ALTER TABLE ihub.delivery DROP CONSTRAINT delivery_endpoint_id_fkey, DROP CONSTRAINT delivery_subscription_id_fkey;
+
+CREATE FUNCTION ihub._endpoint_deleted() RETURNS trigger
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF EXISTS (SELECT 1 FROM ihub.delivery d WHERE d.endpoint_id = OLD.id) THEN
+        RAISE EXCEPTION 'endpoint "%" still has deliveries', OLD.name
+            USING ERRCODE = 'foreign_key_violation',
+                  HINT = 'ihub.delete_integration deletes an integration with its endpoints and their deliveries.';
+    END IF;
+    RETURN OLD;
+END
+$$;
+CREATE TRIGGER endpoint_deleted BEFORE DELETE ON ihub.endpoint
+    FOR EACH ROW EXECUTE FUNCTION ihub._endpoint_deleted();
+
+CREATE FUNCTION ihub._subscription_deleted() RETURNS trigger
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    UPDATE ihub.delivery d SET subscription_id = NULL WHERE d.subscription_id = OLD.id;
+    RETURN NULL;
+END
+$$;
+CREATE TRIGGER subscription_deleted AFTER DELETE ON ihub.subscription
+    FOR EACH ROW EXECUTE FUNCTION ihub._subscription_deleted();
+
+CREATE OR REPLACE FUNCTION ihub.http_request(
+    endpoint text,
+    body jsonb,
+    method text DEFAULT NULL,
+    path text DEFAULT NULL,
+    headers jsonb DEFAULT NULL,
+    event_type text DEFAULT 'http_request'
+) RETURNS bigint
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_endpoint ihub.endpoint;
+    v_integration ihub.integration;
+    v_id bigint;
+    v_size bigint;
+BEGIN
+    PERFORM ihub._require_workers();
+    v_endpoint := ihub._endpoint(http_request.endpoint);
+    SELECT * INTO v_integration FROM ihub.integration WHERE id = v_endpoint.integration_id;
+    IF v_integration.state = 'inactive' THEN
+        RAISE EXCEPTION 'integration "%" is inactive', v_integration.name
+            USING ERRCODE = 'object_not_in_prerequisite_state',
+                  HINT = format('Enable it first: SELECT ihub.enable_integration(%L);', v_integration.name);
+    END IF;
+    IF body IS NULL THEN
+        RAISE EXCEPTION 'body must not be NULL' USING ERRCODE = 'null_value_not_allowed', HINT = 'Pass ''{}'' for an empty object.';
+    END IF;
+    v_size := octet_length(body::text);
+    IF v_size > pg_size_bytes(current_setting('ihub.max_body_size')) THEN
+        RAISE EXCEPTION 'body is % bytes, more than ihub.max_body_size (%)', v_size, current_setting('ihub.max_body_size')
+            USING ERRCODE = 'program_limit_exceeded', HINT = 'Send less, or raise ihub.max_body_size.';
+    END IF;
+    IF http_request.method IS NOT NULL AND upper(http_request.method) NOT IN ('GET', 'POST', 'PUT', 'PATCH', 'DELETE') THEN
+        RAISE EXCEPTION 'unsupported HTTP method "%"', http_request.method
+            USING ERRCODE = 'invalid_parameter_value', HINT = 'Use GET, POST, PUT, PATCH or DELETE.';
+    END IF;
+    IF http_request.path IS NOT NULL AND http_request.path !~ '^[/?][^[:space:]#]*$' THEN
+        RAISE EXCEPTION 'invalid path "%"', http_request.path
+            USING ERRCODE = 'invalid_parameter_value', HINT = 'A path is appended to the endpoint URL; start it with / or ? and leave out spaces.';
+    END IF;
+    IF http_request.headers IS NOT NULL THEN
+        PERFORM ihub._check_headers(http_request.headers);
+    END IF;
+    -- Kept until commit, as a foreign key check would (see ihub._endpoint_deleted).
+    PERFORM FROM ihub.endpoint e WHERE e.id = v_endpoint.id FOR KEY SHARE;
+    INSERT INTO ihub.delivery (event_id, endpoint_id, event_type, payload, method, path, headers)
+    VALUES ('evt_' || replace(gen_random_uuid()::text, '-', ''), v_endpoint.id, coalesce(event_type, 'http_request'),
+            body, upper(http_request.method), http_request.path, http_request.headers)
+    RETURNING id INTO v_id;
+    PERFORM ihub._wake();
+    RETURN v_id;
+END
+$$;
+
+COMMENT ON FUNCTION ihub._endpoint_deleted() IS
+    'Internal: trigger refusing to delete an endpoint that still has deliveries (ihub.delivery has no foreign keys).';
+COMMENT ON FUNCTION ihub._subscription_deleted() IS
+    'Internal: trigger clearing the subscription of deliveries when their subscription is deleted (ihub.delivery has no foreign keys).';
+COMMENT ON TRIGGER endpoint_deleted ON ihub.endpoint IS 'Refuses to delete an endpoint that still has deliveries.';
+COMMENT ON TRIGGER subscription_deleted ON ihub.subscription IS 'Clears the subscription of its deliveries when it is deleted.';
 
 -------------------------------------------------------------------------------
 -- Privileges: as a fresh install sets them (finalize.sql)

@@ -351,6 +351,29 @@ mod tests {
         assert!(one::<bool>("SELECT capturing FROM ihub.subscriptions"));
     }
 
+    /// ihub.delivery has no foreign keys (checking them cost a query per
+    /// delivery queued): deleting an endpoint or a subscription does what
+    /// they did.
+    #[pg_test]
+    fn deleting_what_deliveries_point_at_does_what_foreign_keys_did() {
+        setup_enabled();
+        let sub = one::<i64>("SELECT ihub.subscribe('orders', 'hook')");
+        Spi::run("INSERT INTO orders (customer, amount) VALUES ('a', 1)").unwrap();
+        // Routed as a dispatcher does, unclaimed.
+        Spi::run(&format!("SELECT ihub._route(s, NULL, NULL) FROM ihub.subscription s WHERE s.id = {sub}")).unwrap();
+        Spi::run("SELECT ihub.http_request('hook', '{}')").unwrap();
+        assert_eq!(one::<i64>(&format!("SELECT count(*) FROM ihub.delivery WHERE subscription_id = {sub}")), 1);
+        expect_error(
+            "DELETE FROM ihub.endpoint WHERE name = 'hook'",
+            &["endpoint \"hook\" still has deliveries", "HINT: ihub.delete_integration"],
+        );
+        Spi::run(&format!("SELECT ihub.unsubscribe({sub})")).unwrap();
+        assert_eq!(one::<i64>(&format!("SELECT count(*) FROM ihub.delivery WHERE subscription_id = {sub}")), 0);
+        assert_eq!(one::<i64>("SELECT count(*) FROM ihub.delivery WHERE subscription_id IS NULL"), 2, "both stay");
+        Spi::run("SELECT ihub.disable_integration('shop'); SELECT ihub.delete_integration('shop')").unwrap();
+        assert_eq!(one::<i64>("SELECT count(*) FROM ihub.delivery"), 0, "deleted with their integration");
+    }
+
     #[pg_test]
     fn http_request_and_replay_check_their_input() {
         setup();

@@ -3,6 +3,7 @@
 //! `outbound` does the HTTP and the retry decisions. SPI stays on this
 //! thread; HTTP runs on a single-threaded tokio runtime between transactions.
 
+use std::collections::HashMap;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use pgrx::prelude::*;
@@ -29,6 +30,10 @@ const DUE_TICK: Duration = Duration::from_millis(250);
 /// receiver): changes committed meanwhile are not left waiting for it.
 const SLOW_BATCH: Duration = Duration::from_millis(5);
 
+/// What deciding a delivery's fate needs besides its attempt: its retry
+/// policy and the attempts its budget already spent.
+type Fate = (RetryPolicy, u32);
+
 /// A claimed delivery: the request plus what deciding its fate needs.
 struct Claimed {
     request: Request,
@@ -50,7 +55,8 @@ struct Dispatcher {
     last_vacuum: Instant,
     /// Attempts of the last batch, settled in the same transaction as the
     /// next claim: one commit per batch instead of two.
-    unsettled: Option<Value>,
+    /// (A JSON array, serialized once: it may be settled twice.)
+    unsettled: Option<String>,
 }
 
 impl Worker for Dispatcher {
@@ -95,7 +101,7 @@ impl Worker for Dispatcher {
         let results = self.unsettled.take();
         let concurrency = self.sender.concurrency();
         let round = in_transaction("settle and claim", || {
-            next_round(pid, batch_size, concurrency, results.as_ref(), rescue_now)
+            next_round(pid, batch_size, concurrency, results.as_deref(), rescue_now)
         });
         if rescue_now {
             self.last_rescue = Some(Instant::now());
@@ -121,8 +127,11 @@ impl Worker for Dispatcher {
             registry::wake_peer(Kind::Dispatcher);
         }
         let claimed_at = Instant::now();
-        let requests = round.claimed.iter().map(|c| c.request.clone()).collect();
-        report_activity(Some(&format!("dispatching {} deliveries", round.claimed.len())));
+        let count = round.claimed.len();
+        let (requests, fates): (Vec<Request>, Vec<Fate>) =
+            round.claimed.into_iter().map(|c| (c.request, (c.policy, c.attempts_used))).unzip();
+        let fates: HashMap<i64, Fate> = requests.iter().map(|r| r.delivery_id).zip(fates).collect();
+        report_activity(Some(&format!("dispatching {count} deliveries")));
         // Commits made while this batch is sent wait for this dispatcher
         // (see registry::wake_for_commit) unless sending takes long: then a
         // peer is woken for them (it takes the flag when it starts).
@@ -136,11 +145,11 @@ impl Worker for Dispatcher {
         report_activity(None);
         debug1!(
             "pg_ihub dispatcher: {} deliveries: settle and claim {:.1} ms, send {:.1} ms",
-            round.claimed.len(),
+            count,
             (claimed_at - started).as_secs_f64() * 1000.0,
             claimed_at.elapsed().as_secs_f64() * 1000.0
         );
-        self.unsettled = Some(decide_all(&round.claimed, attempts));
+        self.unsettled = Some(decide_all(&fates, attempts).to_string());
         self.vacuum_if_due(between_bursts);
         if !between_bursts {
             return Duration::ZERO; // a full batch: more is due
@@ -258,7 +267,7 @@ struct Round {
 }
 
 /// One transaction: settle the last batch, rescue if due, claim the next.
-fn next_round(pid: i32, batch_size: i32, concurrency: usize, results: Option<&Value>, rescue_now: bool) -> Round {
+fn next_round(pid: i32, batch_size: i32, concurrency: usize, results: Option<&str>, rescue_now: bool) -> Round {
     if let Some(results) = results {
         settle(pid, results);
     }
@@ -341,15 +350,15 @@ fn headers_json(headers: &[(String, String)]) -> Value {
 }
 
 /// One settle record per finished attempt, with the delivery's next state.
-fn decide_all(claimed: &[Claimed], attempts: Vec<Attempt>) -> Value {
+fn decide_all(fates: &HashMap<i64, Fate>, attempts: Vec<Attempt>) -> Value {
     let mut rng = rand::thread_rng();
     let now = SystemTime::now();
     let results: Vec<Value> = attempts
         .into_iter()
         .filter_map(|a| {
-            let c = claimed.iter().find(|c| c.request.delivery_id == a.delivery_id)?;
+            let (policy, attempts_used) = fates.get(&a.delivery_id)?;
             let verdict = classify(&a.outcome);
-            let next = decide(&c.policy, verdict, c.attempts_used + 1, now, &mut rng);
+            let next = decide(policy, verdict, attempts_used + 1, now, &mut rng);
             let (state, next_at) = match next {
                 Next::Delivered => ("done", None),
                 Next::Retry { at } => ("retry", Some(epoch(at))),
@@ -375,10 +384,10 @@ fn decide_all(claimed: &[Claimed], attempts: Vec<Attempt>) -> Value {
     Value::Array(results)
 }
 
-fn settle(pid: i32, results: &Value) {
+fn settle(pid: i32, results: &str) {
     Spi::connect_mut(|client| {
         client
-            .update("SELECT ihub._settle($1, $2)", None, &[pid.into(), JsonB(results.clone()).into()])
+            .update("SELECT ihub._settle($1, $2::jsonb)", None, &[pid.into(), results.into()])
             .expect("ihub._settle runs");
     });
 }
