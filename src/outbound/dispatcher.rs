@@ -120,8 +120,9 @@ impl Worker for Dispatcher {
         // after sending, so that no claimed delivery waits for it.
         let between_bursts = (round.claimed.len() as i32) < batch_size;
         if round.claimed.is_empty() {
+            let sleep = idle_unless_committed(round.next_due.map_or(poll, |d| d.max(DUE_TICK).min(poll)));
             self.vacuum_if_due(between_bursts);
-            return idle_unless_committed(round.next_due.map_or(poll, |d| d.max(DUE_TICK).min(poll)));
+            return sleep;
         }
         if round.claimed.len() as i32 >= batch_size {
             registry::wake_peer(Kind::Dispatcher);
@@ -150,7 +151,6 @@ impl Worker for Dispatcher {
             claimed_at.elapsed().as_secs_f64() * 1000.0
         );
         self.unsettled = Some(decide_all(&fates, attempts).to_string());
-        self.vacuum_if_due(between_bursts);
         if !between_bursts {
             return Duration::ZERO; // a full batch: more is due
         }
@@ -159,7 +159,9 @@ impl Worker for Dispatcher {
         // earlier, and the next round settles this batch). Going on at once
         // after every round made retries spread by jitter keep a dispatcher
         // busy claiming a few at a time: 945 rounds per wave of 20,000.
-        idle_unless_committed(DUE_TICK.min(poll))
+        let sleep = idle_unless_committed(DUE_TICK.min(poll));
+        self.vacuum_if_due(between_bursts);
+        sleep
     }
 
     fn stop(&mut self) {
@@ -182,6 +184,8 @@ fn idle_unless_committed(sleep: Duration) -> Duration {
 }
 
 impl Dispatcher {
+    /// Called once the dispatcher is idle again: commits made while it
+    /// vacuums wake a dispatcher rather than wait for the vacuum.
     fn vacuum_if_due(&mut self, between_bursts: bool) {
         if between_bursts && self.last_vacuum.elapsed() >= Duration::from_secs(1) {
             vacuum_capture_tables();

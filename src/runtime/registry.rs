@@ -52,6 +52,8 @@ pub struct Slot {
     /// Set before each claim and cleared when it found work: a worker with
     /// work claims again when it is done, so only idle ones need waking.
     idle: bool,
+    /// When the worker last stopped being idle (ms since the epoch).
+    busy_since_ms: i64,
     /// The job a job worker is running, and its reported progress.
     job_id: i64,
     progress_done: i64,
@@ -68,6 +70,7 @@ impl Default for Slot {
             started_ms: 0,
             heartbeat_ms: 0,
             idle: true,
+            busy_since_ms: 0,
             job_id: 0,
             progress_done: 0,
             progress_total: 0,
@@ -232,6 +235,9 @@ pub fn heartbeat(idle: bool) {
     let mut reg = REGISTRY.exclusive();
     if let Some(slot) = reg.slots.iter_mut().find(|s| s.pid == pid && s.kind != Kind::Free) {
         slot.heartbeat_ms = now_ms();
+        if slot.idle && !idle {
+            slot.busy_since_ms = slot.heartbeat_ms;
+        }
         slot.idle = idle;
     }
 }
@@ -258,24 +264,34 @@ pub fn work_committed(kind: Kind) -> bool {
 }
 
 /// At commit: wakes a worker for the work just committed. Dispatcher
-/// rounds are short, so while one is busy with a batch the commit only
-/// raises the flag and that dispatcher takes the work when its batch is
-/// done, together with whatever else was committed meanwhile (a dispatcher
-/// whose batch is slow to send wakes a peer itself). Waking an idle
-/// dispatcher for every commit made two dispatchers run rounds of 7
-/// deliveries while 4 clients wrote single rows, 2,952 tps; one dispatcher
-/// alone gathered 28 per round, 4,331 tps (make bench).
+/// rounds are short, so while one has been in a round for less than
+/// `GATHER_MS` the commit only raises the flag, and that dispatcher takes
+/// the work when its round is done, together with whatever else was
+/// committed meanwhile (a dispatcher whose batch is slow to send wakes a
+/// peer itself). Waking an idle dispatcher for every commit made two
+/// dispatchers run rounds of 7 deliveries while 4 clients wrote single
+/// rows, 2,952 tps; one dispatcher alone gathered 28 per round, 4,331 tps
+/// (make bench). Waiting for a round of any length put commit-to-receipt
+/// p99 at 11-21 ms in 3 runs of 8 (a slow round holds every commit made
+/// meanwhile); 20 ms keeps 15-18 per round and p99 at 4-6 ms, while 5 ms,
+/// shorter than a round under load, gathered 9-11 and took writers from
+/// about 2x back to 2.4-3.3x.
 fn wake_for_commit(kind: Kind, dboid: pg_sys::Oid) {
     if kind == Kind::Dispatcher {
         WORK_COMMITTED.get().fetch_or(1 << kind as u32, Ordering::SeqCst);
-        let busy =
-            REGISTRY.share().slots.iter().any(|s| s.kind == kind && s.dboid == dboid && s.procno >= 0 && !s.idle);
-        if busy {
+        let now = now_ms();
+        let gathering = REGISTRY.share().slots.iter().any(|s| {
+            s.kind == kind && s.dboid == dboid && s.procno >= 0 && !s.idle && now - s.busy_since_ms < GATHER_MS
+        });
+        if gathering {
             return;
         }
     }
     wake_one(kind, dboid);
 }
+
+/// See `wake_for_commit`.
+const GATHER_MS: i64 = 20;
 
 /// Sets the latch of one idle worker of a kind in `dboid`, taking turns.
 /// Waking all of them made every commit cost a claim round per worker.
