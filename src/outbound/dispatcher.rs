@@ -93,8 +93,8 @@ impl Worker for Dispatcher {
         // queue; checked at the poll cadence, and at once after a start.
         let rescue_now = self.last_rescue.is_none_or(|t| t.elapsed() >= poll);
         let started = Instant::now();
-        // Busy from here until the round ends: commits made meanwhile are
-        // left to this dispatcher's next round (registry::wake_for_commit).
+        // Busy from here until the round ends: commits made in its first
+        // 20 ms join this dispatcher's next round (registry::wake_for_commit).
         registry::heartbeat(false);
         // What this round claims includes every commit made until now.
         registry::take_work_committed(Kind::Dispatcher);

@@ -313,13 +313,10 @@ impl Sender {
         self.concurrency
     }
 
-    /// Sends the requests, at most `concurrency` at a time. Returns early,
-    /// with only the finished attempts, when `stop` turns true (checked every
-    /// 100 ms); the unfinished deliveries keep their lease and are claimed
-    /// again later.
-    /// Sends a batch, at most `concurrency` requests at a time. `tick` runs
-    /// every `TICK` while requests are in flight; sending stops when it
-    /// answers true (shutdown), leaving the unsent unrecorded.
+    /// Sends the requests, at most `concurrency` at a time, calling `tick`
+    /// every `TICK` while they are in flight. Returns early, with only the
+    /// finished attempts, when `tick` answers true (shutdown); the
+    /// unfinished deliveries keep their lease and are claimed again later.
     pub async fn send_all(&self, requests: Vec<Request>, mut tick: impl FnMut() -> bool) -> Vec<Attempt> {
         // A dispatcher's runtime only runs inside this call, so connections
         // that servers closed while it slept still look reusable in the pool
