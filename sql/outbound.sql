@@ -1181,7 +1181,14 @@ DECLARE
     v_size bigint;
 BEGIN
     PERFORM ihub._require_workers();
-    v_endpoint := ihub._endpoint(http_request.endpoint);
+    LOOP
+        v_endpoint := ihub._endpoint(http_request.endpoint);
+        -- Kept until commit, as a foreign key check would (see
+        -- ihub._endpoint_deleted). An endpoint deleted since it was looked
+        -- up leaves nothing to lock: look the name up again.
+        PERFORM FROM ihub.endpoint e WHERE e.id = v_endpoint.id FOR KEY SHARE;
+        EXIT WHEN FOUND;
+    END LOOP;
     SELECT * INTO v_integration FROM ihub.integration WHERE id = v_endpoint.integration_id;
     IF v_integration.state = 'inactive' THEN
         RAISE EXCEPTION 'integration "%" is inactive', v_integration.name
@@ -1207,8 +1214,6 @@ BEGIN
     IF http_request.headers IS NOT NULL THEN
         PERFORM ihub._check_headers(http_request.headers);
     END IF;
-    -- Kept until commit, as a foreign key check would (see ihub._endpoint_deleted).
-    PERFORM FROM ihub.endpoint e WHERE e.id = v_endpoint.id FOR KEY SHARE;
     INSERT INTO ihub.delivery (event_id, endpoint_id, event_type, payload, method, path, headers)
     VALUES ('evt_' || replace(gen_random_uuid()::text, '-', ''), v_endpoint.id, coalesce(event_type, 'http_request'),
             body, upper(http_request.method), http_request.path, http_request.headers)
