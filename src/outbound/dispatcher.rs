@@ -34,13 +34,6 @@ const SLOW_BATCH: Duration = Duration::from_millis(5);
 /// policy and the attempts its budget already spent.
 type Fate = (RetryPolicy, u32);
 
-/// A claimed delivery: the request plus what deciding its fate needs.
-struct Claimed {
-    request: Request,
-    policy: RetryPolicy,
-    attempts_used: u32,
-}
-
 #[pg_guard]
 #[no_mangle]
 pub extern "C-unwind" fn ihub_dispatcher_main(_arg: pg_sys::Datum) {
@@ -118,20 +111,17 @@ impl Worker for Dispatcher {
         // Between bursts, vacuum capture tables full of routed (deleted) or
         // rolled-back rows, which every route would otherwise scan again;
         // after sending, so that no claimed delivery waits for it.
-        let between_bursts = (round.claimed.len() as i32) < batch_size;
-        if round.claimed.is_empty() {
+        let count = round.requests.len();
+        let between_bursts = (count as i32) < batch_size;
+        if count == 0 {
             let sleep = idle_unless_committed(round.next_due.map_or(poll, |d| d.max(DUE_TICK).min(poll)));
             self.vacuum_if_due(between_bursts);
             return sleep;
         }
-        if round.claimed.len() as i32 >= batch_size {
+        if !between_bursts {
             registry::wake_peer(Kind::Dispatcher);
         }
         let claimed_at = Instant::now();
-        let count = round.claimed.len();
-        let (requests, fates): (Vec<Request>, Vec<Fate>) =
-            round.claimed.into_iter().map(|c| (c.request, (c.policy, c.attempts_used))).unzip();
-        let fates: HashMap<i64, Fate> = requests.iter().map(|r| r.delivery_id).zip(fates).collect();
         report_activity(Some(&format!("dispatching {count} deliveries")));
         // Commits made while this batch is sent wait for this dispatcher
         // (see registry::wake_for_commit) unless sending takes long: then a
@@ -142,7 +132,7 @@ impl Worker for Dispatcher {
             }
             shutdown_requested()
         };
-        let attempts = self.runtime.block_on(self.sender.send_all(requests, tick));
+        let attempts = self.runtime.block_on(self.sender.send_all(round.requests, tick));
         report_activity(None);
         debug1!(
             "pg_ihub dispatcher: {} deliveries: settle and claim {:.1} ms, send {:.1} ms",
@@ -150,7 +140,7 @@ impl Worker for Dispatcher {
             (claimed_at - started).as_secs_f64() * 1000.0,
             claimed_at.elapsed().as_secs_f64() * 1000.0
         );
-        self.unsettled = Some(decide_all(&fates, attempts).to_string());
+        self.unsettled = Some(decide_all(&round.fates, attempts).to_string());
         if !between_bursts {
             return Duration::ZERO; // a full batch: more is due
         }
@@ -265,7 +255,9 @@ fn next_due() -> Option<Duration> {
 }
 
 struct Round {
-    claimed: Vec<Claimed>,
+    requests: Vec<Request>,
+    /// By delivery id.
+    fates: HashMap<i64, Fate>,
     /// When nothing was claimed: how long until the next delivery is due.
     next_due: Option<Duration>,
 }
@@ -278,12 +270,13 @@ fn next_round(pid: i32, batch_size: i32, concurrency: usize, results: Option<&st
     if rescue_now {
         rescue();
     }
-    let claimed = claim(pid, batch_size, concurrency);
-    let next_due = if claimed.is_empty() { next_due() } else { None };
-    Round { claimed, next_due }
+    let (requests, fates) = claim(pid, batch_size, concurrency);
+    let next_due = if requests.is_empty() { next_due() } else { None };
+    Round { requests, fates, next_due }
 }
 
-fn claim(pid: i32, limit: i32, concurrency: usize) -> Vec<Claimed> {
+/// The claimed deliveries' requests, and what deciding their fates needs.
+fn claim(pid: i32, limit: i32, concurrency: usize) -> (Vec<Request>, HashMap<i64, Fate>) {
     let default_timeout = settings::DEFAULT_TIMEOUT_MS.get();
     let rounds = (limit as usize).div_ceil(concurrency.max(1)) as i32;
     Spi::connect_mut(|client| {
@@ -305,24 +298,22 @@ fn claim(pid: i32, limit: i32, concurrency: usize) -> Vec<Claimed> {
             let policy = RetryPolicy::from_json(&json(9, "retry"))
                 .unwrap_or_else(|e| error!("pg_ihub: delivery {delivery_id}: stored retry policy does not parse: {e}"));
             let timeout_ms: i32 = nullable(&row, 8, "timeout_ms").unwrap_or(default_timeout);
-            Claimed {
-                request: Request {
-                    delivery_id,
-                    event_id: column(&row, 2, "event_id"),
-                    method: column(&row, 3, "method"),
-                    url: column(&row, 4, "url"),
-                    headers: headers_from_json(&json(5, "headers")),
-                    auth,
-                    secrets: nullable::<Vec<String>>(&row, 7, "secrets").unwrap_or_default(),
-                    body: column(&row, 10, "body"),
-                    timeout: Duration::from_millis(timeout_ms.max(1) as u64),
-                    test_mode: column(&row, 11, "test_mode"),
-                },
-                policy,
-                attempts_used: column::<i32>(&row, 12, "attempts_used").max(0) as u32,
-            }
+            let fate = (policy, column::<i32>(&row, 12, "attempts_used").max(0) as u32);
+            let request = Request {
+                delivery_id,
+                event_id: column(&row, 2, "event_id"),
+                method: column(&row, 3, "method"),
+                url: column(&row, 4, "url"),
+                headers: headers_from_json(&json(5, "headers")),
+                auth,
+                secrets: nullable::<Vec<String>>(&row, 7, "secrets").unwrap_or_default(),
+                body: column(&row, 10, "body"),
+                timeout: Duration::from_millis(timeout_ms.max(1) as u64),
+                test_mode: column(&row, 11, "test_mode"),
+            };
+            (request, (delivery_id, fate))
         })
-        .collect()
+        .unzip()
     })
 }
 

@@ -108,7 +108,6 @@ pub fn run<W: Worker>() -> ! {
                 // More work waits: no sleep, but a termination still stops us.
                 pg_sys::check_for_interrupts!();
             } else {
-                registry::heartbeat(true);
                 worker.sleep(sleep);
             }
         } else {
