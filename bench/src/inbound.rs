@@ -96,7 +96,7 @@ pub fn accept_rate(listen: &str, clients: usize, length: Duration, delayed: bool
 /// Waits until no inbound item is queued or being processed.
 fn wait_drained(db: &mut postgres::Client, timeout: Duration) {
     let (due, running) = ("ihub.inbound_item WHERE state = 'pending'", "ihub.inbound_item WHERE state = 'running'");
-    crate::wait_until_none(db, due, running, "inbound items", timeout);
+    crate::wait_until_none(db, due, running, "inbound items", timeout, Duration::from_millis(10));
 }
 
 /// Makes every queued item due now and times the processors draining them.
