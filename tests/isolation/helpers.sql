@@ -215,3 +215,35 @@ AS $$
     VALUES (p_who, ihub.enqueue('t.job_fn(jsonb)'::regprocedure, identity_key => 'sync-orders'))
     RETURNING 'enqueued'
 $$;
+
+-------------------------------------------------------------------------------
+-- Inbound
+-------------------------------------------------------------------------------
+
+-- Integration shop with the source orders: no verification, the default
+-- de-duplication window, a handler that does nothing.
+CREATE FUNCTION t.on_order(item ihub.inbound_items) RETURNS void LANGUAGE sql AS $$ SELECT $$;
+
+CREATE FUNCTION t.make_source() RETURNS void
+LANGUAGE plpgsql
+AS $$
+BEGIN
+    PERFORM ihub.create_integration('shop');
+    PERFORM ihub.create_source('shop', 'orders', 't.on_order(ihub.inbound_items)', 'none');
+END
+$$;
+
+-- Accepts one request for orders as the listener does (a batch of one)
+-- with delivery id p_key, and records what this session got in t.accepted.
+CREATE TABLE t.accepted (who text NOT NULL, item_id bigint, duplicate boolean);
+
+CREATE FUNCTION t.accept(p_who text, p_key text) RETURNS text
+LANGUAGE sql
+AS $$
+    INSERT INTO t.accepted (who, item_id, duplicate)
+    SELECT p_who, a.item_id, a.duplicate
+    FROM ihub._accept_inbound(ARRAY[(SELECT id FROM ihub.inbound_source WHERE name = 'orders')], ARRAY['{}'::jsonb],
+                              ARRAY[convert_to(p_who, 'UTF8')], ARRAY[p_key], ARRAY['127.0.0.1'],
+                              ARRAY[NULL::timestamptz]) a
+    RETURNING 'accepted'
+$$;
