@@ -220,7 +220,7 @@ DECLARE
     v_source ihub.inbound_source;
     v_id bigint;
     v_claimed bigint;
-    v_ids regclass := pg_get_serial_sequence('ihub.inbound_item', 'id')::regclass;
+    v_item_ids regclass := pg_get_serial_sequence('ihub.inbound_item', 'id')::regclass;
 BEGIN
     FOR i IN 1 .. coalesce(cardinality(p_sources), 0) LOOP
         IF v_source.id IS DISTINCT FROM p_sources[i] THEN
@@ -234,11 +234,11 @@ BEGIN
             RETURN NEXT;
             CONTINUE;
         END IF;
-        v_id := nextval(v_ids);
+        v_id := nextval(v_item_ids);
         IF p_dedup[i] IS NOT NULL AND v_source.dedup_window > interval '0' THEN
             -- An expired entry is taken over; a live one (or one a concurrent
-            -- transaction is inserting, once it commits) makes a duplicate.
-            v_claimed := NULL;
+            -- transaction is inserting, once it commits) makes a duplicate
+            -- (no row returned: v_claimed is NULL).
             INSERT INTO ihub.inbound_dedup (source_id, key, item_id, expires_at)
             VALUES (v_source.id, p_dedup[i], v_id, now() + v_source.dedup_window)
             ON CONFLICT (source_id, key) DO UPDATE SET item_id = EXCLUDED.item_id, expires_at = EXCLUDED.expires_at

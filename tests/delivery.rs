@@ -454,6 +454,7 @@ fn changes_written_into_space_vacuum_freed_are_delivered() {
     assert_eq!(states.len(), 2010, "the rows written after the vacuum are delivered too");
     assert_eq!(distinct_row_ids(&rx), 2010);
 }
+
 #[test]
 fn unsubscribe_stops_capture_and_keeps_what_was_captured() {
     let mut hub = hub();
