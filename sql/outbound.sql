@@ -788,8 +788,11 @@ DECLARE
     -- bench). Writers append, so a route goes on from there, and wraps to the
     -- first block only when that leaves its batch short (rows written into
     -- space vacuum freed, or rows another dispatcher gave back).
+    -- A value it cannot read (unset, set by hand) means the first block.
     v_position text := 'ihub_route.sub_' || p_sub.id;
-    v_from tid := format('(%s,0)', coalesce(nullif(current_setting(v_position, true), ''), '0'))::tid;
+    v_from tid := CASE WHEN current_setting(v_position, true) ~ '^[0-9]{1,9}$'
+                       THEN format('(%s,0)', current_setting(v_position, true))::tid
+                       ELSE '(0,0)' END;
     v_taken tid[];
 BEGIN
     -- Kept until commit, as a foreign key check would (see ihub._endpoint_deleted).

@@ -374,6 +374,23 @@ mod tests {
         assert_eq!(one::<i64>("SELECT count(*) FROM ihub.delivery"), 0, "deleted with their integration");
     }
 
+    /// A route goes on from the block its session last stopped at
+    /// (ihub._route); a value of that session setting it cannot read (set
+    /// by hand, say) makes it start from the first block, never fail.
+    #[pg_test]
+    fn a_route_position_it_cannot_read_starts_from_the_first_block() {
+        setup_enabled();
+        let sub = one::<i64>("SELECT ihub.subscribe('orders', 'hook')");
+        for junk in ["x", "99999999999", "1,0) --"] {
+            Spi::run("INSERT INTO orders (customer, amount) VALUES ('a', 1)").unwrap();
+            Spi::run(&format!("SELECT set_config('ihub_route.sub_{sub}', '{junk}', false)")).unwrap();
+            let routed = one::<i64>(&format!(
+                "SELECT count(*) FROM ihub.subscription s, ihub._route(s, NULL, NULL) WHERE s.id = {sub}"
+            ));
+            assert_eq!(routed, 1, "the change is routed despite position {junk:?}");
+        }
+    }
+
     #[pg_test]
     fn http_request_and_replay_check_their_input() {
         setup();
