@@ -899,10 +899,16 @@ BEGIN
 END
 $$;
 
+-- Routes captured changes and claims due deliveries for one dispatcher.
+-- enable_seqscan = off (here and in ihub._settle): a dispatcher plans these
+-- statements once and keeps the plans. Planned while the delivery table was
+-- tiny, they were sequential scans, kept while the table grew (claiming 60
+-- deliveries took 12 ms instead of 0.16 in one make bench run of three).
+-- Every statement here reads a few rows by key; an index is right at any size.
 CREATE FUNCTION ihub._claim(p_owner integer, p_limit integer, p_default_timeout_ms integer, p_rounds integer)
 RETURNS TABLE (delivery_id bigint, event_id text, method text, url text, headers jsonb, auth jsonb, secrets text[],
                timeout_ms integer, retry jsonb, body text, test_mode boolean, attempts_used integer)
-LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp SET enable_seqscan = off
 AS $$
 DECLARE
     v_ids bigint[] := '{}';
@@ -990,8 +996,9 @@ $$;
 -- Records a batch of attempts and moves each delivery to its next state.
 -- Only deliveries still leased to p_owner are settled: one whose lease ran
 -- out was claimed again elsewhere, and that claim settles it.
+-- (enable_seqscan = off: see ihub._claim.)
 CREATE FUNCTION ihub._settle(p_owner integer, p_results jsonb) RETURNS bigint
-LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp SET enable_seqscan = off
 AS $$
 DECLARE
     v_settled bigint;

@@ -633,7 +633,7 @@ $$;
 CREATE OR REPLACE FUNCTION ihub._claim(p_owner integer, p_limit integer, p_default_timeout_ms integer, p_rounds integer)
 RETURNS TABLE (delivery_id bigint, event_id text, method text, url text, headers jsonb, auth jsonb, secrets text[],
                timeout_ms integer, retry jsonb, body text, test_mode boolean, attempts_used integer)
-LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp SET enable_seqscan = off
 AS $$
 DECLARE
     v_ids bigint[] := '{}';
@@ -1858,7 +1858,7 @@ END
 $$;
 
 CREATE OR REPLACE FUNCTION ihub._settle(p_owner integer, p_results jsonb) RETURNS bigint
-LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp SET enable_seqscan = off
 AS $$
 DECLARE
     v_settled bigint;

@@ -36,7 +36,8 @@ fn main() {
         }
         thread::sleep(Duration::from_millis(100));
     }
-    // IHUB_BENCH_PARTS=outbound,jobs,logs,inbound runs some parts only.
+    // IHUB_BENCH_PARTS=outbound,jobs,logs,inbound runs some parts only
+    // (single: the single-row writes of outbound alone).
     let parts = std::env::var("IHUB_BENCH_PARTS").unwrap_or_else(|_| "outbound,storm,jobs,logs,inbound".into());
     let part = |name: &str| parts.split(',').any(|p| p.trim() == name);
 
@@ -52,6 +53,11 @@ fn main() {
         let rows = std::env::var("IHUB_BENCH_ROWS").ok().and_then(|v| v.parse().ok()).unwrap_or(20_000);
         throughput(&cluster, &mut db, &receiver, rows);
         latency(&cluster, &receiver, 500, Duration::from_secs(10));
+        single_row_writes(&cluster, &mut db, &receiver, Duration::from_secs(10));
+        println!();
+    } else if part("single") {
+        // The single-row part alone, for profiling it.
+        setup(&mut db, &receiver);
         single_row_writes(&cluster, &mut db, &receiver, Duration::from_secs(10));
         println!();
     }
