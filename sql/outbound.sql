@@ -718,6 +718,7 @@ COMMENT ON EVENT TRIGGER ihub_drop_extension IS
 -- rendering their JSON payloads. With p_owner set and the endpoint able to
 -- send, the new deliveries are claimed at once (state running, leased to
 -- p_owner), which saves the dispatcher a second write per delivery.
+-- Returns the new deliveries' rows.
 -- A lease covers the requests queued ahead of this one in the batch (the
 -- sender keeps at most ihub.max_concurrency in flight: p_rounds = batch size
 -- / concurrency, rounded up), each up to the endpoint's timeout, plus 30 s.
@@ -767,7 +768,7 @@ $$;
 
 CREATE FUNCTION ihub._route(p_sub ihub.subscription, p_limit integer, p_owner integer,
                             p_default_timeout_ms integer DEFAULT 10000, p_rounds integer DEFAULT 1)
-RETURNS SETOF bigint
+RETURNS SETOF ihub.delivery
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
@@ -861,7 +862,7 @@ BEGIN
                        CASE m.op WHEN 'i' THEN 'insert' WHEN 'u' THEN 'update' WHEN 't' THEN 'truncate' ELSE 'delete' END AS op,
                        $5 || '.' || CASE m.op WHEN 'i' THEN 'insert' WHEN 'u' THEN 'update' WHEN 't' THEN 'truncate' ELSE 'delete' END AS type
             ) ev
-            RETURNING d.id
+            RETURNING d.*
         $q$, 'sub_' || p_sub.id)
         USING v_taken, v_endpoint.id, p_sub.id, v_rel.nspname::text, v_rel.relname::text,
               v_integration.tenant, p_sub.test_mode, v_claim, p_owner,
@@ -902,16 +903,19 @@ $$;
 -- Routes captured changes and claims due deliveries for one dispatcher.
 -- enable_seqscan = off (here and in ihub._settle): a dispatcher plans these
 -- statements once and keeps the plans. Planned while the delivery table was
--- tiny, they were sequential scans, kept while the table grew (claiming 60
--- deliveries took 12 ms instead of 0.16 in one make bench run of three).
--- Every statement here reads a few rows by key; an index is right at any size.
+-- tiny, they were sequential scans, kept while the table grew (in one make
+-- bench run of three, looking 60 claimed deliveries up took 12 ms instead of
+-- 0.16). Every statement here reads a few rows by key or from a partial
+-- index; an index is right at any size.
 CREATE FUNCTION ihub._claim(p_owner integer, p_limit integer, p_default_timeout_ms integer, p_rounds integer)
 RETURNS TABLE (delivery_id bigint, event_id text, method text, url text, headers jsonb, auth jsonb, secrets text[],
                timeout_ms integer, retry jsonb, body text, test_mode boolean, attempts_used integer)
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp SET enable_seqscan = off
 AS $$
 DECLARE
-    v_ids bigint[] := '{}';
+    -- The claimed deliveries as routed or updated: the requests are made
+    -- from these rows, without looking them up again.
+    v_claimed ihub.delivery[] := '{}';
     v_sub ihub.subscription;
 BEGIN
     -- Each subscription in a subtransaction of its own: one whose table or
@@ -920,9 +924,13 @@ BEGIN
     -- log entry), and unmarked when it works.
     FOR v_sub IN SELECT * FROM ihub.subscription
                  WHERE broken_at IS NULL OR broken_at < now() - interval '10 seconds' ORDER BY id LOOP
-        EXIT WHEN cardinality(v_ids) >= p_limit;
+        EXIT WHEN cardinality(v_claimed) >= p_limit;
         BEGIN
-            v_ids := v_ids || ARRAY(SELECT ihub._route(v_sub, p_limit - cardinality(v_ids), p_owner, p_default_timeout_ms, p_rounds));
+            -- Routed for an endpoint that is disabled (or an integration
+            -- that is inactive), deliveries stay pending: not sent.
+            v_claimed := v_claimed || ARRAY(SELECT r FROM ihub._route(v_sub, p_limit - cardinality(v_claimed), p_owner,
+                                                                      p_default_timeout_ms, p_rounds) r
+                                            WHERE r.state = 'running');
             IF v_sub.broken_at IS NOT NULL THEN
                 UPDATE ihub.subscription SET broken_at = NULL, broken_reason = NULL
                 WHERE id = v_sub.id AND broken_at IS NOT NULL;
@@ -944,14 +952,14 @@ BEGIN
                 PERFORM ihub._subscription_broken(v_sub, SQLERRM);
         END;
     END LOOP;
-    IF cardinality(v_ids) < p_limit THEN
+    IF cardinality(v_claimed) < p_limit THEN
         WITH due AS (
             SELECT d.id FROM ihub.delivery d
             WHERE d.state IN ('pending', 'retry') AND d.run_at <= now()
               AND d.endpoint_id IN (SELECT e.id FROM ihub.endpoint e JOIN ihub.integration i ON i.id = e.integration_id
                                     WHERE e.enabled AND i.state <> 'inactive')
             ORDER BY d.run_at
-            LIMIT p_limit - cardinality(v_ids)
+            LIMIT p_limit - cardinality(v_claimed)
             FOR UPDATE OF d SKIP LOCKED
         ), claimed AS (
             UPDATE ihub.delivery d
@@ -959,13 +967,13 @@ BEGIN
                 lease_until = ihub._lease_until(coalesce(e.timeout_ms, p_default_timeout_ms), p_rounds)
             FROM due, ihub.endpoint e
             WHERE d.id = due.id AND e.id = d.endpoint_id
-            RETURNING d.id
+            RETURNING d
         )
-        SELECT v_ids || coalesce(array_agg(claimed.id), '{}') INTO v_ids FROM claimed;
+        SELECT v_claimed || coalesce(array_agg(claimed.d), '{}') INTO v_claimed FROM claimed;
     END IF;
     RETURN QUERY
         WITH claimed AS (
-            SELECT * FROM ihub.delivery d WHERE d.id = ANY (v_ids)
+            SELECT * FROM unnest(v_claimed)
         ), keys AS (
             SELECT s.endpoint_id, array_agg(s.secret ORDER BY s.id DESC) AS secrets
             FROM ihub.endpoint_secret s

@@ -507,9 +507,11 @@ BEGIN
 END
 $$;
 
-CREATE OR REPLACE FUNCTION ihub._route(p_sub ihub.subscription, p_limit integer, p_owner integer,
+-- Returns the new deliveries' rows now, not their ids (a new result type).
+DROP FUNCTION ihub._route(ihub.subscription, integer, integer, integer, integer);
+CREATE FUNCTION ihub._route(p_sub ihub.subscription, p_limit integer, p_owner integer,
                             p_default_timeout_ms integer DEFAULT 10000, p_rounds integer DEFAULT 1)
-RETURNS SETOF bigint
+RETURNS SETOF ihub.delivery
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
@@ -603,7 +605,7 @@ BEGIN
                        CASE m.op WHEN 'i' THEN 'insert' WHEN 'u' THEN 'update' WHEN 't' THEN 'truncate' ELSE 'delete' END AS op,
                        $5 || '.' || CASE m.op WHEN 'i' THEN 'insert' WHEN 'u' THEN 'update' WHEN 't' THEN 'truncate' ELSE 'delete' END AS type
             ) ev
-            RETURNING d.id
+            RETURNING d.*
         $q$, 'sub_' || p_sub.id)
         USING v_taken, v_endpoint.id, p_sub.id, v_rel.nspname::text, v_rel.relname::text,
               v_integration.tenant, p_sub.test_mode, v_claim, p_owner,
@@ -629,6 +631,8 @@ BEGIN
     END IF;
 END
 $$;
+COMMENT ON FUNCTION ihub._route(ihub.subscription, integer, integer, integer, integer) IS
+    'Internal: turns captured row changes into deliveries with JSON payloads, claiming them for the calling worker.';
 
 CREATE OR REPLACE FUNCTION ihub._claim(p_owner integer, p_limit integer, p_default_timeout_ms integer, p_rounds integer)
 RETURNS TABLE (delivery_id bigint, event_id text, method text, url text, headers jsonb, auth jsonb, secrets text[],
@@ -636,7 +640,9 @@ RETURNS TABLE (delivery_id bigint, event_id text, method text, url text, headers
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp SET enable_seqscan = off
 AS $$
 DECLARE
-    v_ids bigint[] := '{}';
+    -- The claimed deliveries as routed or updated: the requests are made
+    -- from these rows, without looking them up again.
+    v_claimed ihub.delivery[] := '{}';
     v_sub ihub.subscription;
 BEGIN
     -- Each subscription in a subtransaction of its own: one whose table or
@@ -645,9 +651,13 @@ BEGIN
     -- log entry), and unmarked when it works.
     FOR v_sub IN SELECT * FROM ihub.subscription
                  WHERE broken_at IS NULL OR broken_at < now() - interval '10 seconds' ORDER BY id LOOP
-        EXIT WHEN cardinality(v_ids) >= p_limit;
+        EXIT WHEN cardinality(v_claimed) >= p_limit;
         BEGIN
-            v_ids := v_ids || ARRAY(SELECT ihub._route(v_sub, p_limit - cardinality(v_ids), p_owner, p_default_timeout_ms, p_rounds));
+            -- Routed for an endpoint that is disabled (or an integration
+            -- that is inactive), deliveries stay pending: not sent.
+            v_claimed := v_claimed || ARRAY(SELECT r FROM ihub._route(v_sub, p_limit - cardinality(v_claimed), p_owner,
+                                                                      p_default_timeout_ms, p_rounds) r
+                                            WHERE r.state = 'running');
             IF v_sub.broken_at IS NOT NULL THEN
                 UPDATE ihub.subscription SET broken_at = NULL, broken_reason = NULL
                 WHERE id = v_sub.id AND broken_at IS NOT NULL;
@@ -669,14 +679,14 @@ BEGIN
                 PERFORM ihub._subscription_broken(v_sub, SQLERRM);
         END;
     END LOOP;
-    IF cardinality(v_ids) < p_limit THEN
+    IF cardinality(v_claimed) < p_limit THEN
         WITH due AS (
             SELECT d.id FROM ihub.delivery d
             WHERE d.state IN ('pending', 'retry') AND d.run_at <= now()
               AND d.endpoint_id IN (SELECT e.id FROM ihub.endpoint e JOIN ihub.integration i ON i.id = e.integration_id
                                     WHERE e.enabled AND i.state <> 'inactive')
             ORDER BY d.run_at
-            LIMIT p_limit - cardinality(v_ids)
+            LIMIT p_limit - cardinality(v_claimed)
             FOR UPDATE OF d SKIP LOCKED
         ), claimed AS (
             UPDATE ihub.delivery d
@@ -684,13 +694,13 @@ BEGIN
                 lease_until = ihub._lease_until(coalesce(e.timeout_ms, p_default_timeout_ms), p_rounds)
             FROM due, ihub.endpoint e
             WHERE d.id = due.id AND e.id = d.endpoint_id
-            RETURNING d.id
+            RETURNING d
         )
-        SELECT v_ids || coalesce(array_agg(claimed.id), '{}') INTO v_ids FROM claimed;
+        SELECT v_claimed || coalesce(array_agg(claimed.d), '{}') INTO v_claimed FROM claimed;
     END IF;
     RETURN QUERY
         WITH claimed AS (
-            SELECT * FROM ihub.delivery d WHERE d.id = ANY (v_ids)
+            SELECT * FROM unnest(v_claimed)
         ), keys AS (
             SELECT s.endpoint_id, array_agg(s.secret ORDER BY s.id DESC) AS secrets
             FROM ihub.endpoint_secret s

@@ -496,6 +496,19 @@ mod tests {
         assert_eq!(one::<String>(&format!("SELECT state FROM ihub.delivery WHERE id = {id}")), "retry");
     }
 
+    /// Changes for a disabled endpoint are routed (the capture table is
+    /// drained) but wait as pending deliveries, never handed to the sender.
+    #[pg_test]
+    fn a_disabled_endpoint_gets_its_changes_queued_not_sent() {
+        setup_enabled();
+        Spi::run("SELECT ihub.subscribe('orders', 'hook'); SELECT ihub.disable_endpoint('hook')").unwrap();
+        Spi::run("INSERT INTO orders (customer, amount) VALUES ('a', 1)").unwrap();
+        assert_eq!(one::<i64>("SELECT count(*) FROM ihub._claim(4242, 10, 1000, 1)"), 0, "nothing to send");
+        assert_eq!(one::<String>("SELECT state || ':' || (worker_pid IS NULL) FROM ihub.delivery"), "pending:true");
+        Spi::run("SELECT ihub.enable_endpoint('hook')").unwrap();
+        assert_eq!(one::<i64>("SELECT count(*) FROM ihub._claim(4242, 10, 1000, 1)"), 1);
+    }
+
     /// A dispatcher session plans its queue statements once and keeps the
     /// plans. Planned while the delivery table was tiny, they were sequential
     /// scans, kept while the table grew: in make bench, claiming 60
