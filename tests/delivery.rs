@@ -455,6 +455,43 @@ fn changes_written_into_space_vacuum_freed_are_delivered() {
     assert_eq!(distinct_row_ids(&rx), 2010);
 }
 
+/// A dispatcher routes a disabled endpoint's changes (its capture table is
+/// drained) but sends nothing until the endpoint is enabled again.
+#[test]
+fn a_disabled_endpoint_is_sent_nothing_until_enabled() {
+    let mut hub = hub();
+    let rx = Receiver::start();
+    let s = hub.setup(&rx.url("/"), "");
+    let sub: i64 = hub.one(&format!("SELECT ihub.subscribe('{}', '{}')", s.table, s.endpoint));
+    hub.exec(&format!("SELECT ihub.disable_endpoint('{}')", s.endpoint));
+    hub.exec(&format!("INSERT INTO {} (customer, amount) SELECT 'c' || g, g FROM generate_series(1, 5) g", s.table));
+    assert!(
+        hub.wait_true(
+            &format!(
+                "SELECT NOT EXISTS (SELECT FROM ihub_capture.sub_{sub}) AND                  (SELECT count(*) = 5 FROM ihub.deliveries WHERE endpoint = '{}' AND state = 'pending')",
+                s.endpoint
+            ),
+            WAIT
+        ),
+        "routed into pending deliveries: {:?}",
+        hub.delivery_states(&s.endpoint)
+    );
+    // A request to another endpoint, queued after the route and delivered:
+    // a later round. Nothing else was sent.
+    let marker = unique("ep");
+    hub.exec(&format!(
+        "SELECT ihub.create_endpoint('{}', '{marker}', '{}'); SELECT ihub.http_request('{marker}', '{{}}')",
+        s.integration,
+        rx.url("/marker")
+    ));
+    assert_eq!(hub.wait_settled(&marker, 1, WAIT), vec!["done"]);
+    let paths: Vec<String> = rx.received().iter().map(|r| r.path.clone()).collect();
+    assert_eq!(paths, vec!["/marker"], "a disabled endpoint was sent requests");
+    hub.exec(&format!("SELECT ihub.enable_endpoint('{}')", s.endpoint));
+    assert_eq!(hub.wait_settled(&s.endpoint, 5, WAIT), vec!["done"; 5]);
+    assert_eq!(distinct_row_ids(&rx), 5);
+}
+
 #[test]
 fn unsubscribe_stops_capture_and_keeps_what_was_captured() {
     let mut hub = hub();
