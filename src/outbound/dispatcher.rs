@@ -32,6 +32,11 @@ const DUE_TICK: Duration = Duration::from_millis(500);
 /// receiver): changes committed meanwhile are not left waiting for it.
 const SLOW_BATCH: Duration = Duration::from_millis(5);
 
+/// A round of at least this many changes, with more committed meanwhile,
+/// means busy writers: the next round waits for ihub.dispatch_gather. At
+/// 500 single-row commits/s rounds take 1-2 changes and none waits.
+const BUSY_ROUND: usize = 8;
+
 /// What deciding a delivery's fate needs besides its attempt: its retry
 /// policy and the attempts its budget already spent.
 type Fate = (RetryPolicy, u32);
@@ -151,6 +156,17 @@ impl Worker for Dispatcher {
         // earlier, and the next round settles this batch). Going on at once
         // after every round made retries spread by jitter keep a dispatcher
         // busy claiming a few at a time: 945 rounds per wave of 20,000.
+        // Busy writers: gather their commits a little longer. Going on at
+        // once made rounds as short as the last one (16 changes at 4,600
+        // single-row commits/s), each paying the fixed cost of a round.
+        // Still busy (not idle) meanwhile, so commits do not wake a peer.
+        if count >= BUSY_ROUND && registry::work_committed(Kind::Dispatcher) {
+            let gather = Duration::from_millis(settings::DISPATCH_GATHER_MS.get().max(0) as u64);
+            let rest = gather.saturating_sub(started.elapsed());
+            if !rest.is_zero() {
+                return rest;
+            }
+        }
         let sleep = idle_unless_committed(DUE_TICK.min(poll));
         self.vacuum_if_due(between_bursts);
         sleep
