@@ -259,7 +259,7 @@ fn define_reloadable_settings() {
     GucRegistry::define_int_guc(
         c"ihub.dispatch_gather",
         c"How long a busy dispatcher gathers commits before its next round (0: go on at once).",
-        c"Applies only after a round of at least 8 changes with more committed meanwhile: rounds get larger and cheaper while writers are busy, and a change waits up to this long. Quiet traffic is sent at once.",
+        c"Applies only after two rounds in a row of at least 8 changes, at 1,000 a second or more, with more committed meanwhile: rounds get larger and cheaper while writers are busy, and a change waits up to this long. Quiet traffic is sent at once.",
         &DISPATCH_GATHER_MS,
         0,
         1000,
