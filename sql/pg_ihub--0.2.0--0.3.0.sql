@@ -699,19 +699,23 @@ BEGIN
         SELECT v_claimed || coalesce(array_agg(claimed.d), '{}') INTO v_claimed FROM claimed;
     END IF;
     RETURN QUERY
-        WITH claimed AS (
-            SELECT * FROM unnest(v_claimed)
-        ), keys AS (
+        -- The secrets of the batch's endpoints, gathered once. Gathered by a
+        -- semi-join with the batch, they were gathered again for every
+        -- request: 7.8 ms instead of 0.45 for a batch of 500 once another
+        -- endpoint had a secret (make bench, retry storm after the outbound
+        -- part).
+        WITH keys AS MATERIALIZED (
             SELECT s.endpoint_id, array_agg(s.secret ORDER BY s.id DESC) AS secrets
             FROM ihub.endpoint_secret s
-            WHERE s.endpoint_id IN (SELECT endpoint_id FROM claimed) AND (s.expires_at IS NULL OR s.expires_at > now())
+            WHERE s.endpoint_id = ANY (ARRAY(SELECT DISTINCT c.endpoint_id FROM unnest(v_claimed) c))
+              AND (s.expires_at IS NULL OR s.expires_at > now())
             GROUP BY s.endpoint_id
         )
         SELECT d.id, d.event_id, coalesce(d.method, e.method), ihub._join_url(e.url, d.path),
                e.headers || coalesce(d.headers, '{}'), c.auth, k.secrets,
                coalesce(e.timeout_ms, p_default_timeout_ms), e.retry, d.payload::text, d.test_mode,
                d.attempts - d.budget_start
-        FROM claimed d
+        FROM unnest(v_claimed) d
         JOIN ihub.endpoint e ON e.id = d.endpoint_id
         LEFT JOIN ihub.endpoint_credential c ON c.endpoint_id = e.id
         LEFT JOIN keys k ON k.endpoint_id = e.id;
@@ -1977,6 +1981,23 @@ CREATE INDEX inbound_running_idx ON ihub.inbound_item (id) WHERE state = 'runnin
 -- delivery holds its endpoint FOR KEY SHARE until it commits.
 -------------------------------------------------------------------------------
 ALTER TABLE ihub.delivery DROP CONSTRAINT delivery_endpoint_id_fkey, DROP CONSTRAINT delivery_subscription_id_fkey;
+
+-- Seconds until the earliest claimable delivery is due (NULL when none; not
+-- 0, which would make an idle dispatcher spin). The first in run_at order,
+-- not min(): with the endpoint condition (a join) Postgres computed min()
+-- over every queued delivery, 33 ms a call at each idle dispatcher round of
+-- make bench's retry storm (20,000 queued).
+CREATE OR REPLACE FUNCTION ihub._next_due() RETURNS double precision
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp SET enable_seqscan = off
+AS $$
+    SELECT greatest(0, extract(epoch FROM d.run_at - now()))::double precision
+    FROM ihub.delivery d
+    WHERE d.state IN ('pending', 'retry')
+      AND d.endpoint_id IN (SELECT e.id FROM ihub.endpoint e JOIN ihub.integration i ON i.id = e.integration_id
+                            WHERE e.enabled AND i.state <> 'inactive')
+    ORDER BY d.run_at
+    LIMIT 1
+$$;
 
 CREATE FUNCTION ihub._endpoint_deleted() RETURNS trigger
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
