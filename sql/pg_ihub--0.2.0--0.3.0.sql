@@ -1988,7 +1988,8 @@ ALTER TABLE ihub.delivery DROP CONSTRAINT delivery_endpoint_id_fkey, DROP CONSTR
 -- over every queued delivery, 33 ms a call at each idle dispatcher round of
 -- make bench's retry storm (20,000 queued).
 CREATE OR REPLACE FUNCTION ihub._next_due() RETURNS double precision
-LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp SET enable_seqscan = off
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp
+    SET enable_seqscan = off SET enable_bitmapscan = off SET enable_sort = off
 AS $$
     SELECT greatest(0, extract(epoch FROM d.run_at - now()))::double precision
     FROM ihub.delivery d
