@@ -37,8 +37,9 @@ pub static JOB_BACKOFF_CAP_S: GucSetting<i32> = GucSetting::<i32>::new(86_400);
 pub static BATCH_SIZE: GucSetting<i32> = GucSetting::<i32>::new(500);
 pub static MAX_CONCURRENCY: GucSetting<i32> = GucSetting::<i32>::new(64);
 pub static POLL_INTERVAL_MS: GucSetting<i32> = GucSetting::<i32>::new(10_000);
-// 15 ms: 4 clients writing single rows got 1.70-1.93x slower instead of
-// 2.04-2.36x (8-15 ms; make bench). Above 20 ms commits wake an idle peer.
+// 15 ms: 4 clients writing single rows got 1.59-1.77x slower instead of
+// 2.04-2.38x (8 ms: 1.93x; 25-40 ms: 1.62-1.71x; make bench). Above 20 ms
+// commits wake an idle peer (registry::GATHER_MS).
 pub static DISPATCH_GATHER_MS: GucSetting<i32> = GucSetting::<i32>::new(15);
 pub static DEFAULT_TIMEOUT_MS: GucSetting<i32> = GucSetting::<i32>::new(10_000);
 pub static MAX_BODY_SIZE: GucSetting<i32> = GucSetting::<i32>::new(1024 * 1024);

@@ -15,6 +15,7 @@ use crate::runtime::registry::{self, Kind};
 use crate::runtime::worker::{run, Worker};
 use crate::settings;
 use pg_ihub_core::outbound::auth::Auth;
+use pg_ihub_core::outbound::gather::Gather;
 use pg_ihub_core::outbound::sender::{headers_from_json, Attempt, Request, Sender};
 use pg_ihub_core::outbound::target::AllowList;
 use pg_ihub_core::retry::{category, classify, decide, Next, RetryPolicy, Verdict};
@@ -31,17 +32,6 @@ const DUE_TICK: Duration = Duration::from_millis(500);
 /// A batch still sending after this is slow (a slow or unreachable
 /// receiver): changes committed meanwhile are not left waiting for it.
 const SLOW_BATCH: Duration = Duration::from_millis(5);
-
-/// Busy writers: two rounds in a row that each took at least this many
-/// deliveries, at this rate or more since the round before began, with
-/// more committed meanwhile. Then the next round waits for
-/// ihub.dispatch_gather. A count alone kept 500 commits/s gathering once a
-/// stall had made a round of 8: each 15 ms wait gathered about 8 again
-/// (commit-to-receipt p99 18-82 ms instead of 3.5). With the rate but one
-/// round, the catch-up after each stall still waited (p99 14-19 ms in 2
-/// runs of 3).
-const BUSY_ROUND: usize = 8;
-const BUSY_RATE: f64 = 1000.0;
 
 /// What deciding a delivery's fate needs besides its attempt: its retry
 /// policy and the attempts its budget already spent.
@@ -60,8 +50,7 @@ struct Dispatcher {
     last_rescue: Option<Instant>,
     last_vacuum: Instant,
     last_round: Instant,
-    /// Busy rounds in a row (see BUSY_ROUND).
-    busy_rounds: u32,
+    gather: Gather,
     /// Attempts of the last batch, settled in the same transaction as the
     /// next claim: one commit per batch instead of two.
     /// (A JSON array, serialized once: it may be settled twice.)
@@ -89,7 +78,7 @@ impl Worker for Dispatcher {
             last_rescue: None,
             last_vacuum: Instant::now(),
             last_round: Instant::now(),
-            busy_rounds: 0,
+            gather: Gather::default(),
             unsettled: None,
         })
     }
@@ -133,7 +122,7 @@ impl Worker for Dispatcher {
         let count = round.requests.len();
         let between_bursts = (count as i32) < batch_size;
         if count == 0 {
-            self.busy_rounds = 0;
+            self.gather.busy_after(0, since_last_round);
             let sleep = idle_unless_committed(round.next_due.map_or(poll, |d| d.max(DUE_TICK).min(poll)));
             self.vacuum_if_due(between_bursts);
             return sleep;
@@ -164,24 +153,22 @@ impl Worker for Dispatcher {
         if !between_bursts {
             return Duration::ZERO; // a full batch: more is due
         }
-        // All that was due is taken. Go on at once only if a commit came
-        // meanwhile; otherwise sleep to the next tick (a commit wakes us
-        // earlier, and the next round settles this batch). Going on at once
-        // after every round made retries spread by jitter keep a dispatcher
-        // busy claiming a few at a time: 945 rounds per wave of 20,000.
         // Busy writers: gather their commits a little longer. Going on at
         // once made rounds as short as the last one (16 changes at 4,600
         // single-row commits/s), each paying the fixed cost of a round.
         // Still busy (not idle) meanwhile, so commits do not wake a peer.
-        let busy = count >= BUSY_ROUND && count as f64 >= BUSY_RATE * since_last_round.as_secs_f64();
-        self.busy_rounds = if busy { self.busy_rounds.saturating_add(1) } else { 0 };
-        if self.busy_rounds >= 2 && registry::work_committed(Kind::Dispatcher) {
+        if self.gather.busy_after(count, since_last_round) && registry::work_committed(Kind::Dispatcher) {
             let gather = Duration::from_millis(settings::DISPATCH_GATHER_MS.get().max(0) as u64);
             let rest = gather.saturating_sub(started.elapsed());
             if !rest.is_zero() {
                 return rest;
             }
         }
+        // All that was due is taken. Go on at once only if a commit came
+        // meanwhile; otherwise sleep to the next tick (a commit wakes us
+        // earlier, and the next round settles this batch). Going on at once
+        // after every round made retries spread by jitter keep a dispatcher
+        // busy claiming a few at a time: 945 rounds per wave of 20,000.
         let sleep = idle_unless_committed(DUE_TICK.min(poll));
         self.vacuum_if_due(between_bursts);
         sleep
