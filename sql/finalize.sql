@@ -73,6 +73,8 @@ COMMENT ON FUNCTION ihub._dedup_key(text, text, jsonb, bytea) IS
     'Internal: a request''s de-duplication key (the webhook-id, else the id header, else the body''s SHA-256), as the listener computes it.';
 COMMENT ON FUNCTION ihub._sources_changed() IS 'Internal: bumps the sources version and wakes the listener when the current transaction commits.';
 COMMENT ON FUNCTION ihub._wake_processor() IS 'Internal: wakes an inbound processor when the current transaction commits.';
+COMMENT ON FUNCTION ihub._mapper_matches(oid, text, text, oid) IS
+    'Internal: up to two values of a table mapper''s column matching a value (exactly, else ignoring case), read as the given role in a security-restricted operation.';
 
 -------------------------------------------------------------------------------
 -- Privileges
@@ -88,7 +90,7 @@ GRANT SELECT ON ihub.integrations, ihub.endpoints, ihub.subscriptions, ihub.deli
                 ihub.delivery_attempts, ihub.workers, ihub.jobs, ihub.schedules, ihub.cronwatch,
                 ihub.integration_dates, ihub.logs, ihub.activities, ihub.retention_settings,
                 ihub.log_settings, ihub.inbound_items, ihub.inbound_failed, ihub.inbound_sources,
-                ihub.inbound_rejections TO ihub_viewer;
+                ihub.inbound_rejections, ihub.mappers, ihub.mapper_items TO ihub_viewer;
 GRANT SELECT ON ihub.endpoint_secrets TO ihub_admin;
 GRANT SELECT ON ihub.integration_kind TO ihub_viewer;
 GRANT INSERT, UPDATE, DELETE ON ihub.integration_kind TO ihub_admin;
@@ -148,7 +150,13 @@ GRANT EXECUTE ON FUNCTION
     ihub.drop_source(text, text),
     ihub.receive(text, text, jsonb, bytea, timestamptz),
     ihub.reactivate_inbound(bigint[]),
-    ihub.process_inbound(bigint)
+    ihub.process_inbound(bigint),
+    ihub.create_mapper(text, text, text, regclass, text, text, text, text[]),
+    ihub.drop_mapper(text, text),
+    ihub.map_item(text, text, text[], text, text),
+    ihub.delete_mapper_item(text, text, bigint),
+    ihub.map_import(text, text, text),
+    ihub.map_export(text, text, text)
 TO ihub_developer;
 
 -- Harmless anywhere: they only act inside a running job.

@@ -193,6 +193,7 @@ BEGIN
     WHERE a.delivery_id = d.id AND d.endpoint_id = e.id AND e.integration_id = v.id;
     DELETE FROM ihub.delivery d USING ihub.endpoint e WHERE d.endpoint_id = e.id AND e.integration_id = v.id;
     DELETE FROM ihub.endpoint WHERE integration_id = v.id;
+    DELETE FROM ihub.mapper WHERE integration_id = v.id;
     DELETE FROM ihub.integration WHERE id = v.id;
 END
 $$;
@@ -213,5 +214,5 @@ COMMENT ON FUNCTION ihub.enable_integration(text) IS
 COMMENT ON FUNCTION ihub.disable_integration(text) IS
     'Sets the integration inactive: its capture triggers stop and its queued deliveries wait.';
 COMMENT ON FUNCTION ihub.delete_integration(text) IS
-    'Deletes an inactive integration with its endpoints, subscriptions and delivery history.';
+    'Deletes an inactive integration with its endpoints, subscriptions, mappers and delivery history.';
 COMMENT ON VIEW ihub.integrations IS 'Integrations with their state; secret-looking settings masked.';

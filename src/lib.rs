@@ -1,7 +1,7 @@
 //! pg_ihub: an integration hub inside PostgreSQL.
 //!
 //! One folder per capability (`outbound`, `inbound`, `jobs`, `schedules`,
-//! `logs`, `monitoring`), each the Postgres glue of its `sql/<capability>.sql`;
+//! `logs`, `monitoring`, `sync`), each the Postgres glue of its `sql/<capability>.sql`;
 //! `runtime` is what every background worker shares. What needs no Postgres
 //! (signing, verification, retry policy, target checks, masking, HTTP, cron)
 //! is the `pg_ihub_core` crate in `core/`.
@@ -18,6 +18,7 @@ pub mod outbound;
 pub mod runtime;
 pub mod schedules;
 pub mod settings;
+pub mod sync;
 
 ::pgrx::pg_module_magic!(name, version);
 
@@ -83,6 +84,11 @@ pgrx::extension_sql_file!(
         runtime::registry::sources_changed,
         inbound::processor::process_inbound
     ]
+);
+pgrx::extension_sql_file!(
+    "../sql/mappers.sql",
+    name = "mappers",
+    requires = ["inbound", sync::mappers::mapper_matches]
 );
 pgrx::extension_sql_file!("../sql/finalize.sql", name = "finalize", finalize);
 

@@ -125,7 +125,14 @@ fn dump_and_restore_keep_a_working_hub() {
              SELECT ihub.set_retention('debug', '2 days');
              SELECT ihub.set_retention('error', '90 days');
              SELECT ihub.set_retention('deliveries', NULL);
-             SELECT ihub.set_date('shop', 'last_sync', '2026-11-30 12:00+00');"
+             SELECT ihub.set_date('shop', 'last_sync', '2026-11-30 12:00+00');
+             CREATE TABLE countries (code text PRIMARY KEY);
+             INSERT INTO countries VALUES ('DE'), ('FR');
+             SELECT ihub.create_mapper('shop', 'country', 'table', 'countries', 'code', on_import => 'auto');
+             SELECT ihub.create_mapper('shop', 'status', 'enum', local_values => '{{open,won}}');
+             SELECT ihub.map_item('shop', 'status', '{{Open,OPEN}}', 'open');
+             SELECT ihub.map_import('shop', 'country', 'de');
+             SELECT ihub.map_import('shop', 'status', 'Unknown');"
         ),
     );
     // Everything routed and settled before the dump: nothing running.
@@ -155,6 +162,9 @@ fn dump_and_restore_keep_a_working_hub() {
         "SELECT * FROM ihub.inbound_secret",
         "SELECT id, state, run_at FROM ihub.inbound_item",
         "SELECT * FROM ihub.integration_date",
+        "SELECT * FROM ihub.mapper",
+        "SELECT * FROM ihub.mapper_item",
+        "SELECT * FROM ihub.mapper_value",
         "SELECT id, level, message FROM ihub.log_entry WHERE message LIKE 'a% entry'",
         "SELECT id, summary, state FROM ihub.activity",
         "SELECT tgrelid::regclass, tgname, tgenabled, pg_get_triggerdef(oid) FROM pg_trigger WHERE tgname LIKE 'ihub_sub_%'",
@@ -196,6 +206,12 @@ fn dump_and_restore_keep_a_working_hub() {
     for (query, expected) in kept.iter().zip(&before) {
         assert_eq!(&rows(&mut dst, query), expected, "restored: {query}");
     }
+    // Mappers work on: a new item takes a new id, the restored table is read.
+    let max_item: i64 = one(&mut src, "SELECT max(id) FROM ihub.mapper_item");
+    let fr: String = one(&mut dst, "SELECT ihub.map_import('shop', 'country', 'fr')");
+    assert_eq!(fr, "FR");
+    let new_item: i64 = one(&mut dst, "SELECT id FROM ihub.mapper_items WHERE 'fr' = ANY (external_values)");
+    assert!(new_item > max_item, "item ids continue after the restored ones");
     let queued: i64 = one(
         &mut dst,
         "SELECT (SELECT count(*) FROM ihub.deliveries WHERE endpoint = 'queued' AND state = 'retry')
