@@ -73,6 +73,10 @@ COMMENT ON FUNCTION ihub._dedup_key(text, text, jsonb, bytea) IS
     'Internal: a request''s de-duplication key (the webhook-id, else the id header, else the body''s SHA-256), as the listener computes it.';
 COMMENT ON FUNCTION ihub._sources_changed() IS 'Internal: bumps the sources version and wakes the listener when the current transaction commits.';
 COMMENT ON FUNCTION ihub._wake_processor() IS 'Internal: wakes an inbound processor when the current transaction commits.';
+COMMENT ON FUNCTION ihub._row_key(oid, text, text, oid) IS
+    'Internal: the primary key (as its type prints it) of the row with this key, if the given role sees it (security-restricted operation).';
+COMMENT ON FUNCTION ihub._echo_suppressed(bigint) IS
+    'Internal: whether the current transaction syncs the integration of this subscription (ihub.syncing), so that its changes are not captured.';
 COMMENT ON FUNCTION ihub._mapper_matches(oid, text, text, oid) IS
     'Internal: up to two values of a table mapper''s column matching a value (exactly, else ignoring case), read as the given role in a security-restricted operation.';
 
@@ -90,7 +94,7 @@ GRANT SELECT ON ihub.integrations, ihub.endpoints, ihub.subscriptions, ihub.deli
                 ihub.delivery_attempts, ihub.workers, ihub.jobs, ihub.schedules, ihub.cronwatch,
                 ihub.integration_dates, ihub.logs, ihub.activities, ihub.retention_settings,
                 ihub.log_settings, ihub.inbound_items, ihub.inbound_failed, ihub.inbound_sources,
-                ihub.inbound_rejections, ihub.mappers, ihub.mapper_items TO ihub_viewer;
+                ihub.inbound_rejections, ihub.mappers, ihub.mapper_items, ihub.bindings TO ihub_viewer;
 GRANT SELECT ON ihub.endpoint_secrets TO ihub_admin;
 GRANT SELECT ON ihub.integration_kind TO ihub_viewer;
 GRANT INSERT, UPDATE, DELETE ON ihub.integration_kind TO ihub_admin;
@@ -113,7 +117,10 @@ GRANT EXECUTE ON FUNCTION
     ihub.queue_stats(),
     ihub.health(),
     ihub.sign(text, text, bigint, text),
-    ihub.verify_signature(text, text, text, bigint, text)
+    ihub.verify_signature(text, text, text, bigint, text),
+    ihub.external_id(text, text, text),
+    ihub.local_key(text, text, text),
+    ihub.has_changed(text, text, text, jsonb)
 TO ihub_viewer;
 
 GRANT EXECUTE ON FUNCTION
@@ -156,7 +163,11 @@ GRANT EXECUTE ON FUNCTION
     ihub.map_item(text, text, text[], text, text),
     ihub.delete_mapper_item(text, text, bigint),
     ihub.map_import(text, text, text),
-    ihub.map_export(text, text, text)
+    ihub.map_export(text, text, text),
+    ihub.bind(text, text, regclass, text, text, jsonb),
+    ihub.unbind(text, text, text),
+    ihub.upsert(text, text, regclass, text, jsonb),
+    ihub.syncing(text, boolean)
 TO ihub_developer;
 
 -- Harmless anywhere: they only act inside a running job.

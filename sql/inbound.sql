@@ -352,7 +352,7 @@ $$;
 -- that a few slow handlers still run side by side on idle processors; the
 -- one more tells whether more are due. Only what is claimed is locked.
 CREATE FUNCTION ihub._claim_inbound_items(p_owner integer, p_default_timeout_ms integer, p_limit integer, p_workers integer)
-RETURNS TABLE (id bigint, call text, run_as oid, timeout_ms integer, more_due boolean)
+RETURNS TABLE (id bigint, call text, run_as oid, timeout_ms integer, more_due boolean, integration text)
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
@@ -404,6 +404,7 @@ BEGIN
                 RETURNING t.id, t.source_id, t.run_at
             )
             SELECT c.id, ihub._handler_call(s.handler) AS call, s.run_as,
+                   (SELECT i.name FROM ihub.integration i WHERE i.id = s.integration_id) AS integration,
                    coalesce(s.handler_name, s.handler::text) AS handler_name,
                    (SELECT count(*) FROM next) > (SELECT count(*) FROM picked) AS more
             FROM claimed c
@@ -417,6 +418,8 @@ BEGIN
             END IF;
             v_found := true;
             id := v.id; call := v.call; run_as := v.run_as::oid; timeout_ms := p_default_timeout_ms; more_due := v.more;
+            -- Its writes are not sent back to its integration (loop prevention).
+            integration := v.integration;
             RETURN NEXT;
         END LOOP;
         -- Their source's handler was dropped: no call can handle them. They
@@ -435,10 +438,19 @@ END
 $$;
 
 -- Claims the next item due (a batch of one).
+-- The integration of an item's source (ihub.process_inbound marks the
+-- handler's writes as that integration's sync).
+CREATE FUNCTION ihub._inbound_integration(p_item bigint) RETURNS text
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT i.name FROM ihub.inbound_item t JOIN ihub.inbound_source s ON s.id = t.source_id
+    JOIN ihub.integration i ON i.id = s.integration_id WHERE t.id = p_item
+$$;
+
 CREATE FUNCTION ihub._claim_inbound(p_owner integer, p_default_timeout_ms integer)
 RETURNS TABLE (id bigint, call text, run_as oid, timeout_ms integer, more_due boolean)
 LANGUAGE sql SET search_path = pg_catalog, pg_temp
-AS $$ SELECT * FROM ihub._claim_inbound_items(p_owner, p_default_timeout_ms, 1, 1) $$;
+AS $$ SELECT c.id, c.call, c.run_as, c.timeout_ms, c.more_due FROM ihub._claim_inbound_items(p_owner, p_default_timeout_ms, 1, 1) c $$;
 
 -- Gives claimed items that a processor did not start back to the queue, as
 -- they were, for any processor to take: those left in a batch whose time
@@ -681,6 +693,7 @@ COMMENT ON FUNCTION ihub._claim_inbound_items(integer, integer, integer, integer
     'Internal (processor): claims up to p_limit (and its share among p_workers) of the next items due whose handlers run as one role, for one transaction; archives as failed the claimed items whose handler was dropped on the way.';
 COMMENT ON FUNCTION ihub._unclaim_inbound_items(bigint[], integer) IS
     'Internal (processor): gives claimed items it did not start back to the queue.';
+COMMENT ON FUNCTION ihub._inbound_integration(bigint) IS 'Internal: the integration of an inbound item''s source.';
 COMMENT ON FUNCTION ihub._claim_inbound(integer, integer) IS
     'Internal: claims the next item due (ihub._claim_inbound_items with a limit of one).';
 COMMENT ON FUNCTION ihub._inbound_done(bigint, integer, jsonb) IS 'Internal: records a processed item (by the process that took it).';

@@ -154,7 +154,7 @@ LANGUAGE c VOLATILE AS 'MODULE_PATHNAME', 'ihub_for_caller';
 -- more are due (it then wakes a peer). Only what is claimed is locked.
 -- (PL/pgSQL rather than SQL: its plans are cached for the worker's session.)
 CREATE FUNCTION ihub._claim_jobs(p_owner integer, p_default_timeout_ms integer, p_limit integer, p_workers integer)
-RETURNS TABLE (id bigint, call text, args jsonb, run_as oid, timeout_ms integer, more_due boolean)
+RETURNS TABLE (id bigint, call text, args jsonb, run_as oid, timeout_ms integer, more_due boolean, integration text)
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
@@ -197,10 +197,11 @@ BEGIN
                     attempts = j.attempts + 1, cancel_requested = false, errors_logged = 0,
                     progress_done = NULL, progress_total = NULL
                 FROM picked WHERE j.id = picked.id
-                RETURNING j.id, j.fn, j.fn_name, j.args, j.run_as, j.timeout, j.priority, j.run_at
+                RETURNING j.id, j.fn, j.fn_name, j.args, j.run_as, j.timeout, j.priority, j.run_at, j.integration_id
             )
             SELECT c.id, c.fn, c.fn_name, c.args, c.run_as, c.timeout, p.prorettype, p.proname, n.nspname,
-                   (SELECT count(*) FROM next) > (SELECT count(*) FROM picked) AS more
+                   (SELECT count(*) FROM next) > (SELECT count(*) FROM picked) AS more,
+                   (SELECT i.name FROM ihub.integration i WHERE i.id = c.integration_id) AS integration
             FROM claimed c
             LEFT JOIN pg_proc p ON p.oid = c.fn
             LEFT JOIN pg_namespace n ON n.oid = p.pronamespace
@@ -221,6 +222,8 @@ BEGIN
             run_as := v.run_as::oid;
             timeout_ms := coalesce((extract(epoch FROM v.timeout) * 1000)::integer, p_default_timeout_ms);
             more_due := v.more;
+            -- Its writes are not sent back to its integration (loop prevention).
+            integration := v.integration;
             RETURN NEXT;
         END LOOP;
         -- Their function was dropped after they were queued: no attempt can
@@ -243,7 +246,7 @@ $$;
 CREATE FUNCTION ihub._claim_job(p_owner integer, p_default_timeout_ms integer)
 RETURNS TABLE (id bigint, call text, args jsonb, run_as oid, timeout_ms integer, more_due boolean)
 LANGUAGE sql SET search_path = pg_catalog, pg_temp
-AS $$ SELECT * FROM ihub._claim_jobs(p_owner, p_default_timeout_ms, 1, 1) $$;
+AS $$ SELECT c.id, c.call, c.args, c.run_as, c.timeout_ms, c.more_due FROM ihub._claim_jobs(p_owner, p_default_timeout_ms, 1, 1) c $$;
 
 -- Gives claimed jobs that a worker did not start back to the queue, as
 -- they were (their attempt uncounted), for any worker to take: those left

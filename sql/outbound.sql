@@ -240,6 +240,10 @@ BEGIN
                         TG_RELID::regclass, TG_ARGV[0]
             USING ERRCODE = 'triggered_action_exception', HINT = 'Capture triggers are made by ihub.subscribe(); drop this one.';
     END IF;
+    -- The transaction syncs this subscription's integration: not sent back.
+    IF ihub._echo_suppressed(v_sub) THEN
+        RETURN NULL;
+    END IF;
     EXECUTE format($q$
         INSERT INTO ihub_capture.%1$I (op, xid, occurred_at)
         SELECT 't', pg_current_xact_id(), statement_timestamp()
@@ -610,6 +614,9 @@ BEGIN
         PERFORM ihub._subscription_broken(v_sub,
             format('its table %s was dropped (%s); changes not yet sent were lost with it', v.object_identity, tg_tag));
     END LOOP;
+    -- Bindings of rows of dropped tables go with them.
+    DELETE FROM ihub.binding b USING pg_event_trigger_dropped_objects() d
+    WHERE d.classid = 'pg_class'::regclass AND d.objid = b.local_table AND d.object_type IN ('table', 'partitioned table');
 END
 $$;
 
@@ -678,7 +685,7 @@ BEGIN
         SELECT t.tgname, t.tgrelid::regclass AS rel
         FROM pg_trigger t
         WHERE t.tgfoid IN ('ihub._capture_rows()'::regprocedure, 'ihub._capture_filtered()'::regprocedure,
-                           'ihub._capture_truncate()'::regprocedure)
+                           'ihub._capture_truncate()'::regprocedure, 'ihub._binding_deleted()'::regprocedure)
           AND t.tgparentid = 0
     LOOP
         EXECUTE format('DROP TRIGGER %I ON %s', v.tgname, v.rel);

@@ -4,7 +4,9 @@
 -- their tables or are marked broken alone, jobs and inbound items whose
 -- function is gone end failed, and the listener's queues, records and
 -- connections are bounded. Delivery failures are logged aggregated (issue 11).
--- Mappers translate values between this database and other systems (issue 12).
+-- Mappers translate values between this database and other systems, bindings
+-- link rows to external objects, and a sync's writes are not sent back to the
+-- system they came from (issue 12).
 
 \echo Use "ALTER EXTENSION pg_ihub UPDATE TO '0.3.0'" to load this file. \quit
 
@@ -101,6 +103,10 @@ BEGIN
                         TG_RELID::regclass, TG_ARGV[0]
             USING ERRCODE = 'triggered_action_exception', HINT = 'Capture triggers are made by ihub.subscribe(); drop this one.';
     END IF;
+    -- The transaction syncs this subscription's integration: not sent back.
+    IF ihub._echo_suppressed(v_sub) THEN
+        RETURN NULL;
+    END IF;
     EXECUTE format($q$
         INSERT INTO ihub_capture.%1$I (op, xid, occurred_at)
         SELECT 't', pg_current_xact_id(), statement_timestamp()
@@ -167,7 +173,7 @@ BEGIN
         SELECT t.tgname, t.tgrelid::regclass AS rel
         FROM pg_trigger t
         WHERE t.tgfoid IN ('ihub._capture_rows()'::regprocedure, 'ihub._capture_filtered()'::regprocedure,
-                           'ihub._capture_truncate()'::regprocedure)
+                           'ihub._capture_truncate()'::regprocedure, 'ihub._binding_deleted()'::regprocedure)
           AND t.tgparentid = 0
     LOOP
         EXECUTE format('DROP TRIGGER %I ON %s', v.tgname, v.rel);
@@ -994,7 +1000,7 @@ $$;
 -- commit. (PL/pgSQL rather than SQL: its plans are cached for the worker's
 -- session.)
 CREATE FUNCTION ihub._claim_jobs(p_owner integer, p_default_timeout_ms integer, p_limit integer, p_workers integer)
-RETURNS TABLE (id bigint, call text, args jsonb, run_as oid, timeout_ms integer, more_due boolean)
+RETURNS TABLE (id bigint, call text, args jsonb, run_as oid, timeout_ms integer, more_due boolean, integration text)
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
@@ -1037,10 +1043,11 @@ BEGIN
                     attempts = j.attempts + 1, cancel_requested = false, errors_logged = 0,
                     progress_done = NULL, progress_total = NULL
                 FROM picked WHERE j.id = picked.id
-                RETURNING j.id, j.fn, j.fn_name, j.args, j.run_as, j.timeout, j.priority, j.run_at
+                RETURNING j.id, j.fn, j.fn_name, j.args, j.run_as, j.timeout, j.priority, j.run_at, j.integration_id
             )
             SELECT c.id, c.fn, c.fn_name, c.args, c.run_as, c.timeout, p.prorettype, p.proname, n.nspname,
-                   (SELECT count(*) FROM next) > (SELECT count(*) FROM picked) AS more
+                   (SELECT count(*) FROM next) > (SELECT count(*) FROM picked) AS more,
+                   (SELECT i.name FROM ihub.integration i WHERE i.id = c.integration_id) AS integration
             FROM claimed c
             LEFT JOIN pg_proc p ON p.oid = c.fn
             LEFT JOIN pg_namespace n ON n.oid = p.pronamespace
@@ -1061,6 +1068,8 @@ BEGIN
             run_as := v.run_as::oid;
             timeout_ms := coalesce((extract(epoch FROM v.timeout) * 1000)::integer, p_default_timeout_ms);
             more_due := v.more;
+            -- Its writes are not sent back to its integration (loop prevention).
+            integration := v.integration;
             RETURN NEXT;
         END LOOP;
         -- Their function was dropped after they were queued: no attempt can
@@ -1083,7 +1092,7 @@ $$;
 CREATE OR REPLACE FUNCTION ihub._claim_job(p_owner integer, p_default_timeout_ms integer)
 RETURNS TABLE (id bigint, call text, args jsonb, run_as oid, timeout_ms integer, more_due boolean)
 LANGUAGE sql SET search_path = pg_catalog, pg_temp
-AS $$ SELECT * FROM ihub._claim_jobs(p_owner, p_default_timeout_ms, 1, 1) $$;
+AS $$ SELECT c.id, c.call, c.args, c.run_as, c.timeout_ms, c.more_due FROM ihub._claim_jobs(p_owner, p_default_timeout_ms, 1, 1) c $$;
 
 -- Gives claimed jobs that a worker did not start back to the queue, as
 -- they were (their attempt uncounted), for any worker to take: those left
@@ -1115,7 +1124,7 @@ $$;
 -- p_limit + 1 due items from it on (the one more tells whether more are
 -- due). Only what is claimed is locked.
 CREATE FUNCTION ihub._claim_inbound_items(p_owner integer, p_default_timeout_ms integer, p_limit integer, p_workers integer)
-RETURNS TABLE (id bigint, call text, run_as oid, timeout_ms integer, more_due boolean)
+RETURNS TABLE (id bigint, call text, run_as oid, timeout_ms integer, more_due boolean, integration text)
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
@@ -1167,6 +1176,7 @@ BEGIN
                 RETURNING t.id, t.source_id, t.run_at
             )
             SELECT c.id, ihub._handler_call(s.handler) AS call, s.run_as,
+                   (SELECT i.name FROM ihub.integration i WHERE i.id = s.integration_id) AS integration,
                    coalesce(s.handler_name, s.handler::text) AS handler_name,
                    (SELECT count(*) FROM next) > (SELECT count(*) FROM picked) AS more
             FROM claimed c
@@ -1180,6 +1190,8 @@ BEGIN
             END IF;
             v_found := true;
             id := v.id; call := v.call; run_as := v.run_as::oid; timeout_ms := p_default_timeout_ms; more_due := v.more;
+            -- Its writes are not sent back to its integration (loop prevention).
+            integration := v.integration;
             RETURN NEXT;
         END LOOP;
         -- Their source's handler was dropped: no call can handle them. They
@@ -1197,10 +1209,20 @@ BEGIN
 END
 $$;
 
+-- Claims the next item due (a batch of one).
+-- The integration of an item's source (ihub.process_inbound marks the
+-- handler's writes as that integration's sync).
+CREATE FUNCTION ihub._inbound_integration(p_item bigint) RETURNS text
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT i.name FROM ihub.inbound_item t JOIN ihub.inbound_source s ON s.id = t.source_id
+    JOIN ihub.integration i ON i.id = s.integration_id WHERE t.id = p_item
+$$;
+
 CREATE OR REPLACE FUNCTION ihub._claim_inbound(p_owner integer, p_default_timeout_ms integer)
 RETURNS TABLE (id bigint, call text, run_as oid, timeout_ms integer, more_due boolean)
 LANGUAGE sql SET search_path = pg_catalog, pg_temp
-AS $$ SELECT * FROM ihub._claim_inbound_items(p_owner, p_default_timeout_ms, 1, 1) $$;
+AS $$ SELECT c.id, c.call, c.run_as, c.timeout_ms, c.more_due FROM ihub._claim_inbound_items(p_owner, p_default_timeout_ms, 1, 1) c $$;
 
 -- Gives claimed items that a processor did not start back to the queue, as
 -- they were, for any processor to take: those left in a batch whose time
@@ -2773,6 +2795,419 @@ GRANT EXECUTE ON FUNCTION
     ihub.delete_mapper_item(text, text, bigint),
     ihub.map_import(text, text, text),
     ihub.map_export(text, text, text)
+TO ihub_developer;
+
+-------------------------------------------------------------------------------
+-- Bindings and loop prevention (issue 12): sql/bindings.sql
+-------------------------------------------------------------------------------
+
+-- A row's key, if the binding role sees the row (src/sync/bindings.rs).
+CREATE FUNCTION ihub._row_key("table" oid, "column" text, "key" text, "caller" oid) RETURNS text
+STRICT VOLATILE PARALLEL UNSAFE
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'row_key_wrapper';
+COMMENT ON FUNCTION ihub._row_key(oid, text, text, oid) IS
+    'Internal: the primary key (as its type prints it) of the row with this key, if the given role sees it (security-restricted operation).';
+-- Whether the transaction syncs a subscription's integration (src/sync/syncing.rs).
+CREATE FUNCTION ihub._echo_suppressed("subscription" bigint) RETURNS boolean
+STRICT STABLE PARALLEL SAFE
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'echo_suppressed_wrapper';
+COMMENT ON FUNCTION ihub._echo_suppressed(bigint) IS
+    'Internal: whether the current transaction syncs the integration of this subscription (ihub.syncing), so that its changes are not captured.';
+COMMENT ON FUNCTION ihub._inbound_integration(bigint) IS 'Internal: the integration of an inbound item''s source.';
+
+CREATE TABLE ihub.binding (
+    id             bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    integration_id bigint NOT NULL REFERENCES ihub.integration (id),
+    object_type    text NOT NULL CHECK (object_type ~ '^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$'),
+    local_table    regclass NOT NULL,
+    -- The row's primary key as text (its type's output).
+    local_key      text NOT NULL,
+    external_id    text NOT NULL CHECK (external_id <> ''),
+    -- SHA-256 (hex) of the data last synced, NULL when none was given.
+    sync_hash      text,
+    bound_by       name NOT NULL,
+    created_at     timestamptz NOT NULL DEFAULT now(),
+    synced_at      timestamptz NOT NULL DEFAULT now(),
+    CONSTRAINT binding_local_key UNIQUE (integration_id, object_type, local_key),
+    CONSTRAINT binding_external_id UNIQUE (integration_id, object_type, external_id)
+);
+-- The cleanup trigger deletes by table and key.
+CREATE INDEX binding_local_idx ON ihub.binding (local_table, local_key);
+COMMENT ON TABLE ihub.binding IS
+    'Bindings: a local row (table, primary key) linked to an external object (integration, object type, external id), with the hash of the data last synced.';
+
+SELECT pg_catalog.pg_extension_config_dump('ihub.binding', '');
+SELECT pg_catalog.pg_extension_config_dump('ihub.binding_id_seq', '');
+
+-- Dropped tables take their bindings along (defined here, once the table
+-- exists: the statements of this script fire the event trigger).
+CREATE OR REPLACE FUNCTION ihub._on_sql_drop() RETURNS event_trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_sub ihub.subscription;
+    v record;
+BEGIN
+    FOR v IN
+        SELECT s.id, d.object_identity FROM ihub.subscription s
+        JOIN pg_event_trigger_dropped_objects() d ON d.classid = 'pg_class'::regclass AND d.objid = s.source
+        WHERE d.object_type IN ('table', 'partitioned table')
+    LOOP
+        SELECT * INTO v_sub FROM ihub.subscription WHERE id = v.id;
+        PERFORM ihub._subscription_broken(v_sub,
+            format('its table %s was dropped (%s); changes not yet sent were lost with it', v.object_identity, tg_tag));
+    END LOOP;
+    -- Bindings of rows of dropped tables go with them.
+    DELETE FROM ihub.binding b USING pg_event_trigger_dropped_objects() d
+    WHERE d.classid = 'pg_class'::regclass AND d.objid = b.local_table AND d.object_type IN ('table', 'partitioned table');
+END
+$$;
+
+-------------------------------------------------------------------------------
+-- Helpers
+-------------------------------------------------------------------------------
+
+-- The single-column primary key of a table: the column a binding's key is
+-- a value of. NULL (or an error with a hint, when asked) for anything else.
+CREATE FUNCTION ihub._binding_key_column(p_table regclass, p_strict boolean DEFAULT true) RETURNS name
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_column name;
+BEGIN
+    SELECT a.attname INTO v_column
+    FROM pg_index i JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = i.indkey[0]
+    WHERE i.indrelid = p_table AND i.indisprimary AND i.indnkeyatts = 1;
+    IF v_column IS NULL AND p_strict THEN
+        RAISE EXCEPTION 'table % has no single-column primary key', p_table
+            USING ERRCODE = 'invalid_table_definition',
+                  HINT = 'A binding names its row by its primary key: give the table one of one column (an id).';
+    END IF;
+    RETURN v_column;
+END
+$$;
+
+CREATE FUNCTION ihub._sync_hash(p_data jsonb) RETURNS text
+LANGUAGE sql IMMUTABLE SET search_path = pg_catalog, pg_temp
+AS $$ SELECT encode(sha256(convert_to(p_data::text, 'UTF8')), 'hex') $$;
+
+-- Installs the cleanup triggers on a table the first time a row of it is
+-- bound. Making a trigger takes what CREATE TRIGGER takes: the caller must
+-- own the table or hold TRIGGER on it.
+CREATE FUNCTION ihub._binding_install_cleanup(p_table regclass, p_caller regrole) RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF EXISTS (SELECT 1 FROM pg_trigger t WHERE t.tgrelid = p_table AND t.tgname = 'ihub_binding_cleanup') THEN
+        RETURN;
+    END IF;
+    IF NOT has_table_privilege(p_caller, p_table, 'TRIGGER') THEN
+        RAISE EXCEPTION 'permission denied to bind rows of %: the first binding of a table installs a trigger there', p_table
+            USING ERRCODE = 'insufficient_privilege',
+                  HINT = format('Bind a first row as the table''s owner, or GRANT TRIGGER ON %s TO %s.', p_table, p_caller);
+    END IF;
+    IF (SELECT c.relkind FROM pg_class c WHERE c.oid = p_table) NOT IN ('r', 'p') THEN
+        RAISE EXCEPTION '% is not a table', p_table
+            USING ERRCODE = 'wrong_object_type', HINT = 'Bind rows of tables.';
+    END IF;
+    -- A concurrent first binding of the same table waits here, then finds
+    -- the trigger made.
+    EXECUTE format('LOCK TABLE %s IN SHARE ROW EXCLUSIVE MODE', p_table);
+    IF NOT EXISTS (SELECT 1 FROM pg_trigger t WHERE t.tgrelid = p_table AND t.tgname = 'ihub_binding_cleanup') THEN
+        EXECUTE format('CREATE TRIGGER ihub_binding_cleanup AFTER DELETE ON %s REFERENCING OLD TABLE AS ihub_old '
+                       'FOR EACH STATEMENT EXECUTE FUNCTION ihub._binding_deleted()', p_table);
+        EXECUTE format('CREATE TRIGGER ihub_binding_truncate AFTER TRUNCATE ON %s '
+                       'FOR EACH STATEMENT EXECUTE FUNCTION ihub._binding_deleted()', p_table);
+    END IF;
+END
+$$;
+
+-- The cleanup trigger: the bindings of deleted (or truncated) rows go in
+-- the same transaction. The key is printed with its type's output
+-- function (format), never a cast, which a user could have written: this
+-- runs as the extension owner. A table whose key changed shape keeps its
+-- bindings rather than fail the delete.
+CREATE FUNCTION ihub._binding_deleted() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_key name;
+BEGIN
+    IF TG_OP = 'TRUNCATE' THEN
+        DELETE FROM ihub.binding WHERE local_table = TG_RELID;
+        RETURN NULL;
+    END IF;
+    v_key := ihub._binding_key_column(TG_RELID, false);
+    IF v_key IS NOT NULL THEN
+        EXECUTE format('DELETE FROM ihub.binding b USING ihub_old o WHERE b.local_table = $1 AND b.local_key = format(''%%s'', o.%I)', v_key)
+        USING TG_RELID;
+    END IF;
+    RETURN NULL;
+END
+$$;
+
+-------------------------------------------------------------------------------
+-- Binding and looking up
+-------------------------------------------------------------------------------
+
+CREATE FUNCTION ihub._bind_by(
+    integration text,
+    object_type text,
+    local_table regclass,
+    local_key text,
+    external_id text,
+    data jsonb DEFAULT NULL,
+    p_caller regrole DEFAULT NULL) RETURNS bigint
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_integration bigint := ihub._integration_id(_bind_by.integration);
+    v_key_column name;
+    v_key text;
+    v_other record;
+    v_id bigint;
+BEGIN
+    PERFORM ihub._check_name('object type', _bind_by.object_type);
+    IF local_table IS NULL OR coalesce(local_key, '') = '' OR coalesce(external_id, '') = '' THEN
+        RAISE EXCEPTION 'a binding needs a table, a local key and an external id'
+            USING ERRCODE = 'null_value_not_allowed',
+                  HINT = 'For example ihub.bind(''crm'', ''contact'', ''contacts'', ''42'', ''c_981'').';
+    END IF;
+    v_key_column := ihub._binding_key_column(local_table);
+    -- An object type stands for one table.
+    SELECT b.local_table INTO v_other FROM ihub.binding b
+    WHERE b.integration_id = v_integration AND b.object_type = _bind_by.object_type AND b.local_table <> _bind_by.local_table
+    LIMIT 1;
+    IF FOUND THEN
+        RAISE EXCEPTION 'object type "%" of integration "%" is bound to rows of %, not %',
+                        _bind_by.object_type, _bind_by.integration, v_other.local_table, local_table
+            USING ERRCODE = 'invalid_parameter_value', HINT = 'Use one object type per table.';
+    END IF;
+    IF NOT has_table_privilege(p_caller, local_table, 'SELECT') THEN
+        RAISE EXCEPTION 'permission denied for table %', local_table
+            USING ERRCODE = 'insufficient_privilege', HINT = format('Binding a row takes SELECT on its table (%s has none).', p_caller);
+    END IF;
+    -- The row must exist, as the caller sees it (row-level security too);
+    -- its key is kept as its type prints it ('042' binds row 42 as '42'),
+    -- which is how the cleanup trigger finds it.
+    v_key := ihub._row_key(local_table::oid, v_key_column::text, local_key, p_caller::oid);
+    IF v_key IS NULL THEN
+        RAISE EXCEPTION 'no row of % has % = %', local_table, v_key_column, local_key
+            USING ERRCODE = 'no_data_found', HINT = 'Bind a row once it is written, in the same transaction if you like.';
+    END IF;
+    SELECT b.local_key INTO v_other FROM ihub.binding b
+    WHERE b.integration_id = v_integration AND b.object_type = _bind_by.object_type
+      AND b.external_id = _bind_by.external_id AND b.local_key <> v_key;
+    IF FOUND THEN
+        RAISE EXCEPTION '% "%" of integration "%" is already bound to row % of %', _bind_by.object_type, external_id,
+                        _bind_by.integration, v_other.local_key, local_table
+            USING ERRCODE = 'unique_violation',
+                  HINT = 'One external object is one local row: unbind the other first with ihub.unbind(integration, object_type, local_key).';
+    END IF;
+    PERFORM ihub._binding_install_cleanup(local_table, p_caller);
+    INSERT INTO ihub.binding AS b (integration_id, object_type, local_table, local_key, external_id, sync_hash, bound_by)
+    VALUES (v_integration, _bind_by.object_type, local_table, v_key, external_id,
+            ihub._sync_hash(data), p_caller::name)
+    ON CONFLICT ON CONSTRAINT binding_local_key DO UPDATE
+    SET external_id = EXCLUDED.external_id, sync_hash = EXCLUDED.sync_hash, bound_by = EXCLUDED.bound_by, synced_at = now()
+    RETURNING b.id INTO v_id;
+    RETURN v_id;
+END
+$$;
+
+CREATE FUNCTION ihub.bind(
+    integration text,
+    object_type text,
+    local_table regclass,
+    local_key text,
+    external_id text,
+    data jsonb DEFAULT NULL) RETURNS bigint
+LANGUAGE c VOLATILE AS 'MODULE_PATHNAME', 'ihub_for_caller';
+
+CREATE FUNCTION ihub.unbind(integration text, object_type text, local_key text) RETURNS boolean
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    DELETE FROM ihub.binding b
+    WHERE b.integration_id = ihub._integration_id(unbind.integration) AND b.object_type = unbind.object_type
+      AND b.local_key = unbind.local_key;
+    RETURN FOUND;
+END
+$$;
+
+CREATE FUNCTION ihub.external_id(integration text, object_type text, local_key text) RETURNS text
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT b.external_id FROM ihub.binding b
+    WHERE b.integration_id = ihub._integration_id(external_id.integration) AND b.object_type = external_id.object_type
+      AND b.local_key = external_id.local_key
+$$;
+
+CREATE FUNCTION ihub.local_key(integration text, object_type text, external_id text) RETURNS text
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT b.local_key FROM ihub.binding b
+    WHERE b.integration_id = ihub._integration_id(local_key.integration) AND b.object_type = local_key.object_type
+      AND b.external_id = local_key.external_id
+$$;
+
+-- True unless the row is bound with this very data: a push or an import
+-- can skip what was synced already.
+CREATE FUNCTION ihub.has_changed(integration text, object_type text, local_key text, data jsonb) RETURNS boolean
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT coalesce((SELECT b.sync_hash IS DISTINCT FROM ihub._sync_hash(has_changed.data) OR b.sync_hash IS NULL
+                     FROM ihub.binding b
+                     WHERE b.integration_id = ihub._integration_id(has_changed.integration)
+                       AND b.object_type = has_changed.object_type AND b.local_key = has_changed.local_key), true)
+$$;
+
+-------------------------------------------------------------------------------
+-- Upsert
+-------------------------------------------------------------------------------
+
+-- SECURITY INVOKER on purpose: the row is written with the caller's
+-- rights, and the caller's triggers on it see the caller's search_path.
+-- Everything else goes through the public functions above.
+CREATE FUNCTION ihub.upsert(integration text, object_type text, target regclass, external_id text, data jsonb)
+RETURNS TABLE (local_key text, action text)
+LANGUAGE plpgsql
+AS $$
+DECLARE
+    v_key_column name;
+    v_key_type text;
+    v_unknown text;
+    v_columns text;
+    v_key text;
+BEGIN
+    IF data IS NULL OR pg_catalog.jsonb_typeof(data) <> 'object' THEN
+        RAISE EXCEPTION 'data must be a JSON object of column values'
+            USING ERRCODE = 'invalid_parameter_value', HINT = 'For example {"name": "Ada", "email": "ada@example.com"}.';
+    END IF;
+    IF data = '{}' THEN
+        RAISE EXCEPTION 'data must name at least one column'
+            USING ERRCODE = 'invalid_parameter_value', HINT = 'Its keys are column names of the table, its values theirs.';
+    END IF;
+    IF coalesce(upsert.external_id, '') = '' THEN
+        RAISE EXCEPTION 'an upsert needs the external id'
+            USING ERRCODE = 'null_value_not_allowed', HINT = 'Pass the id the other system gives the object.';
+    END IF;
+    -- (As ihub._binding_key_column, which runs as its owner: this runs as the caller.)
+    SELECT a.attname, pg_catalog.format_type(a.atttypid, NULL) INTO v_key_column, v_key_type
+    FROM pg_catalog.pg_index i JOIN pg_catalog.pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = i.indkey[0]
+    WHERE i.indrelid = target AND i.indisprimary AND i.indnkeyatts = 1;
+    IF v_key_column IS NULL THEN
+        RAISE EXCEPTION 'table % has no single-column primary key', target
+            USING ERRCODE = 'invalid_table_definition',
+                  HINT = 'A binding names its row by its primary key: give the table one of one column (an id).';
+    END IF;
+    SELECT k INTO v_unknown FROM pg_catalog.jsonb_object_keys(data) k
+    WHERE NOT EXISTS (SELECT 1 FROM pg_catalog.pg_attribute a
+                      WHERE a.attrelid = target AND a.attname = k AND a.attnum > 0 AND NOT a.attisdropped)
+    LIMIT 1;
+    IF FOUND THEN
+        RAISE EXCEPTION 'table % has no column "%"', target, v_unknown
+            USING ERRCODE = 'undefined_column',
+                  HINT = 'The keys of data are column names; map the external fields to columns first.';
+    END IF;
+    -- One upsert of an external object at a time: a concurrent one waits,
+    -- then finds the binding this one makes.
+    PERFORM pg_catalog.pg_advisory_xact_lock(pg_catalog.hashtextextended(
+        pg_catalog.format('ihub.upsert %s %s %s', integration, object_type, upsert.external_id), 0));
+    v_key := ihub.local_key(integration, object_type, upsert.external_id);
+    IF v_key IS NOT NULL AND NOT ihub.has_changed(integration, object_type, v_key, data) THEN
+        RETURN QUERY SELECT v_key, 'unchanged'::text;
+        RETURN;
+    END IF;
+    SELECT pg_catalog.string_agg(pg_catalog.quote_ident(k), ', ') INTO v_columns FROM pg_catalog.jsonb_object_keys(data) k;
+    IF v_key IS NOT NULL THEN
+        EXECUTE pg_catalog.format(
+            'UPDATE %1$s t SET (%2$s) = (SELECT %2$s FROM pg_catalog.jsonb_populate_record(NULL::%1$s, $1)) '
+            'WHERE t.%3$I = $2::%4$s RETURNING pg_catalog.format(''%%s'', t.%3$I)',
+            target, v_columns, v_key_column, v_key_type)
+        INTO v_key USING data, v_key;
+        IF v_key IS NOT NULL THEN
+            PERFORM ihub.bind(integration, object_type, target, v_key, upsert.external_id, data);
+            RETURN QUERY SELECT v_key, 'updated'::text;
+            RETURN;
+        END IF;
+    END IF;
+    EXECUTE pg_catalog.format(
+        'INSERT INTO %1$s AS t (%2$s) SELECT %2$s FROM pg_catalog.jsonb_populate_record(NULL::%1$s, $1) '
+        'RETURNING pg_catalog.format(''%%s'', t.%3$I)',
+        target, v_columns, v_key_column)
+    INTO v_key USING data;
+    PERFORM ihub.bind(integration, object_type, target, v_key, upsert.external_id, data);
+    RETURN QUERY SELECT v_key, 'created'::text;
+END
+$$;
+
+-------------------------------------------------------------------------------
+-- Loop prevention
+-------------------------------------------------------------------------------
+
+-- Marks the current transaction as a sync of `integration` (or, with
+-- false, no longer): its writes to subscribed tables are not sent to that
+-- integration's endpoints, and still go to every other integration's.
+-- Handlers and jobs of an integration are marked already. The mark is the
+-- superuser-context setting ihub.syncing, so only this function (which
+-- checks the integration) sets it; it ends with the transaction.
+CREATE FUNCTION ihub.syncing(integration text, active boolean DEFAULT true) RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_name text := (SELECT i.name FROM ihub.integration i WHERE i.id = ihub._integration_id(syncing.integration));
+    v_marked text[] := array_remove(string_to_array(current_setting('ihub.syncing', true), ','), v_name);
+BEGIN
+    IF active THEN
+        v_marked := v_marked || v_name;
+    END IF;
+    PERFORM set_config('ihub.syncing', coalesce(array_to_string(v_marked, ','), ''), true);
+END
+$$;
+
+-------------------------------------------------------------------------------
+-- View
+-------------------------------------------------------------------------------
+
+CREATE VIEW ihub.bindings AS
+SELECT b.id, i.name AS integration, b.object_type, b.local_table, b.local_key, b.external_id, b.sync_hash,
+       b.bound_by, b.created_at, b.synced_at
+FROM ihub.binding b JOIN ihub.integration i ON i.id = b.integration_id;
+
+COMMENT ON FUNCTION ihub._binding_key_column(regclass, boolean) IS
+    'Internal: a table''s single-column primary key, which binding keys are values of.';
+COMMENT ON FUNCTION ihub._sync_hash(jsonb) IS 'Internal: the SHA-256 (hex) of synced data, as bindings store it.';
+COMMENT ON FUNCTION ihub._binding_install_cleanup(regclass, regrole) IS
+    'Internal: installs the triggers that delete a table''s bindings with its rows (first binding of the table).';
+COMMENT ON FUNCTION ihub._binding_deleted() IS 'Internal: trigger deleting the bindings of deleted or truncated rows.';
+COMMENT ON FUNCTION ihub.bind(text, text, regclass, text, text, jsonb) IS
+    'Links a local row (table, primary key as text) to an external object (integration, object type, external id), storing the hash of data. Returns the binding id.';
+COMMENT ON FUNCTION ihub.unbind(text, text, text) IS 'Removes the binding of a local row; true if there was one.';
+COMMENT ON FUNCTION ihub.external_id(text, text, text) IS 'The external id bound to a local row, or NULL.';
+COMMENT ON FUNCTION ihub.local_key(text, text, text) IS 'The local row (primary key as text) bound to an external id, or NULL.';
+COMMENT ON FUNCTION ihub.has_changed(text, text, text, jsonb) IS
+    'Whether data differs from what was last synced for a local row (true when it is not bound, or bound without data).';
+COMMENT ON FUNCTION ihub.upsert(text, text, regclass, text, jsonb) IS
+    'Creates or updates the local row bound to an external object from data (keys are column names) and binds it, with the caller''s rights: created, updated, or unchanged (same data as last synced; nothing written).';
+COMMENT ON FUNCTION ihub.syncing(text, boolean) IS
+    'Marks the current transaction as a sync of an integration (loop prevention): its writes to subscribed tables are not sent to that integration''s endpoints, only to others''. Handlers and jobs of an integration are marked already.';
+COMMENT ON VIEW ihub.bindings IS 'Bindings of local rows to external objects, per integration and object type.';
+
+COMMENT ON FUNCTION ihub._bind_by(text, text, regclass, text, text, jsonb, regrole) IS
+    'Internal: ihub.bind for the role passed last, the caller its LANGUAGE c entry point saw (src/caller.rs).';
+REVOKE ALL ON ihub.binding, ihub.bindings FROM PUBLIC;
+GRANT SELECT ON ihub.bindings TO ihub_viewer;
+GRANT EXECUTE ON FUNCTION ihub.external_id(text, text, text), ihub.local_key(text, text, text),
+                          ihub.has_changed(text, text, text, jsonb)
+TO ihub_viewer;
+GRANT EXECUTE ON FUNCTION
+    ihub.bind(text, text, regclass, text, text, jsonb),
+    ihub.unbind(text, text, text),
+    ihub.upsert(text, text, regclass, text, jsonb),
+    ihub.syncing(text, boolean)
 TO ihub_developer;
 
 -------------------------------------------------------------------------------

@@ -90,6 +90,11 @@ pgrx::extension_sql_file!(
     name = "mappers",
     requires = ["inbound", sync::mappers::mapper_matches]
 );
+pgrx::extension_sql_file!(
+    "../sql/bindings.sql",
+    name = "bindings",
+    requires = ["mappers", sync::bindings::row_key, sync::syncing::echo_suppressed]
+);
 pgrx::extension_sql_file!("../sql/finalize.sql", name = "finalize", finalize);
 
 #[pg_guard]

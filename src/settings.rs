@@ -56,6 +56,10 @@ pub static HEALTH_QUEUE_AGE_S: GucSetting<i32> = GucSetting::<i32>::new(300);
 pub static HEALTH_QUEUE_DEPTH: GucSetting<i32> = GucSetting::<i32>::new(10_000);
 pub static INBOUND_MAX_CONNECTIONS_PER_ADDRESS: GucSetting<i32> = GucSetting::<i32>::new(100);
 pub static INBOUND_HEADER_TIMEOUT_MS: GucSetting<i32> = GucSetting::<i32>::new(10_000);
+/// The integrations whose sync the current transaction is (loop
+/// prevention): set only through ihub.syncing() and by workers running a
+/// handler or job of an integration, never by SET (superuser context).
+pub static SYNCING: GucSetting<Option<std::ffi::CString>> = GucSetting::<Option<std::ffi::CString>>::new(None);
 
 /// Defines the settings. Postmaster-context ones can only be defined while
 /// shared_preload_libraries is processed (later it is a FATAL error), so a
@@ -298,6 +302,15 @@ fn define_reloadable_settings() {
         GucFlags::UNIT_BYTE,
     );
     GucRegistry::define_string_guc(
+        c"ihub.syncing",
+        c"Integrations whose sync the current transaction is (comma-separated): its writes are not sent back to them.",
+        c"Set for the transaction by ihub.syncing(integration), and for inbound handlers and jobs of an integration by the \
+          workers. Only superusers can SET it.",
+        &SYNCING,
+        GucContext::Suset,
+        GucFlags::DISALLOW_IN_FILE,
+    );
+    GucRegistry::define_string_guc(
         c"ihub.allow_private_hosts",
         c"Private, loopback or link-local hosts endpoints may use (comma-separated names, addresses or CIDR ranges).",
         c"By default such addresses are refused so that webhook URLs cannot reach the server's own network. '*' allows all.",
@@ -412,6 +425,11 @@ pub fn allow_private_hosts() -> String {
 
 pub fn http_proxy() -> String {
     string_setting(&HTTP_PROXY).trim().to_string()
+}
+
+/// The integrations the current transaction syncs (ihub.syncing).
+pub fn syncing() -> String {
+    string_setting(&SYNCING)
 }
 
 pub fn health_token() -> String {

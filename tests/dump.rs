@@ -132,7 +132,8 @@ fn dump_and_restore_keep_a_working_hub() {
              SELECT ihub.create_mapper('shop', 'status', 'enum', local_values => '{{open,won}}');
              SELECT ihub.map_item('shop', 'status', '{{Open,OPEN}}', 'open');
              SELECT ihub.map_import('shop', 'country', 'de');
-             SELECT ihub.map_import('shop', 'status', 'Unknown');"
+             SELECT ihub.map_import('shop', 'status', 'Unknown');
+             SELECT ihub.bind('shop', 'order', 'orders', (SELECT min(id)::text FROM orders), 'o_1', '{{\"a\": 1}}');"
         ),
     );
     // Everything routed and settled before the dump: nothing running.
@@ -165,6 +166,7 @@ fn dump_and_restore_keep_a_working_hub() {
         "SELECT * FROM ihub.mapper",
         "SELECT * FROM ihub.mapper_item",
         "SELECT * FROM ihub.mapper_value",
+        "SELECT * FROM ihub.binding",
         "SELECT id, level, message FROM ihub.log_entry WHERE message LIKE 'a% entry'",
         "SELECT id, summary, state FROM ihub.activity",
         "SELECT tgrelid::regclass, tgname, tgenabled, pg_get_triggerdef(oid) FROM pg_trigger WHERE tgname LIKE 'ihub_sub_%'",
@@ -212,6 +214,13 @@ fn dump_and_restore_keep_a_working_hub() {
     assert_eq!(fr, "FR");
     let new_item: i64 = one(&mut dst, "SELECT id FROM ihub.mapper_items WHERE 'fr' = ANY (external_values)");
     assert!(new_item > max_item, "item ids continue after the restored ones");
+    // Bindings too, and their cleanup trigger on the user's table came along.
+    let bound: Option<String> = one(&mut dst, "SELECT ihub.local_key('shop', 'order', 'o_1')");
+    let bound = bound.expect("the binding is restored");
+    // (Marked as the shop's sync: the delete is not sent to its endpoints.)
+    exec(&mut dst, &format!("BEGIN; SELECT ihub.syncing('shop'); DELETE FROM orders WHERE id = {bound}; COMMIT"));
+    let left: i64 = one(&mut dst, "SELECT count(*) FROM ihub.binding");
+    assert_eq!(left, 0, "deleting the restored row removes its binding");
     let queued: i64 = one(
         &mut dst,
         "SELECT (SELECT count(*) FROM ihub.deliveries WHERE endpoint = 'queued' AND state = 'retry')

@@ -325,3 +325,265 @@ fn a_table_mapper_reads_with_the_rights_of_its_user() {
     let err = error_of(&mut dev2, &format!("SELECT ihub._mapper_matches('{p}_countries'::regclass, 'code', 'DE', 10)"));
     assert!(err.contains("permission denied"), "{err}");
 }
+
+// ---------------------------------------------------------------------------
+// Bindings
+// ---------------------------------------------------------------------------
+
+/// The bindings of one object type, as "local key=external id".
+fn bindings(s: &mut Sync, object_type: &str) -> String {
+    s.text(&format!(
+        "SELECT coalesce(string_agg(local_key || '=' || external_id, ',' ORDER BY local_key), '')
+         FROM ihub.bindings WHERE integration = '{{p}}' AND object_type = '{object_type}'"
+    ))
+    .unwrap_or_default()
+}
+
+#[test]
+fn a_binding_links_a_row_to_an_external_object_and_goes_with_the_row() {
+    let mut s = setup();
+    s.exec(
+        "CREATE TABLE {p}_contacts (id bigint PRIMARY KEY, name text);
+         INSERT INTO {p}_contacts VALUES (1, 'Ada'), (2, 'Grace'), (3, 'Edsger');
+         SELECT ihub.bind('{p}', 'contact', '{p}_contacts', '1', 'c_1', '{\"name\": \"Ada\"}');
+         SELECT ihub.bind('{p}', 'contact', '{p}_contacts', '2', 'c_2');",
+    );
+    assert_eq!(s.text("SELECT ihub.external_id('{p}', 'contact', '1')").as_deref(), Some("c_1"));
+    assert_eq!(s.text("SELECT ihub.local_key('{p}', 'contact', 'c_2')").as_deref(), Some("2"));
+    assert_eq!(s.text("SELECT ihub.local_key('{p}', 'contact', 'c_9')"), None);
+    let changed = |s: &mut Sync, key: &str, data: &str| -> bool {
+        let sql = format!("SELECT ihub.has_changed('{}', 'contact', '{key}', '{data}')", s.p);
+        s.dev.query_one(&sql, &[]).unwrap().get(0)
+    };
+    assert!(!changed(&mut s, "1", r#"{"name": "Ada"}"#), "the same data");
+    assert!(!changed(&mut s, "1", r#"{ "name" :"Ada" }"#), "the same data, spelled otherwise");
+    assert!(changed(&mut s, "1", r#"{"name": "Ada L."}"#));
+    assert!(changed(&mut s, "2", r#"{"name": "Grace"}"#), "bound without data");
+    assert!(changed(&mut s, "3", r#"{"name": "Edsger"}"#), "not bound");
+
+    // Binding again moves the row to another id and data; one object is one row.
+    s.exec("SELECT ihub.bind('{p}', 'contact', '{p}_contacts', '2', 'c_22', '{\"name\": \"Grace\"}')");
+    assert_eq!(bindings(&mut s, "contact"), "1=c_1,2=c_22");
+    let err = s.error("SELECT ihub.bind('{p}', 'contact', '{p}_contacts', '3', 'c_1')");
+    assert!(err.contains("already bound to row 1") && err.contains("ihub.unbind"), "{err}");
+    let err = s.error("SELECT ihub.bind('{p}', 'contact', '{p}_contacts', '99', 'c_99')");
+    assert!(err.contains("no row of") && err.contains("id = 99"), "{err}");
+    s.exec("CREATE TABLE {p}_other (id int PRIMARY KEY); INSERT INTO {p}_other VALUES (1); CREATE TABLE {p}_nokey (v text)");
+    let err = s.error("SELECT ihub.bind('{p}', 'contact', '{p}_other', '1', 'o_1')");
+    assert!(err.contains("is bound to rows of") && err.contains("one object type per table"), "{err}");
+    let err = s.error("SELECT ihub.bind('{p}', 'thing', '{p}_nokey', 'x', 'x_1')");
+    assert!(err.contains("has no single-column primary key"), "{err}");
+    let err = s.error("SELECT ihub.bind('{p}', 'bad type!', '{p}_contacts', '1', 'x')");
+    assert!(err.contains("invalid object type name"), "{err}");
+    assert_eq!(bindings(&mut s, "contact"), "1=c_1,2=c_22", "nothing half-made");
+
+    // Deleted rows take their bindings along, in their transaction.
+    s.exec("BEGIN; DELETE FROM {p}_contacts WHERE id = 1; ROLLBACK");
+    assert_eq!(bindings(&mut s, "contact"), "1=c_1,2=c_22", "a rolled-back delete keeps them");
+    s.exec("DELETE FROM {p}_contacts WHERE id = 1");
+    assert_eq!(bindings(&mut s, "contact"), "2=c_22");
+    s.exec("SELECT ihub.bind('{p}', 'contact', '{p}_contacts', '3', 'c_3'); TRUNCATE {p}_contacts");
+    assert_eq!(bindings(&mut s, "contact"), "");
+    s.exec(
+        "INSERT INTO {p}_contacts VALUES (4, 'Barbara');
+         SELECT ihub.bind('{p}', 'contact', '{p}_contacts', '4', 'c_4');
+         SELECT ihub.unbind('{p}', 'contact', '4');
+         SELECT ihub.bind('{p}', 'contact', '{p}_contacts', '4', 'c_4');",
+    );
+    assert_eq!(bindings(&mut s, "contact"), "4=c_4");
+    s.exec("DROP TABLE {p}_contacts");
+    assert_eq!(bindings(&mut s, "contact"), "", "a dropped table's bindings go too");
+}
+
+#[test]
+fn binding_takes_the_rights_of_the_role_that_binds() {
+    let mut s = setup();
+    let p = s.p.clone();
+    s.exec(
+        "CREATE TABLE {p}_accounts (id int PRIMARY KEY, owner name);
+         INSERT INTO {p}_accounts VALUES (1, '{p}_dev2'), (2, 'someone else');
+         ALTER TABLE {p}_accounts ENABLE ROW LEVEL SECURITY;
+         CREATE POLICY own ON {p}_accounts USING (owner = current_user);
+         CREATE TABLE {p}_hidden (id int PRIMARY KEY); INSERT INTO {p}_hidden VALUES (1);
+         GRANT SELECT ON {p}_accounts TO {p}_dev2;",
+    );
+    let mut dev2 = s.connect("dev2");
+    // The first binding of a table installs its cleanup trigger: that takes TRIGGER.
+    let err = error_of(&mut dev2, &format!("SELECT ihub.bind('{p}', 'account', '{p}_accounts', '1', 'a_1')"));
+    assert!(err.contains("installs a trigger") && err.contains("GRANT TRIGGER"), "{err}");
+    let err = error_of(&mut dev2, &format!("SELECT ihub.bind('{p}', 'hidden', '{p}_hidden', '1', 'h_1')"));
+    assert!(err.contains("permission denied for table"), "{err}");
+    // Once the owner has bound a row, dev2 binds what it can see, and only that.
+    s.exec("SELECT ihub.bind('{p}', 'account', '{p}_accounts', '2', 'a_2')");
+    dev2.batch_execute(&format!("SELECT ihub.bind('{p}', 'account', '{p}_accounts', '1', 'a_1')")).unwrap();
+    s.exec("SELECT ihub.unbind('{p}', 'account', '2')");
+    let err = error_of(&mut dev2, &format!("SELECT ihub.bind('{p}', 'account', '{p}_accounts', '2', 'a_2')"));
+    assert!(err.contains("no row of"), "row-level security hides row 2 from dev2: {err}");
+    assert_eq!(bindings(&mut s, "account"), "1=a_1");
+    let bound_by = s.text("SELECT bound_by::text FROM ihub.bindings WHERE integration = '{p}' AND local_key = '1'");
+    assert_eq!(bound_by, Some(format!("{p}_dev2")));
+
+    // A viewer reads bindings and looks them up, and changes nothing.
+    let mut viewer = s.connect("viewer");
+    let id: Option<String> =
+        viewer.query_one(&format!("SELECT ihub.external_id('{p}', 'account', '1')"), &[]).unwrap().get(0);
+    assert_eq!(id.as_deref(), Some("a_1"));
+    let err = error_of(&mut viewer, &format!("SELECT ihub.unbind('{p}', 'account', '1')"));
+    assert!(err.contains("permission denied"), "{err}");
+    let err = error_of(
+        &mut viewer,
+        &format!("SELECT ihub._bind_by('{p}', 'account', '{p}_accounts', '2', 'x', NULL, 'postgres')"),
+    );
+    assert!(err.contains("permission denied"), "{err}");
+}
+
+#[test]
+fn upsert_creates_updates_or_leaves_alone_and_binds() {
+    let mut s = setup();
+    s.exec(
+        "CREATE TABLE {p}_people (id bigserial PRIMARY KEY, name text NOT NULL, email text, score int DEFAULT 0);
+         CREATE TABLE {p}_audit (what text, id bigint);
+         -- Unqualified names: the caller's own search_path applies to its triggers.
+         CREATE FUNCTION {p}_audit() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN INSERT INTO {p}_audit VALUES (TG_OP, NEW.id); RETURN NEW; END $$;
+         CREATE TRIGGER audit AFTER INSERT OR UPDATE ON {p}_people FOR EACH ROW EXECUTE FUNCTION {p}_audit();",
+    );
+    let upsert = |s: &mut Sync, id: &str, data: &str| -> (String, String) {
+        let sql = format!(
+            "SELECT local_key, action FROM ihub.upsert('{}', 'person', '{}_people', '{id}', '{data}')",
+            s.p, s.p
+        );
+        let row = s.dev.query_one(&sql, &[]).unwrap_or_else(|e| panic!("{sql}: {}", describe(&e)));
+        (row.get(0), row.get(1))
+    };
+    let (key, action) = upsert(&mut s, "p_1", r#"{"name": "Ada", "email": "ada@example.com"}"#);
+    assert_eq!(action, "created");
+    assert_eq!(
+        s.text(&format!("SELECT name || ' ' || email || ' ' || score FROM {{p}}_people WHERE id = {key}")).as_deref(),
+        Some("Ada ada@example.com 0")
+    );
+    assert_eq!(
+        s.text("SELECT ihub.external_id('{p}', 'person', (SELECT id::text FROM {p}_people))").as_deref(),
+        Some("p_1")
+    );
+
+    let (again, action) = upsert(&mut s, "p_1", r#"{"email": "ada@example.com", "name": "Ada"}"#);
+    assert_eq!((again.as_str(), action.as_str()), (key.as_str(), "unchanged"));
+    let (again, action) = upsert(&mut s, "p_1", r#"{"name": "Ada Lovelace", "score": 7}"#);
+    assert_eq!((again.as_str(), action.as_str()), (key.as_str(), "updated"));
+    assert_eq!(
+        s.text(&format!("SELECT name || ' ' || email || ' ' || score FROM {{p}}_people WHERE id = {key}")).as_deref(),
+        Some("Ada Lovelace ada@example.com 7"),
+        "columns not in data stay"
+    );
+    assert_eq!(
+        s.text("SELECT string_agg(what, ',' ORDER BY what) FROM {p}_audit").as_deref(),
+        Some("INSERT,UPDATE"),
+        "unchanged wrote nothing; the caller's trigger ran with its search_path"
+    );
+
+    let err = s.error(
+        "SELECT * FROM ihub.upsert('{p}', 'person', '{p}_people', 'p_2', '{\"name\": \"Bo\", \"nickname\": \"b\"}')",
+    );
+    assert!(
+        err.contains("has no column \"nickname\"") && err.contains("HINT: The keys of data are column names"),
+        "{err}"
+    );
+    let err = s.error("SELECT * FROM ihub.upsert('{p}', 'person', '{p}_people', 'p_2', '[1]')");
+    assert!(err.contains("data must be a JSON object"), "{err}");
+    let err = s.error("SELECT * FROM ihub.upsert('{p}', 'person', '{p}_people', 'p_2', '{}')");
+    assert!(err.contains("at least one column"), "{err}");
+    let err = s.error("SELECT * FROM ihub.upsert('{p}', 'person', '{p}_people', 'p_2', '{\"email\": \"x\"}')");
+    assert!(err.contains("null value in column \"name\""), "the table's own constraints apply: {err}");
+    assert_eq!(s.count("SELECT count(*) FROM {p}_people"), 1, "nothing half-made");
+    assert_eq!(bindings(&mut s, "person"), format!("{key}=p_1"));
+
+    // The row was deleted here: its binding went, and the next import creates it again.
+    s.exec(&format!("DELETE FROM {{p}}_people WHERE id = {key}"));
+    let (new_key, action) = upsert(&mut s, "p_1", r#"{"name": "Ada Lovelace", "score": 7}"#);
+    assert_eq!(action, "created");
+    assert_ne!(new_key, key);
+}
+
+// ---------------------------------------------------------------------------
+// Loop prevention
+// ---------------------------------------------------------------------------
+
+/// Changes a receiver got whose body mentions `marker`.
+fn got(rx: &Receiver, marker: &str) -> usize {
+    rx.received().iter().filter(|r| String::from_utf8_lossy(&r.body).contains(marker)).count()
+}
+
+/// Waits until `rx` got a change mentioning `marker`.
+fn wait_got(rx: &Receiver, marker: &str) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while got(rx, marker) == 0 {
+        assert!(std::time::Instant::now() < deadline, "no change mentioning {marker} arrived");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+/// A change written while syncing integration A reaches every other
+/// integration's endpoints but never A's: from an inbound handler of A, a
+/// job of A, and a transaction marked with ihub.syncing. The markers written
+/// afterwards without the mark reach both: once A's receiver has one, it
+/// would have had the earlier changes too.
+#[test]
+fn a_sync_is_not_sent_back_to_the_integration_it_came_from() {
+    let mut s = setup();
+    let p = s.p.clone();
+    let (crm, shop) = (Receiver::start(), Receiver::start());
+    s.exec(&format!(
+        "CREATE TABLE {p}_contacts (id bigserial PRIMARY KEY, name text);
+         SELECT ihub.create_integration('{p}_shop');
+         SELECT ihub.create_endpoint('{p}', '{p}_crm_hook', '{crm}');
+         SELECT ihub.create_endpoint('{p}_shop', '{p}_shop_hook', '{shop}');
+         SELECT ihub.enable_integration('{p}'); SELECT ihub.enable_integration('{p}_shop');
+         SELECT ihub.subscribe('{p}_contacts', '{p}_crm_hook');
+         SELECT ihub.subscribe('{p}_contacts', '{p}_shop_hook');
+         CREATE FUNCTION {p}_import(item ihub.inbound_items) RETURNS jsonb LANGUAGE sql AS $$
+             SELECT to_jsonb(u) FROM ihub.upsert('{p}', 'contact', '{p}_contacts', item.payload->>'id', item.payload->'data') u $$;
+         CREATE FUNCTION {p}_job(args jsonb) RETURNS void LANGUAGE sql AS $$
+             INSERT INTO public.{p}_contacts (name) VALUES (args->>'name') $$;
+         SELECT ihub.create_source('{p}', 'contacts', '{p}_import(ihub.inbound_items)', 'none');",
+        crm = crm.url("/crm"),
+        shop = shop.url("/shop")
+    ));
+
+    // An inbound webhook of the CRM, handled by a processor.
+    s.exec(&format!(
+        "SELECT ihub.receive('{p}', 'contacts', '{{}}', convert_to('{{\"id\": \"c_1\", \"data\": {{\"name\": \"from-crm-webhook\"}}}}', 'UTF8'))"
+    ));
+    wait_got(&shop, "from-crm-webhook");
+    // A job of the CRM integration, run by a job worker.
+    s.exec(&format!("SELECT ihub.enqueue('{p}_job(jsonb)', '{{\"name\": \"from-crm-job\"}}', integration => '{p}')"));
+    wait_got(&shop, "from-crm-job");
+    // A transaction of the developer's, marked by hand; then unmarked again.
+    s.exec(&format!(
+        "BEGIN; SELECT ihub.syncing('{p}'); INSERT INTO {p}_contacts (name) VALUES ('from-crm-by-hand');
+         SELECT ihub.syncing('{p}', false); INSERT INTO {p}_contacts (name) VALUES ('after-unmarking'); COMMIT;
+         BEGIN; SELECT ihub.syncing('{p}'); INSERT INTO {p}_contacts (name) VALUES ('marked-then-rolled-back'); ROLLBACK;
+         INSERT INTO {p}_contacts (name) VALUES ('a-local-change');"
+    ));
+    wait_got(&shop, "a-local-change");
+    wait_got(&crm, "a-local-change");
+    for echo in ["from-crm-webhook", "from-crm-job", "from-crm-by-hand"] {
+        assert_eq!(got(&crm, echo), 0, "{echo} was sent back to the CRM");
+        assert_eq!(got(&shop, echo), 1, "{echo} reached the shop");
+    }
+    assert_eq!(got(&crm, "after-unmarking"), 1, "the mark ends when unset");
+    assert_eq!(got(&shop, "marked-then-rolled-back") + got(&crm, "marked-then-rolled-back"), 0);
+    assert_eq!(
+        s.text("SELECT result->>'action' FROM ihub.inbound_items WHERE integration = '{p}'").as_deref(),
+        Some("created")
+    );
+
+    // Nobody sets the mark by hand: it takes ihub.syncing, which checks.
+    let err = s.error("SET LOCAL ihub.syncing = 'anything'");
+    assert!(err.contains("permission denied to set parameter"), "{err}");
+    let err = s.error("SELECT ihub.syncing('nope_{p}')");
+    assert!(err.contains("does not exist"), "{err}");
+    let mut viewer = s.connect("viewer");
+    let err = error_of(&mut viewer, &format!("SELECT ihub.syncing('{p}')"));
+    assert!(err.contains("permission denied for function syncing"), "{err}");
+}

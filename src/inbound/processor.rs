@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use pgrx::prelude::*;
 use pgrx::PgOid;
 
-use crate::runtime::backend::{column, in_transaction, run_prepared};
+use crate::runtime::backend::{column, in_transaction, nullable, run_prepared};
 use crate::runtime::registry::{self, Kind};
 use crate::runtime::user_code::{run_user_batch, run_user_call, Failure, UserCall, BATCH_BUDGET};
 use crate::runtime::worker::{run, Worker};
@@ -22,6 +22,8 @@ struct Item {
     run_as: pg_sys::Oid,
     timeout_ms: i32,
     more_due: bool,
+    /// The source's integration: what the handler writes is not sent back there.
+    integration: Option<String>,
 }
 
 #[pg_guard]
@@ -87,7 +89,7 @@ fn claim(pid: i32, limit: i32) -> Vec<Item> {
         run_prepared(client, "SET LOCAL synchronous_commit = off", &[], &[]).expect("SET LOCAL runs");
         run_prepared(
             client,
-            "SELECT id, call, run_as, timeout_ms, more_due FROM ihub._claim_inbound_items($1, $2, $3, $4)",
+            "SELECT id, call, run_as, timeout_ms, more_due, integration FROM ihub._claim_inbound_items($1, $2, $3, $4)",
             &[int4, int4, int4, int4],
             &[
                 pid.into(),
@@ -104,6 +106,7 @@ fn claim(pid: i32, limit: i32) -> Vec<Item> {
             run_as: column(&row, 3, "run_as"),
             timeout_ms: column(&row, 4, "timeout_ms"),
             more_due: column(&row, 5, "more_due"),
+            integration: nullable(&row, 6, "integration"),
         })
         .collect()
     })
@@ -127,6 +130,7 @@ fn process_batch(items: Vec<Item>, pid: i32) {
             arg_type: PgOid::from(pg_sys::INT8OID),
             arg: item.id.into(),
             timeout_ms: item.timeout_ms,
+            syncing: item.integration.clone(),
         },
         |item, starting| {
             let activity = format!("inbound item {}: {}", item.id, item.call);
@@ -163,10 +167,16 @@ fn process(item: Item, pid: i32) {
     let id = item.id;
     // The handler's call, visible in pg_stat_activity while it runs.
     crate::runtime::backend::report_activity(Some(&format!("inbound item {id}: {}", item.call)));
-    let outcome =
-        run_user_call(&item.call, PgOid::from(pg_sys::INT8OID), id.into(), item.run_as, item.timeout_ms, |result| {
-            record_done(id, pid, result)
-        });
+    let syncing = item.integration.as_deref();
+    let outcome = run_user_call(
+        &item.call,
+        PgOid::from(pg_sys::INT8OID),
+        id.into(),
+        item.run_as,
+        item.timeout_ms,
+        syncing,
+        |result| record_done(id, pid, result),
+    );
     crate::runtime::backend::report_activity(None);
     if let Err(failure) = outcome {
         archive_failure(id, pid, &failure);
@@ -219,9 +229,18 @@ fn process_inbound(id: i64) -> Option<pgrx::JsonB> {
     )
     .and_then(|d| unsafe { String::from_datum(d, false) })
     .expect("ihub._inbound_take returns the handler call");
+    // Loop prevention for the handler's writes, as in a processor; only
+    // for the call: the caller's own writes afterwards are sent as usual.
+    let integration = crate::caller::call_internal("_inbound_integration", &[int8], &[Some(pg_sys::Datum::from(id))])
+        .and_then(|d| unsafe { String::from_datum(d, false) });
+    let settings = unsafe { pg_sys::NewGUCNestLevel() };
+    if let Some(integration) = &integration {
+        crate::sync::syncing::mark(integration);
+    }
     let outcome = crate::runtime::backend::in_subtransaction(|| {
         Spi::get_one_with_args::<pgrx::JsonB>(&call, &[id.into()]).unwrap_or_else(|e| panic!("{e}"))
     });
+    unsafe { pg_sys::AtEOXact_GUC(false, settings) };
     let (result, error) = match outcome {
         Ok(result) => (result, None),
         Err(message) => (None, Some(message)),

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use pgrx::prelude::*;
 use pgrx::{JsonB, PgOid};
 
-use crate::runtime::backend::{column, in_transaction, run_prepared};
+use crate::runtime::backend::{column, in_transaction, nullable, run_prepared};
 use crate::runtime::registry::{self, Kind};
 use crate::runtime::user_code::{run_user_batch, run_user_call, Failure, UserCall, BATCH_BUDGET};
 use crate::runtime::worker::{run, Worker};
@@ -32,6 +32,8 @@ struct Job {
     timeout_ms: i32,
     /// Other jobs were due when this one was claimed.
     more_due: bool,
+    /// Its integration: what it writes is not sent back there.
+    integration: Option<String>,
 }
 
 #[pg_guard]
@@ -126,7 +128,7 @@ fn claim(pid: i32, limit: i32) -> Vec<Job> {
         run_prepared(client, "SET LOCAL synchronous_commit = off", &[], &[]).expect("SET LOCAL runs");
         run_prepared(
             client,
-            "SELECT id, call, args, run_as, timeout_ms, more_due FROM ihub._claim_jobs($1, $2, $3, $4)",
+            "SELECT id, call, args, run_as, timeout_ms, more_due, integration FROM ihub._claim_jobs($1, $2, $3, $4)",
             &[int4, int4, int4, int4],
             &[pid.into(), settings::JOB_TIMEOUT_MS.get().into(), limit.into(), settings::JOB_WORKERS.get().into()],
         )
@@ -139,6 +141,7 @@ fn claim(pid: i32, limit: i32) -> Vec<Job> {
             run_as: column(&row, 4, "run_as"),
             timeout_ms: column(&row, 5, "timeout_ms"),
             more_due: column(&row, 6, "more_due"),
+            integration: nullable(&row, 7, "integration"),
         })
         .collect()
     })
@@ -164,6 +167,7 @@ fn run_batch(jobs: Vec<Job>, pid: i32) {
             arg_type: PgOid::from(pg_sys::JSONBOID),
             arg: JsonB(job.args.0.clone()).into(),
             timeout_ms: job.timeout_ms,
+            syncing: job.integration.clone(),
         },
         |job, starting| if starting { job_started(job) } else { job_ended() },
         |job, result| record_done(job.id, pid, result),
@@ -299,9 +303,16 @@ fn record_failure(id: i64, pid: i32, failure: &Failure) {
 /// `done` (or `partial`) state, committed together.
 fn attempt(job: Job, pid: i32) -> Result<(), Failure> {
     let id = job.id;
-    run_user_call(&job.call, PgOid::from(pg_sys::JSONBOID), job.args.into(), job.run_as, job.timeout_ms, |result| {
-        record_done(id, pid, result)
-    })
+    let syncing = job.integration.as_deref();
+    run_user_call(
+        &job.call,
+        PgOid::from(pg_sys::JSONBOID),
+        job.args.into(),
+        job.run_as,
+        job.timeout_ms,
+        syncing,
+        |result| record_done(id, pid, result),
+    )
 }
 
 /// Records a job as done (or partial), with its result and progress, in its

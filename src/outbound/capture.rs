@@ -91,6 +91,9 @@ pub enum CaptureError {
 fn _capture_rows<'a>(
     trigger: &'a pgrx::PgTrigger<'a>,
 ) -> Result<Option<PgHeapTuple<'a, AllocatedByPostgres>>, CaptureError> {
+    if unsafe { echo_suppressed(trigger.trigger_data()) } {
+        return Ok(None);
+    }
     let captured = unsafe { capture_rows(trigger.trigger_data(), None) }.unwrap_or_else(|e| raise_capture_error(e));
     if captured > 0 {
         crate::runtime::registry::wake_at_commit(crate::runtime::registry::Kind::Dispatcher);
@@ -110,12 +113,30 @@ fn _capture_filtered<'a>(
     trigger: &'a pgrx::PgTrigger<'a>,
 ) -> Result<Option<PgHeapTuple<'a, AllocatedByPostgres>>, CaptureError> {
     let data = trigger.trigger_data();
+    if unsafe { echo_suppressed(data) } {
+        return Ok(None);
+    }
     let captured = unsafe { passing_rows(data).and_then(|keep| capture_rows(data, Some(&keep))) }
         .unwrap_or_else(|e| raise_capture_error(e));
     if captured > 0 {
         crate::runtime::registry::wake_at_commit(crate::runtime::registry::Kind::Dispatcher);
     }
     Ok(None)
+}
+
+/// The transaction syncs this subscription's integration (loop prevention,
+/// `crate::sync::syncing`): its rows are not captured.
+unsafe fn echo_suppressed(data: &pg_sys::TriggerData) -> bool {
+    let trigger = &*data.tg_trigger;
+    if trigger.tgnargs != 1 || crate::settings::syncing().is_empty() {
+        return false;
+    }
+    std::ffi::CStr::from_ptr(*trigger.tgargs)
+        .to_str()
+        .ok()
+        .and_then(|name| name.strip_prefix("ihub_capture.sub_"))
+        .and_then(|id| id.parse().ok())
+        .is_some_and(crate::sync::syncing::suppresses)
 }
 
 fn raise_capture_error(e: CaptureError) -> ! {

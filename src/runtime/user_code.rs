@@ -66,21 +66,27 @@ fn failure_of(e: &pg_sys::panic::CaughtError, timeout_ms: i32) -> Failure {
 }
 
 /// Runs user code (`call`, one statement taking `arg`) in a transaction of
-/// its own, as `run_as`, under a timeout; then `finish` with the call's jsonb
+/// its own, as `run_as`, under a timeout, the transaction marked as syncing
+/// `syncing` (its integration, if any); then `finish` with the call's jsonb
 /// result, as the worker, in the same transaction. An error rolls
 /// everything back and is returned.
+#[allow(clippy::too_many_arguments)]
 pub fn run_user_call(
     call: &str,
     arg_type: PgOid,
     arg: pgrx::datum::DatumWithOid<'_>,
     run_as: pg_sys::Oid,
     timeout_ms: i32,
+    syncing: Option<&str>,
     finish: impl FnOnce(Option<JsonB>) + std::panic::UnwindSafe,
 ) -> Result<(), Failure> {
     let worker = unsafe { pg_sys::GetAuthenticatedUserId() };
     start_transaction();
     let outcome = PgTryBuilder::new(|| {
         become_role(run_as);
+        if let Some(integration) = syncing {
+            crate::sync::syncing::mark(integration);
+        }
         let result = call_with_timeout(call, arg_type, arg, timeout_ms);
         // The worker's own bookkeeping; no user code runs in it.
         as_user(worker, || finish(result));
@@ -154,6 +160,8 @@ pub struct UserCall {
     pub arg_type: PgOid,
     pub arg: pgrx::datum::DatumWithOid<'static>,
     pub timeout_ms: i32,
+    /// The integration whose handler or job this is (loop prevention).
+    pub syncing: Option<String>,
 }
 
 /// Runs the calls of `items`, all as `run_as`, in one transaction: one
@@ -226,6 +234,9 @@ fn call_in_subtransaction(
         // What the call sets (SET, set_config) ends with it, as if its
         // transaction had ended: the next call never sees it.
         let settings = unsafe { pg_sys::NewGUCNestLevel() };
+        if let Some(integration) = &call.syncing {
+            crate::sync::syncing::mark(integration);
+        }
         let result = call_with_timeout(&call.sql, call.arg_type, call.arg, timeout_ms);
         unsafe { pg_sys::AtEOXact_GUC(false, settings) };
         as_user(worker, || finish(result));

@@ -1,5 +1,9 @@
 //! Sync plumbing (issue 12): what two-way integrations need besides moving
 //! requests. Mappers translate values between a local column or fixed set
-//! and another system's values (`sql/mappers.sql`).
+//! and another system's values (`sql/mappers.sql`); bindings link rows to
+//! external objects (`sql/bindings.sql`); `syncing` keeps a sync from
+//! echoing its own changes back.
 
+pub mod bindings;
 pub mod mappers;
+pub mod syncing;
