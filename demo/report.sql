@@ -13,7 +13,7 @@ ORDER BY d.id;
 \echo
 \echo 'Inbound webhooks (ihub.inbound_items): processed by on_payment(), or archived with the error:'
 SELECT id, source, payload ->> 'order_id' AS order_id, state, coalesce(result::text, error) AS outcome
-FROM ihub.inbound_items WHERE integration = 'shop' ORDER BY id;
+FROM ihub.inbound_items WHERE integration = 'payments' ORDER BY id;
 \echo
 \echo 'Refused requests (ihub.inbound_rejections):'
-SELECT id, source, reason, remote_addr FROM ihub.inbound_rejections WHERE integration = 'shop' ORDER BY id;
+SELECT id, source, reason, remote_addr FROM ihub.inbound_rejections WHERE integration = 'payments' ORDER BY id;

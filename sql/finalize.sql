@@ -94,7 +94,7 @@ GRANT SELECT ON ihub.integrations, ihub.endpoints, ihub.subscriptions, ihub.deli
                 ihub.delivery_attempts, ihub.workers, ihub.jobs, ihub.schedules, ihub.cronwatch,
                 ihub.integration_dates, ihub.logs, ihub.activities, ihub.retention_settings,
                 ihub.log_settings, ihub.inbound_items, ihub.inbound_failed, ihub.inbound_sources,
-                ihub.inbound_rejections, ihub.mappers, ihub.mapper_items, ihub.bindings TO ihub_viewer;
+                ihub.inbound_rejections, ihub.mappers, ihub.mapper_items, ihub.bindings, ihub.custom_fields TO ihub_viewer;
 GRANT SELECT ON ihub.endpoint_secrets TO ihub_admin;
 GRANT SELECT ON ihub.integration_kind TO ihub_viewer;
 GRANT INSERT, UPDATE, DELETE ON ihub.integration_kind TO ihub_admin;
@@ -167,7 +167,9 @@ GRANT EXECUTE ON FUNCTION
     ihub.bind(text, text, regclass, text, text, jsonb),
     ihub.unbind(text, text, text),
     ihub.upsert(text, text, regclass, text, jsonb),
-    ihub.syncing(text, boolean)
+    ihub.syncing(text, boolean),
+    ihub.add_custom_field(regclass, text, text, text, text, text[], text[]),
+    ihub.drop_custom_field(regclass, text)
 TO ihub_developer;
 
 -- Harmless anywhere: they only act inside a running job.

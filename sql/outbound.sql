@@ -617,6 +617,10 @@ BEGIN
     -- Bindings of rows of dropped tables go with them.
     DELETE FROM ihub.binding b USING pg_event_trigger_dropped_objects() d
     WHERE d.classid = 'pg_class'::regclass AND d.objid = b.local_table AND d.object_type IN ('table', 'partitioned table');
+    -- Custom fields go with their column or table.
+    DELETE FROM ihub.custom_field f USING pg_event_trigger_dropped_objects() d
+    WHERE d.classid = 'pg_class'::regclass AND d.objid = f.target
+      AND (d.object_type IN ('table', 'partitioned table') OR (d.object_type = 'table column' AND d.objsubid = f.attnum));
 END
 $$;
 
@@ -835,6 +839,8 @@ BEGIN
         ELSE
             v_excluded := '{}';
         END IF;
+        -- Custom fields go only to the integrations they are exported to.
+        v_excluded := v_excluded || ihub._custom_fields_hidden(p_sub.source, v_integration.name);
         v_claim := p_owner IS NOT NULL AND v_endpoint.enabled AND v_integration.state <> 'inactive';
         PERFORM set_config(v_position, (SELECT max((t::text::point)[0])::bigint::text FROM unnest(v_taken) t), false);
 

@@ -95,6 +95,7 @@ pgrx::extension_sql_file!(
     name = "bindings",
     requires = ["mappers", sync::bindings::row_key, sync::syncing::echo_suppressed]
 );
+pgrx::extension_sql_file!("../sql/custom_fields.sql", name = "custom_fields", requires = ["bindings"]);
 pgrx::extension_sql_file!("../sql/finalize.sql", name = "finalize", finalize);
 
 #[pg_guard]

@@ -111,9 +111,13 @@ fn writes_of_jobs_and_handlers_are_captured_with_watch_and_condition() {
              UPDATE {t} SET status = 'paid' WHERE customer = 'from a job' $$;
          CREATE FUNCTION {t}_handle(item ihub.inbound_items) RETURNS jsonb LANGUAGE sql AS $$
              INSERT INTO {t} (customer, amount) VALUES ('from a handler', 2) RETURNING '{{}}'::jsonb $$;
-         SELECT ihub.create_source('{integration}', 'src', '{t}_handle(ihub.inbound_items)', 'none');
+         -- The source is another system's: a handler's writes are not sent
+         -- back to its own integration (loop prevention, tests/sync.rs).
+         SELECT ihub.create_integration('{integration}_in');
+         SELECT ihub.enable_integration('{integration}_in');
+         SELECT ihub.create_source('{integration}_in', 'src', '{t}_handle(ihub.inbound_items)', 'none');
          SELECT ihub.enqueue('{t}_job(jsonb)');
-         SELECT ihub.receive('{integration}', 'src', '{{}}', convert_to('{{}}', 'UTF8'));",
+         SELECT ihub.receive('{integration}_in', 'src', '{{}}', convert_to('{{}}', 'UTF8'));",
         t = s.table,
         e = s.endpoint
     ));

@@ -587,3 +587,126 @@ fn a_sync_is_not_sent_back_to_the_integration_it_came_from() {
     let err = error_of(&mut viewer, &format!("SELECT ihub.syncing('{p}')"));
     assert!(err.contains("permission denied for function syncing"), "{err}");
 }
+
+// ---------------------------------------------------------------------------
+// Custom fields
+// ---------------------------------------------------------------------------
+
+/// The value of `field` in the latest change `rx` got for `name`: Some(value)
+/// when the payload has the key, None when it leaves it out.
+fn field_of(rx: &Receiver, name: &str, field: &str) -> Option<serde_json::Value> {
+    let change = rx.received().into_iter().rev().find(|r| r.json()["data"]["name"] == name).expect("a change");
+    change.json()["data"].get(field).cloned()
+}
+
+#[test]
+fn a_custom_field_is_a_column_that_only_its_integrations_get() {
+    let mut s = setup();
+    let p = s.p.clone();
+    let (crm, shop) = (Receiver::start(), Receiver::start());
+    s.exec(&format!(
+        "CREATE TABLE {p}_people (id bigserial PRIMARY KEY, name text);
+         SELECT ihub.create_integration('{p}_shop');
+         SELECT ihub.create_endpoint('{p}', '{p}_crm_hook', '{crm}');
+         SELECT ihub.create_endpoint('{p}_shop', '{p}_shop_hook', '{shop}');
+         SELECT ihub.enable_integration('{p}'); SELECT ihub.enable_integration('{p}_shop');
+         SELECT ihub.subscribe('{p}_people', '{p}_crm_hook');
+         SELECT ihub.subscribe('{p}_people', '{p}_shop_hook');
+         INSERT INTO {p}_people (name) VALUES ('before');",
+        crm = crm.url("/crm"),
+        shop = shop.url("/shop")
+    ));
+    wait_got(&crm, "before");
+    wait_got(&shop, "before");
+    // Added to a subscribed table with changes on their way: nothing is lost.
+    s.exec(&format!(
+        "INSERT INTO {p}_people (name) VALUES ('in-flight');
+         SELECT ihub.add_custom_field('{p}_people', 'loyalty', 'selection', 'Loyalty', 'The tier the CRM gives',
+                                      options => ARRAY['bronze', 'silver', 'gold'], export_to => ARRAY['{p}']);
+         SELECT ihub.add_custom_field('{p}_people', 'crm_score', 'float', export_to => ARRAY['{p}']);
+         SELECT ihub.add_custom_field('{p}_people', 'vip_since', 'date');
+         INSERT INTO {p}_people (name, loyalty, crm_score, vip_since) VALUES ('after', 'gold', 0.5, '2026-01-02');"
+    ));
+    wait_got(&crm, "after");
+    wait_got(&shop, "after");
+    assert_eq!(got(&crm, "in-flight") + got(&shop, "in-flight"), 2);
+    assert_eq!(field_of(&crm, "after", "loyalty"), Some(serde_json::json!("gold")));
+    assert_eq!(field_of(&crm, "after", "crm_score"), Some(serde_json::json!(0.5)));
+    assert_eq!(field_of(&shop, "after", "loyalty"), None, "the shop never sees the CRM's field");
+    assert_eq!(field_of(&shop, "after", "crm_score"), None);
+    assert_eq!(field_of(&crm, "after", "vip_since"), None, "exported to no integration");
+    assert_eq!(field_of(&shop, "after", "name"), Some(serde_json::json!("after")));
+
+    // A real column: typed, checked, commented, listed.
+    let err = s.error("INSERT INTO {p}_people (name, loyalty) VALUES ('x', 'platinum')");
+    assert!(err.contains("loyalty_options"), "{err}");
+    assert_eq!(
+        s.text("SELECT format_type(atttypid, NULL) FROM pg_attribute WHERE attrelid = '{p}_people'::regclass AND attname = 'vip_since'")
+            .as_deref(),
+        Some("date")
+    );
+    assert_eq!(
+        s.text("SELECT col_description('{p}_people'::regclass, (SELECT attnum FROM pg_attribute WHERE attrelid = '{p}_people'::regclass AND attname = 'loyalty'))")
+            .as_deref(),
+        Some("Loyalty\nThe tier the CRM gives")
+    );
+    assert_eq!(
+        s.text("SELECT string_agg(name || ':' || type || ':' || array_to_string(export_to, ','), ' ' ORDER BY name) FROM ihub.custom_fields WHERE target = '{p}_people'::regclass"),
+        Some(format!("crm_score:float:{p} loyalty:selection:{p} vip_since:date:"))
+    );
+
+    // Dropped with ihub.drop_custom_field, or by hand: the registration goes too.
+    s.exec("SELECT ihub.drop_custom_field('{p}_people', 'loyalty'); ALTER TABLE {p}_people DROP COLUMN vip_since");
+    assert_eq!(s.count("SELECT count(*) FROM ihub.custom_fields WHERE target = '{p}_people'::regclass"), 1);
+    assert_eq!(s.count("SELECT count(*) FROM pg_attribute WHERE attrelid = '{p}_people'::regclass AND attname = 'loyalty' AND NOT attisdropped"), 0);
+    s.exec("INSERT INTO {p}_people (name, crm_score) VALUES ('later', 1)");
+    wait_got(&shop, "later");
+    wait_got(&crm, "later");
+    assert_eq!(field_of(&crm, "later", "crm_score"), Some(serde_json::json!(1)));
+    assert_eq!(field_of(&shop, "later", "crm_score"), None);
+    s.exec("DROP TABLE {p}_people");
+    assert_eq!(
+        s.count("SELECT count(*) FROM ihub.custom_fields WHERE name = 'crm_score' AND created_by = '{p}_dev'"),
+        0
+    );
+}
+
+#[test]
+fn bad_custom_field_input_gets_clear_errors_and_adds_no_column() {
+    let mut s = setup();
+    let p = s.p.clone();
+    s.exec(
+        "CREATE TABLE {p}_items (id int PRIMARY KEY, note text); CREATE VIEW {p}_items_v AS SELECT * FROM {p}_items;",
+    );
+    let cases = [
+        ("SELECT ihub.add_custom_field('{p}_items', 'Bad-Name', 'text')", "invalid custom field name"),
+        ("SELECT ihub.add_custom_field('{p}_items', 'note', 'text')", "already has a column \"note\""),
+        ("SELECT ihub.add_custom_field('{p}_items', 'x', 'money')", "unknown custom field type \"money\""),
+        ("SELECT ihub.add_custom_field('{p}_items', 'x', 'selection')", "a selection needs its options"),
+        (
+            "SELECT ihub.add_custom_field('{p}_items', 'x', 'selection', options => '{a,a}')",
+            "a selection needs its options",
+        ),
+        ("SELECT ihub.add_custom_field('{p}_items', 'x', 'text', options => '{a}')", "only a selection has options"),
+        ("SELECT ihub.add_custom_field('{p}_items', 'x', 'text', export_to => '{nope_{p}}')", "integration \"nope_"),
+        ("SELECT ihub.add_custom_field('{p}_items_v', 'x', 'text')", "is not a table"),
+        ("SELECT ihub.drop_custom_field('{p}_items', 'note')", "has no custom field \"note\""),
+    ];
+    for (sql, expected) in cases {
+        let err = s.error(sql);
+        assert!(err.contains(expected) && !err.ends_with("HINT: "), "{sql}: {err}");
+    }
+    // Another developer may not alter a table it does not own.
+    s.exec("GRANT ALL ON {p}_items TO {p}_dev2");
+    let mut dev2 = s.connect("dev2");
+    let err = error_of(&mut dev2, &format!("SELECT ihub.add_custom_field('{p}_items', 'x', 'text')"));
+    assert!(err.contains("must be owner of table") && err.contains(&format!("{p}_dev")), "{err}");
+    s.exec("SELECT ihub.add_custom_field('{p}_items', 'x', 'text')");
+    let err = error_of(&mut dev2, &format!("SELECT ihub.drop_custom_field('{p}_items', 'x')"));
+    assert!(err.contains("must be owner of table"), "{err}");
+    assert_eq!(
+        s.text("SELECT string_agg(attname, ',' ORDER BY attnum) FROM pg_attribute WHERE attrelid = '{p}_items'::regclass AND attnum > 0 AND NOT attisdropped").as_deref(),
+        Some("id,note,x"),
+        "only the one good field was added"
+    );
+}
