@@ -96,8 +96,7 @@ BEGIN
                   HINT = 'Types: boolean, text, float, integer, selection (one of options), date, timestamp.';
     END IF;
     IF _add_custom_field_by.type = 'selection' THEN
-        IF options IS NULL OR cardinality(options) = 0 OR array_position(options, NULL) IS NOT NULL OR '' = ANY (options)
-           OR cardinality(options) <> (SELECT count(DISTINCT o) FROM unnest(options) o) THEN
+        IF NOT ihub._is_value_list(options) THEN
             RAISE EXCEPTION 'a selection needs its options: distinct, non-empty values'
                 USING ERRCODE = 'invalid_parameter_value', HINT = 'For example options => ARRAY[''bronze'', ''silver'', ''gold''].';
         END IF;

@@ -73,6 +73,8 @@ COMMENT ON FUNCTION ihub._dedup_key(text, text, jsonb, bytea) IS
     'Internal: a request''s de-duplication key (the webhook-id, else the id header, else the body''s SHA-256), as the listener computes it.';
 COMMENT ON FUNCTION ihub._sources_changed() IS 'Internal: bumps the sources version and wakes the listener when the current transaction commits.';
 COMMENT ON FUNCTION ihub._wake_processor() IS 'Internal: wakes an inbound processor when the current transaction commits.';
+COMMENT ON FUNCTION ihub.test_connection(text) IS
+    'Sends one signed test request to an endpoint now, as a delivery would be sent, and reports ok, status, latency, error category and error; records nothing.';
 COMMENT ON FUNCTION ihub._row_key(oid, text, text, oid) IS
     'Internal: the primary key (as its type prints it) of the row with this key, if the given role sees it (security-restricted operation).';
 COMMENT ON FUNCTION ihub._echo_suppressed(bigint) IS
@@ -169,7 +171,8 @@ GRANT EXECUTE ON FUNCTION
     ihub.upsert(text, text, regclass, text, jsonb),
     ihub.syncing(text, boolean),
     ihub.add_custom_field(regclass, text, text, text, text, text[], text[]),
-    ihub.drop_custom_field(regclass, text)
+    ihub.drop_custom_field(regclass, text),
+    ihub.test_connection(text)
 TO ihub_developer;
 
 -- Harmless anywhere: they only act inside a running job.

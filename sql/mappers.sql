@@ -71,6 +71,15 @@ SELECT pg_catalog.pg_extension_config_dump('ihub.mapper_item_id_seq', '');
 -- Helpers
 -------------------------------------------------------------------------------
 
+-- Whether a list of values is usable: one or more, none NULL or empty, no
+-- value twice (external values, enum values, selection options).
+CREATE FUNCTION ihub._is_value_list(p_values text[]) RETURNS boolean
+LANGUAGE sql IMMUTABLE SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT coalesce(cardinality(p_values) > 0 AND array_position(p_values, NULL) IS NULL AND NOT '' = ANY (p_values)
+                    AND cardinality(p_values) = (SELECT count(DISTINCT v) FROM unnest(p_values) v), false)
+$$;
+
 CREATE FUNCTION ihub._mapper(p_integration text, p_name text) RETURNS ihub.mapper
 LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp
 AS $$
@@ -298,9 +307,7 @@ BEGIN
                 USING ERRCODE = 'invalid_parameter_value',
                       HINT = 'Leave target and target_column out (local_values may list the allowed values), or make a table mapper.';
         END IF;
-        IF local_values IS NOT NULL AND (cardinality(local_values) = 0 OR array_position(local_values, NULL) IS NOT NULL
-                                         OR '' = ANY (local_values)
-                                         OR cardinality(local_values) <> (SELECT count(DISTINCT v) FROM unnest(local_values) v)) THEN
+        IF local_values IS NOT NULL AND NOT ihub._is_value_list(local_values) THEN
             RAISE EXCEPTION 'local_values must list distinct, non-empty values'
                 USING ERRCODE = 'invalid_parameter_value', HINT = 'For example ARRAY[''open'', ''won'', ''lost''], or NULL to allow any value.';
         END IF;
@@ -358,9 +365,7 @@ DECLARE
     v_item bigint;
     v_taken record;
 BEGIN
-    IF external_values IS NULL OR cardinality(external_values) = 0 OR array_position(external_values, NULL) IS NOT NULL
-       OR '' = ANY (external_values)
-       OR cardinality(external_values) <> (SELECT count(DISTINCT v) FROM unnest(external_values) v) THEN
+    IF NOT ihub._is_value_list(external_values) THEN
         RAISE EXCEPTION 'external_values must list one or more distinct, non-empty values'
             USING ERRCODE = 'invalid_parameter_value',
                   HINT = 'For example ARRAY[''DE''], or ARRAY[''DE'', ''GER''] for several values of one local value (the first is exported).';
@@ -555,6 +560,7 @@ LEFT JOIN LATERAL (SELECT array_agg(x.external_value ORDER BY x.position) AS ext
                    FROM ihub.mapper_value x WHERE x.item_id = i.id) v ON true
 ORDER BY (i.local_value IS NULL OR v.external_values IS NULL) DESC, g.name, m.name, i.id;
 
+COMMENT ON FUNCTION ihub._is_value_list(text[]) IS 'Internal: whether a list holds one or more distinct, non-empty values.';
 COMMENT ON FUNCTION ihub._mapper(text, text) IS 'Internal: a mapper row by integration and name, or an error with a hint.';
 COMMENT ON FUNCTION ihub._mapper_check_target(text, regclass, name, regrole) IS
     'Internal: checks that a table mapper''s column exists and that the role using the mapper may read it.';

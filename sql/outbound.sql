@@ -1008,6 +1008,22 @@ BEGIN
 END
 $$;
 
+-- What ihub.test_connection sends: the endpoint's method, URL, headers,
+-- credentials and live signing secrets, as a claim gives them to a
+-- dispatcher. Only for that Rust function (src/outbound/test_connection.rs),
+-- which calls it with the owner's rights; nobody holds EXECUTE on it.
+CREATE FUNCTION ihub._connection_request(p_endpoint text) RETURNS jsonb
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT jsonb_build_object(
+        'method', e.method, 'url', e.url, 'headers', e.headers, 'auth', c.auth,
+        'timeout_ms', coalesce(e.timeout_ms, ihub._default_timeout_ms()), 'enabled', e.enabled,
+        'secrets', (SELECT coalesce(jsonb_agg(s.secret ORDER BY s.id DESC), '[]') FROM ihub.endpoint_secret s
+                    WHERE s.endpoint_id = e.id AND (s.expires_at IS NULL OR s.expires_at > now())))
+    FROM (SELECT (ihub._endpoint(p_endpoint)).*) e
+    LEFT JOIN ihub.endpoint_credential c ON c.endpoint_id = e.id
+$$;
+
 -- An endpoint URL with an http_request path appended ("/x" after "https://h/"
 -- gives "https://h/x", not "https://h//x").
 CREATE FUNCTION ihub._join_url(p_url text, p_path text) RETURNS text
@@ -1434,6 +1450,8 @@ COMMENT ON FUNCTION ihub._claim(integer, integer, integer, integer) IS
     'Internal (dispatcher): routes captured changes and claims due deliveries with FOR UPDATE SKIP LOCKED and a lease.';
 COMMENT ON FUNCTION ihub._settle(integer, jsonb) IS
     'Internal (dispatcher): records a batch of attempts and moves each delivery to its next state in one transaction.';
+COMMENT ON FUNCTION ihub._connection_request(text) IS
+    'Internal (ihub.test_connection): an endpoint''s method, URL, headers, credentials and live secrets, as a claim gives them.';
 COMMENT ON FUNCTION ihub._join_url(text, text) IS 'Internal: an endpoint URL with a request path appended.';
 COMMENT ON FUNCTION ihub._log_failures(jsonb) IS
     'Internal (dispatcher): logs retried, dead and failed deliveries, one entry per endpoint, outcome and minute for each dispatcher, with counts.';

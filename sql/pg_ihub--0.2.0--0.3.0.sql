@@ -6,7 +6,8 @@
 -- connections are bounded. Delivery failures are logged aggregated (issue 11).
 -- Mappers translate values between this database and other systems, bindings
 -- link rows to external objects, a sync's writes are not sent back to the
--- system they came from, and custom fields go to chosen integrations (issue 12).
+-- system they came from, custom fields go to chosen integrations, and
+-- ihub.test_connection probes an endpoint (issue 12).
 
 \echo Use "ALTER EXTENSION pg_ihub UPDATE TO '0.3.0'" to load this file. \quit
 
@@ -2262,6 +2263,15 @@ SELECT pg_catalog.pg_extension_config_dump('ihub.mapper_item_id_seq', '');
 -- Helpers
 -------------------------------------------------------------------------------
 
+-- Whether a list of values is usable: one or more, none NULL or empty, no
+-- value twice (external values, enum values, selection options).
+CREATE FUNCTION ihub._is_value_list(p_values text[]) RETURNS boolean
+LANGUAGE sql IMMUTABLE SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT coalesce(cardinality(p_values) > 0 AND array_position(p_values, NULL) IS NULL AND NOT '' = ANY (p_values)
+                    AND cardinality(p_values) = (SELECT count(DISTINCT v) FROM unnest(p_values) v), false)
+$$;
+
 CREATE FUNCTION ihub._mapper(p_integration text, p_name text) RETURNS ihub.mapper
 LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp
 AS $$
@@ -2489,9 +2499,7 @@ BEGIN
                 USING ERRCODE = 'invalid_parameter_value',
                       HINT = 'Leave target and target_column out (local_values may list the allowed values), or make a table mapper.';
         END IF;
-        IF local_values IS NOT NULL AND (cardinality(local_values) = 0 OR array_position(local_values, NULL) IS NOT NULL
-                                         OR '' = ANY (local_values)
-                                         OR cardinality(local_values) <> (SELECT count(DISTINCT v) FROM unnest(local_values) v)) THEN
+        IF local_values IS NOT NULL AND NOT ihub._is_value_list(local_values) THEN
             RAISE EXCEPTION 'local_values must list distinct, non-empty values'
                 USING ERRCODE = 'invalid_parameter_value', HINT = 'For example ARRAY[''open'', ''won'', ''lost''], or NULL to allow any value.';
         END IF;
@@ -2549,9 +2557,7 @@ DECLARE
     v_item bigint;
     v_taken record;
 BEGIN
-    IF external_values IS NULL OR cardinality(external_values) = 0 OR array_position(external_values, NULL) IS NOT NULL
-       OR '' = ANY (external_values)
-       OR cardinality(external_values) <> (SELECT count(DISTINCT v) FROM unnest(external_values) v) THEN
+    IF NOT ihub._is_value_list(external_values) THEN
         RAISE EXCEPTION 'external_values must list one or more distinct, non-empty values'
             USING ERRCODE = 'invalid_parameter_value',
                   HINT = 'For example ARRAY[''DE''], or ARRAY[''DE'', ''GER''] for several values of one local value (the first is exported).';
@@ -2746,6 +2752,7 @@ LEFT JOIN LATERAL (SELECT array_agg(x.external_value ORDER BY x.position) AS ext
                    FROM ihub.mapper_value x WHERE x.item_id = i.id) v ON true
 ORDER BY (i.local_value IS NULL OR v.external_values IS NULL) DESC, g.name, m.name, i.id;
 
+COMMENT ON FUNCTION ihub._is_value_list(text[]) IS 'Internal: whether a list holds one or more distinct, non-empty values.';
 COMMENT ON FUNCTION ihub._mapper(text, text) IS 'Internal: a mapper row by integration and name, or an error with a hint.';
 COMMENT ON FUNCTION ihub._mapper_check_target(text, regclass, name, regrole) IS
     'Internal: checks that a table mapper''s column exists and that the role using the mapper may read it.';
@@ -3283,8 +3290,7 @@ BEGIN
                   HINT = 'Types: boolean, text, float, integer, selection (one of options), date, timestamp.';
     END IF;
     IF _add_custom_field_by.type = 'selection' THEN
-        IF options IS NULL OR cardinality(options) = 0 OR array_position(options, NULL) IS NOT NULL OR '' = ANY (options)
-           OR cardinality(options) <> (SELECT count(DISTINCT o) FROM unnest(options) o) THEN
+        IF NOT ihub._is_value_list(options) THEN
             RAISE EXCEPTION 'a selection needs its options: distinct, non-empty values'
                 USING ERRCODE = 'invalid_parameter_value', HINT = 'For example options => ARRAY[''bronze'', ''silver'', ''gold''].';
         END IF;
@@ -3411,6 +3417,37 @@ BEGIN
       AND (d.object_type IN ('table', 'partitioned table') OR (d.object_type = 'table column' AND d.objsubid = f.attnum));
 END
 $$;
+
+-------------------------------------------------------------------------------
+-- ihub.test_connection (issue 12): src/outbound/test_connection.rs
+-------------------------------------------------------------------------------
+
+-- What ihub.test_connection sends: the endpoint's method, URL, headers,
+-- credentials and live signing secrets, as a claim gives them to a
+-- dispatcher. Only for that Rust function (src/outbound/test_connection.rs),
+-- which calls it with the owner's rights; nobody holds EXECUTE on it.
+CREATE FUNCTION ihub._connection_request(p_endpoint text) RETURNS jsonb
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT jsonb_build_object(
+        'method', e.method, 'url', e.url, 'headers', e.headers, 'auth', c.auth,
+        'timeout_ms', coalesce(e.timeout_ms, ihub._default_timeout_ms()), 'enabled', e.enabled,
+        'secrets', (SELECT coalesce(jsonb_agg(s.secret ORDER BY s.id DESC), '[]') FROM ihub.endpoint_secret s
+                    WHERE s.endpoint_id = e.id AND (s.expires_at IS NULL OR s.expires_at > now())))
+    FROM (SELECT (ihub._endpoint(p_endpoint)).*) e
+    LEFT JOIN ihub.endpoint_credential c ON c.endpoint_id = e.id
+$$;
+
+CREATE FUNCTION ihub.test_connection("endpoint" text) RETURNS jsonb
+STRICT VOLATILE PARALLEL UNSAFE
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'test_connection_wrapper';
+COMMENT ON FUNCTION ihub.test_connection(text) IS
+    'Sends one signed test request to an endpoint now, as a delivery would be sent, and reports ok, status, latency, error category and error; records nothing.';
+COMMENT ON FUNCTION ihub._connection_request(text) IS
+    'Internal (ihub.test_connection): an endpoint''s method, URL, headers, credentials and live secrets, as a claim gives them.';
+REVOKE ALL ON FUNCTION ihub.test_connection(text) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION ihub.test_connection(text) TO ihub_developer;
 
 -------------------------------------------------------------------------------
 -- Privileges: as a fresh install sets them (finalize.sql)

@@ -710,3 +710,59 @@ fn bad_custom_field_input_gets_clear_errors_and_adds_no_column() {
         "only the one good field was added"
     );
 }
+
+// ---------------------------------------------------------------------------
+// test_connection
+// ---------------------------------------------------------------------------
+
+#[test]
+fn test_connection_sends_one_signed_request_and_reports_it_without_secrets() {
+    let mut s = setup();
+    let p = s.p.clone();
+    let (ok, failing) = (Receiver::start(), Receiver::start());
+    failing.script(|_, _| Reply::status(503));
+    s.exec(&format!(
+        r#"SELECT ihub.create_endpoint('{p}', '{p}_ok', '{ok}', auth => '{{"type": "bearer", "token": "tok-{p}"}}');
+           SELECT ihub.create_endpoint('{p}', '{p}_failing', '{failing}');
+           SELECT ihub.create_endpoint('{p}', '{p}_closed', 'http://127.0.0.1:9/');"#,
+        ok = ok.url("/hook"),
+        failing = failing.url("/hook")
+    ));
+    let secret: String =
+        s.hub.one(&format!("SELECT secret FROM ihub.endpoint_secrets WHERE endpoint = '{p}_ok' AND signing"));
+    ok.expect_secret(&secret);
+    let report = |s: &mut Sync, endpoint: &str| -> serde_json::Value {
+        let sql = format!("SELECT ihub.test_connection('{endpoint}')::text");
+        let row = s.dev.query_one(&sql, &[]).unwrap_or_else(|e| panic!("{sql}: {}", describe(&e)));
+        serde_json::from_str(row.get::<_, &str>(0)).expect("a JSON report")
+    };
+
+    // The integration is not even enabled: a probe goes anyway, and records nothing.
+    let r = report(&mut s, &format!("{p}_ok"));
+    assert_eq!(
+        (r["ok"].clone(), r["status"].clone(), r["category"].clone()),
+        (true.into(), 200.into(), "ok".into()),
+        "{r}"
+    );
+    assert!(r["latency_ms"].as_f64().is_some_and(|ms| ms > 0.0), "{r}");
+    let got = ok.received();
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].signature_valid, Some(true), "signed with the endpoint's secret");
+    assert_eq!(got[0].header("authorization"), Some(format!("Bearer tok-{p}").as_str()));
+    assert_eq!(got[0].json()["type"], "ihub.test_connection");
+    assert!(!r.to_string().contains(&format!("tok-{p}")) && !r.to_string().contains(&secret), "{r}");
+    assert_eq!(s.count(&format!("SELECT count(*) FROM ihub.deliveries WHERE endpoint LIKE '{p}%'")), 0);
+
+    let r = report(&mut s, &format!("{p}_failing"));
+    assert_eq!((r["ok"].clone(), r["status"].clone()), (false.into(), 503.into()), "{r}");
+    let r = report(&mut s, &format!("{p}_closed"));
+    assert_eq!((r["ok"].clone(), r["status"].clone()), (false.into(), serde_json::Value::Null), "{r}");
+    assert!(r["error"].as_str().is_some_and(|e| e.contains("could not connect")), "{r}");
+
+    let err = s.error("SELECT ihub.test_connection('nope_{p}')");
+    assert!(err.contains("endpoint \"nope_") && err.contains("HINT: Create it"), "{err}");
+    let mut viewer = s.connect("viewer");
+    let err = error_of(&mut viewer, &format!("SELECT ihub.test_connection('{p}_ok')"));
+    assert!(err.contains("permission denied for function test_connection"), "{err}");
+    assert_eq!(ok.count(), 1, "the refused call sent nothing");
+}

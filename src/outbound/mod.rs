@@ -7,3 +7,4 @@ pub mod capture;
 pub mod ddl;
 pub mod dispatcher;
 pub mod functions;
+pub mod test_connection;
