@@ -588,6 +588,49 @@ fn a_sync_is_not_sent_back_to_the_integration_it_came_from() {
     assert!(err.contains("permission denied for function syncing"), "{err}");
 }
 
+/// A developer cannot make the capture trigger's look-up run their code with
+/// more rights than their own: with their own `=` operator first on the
+/// search path, a marked transaction writes to a subscribed table, and the
+/// operator, if anything ran it, would record who it ran as. The mark still
+/// works.
+#[test]
+fn the_syncing_check_runs_no_code_of_the_writer_with_other_rights() {
+    let mut s = setup();
+    let p = s.p.clone();
+    let (crm, shop) = (Receiver::start(), Receiver::start());
+    s.hub.exec(&format!("CREATE SCHEMA {p}_trap AUTHORIZATION {p}_dev"));
+    s.exec(&format!(
+        "CREATE TABLE {p}_contacts (id bigserial PRIMARY KEY, name text);
+         SELECT ihub.create_integration('{p}_shop');
+         SELECT ihub.create_endpoint('{p}', '{p}_crm_hook', '{crm}');
+         SELECT ihub.create_endpoint('{p}_shop', '{p}_shop_hook', '{shop}');
+         SELECT ihub.enable_integration('{p}'); SELECT ihub.enable_integration('{p}_shop');
+         SELECT ihub.subscribe('{p}_contacts', '{p}_crm_hook');
+         SELECT ihub.subscribe('{p}_contacts', '{p}_shop_hook');
+         CREATE TABLE {p}_trap.ran_as (who name);
+         GRANT USAGE ON SCHEMA {p}_trap TO PUBLIC;
+         GRANT INSERT ON {p}_trap.ran_as TO PUBLIC;
+         CREATE FUNCTION {p}_trap.eq(a bigint, b bigint) RETURNS boolean LANGUAGE plpgsql AS $$
+             BEGIN INSERT INTO {p}_trap.ran_as VALUES (current_user); RETURN a OPERATOR(pg_catalog.=) b; END $$;
+         CREATE OPERATOR {p}_trap.= (LEFTARG = bigint, RIGHTARG = bigint, FUNCTION = {p}_trap.eq);",
+        crm = crm.url("/crm"),
+        shop = shop.url("/shop")
+    ));
+    s.exec(&format!(
+        "BEGIN; SET LOCAL search_path = {p}_trap, pg_catalog, public;
+         SELECT ihub.syncing('{p}'); INSERT INTO public.{p}_contacts (name) VALUES ('from-crm-by-hand'); COMMIT;
+         INSERT INTO {p}_contacts (name) VALUES ('a-local-change');"
+    ));
+    wait_got(&crm, "a-local-change");
+    wait_got(&shop, "from-crm-by-hand");
+    assert_eq!(got(&crm, "from-crm-by-hand"), 0, "the mark held");
+    assert_eq!(
+        s.text("SELECT string_agg(DISTINCT who::text, ',') FROM {p}_trap.ran_as WHERE who <> '{p}_dev'"),
+        None,
+        "the developer's operator ran with someone else's rights"
+    );
+}
+
 // ---------------------------------------------------------------------------
 // Custom fields
 // ---------------------------------------------------------------------------

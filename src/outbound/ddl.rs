@@ -18,7 +18,7 @@
 use pgrx::prelude::*;
 use pgrx::PgList;
 
-use crate::runtime::user_code::as_user;
+use crate::runtime::user_code::as_owner;
 
 macro_rules! event_trigger_function {
     ($finfo:ident) => {
@@ -43,8 +43,8 @@ unsafe fn statement(fcinfo: pg_sys::FunctionCallInfo, what: &str) -> *mut pg_sys
 
 /// Runs internal SQL as the bootstrap superuser (the extension's owner):
 /// the role issuing the DDL holds no EXECUTE on these functions.
-fn as_owner(sql: &str, args: &[pgrx::datum::DatumWithOid<'_>]) {
-    as_user(pg_sys::Oid::from(pg_sys::BOOTSTRAP_SUPERUSERID), || Spi::run_with_args(sql, args))
+fn owner_runs(sql: &str, args: &[pgrx::datum::DatumWithOid<'_>]) {
+    as_owner(|| Spi::run_with_args(sql, args))
         .unwrap_or_else(|e| pgrx::error!("{e}"));
 }
 
@@ -60,7 +60,7 @@ fn as_owner(sql: &str, args: &[pgrx::datum::DatumWithOid<'_>]) {
 pub unsafe extern "C-unwind" fn ihub_drop_extension(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum {
     let tree = statement(fcinfo, "ihub._on_drop_extension()");
     if drops_pg_ihub(tree) {
-        as_owner("SELECT ihub._drop_capture()", &[]);
+        owner_runs("SELECT ihub._drop_capture()", &[]);
     }
     pg_sys::Datum::from(0)
 }
@@ -80,7 +80,7 @@ pub unsafe extern "C-unwind" fn ihub_ddl_start(fcinfo: pg_sys::FunctionCallInfo)
         pg_sys::NodeTag::T_DropStmt => {
             let tables = dropped_tables(&*(tree as *const pg_sys::DropStmt));
             if !tables.is_empty() {
-                as_owner("SELECT ihub._subscriptions_dropping($1)", &[tables.into()]);
+                owner_runs("SELECT ihub._subscriptions_dropping($1)", &[tables.into()]);
             }
         }
         pg_sys::NodeTag::T_AlterTableStmt => {
@@ -101,7 +101,7 @@ pub unsafe extern "C-unwind" fn ihub_ddl_start(fcinfo: pg_sys::FunctionCallInfo)
                     std::ptr::null_mut(),
                 );
                 if table != pg_sys::InvalidOid {
-                    as_owner("SELECT ihub._capture_before_alter($1)", &[table.into()]);
+                    owner_runs("SELECT ihub._capture_before_alter($1)", &[table.into()]);
                 }
             }
         }

@@ -284,6 +284,32 @@ pub fn as_user<R>(role: pg_sys::Oid, f: impl FnOnce() -> R) -> R {
     with_user(role, pg_sys::SECURITY_LOCAL_USERID_CHANGE, f)
 }
 
+/// Runs `f` as the bootstrap superuser (the extension's owner) with
+/// `search_path = pg_catalog, pg_temp`, as a `SECURITY DEFINER` function
+/// with that `SET` clause runs: for internal SQL run on a caller's behalf
+/// from a trigger or an event trigger, where the search path is the
+/// caller's, which could put the caller's own operators and functions
+/// before the built-ins and have the owner run them. The setting ends with
+/// `f`, or with the (sub)transaction an error aborts.
+pub fn as_owner<R>(f: impl FnOnce() -> R) -> R {
+    let guc_level = unsafe { pg_sys::NewGUCNestLevel() };
+    unsafe {
+        pg_sys::set_config_option(
+            c"search_path".as_ptr(),
+            c"pg_catalog, pg_temp".as_ptr(),
+            pg_sys::GucContext::PGC_USERSET,
+            pg_sys::GucSource::PGC_S_SESSION,
+            pg_sys::GucAction::GUC_ACTION_SAVE,
+            true,
+            0,
+            false,
+        );
+    }
+    let result = as_user(pg_sys::Oid::from(pg_sys::BOOTSTRAP_SUPERUSERID), f);
+    unsafe { pg_sys::AtEOXact_GUC(true, guc_level) };
+    result
+}
+
 /// Runs `f` as `role` in a security-restricted operation, as Postgres runs
 /// index expressions and materialized view queries: besides role changes,
 /// temporary tables, WITH HOLD cursors and deferred triggers are refused, so

@@ -33,7 +33,9 @@ pub fn suppresses(sub_id: i64) -> bool {
         if let Some(known) = cache.borrow().get(&sub_id) {
             return known.clone();
         }
-        let found = crate::runtime::user_code::as_user(pg_sys::Oid::from(pg_sys::BOOTSTRAP_SUPERUSERID), || {
+        // In the writer's trigger, under the writer's search path: as_owner
+        // fixes it, or the writer's own `=` would run as the owner.
+        let found = crate::runtime::user_code::as_owner(|| {
             Spi::get_one_with_args::<String>(
                 "SELECT i.name FROM ihub.subscription s JOIN ihub.endpoint e ON e.id = s.endpoint_id \
                  JOIN ihub.integration i ON i.id = e.integration_id WHERE s.id = $1",
