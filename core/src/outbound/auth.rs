@@ -1,6 +1,8 @@
-//! Endpoint authentication: none, HTTP basic, bearer token, or an API key in
-//! a named header. Stored where only `ihub_admin` reads it; turned into one
-//! request header at send time.
+//! Endpoint authentication: none, HTTP basic, bearer token, an API key in
+//! a named header, or an OAuth2 credential of the endpoint's integration
+//! (whose current access token the claim puts in as a bearer token). Stored
+//! where only `ihub_admin` reads it; turned into one request header at send
+//! time.
 
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
@@ -14,11 +16,15 @@ pub enum Auth {
     Basic { username: String, password: String },
     Bearer { token: String },
     ApiKey { header: String, value: String },
+    /// The OAuth2 credential of this name (`ihub.create_oauth2`): no secret
+    /// here, only which credential's access token to send.
+    #[serde(rename = "oauth2")]
+    OAuth2 { credential: String },
 }
 
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum AuthError {
-    #[error("auth must be a JSON object with a \"type\" of none, basic, bearer or api_key")]
+    #[error("auth must be a JSON object with a \"type\" of none, basic, bearer, api_key or oauth2")]
     Shape,
     #[error("auth type \"{0}\" is not supported")]
     UnknownType(String),
@@ -28,7 +34,7 @@ pub enum AuthError {
     HeaderName(String),
 }
 
-pub const AUTH_HINT: &str = r#"Use {"type":"none"}, {"type":"basic","username":"…","password":"…"}, {"type":"bearer","token":"…"} or {"type":"api_key","header":"X-API-Key","value":"…"}."#;
+pub const AUTH_HINT: &str = r#"Use {"type":"none"}, {"type":"basic","username":"…","password":"…"}, {"type":"bearer","token":"…"}, {"type":"api_key","header":"X-API-Key","value":"…"} or {"type":"oauth2","credential":"<name given to ihub.create_oauth2>"}."#;
 
 impl Auth {
     /// Parses user input. Errors name the problem but never repeat a value.
@@ -45,6 +51,7 @@ impl Auth {
             "basic" => &["type", "username", "password"],
             "bearer" => &["type", "token"],
             "api_key" | "api-key" | "apikey" => &["type", "header", "value"],
+            "oauth2" => &["type", "credential"],
             other => return Err(AuthError::UnknownType(other.chars().take(40).collect())),
         };
         if map.keys().any(|k| !allowed.contains(&k.as_str())) {
@@ -58,6 +65,12 @@ impl Auth {
             },
             "bearer" => Auth::Bearer {
                 token: text("token").ok_or(AuthError::Missing { kind: "bearer", needs: "a \"token\"" })?,
+            },
+            "oauth2" => Auth::OAuth2 {
+                credential: text("credential").ok_or(AuthError::Missing {
+                    kind: "oauth2",
+                    needs: "a \"credential\": the name of one of the integration's OAuth2 credentials",
+                })?,
             },
             _ => {
                 let (Some(header), Some(value)) = (text("header"), text("value")) else {
@@ -77,13 +90,15 @@ impl Auth {
             Auth::Basic { .. } => "basic",
             Auth::Bearer { .. } => "bearer",
             Auth::ApiKey { .. } => "api_key",
+            Auth::OAuth2 { .. } => "oauth2",
         }
     }
 
-    /// The header that carries the credential, if any.
+    /// The header that carries the credential, if any. An OAuth2 credential
+    /// has none of its own: the claim sends its access token as `Bearer`.
     pub fn header(&self) -> Option<(String, String)> {
         match self {
-            Auth::None => None,
+            Auth::None | Auth::OAuth2 { .. } => None,
             Auth::Basic { username, password } => {
                 Some(("authorization".into(), format!("Basic {}", B64.encode(format!("{username}:{password}")))))
             }
@@ -108,6 +123,11 @@ mod tests {
         assert_eq!(key.header(), Some(("x-api-key".into(), "v".into())));
         assert_eq!(Auth::from_json(&json!({"type":"none"})).unwrap().header(), None);
         assert_eq!(Auth::from_json(&Value::Null).unwrap(), Auth::None);
+        let oauth2 = Auth::from_json(&json!({"type":"oauth2","credential":"crm"})).unwrap();
+        assert_eq!(oauth2, Auth::OAuth2 { credential: "crm".into() });
+        assert_eq!(oauth2.header(), None);
+        assert_eq!(serde_json::to_value(&oauth2).unwrap(), json!({"type":"oauth2","credential":"crm"}));
+        assert!(matches!(Auth::from_json(&json!({"type":"oauth2"})), Err(AuthError::Missing { .. })));
     }
 
     #[test]

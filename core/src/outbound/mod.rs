@@ -5,6 +5,7 @@
 pub mod auth;
 pub mod gather;
 pub mod mask;
+pub mod request_url;
 pub mod sender;
 pub mod signature;
 pub mod target;

@@ -33,6 +33,13 @@ pub struct Request {
     pub body: String,
     pub timeout: Duration,
     pub test_mode: bool,
+    /// Bytes of the response body to read, when not the sender's limit (a
+    /// request whose response goes to a handler reads all of it, up to
+    /// `ihub.max_response_size`).
+    pub body_limit: Option<usize>,
+    /// Why it must not be sent (its OAuth2 credential has no valid access
+    /// token): the attempt fails with this, to be retried.
+    pub not_sendable: Option<String>,
 }
 
 /// What one attempt did, ready to be recorded.
@@ -48,6 +55,8 @@ pub struct Attempt {
     pub status: Option<u16>,
     pub response_headers: Vec<(String, String)>,
     pub response_body: Option<String>,
+    /// The body was longer than the limit and was cut there.
+    pub response_truncated: bool,
     pub error: Option<String>,
 }
 
@@ -210,6 +219,37 @@ pub fn client_builder(proxy: &str) -> Result<reqwest::ClientBuilder, String> {
     })
 }
 
+/// A client that connects only where `allow` permits (names are resolved
+/// through [`GuardedResolver`]), through `proxy` (`ihub.http_proxy`) or
+/// directly, follows no redirect and keeps up to `idle` idle connections
+/// per host. With an invalid proxy URL it connects directly and the reason
+/// comes back too: the caller must then send nothing.
+pub fn guarded_client(
+    allow: &Arc<AllowList>,
+    proxy: &str,
+    user_agent: &str,
+    idle: usize,
+) -> (reqwest::Client, Option<String>) {
+    let proxy_host = url::Url::parse(proxy.trim()).ok().and_then(|u| u.host_str().map(str::to_ascii_lowercase));
+    let (builder, unusable) = match client_builder(proxy) {
+        Ok(builder) => (builder, None),
+        Err(reason) => (client_builder("").expect("no proxy is valid"), Some(reason)),
+    };
+    let client = builder
+        .user_agent(user_agent)
+        // A redirect could lead to an address the allow-list refuses; the
+        // receiver's 3xx is recorded as a failure instead.
+        .redirect(reqwest::redirect::Policy::none())
+        .dns_resolver(Arc::new(GuardedResolver { allow: allow.clone(), proxy_host }))
+        .pool_idle_timeout(Duration::from_secs(30))
+        // Idle connections hold descriptors too.
+        .pool_max_idle_per_host(idle.max(1))
+        .tcp_nodelay(true)
+        .build()
+        .expect("a reqwest client with static settings builds");
+    (client, unusable)
+}
+
 /// How often `send_all` calls its `tick` while requests are in flight.
 pub const TICK: Duration = Duration::from_millis(5);
 
@@ -284,23 +324,7 @@ impl Sender {
         proxy: &str,
     ) -> Sender {
         let allow = Arc::new(allow);
-        let proxy_host = url::Url::parse(proxy.trim()).ok().and_then(|u| u.host_str().map(str::to_ascii_lowercase));
-        let (builder, unusable) = match client_builder(proxy) {
-            Ok(builder) => (builder, None),
-            Err(reason) => (client_builder("").expect("no proxy is valid"), Some(reason)),
-        };
-        let client = builder
-            .user_agent(user_agent)
-            // A redirect could lead to an address the allow-list refuses; the
-            // receiver's 3xx is recorded as a failure instead.
-            .redirect(reqwest::redirect::Policy::none())
-            .dns_resolver(Arc::new(GuardedResolver { allow: allow.clone(), proxy_host }))
-            .pool_idle_timeout(Duration::from_secs(30))
-            // Idle connections hold descriptors too.
-            .pool_max_idle_per_host(concurrency.max(1))
-            .tcp_nodelay(true)
-            .build()
-            .expect("a reqwest client with static settings builds");
+        let (client, unusable) = guarded_client(&allow, proxy, user_agent, concurrency);
         Sender { client, allow, body_limit, concurrency: concurrency.max(1), unusable }
     }
 
@@ -388,9 +412,15 @@ impl Sender {
             status: None,
             response_headers: Vec::new(),
             response_body: None,
+            response_truncated: false,
             error: None,
         };
         if req.test_mode {
+            return attempt;
+        }
+        if let Some(reason) = &req.not_sendable {
+            attempt.outcome = Outcome::Connection;
+            attempt.error = Some(format!("not sent: {reason}"));
             return attempt;
         }
         if let Some(reason) = &self.unusable {
@@ -398,12 +428,14 @@ impl Sender {
             attempt.error = Some(format!("not sent: {reason}"));
             return attempt;
         }
-        match self.exchange(&req.method, &req.url, headers, body, req.timeout).await {
-            Ok((status, response_headers, response_body, retry_after)) => {
+        let limit = req.body_limit.unwrap_or(self.body_limit);
+        match self.exchange(&req.method, &req.url, headers, body, req.timeout, limit).await {
+            Ok((status, response_headers, (response_body, truncated), retry_after)) => {
                 attempt.outcome = Outcome::Status { status, retry_after };
                 attempt.status = Some(status);
                 attempt.response_headers = response_headers;
                 attempt.response_body = Some(response_body);
+                attempt.response_truncated = truncated;
                 if !(200..300).contains(&status) {
                     attempt.error = Some(format!("receiver answered HTTP {status}"));
                 }
@@ -425,7 +457,8 @@ impl Sender {
         headers: Vec<(String, String)>,
         body: String,
         timeout: Duration,
-    ) -> Result<(u16, Vec<(String, String)>, String, Option<Duration>), (Outcome, String)> {
+        limit: usize,
+    ) -> Result<(u16, Vec<(String, String)>, (String, bool), Option<Duration>), (Outcome, String)> {
         // Literal addresses never reach the resolver, so they are checked here.
         check_url(url, &self.allow).map_err(|e| match e {
             TargetError::Restricted(_) => (Outcome::Blocked, e.to_string()),
@@ -455,7 +488,8 @@ impl Sender {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| parse_retry_after(v, SystemTime::now()));
         let mut body = Vec::new();
-        while body.len() < self.body_limit {
+        let mut truncated = false;
+        while body.len() <= limit {
             match response.chunk().await {
                 Ok(Some(chunk)) => body.extend_from_slice(&chunk),
                 Ok(None) => break,
@@ -466,14 +500,17 @@ impl Sender {
                 Err(_) => break,
             }
         }
-        body.truncate(self.body_limit);
-        Ok((status, response_headers, String::from_utf8_lossy(&body).into_owned(), retry_after))
+        if body.len() > limit {
+            body.truncate(limit);
+            truncated = true;
+        }
+        Ok((status, response_headers, (String::from_utf8_lossy(&body).into_owned(), truncated), retry_after))
     }
 }
 
 /// Turns a reqwest error into an outcome and a message without the URL
 /// (which may carry a token in its query string).
-fn describe(err: reqwest::Error) -> (Outcome, String) {
+pub(crate) fn describe(err: reqwest::Error) -> (Outcome, String) {
     let mut source: Option<&(dyn StdError + 'static)> = err.source();
     let mut root = None;
     while let Some(e) = source {
@@ -522,6 +559,8 @@ mod tests {
             body: "{\"a\":1}".into(),
             timeout: Duration::from_millis(500),
             test_mode: false,
+            body_limit: None,
+            not_sendable: None,
         }
     }
 
