@@ -141,7 +141,13 @@ CREATE TABLE ihub.delivery (
     last_error      text,
     occurred_at     timestamptz NOT NULL DEFAULT now(),
     created_at      timestamptz NOT NULL DEFAULT now(),
-    finished_at    timestamptz
+    finished_at    timestamptz,
+    -- ihub.http_request(..., on_response => ...): the function run as a job
+    -- of requested_by with the response once the delivery ends, and the
+    -- context handed to it.
+    on_response     regprocedure,
+    response_context jsonb,
+    requested_by    regrole
 )
 -- Every delivery is updated at least twice; vacuum early so that the partial
 -- indexes do not fill with dead entries.

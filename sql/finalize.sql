@@ -42,6 +42,13 @@ COMMENT ON FUNCTION ihub._mask_headers(jsonb) IS 'Internal: masks credential hea
 COMMENT ON FUNCTION ihub._mask_headers(jsonb, text) IS 'Internal: masks credential header values and one more header (an inbound source''s secret header).';
 COMMENT ON FUNCTION ihub._mask_settings(jsonb) IS 'Internal: masks secret-looking setting values for views.';
 COMMENT ON FUNCTION ihub._mask_url(text) IS 'Internal: masks secret-looking query parameters for views.';
+COMMENT ON FUNCTION ihub._join_url(text, text) IS
+    'Internal: an endpoint URL with a request path appended, before the URL''s own query string.';
+COMMENT ON FUNCTION ihub._with_query(text, jsonb) IS 'Internal: a request path with the parameters of a query object added.';
+COMMENT ON FUNCTION ihub._oauth2_new_state() IS 'Internal: a random state for an OAuth2 authorization URL.';
+COMMENT ON FUNCTION ihub._oauth2_authorize_link(text, text, text, text, text) IS
+    'Internal: an OAuth2 authorization URL with client, redirect URI, scope and state.';
+COMMENT ON FUNCTION ihub._wake_maintenance() IS 'Internal: wakes the maintenance worker when the current transaction commits.';
 COMMENT ON FUNCTION ihub._check_expression(text) IS 'Internal: checks that a condition is exactly one SQL expression.';
 COMMENT ON FUNCTION ihub.sign(text, text, bigint, text) IS
     'The Standard Webhooks signature (v1,<base64>) of a message id, timestamp and body under a whsec_ secret.';
@@ -96,8 +103,9 @@ GRANT SELECT ON ihub.integrations, ihub.endpoints, ihub.subscriptions, ihub.deli
                 ihub.delivery_attempts, ihub.workers, ihub.jobs, ihub.schedules, ihub.cronwatch,
                 ihub.integration_dates, ihub.logs, ihub.activities, ihub.retention_settings,
                 ihub.log_settings, ihub.inbound_items, ihub.inbound_failed, ihub.inbound_sources,
-                ihub.inbound_rejections, ihub.mappers, ihub.mapper_items, ihub.bindings, ihub.custom_fields TO ihub_viewer;
-GRANT SELECT ON ihub.endpoint_secrets TO ihub_admin;
+                ihub.inbound_rejections, ihub.mappers, ihub.mapper_items, ihub.bindings, ihub.custom_fields,
+                ihub.oauth2_credentials TO ihub_viewer;
+GRANT SELECT ON ihub.endpoint_secrets, ihub.oauth2_secrets TO ihub_admin;
 GRANT SELECT ON ihub.integration_kind TO ihub_viewer;
 GRANT INSERT, UPDATE, DELETE ON ihub.integration_kind TO ihub_admin;
 
@@ -135,7 +143,7 @@ GRANT EXECUTE ON FUNCTION
     ihub.disable_endpoint(text, text),
     ihub.subscribe(regclass, text, text[], text[], text[], text, boolean),
     ihub.unsubscribe(bigint),
-    ihub.http_request(text, jsonb, text, text, jsonb, text),
+    ihub.http_request(text, jsonb, text, text, jsonb, text, jsonb, regprocedure, jsonb),
     ihub.replay(bigint),
     ihub.replay_dead(text, timestamptz),
     ihub.enqueue(regprocedure, jsonb, integer, timestamptz, integer, text, text, interval[], interval),
@@ -172,7 +180,11 @@ GRANT EXECUTE ON FUNCTION
     ihub.syncing(text, boolean),
     ihub.add_custom_field(regclass, text, text, text, text, text[], text[]),
     ihub.drop_custom_field(regclass, text),
-    ihub.test_connection(text)
+    ihub.test_connection(text),
+    ihub.create_oauth2(text, text, text, text, text, text, text, text, text, text),
+    ihub.drop_oauth2(text, text),
+    ihub.refresh_oauth2(text, text),
+    ihub.oauth2_authorize_url(text, text, text)
 TO ihub_developer;
 
 -- Harmless anywhere: they only act inside a running job.

@@ -3,7 +3,7 @@
 
 -- The body as jsonb, or NULL when it is not JSON.
 CREATE FUNCTION ihub._try_jsonb(p_body bytea) RETURNS jsonb
-LANGUAGE plpgsql IMMUTABLE PARALLEL SAFE
+LANGUAGE plpgsql IMMUTABLE PARALLEL SAFE SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
     RETURN convert_from(p_body, 'UTF8')::jsonb;

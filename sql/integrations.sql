@@ -194,6 +194,8 @@ BEGIN
     DELETE FROM ihub.delivery d USING ihub.endpoint e WHERE d.endpoint_id = e.id AND e.integration_id = v.id;
     DELETE FROM ihub.endpoint WHERE integration_id = v.id;
     DELETE FROM ihub.mapper WHERE integration_id = v.id;
+    DELETE FROM ihub.binding WHERE integration_id = v.id;
+    DELETE FROM ihub.oauth2 WHERE integration_id = v.id;
     DELETE FROM ihub.integration WHERE id = v.id;
 END
 $$;

@@ -200,6 +200,7 @@ BEGIN
                 RETURNING j.id, j.fn, j.fn_name, j.args, j.run_as, j.timeout, j.priority, j.run_at, j.integration_id
             )
             SELECT c.id, c.fn, c.fn_name, c.args, c.run_as, c.timeout, p.prorettype, p.proname, n.nspname,
+                   p.proargtypes[0] = 'ihub.http_response'::regtype AS takes_response,
                    (SELECT count(*) FROM next) > (SELECT count(*) FROM picked) AS more,
                    (SELECT i.name FROM ihub.integration i WHERE i.id = c.integration_id) AS integration
             FROM claimed c
@@ -214,10 +215,14 @@ BEGIN
             END IF;
             v_found := true;
             id := v.id;
-            call := CASE WHEN v.prorettype = 'void'::regtype
-                         -- Qualified: the statement is parsed with the role's search_path.
-                         THEN format('SELECT NULL::pg_catalog.jsonb FROM %I.%I($1) AS f', v.nspname, v.proname)
-                         ELSE format('SELECT pg_catalog.to_jsonb(%I.%I($1))', v.nspname, v.proname) END;
+            call := format(CASE WHEN v.prorettype = 'void'::regtype
+                                -- Qualified: the statement is parsed with the role's search_path.
+                                THEN 'SELECT NULL::pg_catalog.jsonb FROM %I.%I(%s) AS f'
+                                ELSE 'SELECT pg_catalog.to_jsonb(%I.%I(%s))' END,
+                           v.nspname, v.proname,
+                           -- A response handler's job carries its response as jsonb.
+                           CASE WHEN v.takes_response
+                                THEN 'pg_catalog.jsonb_populate_record(NULL::ihub.http_response, $1)' ELSE '$1' END);
             args := v.args;
             run_as := v.run_as::oid;
             timeout_ms := coalesce((extract(epoch FROM v.timeout) * 1000)::integer, p_default_timeout_ms);

@@ -183,6 +183,24 @@ BEGIN
                    THEN 'critical' ELSE 'warning' END;
     message := coalesce('no signing secret valid for another day: ' || v_names, 'every endpoint has a valid signing secret');
     RETURN NEXT;
+
+    -- OAuth2 access tokens: expired or missing while asking for a new one
+    -- fails is critical; failing while the token still works, or waiting
+    -- for a person to authorize, a warning.
+    SELECT string_agg(format('%s/%s (%s)', i.name, o.name,
+                             CASE WHEN o.failures > 0 THEN 'could not be refreshed: ' || coalesce(o.last_error, '?')
+                                  WHEN s.access_token IS NULL THEN 'not authorized yet'
+                                  ELSE 'expired' END), '; ' ORDER BY i.name, o.name),
+           max(CASE WHEN o.failures > 0 AND (s.access_token IS NULL OR o.expires_at <= now()) THEN 2
+                    WHEN o.expires_at <= now() AND o.refresh_at IS NULL THEN 2
+                    ELSE 1 END)
+    INTO v_names, v_alive
+    FROM ihub.oauth2 o JOIN ihub.oauth2_secret s ON s.oauth2_id = o.id JOIN ihub.integration i ON i.id = o.integration_id
+    WHERE o.failures > 0 OR (s.access_token IS NULL AND o.refresh_at IS NULL) OR o.expires_at <= now() - interval '1 minute';
+    check_name := 'oauth2';
+    status := CASE WHEN v_names IS NULL THEN 'ok' WHEN v_alive = 2 THEN 'critical' ELSE 'warning' END;
+    message := coalesce(v_names, 'every OAuth2 access token is valid or being renewed');
+    RETURN NEXT;
 END
 $$;
 
@@ -194,4 +212,4 @@ COMMENT ON FUNCTION ihub.endpoint_stats(timestamptz) IS
 COMMENT ON FUNCTION ihub.daily_stats(integer) IS 'Per day (UTC) and endpoint: attempts, delivered, failures, dead.';
 COMMENT ON FUNCTION ihub.queue_stats() IS 'Counts by state and oldest age for deliveries, jobs and inbound items.';
 COMMENT ON FUNCTION ihub.health() IS
-    'One row per check (workers, queues, endpoints, schedules, credentials) with status ok, warning or critical and a message.';
+    'One row per check (workers, queues, endpoints, schedules, credentials, OAuth2 tokens) with status ok, warning or critical and a message.';

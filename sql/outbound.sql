@@ -43,6 +43,12 @@ BEGIN
             USING ERRCODE = 'invalid_parameter_value', HINT = 'Pass NULL to use ihub.default_timeout.';
     END IF;
     PERFORM ihub._check_headers(coalesce(create_endpoint.headers, '{}'));
+    IF v_auth ->> 'type' = 'oauth2' AND NOT EXISTS (
+        SELECT 1 FROM ihub.oauth2 o WHERE o.integration_id = v_integration AND o.name = v_auth ->> 'credential') THEN
+        RAISE EXCEPTION 'OAuth2 credential "%" of integration "%" does not exist', v_auth ->> 'credential', create_endpoint.integration
+            USING ERRCODE = 'undefined_object',
+                  HINT = 'Create it first with ihub.create_oauth2(integration, name, token_url, client_id, client_secret, ...).';
+    END IF;
     IF create_endpoint.secret IS NOT NULL THEN
         PERFORM ihub._check_secret(create_endpoint.secret);
     END IF;
@@ -922,7 +928,8 @@ $$;
 -- index; an index is right at any size.
 CREATE FUNCTION ihub._claim(p_owner integer, p_limit integer, p_default_timeout_ms integer, p_rounds integer)
 RETURNS TABLE (delivery_id bigint, event_id text, method text, url text, headers jsonb, auth jsonb, secrets text[],
-               timeout_ms integer, retry jsonb, body text, test_mode boolean, attempts_used integer)
+               timeout_ms integer, retry jsonb, body text, test_mode boolean, attempts_used integer,
+               oauth2_id bigint, oauth2_version integer, not_sendable text, last_status integer, respond boolean)
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp SET enable_seqscan = off
 AS $$
 DECLARE
@@ -998,12 +1005,27 @@ BEGIN
             GROUP BY s.endpoint_id
         )
         SELECT d.id, d.event_id, coalesce(d.method, e.method), ihub._join_url(e.url, d.path),
-               e.headers || coalesce(d.headers, '{}'), c.auth, k.secrets,
-               coalesce(e.timeout_ms, p_default_timeout_ms), e.retry, d.payload::text, d.test_mode,
-               d.attempts - d.budget_start
+               e.headers || coalesce(d.headers, '{}'),
+               -- An OAuth2 credential's current access token, as a bearer token.
+               CASE WHEN o.id IS NULL THEN c.auth
+                    WHEN o.access_token IS NOT NULL AND (o.expires_at IS NULL OR o.expires_at > now())
+                    THEN jsonb_build_object('type', 'bearer', 'token', o.access_token)
+                    ELSE '{"type": "none"}' END,
+               k.secrets, coalesce(e.timeout_ms, p_default_timeout_ms), e.retry, d.payload::text, d.test_mode,
+               d.attempts - d.budget_start, o.id, o.token_version,
+               CASE WHEN o.id IS NOT NULL AND (o.access_token IS NULL OR o.expires_at <= now())
+                    THEN format('OAuth2 credential %s has no valid access token (%s)', o.name,
+                                coalesce(o.last_error, CASE WHEN o.access_token IS NULL THEN 'none issued yet' ELSE 'it expired' END))
+               END,
+               d.last_status, d.on_response IS NOT NULL
         FROM unnest(v_claimed) d
         JOIN ihub.endpoint e ON e.id = d.endpoint_id
         LEFT JOIN ihub.endpoint_credential c ON c.endpoint_id = e.id
+        LEFT JOIN LATERAL (
+            SELECT o.id, o.name, o.token_version, o.expires_at, o.last_error, s.access_token
+            FROM ihub.oauth2 o JOIN ihub.oauth2_secret s ON s.oauth2_id = o.id
+            WHERE c.auth ->> 'type' = 'oauth2' AND o.integration_id = e.integration_id AND o.name = c.auth ->> 'credential'
+        ) o ON true
         LEFT JOIN keys k ON k.endpoint_id = e.id;
 END
 $$;
@@ -1016,22 +1038,26 @@ CREATE FUNCTION ihub._connection_request(p_endpoint text) RETURNS jsonb
 LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
     SELECT jsonb_build_object(
-        'method', e.method, 'url', e.url, 'headers', e.headers, 'auth', c.auth,
+        'method', e.method, 'url', e.url, 'headers', e.headers,
+        -- An OAuth2 credential's access token, as the claim sends it.
+        'auth', CASE WHEN o.id IS NULL THEN c.auth
+                     WHEN o.access_token IS NOT NULL AND (o.expires_at IS NULL OR o.expires_at > now())
+                     THEN jsonb_build_object('type', 'bearer', 'token', o.access_token)
+                     ELSE '{"type": "none"}' END,
+        'not_sendable', CASE WHEN o.id IS NOT NULL AND (o.access_token IS NULL OR o.expires_at <= now())
+                             THEN format('OAuth2 credential %s has no valid access token (%s)', o.name,
+                                         coalesce(o.last_error, CASE WHEN o.access_token IS NULL THEN 'none issued yet' ELSE 'it expired' END))
+                        END,
         'timeout_ms', coalesce(e.timeout_ms, ihub._default_timeout_ms()), 'enabled', e.enabled,
         'secrets', (SELECT coalesce(jsonb_agg(s.secret ORDER BY s.id DESC), '[]') FROM ihub.endpoint_secret s
                     WHERE s.endpoint_id = e.id AND (s.expires_at IS NULL OR s.expires_at > now())))
     FROM (SELECT (ihub._endpoint(p_endpoint)).*) e
     LEFT JOIN ihub.endpoint_credential c ON c.endpoint_id = e.id
-$$;
-
--- An endpoint URL with an http_request path appended ("/x" after "https://h/"
--- gives "https://h/x", not "https://h//x").
-CREATE FUNCTION ihub._join_url(p_url text, p_path text) RETURNS text
-LANGUAGE sql IMMUTABLE PARALLEL SAFE
-AS $$
-    SELECT CASE WHEN p_path IS NULL THEN p_url
-                WHEN p_path LIKE '/%' THEN rtrim(p_url, '/') || p_path
-                ELSE p_url || p_path END
+    LEFT JOIN LATERAL (
+        SELECT o.id, o.name, o.expires_at, o.last_error, s.access_token
+        FROM ihub.oauth2 o JOIN ihub.oauth2_secret s ON s.oauth2_id = o.id
+        WHERE c.auth ->> 'type' = 'oauth2' AND o.integration_id = e.integration_id AND o.name = c.auth ->> 'credential'
+    ) o ON true
 $$;
 
 -- Records a batch of attempts and moves each delivery to its next state.
@@ -1042,7 +1068,7 @@ CREATE FUNCTION ihub._settle(p_owner integer, p_results jsonb) RETURNS bigint
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp SET enable_seqscan = off
 AS $$
 DECLARE
-    v_settled bigint;
+    v_settled bigint[];
     v_endpoint record;
     v_ids bigint[] := ARRAY(SELECT (x ->> 'delivery_id')::bigint FROM jsonb_array_elements(p_results) x);
 BEGIN
@@ -1078,7 +1104,7 @@ BEGIN
         SELECT u.id, u.attempts, to_timestamp(r.started_at), r.duration_ms, r.request_headers,
                r.status, r.response_headers, r.response_body, r.error, r.category, p_owner
         FROM updated u JOIN r ON r.delivery_id = u.id
-        RETURNING 1
+        RETURNING delivery_id
     ), outcomes AS (
         SELECT u.endpoint_id, u.id, r.state, r.error, r.duration_ms FROM updated u JOIN r ON r.delivery_id = u.id
     ), counted AS (
@@ -1099,7 +1125,24 @@ BEGIN
             last_error = coalesce(EXCLUDED.last_error, h.last_error),
             last_error_at = coalesce(EXCLUDED.last_error_at, h.last_error_at)
     )
-    SELECT count(*) INTO v_settled FROM recorded;
+    SELECT coalesce(array_agg(delivery_id), '{}') INTO v_settled FROM recorded;
+
+    -- Ended requests with a response handler: a job each.
+    IF p_results @> '[{"respond": true}]' THEN
+        PERFORM ihub._respond(p_results, v_settled);
+    END IF;
+
+    -- A 401 to an OAuth2 access token: a new one is asked for at once (once
+    -- per token, however many deliveries got the 401), and the deliveries
+    -- are due again as soon as it is stored (ihub._oauth2_store).
+    IF p_results @> '[{"oauth2_stale": true}]' THEN
+        UPDATE ihub.oauth2 o SET refresh_at = now()
+        FROM (SELECT DISTINCT x.oauth2_id, x.oauth2_version
+              FROM jsonb_to_recordset(p_results) AS x(oauth2_id bigint, oauth2_version integer, oauth2_stale boolean)
+              WHERE x.oauth2_stale) x
+        WHERE o.id = x.oauth2_id AND o.token_version = x.oauth2_version AND (o.refresh_at IS NULL OR o.refresh_at > now());
+        PERFORM ihub._wake_maintenance();
+    END IF;
 
     -- Failures go to the log, aggregated per endpoint and minute.
     IF p_results @> '[{"state": "retry"}]' OR p_results @> '[{"state": "dead"}]' OR p_results @> '[{"state": "failed"}]' THEN
@@ -1125,7 +1168,7 @@ BEGIN
                               WHERE e.name = v_endpoint.name));
         END LOOP;
     END IF;
-    RETURN v_settled;
+    RETURN cardinality(v_settled);
 END
 $$;
 
@@ -1249,25 +1292,69 @@ $$;
 -- One-off requests and replay
 -------------------------------------------------------------------------------
 
-CREATE FUNCTION ihub.http_request(
+-- What a response handler (ihub.http_request(..., on_response => ...))
+-- gets when its request ends: delivered (state done), failed, or dead after
+-- its last retry.
+CREATE TYPE ihub.http_response AS (
+    delivery_id bigint,
+    state       text,
+    status      integer,
+    headers     jsonb,
+    body        text,
+    -- The body as JSON, NULL when it is not JSON.
+    body_json   jsonb,
+    context     jsonb,
+    attempts    integer,
+    error       text
+);
+
+-- A function that can handle responses: one ihub.http_response argument,
+-- one result or void, executable by the role the job runs as.
+CREATE FUNCTION ihub._check_response_function(p_fn regprocedure, p_role name) RETURNS void
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v pg_proc;
+BEGIN
+    SELECT * INTO v FROM pg_proc WHERE oid = p_fn;
+    IF v.prokind <> 'f' OR v.pronargs <> 1 OR v.proargtypes[0] <> 'ihub.http_response'::regtype OR v.proretset THEN
+        RAISE EXCEPTION 'function % cannot handle responses', p_fn
+            USING ERRCODE = 'invalid_function_definition',
+                  HINT = 'A response handler takes one ihub.http_response argument, e.g. CREATE FUNCTION import_page(r ihub.http_response) RETURNS void.';
+    END IF;
+    IF NOT has_function_privilege(p_role, p_fn, 'EXECUTE') THEN
+        RAISE EXCEPTION 'role % may not execute %', p_role, p_fn
+            USING ERRCODE = 'insufficient_privilege',
+                  HINT = 'The handler runs as a job of the role that made the request; grant it EXECUTE on the function.';
+    END IF;
+END
+$$;
+
+CREATE FUNCTION ihub._http_request_by(
     endpoint text,
-    body jsonb,
+    body jsonb DEFAULT NULL,
     method text DEFAULT NULL,
     path text DEFAULT NULL,
     headers jsonb DEFAULT NULL,
-    event_type text DEFAULT 'http_request'
+    event_type text DEFAULT 'http_request',
+    query jsonb DEFAULT NULL,
+    on_response regprocedure DEFAULT NULL,
+    context jsonb DEFAULT NULL,
+    p_caller regrole DEFAULT NULL
 ) RETURNS bigint
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     v_endpoint ihub.endpoint;
     v_integration ihub.integration;
+    v_method text := upper(_http_request_by.method);
+    v_path text := _http_request_by.path;
     v_id bigint;
     v_size bigint;
 BEGIN
     PERFORM ihub._require_workers();
     LOOP
-        v_endpoint := ihub._endpoint(http_request.endpoint);
+        v_endpoint := ihub._endpoint(_http_request_by.endpoint);
         -- Kept until commit, as a foreign key check would (see
         -- ihub._endpoint_deleted). An endpoint deleted since it was looked
         -- up leaves nothing to lock: look the name up again.
@@ -1280,31 +1367,93 @@ BEGIN
             USING ERRCODE = 'object_not_in_prerequisite_state',
                   HINT = format('Enable it first: SELECT ihub.enable_integration(%L);', v_integration.name);
     END IF;
-    IF body IS NULL THEN
-        RAISE EXCEPTION 'body must not be NULL' USING ERRCODE = 'null_value_not_allowed', HINT = 'Pass ''{}'' for an empty object.';
-    END IF;
-    v_size := octet_length(body::text);
-    IF v_size > pg_size_bytes(current_setting('ihub.max_body_size')) THEN
-        RAISE EXCEPTION 'body is % bytes, more than ihub.max_body_size (%)', v_size, current_setting('ihub.max_body_size')
-            USING ERRCODE = 'program_limit_exceeded', HINT = 'Send less, or raise ihub.max_body_size.';
-    END IF;
-    IF http_request.method IS NOT NULL AND upper(http_request.method) NOT IN ('GET', 'POST', 'PUT', 'PATCH', 'DELETE') THEN
-        RAISE EXCEPTION 'unsupported HTTP method "%"', http_request.method
+    IF v_method IS NOT NULL AND v_method NOT IN ('GET', 'POST', 'PUT', 'PATCH', 'DELETE') THEN
+        RAISE EXCEPTION 'unsupported HTTP method "%"', _http_request_by.method
             USING ERRCODE = 'invalid_parameter_value', HINT = 'Use GET, POST, PUT, PATCH or DELETE.';
     END IF;
-    IF http_request.path IS NOT NULL AND http_request.path !~ '^[/?][^[:space:]#]*$' THEN
-        RAISE EXCEPTION 'invalid path "%"', http_request.path
+    -- A GET sends no body, so it needs none.
+    IF body IS NULL AND coalesce(v_method, v_endpoint.method) <> 'GET' THEN
+        RAISE EXCEPTION 'body must not be NULL' USING ERRCODE = 'null_value_not_allowed',
+            HINT = 'Pass ''{}'' for an empty object; only a GET goes without a body.';
+    END IF;
+    v_size := octet_length(coalesce(body, '{}')::text) + coalesce(octet_length(context::text), 0);
+    IF v_size > pg_size_bytes(current_setting('ihub.max_body_size')) THEN
+        RAISE EXCEPTION 'body and context are % bytes, more than ihub.max_body_size (%)', v_size, current_setting('ihub.max_body_size')
+            USING ERRCODE = 'program_limit_exceeded', HINT = 'Send less, or raise ihub.max_body_size.';
+    END IF;
+    IF v_path IS NOT NULL AND v_path !~ '^[/?&][^[:space:]#]*$' THEN
+        RAISE EXCEPTION 'invalid path "%"', v_path
             USING ERRCODE = 'invalid_parameter_value', HINT = 'A path is appended to the endpoint URL; start it with / or ? and leave out spaces.';
     END IF;
-    IF http_request.headers IS NOT NULL THEN
-        PERFORM ihub._check_headers(http_request.headers);
+    IF query IS NOT NULL THEN
+        v_path := ihub._with_query(v_path, query);
     END IF;
-    INSERT INTO ihub.delivery (event_id, endpoint_id, event_type, payload, method, path, headers)
+    IF _http_request_by.headers IS NOT NULL THEN
+        PERFORM ihub._check_headers(_http_request_by.headers);
+    END IF;
+    IF on_response IS NOT NULL THEN
+        PERFORM ihub._check_response_function(on_response, pg_get_userbyid(p_caller));
+    ELSIF context IS NOT NULL THEN
+        RAISE EXCEPTION 'context is for a response handler' USING ERRCODE = 'invalid_parameter_value',
+            HINT = 'Pass on_response => ''my_handler(ihub.http_response)''::regprocedure too: the handler gets the context.';
+    END IF;
+    INSERT INTO ihub.delivery (event_id, endpoint_id, event_type, payload, method, path, headers,
+                               on_response, response_context, requested_by)
     VALUES ('evt_' || replace(gen_random_uuid()::text, '-', ''), v_endpoint.id, coalesce(event_type, 'http_request'),
-            body, upper(http_request.method), http_request.path, http_request.headers)
+            coalesce(body, '{}'), v_method, v_path, _http_request_by.headers,
+            on_response, CASE WHEN on_response IS NOT NULL THEN context END,
+            CASE WHEN on_response IS NOT NULL THEN p_caller END)
     RETURNING id INTO v_id;
     PERFORM ihub._wake();
     RETURN v_id;
+END
+$$;
+
+-- A C entry point (src/caller.rs): the response handler runs as the role
+-- that called it, never as the owner of a SECURITY DEFINER function in
+-- between, and the caller cannot be forged.
+CREATE FUNCTION ihub.http_request(
+    endpoint text,
+    body jsonb DEFAULT NULL,
+    method text DEFAULT NULL,
+    path text DEFAULT NULL,
+    headers jsonb DEFAULT NULL,
+    event_type text DEFAULT 'http_request',
+    query jsonb DEFAULT NULL,
+    on_response regprocedure DEFAULT NULL,
+    context jsonb DEFAULT NULL
+) RETURNS bigint
+LANGUAGE c VOLATILE AS 'MODULE_PATHNAME', 'ihub_for_caller';
+
+-- Called by ihub._settle for the deliveries of a batch it settled that have
+-- a response handler and ended: one job each, of the role that made the
+-- request, marked as syncing the endpoint's integration, with the response
+-- (as ihub.http_response, in jsonb) for its argument. In the settle's
+-- transaction: a response is handed over once, or not at all.
+CREATE FUNCTION ihub._respond(p_results jsonb, p_settled bigint[]) RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v record;
+BEGIN
+    FOR v IN
+        SELECT r.delivery_id, r.state, r.status, r.error, r.response_headers, r.response, d.on_response, d.response_context,
+               d.requested_by, d.attempts, e.integration_id
+        FROM jsonb_to_recordset(p_results) AS r(delivery_id bigint, state text, status integer, error text,
+                                                response_headers jsonb, response jsonb, respond boolean)
+        JOIN ihub.delivery d ON d.id = r.delivery_id
+        JOIN ihub.endpoint e ON e.id = d.endpoint_id
+        WHERE r.respond AND r.state IN ('done', 'failed', 'dead') AND r.delivery_id = ANY (p_settled)
+          AND d.on_response IS NOT NULL
+    LOOP
+        PERFORM ihub._enqueue(v.on_response,
+                              jsonb_build_object('delivery_id', v.delivery_id, 'state', v.state, 'status', v.status,
+                                                 'headers', v.response_headers, 'body', v.response -> 'body',
+                                                 'body_json', v.response -> 'json', 'context', v.response_context,
+                                                 'attempts', v.attempts,
+                                                 'error', coalesce(v.error, v.response ->> 'problem')),
+                              10, now(), 5, NULL, v.integration_id, NULL, NULL, v.requested_by);
+    END LOOP;
 END
 $$;
 
@@ -1431,7 +1580,7 @@ FROM ihub._workers() w LEFT JOIN pg_database db ON db.oid = w.database_oid;
 -------------------------------------------------------------------------------
 
 COMMENT ON FUNCTION ihub.create_endpoint(text, text, text, text, jsonb, jsonb, text, integer, jsonb) IS
-    'Adds an HTTP endpoint to an integration: URL, method, headers, auth (none/basic/bearer/api_key), whsec_ signing secret (generated when NULL), timeout and retry policy. Returns its id.';
+    'Adds an HTTP endpoint to an integration: URL, method, headers, auth (none/basic/bearer/api_key/oauth2), whsec_ signing secret (generated when NULL), timeout and retry policy. Returns its id.';
 COMMENT ON FUNCTION ihub.enable_endpoint(text) IS 'Re-enables an endpoint (after a 410 Gone, say); its held deliveries resume.';
 COMMENT ON FUNCTION ihub.disable_endpoint(text, text) IS 'Stops deliveries to an endpoint; they wait until it is enabled again.';
 COMMENT ON FUNCTION ihub.rotate_secret(text, text, interval) IS
@@ -1452,15 +1601,20 @@ COMMENT ON FUNCTION ihub._settle(integer, jsonb) IS
     'Internal (dispatcher): records a batch of attempts and moves each delivery to its next state in one transaction.';
 COMMENT ON FUNCTION ihub._connection_request(text) IS
     'Internal (ihub.test_connection): an endpoint''s method, URL, headers, credentials and live secrets, as a claim gives them.';
-COMMENT ON FUNCTION ihub._join_url(text, text) IS 'Internal: an endpoint URL with a request path appended.';
 COMMENT ON FUNCTION ihub._log_failures(jsonb) IS
     'Internal (dispatcher): logs retried, dead and failed deliveries, one entry per endpoint, outcome and minute for each dispatcher, with counts.';
 COMMENT ON FUNCTION ihub._failure_message(text, bigint, text, text) IS 'Internal: the message of an aggregated delivery-failure log entry.';
 COMMENT ON FUNCTION ihub._rescue() IS 'Internal (dispatcher): requeues deliveries whose worker is gone or whose lease expired.';
 COMMENT ON FUNCTION ihub._bloated_capture_tables(bigint) IS 'Internal (dispatcher): capture tables with many dead rows, to vacuum.';
 COMMENT ON FUNCTION ihub._next_due() IS 'Internal (dispatcher): seconds until the next claimable delivery is due.';
-COMMENT ON FUNCTION ihub.http_request(text, jsonb, text, text, jsonb, text) IS
-    'Queues a one-off durable request to an endpoint with the same signing, retries and record as row-change deliveries. Returns the delivery id.';
+COMMENT ON FUNCTION ihub.http_request(text, jsonb, text, text, jsonb, text, jsonb, regprocedure, jsonb) IS
+    'Queues a one-off durable request to an endpoint, signed and retried like any delivery: body (none for GET), method, path, query parameters, headers, event type; with on_response, that function runs as a job of the caller with the response (ihub.http_response) and the context once the request ends. Returns the delivery id.';
+COMMENT ON TYPE ihub.http_response IS
+    'What a response handler gets: delivery, state (done, failed, dead), HTTP status, headers, body as text and as JSON, the request''s context, attempts and error.';
+COMMENT ON FUNCTION ihub._check_response_function(regprocedure, name) IS
+    'Internal: checks that a function takes one ihub.http_response and that the role may execute it.';
+COMMENT ON FUNCTION ihub._respond(jsonb, bigint[]) IS
+    'Internal (dispatcher): queues the response handler jobs of the ended requests of a settled batch.';
 COMMENT ON FUNCTION ihub._endpoint_deleted() IS
     'Internal: trigger refusing to delete an endpoint that still has deliveries (ihub.delivery has no foreign keys).';
 COMMENT ON FUNCTION ihub._subscription_deleted() IS

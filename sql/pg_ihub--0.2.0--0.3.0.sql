@@ -644,9 +644,11 @@ $$;
 COMMENT ON FUNCTION ihub._route(ihub.subscription, integer, integer, integer, integer) IS
     'Internal: turns captured row changes into deliveries with JSON payloads, claiming them for the calling worker.';
 
-CREATE OR REPLACE FUNCTION ihub._claim(p_owner integer, p_limit integer, p_default_timeout_ms integer, p_rounds integer)
+DROP FUNCTION ihub._claim(integer, integer, integer, integer);
+CREATE FUNCTION ihub._claim(p_owner integer, p_limit integer, p_default_timeout_ms integer, p_rounds integer)
 RETURNS TABLE (delivery_id bigint, event_id text, method text, url text, headers jsonb, auth jsonb, secrets text[],
-               timeout_ms integer, retry jsonb, body text, test_mode boolean, attempts_used integer)
+               timeout_ms integer, retry jsonb, body text, test_mode boolean, attempts_used integer,
+               oauth2_id bigint, oauth2_version integer, not_sendable text, last_status integer, respond boolean)
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp SET enable_seqscan = off
 AS $$
 DECLARE
@@ -722,12 +724,27 @@ BEGIN
             GROUP BY s.endpoint_id
         )
         SELECT d.id, d.event_id, coalesce(d.method, e.method), ihub._join_url(e.url, d.path),
-               e.headers || coalesce(d.headers, '{}'), c.auth, k.secrets,
-               coalesce(e.timeout_ms, p_default_timeout_ms), e.retry, d.payload::text, d.test_mode,
-               d.attempts - d.budget_start
+               e.headers || coalesce(d.headers, '{}'),
+               -- An OAuth2 credential's current access token, as a bearer token.
+               CASE WHEN o.id IS NULL THEN c.auth
+                    WHEN o.access_token IS NOT NULL AND (o.expires_at IS NULL OR o.expires_at > now())
+                    THEN jsonb_build_object('type', 'bearer', 'token', o.access_token)
+                    ELSE '{"type": "none"}' END,
+               k.secrets, coalesce(e.timeout_ms, p_default_timeout_ms), e.retry, d.payload::text, d.test_mode,
+               d.attempts - d.budget_start, o.id, o.token_version,
+               CASE WHEN o.id IS NOT NULL AND (o.access_token IS NULL OR o.expires_at <= now())
+                    THEN format('OAuth2 credential %s has no valid access token (%s)', o.name,
+                                coalesce(o.last_error, CASE WHEN o.access_token IS NULL THEN 'none issued yet' ELSE 'it expired' END))
+               END,
+               d.last_status, d.on_response IS NOT NULL
         FROM unnest(v_claimed) d
         JOIN ihub.endpoint e ON e.id = d.endpoint_id
         LEFT JOIN ihub.endpoint_credential c ON c.endpoint_id = e.id
+        LEFT JOIN LATERAL (
+            SELECT o.id, o.name, o.token_version, o.expires_at, o.last_error, s.access_token
+            FROM ihub.oauth2 o JOIN ihub.oauth2_secret s ON s.oauth2_id = o.id
+            WHERE c.auth ->> 'type' = 'oauth2' AND o.integration_id = e.integration_id AND o.name = c.auth ->> 'credential'
+        ) o ON true
         LEFT JOIN keys k ON k.endpoint_id = e.id;
 END
 $$;
@@ -814,6 +831,24 @@ BEGIN
                        SELECT 1 FROM ihub.endpoint_secret s WHERE s.endpoint_id = e.id AND (s.expires_at IS NULL OR s.expires_at > now())))
                    THEN 'critical' ELSE 'warning' END;
     message := coalesce('no signing secret valid for another day: ' || v_names, 'every endpoint has a valid signing secret');
+    RETURN NEXT;
+
+    -- OAuth2 access tokens: expired or missing while asking for a new one
+    -- fails is critical; failing while the token still works, or waiting
+    -- for a person to authorize, a warning.
+    SELECT string_agg(format('%s/%s (%s)', i.name, o.name,
+                             CASE WHEN o.failures > 0 THEN 'could not be refreshed: ' || coalesce(o.last_error, '?')
+                                  WHEN s.access_token IS NULL THEN 'not authorized yet'
+                                  ELSE 'expired' END), '; ' ORDER BY i.name, o.name),
+           max(CASE WHEN o.failures > 0 AND (s.access_token IS NULL OR o.expires_at <= now()) THEN 2
+                    WHEN o.expires_at <= now() AND o.refresh_at IS NULL THEN 2
+                    ELSE 1 END)
+    INTO v_names, v_alive
+    FROM ihub.oauth2 o JOIN ihub.oauth2_secret s ON s.oauth2_id = o.id JOIN ihub.integration i ON i.id = o.integration_id
+    WHERE o.failures > 0 OR (s.access_token IS NULL AND o.refresh_at IS NULL) OR o.expires_at <= now() - interval '1 minute';
+    check_name := 'oauth2';
+    status := CASE WHEN v_names IS NULL THEN 'ok' WHEN v_alive = 2 THEN 'critical' ELSE 'warning' END;
+    message := coalesce(v_names, 'every OAuth2 access token is valid or being renewed');
     RETURN NEXT;
 END
 $$;
@@ -1049,6 +1084,7 @@ BEGIN
                 RETURNING j.id, j.fn, j.fn_name, j.args, j.run_as, j.timeout, j.priority, j.run_at, j.integration_id
             )
             SELECT c.id, c.fn, c.fn_name, c.args, c.run_as, c.timeout, p.prorettype, p.proname, n.nspname,
+                   p.proargtypes[0] = 'ihub.http_response'::regtype AS takes_response,
                    (SELECT count(*) FROM next) > (SELECT count(*) FROM picked) AS more,
                    (SELECT i.name FROM ihub.integration i WHERE i.id = c.integration_id) AS integration
             FROM claimed c
@@ -1063,10 +1099,14 @@ BEGIN
             END IF;
             v_found := true;
             id := v.id;
-            call := CASE WHEN v.prorettype = 'void'::regtype
-                         -- Qualified: the statement is parsed with the role's search_path.
-                         THEN format('SELECT NULL::pg_catalog.jsonb FROM %I.%I($1) AS f', v.nspname, v.proname)
-                         ELSE format('SELECT pg_catalog.to_jsonb(%I.%I($1))', v.nspname, v.proname) END;
+            call := format(CASE WHEN v.prorettype = 'void'::regtype
+                                -- Qualified: the statement is parsed with the role's search_path.
+                                THEN 'SELECT NULL::pg_catalog.jsonb FROM %I.%I(%s) AS f'
+                                ELSE 'SELECT pg_catalog.to_jsonb(%I.%I(%s))' END,
+                           v.nspname, v.proname,
+                           -- A response handler's job carries its response as jsonb.
+                           CASE WHEN v.takes_response
+                                THEN 'pg_catalog.jsonb_populate_record(NULL::ihub.http_response, $1)' ELSE '$1' END);
             args := v.args;
             run_as := v.run_as::oid;
             timeout_ms := coalesce((extract(epoch FROM v.timeout) * 1000)::integer, p_default_timeout_ms);
@@ -1901,7 +1941,7 @@ CREATE OR REPLACE FUNCTION ihub._settle(p_owner integer, p_results jsonb) RETURN
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp SET enable_seqscan = off
 AS $$
 DECLARE
-    v_settled bigint;
+    v_settled bigint[];
     v_endpoint record;
     v_ids bigint[] := ARRAY(SELECT (x ->> 'delivery_id')::bigint FROM jsonb_array_elements(p_results) x);
 BEGIN
@@ -1937,7 +1977,7 @@ BEGIN
         SELECT u.id, u.attempts, to_timestamp(r.started_at), r.duration_ms, r.request_headers,
                r.status, r.response_headers, r.response_body, r.error, r.category, p_owner
         FROM updated u JOIN r ON r.delivery_id = u.id
-        RETURNING 1
+        RETURNING delivery_id
     ), outcomes AS (
         SELECT u.endpoint_id, u.id, r.state, r.error, r.duration_ms FROM updated u JOIN r ON r.delivery_id = u.id
     ), counted AS (
@@ -1958,7 +1998,24 @@ BEGIN
             last_error = coalesce(EXCLUDED.last_error, h.last_error),
             last_error_at = coalesce(EXCLUDED.last_error_at, h.last_error_at)
     )
-    SELECT count(*) INTO v_settled FROM recorded;
+    SELECT coalesce(array_agg(delivery_id), '{}') INTO v_settled FROM recorded;
+
+    -- Ended requests with a response handler: a job each.
+    IF p_results @> '[{"respond": true}]' THEN
+        PERFORM ihub._respond(p_results, v_settled);
+    END IF;
+
+    -- A 401 to an OAuth2 access token: a new one is asked for at once (once
+    -- per token, however many deliveries got the 401), and the deliveries
+    -- are due again as soon as it is stored (ihub._oauth2_store).
+    IF p_results @> '[{"oauth2_stale": true}]' THEN
+        UPDATE ihub.oauth2 o SET refresh_at = now()
+        FROM (SELECT DISTINCT x.oauth2_id, x.oauth2_version
+              FROM jsonb_to_recordset(p_results) AS x(oauth2_id bigint, oauth2_version integer, oauth2_stale boolean)
+              WHERE x.oauth2_stale) x
+        WHERE o.id = x.oauth2_id AND o.token_version = x.oauth2_version AND (o.refresh_at IS NULL OR o.refresh_at > now());
+        PERFORM ihub._wake_maintenance();
+    END IF;
 
     -- Failures go to the log, aggregated per endpoint and minute.
     IF p_results @> '[{"state": "retry"}]' OR p_results @> '[{"state": "dead"}]' OR p_results @> '[{"state": "failed"}]' THEN
@@ -1984,7 +2041,7 @@ BEGIN
                               WHERE e.name = v_endpoint.name));
         END LOOP;
     END IF;
-    RETURN v_settled;
+    RETURN cardinality(v_settled);
 END
 $$;
 
@@ -2073,65 +2130,6 @@ $$;
 CREATE TRIGGER subscription_deleted AFTER DELETE ON ihub.subscription
     FOR EACH ROW EXECUTE FUNCTION ihub._subscription_deleted();
 
-CREATE OR REPLACE FUNCTION ihub.http_request(
-    endpoint text,
-    body jsonb,
-    method text DEFAULT NULL,
-    path text DEFAULT NULL,
-    headers jsonb DEFAULT NULL,
-    event_type text DEFAULT 'http_request'
-) RETURNS bigint
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
-AS $$
-DECLARE
-    v_endpoint ihub.endpoint;
-    v_integration ihub.integration;
-    v_id bigint;
-    v_size bigint;
-BEGIN
-    PERFORM ihub._require_workers();
-    LOOP
-        v_endpoint := ihub._endpoint(http_request.endpoint);
-        -- Kept until commit, as a foreign key check would (see
-        -- ihub._endpoint_deleted). An endpoint deleted since it was looked
-        -- up leaves nothing to lock: look the name up again.
-        PERFORM FROM ihub.endpoint e WHERE e.id = v_endpoint.id FOR KEY SHARE;
-        EXIT WHEN FOUND;
-    END LOOP;
-    SELECT * INTO v_integration FROM ihub.integration WHERE id = v_endpoint.integration_id;
-    IF v_integration.state = 'inactive' THEN
-        RAISE EXCEPTION 'integration "%" is inactive', v_integration.name
-            USING ERRCODE = 'object_not_in_prerequisite_state',
-                  HINT = format('Enable it first: SELECT ihub.enable_integration(%L);', v_integration.name);
-    END IF;
-    IF body IS NULL THEN
-        RAISE EXCEPTION 'body must not be NULL' USING ERRCODE = 'null_value_not_allowed', HINT = 'Pass ''{}'' for an empty object.';
-    END IF;
-    v_size := octet_length(body::text);
-    IF v_size > pg_size_bytes(current_setting('ihub.max_body_size')) THEN
-        RAISE EXCEPTION 'body is % bytes, more than ihub.max_body_size (%)', v_size, current_setting('ihub.max_body_size')
-            USING ERRCODE = 'program_limit_exceeded', HINT = 'Send less, or raise ihub.max_body_size.';
-    END IF;
-    IF http_request.method IS NOT NULL AND upper(http_request.method) NOT IN ('GET', 'POST', 'PUT', 'PATCH', 'DELETE') THEN
-        RAISE EXCEPTION 'unsupported HTTP method "%"', http_request.method
-            USING ERRCODE = 'invalid_parameter_value', HINT = 'Use GET, POST, PUT, PATCH or DELETE.';
-    END IF;
-    IF http_request.path IS NOT NULL AND http_request.path !~ '^[/?][^[:space:]#]*$' THEN
-        RAISE EXCEPTION 'invalid path "%"', http_request.path
-            USING ERRCODE = 'invalid_parameter_value', HINT = 'A path is appended to the endpoint URL; start it with / or ? and leave out spaces.';
-    END IF;
-    IF http_request.headers IS NOT NULL THEN
-        PERFORM ihub._check_headers(http_request.headers);
-    END IF;
-    INSERT INTO ihub.delivery (event_id, endpoint_id, event_type, payload, method, path, headers)
-    VALUES ('evt_' || replace(gen_random_uuid()::text, '-', ''), v_endpoint.id, coalesce(event_type, 'http_request'),
-            body, upper(http_request.method), http_request.path, http_request.headers)
-    RETURNING id INTO v_id;
-    PERFORM ihub._wake();
-    RETURN v_id;
-END
-$$;
-
 COMMENT ON FUNCTION ihub._endpoint_deleted() IS
     'Internal: trigger refusing to delete an endpoint that still has deliveries (ihub.delivery has no foreign keys).';
 COMMENT ON FUNCTION ihub._subscription_deleted() IS
@@ -2196,6 +2194,8 @@ BEGIN
     DELETE FROM ihub.delivery d USING ihub.endpoint e WHERE d.endpoint_id = e.id AND e.integration_id = v.id;
     DELETE FROM ihub.endpoint WHERE integration_id = v.id;
     DELETE FROM ihub.mapper WHERE integration_id = v.id;
+    DELETE FROM ihub.binding WHERE integration_id = v.id;
+    DELETE FROM ihub.oauth2 WHERE integration_id = v.id;
     DELETE FROM ihub.integration WHERE id = v.id;
 END
 $$;
@@ -3430,12 +3430,26 @@ CREATE FUNCTION ihub._connection_request(p_endpoint text) RETURNS jsonb
 LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
     SELECT jsonb_build_object(
-        'method', e.method, 'url', e.url, 'headers', e.headers, 'auth', c.auth,
+        'method', e.method, 'url', e.url, 'headers', e.headers,
+        -- An OAuth2 credential's access token, as the claim sends it.
+        'auth', CASE WHEN o.id IS NULL THEN c.auth
+                     WHEN o.access_token IS NOT NULL AND (o.expires_at IS NULL OR o.expires_at > now())
+                     THEN jsonb_build_object('type', 'bearer', 'token', o.access_token)
+                     ELSE '{"type": "none"}' END,
+        'not_sendable', CASE WHEN o.id IS NOT NULL AND (o.access_token IS NULL OR o.expires_at <= now())
+                             THEN format('OAuth2 credential %s has no valid access token (%s)', o.name,
+                                         coalesce(o.last_error, CASE WHEN o.access_token IS NULL THEN 'none issued yet' ELSE 'it expired' END))
+                        END,
         'timeout_ms', coalesce(e.timeout_ms, ihub._default_timeout_ms()), 'enabled', e.enabled,
         'secrets', (SELECT coalesce(jsonb_agg(s.secret ORDER BY s.id DESC), '[]') FROM ihub.endpoint_secret s
                     WHERE s.endpoint_id = e.id AND (s.expires_at IS NULL OR s.expires_at > now())))
     FROM (SELECT (ihub._endpoint(p_endpoint)).*) e
     LEFT JOIN ihub.endpoint_credential c ON c.endpoint_id = e.id
+    LEFT JOIN LATERAL (
+        SELECT o.id, o.name, o.expires_at, o.last_error, s.access_token
+        FROM ihub.oauth2 o JOIN ihub.oauth2_secret s ON s.oauth2_id = o.id
+        WHERE c.auth ->> 'type' = 'oauth2' AND o.integration_id = e.integration_id AND o.name = c.auth ->> 'credential'
+    ) o ON true
 $$;
 
 CREATE FUNCTION ihub.test_connection("endpoint" text) RETURNS jsonb
@@ -3448,6 +3462,859 @@ COMMENT ON FUNCTION ihub._connection_request(text) IS
     'Internal (ihub.test_connection): an endpoint''s method, URL, headers, credentials and live secrets, as a claim gives them.';
 REVOKE ALL ON FUNCTION ihub.test_connection(text) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION ihub.test_connection(text) TO ihub_developer;
+
+-------------------------------------------------------------------------------
+-- Responses in SQL, and OAuth2 (issue 12): sql/outbound.sql, sql/oauth2.sql
+-------------------------------------------------------------------------------
+
+ALTER TABLE ihub.delivery ADD COLUMN on_response regprocedure, ADD COLUMN response_context jsonb,
+    ADD COLUMN requested_by regrole;
+
+CREATE OR REPLACE FUNCTION ihub._join_url(
+	"p_url" TEXT, /* & str */
+	"p_path" TEXT /* Option < & str > */
+) RETURNS TEXT /* String */
+IMMUTABLE PARALLEL SAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'join_url_wrapper';
+CREATE FUNCTION ihub."_with_query"(
+	"path" TEXT, /* Option < & str > */
+	"query" jsonb /* JsonB */
+) RETURNS TEXT /* Option < String > */
+IMMUTABLE PARALLEL SAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'with_query_wrapper';
+CREATE FUNCTION ihub."_oauth2_new_state"() RETURNS TEXT /* String */
+STRICT VOLATILE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'new_state_wrapper';
+CREATE FUNCTION ihub."_oauth2_authorize_link"(
+	"authorize_url" TEXT, /* & str */
+	"client_id" TEXT, /* & str */
+	"redirect_uri" TEXT, /* & str */
+	"scope" TEXT, /* Option < & str > */
+	"state" TEXT /* & str */
+) RETURNS TEXT /* String */
+IMMUTABLE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'authorize_link_wrapper';
+CREATE FUNCTION ihub."_wake_maintenance"() RETURNS void
+STRICT VOLATILE PARALLEL UNSAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'wake_maintenance_wrapper';
+
+-- What a response handler (ihub.http_request(..., on_response => ...))
+-- gets when its request ends: delivered (state done), failed, or dead after
+-- its last retry.
+CREATE TYPE ihub.http_response AS (
+    delivery_id bigint,
+    state       text,
+    status      integer,
+    headers     jsonb,
+    body        text,
+    -- The body as JSON, NULL when it is not JSON.
+    body_json   jsonb,
+    context     jsonb,
+    attempts    integer,
+    error       text
+);
+
+-- A function that can handle responses: one ihub.http_response argument,
+-- one result or void, executable by the role the job runs as.
+CREATE FUNCTION ihub._check_response_function(p_fn regprocedure, p_role name) RETURNS void
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v pg_proc;
+BEGIN
+    SELECT * INTO v FROM pg_proc WHERE oid = p_fn;
+    IF v.prokind <> 'f' OR v.pronargs <> 1 OR v.proargtypes[0] <> 'ihub.http_response'::regtype OR v.proretset THEN
+        RAISE EXCEPTION 'function % cannot handle responses', p_fn
+            USING ERRCODE = 'invalid_function_definition',
+                  HINT = 'A response handler takes one ihub.http_response argument, e.g. CREATE FUNCTION import_page(r ihub.http_response) RETURNS void.';
+    END IF;
+    IF NOT has_function_privilege(p_role, p_fn, 'EXECUTE') THEN
+        RAISE EXCEPTION 'role % may not execute %', p_role, p_fn
+            USING ERRCODE = 'insufficient_privilege',
+                  HINT = 'The handler runs as a job of the role that made the request; grant it EXECUTE on the function.';
+    END IF;
+END
+$$;
+
+CREATE FUNCTION ihub._http_request_by(
+    endpoint text,
+    body jsonb DEFAULT NULL,
+    method text DEFAULT NULL,
+    path text DEFAULT NULL,
+    headers jsonb DEFAULT NULL,
+    event_type text DEFAULT 'http_request',
+    query jsonb DEFAULT NULL,
+    on_response regprocedure DEFAULT NULL,
+    context jsonb DEFAULT NULL,
+    p_caller regrole DEFAULT NULL
+) RETURNS bigint
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_endpoint ihub.endpoint;
+    v_integration ihub.integration;
+    v_method text := upper(_http_request_by.method);
+    v_path text := _http_request_by.path;
+    v_id bigint;
+    v_size bigint;
+BEGIN
+    PERFORM ihub._require_workers();
+    LOOP
+        v_endpoint := ihub._endpoint(_http_request_by.endpoint);
+        -- Kept until commit, as a foreign key check would (see
+        -- ihub._endpoint_deleted). An endpoint deleted since it was looked
+        -- up leaves nothing to lock: look the name up again.
+        PERFORM FROM ihub.endpoint e WHERE e.id = v_endpoint.id FOR KEY SHARE;
+        EXIT WHEN FOUND;
+    END LOOP;
+    SELECT * INTO v_integration FROM ihub.integration WHERE id = v_endpoint.integration_id;
+    IF v_integration.state = 'inactive' THEN
+        RAISE EXCEPTION 'integration "%" is inactive', v_integration.name
+            USING ERRCODE = 'object_not_in_prerequisite_state',
+                  HINT = format('Enable it first: SELECT ihub.enable_integration(%L);', v_integration.name);
+    END IF;
+    IF v_method IS NOT NULL AND v_method NOT IN ('GET', 'POST', 'PUT', 'PATCH', 'DELETE') THEN
+        RAISE EXCEPTION 'unsupported HTTP method "%"', _http_request_by.method
+            USING ERRCODE = 'invalid_parameter_value', HINT = 'Use GET, POST, PUT, PATCH or DELETE.';
+    END IF;
+    -- A GET sends no body, so it needs none.
+    IF body IS NULL AND coalesce(v_method, v_endpoint.method) <> 'GET' THEN
+        RAISE EXCEPTION 'body must not be NULL' USING ERRCODE = 'null_value_not_allowed',
+            HINT = 'Pass ''{}'' for an empty object; only a GET goes without a body.';
+    END IF;
+    v_size := octet_length(coalesce(body, '{}')::text) + coalesce(octet_length(context::text), 0);
+    IF v_size > pg_size_bytes(current_setting('ihub.max_body_size')) THEN
+        RAISE EXCEPTION 'body and context are % bytes, more than ihub.max_body_size (%)', v_size, current_setting('ihub.max_body_size')
+            USING ERRCODE = 'program_limit_exceeded', HINT = 'Send less, or raise ihub.max_body_size.';
+    END IF;
+    IF v_path IS NOT NULL AND v_path !~ '^[/?&][^[:space:]#]*$' THEN
+        RAISE EXCEPTION 'invalid path "%"', v_path
+            USING ERRCODE = 'invalid_parameter_value', HINT = 'A path is appended to the endpoint URL; start it with / or ? and leave out spaces.';
+    END IF;
+    IF query IS NOT NULL THEN
+        v_path := ihub._with_query(v_path, query);
+    END IF;
+    IF _http_request_by.headers IS NOT NULL THEN
+        PERFORM ihub._check_headers(_http_request_by.headers);
+    END IF;
+    IF on_response IS NOT NULL THEN
+        PERFORM ihub._check_response_function(on_response, pg_get_userbyid(p_caller));
+    ELSIF context IS NOT NULL THEN
+        RAISE EXCEPTION 'context is for a response handler' USING ERRCODE = 'invalid_parameter_value',
+            HINT = 'Pass on_response => ''my_handler(ihub.http_response)''::regprocedure too: the handler gets the context.';
+    END IF;
+    INSERT INTO ihub.delivery (event_id, endpoint_id, event_type, payload, method, path, headers,
+                               on_response, response_context, requested_by)
+    VALUES ('evt_' || replace(gen_random_uuid()::text, '-', ''), v_endpoint.id, coalesce(event_type, 'http_request'),
+            coalesce(body, '{}'), v_method, v_path, _http_request_by.headers,
+            on_response, CASE WHEN on_response IS NOT NULL THEN context END,
+            CASE WHEN on_response IS NOT NULL THEN p_caller END)
+    RETURNING id INTO v_id;
+    PERFORM ihub._wake();
+    RETURN v_id;
+END
+$$;
+
+-- A C entry point now, with new arguments.
+DROP FUNCTION ihub.http_request(text, jsonb, text, text, jsonb, text);
+-- A C entry point (src/caller.rs): the response handler runs as the role
+-- that called it, never as the owner of a SECURITY DEFINER function in
+-- between, and the caller cannot be forged.
+CREATE FUNCTION ihub.http_request(
+    endpoint text,
+    body jsonb DEFAULT NULL,
+    method text DEFAULT NULL,
+    path text DEFAULT NULL,
+    headers jsonb DEFAULT NULL,
+    event_type text DEFAULT 'http_request',
+    query jsonb DEFAULT NULL,
+    on_response regprocedure DEFAULT NULL,
+    context jsonb DEFAULT NULL
+) RETURNS bigint
+LANGUAGE c VOLATILE AS 'MODULE_PATHNAME', 'ihub_for_caller';
+
+-- Called by ihub._settle for the deliveries of a batch it settled that have
+-- a response handler and ended: one job each, of the role that made the
+-- request, marked as syncing the endpoint's integration, with the response
+-- (as ihub.http_response, in jsonb) for its argument. In the settle's
+-- transaction: a response is handed over once, or not at all.
+CREATE FUNCTION ihub._respond(p_results jsonb, p_settled bigint[]) RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v record;
+BEGIN
+    FOR v IN
+        SELECT r.delivery_id, r.state, r.status, r.error, r.response_headers, r.response, d.on_response, d.response_context,
+               d.requested_by, d.attempts, e.integration_id
+        FROM jsonb_to_recordset(p_results) AS r(delivery_id bigint, state text, status integer, error text,
+                                                response_headers jsonb, response jsonb, respond boolean)
+        JOIN ihub.delivery d ON d.id = r.delivery_id
+        JOIN ihub.endpoint e ON e.id = d.endpoint_id
+        WHERE r.respond AND r.state IN ('done', 'failed', 'dead') AND r.delivery_id = ANY (p_settled)
+          AND d.on_response IS NOT NULL
+    LOOP
+        PERFORM ihub._enqueue(v.on_response,
+                              jsonb_build_object('delivery_id', v.delivery_id, 'state', v.state, 'status', v.status,
+                                                 'headers', v.response_headers, 'body', v.response -> 'body',
+                                                 'body_json', v.response -> 'json', 'context', v.response_context,
+                                                 'attempts', v.attempts,
+                                                 'error', coalesce(v.error, v.response ->> 'problem')),
+                              10, now(), 5, NULL, v.integration_id, NULL, NULL, v.requested_by);
+    END LOOP;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION ihub.create_endpoint(
+    integration text,
+    name text,
+    url text,
+    method text DEFAULT 'POST',
+    headers jsonb DEFAULT '{}',
+    auth jsonb DEFAULT NULL,
+    secret text DEFAULT NULL,
+    timeout_ms integer DEFAULT NULL,
+    retry jsonb DEFAULT NULL
+) RETURNS bigint
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_integration bigint := ihub._integration_id(create_endpoint.integration);
+    v_method text := upper(coalesce(create_endpoint.method, 'POST'));
+    v_auth jsonb := ihub._normalize_auth(create_endpoint.auth);
+    v_id bigint;
+BEGIN
+    PERFORM ihub._check_name('endpoint', create_endpoint.name);
+    IF EXISTS (SELECT 1 FROM ihub.endpoint e WHERE e.name = create_endpoint.name) THEN
+        RAISE EXCEPTION 'endpoint "%" already exists', create_endpoint.name
+            USING ERRCODE = 'duplicate_object', HINT = 'Endpoint names are unique across integrations; choose another.';
+    END IF;
+    IF v_method NOT IN ('GET', 'POST', 'PUT', 'PATCH', 'DELETE') THEN
+        RAISE EXCEPTION 'unsupported HTTP method "%"', create_endpoint.method
+            USING ERRCODE = 'invalid_parameter_value', HINT = 'Use GET, POST, PUT, PATCH or DELETE.';
+    END IF;
+    IF create_endpoint.timeout_ms IS NOT NULL AND create_endpoint.timeout_ms NOT BETWEEN 1 AND 300000 THEN
+        RAISE EXCEPTION 'timeout_ms must be between 1 and 300000, got %', create_endpoint.timeout_ms
+            USING ERRCODE = 'invalid_parameter_value', HINT = 'Pass NULL to use ihub.default_timeout.';
+    END IF;
+    PERFORM ihub._check_headers(coalesce(create_endpoint.headers, '{}'));
+    IF v_auth ->> 'type' = 'oauth2' AND NOT EXISTS (
+        SELECT 1 FROM ihub.oauth2 o WHERE o.integration_id = v_integration AND o.name = v_auth ->> 'credential') THEN
+        RAISE EXCEPTION 'OAuth2 credential "%" of integration "%" does not exist', v_auth ->> 'credential', create_endpoint.integration
+            USING ERRCODE = 'undefined_object',
+                  HINT = 'Create it first with ihub.create_oauth2(integration, name, token_url, client_id, client_secret, ...).';
+    END IF;
+    IF create_endpoint.secret IS NOT NULL THEN
+        PERFORM ihub._check_secret(create_endpoint.secret);
+    END IF;
+
+    INSERT INTO ihub.endpoint (integration_id, name, url, method, headers, auth_type, timeout_ms, retry)
+    VALUES (v_integration, create_endpoint.name, ihub._check_url(create_endpoint.url), v_method,
+            coalesce(create_endpoint.headers, '{}'), v_auth ->> 'type', create_endpoint.timeout_ms,
+            ihub._normalize_retry(create_endpoint.retry))
+    RETURNING id INTO v_id;
+    IF v_auth ->> 'type' <> 'none' THEN
+        INSERT INTO ihub.endpoint_credential (endpoint_id, auth) VALUES (v_id, v_auth);
+    END IF;
+    INSERT INTO ihub.endpoint_secret (endpoint_id, secret)
+    VALUES (v_id, coalesce(create_endpoint.secret, ihub._generate_secret()));
+    RETURN v_id;
+END
+$$;
+
+CREATE TABLE ihub.oauth2 (
+    id             bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    integration_id bigint NOT NULL REFERENCES ihub.integration (id),
+    name           text NOT NULL,
+    grant_type     text NOT NULL CHECK (grant_type IN ('refresh_token', 'client_credentials')),
+    token_url      text NOT NULL,
+    -- Where a person authorizes the client (the authorization-code flow).
+    authorize_url  text,
+    client_id      text NOT NULL CHECK (client_id <> ''),
+    scope          text,
+    client_auth    text NOT NULL DEFAULT 'post' CHECK (client_auth IN ('post', 'basic')),
+    -- When the access token expires, if the provider said.
+    expires_at     timestamptz,
+    -- When the maintenance worker asks for a new access token next. NULL:
+    -- nothing to ask with yet (no refresh token), or no expiry to beat.
+    refresh_at     timestamptz,
+    refreshed_at   timestamptz,
+    -- Counts access tokens: a 401 asks for a new one only when it answered
+    -- the current one, so that many 401s to one token make one refresh.
+    token_version  integer NOT NULL DEFAULT 0,
+    -- Failed token requests in a row, and the last one's error.
+    failures       integer NOT NULL DEFAULT 0,
+    last_error     text,
+    last_error_at  timestamptz,
+    created_at     timestamptz NOT NULL DEFAULT now(),
+    CONSTRAINT oauth2_name UNIQUE (integration_id, name)
+);
+CREATE INDEX oauth2_refresh_idx ON ihub.oauth2 (refresh_at) WHERE refresh_at IS NOT NULL;
+COMMENT ON TABLE ihub.oauth2 IS
+    'OAuth2 credentials of integrations: token endpoint, client, grant and the state of the access token. Secrets are in ihub.oauth2_secret.';
+
+CREATE TABLE ihub.oauth2_secret (
+    oauth2_id        bigint PRIMARY KEY REFERENCES ihub.oauth2 (id) ON DELETE CASCADE,
+    client_secret    text NOT NULL,
+    refresh_token    text,
+    access_token     text,
+    -- An authorization under way (ihub.oauth2_authorize_url): the SHA-256
+    -- of its state, until when it may come back, and the redirect URI the
+    -- code must be exchanged with.
+    state_hash       bytea,
+    state_expires_at timestamptz,
+    redirect_uri     text
+);
+COMMENT ON TABLE ihub.oauth2_secret IS
+    'Secrets of OAuth2 credentials: client secret, refresh and access tokens, the state of an authorization under way. ihub_admin only.';
+
+SELECT pg_catalog.pg_extension_config_dump('ihub.oauth2', '');
+SELECT pg_catalog.pg_extension_config_dump('ihub.oauth2_id_seq', '');
+SELECT pg_catalog.pg_extension_config_dump('ihub.oauth2_secret', '');
+
+-------------------------------------------------------------------------------
+-- Configuring
+-------------------------------------------------------------------------------
+
+CREATE FUNCTION ihub._oauth2(p_integration text, p_name text) RETURNS ihub.oauth2
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v ihub.oauth2;
+BEGIN
+    SELECT * INTO v FROM ihub.oauth2 o
+    WHERE o.integration_id = ihub._integration_id(p_integration) AND o.name = p_name;
+    IF v.id IS NULL THEN
+        RAISE EXCEPTION 'OAuth2 credential "%" of integration "%" does not exist', p_name, p_integration
+            USING ERRCODE = 'undefined_object', HINT = 'List them in ihub.oauth2_credentials; create one with ihub.create_oauth2.';
+    END IF;
+    RETURN v;
+END
+$$;
+
+CREATE FUNCTION ihub.create_oauth2(
+    integration text,
+    name text,
+    token_url text,
+    client_id text,
+    client_secret text,
+    refresh_token text DEFAULT NULL,
+    scope text DEFAULT NULL,
+    "grant" text DEFAULT 'refresh_token',
+    authorize_url text DEFAULT NULL,
+    client_auth text DEFAULT 'post'
+) RETURNS bigint
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_integration bigint := ihub._integration_id(create_oauth2.integration);
+    v_id bigint;
+BEGIN
+    PERFORM ihub._check_name('OAuth2 credential', create_oauth2.name);
+    IF EXISTS (SELECT 1 FROM ihub.oauth2 o WHERE o.integration_id = v_integration AND o.name = create_oauth2.name) THEN
+        RAISE EXCEPTION 'OAuth2 credential "%" of integration "%" already exists', create_oauth2.name, create_oauth2.integration
+            USING ERRCODE = 'duplicate_object', HINT = 'Choose another name, or ihub.drop_oauth2 it first.';
+    END IF;
+    IF create_oauth2."grant" IS NULL OR create_oauth2."grant" NOT IN ('refresh_token', 'client_credentials') THEN
+        RAISE EXCEPTION 'unsupported OAuth2 grant "%"', create_oauth2."grant"
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'Use ''refresh_token'' (with a refresh token, or authorized by a person through ihub.oauth2_authorize_url) or ''client_credentials''.';
+    END IF;
+    IF create_oauth2.client_auth IS NULL OR create_oauth2.client_auth NOT IN ('post', 'basic') THEN
+        RAISE EXCEPTION 'unsupported client authentication "%"', create_oauth2.client_auth
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = '''post'' sends client_id and client_secret in the form, ''basic'' as HTTP Basic credentials.';
+    END IF;
+    IF coalesce(create_oauth2.client_id, '') = '' OR coalesce(create_oauth2.client_secret, '') = '' THEN
+        RAISE EXCEPTION 'client_id and client_secret must not be empty'
+            USING ERRCODE = 'invalid_parameter_value', HINT = 'They are what the provider issued when the client was registered.';
+    END IF;
+    IF create_oauth2.refresh_token = '' THEN
+        RAISE EXCEPTION 'refresh_token must not be empty' USING ERRCODE = 'invalid_parameter_value',
+            HINT = 'Pass NULL to have a person authorize the client through ihub.oauth2_authorize_url.';
+    END IF;
+    IF create_oauth2."grant" = 'client_credentials' AND create_oauth2.refresh_token IS NOT NULL THEN
+        RAISE EXCEPTION 'the client_credentials grant takes no refresh token' USING ERRCODE = 'invalid_parameter_value',
+            HINT = 'Leave refresh_token out, or use the refresh_token grant.';
+    END IF;
+    IF create_oauth2.authorize_url IS NOT NULL AND create_oauth2.authorize_url !~ '^https?://[^[:space:]]+$' THEN
+        RAISE EXCEPTION 'authorize_url must be an http or https URL' USING ERRCODE = 'invalid_parameter_value',
+            HINT = 'The provider''s authorization endpoint, e.g. https://accounts.example.com/oauth/v2/auth.';
+    END IF;
+
+    INSERT INTO ihub.oauth2 (integration_id, name, grant_type, token_url, authorize_url, client_id, scope, client_auth,
+                             refresh_at)
+    VALUES (v_integration, create_oauth2.name, create_oauth2."grant", ihub._check_url(create_oauth2.token_url),
+            create_oauth2.authorize_url, create_oauth2.client_id, nullif(create_oauth2.scope, ''), create_oauth2.client_auth,
+            -- Something to ask with: the first access token at once.
+            CASE WHEN create_oauth2."grant" = 'client_credentials' OR create_oauth2.refresh_token IS NOT NULL THEN now() END)
+    RETURNING id INTO v_id;
+    INSERT INTO ihub.oauth2_secret (oauth2_id, client_secret, refresh_token)
+    VALUES (v_id, create_oauth2.client_secret, create_oauth2.refresh_token);
+    PERFORM ihub._wake_maintenance();
+    RETURN v_id;
+END
+$$;
+
+CREATE FUNCTION ihub.drop_oauth2(integration text, name text) RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v ihub.oauth2 := ihub._oauth2(drop_oauth2.integration, drop_oauth2.name);
+    v_users text;
+BEGIN
+    SELECT string_agg(e.name, ', ' ORDER BY e.name) INTO v_users
+    FROM ihub.endpoint e JOIN ihub.endpoint_credential c ON c.endpoint_id = e.id
+    WHERE e.integration_id = v.integration_id AND c.auth ->> 'type' = 'oauth2' AND c.auth ->> 'credential' = v.name;
+    IF v_users IS NOT NULL THEN
+        RAISE EXCEPTION 'OAuth2 credential "%" is used by endpoint(s) %', v.name, v_users
+            USING ERRCODE = 'dependent_objects_still_exist', HINT = 'Delete those endpoints (or their integration) first.';
+    END IF;
+    DELETE FROM ihub.oauth2 WHERE id = v.id;
+END
+$$;
+
+-- Asks the maintenance worker for a new access token now.
+CREATE FUNCTION ihub.refresh_oauth2(integration text, name text) RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v ihub.oauth2 := ihub._oauth2(refresh_oauth2.integration, refresh_oauth2.name);
+BEGIN
+    IF v.grant_type = 'refresh_token' AND (SELECT s.refresh_token FROM ihub.oauth2_secret s WHERE s.oauth2_id = v.id) IS NULL THEN
+        RAISE EXCEPTION 'OAuth2 credential "%" has no refresh token yet', v.name
+            USING ERRCODE = 'object_not_in_prerequisite_state',
+                  HINT = format('A person authorizes it first: SELECT ihub.oauth2_authorize_url(%L, %L, ''https://<this listener>'');',
+                                refresh_oauth2.integration, v.name);
+    END IF;
+    UPDATE ihub.oauth2 SET refresh_at = now() WHERE id = v.id;
+    PERFORM ihub._wake_maintenance();
+END
+$$;
+
+-- How long an authorization URL may take to come back to the callback.
+CREATE FUNCTION ihub._oauth2_state_lifetime() RETURNS interval
+LANGUAGE sql IMMUTABLE AS $$ SELECT interval '10 minutes' $$;
+
+-- The URL a person opens to authorize the client; the provider then sends
+-- them to <redirect_base>/oauth2/callback/<integration>/<name>, which the
+-- listener serves. A new URL replaces the one before (its state no longer
+-- passes); it must come back within ihub._oauth2_state_lifetime().
+CREATE FUNCTION ihub.oauth2_authorize_url(integration text, name text, redirect_base text) RETURNS text
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v ihub.oauth2 := ihub._oauth2(oauth2_authorize_url.integration, oauth2_authorize_url.name);
+    v_state text := ihub._oauth2_new_state();
+    v_redirect text;
+    v_integration text := (SELECT i.name FROM ihub.integration i WHERE i.id = v.integration_id);
+BEGIN
+    IF v.authorize_url IS NULL THEN
+        RAISE EXCEPTION 'OAuth2 credential "%" has no authorize_url', v.name
+            USING ERRCODE = 'object_not_in_prerequisite_state',
+                  HINT = 'Create it with authorize_url => ''<the provider''''s authorization endpoint>'', or pass a refresh token.';
+    END IF;
+    IF v.grant_type <> 'refresh_token' THEN
+        RAISE EXCEPTION 'OAuth2 credential "%" uses the % grant, which no person authorizes', v.name, v.grant_type
+            USING ERRCODE = 'object_not_in_prerequisite_state', HINT = 'The authorization-code flow is for the refresh_token grant.';
+    END IF;
+    IF redirect_base IS NULL OR redirect_base !~ '^https?://[^/?#[:space:]]+(/[^?#[:space:]]*)?$' THEN
+        RAISE EXCEPTION 'redirect_base must be the listener''s public http or https address, without query'
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'For example ''https://hooks.example.com''; the callback path /oauth2/callback/<integration>/<name> is added.';
+    END IF;
+    v_redirect := rtrim(redirect_base, '/') || '/oauth2/callback/' || v_integration || '/' || v.name;
+    UPDATE ihub.oauth2_secret
+    SET state_hash = sha256(convert_to(v_state, 'UTF8')), state_expires_at = now() + ihub._oauth2_state_lifetime(),
+        redirect_uri = v_redirect
+    WHERE oauth2_id = v.id;
+    RETURN ihub._oauth2_authorize_link(v.authorize_url, v.client_id, v_redirect, v.scope, v_state);
+END
+$$;
+
+-------------------------------------------------------------------------------
+-- The maintenance worker and the listener
+-------------------------------------------------------------------------------
+
+-- Credentials due for a token request, with what asking needs. Each gets
+-- a minute's lease (refresh_at moves on): a worker that dies meanwhile
+-- leaves it to be asked for again then.
+CREATE FUNCTION ihub._oauth2_due(p_limit integer)
+RETURNS TABLE (id bigint, version integer, grant_type text, token_url text, client_id text, client_secret text,
+               refresh_token text, scope text, client_auth text)
+LANGUAGE sql SET search_path = pg_catalog, pg_temp
+AS $$
+    WITH due AS (
+        SELECT o.id FROM ihub.oauth2 o
+        WHERE o.refresh_at <= now()
+        ORDER BY o.refresh_at
+        LIMIT p_limit
+        FOR UPDATE SKIP LOCKED
+    ), leased AS (
+        UPDATE ihub.oauth2 o SET refresh_at = now() + interval '1 minute'
+        FROM due WHERE o.id = due.id
+        RETURNING o.*
+    )
+    SELECT l.id, l.token_version, l.grant_type, l.token_url, l.client_id, s.client_secret, s.refresh_token, l.scope,
+           l.client_auth
+    FROM leased l JOIN ihub.oauth2_secret s ON s.oauth2_id = l.id
+$$;
+
+-- Seconds until the next credential is due, NULL when none is.
+CREATE FUNCTION ihub._oauth2_next_due() RETURNS double precision
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp
+AS $$ SELECT extract(epoch FROM min(refresh_at) - now())::double precision FROM ihub.oauth2 WHERE refresh_at IS NOT NULL $$;
+
+-- Stores what a token endpoint issued: p_tokens has access_token,
+-- expires_in (NULL: no expiry given), refresh_token (NULL: keep the one we
+-- have) and refresh_in (seconds until the next refresh, NULL: none).
+-- Deliveries waiting for a token of this credential (answered 401, or not
+-- sent for want of one) are due at once.
+CREATE FUNCTION ihub._oauth2_store(p_id bigint, p_tokens jsonb) RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp SET enable_seqscan = off
+AS $$
+DECLARE
+    v ihub.oauth2;
+BEGIN
+    UPDATE ihub.oauth2_secret
+    SET access_token = p_tokens ->> 'access_token',
+        refresh_token = coalesce(p_tokens ->> 'refresh_token', refresh_token)
+    WHERE oauth2_id = p_id;
+    UPDATE ihub.oauth2 o
+    SET expires_at = now() + (p_tokens ->> 'expires_in')::double precision * interval '1 second',
+        refresh_at = now() + (p_tokens ->> 'refresh_in')::double precision * interval '1 second',
+        refreshed_at = now(), token_version = o.token_version + 1, failures = 0, last_error = NULL, last_error_at = NULL
+    WHERE o.id = p_id
+    RETURNING * INTO v;
+    IF v.id IS NULL THEN
+        RETURN; -- dropped meanwhile
+    END IF;
+    UPDATE ihub.delivery d SET run_at = now()
+    WHERE d.state IN ('pending', 'retry') AND d.state = 'retry'
+      AND (d.last_status = 401 OR d.last_error LIKE 'not sent: OAuth2 credential%')
+      AND d.endpoint_id IN (SELECT e.id FROM ihub.endpoint e JOIN ihub.endpoint_credential c ON c.endpoint_id = e.id
+                            WHERE e.integration_id = v.integration_id AND c.auth ->> 'type' = 'oauth2'
+                              AND c.auth ->> 'credential' = v.name);
+    IF FOUND THEN
+        PERFORM ihub._wake();
+    END IF;
+END
+$$;
+
+-- A token request failed (the message is scrubbed of secrets already).
+-- The next is asked for after a back-off of 5 s doubling up to 10 minutes;
+-- the first failure in a row is logged as an error, and the health check
+-- reports the credential until a request succeeds again.
+CREATE FUNCTION ihub._oauth2_failed(p_id bigint, p_error text) RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v ihub.oauth2;
+BEGIN
+    UPDATE ihub.oauth2 o
+    SET failures = o.failures + 1, last_error = left(p_error, 1000), last_error_at = now(),
+        refresh_at = now() + least(interval '10 minutes', interval '5 seconds' * power(2, least(o.failures, 10)))
+    WHERE o.id = p_id
+    RETURNING * INTO v;
+    IF v.failures = 1 THEN
+        PERFORM ihub.log('error', format('OAuth2 credential %s could not get an access token (%s)', v.name, p_error),
+                         jsonb_build_object('oauth2', v.name),
+                         (SELECT i.name FROM ihub.integration i WHERE i.id = v.integration_id));
+    END IF;
+END
+$$;
+
+-- The listener's first step for /oauth2/callback/<integration>/<name>: the
+-- state must be the one the last authorization URL carried, unexpired; it
+-- is used up either way. Returns what exchanging the code needs, or
+-- {"error": ...} (then nothing else is in it, and the credential records
+-- why).
+CREATE FUNCTION ihub._oauth2_callback(p_integration text, p_name text, p_state text) RETURNS jsonb
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v ihub.oauth2;
+    v_secret ihub.oauth2_secret;
+    v_problem text;
+BEGIN
+    SELECT o.* INTO v FROM ihub.oauth2 o JOIN ihub.integration i ON i.id = o.integration_id
+    WHERE i.name = p_integration AND o.name = p_name;
+    IF v.id IS NULL THEN
+        RETURN jsonb_build_object('error', 'unknown OAuth2 credential', 'status', 404);
+    END IF;
+    SELECT * INTO v_secret FROM ihub.oauth2_secret s WHERE s.oauth2_id = v.id FOR UPDATE;
+    IF v_secret.state_hash IS NULL THEN
+        v_problem := 'no authorization is under way';
+    ELSIF v_secret.state_expires_at < now() THEN
+        v_problem := 'the authorization took too long: its state expired';
+    ELSIF p_state IS NULL OR sha256(convert_to(p_state, 'UTF8')) <> v_secret.state_hash THEN
+        v_problem := 'the state does not match the last authorization URL';
+    END IF;
+    IF v_problem IS NOT NULL THEN
+        IF v_secret.state_hash IS NOT NULL THEN
+            UPDATE ihub.oauth2_secret SET state_hash = NULL, state_expires_at = NULL WHERE oauth2_id = v.id;
+            UPDATE ihub.oauth2 SET last_error = 'authorization refused: ' || v_problem, last_error_at = now() WHERE id = v.id;
+        END IF;
+        RETURN jsonb_build_object('error', v_problem, 'status', 400);
+    END IF;
+    UPDATE ihub.oauth2_secret SET state_hash = NULL, state_expires_at = NULL WHERE oauth2_id = v.id;
+    RETURN jsonb_build_object('id', v.id, 'token_url', v.token_url, 'client_id', v.client_id,
+                              'client_secret', v_secret.client_secret, 'scope', v.scope, 'client_auth', v.client_auth,
+                              'redirect_uri', v_secret.redirect_uri);
+END
+$$;
+
+-- The provider sent the person back with an error instead of a code
+-- (they declined, say): recorded on the credential, the state used up.
+CREATE FUNCTION ihub._oauth2_declined(p_integration text, p_name text, p_state text, p_error text) RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_id bigint;
+BEGIN
+    SELECT o.id INTO v_id FROM ihub.oauth2 o JOIN ihub.integration i ON i.id = o.integration_id
+    JOIN ihub.oauth2_secret s ON s.oauth2_id = o.id
+    WHERE i.name = p_integration AND o.name = p_name AND s.state_hash = sha256(convert_to(coalesce(p_state, ''), 'UTF8'));
+    IF v_id IS NOT NULL THEN
+        UPDATE ihub.oauth2_secret SET state_hash = NULL, state_expires_at = NULL WHERE oauth2_id = v_id;
+        UPDATE ihub.oauth2 SET last_error = 'authorization refused by the provider: ' || left(p_error, 200), last_error_at = now()
+        WHERE id = v_id;
+    END IF;
+END
+$$;
+
+-------------------------------------------------------------------------------
+-- Views
+-------------------------------------------------------------------------------
+
+CREATE VIEW ihub.oauth2_credentials AS
+SELECT o.id, i.name AS integration, o.name, o.grant_type, ihub._mask_url(o.token_url) AS token_url, o.authorize_url,
+       o.client_id, '********'::text AS client_secret, o.scope, o.client_auth,
+       CASE WHEN o.failures > 0 AND (o.expires_at IS NULL OR o.expires_at <= now()) THEN 'failing'
+            WHEN o.failures > 0 THEN 'refresh failing'
+            WHEN NOT o.has_access_token AND o.refresh_at IS NULL THEN 'not authorized'
+            WHEN NOT o.has_access_token THEN 'waiting for a token'
+            WHEN o.expires_at <= now() THEN 'expired'
+            ELSE 'valid' END AS status,
+       o.has_refresh_token, o.expires_at, o.refreshed_at, o.refresh_at, o.failures, o.last_error, o.last_error_at,
+       (SELECT coalesce(array_agg(e.name ORDER BY e.name), '{}') FROM ihub.endpoint e
+        JOIN ihub.endpoint_credential c ON c.endpoint_id = e.id
+        WHERE e.integration_id = o.integration_id AND c.auth ->> 'type' = 'oauth2' AND c.auth ->> 'credential' = o.name) AS endpoints,
+       o.created_at
+FROM (SELECT o.*, s.access_token IS NOT NULL AS has_access_token, s.refresh_token IS NOT NULL AS has_refresh_token
+      FROM ihub.oauth2 o JOIN ihub.oauth2_secret s ON s.oauth2_id = o.id) o
+JOIN ihub.integration i ON i.id = o.integration_id;
+COMMENT ON VIEW ihub.oauth2_credentials IS
+    'OAuth2 credentials and the state of their access tokens (valid, expired, failing, not authorized...), secrets masked.';
+
+CREATE VIEW ihub.oauth2_secrets AS
+SELECT o.id, i.name AS integration, o.name, s.client_secret, s.refresh_token, s.access_token, o.expires_at
+FROM ihub.oauth2 o JOIN ihub.oauth2_secret s ON s.oauth2_id = o.id JOIN ihub.integration i ON i.id = o.integration_id;
+COMMENT ON VIEW ihub.oauth2_secrets IS 'Secrets of OAuth2 credentials: client secret, refresh and access tokens (ihub_admin only).';
+
+COMMENT ON FUNCTION ihub._oauth2(text, text) IS 'Internal: an OAuth2 credential by integration and name, or an error with a hint.';
+COMMENT ON FUNCTION ihub.create_oauth2(text, text, text, text, text, text, text, text, text, text) IS
+    'Registers an OAuth2 credential (grant refresh_token or client_credentials) that endpoints of the integration use with auth {"type": "oauth2", "credential": name}. Returns its id.';
+COMMENT ON FUNCTION ihub.drop_oauth2(text, text) IS 'Removes an OAuth2 credential no endpoint uses.';
+COMMENT ON FUNCTION ihub.refresh_oauth2(text, text) IS 'Asks the maintenance worker for a new access token of the credential now.';
+COMMENT ON FUNCTION ihub._oauth2_state_lifetime() IS 'Internal: how long an authorization URL may take to come back to the callback.';
+COMMENT ON FUNCTION ihub.oauth2_authorize_url(text, text, text) IS
+    'The URL a person opens to authorize the client (authorization-code flow); the provider sends them back to <redirect_base>/oauth2/callback/<integration>/<name> on the listener.';
+COMMENT ON FUNCTION ihub._oauth2_due(integer) IS 'Internal: credentials due for a token request, leased for a minute (maintenance worker).';
+COMMENT ON FUNCTION ihub._oauth2_next_due() IS 'Internal: seconds until the next credential is due for a token request.';
+COMMENT ON FUNCTION ihub._oauth2_store(bigint, jsonb) IS
+    'Internal: stores issued tokens and makes deliveries that waited for them due.';
+COMMENT ON FUNCTION ihub._oauth2_failed(bigint, text) IS 'Internal: records a failed token request and backs off.';
+COMMENT ON FUNCTION ihub._oauth2_callback(text, text, text) IS
+    'Internal: checks and uses up the state of an authorization callback; returns what exchanging its code needs.';
+COMMENT ON FUNCTION ihub._oauth2_declined(text, text, text, text) IS
+    'Internal: records an authorization the provider reports as refused.';
+
+COMMENT ON FUNCTION ihub.http_request(text, jsonb, text, text, jsonb, text, jsonb, regprocedure, jsonb) IS
+    'Queues a one-off durable request to an endpoint, signed and retried like any delivery: body (none for GET), method, path, query parameters, headers, event type; with on_response, that function runs as a job of the caller with the response (ihub.http_response) and the context once the request ends. Returns the delivery id.';
+COMMENT ON TYPE ihub.http_response IS
+    'What a response handler gets: delivery, state (done, failed, dead), HTTP status, headers, body as text and as JSON, the request''s context, attempts and error.';
+COMMENT ON FUNCTION ihub._check_response_function(regprocedure, name) IS
+    'Internal: checks that a function takes one ihub.http_response and that the role may execute it.';
+COMMENT ON FUNCTION ihub._respond(jsonb, bigint[]) IS
+    'Internal (dispatcher): queues the response handler jobs of the ended requests of a settled batch.';
+COMMENT ON FUNCTION ihub.create_endpoint(text, text, text, text, jsonb, jsonb, text, integer, jsonb) IS
+    'Adds an HTTP endpoint to an integration: URL, method, headers, auth (none/basic/bearer/api_key/oauth2), whsec_ signing secret (generated when NULL), timeout and retry policy. Returns its id.';
+COMMENT ON FUNCTION ihub._join_url(text, text) IS
+    'Internal: an endpoint URL with a request path appended, before the URL''s own query string.';
+COMMENT ON FUNCTION ihub._with_query(text, jsonb) IS 'Internal: a request path with the parameters of a query object added.';
+COMMENT ON FUNCTION ihub._oauth2_new_state() IS 'Internal: a random state for an OAuth2 authorization URL.';
+COMMENT ON FUNCTION ihub._oauth2_authorize_link(text, text, text, text, text) IS
+    'Internal: an OAuth2 authorization URL with client, redirect URI, scope and state.';
+COMMENT ON FUNCTION ihub._wake_maintenance() IS 'Internal: wakes the maintenance worker when the current transaction commits.';
+COMMENT ON FUNCTION ihub._claim(integer, integer, integer, integer) IS
+    'Internal (dispatcher): routes captured changes and claims due deliveries with FOR UPDATE SKIP LOCKED and a lease.';
+COMMENT ON FUNCTION ihub.health() IS
+    'One row per check (workers, queues, endpoints, schedules, credentials, OAuth2 tokens) with status ok, warning or critical and a message.';
+COMMENT ON FUNCTION ihub._http_request_by(text, jsonb, text, text, jsonb, text, jsonb, regprocedure, jsonb, regrole) IS
+    'Internal: ihub.http_request for the role passed last, the caller its LANGUAGE c entry point saw (src/caller.rs).';
+
+GRANT SELECT ON ihub.oauth2_credentials TO ihub_viewer;
+GRANT SELECT ON ihub.oauth2_secrets TO ihub_admin;
+REVOKE ALL ON ihub.oauth2, ihub.oauth2_secret FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION
+    ihub.http_request(text, jsonb, text, text, jsonb, text, jsonb, regprocedure, jsonb),
+    ihub.create_oauth2(text, text, text, text, text, text, text, text, text, text),
+    ihub.drop_oauth2(text, text),
+    ihub.refresh_oauth2(text, text),
+    ihub.oauth2_authorize_url(text, text, text)
+TO ihub_developer;
+
+-------------------------------------------------------------------------------
+-- Security (issue 12 review): inbound bodies are parsed with a fixed search
+-- path; pg_cron is recognised as the extension, not a schema named cron.
+-------------------------------------------------------------------------------
+
+-- The body as jsonb, or NULL when it is not JSON.
+CREATE OR REPLACE FUNCTION ihub._try_jsonb(p_body bytea) RETURNS jsonb
+LANGUAGE plpgsql IMMUTABLE PARALLEL SAFE SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    RETURN convert_from(p_body, 'UTF8')::jsonb;
+EXCEPTION WHEN OTHERS THEN
+    RETURN NULL;
+END
+$$;
+
+-- A table of pg_cron's (job, job_run_details), if pg_cron is installed in
+-- this database: the relation must belong to the pg_cron extension. A
+-- schema named cron that a role made itself, with a view cron.job calling
+-- its own functions, is not pg_cron: pg_ihub reads it as the superuser.
+CREATE FUNCTION ihub._pg_cron_table(p_name text) RETURNS regclass
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT c.oid::regclass FROM pg_class c
+    JOIN pg_namespace n ON n.oid = c.relnamespace AND n.nspname = 'cron'
+    JOIN pg_depend d ON d.classid = 'pg_class'::regclass AND d.objid = c.oid AND d.deptype = 'e'
+    JOIN pg_extension e ON e.oid = d.refobjid AND e.extname = 'pg_cron'
+    WHERE c.relname = p_name AND c.relkind = 'r'
+$$;
+
+-- pg_cron's schedule of a job, and whether it is active; NULL when the job
+-- or pg_cron is gone.
+CREATE OR REPLACE FUNCTION ihub._pg_cron_job(p_jobname text, OUT jobid bigint, OUT schedule text, OUT active boolean)
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF ihub._pg_cron_table('job') IS NULL THEN
+        RETURN;
+    END IF;
+    EXECUTE 'SELECT jobid, schedule, active FROM cron.job WHERE jobname = $1 ORDER BY jobid LIMIT 1'
+        INTO jobid, schedule, active USING p_jobname;
+END
+$$;
+
+-- When the watched action should last have started, if that was more than
+-- the grace period ago and after watching began; and whether it did.
+CREATE OR REPLACE FUNCTION ihub._cronwatch_problem(w ihub.watcher) RETURNS text
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    s ihub.schedule;
+    c record;
+    v_due timestamptz;
+    v_started timestamptz;
+BEGIN
+    IF w.target LIKE 'cron:%' THEN
+        c := ihub._pg_cron_job(substr(w.target, 6));
+        IF c.jobid IS NULL THEN
+            RETURN 'deleted';
+        ELSIF NOT c.active THEN
+            RETURN 'deactivated';
+        END IF;
+        IF c.schedule ~ '^\s*[0-9]+\s+seconds?\s*$' THEN
+            v_due := now() - w.grace - make_interval(secs => substring(c.schedule FROM '[0-9]+')::int);
+        ELSE
+            BEGIN
+                v_due := ihub._cron_prev(c.schedule, now() - w.grace);
+            EXCEPTION WHEN OTHERS THEN
+                RETURN NULL; -- a pg_cron schedule syntax we do not read: deletion and deactivation only
+            END;
+        END IF;
+        IF v_due IS NULL OR v_due < w.created_at OR ihub._pg_cron_table('job_run_details') IS NULL THEN
+            RETURN NULL;
+        END IF;
+        EXECUTE 'SELECT max(start_time) FROM cron.job_run_details WHERE jobid = $1' INTO v_started USING c.jobid;
+        IF v_started IS NULL OR v_started < v_due - interval '1 second' THEN
+            RETURN format('missed its run due at %s', v_due);
+        END IF;
+        RETURN NULL;
+    END IF;
+
+    IF w.schedule_id IS NULL THEN
+        RETURN 'deleted';
+    END IF;
+    SELECT * INTO s FROM ihub.schedule WHERE id = w.schedule_id;
+    IF NOT s.active THEN
+        RETURN 'deactivated';
+    END IF;
+    -- Not queued in time (scheduler down or stuck) ...
+    IF s.next_run_at + w.grace < now() AND s.next_run_at >= w.created_at THEN
+        RETURN format('missed its run due at %s', s.next_run_at);
+    END IF;
+    -- ... or queued but not started in time (no free job worker, workers down).
+    SELECT min(j.run_at) INTO v_due FROM ihub.job j
+    WHERE j.schedule_id = s.id AND j.state IN ('pending', 'retry') AND j.run_at + w.grace < now() AND j.run_at >= w.created_at;
+    IF v_due IS NOT NULL THEN
+        RETURN format('its run due at %s has not started', v_due);
+    END IF;
+    RETURN NULL;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION ihub.watch(schedule text, notify_endpoint text DEFAULT NULL, channel text DEFAULT 'ihub_cronwatch',
+                           grace interval DEFAULT '5 minutes')
+RETURNS bigint
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_schedule bigint;
+    v_id bigint;
+BEGIN
+    PERFORM ihub._require_workers();
+    IF schedule LIKE 'cron:%' THEN
+        IF ihub._pg_cron_table('job') IS NULL THEN
+            RAISE EXCEPTION 'pg_cron is not installed in this database'
+                USING ERRCODE = 'undefined_object', HINT = 'CREATE EXTENSION pg_cron, or watch one of pg_ihub''s scheduled actions by name.';
+        ELSIF (ihub._pg_cron_job(substr(schedule, 6))).jobid IS NULL THEN
+            RAISE EXCEPTION 'pg_cron has no job named "%"', substr(schedule, 6)
+                USING ERRCODE = 'undefined_object', HINT = 'See SELECT jobname FROM cron.job.';
+        END IF;
+    ELSE
+        v_schedule := (ihub._schedule_row(watch.schedule)).id;
+    END IF;
+    IF channel IS NULL OR channel = '' OR octet_length(channel) > 63 THEN
+        RAISE EXCEPTION 'invalid channel name "%"', channel
+            USING ERRCODE = 'invalid_name', HINT = 'A NOTIFY channel name has 1 to 63 bytes.';
+    END IF;
+    IF grace IS NULL OR grace < interval '0' THEN
+        RAISE EXCEPTION 'grace must be a non-negative interval' USING ERRCODE = 'invalid_parameter_value', HINT = 'For example ''5 minutes''.';
+    END IF;
+    IF EXISTS (SELECT 1 FROM ihub.watcher c WHERE c.target = watch.schedule) THEN
+        RAISE EXCEPTION '% is already watched', schedule
+            USING ERRCODE = 'duplicate_object', HINT = 'Remove the watcher with ihub.unwatch first to change it.';
+    END IF;
+    INSERT INTO ihub.watcher (target, schedule_id, notify_endpoint_id, channel, grace)
+    VALUES (schedule, v_schedule,
+            CASE WHEN notify_endpoint IS NOT NULL THEN (ihub._endpoint(notify_endpoint)).id END,
+            channel, grace)
+    RETURNING id INTO v_id;
+    PERFORM ihub._wake_scheduler();
+    RETURN v_id;
+END
+$$;
+
+COMMENT ON FUNCTION ihub._pg_cron_table(text) IS 'Internal: a table of the pg_cron extension in schema cron, NULL when pg_cron is not installed.';
 
 -------------------------------------------------------------------------------
 -- Privileges: as a fresh install sets them (finalize.sql)

@@ -346,13 +346,27 @@ LEFT JOIN ihub.job j ON j.id = s.last_job_id;
 -- Cronwatch
 -------------------------------------------------------------------------------
 
+-- A table of pg_cron's (job, job_run_details), if pg_cron is installed in
+-- this database: the relation must belong to the pg_cron extension. A
+-- schema named cron that a role made itself, with a view cron.job calling
+-- its own functions, is not pg_cron: pg_ihub reads it as the superuser.
+CREATE FUNCTION ihub._pg_cron_table(p_name text) RETURNS regclass
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT c.oid::regclass FROM pg_class c
+    JOIN pg_namespace n ON n.oid = c.relnamespace AND n.nspname = 'cron'
+    JOIN pg_depend d ON d.classid = 'pg_class'::regclass AND d.objid = c.oid AND d.deptype = 'e'
+    JOIN pg_extension e ON e.oid = d.refobjid AND e.extname = 'pg_cron'
+    WHERE c.relname = p_name AND c.relkind = 'r'
+$$;
+
 -- pg_cron's schedule of a job, and whether it is active; NULL when the job
 -- or pg_cron is gone.
 CREATE FUNCTION ihub._pg_cron_job(p_jobname text, OUT jobid bigint, OUT schedule text, OUT active boolean)
 LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
-    IF to_regclass('cron.job') IS NULL THEN
+    IF ihub._pg_cron_table('job') IS NULL THEN
         RETURN;
     END IF;
     EXECUTE 'SELECT jobid, schedule, active FROM cron.job WHERE jobname = $1 ORDER BY jobid LIMIT 1'
@@ -387,7 +401,7 @@ BEGIN
                 RETURN NULL; -- a pg_cron schedule syntax we do not read: deletion and deactivation only
             END;
         END IF;
-        IF v_due IS NULL OR v_due < w.created_at OR to_regclass('cron.job_run_details') IS NULL THEN
+        IF v_due IS NULL OR v_due < w.created_at OR ihub._pg_cron_table('job_run_details') IS NULL THEN
             RETURN NULL;
         END IF;
         EXECUTE 'SELECT max(start_time) FROM cron.job_run_details WHERE jobid = $1' INTO v_started USING c.jobid;
@@ -488,7 +502,7 @@ DECLARE
 BEGIN
     PERFORM ihub._require_workers();
     IF schedule LIKE 'cron:%' THEN
-        IF to_regclass('cron.job') IS NULL THEN
+        IF ihub._pg_cron_table('job') IS NULL THEN
             RAISE EXCEPTION 'pg_cron is not installed in this database'
                 USING ERRCODE = 'undefined_object', HINT = 'CREATE EXTENSION pg_cron, or watch one of pg_ihub''s scheduled actions by name.';
         ELSIF (ihub._pg_cron_job(substr(schedule, 6))).jobid IS NULL THEN
@@ -617,6 +631,7 @@ COMMENT ON FUNCTION ihub.run_now(text) IS 'Queues a run of a scheduled action no
 COMMENT ON FUNCTION ihub.set_schedule_params(text, text, jsonb) IS
     'Sets the parameters a scheduled action gets, merged into its args, when it runs for an integration (NULL removes them).';
 COMMENT ON VIEW ihub.schedules IS 'Scheduled actions with their next and last run and the last run''s outcome.';
+COMMENT ON FUNCTION ihub._pg_cron_table(text) IS 'Internal: a table of the pg_cron extension in schema cron, NULL when pg_cron is not installed.';
 COMMENT ON FUNCTION ihub._pg_cron_job(text) IS 'Internal: a pg_cron job''s id, schedule and active flag.';
 COMMENT ON FUNCTION ihub._cronwatch_problem(ihub.watcher) IS 'Internal: what is wrong with a watched action, if anything.';
 COMMENT ON FUNCTION ihub._cronwatch_alert(ihub.watcher, text, text) IS 'Internal: NOTIFY, critical log entry and notify-endpoint request.';

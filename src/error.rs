@@ -5,6 +5,7 @@ use pgrx::pg_sys::panic::ErrorReport;
 use pgrx::{PgLogLevel, PgSqlErrorCode};
 
 use pg_ihub_core::outbound::auth::{AuthError, AUTH_HINT};
+use pg_ihub_core::outbound::request_url::{QueryError, QUERY_HINT};
 use pg_ihub_core::outbound::sender::HeaderError;
 use pg_ihub_core::outbound::signature::SecretError;
 use pg_ihub_core::outbound::target::TargetError;
@@ -30,6 +31,10 @@ pub enum IhubError {
     Condition(String),
     #[error("setting ihub.allow_private_hosts is invalid: {0}")]
     AllowList(TargetError),
+    #[error("invalid query: {0}")]
+    Query(#[from] QueryError),
+    #[error("invalid authorize_url: {0}")]
+    AuthorizeUrl(String),
 }
 
 pub type Result<T> = std::result::Result<T, IhubError>;
@@ -60,6 +65,10 @@ impl IhubError {
                 "Write one SQL boolean expression over new and old, e.g. new.amount > 100 AND old.status <> new.status.".into()
             }
             IhubError::AllowList(_) => "Use comma-separated host names, addresses or CIDR ranges, e.g. 127.0.0.1/32, ::1, localhost.".into(),
+            IhubError::Query(_) => QUERY_HINT.into(),
+            IhubError::AuthorizeUrl(_) => {
+                "Use the provider's authorization endpoint, e.g. https://accounts.example.com/oauth/v2/auth.".into()
+            }
         }
     }
 

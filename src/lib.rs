@@ -41,6 +41,8 @@ pgrx::extension_sql_file!(
         outbound::functions::mask_endpoint_headers,
         outbound::functions::mask_attempt_headers,
         outbound::functions::mask_url,
+        outbound::functions::join_url,
+        outbound::functions::with_query,
         outbound::functions::default_timeout_ms,
         runtime::registry::workers_sql,
         runtime::registry::pid_alive
@@ -96,6 +98,17 @@ pgrx::extension_sql_file!(
     requires = ["mappers", sync::bindings::row_key, sync::syncing::echo_suppressed]
 );
 pgrx::extension_sql_file!("../sql/custom_fields.sql", name = "custom_fields", requires = ["bindings"]);
+pgrx::extension_sql_file!(
+    "../sql/oauth2.sql",
+    name = "oauth2",
+    requires = [
+        "custom_fields",
+        outbound::functions::mask_url,
+        sync::oauth2::new_state,
+        sync::oauth2::authorize_link,
+        runtime::registry::wake_maintenance
+    ]
+);
 pgrx::extension_sql_file!("../sql/finalize.sql", name = "finalize", finalize);
 
 #[pg_guard]

@@ -44,6 +44,7 @@ pub static DISPATCH_GATHER_MS: GucSetting<i32> = GucSetting::<i32>::new(15);
 pub static DEFAULT_TIMEOUT_MS: GucSetting<i32> = GucSetting::<i32>::new(10_000);
 pub static MAX_BODY_SIZE: GucSetting<i32> = GucSetting::<i32>::new(1024 * 1024);
 pub static RESPONSE_BODY_LIMIT: GucSetting<i32> = GucSetting::<i32>::new(4096);
+pub static MAX_RESPONSE_SIZE: GucSetting<i32> = GucSetting::<i32>::new(1024 * 1024);
 pub static ALLOW_PRIVATE_HOSTS: GucSetting<Option<std::ffi::CString>> =
     GucSetting::<Option<std::ffi::CString>>::new(None);
 pub static HTTP_PROXY: GucSetting<Option<std::ffi::CString>> = GucSetting::<Option<std::ffi::CString>>::new(None);
@@ -288,6 +289,16 @@ fn define_reloadable_settings() {
         &MAX_BODY_SIZE,
         1024,
         i32::MAX,
+        GucContext::Sighup,
+        GucFlags::UNIT_BYTE,
+    );
+    GucRegistry::define_int_guc(
+        c"ihub.max_response_size",
+        c"Largest response body handed to a response handler (ihub.http_request(..., on_response => ...)).",
+        c"A longer body is cut there, and the handler's error says so. Each request in flight may hold this much.",
+        &MAX_RESPONSE_SIZE,
+        1024,
+        64 * 1024 * 1024,
         GucContext::Sighup,
         GucFlags::UNIT_BYTE,
     );

@@ -758,3 +758,95 @@ fn changes_committed_while_a_dispatcher_waits_on_a_silent_receiver_go_to_a_peer(
     assert!(fast_arrived, "the change committed meanwhile was not sent");
     assert_eq!(silent_state, "running", "the second delivery waited for the first to time out");
 }
+
+/// The pull of the README, against the test CRM: 15 contacts in 5 pages of
+/// 3, page 3 failing once (the request is retried), and the server crashing
+/// while the pull is under way. Each page's handler upserts the page, logs
+/// it and requests the next page in one transaction, so every page is
+/// imported exactly once, and the integration date is set when the last
+/// page is in.
+#[test]
+fn a_paginated_pull_imports_every_page_once_through_a_failure_and_a_crash() {
+    let _g = serial();
+    let crm = Crm::start(Duration::from_secs(3600), 3);
+    let seed: Vec<serde_json::Value> = (1..=15)
+        .map(|n| serde_json::json!({"name": format!("Contact {n:02}"), "email": format!("c{n}@example.com")}))
+        .collect();
+    crm.seed(&seed);
+    crm.fail_next("/contacts?cursor=6&", 503, 1);
+    let mut t = team("pull");
+    let _guard = t.delete_integration_at_end();
+    let setup = crm_sql(&crm, &t.p, "crm", &format!("{}_api", t.p), "client_credentials", None);
+    t.exec(&format!(
+        "CREATE TABLE {{p}}_contacts (id bigserial PRIMARY KEY, name text NOT NULL, email text);
+         CREATE TABLE {{p}}_pages (page integer, next_cursor text, contacts integer);
+         SELECT ihub.create_integration('{{p}}');
+         {setup}
+         SELECT ihub.enable_integration('{{p}}');
+         CREATE FUNCTION {{p}}_import(r ihub.http_response) RETURNS void LANGUAGE plpgsql AS $$
+         DECLARE
+             c jsonb;
+             n integer := 0;
+         BEGIN
+             IF r.state <> 'done' THEN
+                 RAISE EXCEPTION 'page % of the pull failed: %', r.context->>'page', r.error;
+             END IF;
+             FOR c IN SELECT * FROM jsonb_array_elements(r.body_json->'data') LOOP
+                 PERFORM ihub.upsert('{{p}}', 'contact', 'public.{{p}}_contacts', c->>'id',
+                                     jsonb_build_object('name', c->>'name', 'email', c->>'email'));
+                 n := n + 1;
+             END LOOP;
+             INSERT INTO public.{{p}}_pages VALUES ((r.context->>'page')::integer, r.body_json->>'next_cursor', n);
+             PERFORM pg_sleep(0.3); -- so that the crash lands while pages are being imported
+             IF r.body_json->>'next_cursor' IS NOT NULL THEN
+                 PERFORM ihub.http_request('{{p}}_api', NULL, method => 'GET', path => '/contacts',
+                     query => jsonb_build_object('cursor', r.body_json->>'next_cursor', 'limit', 3),
+                     on_response => '{{p}}_import(ihub.http_response)',
+                     context => jsonb_build_object('page', (r.context->>'page')::integer + 1, 'started', r.context->'started'));
+             ELSE
+                 PERFORM ihub.set_date('{{p}}', 'contacts_pulled', (r.context->>'started')::timestamptz);
+             END IF;
+         END $$;
+         CREATE FUNCTION {{p}}_pull(args jsonb) RETURNS void LANGUAGE sql AS $$
+             SELECT ihub.http_request('{{p}}_api', NULL, method => 'GET', path => '/contacts',
+                                      query => jsonb_build_object('limit', 3),
+                                      on_response => '{{p}}_import(ihub.http_response)',
+                                      context => jsonb_build_object('page', 1, 'started', now()))
+         $$;
+         SELECT ihub.schedule('{{p}}_pull', '{{p}}_pull(jsonb)', every => '1 day', integration => '{{p}}');
+         SELECT ihub.run_now('{{p}}_pull');"
+    ));
+    assert!(t.wait_true("SELECT count(*) >= 2 FROM public.{p}_pages", Duration::from_secs(60)), "the pull started");
+    let Team { hub, p, dev } = t;
+    drop((hub, dev));
+    Cluster::from_env().crash_and_restart();
+    let mut hub = pg_ihub_e2e::hub();
+    assert!(
+        hub.wait_true(
+            &format!("SELECT ihub.get_date('{p}', 'contacts_pulled') IS NOT NULL"),
+            Duration::from_secs(120)
+        ),
+        "the pull did not finish"
+    );
+    let pages: String = hub.one(&format!(
+        "SELECT string_agg(page || 'x' || n, ' ' ORDER BY page) FROM (SELECT page, count(*) n FROM public.{p}_pages GROUP BY page) s"
+    ));
+    assert_eq!(pages, "1x1 2x1 3x1 4x1 5x1", "every page imported exactly once");
+    let (rows, bound): (i64, i64) = {
+        let r = hub
+            .db
+            .query_one(
+                &format!(
+                    "SELECT (SELECT count(*) FROM public.{p}_contacts),
+                            (SELECT count(DISTINCT external_id) FROM ihub.bindings WHERE integration = '{p}')"
+                ),
+                &[],
+            )
+            .unwrap();
+        (r.get(0), r.get(1))
+    };
+    assert_eq!((rows, bound), (15, 15));
+    let page3: Vec<u16> =
+        crm.requests().iter().filter(|r| r.path.starts_with("/contacts?cursor=6&")).map(|r| r.status).collect();
+    assert_eq!(&page3[..2], &[503, 200], "the failing page was asked again: {page3:?}");
+}

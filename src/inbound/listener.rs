@@ -39,6 +39,7 @@ use crate::settings;
 use pg_ihub_core::inbound::bounds::{self, Connections, Throttle};
 use pg_ihub_core::inbound::limiter::Bucket;
 use pg_ihub_core::inbound::verify::{body_hash, dedup_key, verify, Mode, Rule};
+use pg_ihub_core::oauth2;
 use pg_ihub_core::outbound::mask;
 use pg_ihub_core::outbound::signature::constant_time_eq;
 
@@ -63,6 +64,17 @@ enum Work {
     },
     Reload(oneshot::Sender<()>),
     Health(oneshot::Sender<Result<(bool, Value), ()>>),
+    /// An OAuth2 authorization came back: check and use up its state; the
+    /// answer is what exchanging the code needs, or {"error", "status"}.
+    OAuth2Callback {
+        integration: String,
+        name: String,
+        state: Option<String>,
+        declined: Option<String>,
+        reply: oneshot::Sender<Option<Value>>,
+    },
+    /// What the token endpoint answered for a code.
+    OAuth2Tokens { id: i64, outcome: Result<oauth2::Tokens, oauth2::TokenError>, reply: oneshot::Sender<()> },
 }
 
 /// A request refused by verification, to be recorded. These wait in a
@@ -156,6 +168,10 @@ struct Shared {
     per_address: AtomicU64,
     /// SHA-256 of `ihub.health_token`; None: /healthz never shows detail.
     health_token: RwLock<Option<[u8; 32]>>,
+    /// Exchanges OAuth2 authorization codes (allow-list and proxy applied),
+    /// within `ihub.default_timeout`.
+    tokens: RwLock<Arc<oauth2::TokenClient>>,
+    token_timeout_ms: AtomicU64,
 }
 
 impl Shared {
@@ -197,6 +213,10 @@ impl Shared {
         if let Ok(mut t) = self.health_token.write() {
             *t = digest;
         }
+        if let Ok(mut t) = self.tokens.write() {
+            *t = Arc::new(crate::sync::oauth2::token_client());
+        }
+        self.token_timeout_ms.store(crate::sync::oauth2::request_timeout().as_millis() as u64, Ordering::Relaxed);
     }
 
     /// Whether the request carries `Authorization: Bearer <ihub.health_token>`.
@@ -281,6 +301,8 @@ impl Worker for Listener {
             header_timeout_ms: AtomicU64::new(10_000),
             per_address: AtomicU64::new(100),
             health_token: RwLock::new(None),
+            tokens: RwLock::new(Arc::new(crate::sync::oauth2::token_client())),
+            token_timeout_ms: AtomicU64::new(10_000),
         });
         shared.load_settings();
         let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -401,6 +423,17 @@ fn handle_batch(shared: &Shared, batch: Vec<Work>) {
             }
             Work::Health(reply) => {
                 let _ = reply.send(in_transaction("health", health).flatten().ok_or(()));
+            }
+            Work::OAuth2Callback { integration, name, state, declined, reply } => {
+                let answer = in_transaction(
+                    "OAuth2 callback",
+                    AssertUnwindSafe(|| oauth2_callback(&integration, &name, state.as_deref(), declined.as_deref())),
+                );
+                let _ = reply.send(answer.flatten());
+            }
+            Work::OAuth2Tokens { id, outcome, reply } => {
+                crate::sync::oauth2::record(id, &outcome);
+                let _ = reply.send(());
             }
             Work::Accept { .. } => accepts.push(work),
         }
@@ -552,6 +585,25 @@ fn record_rejections(rejections: &[Rejection]) {
     .unwrap_or_else(|e| error!("ihub._reject_inbound: {e}"));
 }
 
+/// The first step of an OAuth2 callback (`ihub._oauth2_callback`), or, when
+/// the provider reports the authorization declined, its record.
+fn oauth2_callback(integration: &str, name: &str, state: Option<&str>, declined: Option<&str>) -> Option<Value> {
+    if let Some(error) = declined {
+        Spi::run_with_args(
+            "SELECT ihub._oauth2_declined($1, $2, $3, $4)",
+            &[integration.into(), name.into(), state.into(), error.into()],
+        )
+        .unwrap_or_else(|e| error!("ihub._oauth2_declined: {e}"));
+        return Some(json!({"error": format!("the provider reports the authorization refused: {error}"), "status": 400}));
+    }
+    Spi::get_one_with_args::<JsonB>(
+        "SELECT ihub._oauth2_callback($1, $2, $3)",
+        &[integration.into(), name.into(), state.into()],
+    )
+    .unwrap_or_else(|e| error!("ihub._oauth2_callback: {e}"))
+    .map(|j| j.0)
+}
+
 fn health() -> Option<(bool, Value)> {
     Spi::connect(|client| {
         let rows = client
@@ -669,7 +721,94 @@ async fn route(req: Request<Incoming>, shared: &Shared, remote: SocketAddr) -> R
             receive(req, shared, remote, integration, source).await
         }
         (_, ["webhooks", _, _]) => error(StatusCode::METHOD_NOT_ALLOWED, "use POST"),
+        (&Method::GET, ["oauth2", "callback", integration, name]) => {
+            let (integration, name) = (integration.to_string(), name.to_string());
+            oauth2_callback_page(req.uri().query().unwrap_or(""), shared, integration, name).await
+        }
         _ => error(StatusCode::NOT_FOUND, "no such path; POST /webhooks/<integration>/<source>"),
+    }
+}
+
+/// A small page for the person a provider sent back (never a secret in it).
+fn page(status: StatusCode, title: &str, text: &str) -> Response<Full<Bytes>> {
+    let escape = |t: &str| t.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;");
+    let body = format!(
+        "<!doctype html><html><head><meta charset=\"utf-8\"><title>{t}</title></head>\
+         <body style=\"font-family: sans-serif; margin: 3em\"><h1>{t}</h1><p>{x}</p></body></html>",
+        t = escape(title),
+        x = escape(text)
+    );
+    Response::builder()
+        .status(status)
+        .header("content-type", "text/html; charset=utf-8")
+        .header("cache-control", "no-store")
+        .header("referrer-policy", "no-referrer")
+        .body(Full::new(Bytes::from(body)))
+        .expect("a valid response")
+}
+
+/// `GET /oauth2/callback/<integration>/<name>?code=…&state=…`: the state
+/// must be the one `ihub.oauth2_authorize_url` put in the last URL (it is
+/// used up either way); then the code is exchanged for tokens, which are
+/// stored before the page answers.
+async fn oauth2_callback_page(query: &str, shared: &Shared, integration: String, name: String) -> Response<Full<Bytes>> {
+    let params = oauth2::callback_params(query);
+    if params.code.is_none() && params.error.is_none() {
+        return page(StatusCode::BAD_REQUEST, "Authorization failed", "The request carries neither a code nor an error.");
+    }
+    let (tx, rx) = oneshot::channel();
+    let work = Work::OAuth2Callback {
+        integration: integration.clone(),
+        name: name.clone(),
+        state: params.state.clone(),
+        declined: params.error.clone(),
+        reply: tx,
+    };
+    if !shared.send(work) {
+        return page(StatusCode::SERVICE_UNAVAILABLE, "Try again", "The listener is stopping.");
+    }
+    let answer = match tokio::time::timeout(shared.timeout(), rx).await {
+        Ok(Ok(Some(answer))) => answer,
+        _ => return page(StatusCode::SERVICE_UNAVAILABLE, "Try again", "The database did not answer."),
+    };
+    if let Some(problem) = answer["error"].as_str() {
+        let status = StatusCode::from_u16(answer["status"].as_u64().unwrap_or(400) as u16).unwrap_or(StatusCode::BAD_REQUEST);
+        return page(status, "Authorization failed", problem);
+    }
+    let text = |key: &str| answer[key].as_str().unwrap_or_default().to_string();
+    let (Some(id), Some(code)) = (answer["id"].as_i64(), params.code) else {
+        return page(StatusCode::INTERNAL_SERVER_ERROR, "Authorization failed", "pg_ihub could not read the credential.");
+    };
+    let client = oauth2::Client {
+        token_url: text("token_url"),
+        client_id: text("client_id"),
+        client_secret: text("client_secret"),
+        scope: answer["scope"].as_str().map(str::to_string),
+        client_auth: oauth2::ClientAuth::parse(&text("client_auth")).unwrap_or(oauth2::ClientAuth::Post),
+    };
+    let grant = oauth2::Grant::AuthorizationCode { code, redirect_uri: text("redirect_uri") };
+    let tokens = shared.tokens.read().map(|t| t.clone()).ok();
+    let Some(tokens) = tokens else {
+        return page(StatusCode::SERVICE_UNAVAILABLE, "Try again", "The listener is stopping.");
+    };
+    // (Settings are read on the main thread only: the timeout is kept in Shared.)
+    let timeout = Duration::from_millis(shared.token_timeout_ms.load(Ordering::Relaxed));
+    let outcome = tokens.request(&client, &grant, timeout).await;
+    let result = outcome.as_ref().map(|_| ()).map_err(|e| e.to_string());
+    let (tx, rx) = oneshot::channel();
+    if !shared.send(Work::OAuth2Tokens { id, outcome, reply: tx }) {
+        return page(StatusCode::SERVICE_UNAVAILABLE, "Try again", "The listener is stopping.");
+    }
+    if !matches!(tokio::time::timeout(shared.timeout(), rx).await, Ok(Ok(()))) {
+        return page(StatusCode::SERVICE_UNAVAILABLE, "Try again", "The database did not answer.");
+    }
+    match result {
+        Ok(()) => page(
+            StatusCode::OK,
+            "Authorized",
+            &format!("pg_ihub holds an access token for {integration}/{name} now. You may close this window."),
+        ),
+        Err(problem) => page(StatusCode::BAD_GATEWAY, "Authorization failed", &format!("The code was not accepted: {problem}")),
     }
 }
 
@@ -952,6 +1091,8 @@ mod tests {
             header_timeout_ms: AtomicU64::new(10_000),
             per_address: AtomicU64::new(100),
             health_token: RwLock::new(token.map(|t| sha256(t.as_bytes()))),
+            tokens: RwLock::new(Arc::new(oauth2::TokenClient::new(Default::default(), "", "t"))),
+            token_timeout_ms: AtomicU64::new(10_000),
         }
     }
 

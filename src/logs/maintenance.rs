@@ -1,6 +1,8 @@
-//! The maintenance worker: creates the daily log partitions ahead of time
-//! and runs the retention cleanup every `ihub.cleanup_interval`, in small
-//! batches so that it never holds long locks.
+//! The maintenance worker: creates the daily log partitions ahead of time,
+//! runs the retention cleanup every `ihub.cleanup_interval`, in small
+//! batches so that it never holds long locks, and asks OAuth2 token
+//! endpoints for new access tokens when they are due (`sync::oauth2`): it
+//! sleeps until the next one is, and a commit that makes one due wakes it.
 
 use std::time::{Duration, Instant};
 
@@ -26,6 +28,9 @@ struct Maintenance {
     started: Instant,
     last_partitions: Option<Instant>,
     last_cleanup: Option<Instant>,
+    /// For token requests, which run between transactions.
+    runtime: tokio::runtime::Runtime,
+    tokens: pg_ihub_core::oauth2::TokenClient,
 }
 
 impl Worker for Maintenance {
@@ -36,7 +41,21 @@ impl Worker for Maintenance {
     const SESSION: &'static [(&'static str, &'static str)] = &[("lock_timeout", "1s")];
 
     fn start() -> Result<Self, String> {
-        Ok(Maintenance { started: Instant::now(), last_partitions: None, last_cleanup: None })
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| format!("no tokio runtime: {e}"))?;
+        Ok(Maintenance {
+            started: Instant::now(),
+            last_partitions: None,
+            last_cleanup: None,
+            runtime,
+            tokens: crate::sync::oauth2::token_client(),
+        })
+    }
+
+    fn reloaded(&mut self) {
+        self.tokens = crate::sync::oauth2::token_client();
     }
 
     fn round(&mut self, _poll: Duration) -> Duration {
@@ -60,11 +79,25 @@ impl Worker for Maintenance {
             }
             self.last_cleanup = Some(Instant::now());
         }
+        // Token requests: a few batches of due credentials per round; the
+        // rest are due at once next round.
+        for _ in 0..5 {
+            if crate::sync::oauth2::refresh_due(&self.runtime, &self.tokens) == 0 {
+                break;
+            }
+            registry::heartbeat(false);
+        }
+        let next_token = crate::sync::oauth2::next_due().unwrap_or(Duration::MAX);
         let next_cleanup = match self.last_cleanup {
             None => FIRST_CLEANUP.saturating_sub(self.started.elapsed()),
             Some(t) => interval.saturating_sub(t.elapsed()),
         };
         // Half an hour at most: health calls a worker silent after an hour.
-        next_cleanup.min(PARTITION_CHECK).min(Duration::from_secs(1800)).max(Duration::from_secs(1))
+        // Idle again (the cleanup and token requests marked it busy), so
+        // that a commit making a token due wakes it.
+        registry::heartbeat(true);
+        let sleep = next_cleanup.min(PARTITION_CHECK).min(Duration::from_secs(1800)).max(Duration::from_secs(1));
+        // A token is asked for on time, not up to a second late.
+        sleep.min(next_token.max(Duration::from_millis(10)))
     }
 }

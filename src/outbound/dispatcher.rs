@@ -33,9 +33,23 @@ const DUE_TICK: Duration = Duration::from_millis(500);
 /// receiver): changes committed meanwhile are not left waiting for it.
 const SLOW_BATCH: Duration = Duration::from_millis(5);
 
-/// What deciding a delivery's fate needs besides its attempt: its retry
-/// policy and the attempts its budget already spent.
-type Fate = (RetryPolicy, u32);
+/// How long a delivery answered 401 waits for its OAuth2 credential's new
+/// access token at most: storing the token makes it due at once.
+const OAUTH2_RETRY: Duration = Duration::from_secs(10);
+
+/// What deciding a delivery's fate needs besides its attempt.
+struct Fate {
+    policy: RetryPolicy,
+    /// Attempts its retry budget already spent.
+    attempts_used: u32,
+    /// The OAuth2 credential whose access token it was sent with, and that
+    /// token's version.
+    oauth2: Option<(i64, i32)>,
+    /// The status its last attempt got: a 401 after a 401 is final.
+    last_status: Option<i32>,
+    /// Its response goes to a response handler once it ends.
+    respond: bool,
+}
 
 #[pg_guard]
 #[no_mangle]
@@ -302,7 +316,8 @@ fn claim(pid: i32, limit: i32, concurrency: usize) -> (Vec<Request>, HashMap<i64
     Spi::connect_mut(|client| {
         let rows = client
             .update(
-                "SELECT delivery_id, event_id, method, url, headers, auth, secrets, timeout_ms, retry, body, test_mode, attempts_used \
+                "SELECT delivery_id, event_id, method, url, headers, auth, secrets, timeout_ms, retry, body, test_mode, attempts_used, \
+                        oauth2_id, oauth2_version, not_sendable, last_status, respond \
                  FROM ihub._claim($1, $2, $3, $4)",
                 None,
                 &[pid.into(), limit.into(), default_timeout.into(), rounds.into()],
@@ -318,7 +333,15 @@ fn claim(pid: i32, limit: i32, concurrency: usize) -> (Vec<Request>, HashMap<i64
             let policy = RetryPolicy::from_json(&json(9, "retry"))
                 .unwrap_or_else(|e| error!("pg_ihub: delivery {delivery_id}: stored retry policy does not parse: {e}"));
             let timeout_ms: i32 = nullable(&row, 8, "timeout_ms").unwrap_or(default_timeout);
-            let fate = (policy, column::<i32>(&row, 12, "attempts_used").max(0) as u32);
+            let respond: bool = column(&row, 17, "respond");
+            let fate = Fate {
+                policy,
+                attempts_used: column::<i32>(&row, 12, "attempts_used").max(0) as u32,
+                oauth2: nullable::<i64>(&row, 13, "oauth2_id")
+                    .map(|id| (id, nullable::<i32>(&row, 14, "oauth2_version").unwrap_or(0))),
+                last_status: nullable(&row, 16, "last_status"),
+                respond,
+            };
             let request = Request {
                 delivery_id,
                 event_id: column(&row, 2, "event_id"),
@@ -330,6 +353,8 @@ fn claim(pid: i32, limit: i32, concurrency: usize) -> (Vec<Request>, HashMap<i64
                 body: column(&row, 10, "body"),
                 timeout: Duration::from_millis(timeout_ms.max(1) as u64),
                 test_mode: column(&row, 11, "test_mode"),
+                body_limit: respond.then(|| settings::MAX_RESPONSE_SIZE.get().max(0) as usize),
+                not_sendable: nullable(&row, 15, "not_sendable"),
             };
             (request, (delivery_id, fate))
         })
@@ -364,23 +389,57 @@ fn headers_json(headers: &[(String, String)]) -> Value {
     Value::Object(map)
 }
 
+/// `text` cut to at most `limit` bytes, at a character boundary.
+fn cut(text: &str, limit: usize) -> &str {
+    if text.len() <= limit {
+        return text;
+    }
+    let mut end = limit;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
+}
+
 /// One settle record per finished attempt, with the delivery's next state.
 fn decide_all(fates: &HashMap<i64, Fate>, attempts: Vec<Attempt>) -> Value {
     let mut rng = rand::thread_rng();
     let now = SystemTime::now();
+    let record_limit = settings::RESPONSE_BODY_LIMIT.get().max(0) as usize;
     let results: Vec<Value> = attempts
         .into_iter()
         .filter_map(|a| {
-            let (policy, attempts_used) = fates.get(&a.delivery_id)?;
+            let fate = fates.get(&a.delivery_id)?;
             let verdict = classify(&a.outcome);
-            let next = decide(policy, verdict, attempts_used + 1, now, &mut rng);
+            // A 401 to an OAuth2 access token: once, the delivery waits for a
+            // new token (asked for in the settle) and goes again; a second
+            // 401 in a row is what any 4xx is.
+            let stale_token = a.status == Some(401) && fate.oauth2.is_some() && fate.last_status != Some(401);
+            let next = if stale_token {
+                Next::Retry { at: now + OAUTH2_RETRY }
+            } else {
+                decide(&fate.policy, verdict, fate.attempts_used + 1, now, &mut rng)
+            };
             let (state, next_at) = match next {
                 Next::Delivered => ("done", None),
                 Next::Retry { at } => ("retry", Some(epoch(at))),
                 Next::Failed => ("failed", None),
                 Next::Dead => ("dead", None),
             };
-            Some(json!({
+            let body = a.response_body.as_deref().map(clean);
+            // The whole response for its handler, once the request ended.
+            let response = (fate.respond && state != "retry").then(|| {
+                let problem = a.response_truncated.then(|| {
+                    format!("the response body was longer than ihub.max_response_size ({} bytes) and was cut there",
+                            settings::MAX_RESPONSE_SIZE.get())
+                });
+                json!({
+                    "body": body,
+                    "json": body.as_deref().filter(|_| !a.response_truncated).and_then(|b| serde_json::from_str::<Value>(b).ok()),
+                    "problem": problem,
+                })
+            });
+            let mut record = json!({
                 "delivery_id": a.delivery_id,
                 "state": state,
                 "next_at": next_at,
@@ -389,11 +448,22 @@ fn decide_all(fates: &HashMap<i64, Fate>, attempts: Vec<Attempt>) -> Value {
                 "category": category(&a.outcome),
                 "request_headers": headers_json(&a.request_headers),
                 "response_headers": if a.status.is_some() { headers_json(&a.response_headers) } else { Value::Null },
-                "response_body": a.response_body.as_deref().map(clean),
+                "response_body": body.as_deref().map(|b| cut(b, record_limit)),
                 "started_at": epoch(a.started_at),
                 "duration_ms": a.duration.as_secs_f64() * 1000.0,
-                "disable_endpoint": verdict == Verdict::Gone,
-            }))
+                "disable_endpoint": verdict == Verdict::Gone && !stale_token,
+            });
+            if let Some(response) = response {
+                record["respond"] = Value::Bool(true);
+                record["response"] = response;
+            }
+            if stale_token {
+                let (id, version) = fate.oauth2.expect("stale tokens are OAuth2 tokens");
+                record["oauth2_stale"] = Value::Bool(true);
+                record["oauth2_id"] = json!(id);
+                record["oauth2_version"] = json!(version);
+            }
+            Some(record)
         })
         .collect();
     Value::Array(results)

@@ -8,7 +8,7 @@ use serde_json::Value;
 
 use crate::error::{IhubError, OrRaise};
 use crate::settings;
-use pg_ihub_core::outbound::{auth::Auth, mask, sender, signature, target};
+use pg_ihub_core::outbound::{auth::Auth, mask, request_url, sender, signature, target};
 use pg_ihub_core::retry::RetryPolicy;
 
 pub fn allow_list() -> target::AllowList {
@@ -101,6 +101,20 @@ fn mask_attempt_headers(headers: Option<JsonB>, custom: Option<JsonB>) -> Option
 #[pg_extern(name = "_mask_settings", immutable, parallel_safe)]
 fn mask_settings(settings: Option<JsonB>) -> Option<JsonB> {
     Some(JsonB(mask::mask_json(settings?.0)))
+}
+
+/// An endpoint URL with an `ihub.http_request` path appended
+/// (`request_url::join_url`: the path goes before the URL's own query).
+#[pg_extern(name = "_join_url", immutable, parallel_safe)]
+fn join_url(p_url: &str, p_path: Option<&str>) -> String {
+    // The argument names of the SQL function it replaced (0.2.0).
+    request_url::join_url(p_url, p_path)
+}
+
+/// A request path with the parameters of a `query` object added.
+#[pg_extern(name = "_with_query", immutable, parallel_safe)]
+fn with_query(path: Option<&str>, query: JsonB) -> Option<String> {
+    request_url::with_query(path, &request_url::query_string(&query.0).or_raise())
 }
 
 /// A URL with secret-looking query parameters masked.

@@ -42,6 +42,8 @@ fn test_connection(endpoint: &str) -> JsonB {
         body: json!({"id": event_id, "type": "ihub.test_connection", "timestamp": sent_at, "data": {}}).to_string(),
         timeout: Duration::from_millis(spec["timeout_ms"].as_u64().unwrap_or(10_000).max(1)),
         test_mode: false,
+        body_limit: None,
+        not_sendable: None,
     };
     let sender = Sender::with_proxy(
         crate::outbound::functions::allow_list(),

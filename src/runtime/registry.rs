@@ -112,6 +112,7 @@ static PRELOADED: AtomicBool = AtomicBool::new(false);
 static WAKE_DISPATCHER: AtomicBool = AtomicBool::new(false);
 static WAKE_JOB_WORKER: AtomicBool = AtomicBool::new(false);
 static WAKE_SCHEDULER: AtomicBool = AtomicBool::new(false);
+static WAKE_MAINTENANCE: AtomicBool = AtomicBool::new(false);
 static WAKE_PROCESSOR: AtomicBool = AtomicBool::new(false);
 static SOURCES_CHANGED: AtomicBool = AtomicBool::new(false);
 
@@ -344,6 +345,13 @@ fn wake_scheduler() {
     wake_at_commit(Kind::Scheduler);
 }
 
+/// Asks for the maintenance worker to be woken at commit (an OAuth2
+/// credential wants a token request).
+#[pg_extern(name = "_wake_maintenance", volatile, parallel_unsafe)]
+pub fn wake_maintenance() {
+    wake_at_commit(Kind::Maintenance);
+}
+
 /// The shared sources version, when preloaded. The listener's HTTP threads
 /// read it directly: it is a plain atomic in shared memory.
 pub fn sources_version() -> Option<&'static AtomicU64> {
@@ -370,6 +378,7 @@ pub fn wake_at_commit(kind: Kind) {
     let flag: &'static AtomicBool = match kind {
         Kind::JobWorker => &WAKE_JOB_WORKER,
         Kind::Scheduler => &WAKE_SCHEDULER,
+        Kind::Maintenance => &WAKE_MAINTENANCE,
         Kind::Processor => &WAKE_PROCESSOR,
         _ => &WAKE_DISPATCHER,
     };

@@ -5,6 +5,7 @@
 use std::time::{Duration, Instant};
 
 pub use pg_ihub_testkit::cluster::Cluster;
+pub use pg_ihub_testkit::crm::{self, Crm};
 pub use pg_ihub_testkit::receiver::{Received, Receiver, Reply};
 use postgres::Client;
 
@@ -162,4 +163,110 @@ pub fn http() -> reqwest::blocking::Client {
 
 pub fn now_s() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64
+}
+
+/// A test's roles, all non-superusers: `<p>_dev` (ihub_developer, may create
+/// tables in public), `<p>_viewer` (ihub_viewer) and `<p>_admin`
+/// (ihub_admin), with a connection as the developer. `{p}` in the SQL given
+/// to its methods is replaced by the prefix.
+pub struct Team {
+    pub hub: Hub,
+    pub p: String,
+    pub dev: Client,
+}
+
+pub fn team(prefix: &str) -> Team {
+    let mut hub = hub();
+    let p = unique(prefix);
+    hub.exec(&format!(
+        // One at a time: concurrent GRANTs on one schema collide.
+        "BEGIN; SELECT pg_advisory_xact_lock(84708471);
+         CREATE ROLE {p}_dev LOGIN IN ROLE ihub_developer;
+         CREATE ROLE {p}_viewer LOGIN IN ROLE ihub_viewer;
+         CREATE ROLE {p}_admin LOGIN IN ROLE ihub_admin;
+         GRANT CREATE ON SCHEMA public TO {p}_dev;
+         COMMIT;"
+    ));
+    let dev = hub.cluster.connect_as(&format!("{p}_dev"), &hub.cluster.dbname);
+    Team { hub, p, dev }
+}
+
+impl Team {
+    /// Disables and deletes integration `{p}` (and so its OAuth2
+    /// credentials) when the guard goes, even when the test fails: a
+    /// credential whose test token endpoint is gone would fail its token
+    /// requests and make `ihub.health()` critical for the tests after.
+    pub fn delete_integration_at_end(&self) -> IntegrationGuard {
+        IntegrationGuard { cluster: self.hub.cluster.clone(), name: self.p.clone() }
+    }
+
+    pub fn sql(&self, sql: &str) -> String {
+        sql.replace("{p}", &self.p)
+    }
+
+    /// A connection as `<p>_<who>`.
+    pub fn connect(&self, who: &str) -> Client {
+        self.hub.cluster.connect_as(&format!("{}_{who}", self.p), &self.hub.cluster.dbname)
+    }
+
+    pub fn exec(&mut self, sql: &str) {
+        let sql = self.sql(sql);
+        self.dev.batch_execute(&sql).unwrap_or_else(|e| panic!("{sql}: {}", describe(&e)));
+    }
+
+    pub fn one<T: for<'a> postgres::types::FromSql<'a>>(&mut self, sql: &str) -> T {
+        let sql = self.sql(sql);
+        self.dev.query_one(&sql, &[]).unwrap_or_else(|e| panic!("{sql}: {}", describe(&e))).get(0)
+    }
+
+    pub fn error(&mut self, sql: &str) -> String {
+        let sql = self.sql(sql);
+        error_of(&mut self.dev, &sql)
+    }
+
+    /// Polls (as the superuser) until `query` returns true.
+    pub fn wait_true(&mut self, query: &str, timeout: Duration) -> bool {
+        let sql = self.sql(query);
+        self.hub.wait_true(&sql, timeout)
+    }
+
+    /// As the superuser.
+    pub fn su<T: for<'a> postgres::types::FromSql<'a>>(&mut self, sql: &str) -> T {
+        let sql = self.sql(sql);
+        self.hub.one(&sql)
+    }
+}
+
+/// SQL that gives integration `integration` an OAuth2 credential `name` for
+/// the test CRM (`grant`: client_credentials, or refresh_token with
+/// `refresh_token`), and an endpoint `endpoint` to the CRM's API using it,
+/// with fast retries.
+pub fn crm_sql(crm: &Crm, integration: &str, name: &str, endpoint: &str, grant: &str, refresh_token: Option<&str>) -> String {
+    let refresh = refresh_token.map(|t| format!("'{t}'")).unwrap_or_else(|| "NULL".into());
+    format!(
+        "SELECT ihub.create_oauth2('{integration}', '{name}', '{token}', '{id}', '{secret}', refresh_token => {refresh},
+                                   \"grant\" => '{grant}', authorize_url => '{authorize}');
+         SELECT ihub.create_endpoint('{integration}', '{endpoint}', '{api}',
+                                     auth => '{{\"type\": \"oauth2\", \"credential\": \"{name}\"}}', retry => '{FAST_RETRY}');",
+        token = crm.url("/oauth/token"),
+        authorize = crm.url("/oauth/authorize"),
+        api = crm.url(""),
+        id = crm::CLIENT_ID,
+        secret = crm::CLIENT_SECRET,
+    )
+}
+
+pub struct IntegrationGuard {
+    cluster: Cluster,
+    name: String,
+}
+
+impl Drop for IntegrationGuard {
+    fn drop(&mut self) {
+        let mut db = self.cluster.connect();
+        let _ = db.batch_execute(&format!(
+            "SELECT ihub.disable_integration(name), ihub.delete_integration(name) FROM ihub.integrations WHERE name = '{}'",
+            self.name
+        ));
+    }
 }
