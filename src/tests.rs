@@ -1390,8 +1390,26 @@ mod tests {
         };
         assert_eq!(
             checks(),
-            "credentials=ok,endpoints=ok,queue: deliveries=ok,queue: jobs=ok,schedules=ok,subscriptions=ok"
+            "credentials=ok,endpoints=ok,oauth2=ok,queue: deliveries=ok,queue: jobs=ok,schedules=ok,subscriptions=ok"
         );
+        Spi::run(
+            "SELECT ihub.create_oauth2('shop', 'crm', 'https://auth.example.com/token', 'id', 'secret',
+                                       authorize_url => 'https://auth.example.com/authorize');
+             SELECT ihub.create_oauth2('shop', 'erp', 'https://erp.example.com/token', 'id', 'secret', \"grant\" => 'client_credentials');",
+        )
+        .unwrap();
+        assert!(one::<String>("SELECT status || ': ' || message FROM ihub.health() WHERE check_name = 'oauth2'")
+            .starts_with("warning: shop/crm (not authorized yet)"));
+        // The machine client cannot get a token: critical, with the reason.
+        Spi::run("UPDATE ihub.oauth2 SET failures = 2, last_error = 'HTTP 401: invalid_client' WHERE name = 'erp'")
+            .unwrap();
+        let oauth2 = one::<String>("SELECT status || ': ' || message FROM ihub.health() WHERE check_name = 'oauth2'");
+        assert!(
+            oauth2.starts_with("critical")
+                && oauth2.contains("shop/erp (could not be refreshed: HTTP 401: invalid_client)"),
+            "{oauth2}"
+        );
+        Spi::run("DELETE FROM ihub.oauth2").unwrap();
         Spi::run(
             "SELECT ihub.disable_endpoint('hook');
              SELECT ihub.http_request('hook', '{}');
@@ -1404,7 +1422,7 @@ mod tests {
         .unwrap();
         assert_eq!(
             checks(),
-            "credentials=critical,endpoints=warning,queue: deliveries=critical,queue: jobs=ok,schedules=ok,subscriptions=ok"
+            "credentials=critical,endpoints=warning,oauth2=ok,queue: deliveries=critical,queue: jobs=ok,schedules=ok,subscriptions=ok"
         );
         assert!(one::<String>("SELECT message FROM ihub.health() WHERE check_name = 'endpoints'").contains("hook"));
         assert!(one::<bool>("SELECT count(*) = 5 FROM ihub.health() WHERE check_name LIKE 'workers%'"));
@@ -1697,5 +1715,24 @@ mod tests {
             serde_json::json!({"handled": bad})
         );
         assert_eq!(one::<i64>("SELECT count(*) FROM ihub.inbound_failed"), 0);
+    }
+
+    /// A schema named cron is not pg_cron: a developer's own cron.job view,
+    /// whose columns call the developer's function, is never read as the
+    /// extension owner (ihub.watch and the scheduler read pg_cron's tables
+    /// as the superuser). This database has no pg_cron.
+    #[pg_test]
+    fn a_schema_named_cron_is_not_pg_cron() {
+        Spi::run(
+            "CREATE SCHEMA cron;
+             CREATE TABLE public.cron_trap (who name);
+             CREATE FUNCTION cron.evil() RETURNS text LANGUAGE plpgsql AS $$
+                 BEGIN INSERT INTO public.cron_trap VALUES (current_user); RETURN '* * * * *'; END $$;
+             CREATE VIEW cron.job AS SELECT 1::bigint AS jobid, cron.evil() AS schedule, true AS active, 'x'::text AS jobname;",
+        )
+        .unwrap();
+        assert!(Spi::get_one::<bool>("SELECT ihub._pg_cron_table('job') IS NULL").unwrap().unwrap());
+        expect_error("SELECT ihub.watch('cron:x')", &["pg_cron is not installed"]);
+        assert_eq!(one::<i64>("SELECT count(*) FROM public.cron_trap"), 0, "the developer's view was read");
     }
 }

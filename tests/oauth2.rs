@@ -38,9 +38,8 @@ fn wait_status(t: &mut Team, want: &str) {
 
 /// Posts a contact through the endpoint and waits for the delivery to end.
 fn post_contact(t: &mut Team, name: &str) -> (String, i32) {
-    let id: i64 = t.one(&format!(
-        "SELECT ihub.http_request('{{p}}_api', '{{\"name\": \"{name}\"}}', path => '/contacts')"
-    ));
+    let id: i64 =
+        t.one(&format!("SELECT ihub.http_request('{{p}}_api', '{{\"name\": \"{name}\"}}', path => '/contacts')"));
     assert!(
         t.wait_true(
             &format!("SELECT state NOT IN ('pending', 'running', 'retry') FROM ihub.deliveries WHERE id = {id}"),

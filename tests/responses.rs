@@ -83,10 +83,8 @@ fn failed_and_dead_requests_reach_their_handler_too() {
          SELECT ihub.http_request('{p}_api', '{\"n\": 2}', path => '/down', on_response => '{p}_got(ihub.http_response)');",
     );
     wait_seen(&mut t, 2);
-    let rows = t
-        .dev
-        .query(&t.sql("SELECT state, status, attempts, error FROM {p}_seen ORDER BY delivery_id"), &[])
-        .unwrap();
+    let rows =
+        t.dev.query(&t.sql("SELECT state, status, attempts, error FROM {p}_seen ORDER BY delivery_id"), &[]).unwrap();
     let seen: Vec<(String, i32, i32, String)> = rows.iter().map(|r| (r.get(0), r.get(1), r.get(2), r.get(3))).collect();
     assert_eq!(seen[0], ("failed".into(), 404, 1, "receiver answered HTTP 404".into()));
     assert_eq!(seen[1], ("dead".into(), 503, 2, "receiver answered HTTP 503".into()));

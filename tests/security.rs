@@ -706,3 +706,48 @@ fn an_error_at_commit_fails_the_job_and_keeps_the_worker() {
         .collect();
     assert_eq!(workers, now, "a job worker exited");
 }
+
+/// Reading an inbound item's payload runs no code of a developer's with
+/// another role's rights: with the developer's own `convert_from(bytea,
+/// text)` in a schema on the reader's search path (public, where the
+/// developer may create, is on every default path), a superuser reads
+/// `ihub.inbound_items` and an item is handled; the function, if anything
+/// ran it, records who it ran as.
+#[test]
+fn reading_inbound_payloads_runs_no_code_of_a_developer() {
+    let mut hub = hub();
+    let r = roles(&mut hub);
+    let integration = unique("it");
+    hub.exec(&format!(
+        "SELECT ihub.create_integration('{integration}'); SELECT ihub.enable_integration('{integration}');
+         CREATE SCHEMA {p}_trap AUTHORIZATION {dev}; GRANT USAGE ON SCHEMA {p}_trap TO PUBLIC;",
+        p = r.p,
+        dev = r.dev
+    ));
+    let mut dev = r.connect(&r.dev);
+    dev.batch_execute(&format!(
+        "CREATE TABLE {p}_trap.ran_as (who name); GRANT INSERT ON {p}_trap.ran_as TO PUBLIC;
+         CREATE FUNCTION {p}_trap.convert_from(b bytea, e text) RETURNS text LANGUAGE plpgsql AS $$
+             BEGIN INSERT INTO {p}_trap.ran_as VALUES (current_user); RETURN pg_catalog.convert_from(b, e::name); END $$;
+         CREATE FUNCTION {p}_handle(item ihub.inbound_items) RETURNS jsonb LANGUAGE sql AS 'SELECT item.payload';
+         SELECT ihub.create_source('{integration}', 'src', '{p}_handle(ihub.inbound_items)', 'none');
+         SELECT ihub.receive('{integration}', 'src', '{{}}', convert_to('{{\"a\": 1}}', 'UTF8'));",
+        p = r.p
+    ))
+    .unwrap_or_else(|e| panic!("{}", describe(&e)));
+    assert!(hub.wait_true(
+        &format!("SELECT state = 'done' FROM ihub.inbound_items WHERE integration = '{integration}'"),
+        WAIT
+    ));
+    hub.exec(&format!("SET search_path = \"$user\", {p}_trap, public", p = r.p));
+    let payload: String =
+        hub.one(&format!("SELECT payload::text FROM ihub.inbound_items WHERE integration = '{integration}'"));
+    hub.exec("RESET search_path");
+    assert_eq!(payload, r#"{"a": 1}"#);
+    let ran: Option<String> = hub.one(&format!(
+        "SELECT string_agg(DISTINCT who::text, ',') FROM {p}_trap.ran_as WHERE who <> '{dev}'",
+        p = r.p,
+        dev = r.dev
+    ));
+    assert_eq!(ran, None, "the developer's convert_from ran with someone else's rights");
+}

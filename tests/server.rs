@@ -822,10 +822,7 @@ fn a_paginated_pull_imports_every_page_once_through_a_failure_and_a_crash() {
     Cluster::from_env().crash_and_restart();
     let mut hub = pg_ihub_e2e::hub();
     assert!(
-        hub.wait_true(
-            &format!("SELECT ihub.get_date('{p}', 'contacts_pulled') IS NOT NULL"),
-            Duration::from_secs(120)
-        ),
+        hub.wait_true(&format!("SELECT ihub.get_date('{p}', 'contacts_pulled') IS NOT NULL"), Duration::from_secs(120)),
         "the pull did not finish"
     );
     let pages: String = hub.one(&format!(

@@ -809,3 +809,19 @@ fn test_connection_sends_one_signed_request_and_reports_it_without_secrets() {
     assert!(err.contains("permission denied for function test_connection"), "{err}");
     assert_eq!(ok.count(), 1, "the refused call sent nothing");
 }
+
+/// An integration with bindings can be deleted, and its bindings go with
+/// it (ihub.delete_integration failed on the foreign key before).
+#[test]
+fn deleting_an_integration_removes_its_bindings() {
+    let mut s = setup();
+    s.exec(
+        "CREATE TABLE {p}_things (id bigserial PRIMARY KEY, name text);
+         INSERT INTO {p}_things (name) VALUES ('a');
+         SELECT ihub.bind('{p}', 'thing', '{p}_things', (SELECT id::text FROM {p}_things), 'x_1', '{\"name\": \"a\"}');",
+    );
+    assert_eq!(s.count("SELECT count(*) FROM ihub.bindings WHERE integration = '{p}'"), 1);
+    s.exec("SELECT ihub.delete_integration('{p}')");
+    assert_eq!(s.count("SELECT count(*) FROM ihub.bindings WHERE integration = '{p}'"), 0);
+    assert_eq!(s.count("SELECT count(*) FROM ihub.integrations WHERE name = '{p}'"), 0);
+}

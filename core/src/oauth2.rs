@@ -136,10 +136,7 @@ pub fn token_form(client: &Client, grant: &Grant) -> (String, Option<String>) {
         ClientAuth::Basic => {
             // RFC 6749 §2.3.1: each part form-encoded first.
             let enc = |s: &str| url::form_urlencoded::byte_serialize(s.as_bytes()).collect::<String>();
-            Some(format!(
-                "Basic {}",
-                B64.encode(format!("{}:{}", enc(&client.client_id), enc(&client.client_secret)))
-            ))
+            Some(format!("Basic {}", B64.encode(format!("{}:{}", enc(&client.client_id), enc(&client.client_secret)))))
         }
     };
     (form.finish(), basic)
@@ -292,7 +289,11 @@ impl TokenClient {
     }
 
     /// Several requests at once (a batch of due credentials), answers in order.
-    pub async fn request_all(&self, requests: &[(Client, Grant)], timeout: Duration) -> Vec<Result<Tokens, TokenError>> {
+    pub async fn request_all(
+        &self,
+        requests: &[(Client, Grant)],
+        timeout: Duration,
+    ) -> Vec<Result<Tokens, TokenError>> {
         futures_util::future::join_all(requests.iter().map(|(c, g)| self.request(c, g, timeout))).await
     }
 
@@ -357,14 +358,16 @@ mod tests {
         assert_eq!(basic.as_deref(), Some("Basic YXBwKzE6czNjcjN0JTNBeA=="));
         let code = Grant::AuthorizationCode { code: "c0de".into(), redirect_uri: "https://h/cb/x".into() };
         let (form, _) = token_form(&client(ClientAuth::Post), &code);
-        assert!(form.starts_with("grant_type=authorization_code&code=c0de&redirect_uri=https%3A%2F%2Fh%2Fcb%2Fx&client_id="));
+        assert!(form
+            .starts_with("grant_type=authorization_code&code=c0de&redirect_uri=https%3A%2F%2Fh%2Fcb%2Fx&client_id="));
     }
 
     #[test]
     fn token_responses_are_read_and_refusals_named() {
         let ok = parse_token_response(
             200,
-            &json!({"access_token": "at", "token_type": "Bearer", "expires_in": 3600, "refresh_token": "rt2"}).to_string(),
+            &json!({"access_token": "at", "token_type": "Bearer", "expires_in": 3600, "refresh_token": "rt2"})
+                .to_string(),
         )
         .unwrap();
         assert_eq!(ok.access_token, "at");
@@ -395,8 +398,14 @@ mod tests {
 
     #[test]
     fn authorize_urls_carry_client_redirect_scope_and_state() {
-        let url = authorize_url("https://crm.example/oauth/authorize?prompt=consent", "app", "https://h/cb", Some("a b"), "st")
-            .unwrap();
+        let url = authorize_url(
+            "https://crm.example/oauth/authorize?prompt=consent",
+            "app",
+            "https://h/cb",
+            Some("a b"),
+            "st",
+        )
+        .unwrap();
         assert_eq!(
             url,
             "https://crm.example/oauth/authorize?prompt=consent&response_type=code&client_id=app&redirect_uri=https%3A%2F%2Fh%2Fcb&scope=a+b&state=st"
@@ -463,8 +472,11 @@ mod tests {
     fn a_refresh_posts_the_form_and_reads_the_tokens() {
         let body = r#"{"access_token":"new-at","token_type":"bearer","expires_in":120,"refresh_token":"rt-2"}"#;
         let reply: &'static str = Box::leak(
-            format!("HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}", body.len())
-                .into_boxed_str(),
+            format!(
+                "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+                body.len()
+            )
+            .into_boxed_str(),
         );
         let (url, seen) = token_endpoint(reply);
         let tokens = TokenClient::new(AllowList::parse("127.0.0.0/8").unwrap(), "", "t");
@@ -482,8 +494,11 @@ mod tests {
     fn a_refused_grant_is_reported_without_its_secrets() {
         let body = r#"{"error":"invalid_grant","error_description":"refresh token rt-1 was revoked"}"#;
         let reply: &'static str = Box::leak(
-            format!("HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}", body.len())
-                .into_boxed_str(),
+            format!(
+                "HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+                body.len()
+            )
+            .into_boxed_str(),
         );
         let (url, _seen) = token_endpoint(reply);
         let tokens = TokenClient::new(AllowList::parse("127.0.0.0/8").unwrap(), "", "t");

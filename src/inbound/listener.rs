@@ -74,7 +74,11 @@ enum Work {
         reply: oneshot::Sender<Option<Value>>,
     },
     /// What the token endpoint answered for a code.
-    OAuth2Tokens { id: i64, outcome: Result<oauth2::Tokens, oauth2::TokenError>, reply: oneshot::Sender<()> },
+    OAuth2Tokens {
+        id: i64,
+        outcome: Result<oauth2::Tokens, oauth2::TokenError>,
+        reply: oneshot::Sender<()>,
+    },
 }
 
 /// A request refused by verification, to be recorded. These wait in a
@@ -594,7 +598,9 @@ fn oauth2_callback(integration: &str, name: &str, state: Option<&str>, declined:
             &[integration.into(), name.into(), state.into(), error.into()],
         )
         .unwrap_or_else(|e| error!("ihub._oauth2_declined: {e}"));
-        return Some(json!({"error": format!("the provider reports the authorization refused: {error}"), "status": 400}));
+        return Some(
+            json!({"error": format!("the provider reports the authorization refused: {error}"), "status": 400}),
+        );
     }
     Spi::get_one_with_args::<JsonB>(
         "SELECT ihub._oauth2_callback($1, $2, $3)",
@@ -751,10 +757,19 @@ fn page(status: StatusCode, title: &str, text: &str) -> Response<Full<Bytes>> {
 /// must be the one `ihub.oauth2_authorize_url` put in the last URL (it is
 /// used up either way); then the code is exchanged for tokens, which are
 /// stored before the page answers.
-async fn oauth2_callback_page(query: &str, shared: &Shared, integration: String, name: String) -> Response<Full<Bytes>> {
+async fn oauth2_callback_page(
+    query: &str,
+    shared: &Shared,
+    integration: String,
+    name: String,
+) -> Response<Full<Bytes>> {
     let params = oauth2::callback_params(query);
     if params.code.is_none() && params.error.is_none() {
-        return page(StatusCode::BAD_REQUEST, "Authorization failed", "The request carries neither a code nor an error.");
+        return page(
+            StatusCode::BAD_REQUEST,
+            "Authorization failed",
+            "The request carries neither a code nor an error.",
+        );
     }
     let (tx, rx) = oneshot::channel();
     let work = Work::OAuth2Callback {
@@ -772,12 +787,17 @@ async fn oauth2_callback_page(query: &str, shared: &Shared, integration: String,
         _ => return page(StatusCode::SERVICE_UNAVAILABLE, "Try again", "The database did not answer."),
     };
     if let Some(problem) = answer["error"].as_str() {
-        let status = StatusCode::from_u16(answer["status"].as_u64().unwrap_or(400) as u16).unwrap_or(StatusCode::BAD_REQUEST);
+        let status =
+            StatusCode::from_u16(answer["status"].as_u64().unwrap_or(400) as u16).unwrap_or(StatusCode::BAD_REQUEST);
         return page(status, "Authorization failed", problem);
     }
     let text = |key: &str| answer[key].as_str().unwrap_or_default().to_string();
     let (Some(id), Some(code)) = (answer["id"].as_i64(), params.code) else {
-        return page(StatusCode::INTERNAL_SERVER_ERROR, "Authorization failed", "pg_ihub could not read the credential.");
+        return page(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "Authorization failed",
+            "pg_ihub could not read the credential.",
+        );
     };
     let client = oauth2::Client {
         token_url: text("token_url"),
@@ -808,7 +828,9 @@ async fn oauth2_callback_page(query: &str, shared: &Shared, integration: String,
             "Authorized",
             &format!("pg_ihub holds an access token for {integration}/{name} now. You may close this window."),
         ),
-        Err(problem) => page(StatusCode::BAD_GATEWAY, "Authorization failed", &format!("The code was not accepted: {problem}")),
+        Err(problem) => {
+            page(StatusCode::BAD_GATEWAY, "Authorization failed", &format!("The code was not accepted: {problem}"))
+        }
     }
 }
 

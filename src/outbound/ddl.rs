@@ -44,8 +44,7 @@ unsafe fn statement(fcinfo: pg_sys::FunctionCallInfo, what: &str) -> *mut pg_sys
 /// Runs internal SQL as the bootstrap superuser (the extension's owner):
 /// the role issuing the DDL holds no EXECUTE on these functions.
 fn owner_runs(sql: &str, args: &[pgrx::datum::DatumWithOid<'_>]) {
-    as_owner(|| Spi::run_with_args(sql, args))
-        .unwrap_or_else(|e| pgrx::error!("{e}"));
+    as_owner(|| Spi::run_with_args(sql, args)).unwrap_or_else(|e| pgrx::error!("{e}"));
 }
 
 /// `ihub_drop_extension` (DROP EXTENSION): when the statement drops pg_ihub,

@@ -28,16 +28,23 @@ fn new_state() -> String {
 
 /// The authorization URL (`pg_ihub_core::oauth2::authorize_url`).
 #[pg_extern(name = "_oauth2_authorize_link", immutable)]
-fn authorize_link(authorize_url: &str, client_id: &str, redirect_uri: &str, scope: Option<&str>, state: &str) -> String {
+fn authorize_link(
+    authorize_url: &str,
+    client_id: &str,
+    redirect_uri: &str,
+    scope: Option<&str>,
+    state: &str,
+) -> String {
     oauth2::authorize_url(authorize_url, client_id, redirect_uri, scope, state)
         .unwrap_or_else(|e| IhubError::AuthorizeUrl(e).raise())
 }
 
 pub fn token_client() -> TokenClient {
-    let allow = pg_ihub_core::outbound::target::AllowList::parse(&settings::allow_private_hosts()).unwrap_or_else(|e| {
-        warning!("pg_ihub: ignoring invalid ihub.allow_private_hosts: {e}");
-        Default::default()
-    });
+    let allow =
+        pg_ihub_core::outbound::target::AllowList::parse(&settings::allow_private_hosts()).unwrap_or_else(|e| {
+            warning!("pg_ihub: ignoring invalid ihub.allow_private_hosts: {e}");
+            Default::default()
+        });
     TokenClient::new(allow, &settings::http_proxy(), concat!("pg_ihub/", env!("CARGO_PKG_VERSION")))
 }
 
@@ -124,9 +131,8 @@ pub fn refresh_due(runtime: &tokio::runtime::Runtime, tokens: &TokenClient) -> u
 
 /// Seconds until the next credential is due, if any is.
 pub fn next_due() -> Option<Duration> {
-    let secs = in_transaction("next OAuth2 refresh", || {
-        Spi::get_one::<f64>("SELECT ihub._oauth2_next_due()").ok().flatten()
-    })
-    .flatten()?;
+    let secs =
+        in_transaction("next OAuth2 refresh", || Spi::get_one::<f64>("SELECT ihub._oauth2_next_due()").ok().flatten())
+            .flatten()?;
     Some(Duration::from_secs_f64(secs.clamp(0.0, 86_400.0)))
 }

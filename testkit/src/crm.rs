@@ -260,7 +260,8 @@ fn admin_edit(state: &State, id: Option<&str>, fields: Value) -> Value {
 fn send_webhook(state: &State, event: &str, contact: &Value) {
     let Some((url, secret)) = state.webhook.lock().unwrap().clone() else { return };
     let Some(rest) = url.strip_prefix("http://") else { return };
-    let (host, path) = rest.split_once('/').map(|(h, p)| (h.to_string(), format!("/{p}"))).unwrap_or((rest.into(), "/".into()));
+    let (host, path) =
+        rest.split_once('/').map(|(h, p)| (h.to_string(), format!("/{p}"))).unwrap_or((rest.into(), "/".into()));
     let id = format!("msg_{:016x}", rand_u64());
     let ts = now_s();
     let body = json!({"type": event, "timestamp": ts, "data": contact}).to_string();
@@ -321,10 +322,7 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Answer {
 }
 
 fn form(text: &str) -> HashMap<String, String> {
-    text.split('&')
-        .filter_map(|kv| kv.split_once('='))
-        .map(|(k, v)| (decode(k), decode(v)))
-        .collect()
+    text.split('&').filter_map(|kv| kv.split_once('=')).map(|(k, v)| (decode(k), decode(v))).collect()
 }
 
 fn decode(s: &str) -> String {
@@ -377,10 +375,7 @@ async fn route(
                 code
             };
             let sep = if redirect.contains('?') { '&' } else { '?' };
-            let location = format!(
-                "{redirect}{sep}code={code}&state={}",
-                url_encode(state_param)
-            );
+            let location = format!("{redirect}{sep}code={code}&state={}", url_encode(state_param));
             Response::builder().status(302).header("location", location).body(Full::new(Bytes::new())).unwrap()
         }
         (&Method::POST, ["admin", "contacts"]) | (&Method::POST, ["admin", "contacts", _]) => {
@@ -389,14 +384,18 @@ async fn route(
             };
             let id = segments.get(2).map(|s| s.to_string());
             let state = state.clone();
-            let contact = tokio::task::spawn_blocking(move || admin_edit(&state, id.as_deref(), fields)).await.unwrap_or(Value::Null);
+            let contact = tokio::task::spawn_blocking(move || admin_edit(&state, id.as_deref(), fields))
+                .await
+                .unwrap_or(Value::Null);
             if contact.is_null() {
                 answer(404, json!({"error": "no such contact"}))
             } else {
                 answer(200, contact)
             }
         }
-        (&Method::GET, ["admin", "contacts"]) => answer(200, Value::Array(state.contacts.lock().unwrap().values().cloned().collect())),
+        (&Method::GET, ["admin", "contacts"]) => {
+            answer(200, Value::Array(state.contacts.lock().unwrap().values().cloned().collect()))
+        }
         (_, ["contacts", ..]) | (_, ["hooks", ..]) if !authorized(state, token) => {
             answer(401, json!({"error": "invalid_token"}))
         }
@@ -415,7 +414,13 @@ async fn route(
             }
             let email = fields.get("email").cloned();
             let existing = email.and_then(|e| {
-                state.contacts.lock().unwrap().iter().find(|(_, c)| c.get("email") == Some(&e)).map(|(id, _)| id.clone())
+                state
+                    .contacts
+                    .lock()
+                    .unwrap()
+                    .iter()
+                    .find(|(_, c)| c.get("email") == Some(&e))
+                    .map(|(id, _)| id.clone())
             });
             let contact = match existing {
                 Some(id) => update(state, &id, &Value::Object(fields)).unwrap_or(Value::Null),
@@ -485,7 +490,10 @@ fn token_endpoint(state: &State, basic: Option<&str>, body: &str) -> Response<Fu
         "refresh_token" => {
             let given = f.get("refresh_token").cloned().unwrap_or_default();
             if !t.refresh.remove(&given) {
-                return answer(400, json!({"error": "invalid_grant", "error_description": "unknown or used refresh token"}));
+                return answer(
+                    400,
+                    json!({"error": "invalid_grant", "error_description": "unknown or used refresh token"}),
+                );
             }
             Some(next_token(&mut t, "rt"))
         }
@@ -493,7 +501,12 @@ fn token_endpoint(state: &State, basic: Option<&str>, body: &str) -> Response<Fu
             let code = f.get("code").cloned().unwrap_or_default();
             match t.codes.remove(&code) {
                 Some(redirect) if Some(&redirect) == f.get("redirect_uri") => Some(next_token(&mut t, "rt")),
-                _ => return answer(400, json!({"error": "invalid_grant", "error_description": "unknown code or redirect_uri"})),
+                _ => {
+                    return answer(
+                        400,
+                        json!({"error": "invalid_grant", "error_description": "unknown code or redirect_uri"}),
+                    )
+                }
             }
         }
         "client_credentials" => None,

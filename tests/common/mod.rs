@@ -241,7 +241,14 @@ impl Team {
 /// the test CRM (`grant`: client_credentials, or refresh_token with
 /// `refresh_token`), and an endpoint `endpoint` to the CRM's API using it,
 /// with fast retries.
-pub fn crm_sql(crm: &Crm, integration: &str, name: &str, endpoint: &str, grant: &str, refresh_token: Option<&str>) -> String {
+pub fn crm_sql(
+    crm: &Crm,
+    integration: &str,
+    name: &str,
+    endpoint: &str,
+    grant: &str,
+    refresh_token: Option<&str>,
+) -> String {
     let refresh = refresh_token.map(|t| format!("'{t}'")).unwrap_or_else(|| "NULL".into());
     format!(
         "SELECT ihub.create_oauth2('{integration}', '{name}', '{token}', '{id}', '{secret}', refresh_token => {refresh},

@@ -13,13 +13,23 @@ use serde_json::Value;
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Auth {
     None,
-    Basic { username: String, password: String },
-    Bearer { token: String },
-    ApiKey { header: String, value: String },
+    Basic {
+        username: String,
+        password: String,
+    },
+    Bearer {
+        token: String,
+    },
+    ApiKey {
+        header: String,
+        value: String,
+    },
     /// The OAuth2 credential of this name (`ihub.create_oauth2`): no secret
     /// here, only which credential's access token to send.
     #[serde(rename = "oauth2")]
-    OAuth2 { credential: String },
+    OAuth2 {
+        credential: String,
+    },
 }
 
 #[derive(Debug, thiserror::Error, PartialEq)]

@@ -17,8 +17,7 @@ pub enum QueryError {
     EmptyName,
 }
 
-pub const QUERY_HINT: &str =
-    r#"For example query => '{"cursor": "c_2", "limit": 100, "status": ["open", "won"]}': an array repeats the parameter, null leaves it out."#;
+pub const QUERY_HINT: &str = r#"For example query => '{"cursor": "c_2", "limit": 100, "status": ["open", "won"]}': an array repeats the parameter, null leaves it out."#;
 
 /// A query string (without `?`) from a JSON object: strings as they are,
 /// numbers and booleans as JSON writes them, arrays as repeated parameters,
@@ -138,7 +137,10 @@ mod tests {
         assert_eq!(join_url("https://h/api", Some("?a=1")), "https://h/api?a=1");
         assert_eq!(join_url("https://h/api", Some("/x?a=1")), "https://h/api/x?a=1");
         // The endpoint's own query string stays, first; the path goes before it.
-        assert_eq!(join_url("https://h/v1?key=k", Some("/contacts?cursor=c2")), "https://h/v1/contacts?key=k&cursor=c2");
+        assert_eq!(
+            join_url("https://h/v1?key=k", Some("/contacts?cursor=c2")),
+            "https://h/v1/contacts?key=k&cursor=c2"
+        );
         assert_eq!(join_url("https://h/v1?key=k", Some("?cursor=c2")), "https://h/v1?key=k&cursor=c2");
         assert_eq!(join_url("https://h/v1?key=k", Some("&cursor=c2")), "https://h/v1?key=k&cursor=c2");
         assert_eq!(join_url("https://h/v1/", Some("/c")), "https://h/v1/c");

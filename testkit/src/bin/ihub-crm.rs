@@ -38,7 +38,13 @@ fn main() {
         std::thread::sleep(Duration::from_millis(100));
         let requests = crm.requests();
         for r in requests.iter().skip(seen) {
-            println!("{} {} -> {}{}", r.method, r.path, r.status, if r.token.is_some() { " (bearer token)" } else { "" });
+            println!(
+                "{} {} -> {}{}",
+                r.method,
+                r.path,
+                r.status,
+                if r.token.is_some() { " (bearer token)" } else { "" }
+            );
         }
         seen = requests.len();
     }
