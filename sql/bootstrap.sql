@@ -147,7 +147,10 @@ CREATE TABLE ihub.delivery (
     -- context handed to it.
     on_response     regprocedure,
     response_context jsonb,
-    requested_by    regrole
+    requested_by    regrole,
+    -- The version of its endpoint's OAuth2 access token that the receiver
+    -- last answered 401 to (see ihub._settle).
+    refused_token   integer
 )
 -- Every delivery is updated at least twice; vacuum early so that the partial
 -- indexes do not fill with dead entries.

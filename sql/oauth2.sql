@@ -33,6 +33,9 @@ CREATE TABLE ihub.oauth2 (
     -- Counts access tokens: a 401 asks for a new one only when it answered
     -- the current one, so that many 401s to one token make one refresh.
     token_version  integer NOT NULL DEFAULT 0,
+    -- When a receiver answered 401 to a new token too: for 10 minutes after,
+    -- 401s ask for no new token (ihub._settle).
+    refused_at     timestamptz,
     -- Failed token requests in a row, and the last one's error.
     failures       integer NOT NULL DEFAULT 0,
     last_error     text,
@@ -235,12 +238,19 @@ RETURNS TABLE (id bigint, version integer, grant_type text, token_url text, clie
                refresh_token text, scope text, client_auth text)
 LANGUAGE sql SET search_path = pg_catalog, pg_temp
 AS $$
-    WITH due AS (
+    -- Nothing to ask with (a refresh_token grant whose code exchange gave no
+    -- refresh token, or failed): not due until a person authorizes again.
+    WITH nothing AS (
+        UPDATE ihub.oauth2 o SET refresh_at = NULL
+        FROM ihub.oauth2_secret s
+        WHERE s.oauth2_id = o.id AND o.refresh_at <= now() AND o.grant_type = 'refresh_token' AND s.refresh_token IS NULL
+    ), due AS (
         SELECT o.id FROM ihub.oauth2 o
-        WHERE o.refresh_at <= now()
+        JOIN ihub.oauth2_secret s ON s.oauth2_id = o.id
+        WHERE o.refresh_at <= now() AND (o.grant_type = 'client_credentials' OR s.refresh_token IS NOT NULL)
         ORDER BY o.refresh_at
         LIMIT p_limit
-        FOR UPDATE SKIP LOCKED
+        FOR UPDATE OF o SKIP LOCKED
     ), leased AS (
         UPDATE ihub.oauth2 o SET refresh_at = now() + interval '1 minute'
         FROM due WHERE o.id = due.id
@@ -292,11 +302,12 @@ BEGIN
 END
 $$;
 
--- A token request failed (the message is scrubbed of secrets already).
--- The next is asked for after a back-off of 5 s doubling up to 10 minutes;
--- the first failure in a row is logged as an error, and the health check
--- reports the credential until a request succeeds again.
-CREATE FUNCTION ihub._oauth2_failed(p_id bigint, p_error text) RETURNS void
+-- A token request made with token version p_version failed (the message is
+-- scrubbed of secrets already). The next is asked for after a back-off of
+-- 5 s doubling up to 10 minutes; the first failure in a row is logged as an
+-- error, and the health check reports the credential until a request
+-- succeeds again. A token stored meanwhile (the version moved on) stands.
+CREATE FUNCTION ihub._oauth2_failed(p_id bigint, p_version integer, p_error text) RETURNS void
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
@@ -305,7 +316,7 @@ BEGIN
     UPDATE ihub.oauth2 o
     SET failures = o.failures + 1, last_error = left(p_error, 1000), last_error_at = now(),
         refresh_at = now() + least(interval '10 minutes', interval '5 seconds' * power(2, least(o.failures, 10)))
-    WHERE o.id = p_id
+    WHERE o.id = p_id AND o.token_version = p_version
     RETURNING * INTO v;
     IF v.failures = 1 THEN
         PERFORM ihub.log('error', format('OAuth2 credential %s could not get an access token (%s)', v.name, p_error),
@@ -317,9 +328,8 @@ $$;
 
 -- The listener's first step for /oauth2/callback/<integration>/<name>: the
 -- state must be the one the last authorization URL carried, unexpired; it
--- is used up either way. Returns what exchanging the code needs, or
--- {"error": ...} (then nothing else is in it, and the credential records
--- why).
+-- is used up when it matches. Returns what exchanging the code needs (and
+-- the token version now), or {"error": ..., "status": ...}.
 CREATE FUNCTION ihub._oauth2_callback(p_integration text, p_name text, p_state text) RETURNS jsonb
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
 AS $$
@@ -341,15 +351,18 @@ BEGIN
     ELSIF p_state IS NULL OR sha256(convert_to(p_state, 'UTF8')) <> v_secret.state_hash THEN
         v_problem := 'the state does not match the last authorization URL';
     END IF;
+    -- A state that does not match changes nothing: anyone can send one, and
+    -- must not be able to spoil an authorization under way (a real state,
+    -- 256 random bits, cannot be guessed). An expired one is cleared.
     IF v_problem IS NOT NULL THEN
-        IF v_secret.state_hash IS NOT NULL THEN
+        IF v_secret.state_expires_at < now() THEN
             UPDATE ihub.oauth2_secret SET state_hash = NULL, state_expires_at = NULL WHERE oauth2_id = v.id;
             UPDATE ihub.oauth2 SET last_error = 'authorization refused: ' || v_problem, last_error_at = now() WHERE id = v.id;
         END IF;
         RETURN jsonb_build_object('error', v_problem, 'status', 400);
     END IF;
     UPDATE ihub.oauth2_secret SET state_hash = NULL, state_expires_at = NULL WHERE oauth2_id = v.id;
-    RETURN jsonb_build_object('id', v.id, 'token_url', v.token_url, 'client_id', v.client_id,
+    RETURN jsonb_build_object('id', v.id, 'version', v.token_version, 'token_url', v.token_url, 'client_id', v.client_id,
                               'client_secret', v_secret.client_secret, 'scope', v.scope, 'client_auth', v.client_auth,
                               'redirect_uri', v_secret.redirect_uri);
 END
@@ -415,7 +428,7 @@ COMMENT ON FUNCTION ihub._oauth2_due(integer) IS 'Internal: credentials due for 
 COMMENT ON FUNCTION ihub._oauth2_next_due() IS 'Internal: seconds until the next credential is due for a token request.';
 COMMENT ON FUNCTION ihub._oauth2_store(bigint, jsonb) IS
     'Internal: stores issued tokens and makes deliveries that waited for them due.';
-COMMENT ON FUNCTION ihub._oauth2_failed(bigint, text) IS 'Internal: records a failed token request and backs off.';
+COMMENT ON FUNCTION ihub._oauth2_failed(bigint, integer, text) IS 'Internal: records a failed token request and backs off.';
 COMMENT ON FUNCTION ihub._oauth2_callback(text, text, text) IS
     'Internal: checks and uses up the state of an authorization callback; returns what exchanging its code needs.';
 COMMENT ON FUNCTION ihub._oauth2_declined(text, text, text, text) IS

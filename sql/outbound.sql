@@ -929,7 +929,8 @@ $$;
 CREATE FUNCTION ihub._claim(p_owner integer, p_limit integer, p_default_timeout_ms integer, p_rounds integer)
 RETURNS TABLE (delivery_id bigint, event_id text, method text, url text, headers jsonb, auth jsonb, secrets text[],
                timeout_ms integer, retry jsonb, body text, test_mode boolean, attempts_used integer,
-               oauth2_id bigint, oauth2_version integer, not_sendable text, last_status integer, respond boolean)
+               oauth2_id bigint, oauth2_version integer, not_sendable text, refused_token integer, respond boolean,
+               oauth2_refusing boolean)
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp SET enable_seqscan = off
 AS $$
 DECLARE
@@ -990,6 +991,23 @@ BEGIN
             RETURNING d
         )
         SELECT v_claimed || coalesce(array_agg(claimed.d), '{}') INTO v_claimed FROM claimed;
+        -- Requests whose responses go to a handler carry their whole body (up
+        -- to ihub.max_response_size) into the settle: a batch holds 32 MB of
+        -- them at most, and the rest go back to the queue, due, for the next
+        -- round. (Subscriptions' deliveries never have a handler.)
+        IF EXISTS (SELECT 1 FROM unnest(v_claimed) c WHERE c.on_response IS NOT NULL) THEN
+            WITH extra AS (
+                SELECT c.id FROM unnest(v_claimed) c WHERE c.on_response IS NOT NULL
+                ORDER BY c.run_at, c.id
+                OFFSET greatest(1, 33554432 / pg_size_bytes(current_setting('ihub.max_response_size')))
+            ), released AS (
+                UPDATE ihub.delivery d
+                SET state = CASE WHEN d.attempts > 0 THEN 'retry' ELSE 'pending' END, worker_pid = NULL, lease_until = NULL
+                FROM extra WHERE d.id = extra.id
+                RETURNING d.id
+            )
+            SELECT ARRAY(SELECT c FROM unnest(v_claimed) c WHERE c.id NOT IN (SELECT id FROM released)) INTO v_claimed;
+        END IF;
     END IF;
     RETURN QUERY
         -- The secrets of the batch's endpoints, gathered once. Gathered by a
@@ -1016,13 +1034,15 @@ BEGIN
                CASE WHEN o.id IS NOT NULL AND (o.access_token IS NULL OR o.expires_at <= now())
                     THEN format('OAuth2 credential %s has no valid access token (%s)', o.name,
                                 coalesce(o.last_error, CASE WHEN o.access_token IS NULL THEN 'none issued yet' ELSE 'it expired' END))
+                    WHEN o.id IS NOT NULL AND d.refused_token = o.token_version
+                    THEN format('OAuth2 credential %s has no new access token yet (the receiver refused the last one)', o.name)
                END,
-               d.last_status, d.on_response IS NOT NULL
+               d.refused_token, d.on_response IS NOT NULL, o.refused_at > now() - interval '10 minutes'
         FROM unnest(v_claimed) d
         JOIN ihub.endpoint e ON e.id = d.endpoint_id
         LEFT JOIN ihub.endpoint_credential c ON c.endpoint_id = e.id
         LEFT JOIN LATERAL (
-            SELECT o.id, o.name, o.token_version, o.expires_at, o.last_error, s.access_token
+            SELECT o.id, o.name, o.token_version, o.expires_at, o.last_error, o.refused_at, s.access_token
             FROM ihub.oauth2 o JOIN ihub.oauth2_secret s ON s.oauth2_id = o.id
             WHERE c.auth ->> 'type' = 'oauth2' AND o.integration_id = e.integration_id AND o.name = c.auth ->> 'credential'
         ) o ON true
@@ -1076,11 +1096,12 @@ BEGIN
         SELECT * FROM jsonb_to_recordset(p_results) AS x(
             delivery_id bigint, state text, next_at double precision, status integer, error text, category text,
             request_headers jsonb, response_headers jsonb, response_body text, started_at double precision,
-            duration_ms double precision)
+            duration_ms double precision, oauth2_stale boolean, oauth2_version integer)
     ), updated AS (
         UPDATE ihub.delivery d
         SET state = r.state,
             attempts = d.attempts + 1,
+            refused_token = CASE WHEN r.oauth2_stale THEN r.oauth2_version ELSE d.refused_token END,
             run_at = CASE WHEN r.state = 'retry' THEN to_timestamp(r.next_at) ELSE d.run_at END,
             last_status = r.status,
             last_error = r.error,
@@ -1134,13 +1155,22 @@ BEGIN
 
     -- A 401 to an OAuth2 access token: a new one is asked for at once (once
     -- per token, however many deliveries got the 401), and the deliveries
-    -- are due again as soon as it is stored (ihub._oauth2_store).
+    -- are due again as soon as it is stored (ihub._oauth2_store). When the
+    -- receiver refused a new token too, it means it: 401s ask for no new
+    -- token for 10 minutes, or an endpoint that refuses every token would
+    -- have a token requested for every delivery (providers cap them).
+    IF p_results @> '[{"oauth2_refused": true}]' THEN
+        UPDATE ihub.oauth2 o SET refused_at = now()
+        WHERE o.id IN (SELECT x.oauth2_id FROM jsonb_to_recordset(p_results) AS x(oauth2_id bigint, oauth2_refused boolean)
+                       WHERE x.oauth2_refused);
+    END IF;
     IF p_results @> '[{"oauth2_stale": true}]' THEN
         UPDATE ihub.oauth2 o SET refresh_at = now()
         FROM (SELECT DISTINCT x.oauth2_id, x.oauth2_version
               FROM jsonb_to_recordset(p_results) AS x(oauth2_id bigint, oauth2_version integer, oauth2_stale boolean)
               WHERE x.oauth2_stale) x
-        WHERE o.id = x.oauth2_id AND o.token_version = x.oauth2_version AND (o.refresh_at IS NULL OR o.refresh_at > now());
+        WHERE o.id = x.oauth2_id AND o.token_version = x.oauth2_version AND (o.refresh_at IS NULL OR o.refresh_at > now())
+          AND (o.refused_at IS NULL OR o.refused_at < now() - interval '10 minutes');
         PERFORM ihub._wake_maintenance();
     END IF;
 
@@ -1381,7 +1411,9 @@ BEGIN
         RAISE EXCEPTION 'body and context are % bytes, more than ihub.max_body_size (%)', v_size, current_setting('ihub.max_body_size')
             USING ERRCODE = 'program_limit_exceeded', HINT = 'Send less, or raise ihub.max_body_size.';
     END IF;
-    IF v_path IS NOT NULL AND v_path !~ '^[/?&][^[:space:]#]*$' THEN
+    -- A path starts with / or ?: either ends the URL's authority, so no path
+    -- can send the request (and the endpoint's credentials) to another host.
+    IF v_path IS NOT NULL AND v_path !~ '^[/?][^[:space:]#]*$' THEN
         RAISE EXCEPTION 'invalid path "%"', v_path
             USING ERRCODE = 'invalid_parameter_value', HINT = 'A path is appended to the endpoint URL; start it with / or ? and leave out spaces.';
     END IF;
@@ -1425,6 +1457,17 @@ CREATE FUNCTION ihub.http_request(
 ) RETURNS bigint
 LANGUAGE c VOLATILE AS 'MODULE_PATHNAME', 'ihub_for_caller';
 
+-- A text as jsonb, NULL when it is not JSON.
+CREATE FUNCTION ihub._try_json(p_text text) RETURNS jsonb
+LANGUAGE plpgsql IMMUTABLE PARALLEL SAFE SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    RETURN p_text::jsonb;
+EXCEPTION WHEN OTHERS THEN
+    RETURN NULL;
+END
+$$;
+
 -- Called by ihub._settle for the deliveries of a batch it settled that have
 -- a response handler and ended: one job each, of the role that made the
 -- request, marked as syncing the endpoint's integration, with the response
@@ -1449,7 +1492,9 @@ BEGIN
         PERFORM ihub._enqueue(v.on_response,
                               jsonb_build_object('delivery_id', v.delivery_id, 'state', v.state, 'status', v.status,
                                                  'headers', v.response_headers, 'body', v.response -> 'body',
-                                                 'body_json', v.response -> 'json', 'context', v.response_context,
+                                                 'body_json', CASE WHEN NOT coalesce((v.response ->> 'truncated')::boolean, false)
+                                                                   THEN ihub._try_json(v.response ->> 'body') END,
+                                                 'context', v.response_context,
                                                  'attempts', v.attempts,
                                                  'error', coalesce(v.error, v.response ->> 'problem')),
                               10, now(), 5, NULL, v.integration_id, NULL, NULL, v.requested_by);
@@ -1488,37 +1533,49 @@ $$;
 CREATE TRIGGER subscription_deleted AFTER DELETE ON ihub.subscription
     FOR EACH ROW EXECUTE FUNCTION ihub._subscription_deleted();
 
-CREATE FUNCTION ihub.replay(delivery_id bigint) RETURNS void
+-- A replayed request with a response handler hands its response over
+-- again, to a job of the role that made the request: only members of that
+-- role (or ihub_admin, see ihub._may_act_for) may replay it.
+CREATE FUNCTION ihub._replay_by(delivery_id bigint, p_caller regrole) RETURNS void
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-    v_state text;
+    v ihub.delivery;
 BEGIN
     PERFORM ihub._require_workers();
-    SELECT state INTO v_state FROM ihub.delivery WHERE id = delivery_id FOR UPDATE;
-    IF v_state IS NULL THEN
+    SELECT * INTO v FROM ihub.delivery d WHERE d.id = _replay_by.delivery_id FOR UPDATE;
+    IF v.id IS NULL THEN
         RAISE EXCEPTION 'delivery % does not exist', delivery_id
             USING ERRCODE = 'undefined_object', HINT = 'List deliveries in ihub.deliveries.';
-    ELSIF v_state NOT IN ('dead', 'failed') THEN
-        RAISE EXCEPTION 'delivery % is %; only dead or failed deliveries can be replayed', delivery_id, v_state
+    ELSIF v.state NOT IN ('dead', 'failed') THEN
+        RAISE EXCEPTION 'delivery % is %; only dead or failed deliveries can be replayed', delivery_id, v.state
             USING ERRCODE = 'object_not_in_prerequisite_state', HINT = 'Pending, running and retrying deliveries are still in the queue.';
     END IF;
-    UPDATE ihub.delivery SET state = 'pending', budget_start = attempts, run_at = now() WHERE id = delivery_id;
+    IF v.on_response IS NOT NULL THEN
+        PERFORM ihub._require_may_act_for(p_caller, v.requested_by, format('delivery %s, whose response handler', v.id));
+    END IF;
+    UPDATE ihub.delivery SET state = 'pending', budget_start = attempts, run_at = now() WHERE id = v.id;
     PERFORM ihub._wake();
 END
 $$;
 
-CREATE FUNCTION ihub.replay_dead(endpoint text, since timestamptz DEFAULT '-infinity') RETURNS bigint
+CREATE FUNCTION ihub.replay(delivery_id bigint) RETURNS void
+LANGUAGE c VOLATILE AS 'MODULE_PATHNAME', 'ihub_for_caller';
+
+-- Replays an endpoint's dead and failed deliveries since a time, leaving
+-- those whose response handler runs as a role the caller may not act for.
+CREATE FUNCTION ihub._replay_dead_by(endpoint text, since timestamptz, p_caller regrole) RETURNS bigint
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     v_count bigint;
 BEGIN
     PERFORM ihub._require_workers();
-    UPDATE ihub.delivery
-    SET state = 'pending', budget_start = attempts, run_at = now()
-    WHERE endpoint_id = (ihub._endpoint(replay_dead.endpoint)).id
-      AND state IN ('dead', 'failed') AND created_at >= coalesce(since, '-infinity');
+    UPDATE ihub.delivery d
+    SET state = 'pending', budget_start = d.attempts, run_at = now()
+    WHERE d.endpoint_id = (ihub._endpoint(_replay_dead_by.endpoint)).id
+      AND d.state IN ('dead', 'failed') AND d.created_at >= coalesce(since, '-infinity')
+      AND (d.on_response IS NULL OR ihub._may_act_for(p_caller, d.requested_by));
     GET DIAGNOSTICS v_count = ROW_COUNT;
     IF v_count > 0 THEN
         PERFORM ihub._wake();
@@ -1526,6 +1583,9 @@ BEGIN
     RETURN v_count;
 END
 $$;
+
+CREATE FUNCTION ihub.replay_dead(endpoint text, since timestamptz DEFAULT '-infinity') RETURNS bigint
+LANGUAGE c VOLATILE AS 'MODULE_PATHNAME', 'ihub_for_caller';
 
 -------------------------------------------------------------------------------
 -- Views (credentials masked; secrets only in endpoint_secrets, for ihub_admin)
@@ -1613,6 +1673,7 @@ COMMENT ON TYPE ihub.http_response IS
     'What a response handler gets: delivery, state (done, failed, dead), HTTP status, headers, body as text and as JSON, the request''s context, attempts and error.';
 COMMENT ON FUNCTION ihub._check_response_function(regprocedure, name) IS
     'Internal: checks that a function takes one ihub.http_response and that the role may execute it.';
+COMMENT ON FUNCTION ihub._try_json(text) IS 'Internal: a text as jsonb, NULL when it is not JSON.';
 COMMENT ON FUNCTION ihub._respond(jsonb, bigint[]) IS
     'Internal (dispatcher): queues the response handler jobs of the ended requests of a settled batch.';
 COMMENT ON FUNCTION ihub._endpoint_deleted() IS

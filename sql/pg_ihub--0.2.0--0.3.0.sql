@@ -648,7 +648,8 @@ DROP FUNCTION ihub._claim(integer, integer, integer, integer);
 CREATE FUNCTION ihub._claim(p_owner integer, p_limit integer, p_default_timeout_ms integer, p_rounds integer)
 RETURNS TABLE (delivery_id bigint, event_id text, method text, url text, headers jsonb, auth jsonb, secrets text[],
                timeout_ms integer, retry jsonb, body text, test_mode boolean, attempts_used integer,
-               oauth2_id bigint, oauth2_version integer, not_sendable text, last_status integer, respond boolean)
+               oauth2_id bigint, oauth2_version integer, not_sendable text, refused_token integer, respond boolean,
+               oauth2_refusing boolean)
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp SET enable_seqscan = off
 AS $$
 DECLARE
@@ -709,6 +710,23 @@ BEGIN
             RETURNING d
         )
         SELECT v_claimed || coalesce(array_agg(claimed.d), '{}') INTO v_claimed FROM claimed;
+        -- Requests whose responses go to a handler carry their whole body (up
+        -- to ihub.max_response_size) into the settle: a batch holds 32 MB of
+        -- them at most, and the rest go back to the queue, due, for the next
+        -- round. (Subscriptions' deliveries never have a handler.)
+        IF EXISTS (SELECT 1 FROM unnest(v_claimed) c WHERE c.on_response IS NOT NULL) THEN
+            WITH extra AS (
+                SELECT c.id FROM unnest(v_claimed) c WHERE c.on_response IS NOT NULL
+                ORDER BY c.run_at, c.id
+                OFFSET greatest(1, 33554432 / pg_size_bytes(current_setting('ihub.max_response_size')))
+            ), released AS (
+                UPDATE ihub.delivery d
+                SET state = CASE WHEN d.attempts > 0 THEN 'retry' ELSE 'pending' END, worker_pid = NULL, lease_until = NULL
+                FROM extra WHERE d.id = extra.id
+                RETURNING d.id
+            )
+            SELECT ARRAY(SELECT c FROM unnest(v_claimed) c WHERE c.id NOT IN (SELECT id FROM released)) INTO v_claimed;
+        END IF;
     END IF;
     RETURN QUERY
         -- The secrets of the batch's endpoints, gathered once. Gathered by a
@@ -735,13 +753,15 @@ BEGIN
                CASE WHEN o.id IS NOT NULL AND (o.access_token IS NULL OR o.expires_at <= now())
                     THEN format('OAuth2 credential %s has no valid access token (%s)', o.name,
                                 coalesce(o.last_error, CASE WHEN o.access_token IS NULL THEN 'none issued yet' ELSE 'it expired' END))
+                    WHEN o.id IS NOT NULL AND d.refused_token = o.token_version
+                    THEN format('OAuth2 credential %s has no new access token yet (the receiver refused the last one)', o.name)
                END,
-               d.last_status, d.on_response IS NOT NULL
+               d.refused_token, d.on_response IS NOT NULL, o.refused_at > now() - interval '10 minutes'
         FROM unnest(v_claimed) d
         JOIN ihub.endpoint e ON e.id = d.endpoint_id
         LEFT JOIN ihub.endpoint_credential c ON c.endpoint_id = e.id
         LEFT JOIN LATERAL (
-            SELECT o.id, o.name, o.token_version, o.expires_at, o.last_error, s.access_token
+            SELECT o.id, o.name, o.token_version, o.expires_at, o.last_error, o.refused_at, s.access_token
             FROM ihub.oauth2 o JOIN ihub.oauth2_secret s ON s.oauth2_id = o.id
             WHERE c.auth ->> 'type' = 'oauth2' AND o.integration_id = e.integration_id AND o.name = c.auth ->> 'credential'
         ) o ON true
@@ -1949,11 +1969,12 @@ BEGIN
         SELECT * FROM jsonb_to_recordset(p_results) AS x(
             delivery_id bigint, state text, next_at double precision, status integer, error text, category text,
             request_headers jsonb, response_headers jsonb, response_body text, started_at double precision,
-            duration_ms double precision)
+            duration_ms double precision, oauth2_stale boolean, oauth2_version integer)
     ), updated AS (
         UPDATE ihub.delivery d
         SET state = r.state,
             attempts = d.attempts + 1,
+            refused_token = CASE WHEN r.oauth2_stale THEN r.oauth2_version ELSE d.refused_token END,
             run_at = CASE WHEN r.state = 'retry' THEN to_timestamp(r.next_at) ELSE d.run_at END,
             last_status = r.status,
             last_error = r.error,
@@ -2007,13 +2028,22 @@ BEGIN
 
     -- A 401 to an OAuth2 access token: a new one is asked for at once (once
     -- per token, however many deliveries got the 401), and the deliveries
-    -- are due again as soon as it is stored (ihub._oauth2_store).
+    -- are due again as soon as it is stored (ihub._oauth2_store). When the
+    -- receiver refused a new token too, it means it: 401s ask for no new
+    -- token for 10 minutes, or an endpoint that refuses every token would
+    -- have a token requested for every delivery (providers cap them).
+    IF p_results @> '[{"oauth2_refused": true}]' THEN
+        UPDATE ihub.oauth2 o SET refused_at = now()
+        WHERE o.id IN (SELECT x.oauth2_id FROM jsonb_to_recordset(p_results) AS x(oauth2_id bigint, oauth2_refused boolean)
+                       WHERE x.oauth2_refused);
+    END IF;
     IF p_results @> '[{"oauth2_stale": true}]' THEN
         UPDATE ihub.oauth2 o SET refresh_at = now()
         FROM (SELECT DISTINCT x.oauth2_id, x.oauth2_version
               FROM jsonb_to_recordset(p_results) AS x(oauth2_id bigint, oauth2_version integer, oauth2_stale boolean)
               WHERE x.oauth2_stale) x
-        WHERE o.id = x.oauth2_id AND o.token_version = x.oauth2_version AND (o.refresh_at IS NULL OR o.refresh_at > now());
+        WHERE o.id = x.oauth2_id AND o.token_version = x.oauth2_version AND (o.refresh_at IS NULL OR o.refresh_at > now())
+          AND (o.refused_at IS NULL OR o.refused_at < now() - interval '10 minutes');
         PERFORM ihub._wake_maintenance();
     END IF;
 
@@ -3468,7 +3498,7 @@ GRANT EXECUTE ON FUNCTION ihub.test_connection(text) TO ihub_developer;
 -------------------------------------------------------------------------------
 
 ALTER TABLE ihub.delivery ADD COLUMN on_response regprocedure, ADD COLUMN response_context jsonb,
-    ADD COLUMN requested_by regrole;
+    ADD COLUMN requested_by regrole, ADD COLUMN refused_token integer;
 
 CREATE OR REPLACE FUNCTION ihub._join_url(
 	"p_url" TEXT, /* & str */
@@ -3592,7 +3622,9 @@ BEGIN
         RAISE EXCEPTION 'body and context are % bytes, more than ihub.max_body_size (%)', v_size, current_setting('ihub.max_body_size')
             USING ERRCODE = 'program_limit_exceeded', HINT = 'Send less, or raise ihub.max_body_size.';
     END IF;
-    IF v_path IS NOT NULL AND v_path !~ '^[/?&][^[:space:]#]*$' THEN
+    -- A path starts with / or ?: either ends the URL's authority, so no path
+    -- can send the request (and the endpoint's credentials) to another host.
+    IF v_path IS NOT NULL AND v_path !~ '^[/?][^[:space:]#]*$' THEN
         RAISE EXCEPTION 'invalid path "%"', v_path
             USING ERRCODE = 'invalid_parameter_value', HINT = 'A path is appended to the endpoint URL; start it with / or ? and leave out spaces.';
     END IF;
@@ -3638,6 +3670,17 @@ CREATE FUNCTION ihub.http_request(
 ) RETURNS bigint
 LANGUAGE c VOLATILE AS 'MODULE_PATHNAME', 'ihub_for_caller';
 
+-- A text as jsonb, NULL when it is not JSON.
+CREATE FUNCTION ihub._try_json(p_text text) RETURNS jsonb
+LANGUAGE plpgsql IMMUTABLE PARALLEL SAFE SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    RETURN p_text::jsonb;
+EXCEPTION WHEN OTHERS THEN
+    RETURN NULL;
+END
+$$;
+
 -- Called by ihub._settle for the deliveries of a batch it settled that have
 -- a response handler and ended: one job each, of the role that made the
 -- request, marked as syncing the endpoint's integration, with the response
@@ -3662,13 +3705,70 @@ BEGIN
         PERFORM ihub._enqueue(v.on_response,
                               jsonb_build_object('delivery_id', v.delivery_id, 'state', v.state, 'status', v.status,
                                                  'headers', v.response_headers, 'body', v.response -> 'body',
-                                                 'body_json', v.response -> 'json', 'context', v.response_context,
+                                                 'body_json', CASE WHEN NOT coalesce((v.response ->> 'truncated')::boolean, false)
+                                                                   THEN ihub._try_json(v.response ->> 'body') END,
+                                                 'context', v.response_context,
                                                  'attempts', v.attempts,
                                                  'error', coalesce(v.error, v.response ->> 'problem')),
                               10, now(), 5, NULL, v.integration_id, NULL, NULL, v.requested_by);
     END LOOP;
 END
 $$;
+
+-- Replays go through the caller now (C entry points), keeping their signatures.
+-- A replayed request with a response handler hands its response over
+-- again, to a job of the role that made the request: only members of that
+-- role (or ihub_admin, see ihub._may_act_for) may replay it.
+CREATE FUNCTION ihub._replay_by(delivery_id bigint, p_caller regrole) RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v ihub.delivery;
+BEGIN
+    PERFORM ihub._require_workers();
+    SELECT * INTO v FROM ihub.delivery d WHERE d.id = _replay_by.delivery_id FOR UPDATE;
+    IF v.id IS NULL THEN
+        RAISE EXCEPTION 'delivery % does not exist', delivery_id
+            USING ERRCODE = 'undefined_object', HINT = 'List deliveries in ihub.deliveries.';
+    ELSIF v.state NOT IN ('dead', 'failed') THEN
+        RAISE EXCEPTION 'delivery % is %; only dead or failed deliveries can be replayed', delivery_id, v.state
+            USING ERRCODE = 'object_not_in_prerequisite_state', HINT = 'Pending, running and retrying deliveries are still in the queue.';
+    END IF;
+    IF v.on_response IS NOT NULL THEN
+        PERFORM ihub._require_may_act_for(p_caller, v.requested_by, format('delivery %s, whose response handler', v.id));
+    END IF;
+    UPDATE ihub.delivery SET state = 'pending', budget_start = attempts, run_at = now() WHERE id = v.id;
+    PERFORM ihub._wake();
+END
+$$;
+
+-- Replays an endpoint's dead and failed deliveries since a time, leaving
+-- those whose response handler runs as a role the caller may not act for.
+CREATE FUNCTION ihub._replay_dead_by(endpoint text, since timestamptz, p_caller regrole) RETURNS bigint
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_count bigint;
+BEGIN
+    PERFORM ihub._require_workers();
+    UPDATE ihub.delivery d
+    SET state = 'pending', budget_start = d.attempts, run_at = now()
+    WHERE d.endpoint_id = (ihub._endpoint(_replay_dead_by.endpoint)).id
+      AND d.state IN ('dead', 'failed') AND d.created_at >= coalesce(since, '-infinity')
+      AND (d.on_response IS NULL OR ihub._may_act_for(p_caller, d.requested_by));
+    GET DIAGNOSTICS v_count = ROW_COUNT;
+    IF v_count > 0 THEN
+        PERFORM ihub._wake();
+    END IF;
+    RETURN v_count;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION ihub.replay(delivery_id bigint) RETURNS void
+LANGUAGE c VOLATILE AS 'MODULE_PATHNAME', 'ihub_for_caller';
+
+CREATE OR REPLACE FUNCTION ihub.replay_dead(endpoint text, since timestamptz DEFAULT '-infinity') RETURNS bigint
+LANGUAGE c VOLATILE AS 'MODULE_PATHNAME', 'ihub_for_caller';
 
 CREATE OR REPLACE FUNCTION ihub.create_endpoint(
     integration text,
@@ -3747,6 +3847,9 @@ CREATE TABLE ihub.oauth2 (
     -- Counts access tokens: a 401 asks for a new one only when it answered
     -- the current one, so that many 401s to one token make one refresh.
     token_version  integer NOT NULL DEFAULT 0,
+    -- When a receiver answered 401 to a new token too: for 10 minutes after,
+    -- 401s ask for no new token (ihub._settle).
+    refused_at     timestamptz,
     -- Failed token requests in a row, and the last one's error.
     failures       integer NOT NULL DEFAULT 0,
     last_error     text,
@@ -3949,12 +4052,19 @@ RETURNS TABLE (id bigint, version integer, grant_type text, token_url text, clie
                refresh_token text, scope text, client_auth text)
 LANGUAGE sql SET search_path = pg_catalog, pg_temp
 AS $$
-    WITH due AS (
+    -- Nothing to ask with (a refresh_token grant whose code exchange gave no
+    -- refresh token, or failed): not due until a person authorizes again.
+    WITH nothing AS (
+        UPDATE ihub.oauth2 o SET refresh_at = NULL
+        FROM ihub.oauth2_secret s
+        WHERE s.oauth2_id = o.id AND o.refresh_at <= now() AND o.grant_type = 'refresh_token' AND s.refresh_token IS NULL
+    ), due AS (
         SELECT o.id FROM ihub.oauth2 o
-        WHERE o.refresh_at <= now()
+        JOIN ihub.oauth2_secret s ON s.oauth2_id = o.id
+        WHERE o.refresh_at <= now() AND (o.grant_type = 'client_credentials' OR s.refresh_token IS NOT NULL)
         ORDER BY o.refresh_at
         LIMIT p_limit
-        FOR UPDATE SKIP LOCKED
+        FOR UPDATE OF o SKIP LOCKED
     ), leased AS (
         UPDATE ihub.oauth2 o SET refresh_at = now() + interval '1 minute'
         FROM due WHERE o.id = due.id
@@ -4006,11 +4116,12 @@ BEGIN
 END
 $$;
 
--- A token request failed (the message is scrubbed of secrets already).
--- The next is asked for after a back-off of 5 s doubling up to 10 minutes;
--- the first failure in a row is logged as an error, and the health check
--- reports the credential until a request succeeds again.
-CREATE FUNCTION ihub._oauth2_failed(p_id bigint, p_error text) RETURNS void
+-- A token request made with token version p_version failed (the message is
+-- scrubbed of secrets already). The next is asked for after a back-off of
+-- 5 s doubling up to 10 minutes; the first failure in a row is logged as an
+-- error, and the health check reports the credential until a request
+-- succeeds again. A token stored meanwhile (the version moved on) stands.
+CREATE FUNCTION ihub._oauth2_failed(p_id bigint, p_version integer, p_error text) RETURNS void
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
@@ -4019,7 +4130,7 @@ BEGIN
     UPDATE ihub.oauth2 o
     SET failures = o.failures + 1, last_error = left(p_error, 1000), last_error_at = now(),
         refresh_at = now() + least(interval '10 minutes', interval '5 seconds' * power(2, least(o.failures, 10)))
-    WHERE o.id = p_id
+    WHERE o.id = p_id AND o.token_version = p_version
     RETURNING * INTO v;
     IF v.failures = 1 THEN
         PERFORM ihub.log('error', format('OAuth2 credential %s could not get an access token (%s)', v.name, p_error),
@@ -4031,9 +4142,8 @@ $$;
 
 -- The listener's first step for /oauth2/callback/<integration>/<name>: the
 -- state must be the one the last authorization URL carried, unexpired; it
--- is used up either way. Returns what exchanging the code needs, or
--- {"error": ...} (then nothing else is in it, and the credential records
--- why).
+-- is used up when it matches. Returns what exchanging the code needs (and
+-- the token version now), or {"error": ..., "status": ...}.
 CREATE FUNCTION ihub._oauth2_callback(p_integration text, p_name text, p_state text) RETURNS jsonb
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
 AS $$
@@ -4055,15 +4165,18 @@ BEGIN
     ELSIF p_state IS NULL OR sha256(convert_to(p_state, 'UTF8')) <> v_secret.state_hash THEN
         v_problem := 'the state does not match the last authorization URL';
     END IF;
+    -- A state that does not match changes nothing: anyone can send one, and
+    -- must not be able to spoil an authorization under way (a real state,
+    -- 256 random bits, cannot be guessed). An expired one is cleared.
     IF v_problem IS NOT NULL THEN
-        IF v_secret.state_hash IS NOT NULL THEN
+        IF v_secret.state_expires_at < now() THEN
             UPDATE ihub.oauth2_secret SET state_hash = NULL, state_expires_at = NULL WHERE oauth2_id = v.id;
             UPDATE ihub.oauth2 SET last_error = 'authorization refused: ' || v_problem, last_error_at = now() WHERE id = v.id;
         END IF;
         RETURN jsonb_build_object('error', v_problem, 'status', 400);
     END IF;
     UPDATE ihub.oauth2_secret SET state_hash = NULL, state_expires_at = NULL WHERE oauth2_id = v.id;
-    RETURN jsonb_build_object('id', v.id, 'token_url', v.token_url, 'client_id', v.client_id,
+    RETURN jsonb_build_object('id', v.id, 'version', v.token_version, 'token_url', v.token_url, 'client_id', v.client_id,
                               'client_secret', v_secret.client_secret, 'scope', v.scope, 'client_auth', v.client_auth,
                               'redirect_uri', v_secret.redirect_uri);
 END
@@ -4129,7 +4242,7 @@ COMMENT ON FUNCTION ihub._oauth2_due(integer) IS 'Internal: credentials due for 
 COMMENT ON FUNCTION ihub._oauth2_next_due() IS 'Internal: seconds until the next credential is due for a token request.';
 COMMENT ON FUNCTION ihub._oauth2_store(bigint, jsonb) IS
     'Internal: stores issued tokens and makes deliveries that waited for them due.';
-COMMENT ON FUNCTION ihub._oauth2_failed(bigint, text) IS 'Internal: records a failed token request and backs off.';
+COMMENT ON FUNCTION ihub._oauth2_failed(bigint, integer, text) IS 'Internal: records a failed token request and backs off.';
 COMMENT ON FUNCTION ihub._oauth2_callback(text, text, text) IS
     'Internal: checks and uses up the state of an authorization callback; returns what exchanging its code needs.';
 COMMENT ON FUNCTION ihub._oauth2_declined(text, text, text, text) IS
@@ -4141,10 +4254,15 @@ COMMENT ON TYPE ihub.http_response IS
     'What a response handler gets: delivery, state (done, failed, dead), HTTP status, headers, body as text and as JSON, the request''s context, attempts and error.';
 COMMENT ON FUNCTION ihub._check_response_function(regprocedure, name) IS
     'Internal: checks that a function takes one ihub.http_response and that the role may execute it.';
+COMMENT ON FUNCTION ihub._try_json(text) IS 'Internal: a text as jsonb, NULL when it is not JSON.';
 COMMENT ON FUNCTION ihub._respond(jsonb, bigint[]) IS
     'Internal (dispatcher): queues the response handler jobs of the ended requests of a settled batch.';
 COMMENT ON FUNCTION ihub.create_endpoint(text, text, text, text, jsonb, jsonb, text, integer, jsonb) IS
     'Adds an HTTP endpoint to an integration: URL, method, headers, auth (none/basic/bearer/api_key/oauth2), whsec_ signing secret (generated when NULL), timeout and retry policy. Returns its id.';
+COMMENT ON FUNCTION ihub._claim(integer, integer, integer, integer) IS
+    'Internal (dispatcher): routes captured changes and claims due deliveries with FOR UPDATE SKIP LOCKED and a lease.';
+COMMENT ON FUNCTION ihub.health() IS
+    'One row per check (workers, queues, endpoints, schedules, credentials, OAuth2 tokens) with status ok, warning or critical and a message.';
 COMMENT ON FUNCTION ihub._join_url(text, text) IS
     'Internal: an endpoint URL with a request path appended, before the URL''s own query string.';
 COMMENT ON FUNCTION ihub._with_query(text, jsonb) IS 'Internal: a request path with the parameters of a query object added.';
@@ -4152,12 +4270,12 @@ COMMENT ON FUNCTION ihub._oauth2_new_state() IS 'Internal: a random state for an
 COMMENT ON FUNCTION ihub._oauth2_authorize_link(text, text, text, text, text) IS
     'Internal: an OAuth2 authorization URL with client, redirect URI, scope and state.';
 COMMENT ON FUNCTION ihub._wake_maintenance() IS 'Internal: wakes the maintenance worker when the current transaction commits.';
-COMMENT ON FUNCTION ihub._claim(integer, integer, integer, integer) IS
-    'Internal (dispatcher): routes captured changes and claims due deliveries with FOR UPDATE SKIP LOCKED and a lease.';
-COMMENT ON FUNCTION ihub.health() IS
-    'One row per check (workers, queues, endpoints, schedules, credentials, OAuth2 tokens) with status ok, warning or critical and a message.';
 COMMENT ON FUNCTION ihub._http_request_by(text, jsonb, text, text, jsonb, text, jsonb, regprocedure, jsonb, regrole) IS
     'Internal: ihub.http_request for the role passed last, the caller its LANGUAGE c entry point saw (src/caller.rs).';
+COMMENT ON FUNCTION ihub._replay_by(bigint, regrole) IS
+    'Internal: ihub.replay for the role passed last, the caller its LANGUAGE c entry point saw (src/caller.rs).';
+COMMENT ON FUNCTION ihub._replay_dead_by(text, timestamptz, regrole) IS
+    'Internal: ihub.replay_dead for the role passed last, the caller its LANGUAGE c entry point saw (src/caller.rs).';
 
 GRANT SELECT ON ihub.oauth2_credentials TO ihub_viewer;
 GRANT SELECT ON ihub.oauth2_secrets TO ihub_admin;

@@ -295,7 +295,7 @@ fn define_reloadable_settings() {
     GucRegistry::define_int_guc(
         c"ihub.max_response_size",
         c"Largest response body handed to a response handler (ihub.http_request(..., on_response => ...)).",
-        c"A longer body is cut there, and the handler's error says so. Each request in flight may hold this much.",
+        c"A longer body is cut there, and the handler's error says so. A dispatcher's batch holds 32 MB of such requests at most.",
         &MAX_RESPONSE_SIZE,
         1024,
         64 * 1024 * 1024,

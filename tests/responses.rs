@@ -109,6 +109,8 @@ fn http_request_refuses_bad_handlers_contexts_and_queries() {
         ("query => '[1]'", "query must be a JSON object", "an array repeats"),
         ("query => '{\"a\": {\"b\": 1}}'", "query parameter \"a\" must be", "For example"),
         ("method => 'POST', path => 'x'", "invalid path", "start it with /"),
+        // Would make the endpoint's host a user name, and send its credentials elsewhere.
+        ("path => '&@evil.example?x=1'", "invalid path", "start it with /"),
     ];
     for (args, message, hint) in cases {
         let err = t.error(&format!("SELECT ihub.http_request('{{p}}_api', '{{}}', {args})"));
@@ -121,4 +123,51 @@ fn http_request_refuses_bad_handlers_contexts_and_queries() {
     let mut viewer = t.connect("viewer");
     let err = error_of(&mut viewer, &t.sql("SELECT ihub.http_request('{p}_api', '{}')"));
     assert!(err.contains("permission denied for function http_request"), "{err}");
+}
+
+/// Replaying a request hands its response over again, to a job of the role
+/// that made it: only that role (or ihub_admin) may replay it; another
+/// developer's replay_dead leaves it.
+#[test]
+fn only_the_requester_or_an_admin_replays_a_request_with_a_handler() {
+    let rx = Receiver::start();
+    rx.script(|_, _| Reply::status(404));
+    let mut t = setup(&rx.url("/api"), 1);
+    let id: i64 = t.one("SELECT ihub.http_request('{p}_api', '{}', on_response => '{p}_got(ihub.http_response)')");
+    wait_seen(&mut t, 1);
+    assert!(
+        t.wait_true(&format!("SELECT state = 'failed' FROM ihub.deliveries WHERE id = {id}"), Duration::from_secs(30))
+    );
+    let mut other = t.connect("dev2");
+    let err = error_of(&mut other, &format!("SELECT ihub.replay({id})"));
+    assert!(err.contains("may not act on delivery") && err.contains("Only members of"), "{err}");
+    let replayed: i64 = other.query_one(&t.sql("SELECT ihub.replay_dead('{p}_api')"), &[]).unwrap().get(0);
+    assert_eq!(replayed, 0, "another developer's replay_dead leaves it");
+    t.exec(&format!("SELECT ihub.replay({id})"));
+    wait_seen(&mut t, 2);
+    let mut admin = t.connect("admin");
+    assert!(
+        t.wait_true(&format!("SELECT state = 'failed' FROM ihub.deliveries WHERE id = {id}"), Duration::from_secs(30))
+    );
+    admin.batch_execute(&format!("SELECT ihub.replay({id})")).unwrap();
+    wait_seen(&mut t, 3);
+    let who: String = t.one("SELECT string_agg(DISTINCT who::text, ',') FROM {p}_seen");
+    assert_eq!(who, format!("{}_dev", t.p), "every handler ran as the requester");
+}
+
+/// A batch takes at most 32 MB of requests with handlers (32 at the default
+/// ihub.max_response_size); the rest go back to the queue and are taken by
+/// the next rounds: all 80 are handled, once each.
+#[test]
+fn requests_with_handlers_beyond_a_batch_wait_for_the_next_round() {
+    let rx = Receiver::start();
+    let mut t = setup(&rx.url("/api"), 3);
+    t.exec(
+        "SELECT ihub.http_request('{p}_api', jsonb_build_object('n', g), on_response => '{p}_got(ihub.http_response)')
+         FROM generate_series(1, 80) g",
+    );
+    wait_seen(&mut t, 80);
+    assert_eq!(t.one::<i64>("SELECT count(DISTINCT delivery_id) FROM {p}_seen"), 80);
+    assert_eq!(t.one::<i64>("SELECT count(*) FROM {p}_seen"), 80, "each handled once");
+    assert!(rx.count() >= 80);
 }

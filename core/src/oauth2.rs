@@ -173,7 +173,8 @@ pub fn parse_token_response(status: u16, body: &str) -> Result<Tokens, TokenErro
         Some(Value::Number(n)) => n.as_u64().or_else(|| n.as_f64().map(|f| f.max(0.0) as u64)),
         Some(Value::String(s)) => s.trim().parse().ok(),
         _ => None,
-    };
+    }
+    .map(|s: u64| s.min(MAX_EXPIRES_IN));
     Ok(Tokens {
         access_token: access_token.to_string(),
         expires_in,
@@ -184,8 +185,37 @@ pub fn parse_token_response(status: u16, body: &str) -> Result<Tokens, TokenErro
 
 /// Seconds after it was issued when an access token living `expires_in`
 /// seconds is refreshed: a quarter of its life early, at most five minutes.
-pub fn refresh_after(expires_in: u64) -> u64 {
-    expires_in - (expires_in / 4).min(300)
+pub fn refresh_after(expires_in: u64) -> f64 {
+    let life = expires_in as f64;
+    life - (life / 4.0).min(300.0)
+}
+
+/// Longest token life taken from a token endpoint (ten years): a larger
+/// `expires_in` would not fit a timestamp.
+pub const MAX_EXPIRES_IN: u64 = 10 * 365 * 86_400;
+
+/// What a `401` to an OAuth2 access token means for a delivery.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Unauthorized {
+    /// The first 401: ask for a new token, and send again once it is there.
+    RefreshAndRetry,
+    /// The token it refused last time is still the current one (no new one
+    /// yet): wait for it, as for any failure worth retrying.
+    WaitForToken,
+    /// A new token was refused too: the receiver means it.
+    Final,
+}
+
+/// `refused`: the token version the receiver answered 401 to last time, if
+/// any; `sent`: the version sent now; `refusing`: a receiver of this
+/// credential refused a new token lately (no new one is asked for then).
+pub fn after_401(refused: Option<i32>, sent: i32, refusing: bool) -> Unauthorized {
+    match refused {
+        _ if refusing => Unauthorized::Final,
+        None => Unauthorized::RefreshAndRetry,
+        Some(v) if v == sent => Unauthorized::WaitForToken,
+        Some(_) => Unauthorized::Final,
+    }
 }
 
 /// The URL a person opens to let this client act for them (RFC 6749 §4.1.1).
@@ -390,10 +420,20 @@ mod tests {
 
     #[test]
     fn tokens_are_refreshed_a_quarter_early_at_most_five_minutes() {
-        assert_eq!(refresh_after(4), 3);
-        assert_eq!(refresh_after(60), 45);
-        assert_eq!(refresh_after(3600), 3300);
-        assert_eq!(refresh_after(0), 0);
+        assert_eq!(refresh_after(3), 2.25);
+        assert_eq!(refresh_after(60), 45.0);
+        assert_eq!(refresh_after(3600), 3300.0);
+        assert_eq!(refresh_after(0), 0.0);
+        let huge = parse_token_response(200, r#"{"access_token":"a","expires_in":18446744073709551615}"#).unwrap();
+        assert_eq!(huge.expires_in, Some(MAX_EXPIRES_IN));
+    }
+
+    #[test]
+    fn a_401_refreshes_once_then_waits_then_is_final() {
+        assert_eq!(after_401(None, 3, false), Unauthorized::RefreshAndRetry);
+        assert_eq!(after_401(Some(3), 3, false), Unauthorized::WaitForToken);
+        assert_eq!(after_401(Some(3), 4, false), Unauthorized::Final);
+        assert_eq!(after_401(None, 3, true), Unauthorized::Final, "refusing lately: no new token asked for");
     }
 
     #[test]

@@ -76,6 +76,8 @@ enum Work {
     /// What the token endpoint answered for a code.
     OAuth2Tokens {
         id: i64,
+        /// The token version when the code came back.
+        version: i32,
         outcome: Result<oauth2::Tokens, oauth2::TokenError>,
         reply: oneshot::Sender<()>,
     },
@@ -435,8 +437,8 @@ fn handle_batch(shared: &Shared, batch: Vec<Work>) {
                 );
                 let _ = reply.send(answer.flatten());
             }
-            Work::OAuth2Tokens { id, outcome, reply } => {
-                crate::sync::oauth2::record(id, &outcome);
+            Work::OAuth2Tokens { id, version, outcome, reply } => {
+                crate::sync::oauth2::record(id, version, &outcome);
                 let _ = reply.send(());
             }
             Work::Accept { .. } => accepts.push(work),
@@ -598,9 +600,7 @@ fn oauth2_callback(integration: &str, name: &str, state: Option<&str>, declined:
             &[integration.into(), name.into(), state.into(), error.into()],
         )
         .unwrap_or_else(|e| error!("ihub._oauth2_declined: {e}"));
-        return Some(
-            json!({"error": format!("the provider reports the authorization refused: {error}"), "status": 400}),
-        );
+        return Some(json!({"error": "the provider reports that the authorization was refused", "status": 400}));
     }
     Spi::get_one_with_args::<JsonB>(
         "SELECT ihub._oauth2_callback($1, $2, $3)",
@@ -816,7 +816,8 @@ async fn oauth2_callback_page(
     let outcome = tokens.request(&client, &grant, timeout).await;
     let result = outcome.as_ref().map(|_| ()).map_err(|e| e.to_string());
     let (tx, rx) = oneshot::channel();
-    if !shared.send(Work::OAuth2Tokens { id, outcome, reply: tx }) {
+    let version = answer["version"].as_i64().unwrap_or(0) as i32;
+    if !shared.send(Work::OAuth2Tokens { id, version, outcome, reply: tx }) {
         return page(StatusCode::SERVICE_UNAVAILABLE, "Try again", "The listener is stopping.");
     }
     if !matches!(tokio::time::timeout(shared.timeout(), rx).await, Ok(Ok(()))) {

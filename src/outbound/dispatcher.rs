@@ -14,6 +14,7 @@ use crate::runtime::backend::{self, column, in_transaction, nullable, report_act
 use crate::runtime::registry::{self, Kind};
 use crate::runtime::worker::{run, Worker};
 use crate::settings;
+use pg_ihub_core::oauth2::{self, Unauthorized};
 use pg_ihub_core::outbound::auth::Auth;
 use pg_ihub_core::outbound::gather::Gather;
 use pg_ihub_core::outbound::sender::{headers_from_json, Attempt, Request, Sender};
@@ -45,8 +46,10 @@ struct Fate {
     /// The OAuth2 credential whose access token it was sent with, and that
     /// token's version.
     oauth2: Option<(i64, i32)>,
-    /// The status its last attempt got: a 401 after a 401 is final.
-    last_status: Option<i32>,
+    /// The OAuth2 token version the receiver answered 401 to last.
+    refused_token: Option<i32>,
+    /// A receiver refused a new token of the credential lately.
+    oauth2_refusing: bool,
     /// Its response goes to a response handler once it ends.
     respond: bool,
 }
@@ -317,7 +320,7 @@ fn claim(pid: i32, limit: i32, concurrency: usize) -> (Vec<Request>, HashMap<i64
         let rows = client
             .update(
                 "SELECT delivery_id, event_id, method, url, headers, auth, secrets, timeout_ms, retry, body, test_mode, attempts_used, \
-                        oauth2_id, oauth2_version, not_sendable, last_status, respond \
+                        oauth2_id, oauth2_version, not_sendable, refused_token, respond, oauth2_refusing \
                  FROM ihub._claim($1, $2, $3, $4)",
                 None,
                 &[pid.into(), limit.into(), default_timeout.into(), rounds.into()],
@@ -339,7 +342,8 @@ fn claim(pid: i32, limit: i32, concurrency: usize) -> (Vec<Request>, HashMap<i64
                 attempts_used: column::<i32>(&row, 12, "attempts_used").max(0) as u32,
                 oauth2: nullable::<i64>(&row, 13, "oauth2_id")
                     .map(|id| (id, nullable::<i32>(&row, 14, "oauth2_version").unwrap_or(0))),
-                last_status: nullable(&row, 16, "last_status"),
+                refused_token: nullable(&row, 16, "refused_token"),
+                oauth2_refusing: nullable(&row, 18, "oauth2_refusing").unwrap_or(false),
                 respond,
             };
             let request = Request {
@@ -410,12 +414,19 @@ fn decide_all(fates: &HashMap<i64, Fate>, attempts: Vec<Attempt>) -> Value {
         .into_iter()
         .filter_map(|a| {
             let fate = fates.get(&a.delivery_id)?;
-            let verdict = classify(&a.outcome);
-            // A 401 to an OAuth2 access token: once, the delivery waits for a
-            // new token (asked for in the settle) and goes again; a second
-            // 401 in a row is what any 4xx is.
-            let stale_token = a.status == Some(401) && fate.oauth2.is_some() && fate.last_status != Some(401);
-            let next = if stale_token {
+            let mut verdict = classify(&a.outcome);
+            // A 401 to an OAuth2 access token: a new token is asked for (in
+            // the settle) and the delivery goes again once it is there; a
+            // 401 to the new token too is what any 4xx is.
+            let unauthorized = match (a.status, fate.oauth2) {
+                (Some(401), Some((_, sent))) => Some(oauth2::after_401(fate.refused_token, sent, fate.oauth2_refusing)),
+                _ => None,
+            };
+            let stale_token = matches!(unauthorized, Some(Unauthorized::RefreshAndRetry | Unauthorized::WaitForToken));
+            if unauthorized == Some(Unauthorized::WaitForToken) {
+                verdict = Verdict::Retry { after: None };
+            }
+            let next = if unauthorized == Some(Unauthorized::RefreshAndRetry) {
                 Next::Retry { at: now + OAUTH2_RETRY }
             } else {
                 decide(&fate.policy, verdict, fate.attempts_used + 1, now, &mut rng)
@@ -427,17 +438,16 @@ fn decide_all(fates: &HashMap<i64, Fate>, attempts: Vec<Attempt>) -> Value {
                 Next::Dead => ("dead", None),
             };
             let body = a.response_body.as_deref().map(clean);
-            // The whole response for its handler, once the request ended.
+            // The whole response for its handler, once the request ended
+            // (parsed as JSON in the settle, not carried twice).
             let response = (fate.respond && state != "retry").then(|| {
                 let problem = a.response_truncated.then(|| {
-                    format!("the response body was longer than ihub.max_response_size ({} bytes) and was cut there",
-                            settings::MAX_RESPONSE_SIZE.get())
+                    format!(
+                        "the response body was longer than ihub.max_response_size ({} bytes) and was cut there",
+                        settings::MAX_RESPONSE_SIZE.get()
+                    )
                 });
-                json!({
-                    "body": body,
-                    "json": body.as_deref().filter(|_| !a.response_truncated).and_then(|b| serde_json::from_str::<Value>(b).ok()),
-                    "problem": problem,
-                })
+                json!({ "body": body, "truncated": a.response_truncated, "problem": problem })
             });
             let mut record = json!({
                 "delivery_id": a.delivery_id,
@@ -457,11 +467,13 @@ fn decide_all(fates: &HashMap<i64, Fate>, attempts: Vec<Attempt>) -> Value {
                 record["respond"] = Value::Bool(true);
                 record["response"] = response;
             }
-            if stale_token {
-                let (id, version) = fate.oauth2.expect("stale tokens are OAuth2 tokens");
-                record["oauth2_stale"] = Value::Bool(true);
+            if let (Some(unauthorized), Some((id, version))) = (&unauthorized, fate.oauth2) {
                 record["oauth2_id"] = json!(id);
                 record["oauth2_version"] = json!(version);
+                match unauthorized {
+                    Unauthorized::Final => record["oauth2_refused"] = Value::Bool(true),
+                    _ => record["oauth2_stale"] = Value::Bool(true),
+                }
             }
             Some(record)
         })

@@ -60,26 +60,30 @@ pub fn stored(tokens: &Tokens) -> Value {
         "expires_in": tokens.expires_in,
         // At least a second on: a token issued to expire at once must not
         // have the worker ask again in a tight loop.
-        "refresh_in": tokens.expires_in.map(|s| oauth2::refresh_after(s).max(1)),
+        "refresh_in": tokens.expires_in.map(|s| oauth2::refresh_after(s).max(1.0)),
     })
 }
 
-/// Stores the outcome of a token request for credential `id`, in a
-/// transaction of its own.
-pub fn record(id: i64, outcome: &Result<Tokens, TokenError>) {
+/// Stores the outcome of a token request for credential `id`, asked while
+/// its token version was `version`, in a transaction of its own.
+pub fn record(id: i64, version: i32, outcome: &Result<Tokens, TokenError>) {
     in_transaction("store OAuth2 tokens", || match outcome {
         Ok(tokens) => {
             Spi::run_with_args("SELECT ihub._oauth2_store($1, $2)", &[id.into(), JsonB(stored(tokens)).into()])
                 .unwrap_or_else(|e| error!("ihub._oauth2_store: {e}"))
         }
-        Err(e) => Spi::run_with_args("SELECT ihub._oauth2_failed($1, $2)", &[id.into(), e.to_string().into()])
-            .unwrap_or_else(|e| error!("ihub._oauth2_failed: {e}")),
+        Err(e) => Spi::run_with_args(
+            "SELECT ihub._oauth2_failed($1, $2, $3)",
+            &[id.into(), version.into(), e.to_string().into()],
+        )
+        .unwrap_or_else(|e| error!("ihub._oauth2_failed: {e}")),
     });
 }
 
 /// One due credential, as `ihub._oauth2_due` hands it over.
 struct Due {
     id: i64,
+    version: i32,
     client: oauth2::Client,
     grant: Grant,
 }
@@ -92,7 +96,7 @@ pub fn refresh_due(runtime: &tokio::runtime::Runtime, tokens: &TokenClient) -> u
         Spi::connect_mut(|client| {
             client
                 .update(
-                    "SELECT id, grant_type, token_url, client_id, client_secret, refresh_token, scope, client_auth \
+                    "SELECT id, grant_type, token_url, client_id, client_secret, refresh_token, scope, client_auth, version \
                      FROM ihub._oauth2_due($1)",
                     None,
                     &[DUE_BATCH.into()],
@@ -105,6 +109,7 @@ pub fn refresh_due(runtime: &tokio::runtime::Runtime, tokens: &TokenClient) -> u
                     };
                     Some(Due {
                         id: column(&row, 1, "id"),
+                        version: column(&row, 9, "version"),
                         client: oauth2::Client {
                             token_url: column(&row, 3, "token_url"),
                             client_id: column(&row, 4, "client_id"),
@@ -124,7 +129,7 @@ pub fn refresh_due(runtime: &tokio::runtime::Runtime, tokens: &TokenClient) -> u
     let requests: Vec<(oauth2::Client, Grant)> = due.iter().map(|d| (d.client.clone(), d.grant.clone())).collect();
     let outcomes = runtime.block_on(tokens.request_all(&requests, request_timeout()));
     for (credential, outcome) in due.iter().zip(&outcomes) {
-        record(credential.id, outcome);
+        record(credential.id, credential.version, outcome);
     }
     due.len()
 }

@@ -166,7 +166,7 @@ pub fn now_s() -> i64 {
 }
 
 /// A test's roles, all non-superusers: `<p>_dev` (ihub_developer, may create
-/// tables in public), `<p>_viewer` (ihub_viewer) and `<p>_admin`
+/// tables in public), `<p>_dev2` (another developer), `<p>_viewer` (ihub_viewer) and `<p>_admin`
 /// (ihub_admin), with a connection as the developer. `{p}` in the SQL given
 /// to its methods is replaced by the prefix.
 pub struct Team {
@@ -182,6 +182,7 @@ pub fn team(prefix: &str) -> Team {
         // One at a time: concurrent GRANTs on one schema collide.
         "BEGIN; SELECT pg_advisory_xact_lock(84708471);
          CREATE ROLE {p}_dev LOGIN IN ROLE ihub_developer;
+         CREATE ROLE {p}_dev2 LOGIN IN ROLE ihub_developer;
          CREATE ROLE {p}_viewer LOGIN IN ROLE ihub_viewer;
          CREATE ROLE {p}_admin LOGIN IN ROLE ihub_admin;
          GRANT CREATE ON SCHEMA public TO {p}_dev;

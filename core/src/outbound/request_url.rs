@@ -59,8 +59,9 @@ pub fn query_string(query: &Value) -> Result<String, QueryError> {
 }
 
 /// `url` with `path` appended (a path starting with `/` replaces a
-/// trailing slash; one starting with `?` or `&` adds only parameters),
-/// before the URL's own query string, whose parameters come first.
+/// trailing slash; one starting with `?` adds only parameters), before the
+/// URL's own query string, whose parameters come first. `ihub.http_request`
+/// takes only paths starting with `/` or `?`, so the host never changes.
 pub fn join_url(url: &str, path: Option<&str>) -> String {
     let Some(path) = path.filter(|p| !p.is_empty()) else {
         return url.to_string();
@@ -76,11 +77,6 @@ pub fn join_url(url: &str, path: Option<&str>) -> String {
     let (path_part, path_query) = match path.split_once('?') {
         Some((p, q)) => (p, Some(q)),
         None => (path, None),
-    };
-    let (path_part, path_query) = match path_part.strip_prefix('&') {
-        // "&a=1": parameters only.
-        Some(rest) if path_query.is_none() => ("", Some(rest)),
-        _ => (path_part, path_query),
     };
     let mut out = if path_part.starts_with('/') {
         format!("{}{}", base.trim_end_matches('/'), path_part)
@@ -142,9 +138,21 @@ mod tests {
             "https://h/v1/contacts?key=k&cursor=c2"
         );
         assert_eq!(join_url("https://h/v1?key=k", Some("?cursor=c2")), "https://h/v1?key=k&cursor=c2");
-        assert_eq!(join_url("https://h/v1?key=k", Some("&cursor=c2")), "https://h/v1?key=k&cursor=c2");
         assert_eq!(join_url("https://h/v1/", Some("/c")), "https://h/v1/c");
         assert_eq!(join_url("https://h/v1#top", Some("/c?a=1")), "https://h/v1/c?a=1#top");
+    }
+
+    /// What http_request lets through (a path starting with / or ?) never
+    /// changes the host a request goes to, whatever follows.
+    #[test]
+    fn a_path_never_changes_the_host() {
+        for path in ["/@evil.example", "/x@evil.example:1/", "?@evil.example", "?x=1&@evil.example", "//evil.example/x"]
+        {
+            let joined = join_url("https://api.crm.example", Some(path));
+            let url = url::Url::parse(&joined).unwrap();
+            assert_eq!(url.host_str(), Some("api.crm.example"), "{path} -> {joined}");
+            assert_eq!((url.username(), url.port()), ("", None), "{path} -> {joined}");
+        }
     }
 
     #[test]
