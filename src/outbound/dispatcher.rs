@@ -18,7 +18,6 @@ use pg_ihub_core::oauth2::{self, Unauthorized};
 use pg_ihub_core::outbound::auth::Auth;
 use pg_ihub_core::outbound::gather::Gather;
 use pg_ihub_core::outbound::sender::{headers_from_json, Attempt, Request, Sender};
-use pg_ihub_core::outbound::target::AllowList;
 use pg_ihub_core::retry::{category, classify, decide, Next, RetryPolicy, Verdict};
 
 /// Deliveries due later (retries, delayed requests) are claimed in ticks of
@@ -235,10 +234,7 @@ fn reserve_sockets(wanted: usize) -> usize {
 }
 
 fn new_sender() -> Sender {
-    let allow = AllowList::parse(&settings::allow_private_hosts()).unwrap_or_else(|e| {
-        warning!("pg_ihub: ignoring invalid ihub.allow_private_hosts: {e}");
-        AllowList::default()
-    });
+    let allow = crate::outbound::functions::worker_allow_list();
     let limit = settings::RESPONSE_BODY_LIMIT.get().max(0) as usize;
     let wanted = settings::MAX_CONCURRENCY.get().max(1) as usize;
     let granted = reserve_sockets(wanted);
@@ -414,7 +410,7 @@ fn decide_all(fates: &HashMap<i64, Fate>, attempts: Vec<Attempt>) -> Value {
         .into_iter()
         .filter_map(|a| {
             let fate = fates.get(&a.delivery_id)?;
-            let mut verdict = classify(&a.outcome);
+            let verdict = classify(&a.outcome);
             // A 401 to an OAuth2 access token: a new token is asked for (in
             // the settle) and the delivery goes again once it is there; a
             // 401 to the new token too is what any 4xx is.
@@ -422,14 +418,13 @@ fn decide_all(fates: &HashMap<i64, Fate>, attempts: Vec<Attempt>) -> Value {
                 (Some(401), Some((_, sent))) => Some(oauth2::after_401(fate.refused_token, sent, fate.oauth2_refusing)),
                 _ => None,
             };
-            let stale_token = matches!(unauthorized, Some(Unauthorized::RefreshAndRetry | Unauthorized::WaitForToken));
-            if unauthorized == Some(Unauthorized::WaitForToken) {
-                verdict = Verdict::Retry { after: None };
-            }
-            let next = if unauthorized == Some(Unauthorized::RefreshAndRetry) {
-                Next::Retry { at: now + OAUTH2_RETRY }
-            } else {
-                decide(&fate.policy, verdict, fate.attempts_used + 1, now, &mut rng)
+            let attempt = fate.attempts_used + 1;
+            let next = match unauthorized {
+                Some(Unauthorized::RefreshAndRetry) => Next::Retry { at: now + OAUTH2_RETRY },
+                Some(Unauthorized::WaitForToken) => {
+                    decide(&fate.policy, Verdict::Retry { after: None }, attempt, now, &mut rng)
+                }
+                _ => decide(&fate.policy, verdict, attempt, now, &mut rng),
             };
             let (state, next_at) = match next {
                 Next::Delivered => ("done", None),
@@ -461,7 +456,7 @@ fn decide_all(fates: &HashMap<i64, Fate>, attempts: Vec<Attempt>) -> Value {
                 "response_body": body.as_deref().map(|b| cut(b, record_limit)),
                 "started_at": epoch(a.started_at),
                 "duration_ms": a.duration.as_secs_f64() * 1000.0,
-                "disable_endpoint": verdict == Verdict::Gone && !stale_token,
+                "disable_endpoint": verdict == Verdict::Gone,
             });
             if let Some(response) = response {
                 record["respond"] = Value::Bool(true);

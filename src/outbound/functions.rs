@@ -15,6 +15,15 @@ pub fn allow_list() -> target::AllowList {
     target::AllowList::parse(&settings::allow_private_hosts()).unwrap_or_else(|e| IhubError::AllowList(e).raise())
 }
 
+/// The allow-list as a worker reads it: an invalid setting is a warning and
+/// allows no private host, rather than stopping the worker.
+pub fn worker_allow_list() -> target::AllowList {
+    target::AllowList::parse(&settings::allow_private_hosts()).unwrap_or_else(|e| {
+        warning!("pg_ihub: ignoring invalid ihub.allow_private_hosts: {e}");
+        target::AllowList::default()
+    })
+}
+
 /// Checks an endpoint URL against scheme rules and the private-host allow-list.
 #[pg_extern(name = "_check_url", stable)]
 fn check_url(url: &str) -> String {

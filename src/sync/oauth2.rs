@@ -40,12 +40,11 @@ fn authorize_link(
 }
 
 pub fn token_client() -> TokenClient {
-    let allow =
-        pg_ihub_core::outbound::target::AllowList::parse(&settings::allow_private_hosts()).unwrap_or_else(|e| {
-            warning!("pg_ihub: ignoring invalid ihub.allow_private_hosts: {e}");
-            Default::default()
-        });
-    TokenClient::new(allow, &settings::http_proxy(), concat!("pg_ihub/", env!("CARGO_PKG_VERSION")))
+    TokenClient::new(
+        crate::outbound::functions::worker_allow_list(),
+        &settings::http_proxy(),
+        concat!("pg_ihub/", env!("CARGO_PKG_VERSION")),
+    )
 }
 
 pub fn request_timeout() -> Duration {
@@ -80,19 +79,16 @@ pub fn record(id: i64, version: i32, outcome: &Result<Tokens, TokenError>) {
     });
 }
 
-/// One due credential, as `ihub._oauth2_due` hands it over.
-struct Due {
-    id: i64,
-    version: i32,
-    client: oauth2::Client,
-    grant: Grant,
-}
+/// A credential's id and token version when it was leased.
+type Leased = (i64, i32);
+/// What to ask a token endpoint.
+type Ask = (oauth2::Client, Grant);
 
 /// Asks for new tokens for every credential that is due, a batch at a time:
 /// read (and leased) in one transaction, asked with no transaction open,
 /// each outcome stored in its own. Returns how many were asked.
 pub fn refresh_due(runtime: &tokio::runtime::Runtime, tokens: &TokenClient) -> usize {
-    let due: Vec<Due> = in_transaction("OAuth2 credentials due", || {
+    let due: Vec<(Leased, Ask)> = in_transaction("OAuth2 credentials due", || {
         Spi::connect_mut(|client| {
             client
                 .update(
@@ -103,35 +99,31 @@ pub fn refresh_due(runtime: &tokio::runtime::Runtime, tokens: &TokenClient) -> u
                 )
                 .unwrap_or_else(|e| error!("ihub._oauth2_due: {e}"))
                 .filter_map(|row| {
+                    // (_oauth2_due returns no refresh_token grant without a refresh token.)
                     let grant = match column::<String>(&row, 2, "grant_type").as_str() {
                         "client_credentials" => Grant::ClientCredentials,
                         _ => Grant::RefreshToken(nullable::<String>(&row, 6, "refresh_token")?),
                     };
-                    Some(Due {
-                        id: column(&row, 1, "id"),
-                        version: column(&row, 9, "version"),
-                        client: oauth2::Client {
-                            token_url: column(&row, 3, "token_url"),
-                            client_id: column(&row, 4, "client_id"),
-                            client_secret: column(&row, 5, "client_secret"),
-                            scope: nullable(&row, 7, "scope"),
-                            client_auth: ClientAuth::parse(&column::<String>(&row, 8, "client_auth"))
-                                .unwrap_or(ClientAuth::Post),
-                        },
-                        grant,
-                    })
+                    let client = oauth2::Client {
+                        token_url: column(&row, 3, "token_url"),
+                        client_id: column(&row, 4, "client_id"),
+                        client_secret: column(&row, 5, "client_secret"),
+                        scope: nullable(&row, 7, "scope"),
+                        client_auth: ClientAuth::parse(&column::<String>(&row, 8, "client_auth")).unwrap_or(ClientAuth::Post),
+                    };
+                    Some(((column(&row, 1, "id"), column(&row, 9, "version")), (client, grant)))
                 })
                 .collect()
         })
     })
     .unwrap_or_default();
+    let (ids, requests): (Vec<Leased>, Vec<Ask>) = due.into_iter().unzip();
     // At once: one slow token endpoint must not hold up the others.
-    let requests: Vec<(oauth2::Client, Grant)> = due.iter().map(|d| (d.client.clone(), d.grant.clone())).collect();
     let outcomes = runtime.block_on(tokens.request_all(&requests, request_timeout()));
-    for (credential, outcome) in due.iter().zip(&outcomes) {
-        record(credential.id, credential.version, outcome);
+    for ((id, version), outcome) in ids.iter().zip(&outcomes) {
+        record(*id, *version, outcome);
     }
-    due.len()
+    ids.len()
 }
 
 /// Seconds until the next credential is due, if any is.
