@@ -624,6 +624,39 @@ mod tests {
         assert_eq!(scans(), before, "a round scanned the whole delivery table");
     }
 
+    /// A dispatcher (the claim's owner is the session itself) routes with
+    /// statements prepared once in its session. They follow a capture table
+    /// made again with new columns, and a session keeps at most 300.
+    #[pg_test]
+    fn a_dispatcher_routes_with_prepared_statements_that_follow_the_table() {
+        setup_enabled();
+        let sub = one::<i64>("SELECT ihub.subscribe('orders', 'hook')");
+        let route = || {
+            Spi::run("INSERT INTO orders (customer, amount) VALUES ('a', 1)").unwrap();
+            one::<String>("SELECT body FROM ihub._claim(pg_backend_pid(), 10, 1000, 1)")
+        };
+        let prepared =
+            |like: &str| one::<i64>(&format!("SELECT count(*) FROM pg_prepared_statements WHERE name LIKE '{like}'"));
+        let mine = format!("ihub\\_route\\_{sub}\\_%");
+        assert!(route().contains(r#""customer": "a""#));
+        assert_eq!(prepared(&mine), 3, "take, wrap and render are prepared");
+        route();
+        assert_eq!(prepared(&mine), 3, "and prepared once");
+
+        // The capture table is made again with the table's new row type.
+        Spi::run("ALTER TABLE orders ADD COLUMN note text DEFAULT 'hello'").unwrap();
+        let after = route();
+        assert!(after.contains(r#""note": "hello""#), "{after}");
+
+        // Many subscriptions' worth when one more needs its statements: the
+        // session's statements are dropped, and those in use made again.
+        Spi::run("DO $$ BEGIN FOR i IN 1..300 LOOP EXECUTE format('PREPARE ihub_route_x%s_take AS SELECT 1', i); END LOOP; END $$")
+            .unwrap();
+        Spi::run(&format!("DEALLOCATE ihub_route_{sub}_render")).unwrap();
+        assert!(route().contains(r#""note": "hello""#));
+        assert_eq!(prepared("ihub\\_route\\_%"), 3);
+    }
+
     #[pg_test]
     fn signing_helpers_match_the_standard_webhooks_vector() {
         let sig = one::<String>(
