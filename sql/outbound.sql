@@ -966,18 +966,14 @@ BEGIN
     -- rolled-back writes are dead too. Until vacuum runs, every route scans
     -- them (14 ms for 1M dead rows). Once drained and large, truncate it, but
     -- only if no writer holds it right now (NOWAIT), and only if still empty
-    -- under the lock. Rows committed meanwhile: the block is rolled back,
-    -- which gives the lock back; kept, it held the table's writers until the
-    -- round committed (tests/isolation/specs/route-leaves-capture-unlocked).
-    IF v_routed < v_limit AND pg_relation_size(v_capture::regclass) > 8 * 1024 * 1024
-       AND NOT ihub._has_rows(v_capture) THEN
+    -- under the lock.
+    IF v_routed < v_limit AND pg_relation_size(v_capture::regclass) > 8 * 1024 * 1024 THEN
         BEGIN
             EXECUTE format('LOCK TABLE %s IN ACCESS EXCLUSIVE MODE NOWAIT', v_capture);
-            IF ihub._has_rows(v_capture) THEN
-                RAISE EXCEPTION 'captured meanwhile' USING ERRCODE = 'IH001';
+            IF NOT ihub._has_rows(v_capture) THEN
+                EXECUTE format('TRUNCATE %s', v_capture);
             END IF;
-            EXECUTE format('TRUNCATE %s', v_capture);
-        EXCEPTION WHEN lock_not_available OR SQLSTATE 'IH001' THEN
+        EXCEPTION WHEN lock_not_available THEN
             NULL; -- a writer is busy with it; try again on a later round
         END;
     END IF;
