@@ -679,8 +679,11 @@ fn idle_connections_from_one_address_are_limited_and_timed_out() {
         &[("ihub.inbound_max_connections_per_address", "10"), ("ihub.inbound_header_timeout", "'1s'")],
     );
     // Once the listener has the new limit, idle connections from this
-    // address past the tenth are answered 503 at once.
-    let (refused, held) = (0..50)
+    // address past the tenth are answered 503 at once. The listener may take
+    // the new limit in the middle of a round (CI once saw 8 of 30 refused),
+    // so rounds go on until one had the limit from its start.
+    let mut last = 0;
+    let held = (0..20)
         .find_map(|_| {
             let sockets: Vec<_> = (0..30).map(|_| idle_connection()).collect();
             let (mut refused, mut held) = (0, Vec::new());
@@ -692,10 +695,10 @@ fn idle_connections_from_one_address_are_limited_and_timed_out() {
                     _ => held.push(socket),
                 }
             }
-            (refused > 0).then_some((refused, held))
+            last = refused;
+            (refused >= 20 - 1 && !held.is_empty()).then_some(held)
         })
-        .expect("no idle connection refused with 503");
-    assert!(refused >= 20 - 1, "{refused} of 30 refused with a limit of 10");
+        .unwrap_or_else(|| panic!("{last} of 30 idle connections refused with a limit of 10"));
     assert!(listener_stat(&mut hub, "connections_refused") > 0);
     // The others are closed after the header timeout.
     for mut socket in held {
