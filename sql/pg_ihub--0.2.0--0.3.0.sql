@@ -567,35 +567,80 @@ $fn$;
 -- (PREPARE ihub_route_<id>_<step>) and runs them by name with their values
 -- inlined: parsing and planning them for every route took about 1.1 ms a
 -- round, 25 us per delivery at 40 deliveries a round (make bench, single-row
--- writes, pg_stat_statements). Prepared statements outlive a rollback and
--- follow a capture table made again (Postgres analyzes them anew), so the
--- session's list says what exists. At most 100 subscriptions' worth: more,
--- and the session's statements are dropped and prepared again as used.
+-- writes, pg_stat_statements). Prepared statements follow a capture table
+-- made again (Postgres analyzes them anew).
+-- Whether they exist is kept in session settings, read in a microsecond:
+-- listing pg_prepared_statements builds a row for every statement (674 us
+-- with 300 of them, for each subscription at every round). A setting
+-- ihub_route.prepared_<id> equal to ihub_route.generation says this session
+-- prepared them and has not dropped them since. Settings are rolled back
+-- with a (sub)transaction, prepared statements are not: a setting lost that
+-- way only has the next route list them once. Nothing else drops them
+-- (ihub._route_forget, in a transaction of its own).
+-- At most 300 route statements (100 subscriptions), counted in
+-- ihub_route.prepared: the routes of further subscriptions run as text
+-- (false) until the dispatcher drops them all (at most every 10 s).
 -- Only for the dispatcher itself (ihub._route checks p_owner): other
 -- sessions could have prepared statements of the same name.
-CREATE FUNCTION ihub._route_prepare(p_sub_id bigint) RETURNS void
+CREATE FUNCTION ihub._route_prepare(p_sub_id bigint) RETURNS boolean
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     v_name text := 'ihub_route_' || p_sub_id || '_';
+    v_flag text := 'ihub_route.prepared_' || p_sub_id;
+    v_generation text := coalesce(nullif(current_setting('ihub_route.generation', true), ''), '0');
+    v_have text[];
+    v_count integer;
 BEGIN
-    IF EXISTS (SELECT 1 FROM pg_prepared_statements s WHERE s.name = v_name || 'render') THEN
-        RETURN;
+    IF current_setting(v_flag, true) = v_generation THEN
+        RETURN true;
     END IF;
-    IF (SELECT count(*) FROM pg_prepared_statements s WHERE s.name LIKE 'ihub\_route\_%') >= 300 THEN
-        DEALLOCATE ALL;
+    IF coalesce(nullif(current_setting('ihub_route.prepared', true), ''), '0')::integer >= 300 THEN
+        RETURN false;
     END IF;
-    -- The others may be left from a route that failed while preparing.
-    IF EXISTS (SELECT 1 FROM pg_prepared_statements s WHERE s.name = v_name || 'take') THEN
-        EXECUTE format('DEALLOCATE %I', v_name || 'take');
+    SELECT coalesce(array_agg(s.name) FILTER (WHERE s.name IN (v_name || 'take', v_name || 'wrap', v_name || 'render')), '{}'),
+           count(*)
+    INTO v_have, v_count
+    FROM pg_prepared_statements s WHERE s.name LIKE 'ihub\_route\_%';
+    IF NOT v_name || 'render' = ANY (v_have) THEN
+        IF v_count >= 300 THEN
+            PERFORM set_config('ihub_route.prepared', v_count::text, false);
+            RETURN false;
+        END IF;
+        -- The others may be left from a route that failed while preparing.
+        IF v_name || 'take' = ANY (v_have) THEN
+            EXECUTE format('DEALLOCATE %I', v_name || 'take');
+            v_count := v_count - 1;
+        END IF;
+        IF v_name || 'wrap' = ANY (v_have) THEN
+            EXECUTE format('DEALLOCATE %I', v_name || 'wrap');
+            v_count := v_count - 1;
+        END IF;
+        EXECUTE format('PREPARE %I (integer, tid) AS %s', v_name || 'take', ihub._route_sql(p_sub_id, 'take'));
+        EXECUTE format('PREPARE %I (integer, tid) AS %s', v_name || 'wrap', ihub._route_sql(p_sub_id, 'wrap'));
+        EXECUTE format('PREPARE %I (tid[], bigint, bigint, text, text, text, boolean, boolean, integer, timestamptz, text[]) AS %s',
+                       v_name || 'render', ihub._route_sql(p_sub_id, 'render'));
+        v_count := v_count + 3;
     END IF;
-    IF EXISTS (SELECT 1 FROM pg_prepared_statements s WHERE s.name = v_name || 'wrap') THEN
-        EXECUTE format('DEALLOCATE %I', v_name || 'wrap');
-    END IF;
-    EXECUTE format('PREPARE %I (integer, tid) AS %s', v_name || 'take', ihub._route_sql(p_sub_id, 'take'));
-    EXECUTE format('PREPARE %I (integer, tid) AS %s', v_name || 'wrap', ihub._route_sql(p_sub_id, 'wrap'));
-    EXECUTE format('PREPARE %I (tid[], bigint, bigint, text, text, text, boolean, boolean, integer, timestamptz, text[]) AS %s',
-                   v_name || 'render', ihub._route_sql(p_sub_id, 'render'));
+    PERFORM set_config(v_flag, v_generation, false);
+    PERFORM set_config('ihub_route.prepared', v_count::text, false);
+    RETURN true;
+END
+$$;
+
+-- Drops the session's route statements, and with them those of
+-- subscriptions deleted since they were prepared: a dispatcher calls it, in
+-- a transaction of its own, once it holds 300 (at most every 10 s). Routes
+-- prepare those in use again. Only in a transaction that commits: rolled
+-- back, the generation would say that the dropped statements exist.
+CREATE FUNCTION ihub._route_forget() RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    PERFORM set_config('ihub_route.generation',
+                       (coalesce(nullif(current_setting('ihub_route.generation', true), ''), '0')::bigint + 1)::text, false);
+    PERFORM set_config('ihub_route.prepared', '0', false);
+    DEALLOCATE ALL;
 END
 $$;
 
@@ -633,16 +678,16 @@ DECLARE
     v_wrapped tid[];
     v_lease timestamptz;
     -- A dispatcher runs the route's statements prepared in its session
-    -- (ihub._route_prepare); anyone else (an unsubscribe, an ALTER TABLE)
-    -- runs them as text.
+    -- (ihub._route_prepare, up to 100 subscriptions' worth); anyone else (an
+    -- unsubscribe, an ALTER TABLE) runs them as text.
     v_prepared boolean := p_owner IS NOT NULL AND p_owner = pg_backend_pid();
     v_name text := 'ihub_route_' || p_sub.id || '_';
 BEGIN
     -- Kept until commit, as a foreign key check would (see ihub._endpoint_deleted).
     SELECT * INTO v_endpoint FROM ihub.endpoint WHERE id = p_sub.endpoint_id FOR KEY SHARE;
 
+    v_prepared := v_prepared AND ihub._route_prepare(p_sub.id);
     IF v_prepared THEN
-        PERFORM ihub._route_prepare(p_sub.id);
         EXECUTE format('EXECUTE %I(%s, %L)', v_name || 'take', v_limit, v_from) INTO v_taken;
     ELSE
         EXECUTE ihub._route_sql(p_sub.id, 'take') INTO v_taken USING v_limit, v_from;
@@ -718,7 +763,9 @@ COMMENT ON FUNCTION ihub._route(ihub.subscription, integer, integer, integer, in
 COMMENT ON FUNCTION ihub._route_sql(bigint, text) IS
     'Internal: the text of one of the statements that route a subscription''s captured changes (take, wrap, render).';
 COMMENT ON FUNCTION ihub._route_prepare(bigint) IS
-    'Internal: prepares a subscription''s route statements in a dispatcher''s session, once.';
+    'Internal: prepares a subscription''s route statements in a dispatcher''s session, once; false past 300 statements.';
+COMMENT ON FUNCTION ihub._route_forget() IS
+    'Internal (dispatcher): drops the session''s prepared route statements, in a transaction of its own.';
 
 DROP FUNCTION ihub._claim(integer, integer, integer, integer);
 CREATE FUNCTION ihub._claim(p_owner integer, p_limit integer, p_default_timeout_ms integer, p_rounds integer)

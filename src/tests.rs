@@ -626,7 +626,9 @@ mod tests {
 
     /// A dispatcher (the claim's owner is the session itself) routes with
     /// statements prepared once in its session. They follow a capture table
-    /// made again with new columns, and a session keeps at most 300.
+    /// made again with new columns; session settings say they exist, and a
+    /// rolled-back route that lost those settings finds them again. A
+    /// session keeps at most 300.
     #[pg_test]
     fn a_dispatcher_routes_with_prepared_statements_that_follow_the_table() {
         setup_enabled();
@@ -637,9 +639,11 @@ mod tests {
         };
         let prepared =
             |like: &str| one::<i64>(&format!("SELECT count(*) FROM pg_prepared_statements WHERE name LIKE '{like}'"));
+        let counted = || one::<String>("SELECT current_setting('ihub_route.prepared')");
         let mine = format!("ihub\\_route\\_{sub}\\_%");
         assert!(route().contains(r#""customer": "a""#));
         assert_eq!(prepared(&mine), 3, "take, wrap and render are prepared");
+        assert_eq!(counted(), "3");
         route();
         assert_eq!(prepared(&mine), 3, "and prepared once");
 
@@ -648,12 +652,46 @@ mod tests {
         let after = route();
         assert!(after.contains(r#""note": "hello""#), "{after}");
 
-        // Many subscriptions' worth when one more needs its statements: the
-        // session's statements are dropped, and those in use made again.
+        // Dropped (as a dispatcher does past 300), they are prepared again,
+        // and counted with every other route statement of the session.
+        Spi::run("SELECT ihub._route_forget()").unwrap();
+        assert_eq!(prepared("ihub\\_route\\_%"), 0);
+        assert_eq!(counted(), "0");
+        Spi::run("DO $$ BEGIN FOR i IN 1..5 LOOP EXECUTE format('PREPARE ihub_route_x%s_take AS SELECT 1', i); END LOOP; END $$")
+            .unwrap();
+        assert!(route().contains(r#""note": "hello""#));
+        assert_eq!(prepared(&mine), 3);
+        assert_eq!(counted(), "8");
+
+        // A route rolled back after preparing keeps the statements and loses
+        // the settings: the next route finds them (PREPARE again would fail).
+        Spi::run("SELECT ihub._route_forget()").unwrap();
+        Spi::run(
+            "DO $$ BEGIN
+                 BEGIN
+                     INSERT INTO orders (customer, amount) VALUES ('b', 2);
+                     PERFORM count(*) FROM ihub._claim(pg_backend_pid(), 10, 1000, 1);
+                     RAISE EXCEPTION 'undone';
+                 EXCEPTION WHEN raise_exception THEN NULL;
+                 END;
+             END $$",
+        )
+        .unwrap();
+        assert_eq!(prepared(&mine), 3, "prepared in the rolled-back route");
+        assert_eq!(counted(), "0", "the count was rolled back with it");
+        assert!(route().contains(r#""customer": "a""#));
+        assert_eq!(counted(), "3");
+
+        // A session holding 300 routes further subscriptions as text.
+        Spi::run("SELECT ihub._route_forget()").unwrap();
         Spi::run("DO $$ BEGIN FOR i IN 1..300 LOOP EXECUTE format('PREPARE ihub_route_x%s_take AS SELECT 1', i); END LOOP; END $$")
             .unwrap();
-        Spi::run(&format!("DEALLOCATE ihub_route_{sub}_render")).unwrap();
-        assert!(route().contains(r#""note": "hello""#));
+        assert!(route().contains(r#""customer": "a""#));
+        assert!(route().contains(r#""customer": "a""#));
+        assert_eq!(prepared(&mine), 0, "past 300, nothing more is prepared");
+        assert_eq!(counted(), "300", "and the dispatcher sees it is full");
+        Spi::run("SELECT ihub._route_forget()").unwrap();
+        assert!(route().contains(r#""customer": "a""#));
         assert_eq!(prepared("ihub\\_route\\_%"), 3);
     }
 

@@ -440,6 +440,41 @@ fn a_bulk_insert_is_delivered_once_per_row() {
     assert_eq!(leftover, 0, "the capture table is drained");
 }
 
+/// A dispatcher prepares the route statements of at most 100 subscriptions
+/// and routes the others as text (ihub._route_prepare); once full, it drops
+/// them all every 10 s and prepares those in use again. Changes to 110
+/// tables in one transaction, in three waves, all arrive, once each.
+#[test]
+fn more_subscriptions_than_a_dispatcher_prepares_statements_for_are_all_delivered() {
+    let mut hub = hub();
+    let rx = Receiver::start();
+    let s = hub.setup(&rx.url("/"), "");
+    let tables: Vec<String> = (0..110).map(|i| format!("{}_{i}", s.table)).collect();
+    for t in &tables {
+        hub.exec(&format!(
+            "CREATE TABLE {t} (id bigint PRIMARY KEY); SELECT ihub.subscribe('{t}', '{e}', events => '{{insert}}')",
+            e = s.endpoint
+        ));
+    }
+    for wave in 1..=3 {
+        let inserts: String = tables.iter().map(|t| format!("INSERT INTO {t} VALUES ({wave});")).collect();
+        hub.exec(&format!("BEGIN; {inserts} COMMIT;"));
+        let states = hub.wait_settled(&s.endpoint, 110 * wave, WAIT);
+        assert!(states.iter().all(|s| s == "done"), "{states:?}");
+    }
+    let mut seen: Vec<(String, i64)> = rx
+        .received()
+        .iter()
+        .map(|r| (r.json()["table"].as_str().unwrap().to_string(), r.json()["data"]["id"].as_i64().unwrap()))
+        .collect();
+    seen.sort();
+    seen.dedup();
+    assert_eq!(seen.len(), 330, "every change arrives");
+    for t in &tables {
+        hub.exec(&format!("DROP TABLE {t} CASCADE"));
+    }
+}
+
 /// A route goes on from where the last one stopped in the capture table
 /// (ihub._route). Rows written into space that vacuum freed lie before that:
 /// the route must come back for them.
