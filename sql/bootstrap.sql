@@ -153,8 +153,13 @@ CREATE TABLE ihub.delivery (
     refused_token   integer
 )
 -- Every delivery is updated at least twice; vacuum early so that the partial
--- indexes do not fill with dead entries.
-WITH (autovacuum_vacuum_scale_factor = 0.02, autovacuum_analyze_scale_factor = 0.02);
+-- indexes do not fill with dead entries. Half of each page stays free for
+-- those updates: settling a batch rewrites each delivery on its own page,
+-- where Postgres logs only the changed part of a row (the payload comes
+-- before the state) and no lock of the old version. WAL per delivery
+-- 2,359-2,646 -> 1,822-1,936 bytes (make bench); the history takes about
+-- twice the pages.
+WITH (autovacuum_vacuum_scale_factor = 0.02, autovacuum_analyze_scale_factor = 0.02, fillfactor = 50);
 -- The claim scans only due work; finished deliveries stay out of this index.
 CREATE INDEX delivery_due_idx ON ihub.delivery (run_at)
     WHERE state IN ('pending', 'retry');

@@ -2218,6 +2218,10 @@ CREATE INDEX inbound_running_idx ON ihub.inbound_item (id) WHERE state = 'runnin
 -------------------------------------------------------------------------------
 ALTER TABLE ihub.delivery DROP CONSTRAINT delivery_endpoint_id_fkey, DROP CONSTRAINT delivery_subscription_id_fkey;
 
+-- Half of each new page stays free for the updates that settle deliveries
+-- (bootstrap.sql); pages already written keep their rows as they are.
+ALTER TABLE ihub.delivery SET (fillfactor = 50);
+
 -- Seconds until the earliest claimable delivery is due (NULL when none; not
 -- 0, which would make an idle dispatcher spin). The first in run_at order,
 -- not min(): with the endpoint condition (a join) Postgres computed min()

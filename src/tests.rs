@@ -425,6 +425,32 @@ mod tests {
         );
     }
 
+    /// Settling rewrites each delivery on its own page (half of each page is
+    /// kept free for it): Postgres then logs only the changed part of the
+    /// row, not its payload again, and no lock of the old version.
+    #[pg_test]
+    fn settled_deliveries_stay_on_their_pages() {
+        setup_enabled();
+        Spi::run("SELECT ihub.subscribe('orders', 'hook')").unwrap();
+        Spi::run("INSERT INTO orders (customer, amount) SELECT 'customer ' || g, g FROM generate_series(1, 500) g").unwrap();
+        assert_eq!(one::<i64>("SELECT count(*) FROM ihub._claim(pg_backend_pid(), 500, 1000, 1)"), 500);
+        Spi::run("CREATE TEMP TABLE claimed AS SELECT id, (ctid::text::point)[0] AS block FROM ihub.delivery").unwrap();
+        let settled = one::<i64>(
+            "SELECT ihub._settle(pg_backend_pid(), jsonb_agg(jsonb_build_object(
+                 'delivery_id', id, 'state', 'done', 'next_at', 0, 'status', 200, 'error', NULL,
+                 'category', 'ok', 'request_headers', '{}'::jsonb, 'response_headers', '{}'::jsonb,
+                 'response_body', 'ok', 'started_at', 0, 'duration_ms', 1)))
+             FROM ihub.delivery WHERE state = 'running'",
+        );
+        assert_eq!(settled, 500);
+        let moved = one::<i64>(
+            "SELECT count(*) FROM ihub.delivery d JOIN claimed c USING (id)
+             WHERE d.state = 'done' AND (d.ctid::text::point)[0] <> c.block",
+        );
+        assert_eq!(moved, 0, "settled deliveries moved to other pages");
+        assert!(one::<i64>("SELECT count(DISTINCT block) FROM claimed") > 1);
+    }
+
     #[pg_test]
     fn failed_attempts_are_logged_one_entry_a_minute_per_endpoint_and_outcome() {
         // A retry storm logged an entry per dispatcher round and one per
