@@ -65,11 +65,40 @@ CREATE TABLE ihub.endpoint (
     enabled         boolean NOT NULL DEFAULT true,
     disabled_reason text,
     disabled_at     timestamptz,
-    created_at      timestamptz NOT NULL DEFAULT now()
+    created_at      timestamptz NOT NULL DEFAULT now(),
+    -- The circuit breaker policy (ihub._normalize_circuit), NULL when off.
+    circuit         jsonb
 );
 CREATE INDEX ON ihub.endpoint (integration_id);
 COMMENT ON TABLE ihub.endpoint IS
     'HTTP endpoints deliveries are sent to. Credentials live in endpoint_credential and endpoint_secret, readable by ihub_admin only.';
+
+-- An endpoint's circuit and failure streak (circuit.sql): runtime state,
+-- not configuration. A row appears with the endpoint's first failed
+-- attempt; a batch delivered to an endpoint with nothing on record writes
+-- nothing here.
+CREATE TABLE ihub.endpoint_circuit (
+    endpoint_id     bigint PRIMARY KEY REFERENCES ihub.endpoint (id) ON DELETE CASCADE,
+    state           text NOT NULL DEFAULT 'closed' CHECK (state IN ('closed', 'open', 'half_open')),
+    -- consecutive failed attempts (5xx, timeouts, connections)
+    failures        integer NOT NULL DEFAULT 0,
+    -- the failure-rate window, from the first failure in it
+    window_start    timestamptz,
+    window_attempts integer NOT NULL DEFAULT 0,
+    window_failures integer NOT NULL DEFAULT 0,
+    opened_at       timestamptz,
+    -- open: when a probe may be sent; half_open: the probe's lease
+    retry_at        timestamptz,
+    probe_until     timestamptz,
+    -- the first failed attempt since the last delivered one
+    failing_since   timestamptz,
+    -- the last 20 changes of state: [{at, from, to, reason}]
+    changes         jsonb NOT NULL DEFAULT '[]'
+);
+-- Every claim asks whether any circuit is not closed.
+CREATE INDEX endpoint_circuit_not_closed_idx ON ihub.endpoint_circuit (endpoint_id) WHERE state <> 'closed';
+COMMENT ON TABLE ihub.endpoint_circuit IS
+    'Each endpoint''s circuit breaker state (closed, open, half_open), failure streak and last 20 changes of state.';
 
 -- Credentials are kept apart so that a plain SELECT privilege on endpoints
 -- can never reveal them.

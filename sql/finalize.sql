@@ -32,6 +32,7 @@ $$;
 COMMENT ON FUNCTION ihub._default_timeout_ms() IS 'Internal: ihub.default_timeout in milliseconds.';
 COMMENT ON FUNCTION ihub._check_url(text) IS 'Internal: validates an endpoint URL and the private-host allow-list.';
 COMMENT ON FUNCTION ihub._normalize_retry(jsonb) IS 'Internal: validates a retry policy and fills in defaults.';
+COMMENT ON FUNCTION ihub._normalize_circuit(jsonb) IS 'Internal: validates a circuit breaker policy and fills in defaults; NULL when off.';
 COMMENT ON FUNCTION ihub._normalize_auth(jsonb) IS 'Internal: validates endpoint auth JSON.';
 COMMENT ON FUNCTION ihub._check_secret(text) IS 'Internal: validates a whsec_ secret.';
 COMMENT ON FUNCTION ihub._generate_secret() IS 'Internal: a new random whsec_ secret.';
@@ -138,7 +139,8 @@ GRANT EXECUTE ON FUNCTION
     ihub.enable_integration(text),
     ihub.disable_integration(text),
     ihub.delete_integration(text),
-    ihub.create_endpoint(text, text, text, text, jsonb, jsonb, text, integer, jsonb),
+    ihub.create_endpoint(text, text, text, text, jsonb, jsonb, text, integer, jsonb, jsonb),
+    ihub.alter_endpoint(text, text, text, jsonb, integer, jsonb, jsonb),
     ihub.enable_endpoint(text),
     ihub.disable_endpoint(text, text),
     ihub.subscribe(regclass, text, text[], text[], text[], text, boolean),

@@ -19,7 +19,8 @@ CREATE FUNCTION ihub.create_endpoint(
     auth jsonb DEFAULT NULL,
     secret text DEFAULT NULL,
     timeout_ms integer DEFAULT NULL,
-    retry jsonb DEFAULT NULL
+    retry jsonb DEFAULT NULL,
+    circuit jsonb DEFAULT NULL
 ) RETURNS bigint
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
@@ -53,10 +54,10 @@ BEGIN
         PERFORM ihub._check_secret(create_endpoint.secret);
     END IF;
 
-    INSERT INTO ihub.endpoint (integration_id, name, url, method, headers, auth_type, timeout_ms, retry)
+    INSERT INTO ihub.endpoint (integration_id, name, url, method, headers, auth_type, timeout_ms, retry, circuit)
     VALUES (v_integration, create_endpoint.name, ihub._check_url(create_endpoint.url), v_method,
             coalesce(create_endpoint.headers, '{}'), v_auth ->> 'type', create_endpoint.timeout_ms,
-            ihub._normalize_retry(create_endpoint.retry))
+            ihub._normalize_retry(create_endpoint.retry), ihub._normalize_circuit(create_endpoint.circuit))
     RETURNING id INTO v_id;
     IF v_auth ->> 'type' <> 'none' THEN
         INSERT INTO ihub.endpoint_credential (endpoint_id, auth) VALUES (v_id, v_auth);
@@ -73,6 +74,9 @@ AS $$
 BEGIN
     UPDATE ihub.endpoint SET enabled = true, disabled_reason = NULL, disabled_at = NULL
     WHERE id = (ihub._endpoint(enable_endpoint.name)).id;
+    -- ihub.endpoint_disable_after counts again from the next failure.
+    UPDATE ihub.endpoint_circuit c SET failing_since = NULL
+    WHERE c.endpoint_id = (ihub._endpoint(enable_endpoint.name)).id AND c.failing_since IS NOT NULL;
     PERFORM ihub._wake();
 END
 $$;
@@ -991,7 +995,8 @@ BEGIN
         END IF;
         -- Custom fields go only to the integrations they are exported to.
         v_excluded := v_excluded || ihub._custom_fields_hidden(p_sub.source, v_integration.name);
-        v_claim := p_owner IS NOT NULL AND v_endpoint.enabled AND v_integration.state <> 'inactive';
+        v_claim := p_owner IS NOT NULL AND v_endpoint.enabled AND v_integration.state <> 'inactive'
+                   AND NOT EXISTS (SELECT 1 FROM ihub.endpoint_circuit c WHERE c.endpoint_id = v_endpoint.id AND c.state <> 'closed');
         PERFORM set_config(v_position, (SELECT max((t::text::point)[0])::bigint::text FROM unnest(v_taken) t), false);
 
         v_lease := ihub._lease_until(coalesce(v_endpoint.timeout_ms, p_default_timeout_ms), p_rounds);
@@ -1090,12 +1095,18 @@ BEGIN
                 PERFORM ihub._subscription_broken(v_sub, SQLERRM);
         END;
     END LOOP;
+    -- Open circuits get nothing but, once their cooldown is over, a probe.
+    IF cardinality(v_claimed) < p_limit AND EXISTS (SELECT 1 FROM ihub.endpoint_circuit c WHERE c.state <> 'closed') THEN
+        v_claimed := v_claimed || ARRAY(SELECT p FROM ihub._circuit_probes(p_owner, p_default_timeout_ms, p_rounds) p);
+    END IF;
     IF cardinality(v_claimed) < p_limit THEN
         WITH due AS (
             SELECT d.id FROM ihub.delivery d
             WHERE d.state IN ('pending', 'retry') AND d.run_at <= now()
               AND d.endpoint_id IN (SELECT e.id FROM ihub.endpoint e JOIN ihub.integration i ON i.id = e.integration_id
-                                    WHERE e.enabled AND i.state <> 'inactive')
+                                    WHERE e.enabled AND i.state <> 'inactive'
+                                      AND NOT EXISTS (SELECT 1 FROM ihub.endpoint_circuit c
+                                                      WHERE c.endpoint_id = e.id AND c.state <> 'closed'))
             ORDER BY d.run_at
             LIMIT p_limit - cardinality(v_claimed)
             FOR UPDATE OF d SKIP LOCKED
@@ -1206,6 +1217,7 @@ LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp SET enable_seqscan = off
 AS $$
 DECLARE
     v_settled bigint[];
+    v_health jsonb;
     v_endpoint record;
     v_ids bigint[] := ARRAY(SELECT (x ->> 'delivery_id')::bigint FROM jsonb_array_elements(p_results) x);
 BEGIN
@@ -1244,7 +1256,18 @@ BEGIN
         FROM updated u JOIN r ON r.delivery_id = u.id
         RETURNING delivery_id
     ), outcomes AS (
-        SELECT u.endpoint_id, u.id, r.state, r.error, r.duration_ms FROM updated u JOIN r ON r.delivery_id = u.id
+        SELECT u.endpoint_id, u.id, r.state, r.error, r.duration_ms, r.category FROM updated u JOIN r ON r.delivery_id = u.id
+    ), health AS (
+        -- For circuits (ihub._circuit_settle): failed means the receiver
+        -- did not answer well (5xx, timeout, connection), answered that it
+        -- did, unsuccessful anything the receiver did not take.
+        SELECT jsonb_agg(jsonb_build_object('endpoint_id', h.endpoint_id, 'delivered', h.delivered, 'failed', h.failed,
+                                            'answered', h.answered, 'unsuccessful', h.unsuccessful)) AS batch
+        FROM (SELECT o.endpoint_id, count(*) FILTER (WHERE o.category = 'ok') AS delivered,
+                     count(*) FILTER (WHERE o.category IN ('http_5xx', 'timeout', 'connection')) AS failed,
+                     count(*) FILTER (WHERE o.category IN ('ok', 'http_4xx', 'rate_limited', 'http_other')) AS answered,
+                     count(*) FILTER (WHERE o.category NOT IN ('ok', 'blocked', 'invalid_request', 'test_mode')) AS unsuccessful
+              FROM outcomes o GROUP BY o.endpoint_id) h
     ), counted AS (
         -- Rolled-up counters for ihub.endpoint_stats; one row per dispatcher.
         INSERT INTO ihub.endpoint_hourly AS h (endpoint_id, hour, worker, attempts, delivered, retried, failed, dead,
@@ -1263,7 +1286,17 @@ BEGIN
             last_error = coalesce(EXCLUDED.last_error, h.last_error),
             last_error_at = coalesce(EXCLUDED.last_error_at, h.last_error_at)
     )
-    SELECT coalesce(array_agg(delivery_id), '{}') INTO v_settled FROM recorded;
+    SELECT (SELECT coalesce(array_agg(delivery_id), '{}') FROM recorded), (SELECT batch FROM health)
+    INTO v_settled, v_health;
+
+    -- Circuits and failure streaks: only when something failed, or an
+    -- endpoint of the batch has a failure on record.
+    IF v_health @? '$[*] ? (@.unsuccessful > 0)'
+       OR EXISTS (SELECT 1 FROM ihub.endpoint_circuit c
+                  WHERE c.endpoint_id IN (SELECT (x ->> 'endpoint_id')::bigint FROM jsonb_array_elements(v_health) x)
+                    AND (c.state <> 'closed' OR c.failures > 0 OR c.failing_since IS NOT NULL OR c.window_start IS NOT NULL)) THEN
+        PERFORM ihub._circuit_settle(v_health);
+    END IF;
 
     -- Ended requests with a response handler: a job each.
     IF p_results @> '[{"respond": true}]' THEN
@@ -1426,13 +1459,27 @@ CREATE FUNCTION ihub._next_due() RETURNS double precision
 LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp
     SET enable_seqscan = off SET enable_bitmapscan = off SET enable_sort = off
 AS $$
-    SELECT greatest(0, extract(epoch FROM d.run_at - now()))::double precision
-    FROM ihub.delivery d
-    WHERE d.state IN ('pending', 'retry')
-      AND d.endpoint_id IN (SELECT e.id FROM ihub.endpoint e JOIN ihub.integration i ON i.id = e.integration_id
-                            WHERE e.enabled AND i.state <> 'inactive')
-    ORDER BY d.run_at
-    LIMIT 1
+    SELECT least(
+        (SELECT greatest(0, extract(epoch FROM d.run_at - now()))::double precision
+         FROM ihub.delivery d
+         WHERE d.state IN ('pending', 'retry')
+           AND d.endpoint_id IN (SELECT e.id FROM ihub.endpoint e JOIN ihub.integration i ON i.id = e.integration_id
+                                 WHERE e.enabled AND i.state <> 'inactive'
+                                   AND NOT EXISTS (SELECT 1 FROM ihub.endpoint_circuit c
+                                                   WHERE c.endpoint_id = e.id AND c.state <> 'closed'))
+         ORDER BY d.run_at
+         LIMIT 1),
+        -- An open circuit's probe: once its cooldown (or a half-open
+        -- circuit's probe lease) is over and one of its deliveries is due.
+        (SELECT min(greatest(0, extract(epoch FROM greatest(CASE c.state WHEN 'open' THEN c.retry_at ELSE c.probe_until END,
+                                                            q.run_at) - now())))::double precision
+         FROM ihub.endpoint_circuit c
+         JOIN ihub.endpoint e ON e.id = c.endpoint_id AND e.enabled
+         JOIN ihub.integration i ON i.id = e.integration_id AND i.state <> 'inactive'
+         CROSS JOIN LATERAL (SELECT d.run_at FROM ihub.delivery d
+                             WHERE d.state IN ('pending', 'retry') AND d.endpoint_id = c.endpoint_id
+                             ORDER BY d.run_at LIMIT 1) q
+         WHERE c.state <> 'closed'))
 $$;
 
 -------------------------------------------------------------------------------
@@ -1712,8 +1759,12 @@ CREATE VIEW ihub.endpoints AS
 SELECT e.id, i.name AS integration, e.name, ihub._mask_url(e.url) AS url, e.method,
        ihub._mask_endpoint_headers(e.headers) AS headers, e.auth_type,
        coalesce(e.timeout_ms, ihub._default_timeout_ms()) AS timeout_ms,
-       e.retry, e.enabled, e.disabled_reason, e.disabled_at, e.created_at
-FROM ihub.endpoint e JOIN ihub.integration i ON i.id = e.integration_id;
+       e.retry, e.enabled, e.disabled_reason, e.disabled_at, e.created_at,
+       e.circuit, coalesce(c.state, 'closed') AS circuit_state, c.opened_at AS circuit_opened_at,
+       c.retry_at AS circuit_retry_at, c.failures AS consecutive_failures, c.failing_since,
+       coalesce(c.changes, '[]') AS circuit_changes
+FROM ihub.endpoint e JOIN ihub.integration i ON i.id = e.integration_id
+LEFT JOIN ihub.endpoint_circuit c ON c.endpoint_id = e.id;
 
 CREATE VIEW ihub.endpoint_secrets AS
 SELECT e.name AS endpoint, s.secret, s.created_at, s.expires_at,
@@ -1756,7 +1807,7 @@ FROM ihub._workers() w LEFT JOIN pg_database db ON db.oid = w.database_oid;
 -- Comments
 -------------------------------------------------------------------------------
 
-COMMENT ON FUNCTION ihub.create_endpoint(text, text, text, text, jsonb, jsonb, text, integer, jsonb) IS
+COMMENT ON FUNCTION ihub.create_endpoint(text, text, text, text, jsonb, jsonb, text, integer, jsonb, jsonb) IS
     'Adds an HTTP endpoint to an integration: URL, method, headers, auth (none/basic/bearer/api_key/oauth2), whsec_ signing secret (generated when NULL), timeout and retry policy. Returns its id.';
 COMMENT ON FUNCTION ihub.enable_endpoint(text) IS 'Re-enables an endpoint (after a 410 Gone, say); its held deliveries resume.';
 COMMENT ON FUNCTION ihub.disable_endpoint(text, text) IS 'Stops deliveries to an endpoint; they wait until it is enabled again.';

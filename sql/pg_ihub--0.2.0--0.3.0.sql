@@ -725,7 +725,8 @@ BEGIN
         END IF;
         -- Custom fields go only to the integrations they are exported to.
         v_excluded := v_excluded || ihub._custom_fields_hidden(p_sub.source, v_integration.name);
-        v_claim := p_owner IS NOT NULL AND v_endpoint.enabled AND v_integration.state <> 'inactive';
+        v_claim := p_owner IS NOT NULL AND v_endpoint.enabled AND v_integration.state <> 'inactive'
+                   AND NOT EXISTS (SELECT 1 FROM ihub.endpoint_circuit c WHERE c.endpoint_id = v_endpoint.id AND c.state <> 'closed');
         PERFORM set_config(v_position, (SELECT max((t::text::point)[0])::bigint::text FROM unnest(v_taken) t), false);
 
         v_lease := ihub._lease_until(coalesce(v_endpoint.timeout_ms, p_default_timeout_ms), p_rounds);
@@ -815,12 +816,18 @@ BEGIN
                 PERFORM ihub._subscription_broken(v_sub, SQLERRM);
         END;
     END LOOP;
+    -- Open circuits get nothing but, once their cooldown is over, a probe.
+    IF cardinality(v_claimed) < p_limit AND EXISTS (SELECT 1 FROM ihub.endpoint_circuit c WHERE c.state <> 'closed') THEN
+        v_claimed := v_claimed || ARRAY(SELECT p FROM ihub._circuit_probes(p_owner, p_default_timeout_ms, p_rounds) p);
+    END IF;
     IF cardinality(v_claimed) < p_limit THEN
         WITH due AS (
             SELECT d.id FROM ihub.delivery d
             WHERE d.state IN ('pending', 'retry') AND d.run_at <= now()
               AND d.endpoint_id IN (SELECT e.id FROM ihub.endpoint e JOIN ihub.integration i ON i.id = e.integration_id
-                                    WHERE e.enabled AND i.state <> 'inactive')
+                                    WHERE e.enabled AND i.state <> 'inactive'
+                                      AND NOT EXISTS (SELECT 1 FROM ihub.endpoint_circuit c
+                                                      WHERE c.endpoint_id = e.id AND c.state <> 'closed'))
             ORDER BY d.run_at
             LIMIT p_limit - cardinality(v_claimed)
             FOR UPDATE OF d SKIP LOCKED
@@ -2085,6 +2092,7 @@ LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp SET enable_seqscan = off
 AS $$
 DECLARE
     v_settled bigint[];
+    v_health jsonb;
     v_endpoint record;
     v_ids bigint[] := ARRAY(SELECT (x ->> 'delivery_id')::bigint FROM jsonb_array_elements(p_results) x);
 BEGIN
@@ -2123,7 +2131,18 @@ BEGIN
         FROM updated u JOIN r ON r.delivery_id = u.id
         RETURNING delivery_id
     ), outcomes AS (
-        SELECT u.endpoint_id, u.id, r.state, r.error, r.duration_ms FROM updated u JOIN r ON r.delivery_id = u.id
+        SELECT u.endpoint_id, u.id, r.state, r.error, r.duration_ms, r.category FROM updated u JOIN r ON r.delivery_id = u.id
+    ), health AS (
+        -- For circuits (ihub._circuit_settle): failed means the receiver
+        -- did not answer well (5xx, timeout, connection), answered that it
+        -- did, unsuccessful anything the receiver did not take.
+        SELECT jsonb_agg(jsonb_build_object('endpoint_id', h.endpoint_id, 'delivered', h.delivered, 'failed', h.failed,
+                                            'answered', h.answered, 'unsuccessful', h.unsuccessful)) AS batch
+        FROM (SELECT o.endpoint_id, count(*) FILTER (WHERE o.category = 'ok') AS delivered,
+                     count(*) FILTER (WHERE o.category IN ('http_5xx', 'timeout', 'connection')) AS failed,
+                     count(*) FILTER (WHERE o.category IN ('ok', 'http_4xx', 'rate_limited', 'http_other')) AS answered,
+                     count(*) FILTER (WHERE o.category NOT IN ('ok', 'blocked', 'invalid_request', 'test_mode')) AS unsuccessful
+              FROM outcomes o GROUP BY o.endpoint_id) h
     ), counted AS (
         -- Rolled-up counters for ihub.endpoint_stats; one row per dispatcher.
         INSERT INTO ihub.endpoint_hourly AS h (endpoint_id, hour, worker, attempts, delivered, retried, failed, dead,
@@ -2142,7 +2161,17 @@ BEGIN
             last_error = coalesce(EXCLUDED.last_error, h.last_error),
             last_error_at = coalesce(EXCLUDED.last_error_at, h.last_error_at)
     )
-    SELECT coalesce(array_agg(delivery_id), '{}') INTO v_settled FROM recorded;
+    SELECT (SELECT coalesce(array_agg(delivery_id), '{}') FROM recorded), (SELECT batch FROM health)
+    INTO v_settled, v_health;
+
+    -- Circuits and failure streaks: only when something failed, or an
+    -- endpoint of the batch has a failure on record.
+    IF v_health @? '$[*] ? (@.unsuccessful > 0)'
+       OR EXISTS (SELECT 1 FROM ihub.endpoint_circuit c
+                  WHERE c.endpoint_id IN (SELECT (x ->> 'endpoint_id')::bigint FROM jsonb_array_elements(v_health) x)
+                    AND (c.state <> 'closed' OR c.failures > 0 OR c.failing_since IS NOT NULL OR c.window_start IS NOT NULL)) THEN
+        PERFORM ihub._circuit_settle(v_health);
+    END IF;
 
     -- Ended requests with a response handler: a job each.
     IF p_results @> '[{"respond": true}]' THEN
@@ -2231,13 +2260,27 @@ CREATE OR REPLACE FUNCTION ihub._next_due() RETURNS double precision
 LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp
     SET enable_seqscan = off SET enable_bitmapscan = off SET enable_sort = off
 AS $$
-    SELECT greatest(0, extract(epoch FROM d.run_at - now()))::double precision
-    FROM ihub.delivery d
-    WHERE d.state IN ('pending', 'retry')
-      AND d.endpoint_id IN (SELECT e.id FROM ihub.endpoint e JOIN ihub.integration i ON i.id = e.integration_id
-                            WHERE e.enabled AND i.state <> 'inactive')
-    ORDER BY d.run_at
-    LIMIT 1
+    SELECT least(
+        (SELECT greatest(0, extract(epoch FROM d.run_at - now()))::double precision
+         FROM ihub.delivery d
+         WHERE d.state IN ('pending', 'retry')
+           AND d.endpoint_id IN (SELECT e.id FROM ihub.endpoint e JOIN ihub.integration i ON i.id = e.integration_id
+                                 WHERE e.enabled AND i.state <> 'inactive'
+                                   AND NOT EXISTS (SELECT 1 FROM ihub.endpoint_circuit c
+                                                   WHERE c.endpoint_id = e.id AND c.state <> 'closed'))
+         ORDER BY d.run_at
+         LIMIT 1),
+        -- An open circuit's probe: once its cooldown (or a half-open
+        -- circuit's probe lease) is over and one of its deliveries is due.
+        (SELECT min(greatest(0, extract(epoch FROM greatest(CASE c.state WHEN 'open' THEN c.retry_at ELSE c.probe_until END,
+                                                            q.run_at) - now())))::double precision
+         FROM ihub.endpoint_circuit c
+         JOIN ihub.endpoint e ON e.id = c.endpoint_id AND e.enabled
+         JOIN ihub.integration i ON i.id = e.integration_id AND i.state <> 'inactive'
+         CROSS JOIN LATERAL (SELECT d.run_at FROM ihub.delivery d
+                             WHERE d.state IN ('pending', 'retry') AND d.endpoint_id = c.endpoint_id
+                             ORDER BY d.run_at LIMIT 1) q
+         WHERE c.state <> 'closed'))
 $$;
 
 -- Items blocked behind an earlier one with the same ordering key do not
@@ -3897,7 +3940,9 @@ LANGUAGE c VOLATILE AS 'MODULE_PATHNAME', 'ihub_for_caller';
 CREATE OR REPLACE FUNCTION ihub.replay_dead(endpoint text, since timestamptz DEFAULT '-infinity') RETURNS bigint
 LANGUAGE c VOLATILE AS 'MODULE_PATHNAME', 'ihub_for_caller';
 
-CREATE OR REPLACE FUNCTION ihub.create_endpoint(
+-- A circuit breaker policy (circuit.sql): a new argument.
+DROP FUNCTION ihub.create_endpoint(text, text, text, text, jsonb, jsonb, text, integer, jsonb);
+CREATE FUNCTION ihub.create_endpoint(
     integration text,
     name text,
     url text,
@@ -3906,7 +3951,8 @@ CREATE OR REPLACE FUNCTION ihub.create_endpoint(
     auth jsonb DEFAULT NULL,
     secret text DEFAULT NULL,
     timeout_ms integer DEFAULT NULL,
-    retry jsonb DEFAULT NULL
+    retry jsonb DEFAULT NULL,
+    circuit jsonb DEFAULT NULL
 ) RETURNS bigint
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
@@ -3940,10 +3986,10 @@ BEGIN
         PERFORM ihub._check_secret(create_endpoint.secret);
     END IF;
 
-    INSERT INTO ihub.endpoint (integration_id, name, url, method, headers, auth_type, timeout_ms, retry)
+    INSERT INTO ihub.endpoint (integration_id, name, url, method, headers, auth_type, timeout_ms, retry, circuit)
     VALUES (v_integration, create_endpoint.name, ihub._check_url(create_endpoint.url), v_method,
             coalesce(create_endpoint.headers, '{}'), v_auth ->> 'type', create_endpoint.timeout_ms,
-            ihub._normalize_retry(create_endpoint.retry))
+            ihub._normalize_retry(create_endpoint.retry), ihub._normalize_circuit(create_endpoint.circuit))
     RETURNING id INTO v_id;
     IF v_auth ->> 'type' <> 'none' THEN
         INSERT INTO ihub.endpoint_credential (endpoint_id, auth) VALUES (v_id, v_auth);
@@ -4384,7 +4430,7 @@ COMMENT ON FUNCTION ihub._check_response_function(regprocedure, name) IS
 COMMENT ON FUNCTION ihub._try_json(text) IS 'Internal: a text as jsonb, NULL when it is not JSON.';
 COMMENT ON FUNCTION ihub._respond(jsonb, bigint[]) IS
     'Internal (dispatcher): queues the response handler jobs of the ended requests of a settled batch.';
-COMMENT ON FUNCTION ihub.create_endpoint(text, text, text, text, jsonb, jsonb, text, integer, jsonb) IS
+COMMENT ON FUNCTION ihub.create_endpoint(text, text, text, text, jsonb, jsonb, text, integer, jsonb, jsonb) IS
     'Adds an HTTP endpoint to an integration: URL, method, headers, auth (none/basic/bearer/api_key/oauth2), whsec_ signing secret (generated when NULL), timeout and retry policy. Returns its id.';
 COMMENT ON FUNCTION ihub._claim(integer, integer, integer, integer) IS
     'Internal (dispatcher): routes captured changes and claims due deliveries with FOR UPDATE SKIP LOCKED and a lease.';
@@ -4560,6 +4606,314 @@ END
 $$;
 
 COMMENT ON FUNCTION ihub._pg_cron_table(text) IS 'Internal: a table of the pg_cron extension in schema cron, NULL when pg_cron is not installed.';
+
+-------------------------------------------------------------------------------
+-- Circuit breaker (issue 13): sql/circuit.sql
+-------------------------------------------------------------------------------
+
+-- The circuit breaker policy (ihub._normalize_circuit), NULL when off.
+ALTER TABLE ihub.endpoint ADD COLUMN circuit jsonb;
+
+-- An endpoint's circuit and failure streak (circuit.sql): runtime state,
+-- not configuration. A row appears with the endpoint's first failed
+-- attempt; a batch delivered to an endpoint with nothing on record writes
+-- nothing here.
+CREATE TABLE ihub.endpoint_circuit (
+    endpoint_id     bigint PRIMARY KEY REFERENCES ihub.endpoint (id) ON DELETE CASCADE,
+    state           text NOT NULL DEFAULT 'closed' CHECK (state IN ('closed', 'open', 'half_open')),
+    -- consecutive failed attempts (5xx, timeouts, connections)
+    failures        integer NOT NULL DEFAULT 0,
+    -- the failure-rate window, from the first failure in it
+    window_start    timestamptz,
+    window_attempts integer NOT NULL DEFAULT 0,
+    window_failures integer NOT NULL DEFAULT 0,
+    opened_at       timestamptz,
+    -- open: when a probe may be sent; half_open: the probe's lease
+    retry_at        timestamptz,
+    probe_until     timestamptz,
+    -- the first failed attempt since the last delivered one
+    failing_since   timestamptz,
+    -- the last 20 changes of state: [{at, from, to, reason}]
+    changes         jsonb NOT NULL DEFAULT '[]'
+);
+-- Every claim asks whether any circuit is not closed.
+CREATE INDEX endpoint_circuit_not_closed_idx ON ihub.endpoint_circuit (endpoint_id) WHERE state <> 'closed';
+COMMENT ON TABLE ihub.endpoint_circuit IS
+    'Each endpoint''s circuit breaker state (closed, open, half_open), failure streak and last 20 changes of state.';
+
+CREATE FUNCTION ihub._normalize_circuit("policy" jsonb) RETURNS jsonb
+IMMUTABLE
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'normalize_circuit_wrapper';
+COMMENT ON FUNCTION ihub._normalize_circuit(jsonb) IS 'Internal: validates a circuit breaker policy and fills in defaults; NULL when off.';
+
+CREATE OR REPLACE FUNCTION ihub.enable_endpoint(name text) RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    UPDATE ihub.endpoint SET enabled = true, disabled_reason = NULL, disabled_at = NULL
+    WHERE id = (ihub._endpoint(enable_endpoint.name)).id;
+    -- ihub.endpoint_disable_after counts again from the next failure.
+    UPDATE ihub.endpoint_circuit c SET failing_since = NULL
+    WHERE c.endpoint_id = (ihub._endpoint(enable_endpoint.name)).id AND c.failing_since IS NOT NULL;
+    PERFORM ihub._wake();
+END
+$$;
+
+-- New columns at the end: the circuit and the failure streak.
+CREATE OR REPLACE VIEW ihub.endpoints AS
+SELECT e.id, i.name AS integration, e.name, ihub._mask_url(e.url) AS url, e.method,
+       ihub._mask_endpoint_headers(e.headers) AS headers, e.auth_type,
+       coalesce(e.timeout_ms, ihub._default_timeout_ms()) AS timeout_ms,
+       e.retry, e.enabled, e.disabled_reason, e.disabled_at, e.created_at,
+       e.circuit, coalesce(c.state, 'closed') AS circuit_state, c.opened_at AS circuit_opened_at,
+       c.retry_at AS circuit_retry_at, c.failures AS consecutive_failures, c.failing_since,
+       coalesce(c.changes, '[]') AS circuit_changes
+FROM ihub.endpoint e JOIN ihub.integration i ON i.id = e.integration_id
+LEFT JOIN ihub.endpoint_circuit c ON c.endpoint_id = e.id;
+
+-- Records a change of state: the entry for the circuit's history, a NOTIFY
+-- on ihub_circuit and a log entry. Returns the history with it (the last 20).
+CREATE FUNCTION ihub._circuit_changed(p_endpoint_id bigint, p_changes jsonb, p_from text, p_to text, p_reason text)
+RETURNS jsonb
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_change jsonb := jsonb_build_object('at', now(), 'from', p_from, 'to', p_to, 'reason', p_reason);
+    v_endpoint text;
+    v_integration text;
+BEGIN
+    SELECT e.name, i.name INTO v_endpoint, v_integration
+    FROM ihub.endpoint e JOIN ihub.integration i ON i.id = e.integration_id WHERE e.id = p_endpoint_id;
+    PERFORM pg_notify('ihub_circuit', (jsonb_build_object('endpoint', v_endpoint) || v_change)::text);
+    PERFORM ihub.log(CASE p_to WHEN 'open' THEN 'warning' ELSE 'info' END,
+                     format('circuit of endpoint %s %s: %s', v_endpoint,
+                            CASE p_to WHEN 'open' THEN 'opened' WHEN 'half_open' THEN 'half-open, a probe is sent' ELSE 'closed' END,
+                            p_reason),
+                     jsonb_build_object('endpoint', v_endpoint, 'circuit', p_to, 'from', p_from), v_integration);
+    RETURN (SELECT jsonb_agg(x ORDER BY n)
+            FROM (SELECT x, n FROM jsonb_array_elements(p_changes || v_change) WITH ORDINALITY a(x, n)
+                  ORDER BY n DESC LIMIT 20) last);
+END
+$$;
+
+-- Counts a settled batch's outcomes per endpoint (p_health: endpoint_id,
+-- delivered, failed, answered, unsuccessful) and moves circuits. Also
+-- disables an endpoint whose attempts have all failed for
+-- ihub.endpoint_disable_after. Called by ihub._settle only when something
+-- failed or an endpoint of the batch has something on record.
+CREATE FUNCTION ihub._circuit_settle(p_health jsonb) RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    h record;
+    c ihub.endpoint_circuit;
+    v_to text;
+    v_reason text;
+    v_after interval := current_setting('ihub.endpoint_disable_after')::interval;
+BEGIN
+    FOR h IN
+        SELECT x.*, e.circuit AS policy, e.enabled, e.name
+        FROM jsonb_to_recordset(p_health) AS x(endpoint_id bigint, delivered integer, failed integer,
+                                               answered integer, unsuccessful integer)
+        JOIN ihub.endpoint e ON e.id = x.endpoint_id
+        ORDER BY x.endpoint_id
+    LOOP
+        IF h.unsuccessful > 0 THEN
+            INSERT INTO ihub.endpoint_circuit (endpoint_id) VALUES (h.endpoint_id) ON CONFLICT DO NOTHING;
+        END IF;
+        SELECT * INTO c FROM ihub.endpoint_circuit WHERE endpoint_id = h.endpoint_id FOR UPDATE;
+        CONTINUE WHEN NOT FOUND;
+
+        c.failing_since := CASE WHEN h.delivered > 0 THEN NULL
+                                WHEN h.unsuccessful > 0 THEN coalesce(c.failing_since, now())
+                                ELSE c.failing_since END;
+        c.failures := CASE WHEN h.answered > 0 THEN 0 ELSE c.failures + h.failed END;
+        IF h.policy ->> 'failure_rate' IS NULL
+           OR c.window_start < now() - (h.policy ->> 'window')::float8 * interval '1 second' THEN
+            c.window_start := NULL;
+            c.window_attempts := 0;
+            c.window_failures := 0;
+        END IF;
+        IF h.policy ->> 'failure_rate' IS NOT NULL AND (c.window_start IS NOT NULL OR h.failed > 0) THEN
+            c.window_start := coalesce(c.window_start, now());
+            c.window_attempts := c.window_attempts + h.failed + h.answered;
+            c.window_failures := c.window_failures + h.failed;
+        END IF;
+
+        v_to := c.state;
+        IF h.policy IS NULL THEN
+            v_to := 'closed';
+            v_reason := 'the endpoint has no circuit breaker';
+        ELSIF c.state = 'closed' AND c.failures >= (h.policy ->> 'failures')::integer THEN
+            v_to := 'open';
+            v_reason := format('%s consecutive failed attempts', c.failures);
+        ELSIF c.state = 'closed' AND c.window_attempts >= (h.policy ->> 'min_requests')::integer
+              AND c.window_failures >= (h.policy ->> 'failure_rate')::float8 * c.window_attempts THEN
+            v_to := 'open';
+            v_reason := format('%s of %s attempts failed within %s s', c.window_failures, c.window_attempts,
+                               h.policy ->> 'window');
+        ELSIF c.state = 'half_open' AND h.failed > 0 THEN
+            v_to := 'open';
+            v_reason := 'the probe failed';
+        ELSIF c.state = 'half_open' AND h.answered > 0 THEN
+            v_to := 'closed';
+            v_reason := 'the probe was answered';
+        END IF;
+        IF v_to = 'open' THEN
+            c.opened_at := CASE WHEN c.state = 'closed' THEN now() ELSE c.opened_at END;
+            c.retry_at := now() + (h.policy ->> 'cooldown')::float8 * interval '1 second';
+            c.probe_until := NULL;
+        ELSIF v_to = 'closed' AND c.state <> 'closed' THEN
+            c.failures := 0;
+            c.window_start := NULL;
+            c.window_attempts := 0;
+            c.window_failures := 0;
+            c.opened_at := NULL;
+            c.retry_at := NULL;
+            c.probe_until := NULL;
+        END IF;
+        IF v_to <> c.state THEN
+            c.changes := ihub._circuit_changed(h.endpoint_id, c.changes, c.state, v_to, v_reason);
+            c.state := v_to;
+        END IF;
+        UPDATE ihub.endpoint_circuit
+        SET (state, failures, window_start, window_attempts, window_failures, opened_at, retry_at, probe_until,
+             failing_since, changes)
+          = (c.state, c.failures, c.window_start, c.window_attempts, c.window_failures, c.opened_at, c.retry_at,
+             c.probe_until, c.failing_since, c.changes)
+        WHERE endpoint_id = h.endpoint_id;
+
+        IF h.enabled AND v_after > interval '0' AND c.failing_since <= now() - v_after THEN
+            UPDATE ihub.endpoint e
+            SET enabled = false, disabled_at = now(),
+                disabled_reason = format('every attempt failed since %s (ihub.endpoint_disable_after = %s); re-enable with ihub.enable_endpoint()',
+                                         c.failing_since, current_setting('ihub.endpoint_disable_after'))
+            WHERE e.id = h.endpoint_id AND e.enabled;
+            RAISE WARNING 'pg_ihub: endpoint "%" disabled: every attempt failed since %', h.name, c.failing_since;
+            PERFORM pg_notify('ihub_circuit', jsonb_build_object('endpoint', h.name, 'at', now(), 'to', 'disabled',
+                                                                 'reason', format('every attempt failed since %s', c.failing_since))::text);
+            PERFORM ihub.log('critical', format('endpoint %s disabled: every attempt failed since %s', h.name, c.failing_since),
+                             jsonb_build_object('endpoint', h.name),
+                             (SELECT i.name FROM ihub.endpoint e JOIN ihub.integration i ON i.id = e.integration_id
+                              WHERE e.id = h.endpoint_id));
+        END IF;
+    END LOOP;
+END
+$$;
+
+-- Claims a probe for each open circuit whose cooldown is over (or each
+-- half-open one whose probe's lease ran out): the endpoint's first due
+-- delivery, and the circuit half-opens. A circuit another dispatcher is
+-- probing is skipped. With nothing due, the circuit stays as it is.
+CREATE FUNCTION ihub._circuit_probes(p_owner integer, p_default_timeout_ms integer, p_rounds integer)
+RETURNS SETOF ihub.delivery
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp SET enable_seqscan = off
+AS $$
+DECLARE
+    c record;
+    v_probe ihub.delivery;
+BEGIN
+    FOR c IN
+        SELECT ci.endpoint_id, ci.state, ci.changes, e.timeout_ms
+        FROM ihub.endpoint_circuit ci
+        JOIN ihub.endpoint e ON e.id = ci.endpoint_id
+        JOIN ihub.integration i ON i.id = e.integration_id
+        WHERE ci.state <> 'closed'
+          AND ((ci.state = 'open' AND ci.retry_at <= now()) OR (ci.state = 'half_open' AND ci.probe_until <= now()))
+          AND e.enabled AND i.state <> 'inactive'
+        FOR UPDATE OF ci SKIP LOCKED
+    LOOP
+        UPDATE ihub.delivery d
+        SET state = 'running', worker_pid = p_owner,
+            lease_until = ihub._lease_until(coalesce(c.timeout_ms, p_default_timeout_ms), p_rounds)
+        WHERE d.id = (SELECT q.id FROM ihub.delivery q
+                      WHERE q.state IN ('pending', 'retry') AND q.run_at <= now() AND q.endpoint_id = c.endpoint_id
+                      ORDER BY q.run_at LIMIT 1
+                      FOR UPDATE SKIP LOCKED)
+        RETURNING d.* INTO v_probe;
+        CONTINUE WHEN v_probe.id IS NULL;
+        UPDATE ihub.endpoint_circuit
+        SET state = 'half_open', probe_until = v_probe.lease_until,
+            changes = CASE WHEN c.state = 'open'
+                           THEN ihub._circuit_changed(c.endpoint_id, c.changes, 'open', 'half_open',
+                                                      format('cooldown over, probe delivery %s', v_probe.id))
+                           ELSE c.changes END
+        WHERE endpoint_id = c.endpoint_id;
+        RETURN NEXT v_probe;
+        v_probe := NULL;
+    END LOOP;
+END
+$$;
+
+-- Changes an endpoint. NULL leaves a setting as it is. A circuit policy
+-- (true, false or an object, see ihub.create_endpoint) also closes the
+-- circuit and starts its counts afresh.
+CREATE FUNCTION ihub.alter_endpoint(
+    name text,
+    url text DEFAULT NULL,
+    method text DEFAULT NULL,
+    headers jsonb DEFAULT NULL,
+    timeout_ms integer DEFAULT NULL,
+    retry jsonb DEFAULT NULL,
+    circuit jsonb DEFAULT NULL
+) RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_endpoint ihub.endpoint := ihub._endpoint(alter_endpoint.name);
+    v_method text := upper(alter_endpoint.method);
+    v_circuit ihub.endpoint_circuit;
+BEGIN
+    IF v_method IS NOT NULL AND v_method NOT IN ('GET', 'POST', 'PUT', 'PATCH', 'DELETE') THEN
+        RAISE EXCEPTION 'unsupported HTTP method "%"', alter_endpoint.method
+            USING ERRCODE = 'invalid_parameter_value', HINT = 'Use GET, POST, PUT, PATCH or DELETE.';
+    END IF;
+    IF alter_endpoint.timeout_ms IS NOT NULL AND alter_endpoint.timeout_ms NOT BETWEEN 1 AND 300000 THEN
+        RAISE EXCEPTION 'timeout_ms must be between 1 and 300000, got %', alter_endpoint.timeout_ms
+            USING ERRCODE = 'invalid_parameter_value', HINT = 'Leave it NULL to keep the endpoint''s timeout.';
+    END IF;
+    IF alter_endpoint.headers IS NOT NULL THEN
+        PERFORM ihub._check_headers(alter_endpoint.headers);
+    END IF;
+    UPDATE ihub.endpoint e
+    SET url = coalesce(ihub._check_url(alter_endpoint.url), e.url),
+        method = coalesce(v_method, e.method),
+        headers = coalesce(alter_endpoint.headers, e.headers),
+        timeout_ms = coalesce(alter_endpoint.timeout_ms, e.timeout_ms),
+        retry = CASE WHEN alter_endpoint.retry IS NULL THEN e.retry ELSE ihub._normalize_retry(alter_endpoint.retry) END,
+        circuit = CASE WHEN alter_endpoint.circuit IS NULL THEN e.circuit ELSE ihub._normalize_circuit(alter_endpoint.circuit) END
+    WHERE e.id = v_endpoint.id;
+    IF alter_endpoint.circuit IS NOT NULL THEN
+        SELECT * INTO v_circuit FROM ihub.endpoint_circuit WHERE endpoint_id = v_endpoint.id FOR UPDATE;
+        IF FOUND THEN
+            UPDATE ihub.endpoint_circuit
+            SET state = 'closed', failures = 0, window_start = NULL, window_attempts = 0, window_failures = 0,
+                opened_at = NULL, retry_at = NULL, probe_until = NULL,
+                changes = CASE WHEN v_circuit.state = 'closed' THEN changes
+                               ELSE ihub._circuit_changed(v_endpoint.id, changes, v_circuit.state, 'closed',
+                                                          'closed by ihub.alter_endpoint') END
+            WHERE endpoint_id = v_endpoint.id;
+        END IF;
+    END IF;
+    PERFORM ihub._wake();
+END
+$$;
+
+COMMENT ON FUNCTION ihub._circuit_changed(bigint, jsonb, text, text, text) IS
+    'Internal: records a circuit''s change of state (history, NOTIFY ihub_circuit, log entry).';
+COMMENT ON FUNCTION ihub._circuit_settle(jsonb) IS
+    'Internal (dispatcher): counts a settled batch''s outcomes per endpoint, opens and closes circuits, disables endpoints failing for ihub.endpoint_disable_after.';
+COMMENT ON FUNCTION ihub._circuit_probes(integer, integer, integer) IS
+    'Internal (dispatcher): claims one probe delivery for each open circuit whose cooldown is over.';
+COMMENT ON FUNCTION ihub.alter_endpoint(text, text, text, jsonb, integer, jsonb, jsonb) IS
+    'Changes an endpoint''s URL, method, headers, timeout, retry policy or circuit breaker; NULL keeps a setting. A circuit policy also closes the circuit.';
+
+REVOKE ALL ON ihub.endpoint_circuit FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION
+    ihub.create_endpoint(text, text, text, text, jsonb, jsonb, text, integer, jsonb, jsonb),
+    ihub.alter_endpoint(text, text, text, jsonb, integer, jsonb, jsonb)
+TO ihub_developer;
 
 -------------------------------------------------------------------------------
 -- Privileges: as a fresh install sets them (finalize.sql)

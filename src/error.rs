@@ -5,6 +5,7 @@ use pgrx::pg_sys::panic::ErrorReport;
 use pgrx::{PgLogLevel, PgSqlErrorCode};
 
 use pg_ihub_core::outbound::auth::{AuthError, AUTH_HINT};
+use pg_ihub_core::outbound::circuit::{CircuitError, CIRCUIT_HINT};
 use pg_ihub_core::outbound::request_url::{QueryError, QUERY_HINT};
 use pg_ihub_core::outbound::sender::HeaderError;
 use pg_ihub_core::outbound::signature::SecretError;
@@ -23,6 +24,8 @@ pub enum IhubError {
     Retry(#[from] PolicyError),
     #[error("invalid auth: {0}")]
     Auth(#[from] AuthError),
+    #[error("invalid circuit breaker: {0}")]
+    Circuit(#[from] CircuitError),
     #[error("invalid secret: {0}")]
     Secret(#[from] SecretError),
     #[error("invalid headers: {0}")]
@@ -57,6 +60,7 @@ impl IhubError {
                 POLICY_KEYS.join(", ")
             ),
             IhubError::Auth(_) => AUTH_HINT.into(),
+            IhubError::Circuit(_) => CIRCUIT_HINT.into(),
             IhubError::Secret(_) => {
                 "Pass NULL to have one generated, or a Standard Webhooks secret: \"whsec_\" followed by base64 of 24 to 64 random bytes.".into()
             }

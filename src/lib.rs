@@ -109,6 +109,11 @@ pgrx::extension_sql_file!(
         runtime::registry::wake_maintenance
     ]
 );
+pgrx::extension_sql_file!(
+    "../sql/circuit.sql",
+    name = "circuit",
+    requires = ["oauth2", outbound::functions::normalize_circuit, outbound::functions::check_url]
+);
 pgrx::extension_sql_file!("../sql/finalize.sql", name = "finalize", finalize);
 
 #[pg_guard]

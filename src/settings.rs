@@ -19,6 +19,7 @@ pub static DISPATCH_WORKERS: GucSetting<i32> = GucSetting::<i32>::new(2);
 pub static JOB_WORKERS: GucSetting<i32> = GucSetting::<i32>::new(2);
 pub static LISTEN_ADDRESS: GucSetting<Option<std::ffi::CString>> =
     GucSetting::<Option<std::ffi::CString>>::new(Some(c"127.0.0.1:8470"));
+pub static ENDPOINT_DISABLE_AFTER_S: GucSetting<i32> = GucSetting::<i32>::new(5 * 86_400);
 pub static INBOUND_PROCESSORS: GucSetting<i32> = GucSetting::<i32>::new(1);
 pub static INBOUND_BATCH: GucSetting<i32> = GucSetting::<i32>::new(100);
 pub static INBOUND_ITEMS_PER_TRANSACTION: GucSetting<i32> = GucSetting::<i32>::new(50);
@@ -405,6 +406,16 @@ fn define_reloadable_settings() {
         100_000,
         GucContext::Sighup,
         GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"ihub.endpoint_disable_after",
+        c"An endpoint whose attempts have all failed for this long is disabled, with the reason recorded.",
+        c"Counted from the first failed attempt after the last delivered one; 0 never disables. ihub.enable_endpoint starts it again.",
+        &ENDPOINT_DISABLE_AFTER_S,
+        0,
+        365 * 86_400,
+        GucContext::Sighup,
+        GucFlags::UNIT_S,
     );
     GucRegistry::define_int_guc(
         c"ihub.inbound_header_timeout",

@@ -425,6 +425,116 @@ mod tests {
         );
     }
 
+    /// A circuit breaker policy is checked, filled in with its defaults and
+    /// changed with ihub.alter_endpoint; false turns it off.
+    #[pg_test]
+    fn circuit_policies_are_checked_and_filled_in() {
+        setup();
+        expect_error(
+            "SELECT ihub.create_endpoint('shop', 'cb', 'https://hooks.example.com/', circuit => '{\"failures\": 0}')",
+            &[
+                "invalid circuit breaker: circuit key \"failures\" must be a whole number",
+                "HINT: Pass true for the defaults",
+            ],
+        );
+        expect_error(
+            "SELECT ihub.alter_endpoint('hook', circuit => '{\"cooldown\": \"30s\"}')",
+            &["circuit key \"cooldown\" must be a number"],
+        );
+        expect_error("SELECT ihub.alter_endpoint('hook', method => 'FETCH')", &["unsupported HTTP method \"FETCH\""]);
+        expect_error("SELECT ihub.alter_endpoint('nope', circuit => 'true')", &["endpoint \"nope\" does not exist"]);
+        assert_eq!(
+            one::<bool>("SELECT circuit IS NULL FROM ihub.endpoints WHERE name = 'hook'"),
+            true,
+            "off by default"
+        );
+        Spi::run("SELECT ihub.alter_endpoint('hook', circuit => 'true', timeout_ms => 2000)").unwrap();
+        assert_eq!(
+            one::<String>("SELECT circuit::text || ' ' || timeout_ms || ' ' || circuit_state FROM ihub.endpoints WHERE name = 'hook'"),
+            r#"{"window": 60.0, "cooldown": 30.0, "failures": 5, "failure_rate": null, "min_requests": 20} 2000 closed"#
+        );
+        Spi::run("SELECT ihub.alter_endpoint('hook', circuit => 'false')").unwrap();
+        assert_eq!(one::<bool>("SELECT circuit IS NULL FROM ihub.endpoints WHERE name = 'hook'"), true);
+    }
+
+    /// Failed attempts open an endpoint's circuit: its due deliveries are
+    /// not claimed (another endpoint's are), the next wake-up is the end of
+    /// the cooldown rather than now, and the change is on record and logged.
+    #[pg_test]
+    fn an_open_circuit_gets_nothing_and_other_endpoints_go_on() {
+        setup_enabled();
+        Spi::run(
+            "SELECT ihub.alter_endpoint('hook', circuit => '{\"failures\": 2, \"cooldown\": 60}');
+             SELECT ihub.create_endpoint('shop', 'other', 'https://other.example.com/');
+             SELECT ihub.http_request('hook', '{}') FROM generate_series(1, 3);",
+        )
+        .unwrap();
+        assert_eq!(one::<i64>("SELECT count(*) FROM ihub._claim(4242, 10, 1000, 1)"), 3);
+        let failed = one::<i64>(
+            "SELECT ihub._settle(4242, jsonb_agg(jsonb_build_object(
+                 'delivery_id', id, 'state', 'retry', 'next_at', 0, 'status', 503, 'error', 'HTTP 503',
+                 'category', 'http_5xx', 'request_headers', '{}'::jsonb, 'response_headers', '{}'::jsonb,
+                 'response_body', '', 'started_at', 0, 'duration_ms', 1)))
+             FROM ihub.delivery WHERE state = 'running'",
+        );
+        assert_eq!(failed, 3);
+        assert_eq!(
+            one::<String>(
+                "SELECT circuit_state || ' ' || (circuit_changes -> 0 ->> 'from') || '->' || (circuit_changes -> 0 ->> 'to')
+                        || ' ' || (circuit_changes -> 0 ->> 'reason') || ' ' || (failing_since IS NOT NULL)
+                 FROM ihub.endpoints WHERE name = 'hook'"
+            ),
+            "open closed->open 3 consecutive failed attempts true"
+        );
+        assert!(one::<bool>(
+            "SELECT count(*) = 1 FROM ihub.logs WHERE level = 'warning' AND message LIKE 'circuit of endpoint hook opened: %'"
+        ));
+        Spi::run("SELECT ihub.http_request('other', '{}')").unwrap();
+        assert_eq!(
+            one::<String>("SELECT string_agg(url, ',') FROM ihub._claim(4242, 10, 1000, 1)"),
+            "https://other.example.com/",
+            "the open circuit's due retries wait; the other endpoint is served"
+        );
+        let next = one::<f64>("SELECT ihub._next_due()");
+        assert!(next > 50.0 && next <= 60.0, "the next wake-up is the end of the cooldown: {next}");
+        // Changing the policy closes the circuit.
+        Spi::run("SELECT ihub.alter_endpoint('hook', circuit => '{\"failures\": 2}')").unwrap();
+        assert_eq!(one::<i64>("SELECT count(*) FROM ihub._claim(4242, 10, 1000, 1)"), 3);
+    }
+
+    /// An endpoint whose attempts have all failed for
+    /// ihub.endpoint_disable_after (5 days) is disabled with the reason;
+    /// enabling it again starts the count afresh.
+    #[pg_test]
+    fn an_endpoint_failing_for_days_is_disabled() {
+        setup_enabled();
+        let fail = || {
+            Spi::run("SELECT ihub.http_request('hook', '{}')").unwrap();
+            assert_eq!(one::<i64>("SELECT count(*) FROM ihub._claim(4242, 10, 1000, 1)"), 1);
+            Spi::run(
+                "SELECT ihub._settle(4242, jsonb_agg(jsonb_build_object(
+                     'delivery_id', id, 'state', 'retry', 'next_at', extract(epoch FROM now() + interval '1 hour'),
+                     'status', NULL, 'error', 'connection refused', 'category', 'connection',
+                     'request_headers', '{}'::jsonb, 'response_headers', NULL, 'response_body', NULL,
+                     'started_at', 0, 'duration_ms', 1)))
+                 FROM ihub.delivery WHERE state = 'running'",
+            )
+            .unwrap();
+        };
+        fail();
+        assert!(one::<bool>("SELECT enabled AND failing_since IS NOT NULL FROM ihub.endpoints WHERE name = 'hook'"));
+        Spi::run("UPDATE ihub.endpoint_circuit SET failing_since = now() - interval '5 days 1 minute'").unwrap();
+        fail();
+        let reason = one::<String>("SELECT disabled_reason FROM ihub.endpoints WHERE name = 'hook' AND NOT enabled");
+        assert!(reason.starts_with("every attempt failed since "), "{reason}");
+        assert!(reason.contains("ihub.endpoint_disable_after = 5d"), "{reason}");
+        assert!(one::<bool>(
+            "SELECT count(*) = 1 FROM ihub.logs WHERE level = 'critical' AND message LIKE 'endpoint hook disabled: %'"
+        ));
+        Spi::run("SELECT ihub.enable_endpoint('hook')").unwrap();
+        assert!(one::<bool>("SELECT enabled AND failing_since IS NULL FROM ihub.endpoints WHERE name = 'hook'"));
+    }
+
     /// Settling rewrites each delivery on its own page (half of each page is
     /// kept free for it): Postgres then logs only the changed part of the
     /// row, not its payload again, and no lock of the old version.
@@ -432,7 +542,8 @@ mod tests {
     fn settled_deliveries_stay_on_their_pages() {
         setup_enabled();
         Spi::run("SELECT ihub.subscribe('orders', 'hook')").unwrap();
-        Spi::run("INSERT INTO orders (customer, amount) SELECT 'customer ' || g, g FROM generate_series(1, 500) g").unwrap();
+        Spi::run("INSERT INTO orders (customer, amount) SELECT 'customer ' || g, g FROM generate_series(1, 500) g")
+            .unwrap();
         assert_eq!(one::<i64>("SELECT count(*) FROM ihub._claim(pg_backend_pid(), 500, 1000, 1)"), 500);
         Spi::run("CREATE TEMP TABLE claimed AS SELECT id, (ctid::text::point)[0] AS block FROM ihub.delivery").unwrap();
         let settled = one::<i64>(

@@ -440,6 +440,99 @@ fn a_bulk_insert_is_delivered_once_per_row() {
     assert_eq!(leftover, 0, "the capture table is drained");
 }
 
+/// The circuit breaker against a receiver that fails and recovers: three
+/// failed attempts open the circuit, and then the endpoint gets nothing but
+/// a probe after each cooldown; a failed probe opens it again, an answered
+/// one closes it and the rest follow. Another endpoint is served while it
+/// is open. Each change is in the history, on NOTIFY ihub_circuit and logged.
+#[test]
+fn the_circuit_opens_probes_and_closes_against_a_receiver_that_recovers() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    let mut hub = hub();
+    let mut watcher = pg_ihub_e2e::hub();
+    watcher.exec("LISTEN ihub_circuit");
+    let rx = Receiver::start();
+    let healthy = Arc::new(AtomicBool::new(false));
+    let up = healthy.clone();
+    rx.script(move |_, _| Reply::status(if up.load(Ordering::SeqCst) { 200 } else { 500 }));
+    let retry = r#"{"initial_delay": 0.1, "multiplier": 1, "jitter": 0, "max_attempts": 50}"#;
+    let s =
+        hub.setup(&rx.url("/"), &format!(", retry => '{retry}', circuit => '{{\"failures\": 3, \"cooldown\": 1}}'"));
+    hub.exec(&format!(
+        "SELECT ihub.http_request('{}', jsonb_build_object('n', g)) FROM generate_series(1, 5) g",
+        s.endpoint
+    ));
+    let state = |hub: &mut Hub| {
+        hub.one::<String>(&format!("SELECT circuit_state FROM ihub.endpoints WHERE name = '{}'", s.endpoint))
+    };
+    let reopened = format!(
+        "SELECT count(*) >= 2 FROM ihub.endpoints, jsonb_array_elements(circuit_changes) c
+         WHERE name = '{}' AND c ->> 'to' = 'open'",
+        s.endpoint
+    );
+    assert!(hub.wait_true(&reopened, WAIT), "the circuit did not open, probe and open again");
+
+    // Another endpoint is served while this circuit is open or probing.
+    let other_rx = Receiver::start();
+    let other = hub.setup(&other_rx.url("/"), "");
+    hub.exec(&format!("SELECT ihub.http_request('{}', '{{}}')", other.endpoint));
+    assert!(other_rx.wait_for(1, WAIT));
+    assert_ne!(state(&mut hub), "closed");
+
+    healthy.store(true, Ordering::SeqCst);
+    assert_eq!(hub.wait_settled(&s.endpoint, 5, WAIT), vec!["done"; 5]);
+    assert_eq!(state(&mut hub), "closed");
+    let changes: Vec<String> = hub
+        .db
+        .query(
+            &format!(
+                "SELECT (c ->> 'from') || '->' || (c ->> 'to') FROM ihub.endpoints, jsonb_array_elements(circuit_changes) c
+                 WHERE name = '{}'",
+                s.endpoint
+            ),
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(changes[0], "closed->open");
+    assert_eq!(changes.last().unwrap(), "half_open->closed");
+    assert!(changes.windows(2).all(|w| w[0].split("->").nth(1) == w[1].split("->").next()), "{changes:?}");
+    let probes = changes.iter().filter(|c| *c == "open->half_open").count();
+    let failed_probes = changes.iter().filter(|c| *c == "half_open->open").count();
+    assert!(failed_probes >= 1 && probes == failed_probes + 1, "{changes:?}");
+    // While open, nothing but the probes was sent: 0.1 s retries would
+    // have sent dozens more.
+    let failed: i64 = hub.one(&format!(
+        "SELECT count(*) FROM ihub.delivery_attempts WHERE endpoint = '{}' AND error_category = 'http_5xx'",
+        s.endpoint
+    ));
+    assert!(failed <= 5 + failed_probes as i64, "{failed} failed attempts, {failed_probes} failed probes");
+    let logged: i64 =
+        hub.one(&format!("SELECT count(*) FROM ihub.logs WHERE message LIKE 'circuit of endpoint {} %'", s.endpoint));
+    assert_eq!(logged, changes.len() as i64);
+    let notified: Vec<String> = watcher_notes(&mut watcher.db)
+        .into_iter()
+        .filter(|n| n["endpoint"] == s.endpoint.as_str())
+        .map(|n| format!("{}->{}", n["from"].as_str().unwrap(), n["to"].as_str().unwrap()))
+        .collect();
+    assert_eq!(notified, changes);
+}
+
+/// The notifications a LISTENing client has been sent so far.
+fn watcher_notes(db: &mut postgres::Client) -> Vec<serde_json::Value> {
+    use postgres::fallible_iterator::FallibleIterator;
+    let mut got = Vec::new();
+    let mut n = db.notifications();
+    let mut it = n.timeout_iter(Duration::from_millis(500));
+    while let Ok(Some(note)) = it.next() {
+        got.push(serde_json::from_str(note.payload()).unwrap());
+    }
+    got
+}
+
 /// A dispatcher prepares the route statements of at most 100 subscriptions
 /// and routes the others as text (ihub._route_prepare); once full, it drops
 /// them all every 10 s and prepares those in use again. Changes to 110

@@ -8,6 +8,7 @@ use serde_json::Value;
 
 use crate::error::{IhubError, OrRaise};
 use crate::settings;
+use pg_ihub_core::outbound::circuit::CircuitPolicy;
 use pg_ihub_core::outbound::{auth::Auth, mask, request_url, sender, signature, target};
 use pg_ihub_core::retry::RetryPolicy;
 
@@ -35,6 +36,15 @@ fn normalize_retry(policy: Option<JsonB>) -> JsonB {
     let value = policy.map(|j| j.0).unwrap_or(Value::Null);
     let policy = RetryPolicy::from_json(&value).or_raise();
     JsonB(serde_json::to_value(policy).expect("a policy serialises"))
+}
+
+/// An endpoint's circuit breaker policy with its defaults filled in, or NULL
+/// when it is off (NULL, false).
+#[pg_extern(name = "_normalize_circuit", immutable)]
+fn normalize_circuit(policy: Option<JsonB>) -> Option<JsonB> {
+    let value = policy.map(|j| j.0).unwrap_or(Value::Null);
+    let policy = CircuitPolicy::from_json(&value).or_raise()?;
+    Some(JsonB(serde_json::to_value(policy).expect("a policy serialises")))
 }
 
 #[pg_extern(name = "_normalize_auth", immutable)]

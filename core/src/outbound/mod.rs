@@ -1,8 +1,9 @@
 //! Outbound webhook logic that knows nothing of Postgres: signing, retry
-//! policy, error classification, target checks, header masking, the HTTP
+//! policy, circuit breaker policy, error classification, target checks, header masking, the HTTP
 //! sender and when a dispatcher gathers commits. Everything here is unit-tested with plain `#[test]`.
 
 pub mod auth;
+pub mod circuit;
 pub mod gather;
 pub mod mask;
 pub mod request_url;

@@ -1,0 +1,248 @@
+-- pg_ihub circuit breaker: per endpoint, enforced in the claim so that it
+-- holds across every dispatcher. The settle counts each batch's outcomes
+-- per endpoint (ihub._circuit_settle); the claim sends nothing to an open
+-- circuit and, once its cooldown is over, one probe (ihub._circuit_probes).
+--
+--   closed --failures or failure rate--> open --cooldown, a probe claimed--> half_open
+--   half_open --probe answered--> closed;  half_open --probe failed--> open
+--
+-- A failure is a 5xx, a timeout or a refused or dropped connection. Any
+-- other answer (2xx, 4xx, 429) shows the receiver is up. Outcomes of
+-- requests sent before a circuit opened change nothing while it is open.
+
+-- Records a change of state: the entry for the circuit's history, a NOTIFY
+-- on ihub_circuit and a log entry. Returns the history with it (the last 20).
+CREATE FUNCTION ihub._circuit_changed(p_endpoint_id bigint, p_changes jsonb, p_from text, p_to text, p_reason text)
+RETURNS jsonb
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_change jsonb := jsonb_build_object('at', now(), 'from', p_from, 'to', p_to, 'reason', p_reason);
+    v_endpoint text;
+    v_integration text;
+BEGIN
+    SELECT e.name, i.name INTO v_endpoint, v_integration
+    FROM ihub.endpoint e JOIN ihub.integration i ON i.id = e.integration_id WHERE e.id = p_endpoint_id;
+    PERFORM pg_notify('ihub_circuit', (jsonb_build_object('endpoint', v_endpoint) || v_change)::text);
+    PERFORM ihub.log(CASE p_to WHEN 'open' THEN 'warning' ELSE 'info' END,
+                     format('circuit of endpoint %s %s: %s', v_endpoint,
+                            CASE p_to WHEN 'open' THEN 'opened' WHEN 'half_open' THEN 'half-open, a probe is sent' ELSE 'closed' END,
+                            p_reason),
+                     jsonb_build_object('endpoint', v_endpoint, 'circuit', p_to, 'from', p_from), v_integration);
+    RETURN (SELECT jsonb_agg(x ORDER BY n)
+            FROM (SELECT x, n FROM jsonb_array_elements(p_changes || v_change) WITH ORDINALITY a(x, n)
+                  ORDER BY n DESC LIMIT 20) last);
+END
+$$;
+
+-- Counts a settled batch's outcomes per endpoint (p_health: endpoint_id,
+-- delivered, failed, answered, unsuccessful) and moves circuits. Also
+-- disables an endpoint whose attempts have all failed for
+-- ihub.endpoint_disable_after. Called by ihub._settle only when something
+-- failed or an endpoint of the batch has something on record.
+CREATE FUNCTION ihub._circuit_settle(p_health jsonb) RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    h record;
+    c ihub.endpoint_circuit;
+    v_to text;
+    v_reason text;
+    v_after interval := current_setting('ihub.endpoint_disable_after')::interval;
+BEGIN
+    FOR h IN
+        SELECT x.*, e.circuit AS policy, e.enabled, e.name
+        FROM jsonb_to_recordset(p_health) AS x(endpoint_id bigint, delivered integer, failed integer,
+                                               answered integer, unsuccessful integer)
+        JOIN ihub.endpoint e ON e.id = x.endpoint_id
+        ORDER BY x.endpoint_id
+    LOOP
+        IF h.unsuccessful > 0 THEN
+            INSERT INTO ihub.endpoint_circuit (endpoint_id) VALUES (h.endpoint_id) ON CONFLICT DO NOTHING;
+        END IF;
+        SELECT * INTO c FROM ihub.endpoint_circuit WHERE endpoint_id = h.endpoint_id FOR UPDATE;
+        CONTINUE WHEN NOT FOUND;
+
+        c.failing_since := CASE WHEN h.delivered > 0 THEN NULL
+                                WHEN h.unsuccessful > 0 THEN coalesce(c.failing_since, now())
+                                ELSE c.failing_since END;
+        c.failures := CASE WHEN h.answered > 0 THEN 0 ELSE c.failures + h.failed END;
+        IF h.policy ->> 'failure_rate' IS NULL
+           OR c.window_start < now() - (h.policy ->> 'window')::float8 * interval '1 second' THEN
+            c.window_start := NULL;
+            c.window_attempts := 0;
+            c.window_failures := 0;
+        END IF;
+        IF h.policy ->> 'failure_rate' IS NOT NULL AND (c.window_start IS NOT NULL OR h.failed > 0) THEN
+            c.window_start := coalesce(c.window_start, now());
+            c.window_attempts := c.window_attempts + h.failed + h.answered;
+            c.window_failures := c.window_failures + h.failed;
+        END IF;
+
+        v_to := c.state;
+        IF h.policy IS NULL THEN
+            v_to := 'closed';
+            v_reason := 'the endpoint has no circuit breaker';
+        ELSIF c.state = 'closed' AND c.failures >= (h.policy ->> 'failures')::integer THEN
+            v_to := 'open';
+            v_reason := format('%s consecutive failed attempts', c.failures);
+        ELSIF c.state = 'closed' AND c.window_attempts >= (h.policy ->> 'min_requests')::integer
+              AND c.window_failures >= (h.policy ->> 'failure_rate')::float8 * c.window_attempts THEN
+            v_to := 'open';
+            v_reason := format('%s of %s attempts failed within %s s', c.window_failures, c.window_attempts,
+                               h.policy ->> 'window');
+        ELSIF c.state = 'half_open' AND h.failed > 0 THEN
+            v_to := 'open';
+            v_reason := 'the probe failed';
+        ELSIF c.state = 'half_open' AND h.answered > 0 THEN
+            v_to := 'closed';
+            v_reason := 'the probe was answered';
+        END IF;
+        IF v_to = 'open' THEN
+            c.opened_at := CASE WHEN c.state = 'closed' THEN now() ELSE c.opened_at END;
+            c.retry_at := now() + (h.policy ->> 'cooldown')::float8 * interval '1 second';
+            c.probe_until := NULL;
+        ELSIF v_to = 'closed' AND c.state <> 'closed' THEN
+            c.failures := 0;
+            c.window_start := NULL;
+            c.window_attempts := 0;
+            c.window_failures := 0;
+            c.opened_at := NULL;
+            c.retry_at := NULL;
+            c.probe_until := NULL;
+        END IF;
+        IF v_to <> c.state THEN
+            c.changes := ihub._circuit_changed(h.endpoint_id, c.changes, c.state, v_to, v_reason);
+            c.state := v_to;
+        END IF;
+        UPDATE ihub.endpoint_circuit
+        SET (state, failures, window_start, window_attempts, window_failures, opened_at, retry_at, probe_until,
+             failing_since, changes)
+          = (c.state, c.failures, c.window_start, c.window_attempts, c.window_failures, c.opened_at, c.retry_at,
+             c.probe_until, c.failing_since, c.changes)
+        WHERE endpoint_id = h.endpoint_id;
+
+        IF h.enabled AND v_after > interval '0' AND c.failing_since <= now() - v_after THEN
+            UPDATE ihub.endpoint e
+            SET enabled = false, disabled_at = now(),
+                disabled_reason = format('every attempt failed since %s (ihub.endpoint_disable_after = %s); re-enable with ihub.enable_endpoint()',
+                                         c.failing_since, current_setting('ihub.endpoint_disable_after'))
+            WHERE e.id = h.endpoint_id AND e.enabled;
+            RAISE WARNING 'pg_ihub: endpoint "%" disabled: every attempt failed since %', h.name, c.failing_since;
+            PERFORM pg_notify('ihub_circuit', jsonb_build_object('endpoint', h.name, 'at', now(), 'to', 'disabled',
+                                                                 'reason', format('every attempt failed since %s', c.failing_since))::text);
+            PERFORM ihub.log('critical', format('endpoint %s disabled: every attempt failed since %s', h.name, c.failing_since),
+                             jsonb_build_object('endpoint', h.name),
+                             (SELECT i.name FROM ihub.endpoint e JOIN ihub.integration i ON i.id = e.integration_id
+                              WHERE e.id = h.endpoint_id));
+        END IF;
+    END LOOP;
+END
+$$;
+
+-- Claims a probe for each open circuit whose cooldown is over (or each
+-- half-open one whose probe's lease ran out): the endpoint's first due
+-- delivery, and the circuit half-opens. A circuit another dispatcher is
+-- probing is skipped. With nothing due, the circuit stays as it is.
+CREATE FUNCTION ihub._circuit_probes(p_owner integer, p_default_timeout_ms integer, p_rounds integer)
+RETURNS SETOF ihub.delivery
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp SET enable_seqscan = off
+AS $$
+DECLARE
+    c record;
+    v_probe ihub.delivery;
+BEGIN
+    FOR c IN
+        SELECT ci.endpoint_id, ci.state, ci.changes, e.timeout_ms
+        FROM ihub.endpoint_circuit ci
+        JOIN ihub.endpoint e ON e.id = ci.endpoint_id
+        JOIN ihub.integration i ON i.id = e.integration_id
+        WHERE ci.state <> 'closed'
+          AND ((ci.state = 'open' AND ci.retry_at <= now()) OR (ci.state = 'half_open' AND ci.probe_until <= now()))
+          AND e.enabled AND i.state <> 'inactive'
+        FOR UPDATE OF ci SKIP LOCKED
+    LOOP
+        UPDATE ihub.delivery d
+        SET state = 'running', worker_pid = p_owner,
+            lease_until = ihub._lease_until(coalesce(c.timeout_ms, p_default_timeout_ms), p_rounds)
+        WHERE d.id = (SELECT q.id FROM ihub.delivery q
+                      WHERE q.state IN ('pending', 'retry') AND q.run_at <= now() AND q.endpoint_id = c.endpoint_id
+                      ORDER BY q.run_at LIMIT 1
+                      FOR UPDATE SKIP LOCKED)
+        RETURNING d.* INTO v_probe;
+        CONTINUE WHEN v_probe.id IS NULL;
+        UPDATE ihub.endpoint_circuit
+        SET state = 'half_open', probe_until = v_probe.lease_until,
+            changes = CASE WHEN c.state = 'open'
+                           THEN ihub._circuit_changed(c.endpoint_id, c.changes, 'open', 'half_open',
+                                                      format('cooldown over, probe delivery %s', v_probe.id))
+                           ELSE c.changes END
+        WHERE endpoint_id = c.endpoint_id;
+        RETURN NEXT v_probe;
+        v_probe := NULL;
+    END LOOP;
+END
+$$;
+
+-- Changes an endpoint. NULL leaves a setting as it is. A circuit policy
+-- (true, false or an object, see ihub.create_endpoint) also closes the
+-- circuit and starts its counts afresh.
+CREATE FUNCTION ihub.alter_endpoint(
+    name text,
+    url text DEFAULT NULL,
+    method text DEFAULT NULL,
+    headers jsonb DEFAULT NULL,
+    timeout_ms integer DEFAULT NULL,
+    retry jsonb DEFAULT NULL,
+    circuit jsonb DEFAULT NULL
+) RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_endpoint ihub.endpoint := ihub._endpoint(alter_endpoint.name);
+    v_method text := upper(alter_endpoint.method);
+    v_circuit ihub.endpoint_circuit;
+BEGIN
+    IF v_method IS NOT NULL AND v_method NOT IN ('GET', 'POST', 'PUT', 'PATCH', 'DELETE') THEN
+        RAISE EXCEPTION 'unsupported HTTP method "%"', alter_endpoint.method
+            USING ERRCODE = 'invalid_parameter_value', HINT = 'Use GET, POST, PUT, PATCH or DELETE.';
+    END IF;
+    IF alter_endpoint.timeout_ms IS NOT NULL AND alter_endpoint.timeout_ms NOT BETWEEN 1 AND 300000 THEN
+        RAISE EXCEPTION 'timeout_ms must be between 1 and 300000, got %', alter_endpoint.timeout_ms
+            USING ERRCODE = 'invalid_parameter_value', HINT = 'Leave it NULL to keep the endpoint''s timeout.';
+    END IF;
+    IF alter_endpoint.headers IS NOT NULL THEN
+        PERFORM ihub._check_headers(alter_endpoint.headers);
+    END IF;
+    UPDATE ihub.endpoint e
+    SET url = coalesce(ihub._check_url(alter_endpoint.url), e.url),
+        method = coalesce(v_method, e.method),
+        headers = coalesce(alter_endpoint.headers, e.headers),
+        timeout_ms = coalesce(alter_endpoint.timeout_ms, e.timeout_ms),
+        retry = CASE WHEN alter_endpoint.retry IS NULL THEN e.retry ELSE ihub._normalize_retry(alter_endpoint.retry) END,
+        circuit = CASE WHEN alter_endpoint.circuit IS NULL THEN e.circuit ELSE ihub._normalize_circuit(alter_endpoint.circuit) END
+    WHERE e.id = v_endpoint.id;
+    IF alter_endpoint.circuit IS NOT NULL THEN
+        SELECT * INTO v_circuit FROM ihub.endpoint_circuit WHERE endpoint_id = v_endpoint.id FOR UPDATE;
+        IF FOUND THEN
+            UPDATE ihub.endpoint_circuit
+            SET state = 'closed', failures = 0, window_start = NULL, window_attempts = 0, window_failures = 0,
+                opened_at = NULL, retry_at = NULL, probe_until = NULL,
+                changes = CASE WHEN v_circuit.state = 'closed' THEN changes
+                               ELSE ihub._circuit_changed(v_endpoint.id, changes, v_circuit.state, 'closed',
+                                                          'closed by ihub.alter_endpoint') END
+            WHERE endpoint_id = v_endpoint.id;
+        END IF;
+    END IF;
+    PERFORM ihub._wake();
+END
+$$;
+
+COMMENT ON FUNCTION ihub._circuit_changed(bigint, jsonb, text, text, text) IS
+    'Internal: records a circuit''s change of state (history, NOTIFY ihub_circuit, log entry).';
+COMMENT ON FUNCTION ihub._circuit_settle(jsonb) IS
+    'Internal (dispatcher): counts a settled batch''s outcomes per endpoint, opens and closes circuits, disables endpoints failing for ihub.endpoint_disable_after.';
+COMMENT ON FUNCTION ihub._circuit_probes(integer, integer, integer) IS
+    'Internal (dispatcher): claims one probe delivery for each open circuit whose cooldown is over.';
+COMMENT ON FUNCTION ihub.alter_endpoint(text, text, text, jsonb, integer, jsonb, jsonb) IS
+    'Changes an endpoint''s URL, method, headers, timeout, retry policy or circuit breaker; NULL keeps a setting. A circuit policy also closes the circuit.';
