@@ -140,7 +140,7 @@ GRANT EXECUTE ON FUNCTION
     ihub.disable_integration(text),
     ihub.delete_integration(text),
     ihub.create_endpoint(text, text, text, text, jsonb, jsonb, text, integer, jsonb, jsonb),
-    ihub.alter_endpoint(text, text, text, jsonb, integer, jsonb, jsonb),
+    ihub.alter_endpoint(text, integer, jsonb, jsonb),
     ihub.enable_endpoint(text),
     ihub.disable_endpoint(text, text),
     ihub.subscribe(regclass, text, text[], text[], text[], text, boolean),

@@ -4846,14 +4846,14 @@ BEGIN
 END
 $$;
 
--- Changes an endpoint. NULL leaves a setting as it is. A circuit policy
--- (true, false or an object, see ihub.create_endpoint) also closes the
--- circuit and starts its counts afresh.
+-- Changes how an endpoint is delivered to: its timeout, retry policy and
+-- circuit breaker. NULL leaves a setting as it is. Not where requests go
+-- or what they carry (URL, method, headers, credentials): whoever may call
+-- this could otherwise send another integration's payloads and credentials
+-- to a host of their own. A circuit policy (true, false or an object, see
+-- ihub.create_endpoint) also closes the circuit and starts its counts afresh.
 CREATE FUNCTION ihub.alter_endpoint(
     name text,
-    url text DEFAULT NULL,
-    method text DEFAULT NULL,
-    headers jsonb DEFAULT NULL,
     timeout_ms integer DEFAULT NULL,
     retry jsonb DEFAULT NULL,
     circuit jsonb DEFAULT NULL
@@ -4862,25 +4862,14 @@ LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     v_endpoint ihub.endpoint := ihub._endpoint(alter_endpoint.name);
-    v_method text := upper(alter_endpoint.method);
     v_circuit ihub.endpoint_circuit;
 BEGIN
-    IF v_method IS NOT NULL AND v_method NOT IN ('GET', 'POST', 'PUT', 'PATCH', 'DELETE') THEN
-        RAISE EXCEPTION 'unsupported HTTP method "%"', alter_endpoint.method
-            USING ERRCODE = 'invalid_parameter_value', HINT = 'Use GET, POST, PUT, PATCH or DELETE.';
-    END IF;
     IF alter_endpoint.timeout_ms IS NOT NULL AND alter_endpoint.timeout_ms NOT BETWEEN 1 AND 300000 THEN
         RAISE EXCEPTION 'timeout_ms must be between 1 and 300000, got %', alter_endpoint.timeout_ms
             USING ERRCODE = 'invalid_parameter_value', HINT = 'Leave it NULL to keep the endpoint''s timeout.';
     END IF;
-    IF alter_endpoint.headers IS NOT NULL THEN
-        PERFORM ihub._check_headers(alter_endpoint.headers);
-    END IF;
     UPDATE ihub.endpoint e
-    SET url = coalesce(ihub._check_url(alter_endpoint.url), e.url),
-        method = coalesce(v_method, e.method),
-        headers = coalesce(alter_endpoint.headers, e.headers),
-        timeout_ms = coalesce(alter_endpoint.timeout_ms, e.timeout_ms),
+    SET timeout_ms = coalesce(alter_endpoint.timeout_ms, e.timeout_ms),
         retry = CASE WHEN alter_endpoint.retry IS NULL THEN e.retry ELSE ihub._normalize_retry(alter_endpoint.retry) END,
         circuit = CASE WHEN alter_endpoint.circuit IS NULL THEN e.circuit ELSE ihub._normalize_circuit(alter_endpoint.circuit) END
     WHERE e.id = v_endpoint.id;
@@ -4906,13 +4895,13 @@ COMMENT ON FUNCTION ihub._circuit_settle(jsonb) IS
     'Internal (dispatcher): counts a settled batch''s outcomes per endpoint, opens and closes circuits, disables endpoints failing for ihub.endpoint_disable_after.';
 COMMENT ON FUNCTION ihub._circuit_probes(integer, integer, integer) IS
     'Internal (dispatcher): claims one probe delivery for each open circuit whose cooldown is over.';
-COMMENT ON FUNCTION ihub.alter_endpoint(text, text, text, jsonb, integer, jsonb, jsonb) IS
-    'Changes an endpoint''s URL, method, headers, timeout, retry policy or circuit breaker; NULL keeps a setting. A circuit policy also closes the circuit.';
+COMMENT ON FUNCTION ihub.alter_endpoint(text, integer, jsonb, jsonb) IS
+    'Changes an endpoint''s timeout, retry policy or circuit breaker; NULL keeps a setting. A circuit policy also closes the circuit.';
 
 REVOKE ALL ON ihub.endpoint_circuit FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION
     ihub.create_endpoint(text, text, text, text, jsonb, jsonb, text, integer, jsonb, jsonb),
-    ihub.alter_endpoint(text, text, text, jsonb, integer, jsonb, jsonb)
+    ihub.alter_endpoint(text, integer, jsonb, jsonb)
 TO ihub_developer;
 
 -------------------------------------------------------------------------------

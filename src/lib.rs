@@ -112,7 +112,7 @@ pgrx::extension_sql_file!(
 pgrx::extension_sql_file!(
     "../sql/circuit.sql",
     name = "circuit",
-    requires = ["oauth2", outbound::functions::normalize_circuit, outbound::functions::check_url]
+    requires = ["oauth2", outbound::functions::normalize_circuit]
 );
 pgrx::extension_sql_file!("../sql/finalize.sql", name = "finalize", finalize);
 

@@ -441,7 +441,10 @@ mod tests {
             "SELECT ihub.alter_endpoint('hook', circuit => '{\"cooldown\": \"30s\"}')",
             &["circuit key \"cooldown\" must be a number"],
         );
-        expect_error("SELECT ihub.alter_endpoint('hook', method => 'FETCH')", &["unsupported HTTP method \"FETCH\""]);
+        expect_error(
+            "SELECT ihub.alter_endpoint('hook', timeout_ms => 0)",
+            &["timeout_ms must be between 1 and 300000"],
+        );
         expect_error("SELECT ihub.alter_endpoint('nope', circuit => 'true')", &["endpoint \"nope\" does not exist"]);
         assert_eq!(
             one::<bool>("SELECT circuit IS NULL FROM ihub.endpoints WHERE name = 'hook'"),

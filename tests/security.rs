@@ -384,6 +384,39 @@ fn internal_functions_tables_and_capture_tables_are_out_of_reach() {
     hub.wait_settled(&s.endpoint, 1, WAIT);
 }
 
+/// A developer sets an endpoint's delivery controls (alter_endpoint); a
+/// viewer may not; and alter_endpoint has no way to send an endpoint's
+/// payloads and credentials elsewhere (no URL, method or headers).
+#[test]
+fn a_developer_sets_delivery_controls_but_cannot_redirect_an_endpoint() {
+    let mut hub = hub();
+    let r = roles(&mut hub);
+    let rx = Receiver::start();
+    let s = hub.setup(&rx.url("/hook"), "");
+    let mut dev = r.connect(&r.dev);
+    dev.batch_execute(&format!("SELECT ihub.alter_endpoint('{}', circuit => 'true', timeout_ms => 3000)", s.endpoint))
+        .unwrap_or_else(|e| panic!("{}", describe(&e)));
+    let (state, timeout): (String, i32) = {
+        let row = hub
+            .db
+            .query_one(
+                &format!("SELECT circuit_state, timeout_ms FROM ihub.endpoints WHERE name = '{}'", s.endpoint),
+                &[],
+            )
+            .unwrap();
+        (row.get(0), row.get(1))
+    };
+    assert_eq!((state.as_str(), timeout), ("closed", 3000));
+    let mut viewer = r.connect(&r.viewer);
+    let e = error_of(&mut viewer, &format!("SELECT ihub.alter_endpoint('{}', circuit => 'false')", s.endpoint));
+    assert!(e.contains("permission denied"), "{e}");
+    let e = error_of(
+        &mut dev,
+        &format!("SELECT ihub.alter_endpoint('{}', url => 'https://evil.example.com/')", s.endpoint),
+    );
+    assert!(e.contains("does not exist"), "{e}");
+}
+
 #[test]
 fn reserved_request_headers_are_refused() {
     let mut hub = hub();
