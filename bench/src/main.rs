@@ -10,6 +10,8 @@
 //! 5. a retry storm: 20,000 requests to a receiver that refuses
 //!    connections, retried in waves; dispatcher rounds (calls of
 //!    ihub._claim, from pg_stat_user_functions), CPU and log entries per wave;
+//! 6. the claim with 100 endpoints, none and then half of them with open
+//!    circuits;
 //!
 //! then jobs, logs and statistics, and inbound webhooks (`inbound.rs`).
 
@@ -65,6 +67,7 @@ fn main() {
     if part("storm") {
         between_parts(&mut db);
         retry_storm(&cluster, &mut db, 20_000, 3);
+        circuit_claim_time(&mut db);
         println!();
     }
 
@@ -288,6 +291,51 @@ fn jobs_latency(cluster: &Cluster, db: &mut postgres::Client, rate: u32, length:
         pct(0.5),
         pct(0.99)
     );
+}
+
+/// How long a dispatcher's claim of 500 takes with 10,000 due deliveries to
+/// 100 endpoints, with no circuit open and then with 50 open (whose
+/// deliveries it must pass over). All in one transaction that is rolled
+/// back, each claim undone by a savepoint: the dispatchers never see them.
+fn circuit_claim_time(db: &mut postgres::Client) {
+    let mut tx = db.transaction().unwrap();
+    tx.batch_execute(
+        "SELECT ihub.create_integration('bench_circuits');
+         SELECT ihub.create_endpoint('bench_circuits', 'bench_cb_' || g, 'http://127.0.0.1:9/') FROM generate_series(1, 100) g;
+         SELECT ihub.enable_integration('bench_circuits');
+         INSERT INTO ihub.delivery (event_id, endpoint_id, event_type, payload, run_at)
+         SELECT 'evt_' || g, e.id, 'bench', '{}', now() - interval '1 hour' + g * interval '1 ms'
+         FROM generate_series(1, 10000) g
+         JOIN ihub.endpoint e ON e.name = 'bench_cb_' || (g % 100 + 1);
+         ANALYZE ihub.delivery;",
+    )
+    .unwrap();
+    let time = |tx: &mut postgres::Transaction, open: usize| {
+        let mut times = Vec::new();
+        let mut claimed: i64 = 0;
+        for _ in 0..50 {
+            tx.batch_execute("SAVEPOINT claim").unwrap();
+            let start = Instant::now();
+            claimed = tx.query_one("SELECT count(*) FROM ihub._claim(0, 500, 10000, 1)", &[]).unwrap().get(0);
+            times.push(start.elapsed().as_secs_f64() * 1000.0);
+            tx.batch_execute("ROLLBACK TO SAVEPOINT claim").unwrap();
+        }
+        times.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        println!(
+            "claim of 500 from 10000 due over 100 endpoints, {open:>2} circuits open: median {:.2} ms, p99 {:.2} ms ({claimed} claimed)",
+            times[times.len() / 2],
+            times[(times.len() as f64 * 0.99) as usize]
+        );
+    };
+    time(&mut tx, 0);
+    tx.batch_execute(
+        "INSERT INTO ihub.endpoint_circuit (endpoint_id, state, failures, opened_at, retry_at)
+         SELECT id, 'open', 5, now(), now() + interval '1 hour' FROM ihub.endpoint
+         WHERE name LIKE 'bench\\_cb\\_%' AND substr(name, 10)::int % 2 = 0",
+    )
+    .unwrap();
+    time(&mut tx, 50);
+    tx.rollback().unwrap();
 }
 
 /// How long claiming the next job takes with a backlog of `backlog` due
