@@ -67,17 +67,22 @@ CREATE TABLE ihub.endpoint (
     disabled_at     timestamptz,
     created_at      timestamptz NOT NULL DEFAULT now(),
     -- The circuit breaker policy (ihub._normalize_circuit), NULL when off.
-    circuit         jsonb
+    circuit         jsonb,
+    -- Requests per second and requests in flight at most, across all
+    -- dispatchers (ihub._claim_limited); NULL for no limit.
+    rate_limit      double precision CHECK (rate_limit > 0),
+    max_in_flight   integer CHECK (max_in_flight >= 1)
 );
 CREATE INDEX ON ihub.endpoint (integration_id);
 COMMENT ON TABLE ihub.endpoint IS
     'HTTP endpoints deliveries are sent to. Credentials live in endpoint_credential and endpoint_secret, readable by ihub_admin only.';
 
--- An endpoint's circuit and failure streak (circuit.sql): runtime state,
--- not configuration. A row appears with the endpoint's first failed
--- attempt; a batch delivered to an endpoint with nothing on record writes
+-- An endpoint's delivery state (endpoint_controls.sql): its circuit, failure streak,
+-- rate-limit bucket and 429 pause. Runtime state, not configuration. A row
+-- appears with the endpoint's first failed attempt, or its first limited
+-- claim; a batch delivered to an endpoint with nothing on record writes
 -- nothing here.
-CREATE TABLE ihub.endpoint_circuit (
+CREATE TABLE ihub.endpoint_state (
     endpoint_id     bigint PRIMARY KEY REFERENCES ihub.endpoint (id) ON DELETE CASCADE,
     state           text NOT NULL DEFAULT 'closed' CHECK (state IN ('closed', 'open', 'half_open')),
     -- consecutive failed attempts (5xx, timeouts, connections)
@@ -93,12 +98,17 @@ CREATE TABLE ihub.endpoint_circuit (
     -- the first failed attempt since the last delivered one
     failing_since   timestamptz,
     -- the last 20 changes of state: [{at, from, to, reason}]
-    changes         jsonb NOT NULL DEFAULT '[]'
+    changes         jsonb NOT NULL DEFAULT '[]',
+    -- rate_limit's token bucket: tokens left at tokens_at
+    tokens          double precision,
+    tokens_at       timestamptz,
+    -- a 429 holds every delivery to the endpoint until then
+    paused_until    timestamptz
 );
 -- Every claim asks whether any circuit is not closed.
-CREATE INDEX endpoint_circuit_not_closed_idx ON ihub.endpoint_circuit (endpoint_id) WHERE state <> 'closed';
-COMMENT ON TABLE ihub.endpoint_circuit IS
-    'Each endpoint''s circuit breaker state (closed, open, half_open), failure streak and last 20 changes of state.';
+CREATE INDEX endpoint_state_held_idx ON ihub.endpoint_state (endpoint_id) WHERE state <> 'closed';
+COMMENT ON TABLE ihub.endpoint_state IS
+    'Each endpoint''s delivery state: circuit breaker (closed, open, half_open), failure streak, last 20 changes of state, rate-limit bucket and 429 pause.';
 
 -- Credentials are kept apart so that a plain SELECT privilege on endpoints
 -- can never reveal them.
@@ -199,6 +209,11 @@ CREATE INDEX delivery_running_idx ON ihub.delivery (lease_until)
 -- into scanning an endpoint's whole history when claiming.
 CREATE INDEX delivery_problem_idx ON ihub.delivery (endpoint_id, created_at)
     WHERE state IN ('dead', 'failed');
+-- An endpoint's due deliveries, for claims that go endpoint by endpoint
+-- (rate limits, circuit probes). Deliveries routed straight to a
+-- dispatcher (running) never enter it.
+CREATE INDEX delivery_due_endpoint_idx ON ihub.delivery (endpoint_id, run_at)
+    WHERE state IN ('pending', 'retry');
 COMMENT ON TABLE ihub.delivery IS
     'The outbound queue and its history: one row per event per endpoint, with its state and retry schedule.';
 

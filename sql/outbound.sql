@@ -20,7 +20,9 @@ CREATE FUNCTION ihub.create_endpoint(
     secret text DEFAULT NULL,
     timeout_ms integer DEFAULT NULL,
     retry jsonb DEFAULT NULL,
-    circuit jsonb DEFAULT NULL
+    circuit jsonb DEFAULT NULL,
+    rate_limit double precision DEFAULT NULL,
+    max_in_flight integer DEFAULT NULL
 ) RETURNS bigint
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
@@ -44,6 +46,7 @@ BEGIN
             USING ERRCODE = 'invalid_parameter_value', HINT = 'Pass NULL to use ihub.default_timeout.';
     END IF;
     PERFORM ihub._check_headers(coalesce(create_endpoint.headers, '{}'));
+    PERFORM ihub._check_limits(create_endpoint.rate_limit, create_endpoint.max_in_flight);
     IF v_auth ->> 'type' = 'oauth2' AND NOT EXISTS (
         SELECT 1 FROM ihub.oauth2 o WHERE o.integration_id = v_integration AND o.name = v_auth ->> 'credential') THEN
         RAISE EXCEPTION 'OAuth2 credential "%" of integration "%" does not exist', v_auth ->> 'credential', create_endpoint.integration
@@ -54,10 +57,12 @@ BEGIN
         PERFORM ihub._check_secret(create_endpoint.secret);
     END IF;
 
-    INSERT INTO ihub.endpoint (integration_id, name, url, method, headers, auth_type, timeout_ms, retry, circuit)
+    INSERT INTO ihub.endpoint (integration_id, name, url, method, headers, auth_type, timeout_ms, retry, circuit,
+                               rate_limit, max_in_flight)
     VALUES (v_integration, create_endpoint.name, ihub._check_url(create_endpoint.url), v_method,
             coalesce(create_endpoint.headers, '{}'), v_auth ->> 'type', create_endpoint.timeout_ms,
-            ihub._normalize_retry(create_endpoint.retry), ihub._normalize_circuit(create_endpoint.circuit))
+            ihub._normalize_retry(create_endpoint.retry), ihub._normalize_circuit(create_endpoint.circuit),
+            nullif(create_endpoint.rate_limit, 0), nullif(create_endpoint.max_in_flight, 0))
     RETURNING id INTO v_id;
     IF v_auth ->> 'type' <> 'none' THEN
         INSERT INTO ihub.endpoint_credential (endpoint_id, auth) VALUES (v_id, v_auth);
@@ -75,7 +80,7 @@ BEGIN
     UPDATE ihub.endpoint SET enabled = true, disabled_reason = NULL, disabled_at = NULL
     WHERE id = (ihub._endpoint(enable_endpoint.name)).id;
     -- ihub.endpoint_disable_after counts again from the next failure.
-    UPDATE ihub.endpoint_circuit c SET failing_since = NULL
+    UPDATE ihub.endpoint_state c SET failing_since = NULL
     WHERE c.endpoint_id = (ihub._endpoint(enable_endpoint.name)).id AND c.failing_since IS NOT NULL;
     PERFORM ihub._wake();
 END
@@ -995,8 +1000,12 @@ BEGIN
         END IF;
         -- Custom fields go only to the integrations they are exported to.
         v_excluded := v_excluded || ihub._custom_fields_hidden(p_sub.source, v_integration.name);
+        -- Endpoints with limits, an open circuit or a 429 pause get their
+        -- deliveries queued, for the claim to take within its rules.
         v_claim := p_owner IS NOT NULL AND v_endpoint.enabled AND v_integration.state <> 'inactive'
-                   AND NOT EXISTS (SELECT 1 FROM ihub.endpoint_circuit c WHERE c.endpoint_id = v_endpoint.id AND c.state <> 'closed');
+                   AND v_endpoint.rate_limit IS NULL AND v_endpoint.max_in_flight IS NULL
+                   AND NOT EXISTS (SELECT 1 FROM ihub.endpoint_state c WHERE c.endpoint_id = v_endpoint.id
+                                   AND (c.state <> 'closed' OR c.paused_until > now()));
         PERFORM set_config(v_position, (SELECT max((t::text::point)[0])::bigint::text FROM unnest(v_taken) t), false);
 
         v_lease := ihub._lease_until(coalesce(v_endpoint.timeout_ms, p_default_timeout_ms), p_rounds);
@@ -1096,8 +1105,17 @@ BEGIN
         END;
     END LOOP;
     -- Open circuits get nothing but, once their cooldown is over, a probe.
-    IF cardinality(v_claimed) < p_limit AND EXISTS (SELECT 1 FROM ihub.endpoint_circuit c WHERE c.state <> 'closed') THEN
+    IF cardinality(v_claimed) < p_limit AND EXISTS (SELECT 1 FROM ihub.endpoint_state c WHERE c.state <> 'closed') THEN
         v_claimed := v_claimed || ARRAY(SELECT p FROM ihub._circuit_probes(p_owner, p_default_timeout_ms, p_rounds) p);
+    END IF;
+    -- Endpoints with limits, endpoint by endpoint.
+    IF current_setting('ihub_claim.in_flight_held', true) <> '' THEN
+        PERFORM set_config('ihub_claim.in_flight_held', '', false);
+    END IF;
+    IF cardinality(v_claimed) < p_limit
+       AND EXISTS (SELECT 1 FROM ihub.endpoint e WHERE e.rate_limit IS NOT NULL OR e.max_in_flight IS NOT NULL) THEN
+        v_claimed := v_claimed || ARRAY(SELECT l FROM ihub._claim_limited(p_owner, p_limit - cardinality(v_claimed),
+                                                                          p_default_timeout_ms, p_rounds) l);
     END IF;
     IF cardinality(v_claimed) < p_limit THEN
         WITH due AS (
@@ -1105,8 +1123,9 @@ BEGIN
             WHERE d.state IN ('pending', 'retry') AND d.run_at <= now()
               AND d.endpoint_id IN (SELECT e.id FROM ihub.endpoint e JOIN ihub.integration i ON i.id = e.integration_id
                                     WHERE e.enabled AND i.state <> 'inactive'
-                                      AND NOT EXISTS (SELECT 1 FROM ihub.endpoint_circuit c
-                                                      WHERE c.endpoint_id = e.id AND c.state <> 'closed'))
+                                      AND e.rate_limit IS NULL AND e.max_in_flight IS NULL
+                                      AND NOT EXISTS (SELECT 1 FROM ihub.endpoint_state c WHERE c.endpoint_id = e.id
+                                                      AND (c.state <> 'closed' OR c.paused_until > now())))
             ORDER BY d.run_at
             LIMIT p_limit - cardinality(v_claimed)
             FOR UPDATE OF d SKIP LOCKED
@@ -1292,7 +1311,7 @@ BEGIN
     -- Circuits and failure streaks: only when something failed, or an
     -- endpoint of the batch has a failure on record.
     IF v_health @? '$[*] ? (@.unsuccessful > 0)'
-       OR EXISTS (SELECT 1 FROM ihub.endpoint_circuit c
+       OR EXISTS (SELECT 1 FROM ihub.endpoint_state c
                   WHERE c.endpoint_id IN (SELECT (x ->> 'endpoint_id')::bigint FROM jsonb_array_elements(v_health) x)
                     AND (c.state <> 'closed' OR c.failures > 0 OR c.failing_since IS NOT NULL OR c.window_start IS NOT NULL)) THEN
         PERFORM ihub._circuit_settle(v_health);
@@ -1322,6 +1341,11 @@ BEGIN
         WHERE o.id = x.oauth2_id AND o.token_version = x.oauth2_version AND (o.refresh_at IS NULL OR o.refresh_at > now())
           AND (o.refused_at IS NULL OR o.refused_at < now() - interval '10 minutes');
         PERFORM ihub._wake_maintenance();
+    END IF;
+
+    -- A 429 pauses its whole endpoint.
+    IF p_results @> '[{"category": "rate_limited"}]' THEN
+        PERFORM ihub._pause_rate_limited(p_results);
     END IF;
 
     -- Failures go to the log, aggregated per endpoint and minute.
@@ -1465,21 +1489,31 @@ AS $$
          WHERE d.state IN ('pending', 'retry')
            AND d.endpoint_id IN (SELECT e.id FROM ihub.endpoint e JOIN ihub.integration i ON i.id = e.integration_id
                                  WHERE e.enabled AND i.state <> 'inactive'
-                                   AND NOT EXISTS (SELECT 1 FROM ihub.endpoint_circuit c
-                                                   WHERE c.endpoint_id = e.id AND c.state <> 'closed'))
+                                   AND e.rate_limit IS NULL AND e.max_in_flight IS NULL
+                                   AND NOT EXISTS (SELECT 1 FROM ihub.endpoint_state c WHERE c.endpoint_id = e.id
+                                                   AND (c.state <> 'closed' OR c.paused_until > now())))
          ORDER BY d.run_at
          LIMIT 1),
-        -- An open circuit's probe: once its cooldown (or a half-open
-        -- circuit's probe lease) is over and one of its deliveries is due.
-        (SELECT min(greatest(0, extract(epoch FROM greatest(CASE c.state WHEN 'open' THEN c.retry_at ELSE c.probe_until END,
-                                                            q.run_at) - now())))::double precision
-         FROM ihub.endpoint_circuit c
-         JOIN ihub.endpoint e ON e.id = c.endpoint_id AND e.enabled
+        -- Endpoints whose deliveries are held (an open circuit, a 429
+        -- pause, a rate or in-flight limit): when the first of them may
+        -- go, once one is due. An endpoint at its in-flight limit waits
+        -- for a request to end (its settle claims the next).
+        (SELECT min(greatest(0, extract(epoch FROM greatest(
+                    q.run_at,
+                    CASE c.state WHEN 'open' THEN c.retry_at WHEN 'half_open' THEN c.probe_until END,
+                    c.paused_until,
+                    CASE WHEN e.rate_limit IS NOT NULL AND c.tokens < 1
+                         THEN c.tokens_at + (1 - c.tokens) / e.rate_limit * interval '1 second' END) - now())))::double precision
+         FROM ihub.endpoint e
          JOIN ihub.integration i ON i.id = e.integration_id AND i.state <> 'inactive'
+         LEFT JOIN ihub.endpoint_state c ON c.endpoint_id = e.id
          CROSS JOIN LATERAL (SELECT d.run_at FROM ihub.delivery d
-                             WHERE d.state IN ('pending', 'retry') AND d.endpoint_id = c.endpoint_id
+                             WHERE d.state IN ('pending', 'retry') AND d.endpoint_id = e.id
                              ORDER BY d.run_at LIMIT 1) q
-         WHERE c.state <> 'closed'))
+         WHERE e.enabled
+           AND (c.state <> 'closed' OR c.paused_until > now() OR e.rate_limit IS NOT NULL OR e.max_in_flight IS NOT NULL)
+           AND (e.max_in_flight IS NULL OR (SELECT count(*) FROM ihub.delivery r
+                                            WHERE r.state = 'running' AND r.endpoint_id = e.id) < e.max_in_flight)))
 $$;
 
 -------------------------------------------------------------------------------
@@ -1762,9 +1796,10 @@ SELECT e.id, i.name AS integration, e.name, ihub._mask_url(e.url) AS url, e.meth
        e.retry, e.enabled, e.disabled_reason, e.disabled_at, e.created_at,
        e.circuit, coalesce(c.state, 'closed') AS circuit_state, c.opened_at AS circuit_opened_at,
        c.retry_at AS circuit_retry_at, c.failures AS consecutive_failures, c.failing_since,
-       coalesce(c.changes, '[]') AS circuit_changes
+       coalesce(c.changes, '[]') AS circuit_changes, e.rate_limit, e.max_in_flight,
+       CASE WHEN c.paused_until > now() THEN c.paused_until END AS paused_until
 FROM ihub.endpoint e JOIN ihub.integration i ON i.id = e.integration_id
-LEFT JOIN ihub.endpoint_circuit c ON c.endpoint_id = e.id;
+LEFT JOIN ihub.endpoint_state c ON c.endpoint_id = e.id;
 
 CREATE VIEW ihub.endpoint_secrets AS
 SELECT e.name AS endpoint, s.secret, s.created_at, s.expires_at,
@@ -1807,7 +1842,7 @@ FROM ihub._workers() w LEFT JOIN pg_database db ON db.oid = w.database_oid;
 -- Comments
 -------------------------------------------------------------------------------
 
-COMMENT ON FUNCTION ihub.create_endpoint(text, text, text, text, jsonb, jsonb, text, integer, jsonb, jsonb) IS
+COMMENT ON FUNCTION ihub.create_endpoint(text, text, text, text, jsonb, jsonb, text, integer, jsonb, jsonb, double precision, integer) IS
     'Adds an HTTP endpoint to an integration: URL, method, headers, auth (none/basic/bearer/api_key/oauth2), whsec_ signing secret (generated when NULL), timeout and retry policy. Returns its id.';
 COMMENT ON FUNCTION ihub.enable_endpoint(text) IS 'Re-enables an endpoint (after a 410 Gone, say); its held deliveries resume.';
 COMMENT ON FUNCTION ihub.disable_endpoint(text, text) IS 'Stops deliveries to an endpoint; they wait until it is enabled again.';

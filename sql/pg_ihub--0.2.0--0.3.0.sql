@@ -725,8 +725,12 @@ BEGIN
         END IF;
         -- Custom fields go only to the integrations they are exported to.
         v_excluded := v_excluded || ihub._custom_fields_hidden(p_sub.source, v_integration.name);
+        -- Endpoints with limits, an open circuit or a 429 pause get their
+        -- deliveries queued, for the claim to take within its rules.
         v_claim := p_owner IS NOT NULL AND v_endpoint.enabled AND v_integration.state <> 'inactive'
-                   AND NOT EXISTS (SELECT 1 FROM ihub.endpoint_circuit c WHERE c.endpoint_id = v_endpoint.id AND c.state <> 'closed');
+                   AND v_endpoint.rate_limit IS NULL AND v_endpoint.max_in_flight IS NULL
+                   AND NOT EXISTS (SELECT 1 FROM ihub.endpoint_state c WHERE c.endpoint_id = v_endpoint.id
+                                   AND (c.state <> 'closed' OR c.paused_until > now()));
         PERFORM set_config(v_position, (SELECT max((t::text::point)[0])::bigint::text FROM unnest(v_taken) t), false);
 
         v_lease := ihub._lease_until(coalesce(v_endpoint.timeout_ms, p_default_timeout_ms), p_rounds);
@@ -817,8 +821,17 @@ BEGIN
         END;
     END LOOP;
     -- Open circuits get nothing but, once their cooldown is over, a probe.
-    IF cardinality(v_claimed) < p_limit AND EXISTS (SELECT 1 FROM ihub.endpoint_circuit c WHERE c.state <> 'closed') THEN
+    IF cardinality(v_claimed) < p_limit AND EXISTS (SELECT 1 FROM ihub.endpoint_state c WHERE c.state <> 'closed') THEN
         v_claimed := v_claimed || ARRAY(SELECT p FROM ihub._circuit_probes(p_owner, p_default_timeout_ms, p_rounds) p);
+    END IF;
+    -- Endpoints with limits, endpoint by endpoint.
+    IF current_setting('ihub_claim.in_flight_held', true) <> '' THEN
+        PERFORM set_config('ihub_claim.in_flight_held', '', false);
+    END IF;
+    IF cardinality(v_claimed) < p_limit
+       AND EXISTS (SELECT 1 FROM ihub.endpoint e WHERE e.rate_limit IS NOT NULL OR e.max_in_flight IS NOT NULL) THEN
+        v_claimed := v_claimed || ARRAY(SELECT l FROM ihub._claim_limited(p_owner, p_limit - cardinality(v_claimed),
+                                                                          p_default_timeout_ms, p_rounds) l);
     END IF;
     IF cardinality(v_claimed) < p_limit THEN
         WITH due AS (
@@ -826,8 +839,9 @@ BEGIN
             WHERE d.state IN ('pending', 'retry') AND d.run_at <= now()
               AND d.endpoint_id IN (SELECT e.id FROM ihub.endpoint e JOIN ihub.integration i ON i.id = e.integration_id
                                     WHERE e.enabled AND i.state <> 'inactive'
-                                      AND NOT EXISTS (SELECT 1 FROM ihub.endpoint_circuit c
-                                                      WHERE c.endpoint_id = e.id AND c.state <> 'closed'))
+                                      AND e.rate_limit IS NULL AND e.max_in_flight IS NULL
+                                      AND NOT EXISTS (SELECT 1 FROM ihub.endpoint_state c WHERE c.endpoint_id = e.id
+                                                      AND (c.state <> 'closed' OR c.paused_until > now())))
             ORDER BY d.run_at
             LIMIT p_limit - cardinality(v_claimed)
             FOR UPDATE OF d SKIP LOCKED
@@ -2167,7 +2181,7 @@ BEGIN
     -- Circuits and failure streaks: only when something failed, or an
     -- endpoint of the batch has a failure on record.
     IF v_health @? '$[*] ? (@.unsuccessful > 0)'
-       OR EXISTS (SELECT 1 FROM ihub.endpoint_circuit c
+       OR EXISTS (SELECT 1 FROM ihub.endpoint_state c
                   WHERE c.endpoint_id IN (SELECT (x ->> 'endpoint_id')::bigint FROM jsonb_array_elements(v_health) x)
                     AND (c.state <> 'closed' OR c.failures > 0 OR c.failing_since IS NOT NULL OR c.window_start IS NOT NULL)) THEN
         PERFORM ihub._circuit_settle(v_health);
@@ -2197,6 +2211,11 @@ BEGIN
         WHERE o.id = x.oauth2_id AND o.token_version = x.oauth2_version AND (o.refresh_at IS NULL OR o.refresh_at > now())
           AND (o.refused_at IS NULL OR o.refused_at < now() - interval '10 minutes');
         PERFORM ihub._wake_maintenance();
+    END IF;
+
+    -- A 429 pauses its whole endpoint.
+    IF p_results @> '[{"category": "rate_limited"}]' THEN
+        PERFORM ihub._pause_rate_limited(p_results);
     END IF;
 
     -- Failures go to the log, aggregated per endpoint and minute.
@@ -2266,21 +2285,31 @@ AS $$
          WHERE d.state IN ('pending', 'retry')
            AND d.endpoint_id IN (SELECT e.id FROM ihub.endpoint e JOIN ihub.integration i ON i.id = e.integration_id
                                  WHERE e.enabled AND i.state <> 'inactive'
-                                   AND NOT EXISTS (SELECT 1 FROM ihub.endpoint_circuit c
-                                                   WHERE c.endpoint_id = e.id AND c.state <> 'closed'))
+                                   AND e.rate_limit IS NULL AND e.max_in_flight IS NULL
+                                   AND NOT EXISTS (SELECT 1 FROM ihub.endpoint_state c WHERE c.endpoint_id = e.id
+                                                   AND (c.state <> 'closed' OR c.paused_until > now())))
          ORDER BY d.run_at
          LIMIT 1),
-        -- An open circuit's probe: once its cooldown (or a half-open
-        -- circuit's probe lease) is over and one of its deliveries is due.
-        (SELECT min(greatest(0, extract(epoch FROM greatest(CASE c.state WHEN 'open' THEN c.retry_at ELSE c.probe_until END,
-                                                            q.run_at) - now())))::double precision
-         FROM ihub.endpoint_circuit c
-         JOIN ihub.endpoint e ON e.id = c.endpoint_id AND e.enabled
+        -- Endpoints whose deliveries are held (an open circuit, a 429
+        -- pause, a rate or in-flight limit): when the first of them may
+        -- go, once one is due. An endpoint at its in-flight limit waits
+        -- for a request to end (its settle claims the next).
+        (SELECT min(greatest(0, extract(epoch FROM greatest(
+                    q.run_at,
+                    CASE c.state WHEN 'open' THEN c.retry_at WHEN 'half_open' THEN c.probe_until END,
+                    c.paused_until,
+                    CASE WHEN e.rate_limit IS NOT NULL AND c.tokens < 1
+                         THEN c.tokens_at + (1 - c.tokens) / e.rate_limit * interval '1 second' END) - now())))::double precision
+         FROM ihub.endpoint e
          JOIN ihub.integration i ON i.id = e.integration_id AND i.state <> 'inactive'
+         LEFT JOIN ihub.endpoint_state c ON c.endpoint_id = e.id
          CROSS JOIN LATERAL (SELECT d.run_at FROM ihub.delivery d
-                             WHERE d.state IN ('pending', 'retry') AND d.endpoint_id = c.endpoint_id
+                             WHERE d.state IN ('pending', 'retry') AND d.endpoint_id = e.id
                              ORDER BY d.run_at LIMIT 1) q
-         WHERE c.state <> 'closed'))
+         WHERE e.enabled
+           AND (c.state <> 'closed' OR c.paused_until > now() OR e.rate_limit IS NOT NULL OR e.max_in_flight IS NOT NULL)
+           AND (e.max_in_flight IS NULL OR (SELECT count(*) FROM ihub.delivery r
+                                            WHERE r.state = 'running' AND r.endpoint_id = e.id) < e.max_in_flight)))
 $$;
 
 -- Items blocked behind an earlier one with the same ordering key do not
@@ -3940,7 +3969,7 @@ LANGUAGE c VOLATILE AS 'MODULE_PATHNAME', 'ihub_for_caller';
 CREATE OR REPLACE FUNCTION ihub.replay_dead(endpoint text, since timestamptz DEFAULT '-infinity') RETURNS bigint
 LANGUAGE c VOLATILE AS 'MODULE_PATHNAME', 'ihub_for_caller';
 
--- A circuit breaker policy (circuit.sql): a new argument.
+-- Delivery controls (endpoint_controls.sql): new arguments.
 DROP FUNCTION ihub.create_endpoint(text, text, text, text, jsonb, jsonb, text, integer, jsonb);
 CREATE FUNCTION ihub.create_endpoint(
     integration text,
@@ -3952,7 +3981,9 @@ CREATE FUNCTION ihub.create_endpoint(
     secret text DEFAULT NULL,
     timeout_ms integer DEFAULT NULL,
     retry jsonb DEFAULT NULL,
-    circuit jsonb DEFAULT NULL
+    circuit jsonb DEFAULT NULL,
+    rate_limit double precision DEFAULT NULL,
+    max_in_flight integer DEFAULT NULL
 ) RETURNS bigint
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
@@ -3976,6 +4007,7 @@ BEGIN
             USING ERRCODE = 'invalid_parameter_value', HINT = 'Pass NULL to use ihub.default_timeout.';
     END IF;
     PERFORM ihub._check_headers(coalesce(create_endpoint.headers, '{}'));
+    PERFORM ihub._check_limits(create_endpoint.rate_limit, create_endpoint.max_in_flight);
     IF v_auth ->> 'type' = 'oauth2' AND NOT EXISTS (
         SELECT 1 FROM ihub.oauth2 o WHERE o.integration_id = v_integration AND o.name = v_auth ->> 'credential') THEN
         RAISE EXCEPTION 'OAuth2 credential "%" of integration "%" does not exist', v_auth ->> 'credential', create_endpoint.integration
@@ -3986,10 +4018,12 @@ BEGIN
         PERFORM ihub._check_secret(create_endpoint.secret);
     END IF;
 
-    INSERT INTO ihub.endpoint (integration_id, name, url, method, headers, auth_type, timeout_ms, retry, circuit)
+    INSERT INTO ihub.endpoint (integration_id, name, url, method, headers, auth_type, timeout_ms, retry, circuit,
+                               rate_limit, max_in_flight)
     VALUES (v_integration, create_endpoint.name, ihub._check_url(create_endpoint.url), v_method,
             coalesce(create_endpoint.headers, '{}'), v_auth ->> 'type', create_endpoint.timeout_ms,
-            ihub._normalize_retry(create_endpoint.retry), ihub._normalize_circuit(create_endpoint.circuit))
+            ihub._normalize_retry(create_endpoint.retry), ihub._normalize_circuit(create_endpoint.circuit),
+            nullif(create_endpoint.rate_limit, 0), nullif(create_endpoint.max_in_flight, 0))
     RETURNING id INTO v_id;
     IF v_auth ->> 'type' <> 'none' THEN
         INSERT INTO ihub.endpoint_credential (endpoint_id, auth) VALUES (v_id, v_auth);
@@ -4430,7 +4464,7 @@ COMMENT ON FUNCTION ihub._check_response_function(regprocedure, name) IS
 COMMENT ON FUNCTION ihub._try_json(text) IS 'Internal: a text as jsonb, NULL when it is not JSON.';
 COMMENT ON FUNCTION ihub._respond(jsonb, bigint[]) IS
     'Internal (dispatcher): queues the response handler jobs of the ended requests of a settled batch.';
-COMMENT ON FUNCTION ihub.create_endpoint(text, text, text, text, jsonb, jsonb, text, integer, jsonb, jsonb) IS
+COMMENT ON FUNCTION ihub.create_endpoint(text, text, text, text, jsonb, jsonb, text, integer, jsonb, jsonb, double precision, integer) IS
     'Adds an HTTP endpoint to an integration: URL, method, headers, auth (none/basic/bearer/api_key/oauth2), whsec_ signing secret (generated when NULL), timeout and retry policy. Returns its id.';
 COMMENT ON FUNCTION ihub._claim(integer, integer, integer, integer) IS
     'Internal (dispatcher): routes captured changes and claims due deliveries with FOR UPDATE SKIP LOCKED and a lease.';
@@ -4608,17 +4642,21 @@ $$;
 COMMENT ON FUNCTION ihub._pg_cron_table(text) IS 'Internal: a table of the pg_cron extension in schema cron, NULL when pg_cron is not installed.';
 
 -------------------------------------------------------------------------------
--- Circuit breaker (issue 13): sql/circuit.sql
+-- Delivery controls (issue 13): sql/endpoint_controls.sql
 -------------------------------------------------------------------------------
 
--- The circuit breaker policy (ihub._normalize_circuit), NULL when off.
-ALTER TABLE ihub.endpoint ADD COLUMN circuit jsonb;
+-- The circuit breaker policy (ihub._normalize_circuit), NULL when off; and
+-- requests per second and in flight at most, across all dispatchers.
+ALTER TABLE ihub.endpoint ADD COLUMN circuit jsonb,
+    ADD COLUMN rate_limit double precision CHECK (rate_limit > 0),
+    ADD COLUMN max_in_flight integer CHECK (max_in_flight >= 1);
 
--- An endpoint's circuit and failure streak (circuit.sql): runtime state,
--- not configuration. A row appears with the endpoint's first failed
--- attempt; a batch delivered to an endpoint with nothing on record writes
+-- An endpoint's delivery state (endpoint_controls.sql): its circuit, failure streak,
+-- rate-limit bucket and 429 pause. Runtime state, not configuration. A row
+-- appears with the endpoint's first failed attempt, or its first limited
+-- claim; a batch delivered to an endpoint with nothing on record writes
 -- nothing here.
-CREATE TABLE ihub.endpoint_circuit (
+CREATE TABLE ihub.endpoint_state (
     endpoint_id     bigint PRIMARY KEY REFERENCES ihub.endpoint (id) ON DELETE CASCADE,
     state           text NOT NULL DEFAULT 'closed' CHECK (state IN ('closed', 'open', 'half_open')),
     -- consecutive failed attempts (5xx, timeouts, connections)
@@ -4634,13 +4672,23 @@ CREATE TABLE ihub.endpoint_circuit (
     -- the first failed attempt since the last delivered one
     failing_since   timestamptz,
     -- the last 20 changes of state: [{at, from, to, reason}]
-    changes         jsonb NOT NULL DEFAULT '[]'
+    changes         jsonb NOT NULL DEFAULT '[]',
+    -- rate_limit's token bucket: tokens left at tokens_at
+    tokens          double precision,
+    tokens_at       timestamptz,
+    -- a 429 holds every delivery to the endpoint until then
+    paused_until    timestamptz
 );
 -- Every claim asks whether any circuit is not closed.
-CREATE INDEX endpoint_circuit_not_closed_idx ON ihub.endpoint_circuit (endpoint_id) WHERE state <> 'closed';
-COMMENT ON TABLE ihub.endpoint_circuit IS
-    'Each endpoint''s circuit breaker state (closed, open, half_open), failure streak and last 20 changes of state.';
+CREATE INDEX endpoint_state_held_idx ON ihub.endpoint_state (endpoint_id) WHERE state <> 'closed';
+COMMENT ON TABLE ihub.endpoint_state IS
+    'Each endpoint''s delivery state: circuit breaker (closed, open, half_open), failure streak, last 20 changes of state, rate-limit bucket and 429 pause.';
 
+-- An endpoint's due deliveries, for claims that go endpoint by endpoint
+-- (rate limits, circuit probes). Deliveries routed straight to a
+-- dispatcher (running) never enter it.
+CREATE INDEX delivery_due_endpoint_idx ON ihub.delivery (endpoint_id, run_at)
+    WHERE state IN ('pending', 'retry');
 CREATE FUNCTION ihub._normalize_circuit("policy" jsonb) RETURNS jsonb
 IMMUTABLE
 LANGUAGE c
@@ -4654,13 +4702,13 @@ BEGIN
     UPDATE ihub.endpoint SET enabled = true, disabled_reason = NULL, disabled_at = NULL
     WHERE id = (ihub._endpoint(enable_endpoint.name)).id;
     -- ihub.endpoint_disable_after counts again from the next failure.
-    UPDATE ihub.endpoint_circuit c SET failing_since = NULL
+    UPDATE ihub.endpoint_state c SET failing_since = NULL
     WHERE c.endpoint_id = (ihub._endpoint(enable_endpoint.name)).id AND c.failing_since IS NOT NULL;
     PERFORM ihub._wake();
 END
 $$;
 
--- New columns at the end: the circuit and the failure streak.
+-- New columns at the end: the circuit, the failure streak, the limits.
 CREATE OR REPLACE VIEW ihub.endpoints AS
 SELECT e.id, i.name AS integration, e.name, ihub._mask_url(e.url) AS url, e.method,
        ihub._mask_endpoint_headers(e.headers) AS headers, e.auth_type,
@@ -4668,9 +4716,10 @@ SELECT e.id, i.name AS integration, e.name, ihub._mask_url(e.url) AS url, e.meth
        e.retry, e.enabled, e.disabled_reason, e.disabled_at, e.created_at,
        e.circuit, coalesce(c.state, 'closed') AS circuit_state, c.opened_at AS circuit_opened_at,
        c.retry_at AS circuit_retry_at, c.failures AS consecutive_failures, c.failing_since,
-       coalesce(c.changes, '[]') AS circuit_changes
+       coalesce(c.changes, '[]') AS circuit_changes, e.rate_limit, e.max_in_flight,
+       CASE WHEN c.paused_until > now() THEN c.paused_until END AS paused_until
 FROM ihub.endpoint e JOIN ihub.integration i ON i.id = e.integration_id
-LEFT JOIN ihub.endpoint_circuit c ON c.endpoint_id = e.id;
+LEFT JOIN ihub.endpoint_state c ON c.endpoint_id = e.id;
 
 -- Records a change of state: the entry for the circuit's history, a NOTIFY
 -- on ihub_circuit and a log entry. Returns the history with it (the last 20).
@@ -4707,7 +4756,7 @@ LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     h record;
-    c ihub.endpoint_circuit;
+    c ihub.endpoint_state;
     v_to text;
     v_reason text;
     v_after interval := current_setting('ihub.endpoint_disable_after')::interval;
@@ -4720,9 +4769,9 @@ BEGIN
         ORDER BY x.endpoint_id
     LOOP
         IF h.unsuccessful > 0 THEN
-            INSERT INTO ihub.endpoint_circuit (endpoint_id) VALUES (h.endpoint_id) ON CONFLICT DO NOTHING;
+            INSERT INTO ihub.endpoint_state (endpoint_id) VALUES (h.endpoint_id) ON CONFLICT DO NOTHING;
         END IF;
-        SELECT * INTO c FROM ihub.endpoint_circuit WHERE endpoint_id = h.endpoint_id FOR UPDATE;
+        SELECT * INTO c FROM ihub.endpoint_state WHERE endpoint_id = h.endpoint_id FOR UPDATE;
         CONTINUE WHEN NOT FOUND;
 
         c.failing_since := CASE WHEN h.delivered > 0 THEN NULL
@@ -4777,7 +4826,7 @@ BEGIN
             c.changes := ihub._circuit_changed(h.endpoint_id, c.changes, c.state, v_to, v_reason);
             c.state := v_to;
         END IF;
-        UPDATE ihub.endpoint_circuit
+        UPDATE ihub.endpoint_state
         SET (state, failures, window_start, window_attempts, window_failures, opened_at, retry_at, probe_until,
              failing_since, changes)
           = (c.state, c.failures, c.window_start, c.window_attempts, c.window_failures, c.opened_at, c.retry_at,
@@ -4816,11 +4865,12 @@ DECLARE
 BEGIN
     FOR c IN
         SELECT ci.endpoint_id, ci.state, ci.changes, e.timeout_ms
-        FROM ihub.endpoint_circuit ci
+        FROM ihub.endpoint_state ci
         JOIN ihub.endpoint e ON e.id = ci.endpoint_id
         JOIN ihub.integration i ON i.id = e.integration_id
         WHERE ci.state <> 'closed'
           AND ((ci.state = 'open' AND ci.retry_at <= now()) OR (ci.state = 'half_open' AND ci.probe_until <= now()))
+          AND (ci.paused_until IS NULL OR ci.paused_until <= now())
           AND e.enabled AND i.state <> 'inactive'
         FOR UPDATE OF ci SKIP LOCKED
     LOOP
@@ -4833,7 +4883,7 @@ BEGIN
                       FOR UPDATE SKIP LOCKED)
         RETURNING d.* INTO v_probe;
         CONTINUE WHEN v_probe.id IS NULL;
-        UPDATE ihub.endpoint_circuit
+        UPDATE ihub.endpoint_state
         SET state = 'half_open', probe_until = v_probe.lease_until,
             changes = CASE WHEN c.state = 'open'
                            THEN ihub._circuit_changed(c.endpoint_id, c.changes, 'open', 'half_open',
@@ -4846,8 +4896,126 @@ BEGIN
 END
 $$;
 
--- Changes how an endpoint is delivered to: its timeout, retry policy and
--- circuit breaker. NULL leaves a setting as it is. Not where requests go
+-------------------------------------------------------------------------------
+-- Rate limits, in-flight limits and 429 pauses
+-------------------------------------------------------------------------------
+
+CREATE FUNCTION ihub._check_limits(p_rate_limit double precision, p_max_in_flight integer) RETURNS void
+LANGUAGE plpgsql IMMUTABLE SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF p_rate_limit < 0 OR p_rate_limit > 100000 OR p_rate_limit = 'NaN' THEN
+        RAISE EXCEPTION 'rate_limit must be from 0 to 100000 requests per second, got %', p_rate_limit
+            USING ERRCODE = 'invalid_parameter_value', HINT = 'For example 10, or 0.5 for one request every 2 seconds; 0 removes the limit.';
+    END IF;
+    IF p_max_in_flight < 0 OR p_max_in_flight > 10000 THEN
+        RAISE EXCEPTION 'max_in_flight must be from 0 to 10000, got %', p_max_in_flight
+            USING ERRCODE = 'invalid_parameter_value', HINT = 'The requests sent to the endpoint at once, by all dispatchers; 0 removes the limit.';
+    END IF;
+END
+$$;
+
+-- Claims the due deliveries of endpoints with a rate limit or an in-flight
+-- limit, endpoint by endpoint, within both: the endpoint's state row is
+-- locked for it (a dispatcher claiming for it already is skipped), so the
+-- limits hold across all dispatchers together. The rate limit is a token
+-- bucket of one second's worth (at least 1) that starts with one token:
+-- dispatchers take work due later in ticks of 500 ms (dispatcher.rs,
+-- DUE_TICK), and a bucket of half a second's worth would lose the tokens
+-- of any gap between claims longer than that. Nothing is held in memory
+-- beyond the claim.
+CREATE FUNCTION ihub._claim_limited(p_owner integer, p_limit integer, p_default_timeout_ms integer, p_rounds integer)
+RETURNS SETOF ihub.delivery
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp SET enable_seqscan = off
+AS $$
+DECLARE
+    l record;
+    s ihub.endpoint_state;
+    v_left integer := p_limit;
+    v_tokens double precision;
+    v_n integer;
+    v_in_flight integer;
+    v_got integer;
+BEGIN
+    FOR l IN
+        SELECT e.id, e.rate_limit, e.max_in_flight, e.timeout_ms
+        FROM ihub.endpoint e JOIN ihub.integration i ON i.id = e.integration_id
+        WHERE (e.rate_limit IS NOT NULL OR e.max_in_flight IS NOT NULL) AND e.enabled AND i.state <> 'inactive'
+          AND EXISTS (SELECT 1 FROM ihub.delivery q
+                      WHERE q.endpoint_id = e.id AND q.state IN ('pending', 'retry') AND q.run_at <= now())
+        ORDER BY e.id
+    LOOP
+        EXIT WHEN v_left <= 0;
+        INSERT INTO ihub.endpoint_state (endpoint_id, tokens, tokens_at) VALUES (l.id, 1, now()) ON CONFLICT DO NOTHING;
+        SELECT * INTO s FROM ihub.endpoint_state WHERE endpoint_id = l.id FOR UPDATE SKIP LOCKED;
+        CONTINUE WHEN NOT FOUND OR s.state <> 'closed' OR s.paused_until > now();
+        v_n := v_left;
+        IF l.rate_limit IS NOT NULL THEN
+            v_tokens := least(greatest(1, l.rate_limit),
+                              coalesce(s.tokens, 1)
+                              + l.rate_limit * extract(epoch FROM now() - coalesce(s.tokens_at, now()))::double precision);
+            v_n := least(v_n, floor(v_tokens)::integer);
+        END IF;
+        IF l.max_in_flight IS NOT NULL THEN
+            v_in_flight := l.max_in_flight - (SELECT count(*) FROM ihub.delivery r
+                                              WHERE r.state = 'running' AND r.endpoint_id = l.id)::integer;
+            IF v_in_flight < v_n THEN
+                -- Due deliveries wait for requests in flight: the dispatcher
+                -- settles its batch as soon as it is sent, not at its next
+                -- tick, and claims them (see dispatcher.rs, in_flight_held).
+                PERFORM set_config('ihub_claim.in_flight_held', 'on', false);
+                v_n := v_in_flight;
+            END IF;
+        END IF;
+        v_got := 0;
+        IF v_n > 0 THEN
+            RETURN QUERY
+                WITH due AS (
+                    SELECT q.id FROM ihub.delivery q
+                    WHERE q.endpoint_id = l.id AND q.state IN ('pending', 'retry') AND q.run_at <= now()
+                    ORDER BY q.run_at LIMIT v_n
+                    FOR UPDATE SKIP LOCKED
+                )
+                UPDATE ihub.delivery d
+                SET state = 'running', worker_pid = p_owner,
+                    lease_until = ihub._lease_until(coalesce(l.timeout_ms, p_default_timeout_ms), p_rounds)
+                FROM due WHERE d.id = due.id
+                RETURNING d.*;
+            GET DIAGNOSTICS v_got = ROW_COUNT;
+        END IF;
+        IF l.rate_limit IS NOT NULL THEN
+            UPDATE ihub.endpoint_state SET tokens = v_tokens - v_got, tokens_at = now() WHERE endpoint_id = l.id;
+        END IF;
+        v_left := v_left - v_got;
+    END LOOP;
+END
+$$;
+
+-- A 429 holds every delivery to its endpoint until the delivery's own
+-- retry is due (its Retry-After, or else its backoff), not only that one.
+CREATE FUNCTION ihub._pause_rate_limited(p_results jsonb) RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    p record;
+BEGIN
+    FOR p IN
+        SELECT d.endpoint_id, max(to_timestamp(x.next_at)) AS until
+        FROM jsonb_to_recordset(p_results) AS x(delivery_id bigint, state text, category text, next_at double precision)
+        JOIN ihub.delivery d ON d.id = x.delivery_id
+        WHERE x.category = 'rate_limited' AND x.state = 'retry'
+        GROUP BY d.endpoint_id
+        ORDER BY d.endpoint_id
+    LOOP
+        INSERT INTO ihub.endpoint_state AS s (endpoint_id, paused_until) VALUES (p.endpoint_id, p.until)
+        ON CONFLICT (endpoint_id) DO UPDATE SET paused_until = greatest(s.paused_until, EXCLUDED.paused_until);
+    END LOOP;
+END
+$$;
+
+-- Changes how an endpoint is delivered to: its timeout, retry policy,
+-- circuit breaker and limits. NULL leaves a setting as it is; a limit of 0
+-- removes it. Not where requests go
 -- or what they carry (URL, method, headers, credentials): whoever may call
 -- this could otherwise send another integration's payloads and credentials
 -- to a host of their own. A circuit policy (true, false or an object, see
@@ -4856,27 +5024,33 @@ CREATE FUNCTION ihub.alter_endpoint(
     name text,
     timeout_ms integer DEFAULT NULL,
     retry jsonb DEFAULT NULL,
-    circuit jsonb DEFAULT NULL
+    circuit jsonb DEFAULT NULL,
+    rate_limit double precision DEFAULT NULL,
+    max_in_flight integer DEFAULT NULL
 ) RETURNS void
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     v_endpoint ihub.endpoint := ihub._endpoint(alter_endpoint.name);
-    v_circuit ihub.endpoint_circuit;
+    v_circuit ihub.endpoint_state;
 BEGIN
     IF alter_endpoint.timeout_ms IS NOT NULL AND alter_endpoint.timeout_ms NOT BETWEEN 1 AND 300000 THEN
         RAISE EXCEPTION 'timeout_ms must be between 1 and 300000, got %', alter_endpoint.timeout_ms
             USING ERRCODE = 'invalid_parameter_value', HINT = 'Leave it NULL to keep the endpoint''s timeout.';
     END IF;
+    PERFORM ihub._check_limits(alter_endpoint.rate_limit, alter_endpoint.max_in_flight);
     UPDATE ihub.endpoint e
     SET timeout_ms = coalesce(alter_endpoint.timeout_ms, e.timeout_ms),
+        rate_limit = CASE WHEN alter_endpoint.rate_limit IS NULL THEN e.rate_limit ELSE nullif(alter_endpoint.rate_limit, 0) END,
+        max_in_flight = CASE WHEN alter_endpoint.max_in_flight IS NULL THEN e.max_in_flight
+                             ELSE nullif(alter_endpoint.max_in_flight, 0) END,
         retry = CASE WHEN alter_endpoint.retry IS NULL THEN e.retry ELSE ihub._normalize_retry(alter_endpoint.retry) END,
         circuit = CASE WHEN alter_endpoint.circuit IS NULL THEN e.circuit ELSE ihub._normalize_circuit(alter_endpoint.circuit) END
     WHERE e.id = v_endpoint.id;
     IF alter_endpoint.circuit IS NOT NULL THEN
-        SELECT * INTO v_circuit FROM ihub.endpoint_circuit WHERE endpoint_id = v_endpoint.id FOR UPDATE;
+        SELECT * INTO v_circuit FROM ihub.endpoint_state WHERE endpoint_id = v_endpoint.id FOR UPDATE;
         IF FOUND THEN
-            UPDATE ihub.endpoint_circuit
+            UPDATE ihub.endpoint_state
             SET state = 'closed', failures = 0, window_start = NULL, window_attempts = 0, window_failures = 0,
                 opened_at = NULL, retry_at = NULL, probe_until = NULL,
                 changes = CASE WHEN v_circuit.state = 'closed' THEN changes
@@ -4889,19 +5063,24 @@ BEGIN
 END
 $$;
 
+COMMENT ON FUNCTION ihub._check_limits(double precision, integer) IS 'Internal: checks an endpoint''s rate_limit and max_in_flight.';
+COMMENT ON FUNCTION ihub._claim_limited(integer, integer, integer, integer) IS
+    'Internal (dispatcher): claims due deliveries of rate-limited or in-flight-limited endpoints within their limits.';
+COMMENT ON FUNCTION ihub._pause_rate_limited(jsonb) IS
+    'Internal (dispatcher): a 429 holds every delivery to its endpoint until that delivery''s retry.';
 COMMENT ON FUNCTION ihub._circuit_changed(bigint, jsonb, text, text, text) IS
     'Internal: records a circuit''s change of state (history, NOTIFY ihub_circuit, log entry).';
 COMMENT ON FUNCTION ihub._circuit_settle(jsonb) IS
     'Internal (dispatcher): counts a settled batch''s outcomes per endpoint, opens and closes circuits, disables endpoints failing for ihub.endpoint_disable_after.';
 COMMENT ON FUNCTION ihub._circuit_probes(integer, integer, integer) IS
     'Internal (dispatcher): claims one probe delivery for each open circuit whose cooldown is over.';
-COMMENT ON FUNCTION ihub.alter_endpoint(text, integer, jsonb, jsonb) IS
-    'Changes an endpoint''s timeout, retry policy or circuit breaker; NULL keeps a setting. A circuit policy also closes the circuit.';
+COMMENT ON FUNCTION ihub.alter_endpoint(text, integer, jsonb, jsonb, double precision, integer) IS
+    'Changes an endpoint''s timeout, retry policy, circuit breaker, rate limit or in-flight limit; NULL keeps a setting, a limit of 0 removes it. A circuit policy also closes the circuit.';
 
-REVOKE ALL ON ihub.endpoint_circuit FROM PUBLIC;
+REVOKE ALL ON ihub.endpoint_state FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION
-    ihub.create_endpoint(text, text, text, text, jsonb, jsonb, text, integer, jsonb, jsonb),
-    ihub.alter_endpoint(text, integer, jsonb, jsonb)
+    ihub.create_endpoint(text, text, text, text, jsonb, jsonb, text, integer, jsonb, jsonb, double precision, integer),
+    ihub.alter_endpoint(text, integer, jsonb, jsonb, double precision, integer)
 TO ihub_developer;
 
 -------------------------------------------------------------------------------

@@ -110,8 +110,8 @@ pgrx::extension_sql_file!(
     ]
 );
 pgrx::extension_sql_file!(
-    "../sql/circuit.sql",
-    name = "circuit",
+    "../sql/endpoint_controls.sql",
+    name = "endpoint_controls",
     requires = ["oauth2", outbound::functions::normalize_circuit]
 );
 pgrx::extension_sql_file!("../sql/finalize.sql", name = "finalize", finalize);

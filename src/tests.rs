@@ -526,7 +526,7 @@ mod tests {
         };
         fail();
         assert!(one::<bool>("SELECT enabled AND failing_since IS NOT NULL FROM ihub.endpoints WHERE name = 'hook'"));
-        Spi::run("UPDATE ihub.endpoint_circuit SET failing_since = now() - interval '5 days 1 minute'").unwrap();
+        Spi::run("UPDATE ihub.endpoint_state SET failing_since = now() - interval '5 days 1 minute'").unwrap();
         fail();
         let reason = one::<String>("SELECT disabled_reason FROM ihub.endpoints WHERE name = 'hook' AND NOT enabled");
         assert!(reason.starts_with("every attempt failed since "), "{reason}");
@@ -536,6 +536,101 @@ mod tests {
         ));
         Spi::run("SELECT ihub.enable_endpoint('hook')").unwrap();
         assert!(one::<bool>("SELECT enabled AND failing_since IS NULL FROM ihub.endpoints WHERE name = 'hook'"));
+    }
+
+    #[pg_test]
+    fn endpoint_limits_are_checked_and_zero_removes_them() {
+        setup();
+        expect_error(
+            "SELECT ihub.create_endpoint('shop', 'lim', 'https://hooks.example.com/', rate_limit => -1)",
+            &["rate_limit must be from 0 to 100000 requests per second, got -1", "HINT: For example 10"],
+        );
+        expect_error(
+            "SELECT ihub.alter_endpoint('hook', max_in_flight => 20000)",
+            &["max_in_flight must be from 0 to 10000"],
+        );
+        Spi::run("SELECT ihub.alter_endpoint('hook', rate_limit => 2.5, max_in_flight => 3)").unwrap();
+        assert_eq!(
+            one::<String>("SELECT rate_limit || '/' || max_in_flight FROM ihub.endpoints WHERE name = 'hook'"),
+            "2.5/3"
+        );
+        Spi::run("SELECT ihub.alter_endpoint('hook', rate_limit => 0)").unwrap();
+        assert_eq!(
+            one::<String>("SELECT coalesce(rate_limit::text, 'none') || '/' || max_in_flight FROM ihub.endpoints WHERE name = 'hook'"),
+            "none/3"
+        );
+    }
+
+    /// A rate-limited endpoint is claimed within its token bucket (one
+    /// token to start with, refilled at the rate) and within max_in_flight;
+    /// its routed changes wait as pending for that claim; other endpoints
+    /// are claimed as before. (now() stands still in a test: no refill.)
+    #[pg_test]
+    fn a_limited_endpoint_is_claimed_within_its_rate_and_in_flight_limits() {
+        setup_enabled();
+        Spi::run(
+            "SELECT ihub.alter_endpoint('hook', rate_limit => 4);
+             SELECT ihub.subscribe('orders', 'hook');
+             SELECT ihub.create_endpoint('shop', 'other', 'https://other.example.com/');
+             SELECT ihub.http_request('hook', '{}') FROM generate_series(1, 10);
+             SELECT ihub.http_request('other', '{}') FROM generate_series(1, 3);
+             INSERT INTO orders (customer, amount) VALUES ('a', 1), ('b', 2);",
+        )
+        .unwrap();
+        let claim = || {
+            one::<String>(
+                "SELECT coalesce(string_agg(url, ',' ORDER BY url), '') || ' ' || count(*)
+                 FROM (SELECT DISTINCT ON (url) url FROM ihub._claim(4242, 100, 1000, 1)) c",
+            )
+        };
+        let claimed = |url: &str| {
+            one::<i64>(&format!(
+                "SELECT count(*) FROM ihub.deliveries d WHERE state = 'running' AND endpoint = '{url}'"
+            ))
+        };
+        claim();
+        assert_eq!(claimed("other"), 3, "other endpoints are not held");
+        assert_eq!(claimed("hook"), 1, "one token to start with");
+        assert_eq!(one::<i64>("SELECT count(*) FROM ihub.delivery WHERE subscription_id IS NOT NULL"), 2, "routed");
+        claim();
+        assert_eq!(claimed("hook"), 1, "no token left");
+        let next = one::<f64>("SELECT ihub._next_due()");
+        assert!(next > 0.0 && next <= 0.25, "the next token comes in 0.25 s: {next}");
+        // A second's worth at most.
+        Spi::run("UPDATE ihub.endpoint_state SET tokens = 100").unwrap();
+        claim();
+        assert_eq!(claimed("hook"), 5);
+        // At most 7 in flight: two more, and the claim says it held some back.
+        Spi::run("SELECT ihub.alter_endpoint('hook', max_in_flight => 7); UPDATE ihub.endpoint_state SET tokens = 100")
+            .unwrap();
+        claim();
+        assert_eq!(claimed("hook"), 7);
+        assert_eq!(one::<String>("SELECT current_setting('ihub_claim.in_flight_held')"), "on");
+        assert!(one::<bool>("SELECT ihub._next_due() IS NULL"), "nothing to wake for until a request ends");
+    }
+
+    /// A 429 holds every delivery to its endpoint until the answered
+    /// delivery's retry, and the dispatcher wakes then.
+    #[pg_test]
+    fn a_429_pauses_the_whole_endpoint() {
+        setup_enabled();
+        Spi::run("SELECT ihub.http_request('hook', jsonb_build_object('n', g)) FROM generate_series(1, 3) g").unwrap();
+        assert_eq!(one::<i64>("SELECT count(*) FROM ihub._claim(4242, 10, 1000, 1)"), 3);
+        Spi::run(
+            "SELECT ihub._settle(4242, jsonb_agg(jsonb_build_object(
+                 'delivery_id', id, 'state', 'retry', 'status', CASE WHEN id = (SELECT min(id) FROM ihub.delivery) THEN 429 ELSE 503 END,
+                 'next_at', extract(epoch FROM now() + CASE WHEN id = (SELECT min(id) FROM ihub.delivery) THEN interval '30 seconds' ELSE interval '0' END),
+                 'error', 'busy', 'category', CASE WHEN id = (SELECT min(id) FROM ihub.delivery) THEN 'rate_limited' ELSE 'http_5xx' END,
+                 'request_headers', '{}'::jsonb, 'response_headers', '{}'::jsonb, 'response_body', '', 'started_at', 0, 'duration_ms', 1)))
+             FROM ihub.delivery WHERE state = 'running'",
+        )
+        .unwrap();
+        assert!(one::<bool>(
+            "SELECT abs(extract(epoch FROM paused_until - now()) - 30) < 0.001 FROM ihub.endpoints WHERE name = 'hook'"
+        ));
+        assert_eq!(one::<i64>("SELECT count(*) FROM ihub._claim(4242, 10, 1000, 1)"), 0, "the 503s wait with it");
+        let next = one::<f64>("SELECT ihub._next_due()");
+        assert!(next > 29.0 && next <= 30.0, "{next}");
     }
 
     /// Settling rewrites each delivery on its own page (half of each page is

@@ -329,7 +329,7 @@ fn circuit_claim_time(db: &mut postgres::Client) {
     };
     time(&mut tx, 0);
     tx.batch_execute(
-        "INSERT INTO ihub.endpoint_circuit (endpoint_id, state, failures, opened_at, retry_at)
+        "INSERT INTO ihub.endpoint_state (endpoint_id, state, failures, opened_at, retry_at)
          SELECT id, 'open', 5, now(), now() + interval '1 hour' FROM ihub.endpoint
          WHERE name LIKE 'bench\\_cb\\_%' AND substr(name, 10)::int % 2 = 0",
     )

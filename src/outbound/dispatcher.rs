@@ -180,8 +180,10 @@ impl Worker for Dispatcher {
             claimed_at.elapsed().as_secs_f64() * 1000.0
         );
         self.unsettled = Some(decide_all(&round.fates, attempts).to_string());
-        if !between_bursts {
-            return Duration::ZERO; // a full batch: more is due
+        if !between_bursts || in_flight_held() {
+            // A full batch (more is due), or deliveries waiting for requests
+            // of this batch to end (max_in_flight): settle and claim now.
+            return Duration::ZERO;
         }
         // Busy writers: gather their commits a little longer. Going on at
         // once made rounds as short as the last one (16 changes at 4,600
@@ -291,11 +293,22 @@ fn vacuum_capture_tables() {
 /// How many route statements this session holds, as ihub._route_prepare
 /// counted them: a session setting, read without a query.
 fn route_statements() -> i64 {
-    let value = unsafe { pg_sys::GetConfigOption(c"ihub_route.prepared".as_ptr(), true, false) };
+    session_setting(c"ihub_route.prepared").and_then(|v| v.parse().ok()).unwrap_or(0)
+}
+
+/// Whether the last claim left due deliveries behind for an endpoint's
+/// max_in_flight (ihub._claim_limited sets it).
+fn in_flight_held() -> bool {
+    session_setting(c"ihub_claim.in_flight_held").is_some_and(|v| v == "on")
+}
+
+/// A session setting's value, read without a query (None when unset).
+fn session_setting(name: &std::ffi::CStr) -> Option<String> {
+    let value = unsafe { pg_sys::GetConfigOption(name.as_ptr(), true, false) };
     if value.is_null() {
-        return 0;
+        return None;
     }
-    unsafe { std::ffi::CStr::from_ptr(value) }.to_str().ok().and_then(|v| v.parse().ok()).unwrap_or(0)
+    unsafe { std::ffi::CStr::from_ptr(value) }.to_str().ok().map(str::to_owned)
 }
 
 fn rescue() {

@@ -1,5 +1,6 @@
--- pg_ihub circuit breaker: per endpoint, enforced in the claim so that it
--- holds across every dispatcher. The settle counts each batch's outcomes
+-- pg_ihub delivery controls per endpoint: circuit breaker, rate and
+-- in-flight limits, 429 pauses. Enforced in the claim so that they
+-- hold across every dispatcher. Circuits: the settle counts each batch's outcomes
 -- per endpoint (ihub._circuit_settle); the claim sends nothing to an open
 -- circuit and, once its cooldown is over, one probe (ihub._circuit_probes).
 --
@@ -45,7 +46,7 @@ LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     h record;
-    c ihub.endpoint_circuit;
+    c ihub.endpoint_state;
     v_to text;
     v_reason text;
     v_after interval := current_setting('ihub.endpoint_disable_after')::interval;
@@ -58,9 +59,9 @@ BEGIN
         ORDER BY x.endpoint_id
     LOOP
         IF h.unsuccessful > 0 THEN
-            INSERT INTO ihub.endpoint_circuit (endpoint_id) VALUES (h.endpoint_id) ON CONFLICT DO NOTHING;
+            INSERT INTO ihub.endpoint_state (endpoint_id) VALUES (h.endpoint_id) ON CONFLICT DO NOTHING;
         END IF;
-        SELECT * INTO c FROM ihub.endpoint_circuit WHERE endpoint_id = h.endpoint_id FOR UPDATE;
+        SELECT * INTO c FROM ihub.endpoint_state WHERE endpoint_id = h.endpoint_id FOR UPDATE;
         CONTINUE WHEN NOT FOUND;
 
         c.failing_since := CASE WHEN h.delivered > 0 THEN NULL
@@ -115,7 +116,7 @@ BEGIN
             c.changes := ihub._circuit_changed(h.endpoint_id, c.changes, c.state, v_to, v_reason);
             c.state := v_to;
         END IF;
-        UPDATE ihub.endpoint_circuit
+        UPDATE ihub.endpoint_state
         SET (state, failures, window_start, window_attempts, window_failures, opened_at, retry_at, probe_until,
              failing_since, changes)
           = (c.state, c.failures, c.window_start, c.window_attempts, c.window_failures, c.opened_at, c.retry_at,
@@ -154,11 +155,12 @@ DECLARE
 BEGIN
     FOR c IN
         SELECT ci.endpoint_id, ci.state, ci.changes, e.timeout_ms
-        FROM ihub.endpoint_circuit ci
+        FROM ihub.endpoint_state ci
         JOIN ihub.endpoint e ON e.id = ci.endpoint_id
         JOIN ihub.integration i ON i.id = e.integration_id
         WHERE ci.state <> 'closed'
           AND ((ci.state = 'open' AND ci.retry_at <= now()) OR (ci.state = 'half_open' AND ci.probe_until <= now()))
+          AND (ci.paused_until IS NULL OR ci.paused_until <= now())
           AND e.enabled AND i.state <> 'inactive'
         FOR UPDATE OF ci SKIP LOCKED
     LOOP
@@ -171,7 +173,7 @@ BEGIN
                       FOR UPDATE SKIP LOCKED)
         RETURNING d.* INTO v_probe;
         CONTINUE WHEN v_probe.id IS NULL;
-        UPDATE ihub.endpoint_circuit
+        UPDATE ihub.endpoint_state
         SET state = 'half_open', probe_until = v_probe.lease_until,
             changes = CASE WHEN c.state = 'open'
                            THEN ihub._circuit_changed(c.endpoint_id, c.changes, 'open', 'half_open',
@@ -184,8 +186,126 @@ BEGIN
 END
 $$;
 
--- Changes how an endpoint is delivered to: its timeout, retry policy and
--- circuit breaker. NULL leaves a setting as it is. Not where requests go
+-------------------------------------------------------------------------------
+-- Rate limits, in-flight limits and 429 pauses
+-------------------------------------------------------------------------------
+
+CREATE FUNCTION ihub._check_limits(p_rate_limit double precision, p_max_in_flight integer) RETURNS void
+LANGUAGE plpgsql IMMUTABLE SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF p_rate_limit < 0 OR p_rate_limit > 100000 OR p_rate_limit = 'NaN' THEN
+        RAISE EXCEPTION 'rate_limit must be from 0 to 100000 requests per second, got %', p_rate_limit
+            USING ERRCODE = 'invalid_parameter_value', HINT = 'For example 10, or 0.5 for one request every 2 seconds; 0 removes the limit.';
+    END IF;
+    IF p_max_in_flight < 0 OR p_max_in_flight > 10000 THEN
+        RAISE EXCEPTION 'max_in_flight must be from 0 to 10000, got %', p_max_in_flight
+            USING ERRCODE = 'invalid_parameter_value', HINT = 'The requests sent to the endpoint at once, by all dispatchers; 0 removes the limit.';
+    END IF;
+END
+$$;
+
+-- Claims the due deliveries of endpoints with a rate limit or an in-flight
+-- limit, endpoint by endpoint, within both: the endpoint's state row is
+-- locked for it (a dispatcher claiming for it already is skipped), so the
+-- limits hold across all dispatchers together. The rate limit is a token
+-- bucket of one second's worth (at least 1) that starts with one token:
+-- dispatchers take work due later in ticks of 500 ms (dispatcher.rs,
+-- DUE_TICK), and a bucket of half a second's worth would lose the tokens
+-- of any gap between claims longer than that. Nothing is held in memory
+-- beyond the claim.
+CREATE FUNCTION ihub._claim_limited(p_owner integer, p_limit integer, p_default_timeout_ms integer, p_rounds integer)
+RETURNS SETOF ihub.delivery
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp SET enable_seqscan = off
+AS $$
+DECLARE
+    l record;
+    s ihub.endpoint_state;
+    v_left integer := p_limit;
+    v_tokens double precision;
+    v_n integer;
+    v_in_flight integer;
+    v_got integer;
+BEGIN
+    FOR l IN
+        SELECT e.id, e.rate_limit, e.max_in_flight, e.timeout_ms
+        FROM ihub.endpoint e JOIN ihub.integration i ON i.id = e.integration_id
+        WHERE (e.rate_limit IS NOT NULL OR e.max_in_flight IS NOT NULL) AND e.enabled AND i.state <> 'inactive'
+          AND EXISTS (SELECT 1 FROM ihub.delivery q
+                      WHERE q.endpoint_id = e.id AND q.state IN ('pending', 'retry') AND q.run_at <= now())
+        ORDER BY e.id
+    LOOP
+        EXIT WHEN v_left <= 0;
+        INSERT INTO ihub.endpoint_state (endpoint_id, tokens, tokens_at) VALUES (l.id, 1, now()) ON CONFLICT DO NOTHING;
+        SELECT * INTO s FROM ihub.endpoint_state WHERE endpoint_id = l.id FOR UPDATE SKIP LOCKED;
+        CONTINUE WHEN NOT FOUND OR s.state <> 'closed' OR s.paused_until > now();
+        v_n := v_left;
+        IF l.rate_limit IS NOT NULL THEN
+            v_tokens := least(greatest(1, l.rate_limit),
+                              coalesce(s.tokens, 1)
+                              + l.rate_limit * extract(epoch FROM now() - coalesce(s.tokens_at, now()))::double precision);
+            v_n := least(v_n, floor(v_tokens)::integer);
+        END IF;
+        IF l.max_in_flight IS NOT NULL THEN
+            v_in_flight := l.max_in_flight - (SELECT count(*) FROM ihub.delivery r
+                                              WHERE r.state = 'running' AND r.endpoint_id = l.id)::integer;
+            IF v_in_flight < v_n THEN
+                -- Due deliveries wait for requests in flight: the dispatcher
+                -- settles its batch as soon as it is sent, not at its next
+                -- tick, and claims them (see dispatcher.rs, in_flight_held).
+                PERFORM set_config('ihub_claim.in_flight_held', 'on', false);
+                v_n := v_in_flight;
+            END IF;
+        END IF;
+        v_got := 0;
+        IF v_n > 0 THEN
+            RETURN QUERY
+                WITH due AS (
+                    SELECT q.id FROM ihub.delivery q
+                    WHERE q.endpoint_id = l.id AND q.state IN ('pending', 'retry') AND q.run_at <= now()
+                    ORDER BY q.run_at LIMIT v_n
+                    FOR UPDATE SKIP LOCKED
+                )
+                UPDATE ihub.delivery d
+                SET state = 'running', worker_pid = p_owner,
+                    lease_until = ihub._lease_until(coalesce(l.timeout_ms, p_default_timeout_ms), p_rounds)
+                FROM due WHERE d.id = due.id
+                RETURNING d.*;
+            GET DIAGNOSTICS v_got = ROW_COUNT;
+        END IF;
+        IF l.rate_limit IS NOT NULL THEN
+            UPDATE ihub.endpoint_state SET tokens = v_tokens - v_got, tokens_at = now() WHERE endpoint_id = l.id;
+        END IF;
+        v_left := v_left - v_got;
+    END LOOP;
+END
+$$;
+
+-- A 429 holds every delivery to its endpoint until the delivery's own
+-- retry is due (its Retry-After, or else its backoff), not only that one.
+CREATE FUNCTION ihub._pause_rate_limited(p_results jsonb) RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    p record;
+BEGIN
+    FOR p IN
+        SELECT d.endpoint_id, max(to_timestamp(x.next_at)) AS until
+        FROM jsonb_to_recordset(p_results) AS x(delivery_id bigint, state text, category text, next_at double precision)
+        JOIN ihub.delivery d ON d.id = x.delivery_id
+        WHERE x.category = 'rate_limited' AND x.state = 'retry'
+        GROUP BY d.endpoint_id
+        ORDER BY d.endpoint_id
+    LOOP
+        INSERT INTO ihub.endpoint_state AS s (endpoint_id, paused_until) VALUES (p.endpoint_id, p.until)
+        ON CONFLICT (endpoint_id) DO UPDATE SET paused_until = greatest(s.paused_until, EXCLUDED.paused_until);
+    END LOOP;
+END
+$$;
+
+-- Changes how an endpoint is delivered to: its timeout, retry policy,
+-- circuit breaker and limits. NULL leaves a setting as it is; a limit of 0
+-- removes it. Not where requests go
 -- or what they carry (URL, method, headers, credentials): whoever may call
 -- this could otherwise send another integration's payloads and credentials
 -- to a host of their own. A circuit policy (true, false or an object, see
@@ -194,27 +314,33 @@ CREATE FUNCTION ihub.alter_endpoint(
     name text,
     timeout_ms integer DEFAULT NULL,
     retry jsonb DEFAULT NULL,
-    circuit jsonb DEFAULT NULL
+    circuit jsonb DEFAULT NULL,
+    rate_limit double precision DEFAULT NULL,
+    max_in_flight integer DEFAULT NULL
 ) RETURNS void
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     v_endpoint ihub.endpoint := ihub._endpoint(alter_endpoint.name);
-    v_circuit ihub.endpoint_circuit;
+    v_circuit ihub.endpoint_state;
 BEGIN
     IF alter_endpoint.timeout_ms IS NOT NULL AND alter_endpoint.timeout_ms NOT BETWEEN 1 AND 300000 THEN
         RAISE EXCEPTION 'timeout_ms must be between 1 and 300000, got %', alter_endpoint.timeout_ms
             USING ERRCODE = 'invalid_parameter_value', HINT = 'Leave it NULL to keep the endpoint''s timeout.';
     END IF;
+    PERFORM ihub._check_limits(alter_endpoint.rate_limit, alter_endpoint.max_in_flight);
     UPDATE ihub.endpoint e
     SET timeout_ms = coalesce(alter_endpoint.timeout_ms, e.timeout_ms),
+        rate_limit = CASE WHEN alter_endpoint.rate_limit IS NULL THEN e.rate_limit ELSE nullif(alter_endpoint.rate_limit, 0) END,
+        max_in_flight = CASE WHEN alter_endpoint.max_in_flight IS NULL THEN e.max_in_flight
+                             ELSE nullif(alter_endpoint.max_in_flight, 0) END,
         retry = CASE WHEN alter_endpoint.retry IS NULL THEN e.retry ELSE ihub._normalize_retry(alter_endpoint.retry) END,
         circuit = CASE WHEN alter_endpoint.circuit IS NULL THEN e.circuit ELSE ihub._normalize_circuit(alter_endpoint.circuit) END
     WHERE e.id = v_endpoint.id;
     IF alter_endpoint.circuit IS NOT NULL THEN
-        SELECT * INTO v_circuit FROM ihub.endpoint_circuit WHERE endpoint_id = v_endpoint.id FOR UPDATE;
+        SELECT * INTO v_circuit FROM ihub.endpoint_state WHERE endpoint_id = v_endpoint.id FOR UPDATE;
         IF FOUND THEN
-            UPDATE ihub.endpoint_circuit
+            UPDATE ihub.endpoint_state
             SET state = 'closed', failures = 0, window_start = NULL, window_attempts = 0, window_failures = 0,
                 opened_at = NULL, retry_at = NULL, probe_until = NULL,
                 changes = CASE WHEN v_circuit.state = 'closed' THEN changes
@@ -227,11 +353,16 @@ BEGIN
 END
 $$;
 
+COMMENT ON FUNCTION ihub._check_limits(double precision, integer) IS 'Internal: checks an endpoint''s rate_limit and max_in_flight.';
+COMMENT ON FUNCTION ihub._claim_limited(integer, integer, integer, integer) IS
+    'Internal (dispatcher): claims due deliveries of rate-limited or in-flight-limited endpoints within their limits.';
+COMMENT ON FUNCTION ihub._pause_rate_limited(jsonb) IS
+    'Internal (dispatcher): a 429 holds every delivery to its endpoint until that delivery''s retry.';
 COMMENT ON FUNCTION ihub._circuit_changed(bigint, jsonb, text, text, text) IS
     'Internal: records a circuit''s change of state (history, NOTIFY ihub_circuit, log entry).';
 COMMENT ON FUNCTION ihub._circuit_settle(jsonb) IS
     'Internal (dispatcher): counts a settled batch''s outcomes per endpoint, opens and closes circuits, disables endpoints failing for ihub.endpoint_disable_after.';
 COMMENT ON FUNCTION ihub._circuit_probes(integer, integer, integer) IS
     'Internal (dispatcher): claims one probe delivery for each open circuit whose cooldown is over.';
-COMMENT ON FUNCTION ihub.alter_endpoint(text, integer, jsonb, jsonb) IS
-    'Changes an endpoint''s timeout, retry policy or circuit breaker; NULL keeps a setting. A circuit policy also closes the circuit.';
+COMMENT ON FUNCTION ihub.alter_endpoint(text, integer, jsonb, jsonb, double precision, integer) IS
+    'Changes an endpoint''s timeout, retry policy, circuit breaker, rate limit or in-flight limit; NULL keeps a setting, a limit of 0 removes it. A circuit policy also closes the circuit.';
