@@ -74,6 +74,8 @@ CREATE TABLE ihub.endpoint (
     max_in_flight   integer CHECK (max_in_flight >= 1)
 );
 CREATE INDEX ON ihub.endpoint (integration_id);
+-- Every claim asks whether any endpoint has limits (ihub._claim_limited).
+CREATE INDEX endpoint_limited_idx ON ihub.endpoint (id) WHERE rate_limit IS NOT NULL OR max_in_flight IS NOT NULL;
 COMMENT ON TABLE ihub.endpoint IS
     'HTTP endpoints deliveries are sent to. Credentials live in endpoint_credential and endpoint_secret, readable by ihub_admin only.';
 

@@ -160,10 +160,19 @@ BEGIN
     message := coalesce('broken: ' || v_names, 'all capturing');
     RETURN NEXT;
 
-    SELECT string_agg(name, ', ' ORDER BY name) INTO v_names FROM ihub.endpoint WHERE NOT enabled;
+    -- Endpoints sent nothing: disabled, an open circuit, paused by a 429.
+    SELECT nullif(concat_ws('; ',
+               'disabled: ' || (SELECT string_agg(e.name, ', ' ORDER BY e.name) FROM ihub.endpoint e WHERE NOT e.enabled),
+               'circuit open: ' || (SELECT string_agg(e.name, ', ' ORDER BY e.name)
+                                    FROM ihub.endpoint e JOIN ihub.endpoint_state c ON c.endpoint_id = e.id
+                                    WHERE e.enabled AND c.state <> 'closed'),
+               'paused by a 429: ' || (SELECT string_agg(e.name, ', ' ORDER BY e.name)
+                                       FROM ihub.endpoint e JOIN ihub.endpoint_state c ON c.endpoint_id = e.id
+                                       WHERE e.enabled AND c.paused_until > now())), '')
+    INTO v_names;
     check_name := 'endpoints';
     status := CASE WHEN v_names IS NULL THEN 'ok' ELSE 'warning' END;
-    message := coalesce('disabled: ' || v_names, 'all enabled');
+    message := coalesce(v_names, 'all enabled, no circuit open');
     RETURN NEXT;
 
     SELECT string_agg(name, ', ' ORDER BY name) INTO v_names

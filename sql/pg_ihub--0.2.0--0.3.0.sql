@@ -973,10 +973,19 @@ BEGIN
     message := coalesce('broken: ' || v_names, 'all capturing');
     RETURN NEXT;
 
-    SELECT string_agg(name, ', ' ORDER BY name) INTO v_names FROM ihub.endpoint WHERE NOT enabled;
+    -- Endpoints sent nothing: disabled, an open circuit, paused by a 429.
+    SELECT nullif(concat_ws('; ',
+               'disabled: ' || (SELECT string_agg(e.name, ', ' ORDER BY e.name) FROM ihub.endpoint e WHERE NOT e.enabled),
+               'circuit open: ' || (SELECT string_agg(e.name, ', ' ORDER BY e.name)
+                                    FROM ihub.endpoint e JOIN ihub.endpoint_state c ON c.endpoint_id = e.id
+                                    WHERE e.enabled AND c.state <> 'closed'),
+               'paused by a 429: ' || (SELECT string_agg(e.name, ', ' ORDER BY e.name)
+                                       FROM ihub.endpoint e JOIN ihub.endpoint_state c ON c.endpoint_id = e.id
+                                       WHERE e.enabled AND c.paused_until > now())), '')
+    INTO v_names;
     check_name := 'endpoints';
     status := CASE WHEN v_names IS NULL THEN 'ok' ELSE 'warning' END;
-    message := coalesce('disabled: ' || v_names, 'all enabled');
+    message := coalesce(v_names, 'all enabled, no circuit open');
     RETURN NEXT;
 
     SELECT string_agg(name, ', ' ORDER BY name) INTO v_names
@@ -4650,6 +4659,8 @@ COMMENT ON FUNCTION ihub._pg_cron_table(text) IS 'Internal: a table of the pg_cr
 ALTER TABLE ihub.endpoint ADD COLUMN circuit jsonb,
     ADD COLUMN rate_limit double precision CHECK (rate_limit > 0),
     ADD COLUMN max_in_flight integer CHECK (max_in_flight >= 1);
+-- Every claim asks whether any endpoint has limits (ihub._claim_limited).
+CREATE INDEX endpoint_limited_idx ON ihub.endpoint (id) WHERE rate_limit IS NOT NULL OR max_in_flight IS NOT NULL;
 
 -- An endpoint's delivery state (endpoint_controls.sql): its circuit, failure streak,
 -- rate-limit bucket and 429 pause. Runtime state, not configuration. A row

@@ -500,6 +500,10 @@ mod tests {
         );
         let next = one::<f64>("SELECT ihub._next_due()");
         assert!(next > 50.0 && next <= 60.0, "the next wake-up is the end of the cooldown: {next}");
+        assert_eq!(
+            one::<String>("SELECT status || ': ' || message FROM ihub.health() WHERE check_name = 'endpoints'"),
+            "warning: circuit open: hook"
+        );
         // Changing the policy closes the circuit.
         Spi::run("SELECT ihub.alter_endpoint('hook', circuit => '{\"failures\": 2}')").unwrap();
         assert_eq!(one::<i64>("SELECT count(*) FROM ihub._claim(4242, 10, 1000, 1)"), 3);
