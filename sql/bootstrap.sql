@@ -71,7 +71,9 @@ CREATE TABLE ihub.endpoint (
     -- Requests per second and requests in flight at most, across all
     -- dispatchers (ihub._claim_limited); NULL for no limit.
     rate_limit      double precision CHECK (rate_limit > 0),
-    max_in_flight   integer CHECK (max_in_flight >= 1)
+    max_in_flight   integer CHECK (max_in_flight >= 1),
+    -- The event types it accepts (exact, or a prefix ending in *); NULL: all.
+    event_types     text[]
 );
 CREATE INDEX ON ihub.endpoint (integration_id);
 -- Every claim asks whether any endpoint has limits (ihub._claim_limited).
@@ -147,7 +149,9 @@ CREATE TABLE ihub.subscription (
     -- (its table or capture table broken): the others go on, and it is tried
     -- again every 10 seconds until it works.
     broken_at     timestamptz,
-    broken_reason text
+    broken_reason text,
+    -- The event type of its deliveries; NULL: <table>.<operation>.
+    event_type    text
 );
 CREATE INDEX ON ihub.subscription (endpoint_id);
 COMMENT ON TABLE ihub.subscription IS

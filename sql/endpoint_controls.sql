@@ -303,9 +303,43 @@ BEGIN
 END
 $$;
 
+-------------------------------------------------------------------------------
+-- Event types
+-------------------------------------------------------------------------------
+
+-- An event type: a name such as order.paid (letters, digits, _ . : -), or,
+-- for an endpoint's filter, a prefix ending in * (order.*, or * for all).
+CREATE FUNCTION ihub._check_event_type(p_type text, p_pattern boolean DEFAULT false) RETURNS void
+LANGUAGE plpgsql IMMUTABLE SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF p_type IS NULL AND NOT p_pattern THEN
+        RETURN;
+    END IF;
+    IF p_type IS NULL OR NOT (p_type ~ '^[A-Za-z0-9][A-Za-z0-9_.:-]{0,99}$'
+                              OR (p_pattern AND p_type ~ '^([A-Za-z0-9][A-Za-z0-9_.:-]{0,98})?\*$')) THEN
+        RAISE EXCEPTION 'invalid event type %', coalesce(quote_literal(p_type), 'NULL')
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = CASE WHEN p_pattern
+                              THEN 'Use names such as order.paid, or a prefix ending in *, e.g. ''{orders.insert,invoice.*}''.'
+                              ELSE 'Use a name of letters, digits and _ . : -, e.g. order.paid (at most 100 characters).' END;
+    END IF;
+END
+$$;
+
+-- Whether an endpoint's event types (NULL: all) accept a type.
+CREATE FUNCTION ihub._type_accepted(p_accepted text[], p_type text) RETURNS boolean
+LANGUAGE sql IMMUTABLE SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT p_accepted IS NULL
+        OR EXISTS (SELECT 1 FROM unnest(p_accepted) a
+                   WHERE a = p_type OR (right(a, 1) = '*' AND left(p_type, length(a) - 1) = left(a, -1)))
+$$;
+
 -- Changes how an endpoint is delivered to: its timeout, retry policy,
--- circuit breaker and limits. NULL leaves a setting as it is; a limit of 0
--- removes it. Not where requests go
+-- circuit breaker, limits and the event types it accepts. NULL leaves a
+-- setting as it is; a limit of 0 removes it, and so does '{}' the event
+-- types filter. Not where requests go
 -- or what they carry (URL, method, headers, credentials): whoever may call
 -- this could otherwise send another integration's payloads and credentials
 -- to a host of their own. A circuit policy (true, false or an object, see
@@ -316,7 +350,8 @@ CREATE FUNCTION ihub.alter_endpoint(
     retry jsonb DEFAULT NULL,
     circuit jsonb DEFAULT NULL,
     rate_limit double precision DEFAULT NULL,
-    max_in_flight integer DEFAULT NULL
+    max_in_flight integer DEFAULT NULL,
+    event_types text[] DEFAULT NULL
 ) RETURNS void
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
@@ -329,8 +364,11 @@ BEGIN
             USING ERRCODE = 'invalid_parameter_value', HINT = 'Leave it NULL to keep the endpoint''s timeout.';
     END IF;
     PERFORM ihub._check_limits(alter_endpoint.rate_limit, alter_endpoint.max_in_flight);
+    PERFORM ihub._check_event_type(t, true) FROM unnest(alter_endpoint.event_types) t;
     UPDATE ihub.endpoint e
     SET timeout_ms = coalesce(alter_endpoint.timeout_ms, e.timeout_ms),
+        event_types = CASE WHEN alter_endpoint.event_types IS NULL THEN e.event_types
+                           ELSE nullif(alter_endpoint.event_types, '{}') END,
         rate_limit = CASE WHEN alter_endpoint.rate_limit IS NULL THEN e.rate_limit ELSE nullif(alter_endpoint.rate_limit, 0) END,
         max_in_flight = CASE WHEN alter_endpoint.max_in_flight IS NULL THEN e.max_in_flight
                              ELSE nullif(alter_endpoint.max_in_flight, 0) END,
@@ -364,5 +402,7 @@ COMMENT ON FUNCTION ihub._circuit_settle(jsonb) IS
     'Internal (dispatcher): counts a settled batch''s outcomes per endpoint, opens and closes circuits, disables endpoints failing for ihub.endpoint_disable_after.';
 COMMENT ON FUNCTION ihub._circuit_probes(integer, integer, integer) IS
     'Internal (dispatcher): claims one probe delivery for each open circuit whose cooldown is over.';
-COMMENT ON FUNCTION ihub.alter_endpoint(text, integer, jsonb, jsonb, double precision, integer) IS
-    'Changes an endpoint''s timeout, retry policy, circuit breaker, rate limit or in-flight limit; NULL keeps a setting, a limit of 0 removes it. A circuit policy also closes the circuit.';
+COMMENT ON FUNCTION ihub.alter_endpoint(text, integer, jsonb, jsonb, double precision, integer, text[]) IS
+    'Changes an endpoint''s timeout, retry policy, circuit breaker, rate limit, in-flight limit or accepted event types; NULL keeps a setting, 0 (or ''{}'') removes a limit. A circuit policy also closes the circuit.';
+COMMENT ON FUNCTION ihub._check_event_type(text, boolean) IS 'Internal: checks an event type name, or a filter pattern (a prefix ending in *).';
+COMMENT ON FUNCTION ihub._type_accepted(text[], text) IS 'Internal: whether an endpoint''s event types (NULL: all) accept a type.';

@@ -22,7 +22,8 @@ CREATE FUNCTION ihub.create_endpoint(
     retry jsonb DEFAULT NULL,
     circuit jsonb DEFAULT NULL,
     rate_limit double precision DEFAULT NULL,
-    max_in_flight integer DEFAULT NULL
+    max_in_flight integer DEFAULT NULL,
+    event_types text[] DEFAULT NULL
 ) RETURNS bigint
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
@@ -47,6 +48,7 @@ BEGIN
     END IF;
     PERFORM ihub._check_headers(coalesce(create_endpoint.headers, '{}'));
     PERFORM ihub._check_limits(create_endpoint.rate_limit, create_endpoint.max_in_flight);
+    PERFORM ihub._check_event_type(t, true) FROM unnest(create_endpoint.event_types) t;
     IF v_auth ->> 'type' = 'oauth2' AND NOT EXISTS (
         SELECT 1 FROM ihub.oauth2 o WHERE o.integration_id = v_integration AND o.name = v_auth ->> 'credential') THEN
         RAISE EXCEPTION 'OAuth2 credential "%" of integration "%" does not exist', v_auth ->> 'credential', create_endpoint.integration
@@ -58,11 +60,12 @@ BEGIN
     END IF;
 
     INSERT INTO ihub.endpoint (integration_id, name, url, method, headers, auth_type, timeout_ms, retry, circuit,
-                               rate_limit, max_in_flight)
+                               rate_limit, max_in_flight, event_types)
     VALUES (v_integration, create_endpoint.name, ihub._check_url(create_endpoint.url), v_method,
             coalesce(create_endpoint.headers, '{}'), v_auth ->> 'type', create_endpoint.timeout_ms,
             ihub._normalize_retry(create_endpoint.retry), ihub._normalize_circuit(create_endpoint.circuit),
-            nullif(create_endpoint.rate_limit, 0), nullif(create_endpoint.max_in_flight, 0))
+            nullif(create_endpoint.rate_limit, 0), nullif(create_endpoint.max_in_flight, 0),
+            nullif(create_endpoint.event_types, '{}'))
     RETURNING id INTO v_id;
     IF v_auth ->> 'type' <> 'none' THEN
         INSERT INTO ihub.endpoint_credential (endpoint_id, auth) VALUES (v_id, v_auth);
@@ -316,6 +319,7 @@ CREATE FUNCTION ihub._subscribe_by(
     watch text[] DEFAULT NULL,
     condition text DEFAULT NULL,
     test_mode boolean DEFAULT false,
+    event_type text DEFAULT NULL,
     p_caller regrole DEFAULT NULL) RETURNS bigint
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
@@ -372,6 +376,7 @@ BEGIN
         RAISE EXCEPTION 'watch applies to updates, but events has no update'
             USING ERRCODE = 'invalid_parameter_value', HINT = 'Add update to events, or drop watch.';
     END IF;
+    PERFORM ihub._check_event_type(event_type);
     IF '_ihub_row' = ANY (v_columns) OR '_ihub_n' = ANY (v_columns) THEN
         RAISE EXCEPTION 'table % has a column named _ihub_row or _ihub_n, which pg_ihub reserves', source
             USING ERRCODE = 'duplicate_column', HINT = 'Rename the column to subscribe to this table.';
@@ -396,8 +401,10 @@ BEGIN
         END;
     END IF;
 
-    INSERT INTO ihub.subscription (endpoint_id, source, events, columns, watch, condition, test_mode, created_by)
-    VALUES (v_endpoint.id, source, v_events, columns, watch, condition, coalesce(test_mode, false), v_caller)
+    INSERT INTO ihub.subscription (endpoint_id, source, events, columns, watch, condition, test_mode, created_by,
+                                   event_type)
+    VALUES (v_endpoint.id, source, v_events, columns, watch, condition, coalesce(test_mode, false), v_caller,
+            event_type)
     RETURNING * INTO v_sub;
 
     PERFORM ihub._create_capture_table(v_sub);
@@ -416,7 +423,8 @@ CREATE FUNCTION ihub.subscribe(
     columns text[] DEFAULT NULL,
     watch text[] DEFAULT NULL,
     condition text DEFAULT NULL,
-    test_mode boolean DEFAULT false
+    test_mode boolean DEFAULT false,
+    event_type text DEFAULT NULL
 ) RETURNS bigint
 LANGUAGE c VOLATILE AS 'MODULE_PATHNAME', 'ihub_for_caller';
 
@@ -794,8 +802,9 @@ $$;
 
 -- The statements a route runs for one subscription: take captured rows
 -- from a block on ($1 rows at most, from block $2), take them from before it,
--- and render the rows taken ($1) as deliveries (see ihub._route for the
--- other parameters).
+-- and render the rows taken ($1) as deliveries: those of the operations $12
+-- whose event type the endpoint accepts, typed $13 or <table>.<operation>
+-- (see ihub._route for the other parameters).
 CREATE FUNCTION ihub._route_sql(p_sub_id bigint, p_step text) RETURNS text
 LANGUAGE sql IMMUTABLE SET search_path = pg_catalog, pg_temp
 AS $fn$
@@ -833,8 +842,11 @@ AS $fn$
             CROSS JOIN LATERAL (
                 SELECT 'evt_' || replace(gen_random_uuid()::text, '-', '') AS id,
                        CASE m.op WHEN 'i' THEN 'insert' WHEN 'u' THEN 'update' WHEN 't' THEN 'truncate' ELSE 'delete' END AS op,
-                       $5 || '.' || CASE m.op WHEN 'i' THEN 'insert' WHEN 'u' THEN 'update' WHEN 't' THEN 'truncate' ELSE 'delete' END AS type
+                       coalesce($13, $5 || '.' || CASE m.op WHEN 'i' THEN 'insert' WHEN 'u' THEN 'update' WHEN 't' THEN 'truncate' ELSE 'delete' END) AS type
             ) ev
+            -- Changes whose event type the endpoint does not accept are
+            -- taken from the capture table and not queued.
+            WHERE m.op = ANY ($12)
             RETURNING d.*
         $q$, 'sub_' || p_sub_id)
     END
@@ -895,7 +907,7 @@ BEGIN
         END IF;
         EXECUTE format('PREPARE %I (integer, tid) AS %s', v_name || 'take', ihub._route_sql(p_sub_id, 'take'));
         EXECUTE format('PREPARE %I (integer, tid) AS %s', v_name || 'wrap', ihub._route_sql(p_sub_id, 'wrap'));
-        EXECUTE format('PREPARE %I (tid[], bigint, bigint, text, text, text, boolean, boolean, integer, timestamptz, text[]) AS %s',
+        EXECUTE format('PREPARE %I (tid[], bigint, bigint, text, text, text, boolean, boolean, integer, timestamptz, text[], text[], text) AS %s',
                        v_name || 'render', ihub._route_sql(p_sub_id, 'render'));
         v_count := v_count + 3;
     END IF;
@@ -952,6 +964,7 @@ DECLARE
     v_taken tid[];
     v_wrapped tid[];
     v_lease timestamptz;
+    v_ops text[];
     -- A dispatcher runs the route's statements prepared in its session
     -- (ihub._route_prepare, up to 100 subscriptions' worth); anyone else (an
     -- unsubscribe, an ALTER TABLE) runs them as text.
@@ -1009,14 +1022,21 @@ BEGIN
         PERFORM set_config(v_position, (SELECT max((t::text::point)[0])::bigint::text FROM unnest(v_taken) t), false);
 
         v_lease := ihub._lease_until(coalesce(v_endpoint.timeout_ms, p_default_timeout_ms), p_rounds);
+        -- The operations whose event type the endpoint accepts.
+        v_ops := ARRAY(SELECT o FROM unnest('{i,u,d,t}'::text[]) o
+                       WHERE ihub._type_accepted(v_endpoint.event_types,
+                                                 coalesce(p_sub.event_type, v_rel.relname || '.' || CASE o WHEN 'i' THEN 'insert'
+                                                          WHEN 'u' THEN 'update' WHEN 't' THEN 'truncate' ELSE 'delete' END)));
         IF v_prepared THEN
-            RETURN QUERY EXECUTE format('EXECUTE %I(%L, %s, %s, %L, %L, %L, %L, %L, %L, %L, %L)', v_name || 'render',
+            RETURN QUERY EXECUTE format('EXECUTE %I(%L, %s, %s, %L, %L, %L, %L, %L, %L, %L, %L, %L, %L)', v_name || 'render',
                                         v_taken, v_endpoint.id, p_sub.id, v_rel.nspname, v_rel.relname,
-                                        v_integration.tenant, p_sub.test_mode, v_claim, p_owner, v_lease, v_excluded);
+                                        v_integration.tenant, p_sub.test_mode, v_claim, p_owner, v_lease, v_excluded,
+                                        v_ops, p_sub.event_type);
         ELSE
             RETURN QUERY EXECUTE ihub._route_sql(p_sub.id, 'render')
             USING v_taken, v_endpoint.id, p_sub.id, v_rel.nspname::text, v_rel.relname::text,
-                  v_integration.tenant, p_sub.test_mode, v_claim, p_owner, v_lease, v_excluded;
+                  v_integration.tenant, p_sub.test_mode, v_claim, p_owner, v_lease, v_excluded,
+                  v_ops, p_sub.event_type;
         END IF;
         GET DIAGNOSTICS v_routed = ROW_COUNT;
     END IF;
@@ -1138,23 +1158,24 @@ BEGIN
             RETURNING d
         )
         SELECT v_claimed || coalesce(array_agg(claimed.d), '{}') INTO v_claimed FROM claimed;
-        -- Requests whose responses go to a handler carry their whole body (up
-        -- to ihub.max_response_size) into the settle: a batch holds 32 MB of
-        -- them at most, and the rest go back to the queue, due, for the next
-        -- round. (Subscriptions' deliveries never have a handler.)
-        IF EXISTS (SELECT 1 FROM unnest(v_claimed) c WHERE c.on_response IS NOT NULL) THEN
-            WITH extra AS (
-                SELECT c.id FROM unnest(v_claimed) c WHERE c.on_response IS NOT NULL
-                ORDER BY c.run_at, c.id
-                OFFSET greatest(1, 33554432 / pg_size_bytes(current_setting('ihub.max_response_size')))
-            ), released AS (
-                UPDATE ihub.delivery d
-                SET state = CASE WHEN d.attempts > 0 THEN 'retry' ELSE 'pending' END, worker_pid = NULL, lease_until = NULL
-                FROM extra WHERE d.id = extra.id
-                RETURNING d.id
-            )
-            SELECT ARRAY(SELECT c FROM unnest(v_claimed) c WHERE c.id NOT IN (SELECT id FROM released)) INTO v_claimed;
-        END IF;
+    END IF;
+    -- Requests whose responses go to a handler carry their whole body (up
+    -- to ihub.max_response_size) into the settle: a batch holds 32 MB of
+    -- them at most, and the rest go back to the queue, due, for the next
+    -- round, however they were claimed (limited endpoints too).
+    -- (Subscriptions' deliveries never have a handler.)
+    IF EXISTS (SELECT 1 FROM unnest(v_claimed) c WHERE c.on_response IS NOT NULL) THEN
+        WITH extra AS (
+            SELECT c.id FROM unnest(v_claimed) c WHERE c.on_response IS NOT NULL
+            ORDER BY c.run_at, c.id
+            OFFSET greatest(1, 33554432 / pg_size_bytes(current_setting('ihub.max_response_size')))
+        ), released AS (
+            UPDATE ihub.delivery d
+            SET state = CASE WHEN d.attempts > 0 THEN 'retry' ELSE 'pending' END, worker_pid = NULL, lease_until = NULL
+            FROM extra WHERE d.id = extra.id
+            RETURNING d.id
+        )
+        SELECT ARRAY(SELECT c FROM unnest(v_claimed) c WHERE c.id NOT IN (SELECT id FROM released)) INTO v_claimed;
     END IF;
     RETURN QUERY
         -- The secrets of the batch's endpoints, gathered once. Gathered by a
@@ -1621,6 +1642,12 @@ BEGIN
     IF _http_request_by.headers IS NOT NULL THEN
         PERFORM ihub._check_headers(_http_request_by.headers);
     END IF;
+    IF NOT ihub._type_accepted(v_endpoint.event_types, coalesce(event_type, 'http_request')) THEN
+        RAISE EXCEPTION 'endpoint "%" does not accept event type "%"', v_endpoint.name, coalesce(event_type, 'http_request')
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = format('It accepts %s; pass one of them as event_type, or change them with ihub.alter_endpoint(%L, event_types => ...).',
+                                array_to_string(v_endpoint.event_types, ', '), v_endpoint.name);
+    END IF;
     IF on_response IS NOT NULL THEN
         PERFORM ihub._check_response_function(on_response, pg_get_userbyid(p_caller));
     ELSIF context IS NOT NULL THEN
@@ -1797,7 +1824,7 @@ SELECT e.id, i.name AS integration, e.name, ihub._mask_url(e.url) AS url, e.meth
        e.circuit, coalesce(c.state, 'closed') AS circuit_state, c.opened_at AS circuit_opened_at,
        c.retry_at AS circuit_retry_at, c.failures AS consecutive_failures, c.failing_since,
        coalesce(c.changes, '[]') AS circuit_changes, e.rate_limit, e.max_in_flight,
-       CASE WHEN c.paused_until > now() THEN c.paused_until END AS paused_until
+       CASE WHEN c.paused_until > now() THEN c.paused_until END AS paused_until, e.event_types
 FROM ihub.endpoint e JOIN ihub.integration i ON i.id = e.integration_id
 LEFT JOIN ihub.endpoint_state c ON c.endpoint_id = e.id;
 
@@ -1809,7 +1836,7 @@ FROM ihub.endpoint_secret s JOIN ihub.endpoint e ON e.id = s.endpoint_id;
 CREATE VIEW ihub.subscriptions AS
 SELECT s.id, i.name AS integration, e.name AS endpoint, s.source, s.events, s.columns, s.watch, s.condition,
        s.test_mode, (i.state <> 'inactive') AS capturing, s.created_by, s.created_at,
-       s.broken_reason AS broken, s.broken_at
+       s.broken_reason AS broken, s.broken_at, s.event_type
 FROM ihub.subscription s
 JOIN ihub.endpoint e ON e.id = s.endpoint_id
 JOIN ihub.integration i ON i.id = e.integration_id;
@@ -1842,14 +1869,14 @@ FROM ihub._workers() w LEFT JOIN pg_database db ON db.oid = w.database_oid;
 -- Comments
 -------------------------------------------------------------------------------
 
-COMMENT ON FUNCTION ihub.create_endpoint(text, text, text, text, jsonb, jsonb, text, integer, jsonb, jsonb, double precision, integer) IS
+COMMENT ON FUNCTION ihub.create_endpoint(text, text, text, text, jsonb, jsonb, text, integer, jsonb, jsonb, double precision, integer, text[]) IS
     'Adds an HTTP endpoint to an integration: URL, method, headers, auth (none/basic/bearer/api_key/oauth2), whsec_ signing secret (generated when NULL), timeout and retry policy. Returns its id.';
 COMMENT ON FUNCTION ihub.enable_endpoint(text) IS 'Re-enables an endpoint (after a 410 Gone, say); its held deliveries resume.';
 COMMENT ON FUNCTION ihub.disable_endpoint(text, text) IS 'Stops deliveries to an endpoint; they wait until it is enabled again.';
 COMMENT ON FUNCTION ihub.rotate_secret(text, text, interval) IS
     'Adds a new signing secret (generated when NULL) and keeps the old ones signing for the grace period. Returns the new secret. ihub_admin only.';
 COMMENT ON FUNCTION ihub._capture_filter(ihub.subscription, text) IS 'Internal: the query that selects the transition rows passing a subscription''s watch and condition.';
-COMMENT ON FUNCTION ihub.subscribe(regclass, text, text[], text[], text[], text, boolean) IS
+COMMENT ON FUNCTION ihub.subscribe(regclass, text, text[], text[], text[], text, boolean, text) IS
     'Subscribes an endpoint to row changes of a table (and of all its partitions): events (insert, update, delete, truncate), payload columns, watched columns (updates fire only when one changed), a condition over new and old, and test mode. Returns the subscription id.';
 COMMENT ON FUNCTION ihub.unsubscribe(bigint) IS
     'Removes a subscription''s triggers and capture table; changes already captured are queued first.';

@@ -556,8 +556,11 @@ AS $fn$
             CROSS JOIN LATERAL (
                 SELECT 'evt_' || replace(gen_random_uuid()::text, '-', '') AS id,
                        CASE m.op WHEN 'i' THEN 'insert' WHEN 'u' THEN 'update' WHEN 't' THEN 'truncate' ELSE 'delete' END AS op,
-                       $5 || '.' || CASE m.op WHEN 'i' THEN 'insert' WHEN 'u' THEN 'update' WHEN 't' THEN 'truncate' ELSE 'delete' END AS type
+                       coalesce($13, $5 || '.' || CASE m.op WHEN 'i' THEN 'insert' WHEN 'u' THEN 'update' WHEN 't' THEN 'truncate' ELSE 'delete' END) AS type
             ) ev
+            -- Changes whose event type the endpoint does not accept are
+            -- taken from the capture table and not queued.
+            WHERE m.op = ANY ($12)
             RETURNING d.*
         $q$, 'sub_' || p_sub_id)
     END
@@ -618,7 +621,7 @@ BEGIN
         END IF;
         EXECUTE format('PREPARE %I (integer, tid) AS %s', v_name || 'take', ihub._route_sql(p_sub_id, 'take'));
         EXECUTE format('PREPARE %I (integer, tid) AS %s', v_name || 'wrap', ihub._route_sql(p_sub_id, 'wrap'));
-        EXECUTE format('PREPARE %I (tid[], bigint, bigint, text, text, text, boolean, boolean, integer, timestamptz, text[]) AS %s',
+        EXECUTE format('PREPARE %I (tid[], bigint, bigint, text, text, text, boolean, boolean, integer, timestamptz, text[], text[], text) AS %s',
                        v_name || 'render', ihub._route_sql(p_sub_id, 'render'));
         v_count := v_count + 3;
     END IF;
@@ -677,6 +680,7 @@ DECLARE
     v_taken tid[];
     v_wrapped tid[];
     v_lease timestamptz;
+    v_ops text[];
     -- A dispatcher runs the route's statements prepared in its session
     -- (ihub._route_prepare, up to 100 subscriptions' worth); anyone else (an
     -- unsubscribe, an ALTER TABLE) runs them as text.
@@ -734,14 +738,21 @@ BEGIN
         PERFORM set_config(v_position, (SELECT max((t::text::point)[0])::bigint::text FROM unnest(v_taken) t), false);
 
         v_lease := ihub._lease_until(coalesce(v_endpoint.timeout_ms, p_default_timeout_ms), p_rounds);
+        -- The operations whose event type the endpoint accepts.
+        v_ops := ARRAY(SELECT o FROM unnest('{i,u,d,t}'::text[]) o
+                       WHERE ihub._type_accepted(v_endpoint.event_types,
+                                                 coalesce(p_sub.event_type, v_rel.relname || '.' || CASE o WHEN 'i' THEN 'insert'
+                                                          WHEN 'u' THEN 'update' WHEN 't' THEN 'truncate' ELSE 'delete' END)));
         IF v_prepared THEN
-            RETURN QUERY EXECUTE format('EXECUTE %I(%L, %s, %s, %L, %L, %L, %L, %L, %L, %L, %L)', v_name || 'render',
+            RETURN QUERY EXECUTE format('EXECUTE %I(%L, %s, %s, %L, %L, %L, %L, %L, %L, %L, %L, %L, %L)', v_name || 'render',
                                         v_taken, v_endpoint.id, p_sub.id, v_rel.nspname, v_rel.relname,
-                                        v_integration.tenant, p_sub.test_mode, v_claim, p_owner, v_lease, v_excluded);
+                                        v_integration.tenant, p_sub.test_mode, v_claim, p_owner, v_lease, v_excluded,
+                                        v_ops, p_sub.event_type);
         ELSE
             RETURN QUERY EXECUTE ihub._route_sql(p_sub.id, 'render')
             USING v_taken, v_endpoint.id, p_sub.id, v_rel.nspname::text, v_rel.relname::text,
-                  v_integration.tenant, p_sub.test_mode, v_claim, p_owner, v_lease, v_excluded;
+                  v_integration.tenant, p_sub.test_mode, v_claim, p_owner, v_lease, v_excluded,
+                  v_ops, p_sub.event_type;
         END IF;
         GET DIAGNOSTICS v_routed = ROW_COUNT;
     END IF;
@@ -854,23 +865,24 @@ BEGIN
             RETURNING d
         )
         SELECT v_claimed || coalesce(array_agg(claimed.d), '{}') INTO v_claimed FROM claimed;
-        -- Requests whose responses go to a handler carry their whole body (up
-        -- to ihub.max_response_size) into the settle: a batch holds 32 MB of
-        -- them at most, and the rest go back to the queue, due, for the next
-        -- round. (Subscriptions' deliveries never have a handler.)
-        IF EXISTS (SELECT 1 FROM unnest(v_claimed) c WHERE c.on_response IS NOT NULL) THEN
-            WITH extra AS (
-                SELECT c.id FROM unnest(v_claimed) c WHERE c.on_response IS NOT NULL
-                ORDER BY c.run_at, c.id
-                OFFSET greatest(1, 33554432 / pg_size_bytes(current_setting('ihub.max_response_size')))
-            ), released AS (
-                UPDATE ihub.delivery d
-                SET state = CASE WHEN d.attempts > 0 THEN 'retry' ELSE 'pending' END, worker_pid = NULL, lease_until = NULL
-                FROM extra WHERE d.id = extra.id
-                RETURNING d.id
-            )
-            SELECT ARRAY(SELECT c FROM unnest(v_claimed) c WHERE c.id NOT IN (SELECT id FROM released)) INTO v_claimed;
-        END IF;
+    END IF;
+    -- Requests whose responses go to a handler carry their whole body (up
+    -- to ihub.max_response_size) into the settle: a batch holds 32 MB of
+    -- them at most, and the rest go back to the queue, due, for the next
+    -- round, however they were claimed (limited endpoints too).
+    -- (Subscriptions' deliveries never have a handler.)
+    IF EXISTS (SELECT 1 FROM unnest(v_claimed) c WHERE c.on_response IS NOT NULL) THEN
+        WITH extra AS (
+            SELECT c.id FROM unnest(v_claimed) c WHERE c.on_response IS NOT NULL
+            ORDER BY c.run_at, c.id
+            OFFSET greatest(1, 33554432 / pg_size_bytes(current_setting('ihub.max_response_size')))
+        ), released AS (
+            UPDATE ihub.delivery d
+            SET state = CASE WHEN d.attempts > 0 THEN 'retry' ELSE 'pending' END, worker_pid = NULL, lease_until = NULL
+            FROM extra WHERE d.id = extra.id
+            RETURNING d.id
+        )
+        SELECT ARRAY(SELECT c FROM unnest(v_claimed) c WHERE c.id NOT IN (SELECT id FROM released)) INTO v_claimed;
     END IF;
     RETURN QUERY
         -- The secrets of the batch's endpoints, gathered once. Gathered by a
@@ -3842,6 +3854,12 @@ BEGIN
     IF _http_request_by.headers IS NOT NULL THEN
         PERFORM ihub._check_headers(_http_request_by.headers);
     END IF;
+    IF NOT ihub._type_accepted(v_endpoint.event_types, coalesce(event_type, 'http_request')) THEN
+        RAISE EXCEPTION 'endpoint "%" does not accept event type "%"', v_endpoint.name, coalesce(event_type, 'http_request')
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = format('It accepts %s; pass one of them as event_type, or change them with ihub.alter_endpoint(%L, event_types => ...).',
+                                array_to_string(v_endpoint.event_types, ', '), v_endpoint.name);
+    END IF;
     IF on_response IS NOT NULL THEN
         PERFORM ihub._check_response_function(on_response, pg_get_userbyid(p_caller));
     ELSIF context IS NOT NULL THEN
@@ -3992,7 +4010,8 @@ CREATE FUNCTION ihub.create_endpoint(
     retry jsonb DEFAULT NULL,
     circuit jsonb DEFAULT NULL,
     rate_limit double precision DEFAULT NULL,
-    max_in_flight integer DEFAULT NULL
+    max_in_flight integer DEFAULT NULL,
+    event_types text[] DEFAULT NULL
 ) RETURNS bigint
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
@@ -4017,6 +4036,7 @@ BEGIN
     END IF;
     PERFORM ihub._check_headers(coalesce(create_endpoint.headers, '{}'));
     PERFORM ihub._check_limits(create_endpoint.rate_limit, create_endpoint.max_in_flight);
+    PERFORM ihub._check_event_type(t, true) FROM unnest(create_endpoint.event_types) t;
     IF v_auth ->> 'type' = 'oauth2' AND NOT EXISTS (
         SELECT 1 FROM ihub.oauth2 o WHERE o.integration_id = v_integration AND o.name = v_auth ->> 'credential') THEN
         RAISE EXCEPTION 'OAuth2 credential "%" of integration "%" does not exist', v_auth ->> 'credential', create_endpoint.integration
@@ -4028,11 +4048,12 @@ BEGIN
     END IF;
 
     INSERT INTO ihub.endpoint (integration_id, name, url, method, headers, auth_type, timeout_ms, retry, circuit,
-                               rate_limit, max_in_flight)
+                               rate_limit, max_in_flight, event_types)
     VALUES (v_integration, create_endpoint.name, ihub._check_url(create_endpoint.url), v_method,
             coalesce(create_endpoint.headers, '{}'), v_auth ->> 'type', create_endpoint.timeout_ms,
             ihub._normalize_retry(create_endpoint.retry), ihub._normalize_circuit(create_endpoint.circuit),
-            nullif(create_endpoint.rate_limit, 0), nullif(create_endpoint.max_in_flight, 0))
+            nullif(create_endpoint.rate_limit, 0), nullif(create_endpoint.max_in_flight, 0),
+            nullif(create_endpoint.event_types, '{}'))
     RETURNING id INTO v_id;
     IF v_auth ->> 'type' <> 'none' THEN
         INSERT INTO ihub.endpoint_credential (endpoint_id, auth) VALUES (v_id, v_auth);
@@ -4473,7 +4494,7 @@ COMMENT ON FUNCTION ihub._check_response_function(regprocedure, name) IS
 COMMENT ON FUNCTION ihub._try_json(text) IS 'Internal: a text as jsonb, NULL when it is not JSON.';
 COMMENT ON FUNCTION ihub._respond(jsonb, bigint[]) IS
     'Internal (dispatcher): queues the response handler jobs of the ended requests of a settled batch.';
-COMMENT ON FUNCTION ihub.create_endpoint(text, text, text, text, jsonb, jsonb, text, integer, jsonb, jsonb, double precision, integer) IS
+COMMENT ON FUNCTION ihub.create_endpoint(text, text, text, text, jsonb, jsonb, text, integer, jsonb, jsonb, double precision, integer, text[]) IS
     'Adds an HTTP endpoint to an integration: URL, method, headers, auth (none/basic/bearer/api_key/oauth2), whsec_ signing secret (generated when NULL), timeout and retry policy. Returns its id.';
 COMMENT ON FUNCTION ihub._claim(integer, integer, integer, integer) IS
     'Internal (dispatcher): routes captured changes and claims due deliveries with FOR UPDATE SKIP LOCKED and a lease.';
@@ -4658,7 +4679,11 @@ COMMENT ON FUNCTION ihub._pg_cron_table(text) IS 'Internal: a table of the pg_cr
 -- requests per second and in flight at most, across all dispatchers.
 ALTER TABLE ihub.endpoint ADD COLUMN circuit jsonb,
     ADD COLUMN rate_limit double precision CHECK (rate_limit > 0),
-    ADD COLUMN max_in_flight integer CHECK (max_in_flight >= 1);
+    ADD COLUMN max_in_flight integer CHECK (max_in_flight >= 1),
+    -- The event types it accepts (exact, or a prefix ending in *); NULL: all.
+    ADD COLUMN event_types text[];
+-- The event type of its deliveries; NULL: <table>.<operation>.
+ALTER TABLE ihub.subscription ADD COLUMN event_type text;
 -- Every claim asks whether any endpoint has limits (ihub._claim_limited).
 CREATE INDEX endpoint_limited_idx ON ihub.endpoint (id) WHERE rate_limit IS NOT NULL OR max_in_flight IS NOT NULL;
 
@@ -4728,7 +4753,7 @@ SELECT e.id, i.name AS integration, e.name, ihub._mask_url(e.url) AS url, e.meth
        e.circuit, coalesce(c.state, 'closed') AS circuit_state, c.opened_at AS circuit_opened_at,
        c.retry_at AS circuit_retry_at, c.failures AS consecutive_failures, c.failing_since,
        coalesce(c.changes, '[]') AS circuit_changes, e.rate_limit, e.max_in_flight,
-       CASE WHEN c.paused_until > now() THEN c.paused_until END AS paused_until
+       CASE WHEN c.paused_until > now() THEN c.paused_until END AS paused_until, e.event_types
 FROM ihub.endpoint e JOIN ihub.integration i ON i.id = e.integration_id
 LEFT JOIN ihub.endpoint_state c ON c.endpoint_id = e.id;
 
@@ -5024,9 +5049,43 @@ BEGIN
 END
 $$;
 
+-------------------------------------------------------------------------------
+-- Event types
+-------------------------------------------------------------------------------
+
+-- An event type: a name such as order.paid (letters, digits, _ . : -), or,
+-- for an endpoint's filter, a prefix ending in * (order.*, or * for all).
+CREATE FUNCTION ihub._check_event_type(p_type text, p_pattern boolean DEFAULT false) RETURNS void
+LANGUAGE plpgsql IMMUTABLE SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF p_type IS NULL AND NOT p_pattern THEN
+        RETURN;
+    END IF;
+    IF p_type IS NULL OR NOT (p_type ~ '^[A-Za-z0-9][A-Za-z0-9_.:-]{0,99}$'
+                              OR (p_pattern AND p_type ~ '^([A-Za-z0-9][A-Za-z0-9_.:-]{0,98})?\*$')) THEN
+        RAISE EXCEPTION 'invalid event type %', coalesce(quote_literal(p_type), 'NULL')
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = CASE WHEN p_pattern
+                              THEN 'Use names such as order.paid, or a prefix ending in *, e.g. ''{orders.insert,invoice.*}''.'
+                              ELSE 'Use a name of letters, digits and _ . : -, e.g. order.paid (at most 100 characters).' END;
+    END IF;
+END
+$$;
+
+-- Whether an endpoint's event types (NULL: all) accept a type.
+CREATE FUNCTION ihub._type_accepted(p_accepted text[], p_type text) RETURNS boolean
+LANGUAGE sql IMMUTABLE SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT p_accepted IS NULL
+        OR EXISTS (SELECT 1 FROM unnest(p_accepted) a
+                   WHERE a = p_type OR (right(a, 1) = '*' AND left(p_type, length(a) - 1) = left(a, -1)))
+$$;
+
 -- Changes how an endpoint is delivered to: its timeout, retry policy,
--- circuit breaker and limits. NULL leaves a setting as it is; a limit of 0
--- removes it. Not where requests go
+-- circuit breaker, limits and the event types it accepts. NULL leaves a
+-- setting as it is; a limit of 0 removes it, and so does '{}' the event
+-- types filter. Not where requests go
 -- or what they carry (URL, method, headers, credentials): whoever may call
 -- this could otherwise send another integration's payloads and credentials
 -- to a host of their own. A circuit policy (true, false or an object, see
@@ -5037,7 +5096,8 @@ CREATE FUNCTION ihub.alter_endpoint(
     retry jsonb DEFAULT NULL,
     circuit jsonb DEFAULT NULL,
     rate_limit double precision DEFAULT NULL,
-    max_in_flight integer DEFAULT NULL
+    max_in_flight integer DEFAULT NULL,
+    event_types text[] DEFAULT NULL
 ) RETURNS void
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
@@ -5050,8 +5110,11 @@ BEGIN
             USING ERRCODE = 'invalid_parameter_value', HINT = 'Leave it NULL to keep the endpoint''s timeout.';
     END IF;
     PERFORM ihub._check_limits(alter_endpoint.rate_limit, alter_endpoint.max_in_flight);
+    PERFORM ihub._check_event_type(t, true) FROM unnest(alter_endpoint.event_types) t;
     UPDATE ihub.endpoint e
     SET timeout_ms = coalesce(alter_endpoint.timeout_ms, e.timeout_ms),
+        event_types = CASE WHEN alter_endpoint.event_types IS NULL THEN e.event_types
+                           ELSE nullif(alter_endpoint.event_types, '{}') END,
         rate_limit = CASE WHEN alter_endpoint.rate_limit IS NULL THEN e.rate_limit ELSE nullif(alter_endpoint.rate_limit, 0) END,
         max_in_flight = CASE WHEN alter_endpoint.max_in_flight IS NULL THEN e.max_in_flight
                              ELSE nullif(alter_endpoint.max_in_flight, 0) END,
@@ -5085,13 +5148,149 @@ COMMENT ON FUNCTION ihub._circuit_settle(jsonb) IS
     'Internal (dispatcher): counts a settled batch''s outcomes per endpoint, opens and closes circuits, disables endpoints failing for ihub.endpoint_disable_after.';
 COMMENT ON FUNCTION ihub._circuit_probes(integer, integer, integer) IS
     'Internal (dispatcher): claims one probe delivery for each open circuit whose cooldown is over.';
-COMMENT ON FUNCTION ihub.alter_endpoint(text, integer, jsonb, jsonb, double precision, integer) IS
-    'Changes an endpoint''s timeout, retry policy, circuit breaker, rate limit or in-flight limit; NULL keeps a setting, a limit of 0 removes it. A circuit policy also closes the circuit.';
+COMMENT ON FUNCTION ihub.alter_endpoint(text, integer, jsonb, jsonb, double precision, integer, text[]) IS
+    'Changes an endpoint''s timeout, retry policy, circuit breaker, rate limit, in-flight limit or accepted event types; NULL keeps a setting, 0 (or ''{}'') removes a limit. A circuit policy also closes the circuit.';
+COMMENT ON FUNCTION ihub._check_event_type(text, boolean) IS 'Internal: checks an event type name, or a filter pattern (a prefix ending in *).';
+COMMENT ON FUNCTION ihub._type_accepted(text[], text) IS 'Internal: whether an endpoint''s event types (NULL: all) accept a type.';
 
 REVOKE ALL ON ihub.endpoint_state FROM PUBLIC;
+
+-- A subscription names its event type: new arguments.
+DROP FUNCTION ihub.subscribe(regclass, text, text[], text[], text[], text, boolean);
+DROP FUNCTION ihub._subscribe_by(regclass, text, text[], text[], text[], text, boolean, regrole);
+CREATE FUNCTION ihub._subscribe_by(
+    source regclass,
+    endpoint text,
+    events text[] DEFAULT '{insert,update,delete}',
+    columns text[] DEFAULT NULL,
+    watch text[] DEFAULT NULL,
+    condition text DEFAULT NULL,
+    test_mode boolean DEFAULT false,
+    event_type text DEFAULT NULL,
+    p_caller regrole DEFAULT NULL) RETURNS bigint
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_caller name := pg_get_userbyid(p_caller);
+    v_endpoint ihub.endpoint;
+    v_integration ihub.integration;
+    v_rel record;
+    v_events text[];
+    v_sub ihub.subscription;
+    v_bad text;
+    v_columns text[];
+BEGIN
+    PERFORM ihub._require_workers();
+    v_endpoint := ihub._endpoint(_subscribe_by.endpoint);
+    SELECT * INTO v_integration FROM ihub.integration WHERE id = v_endpoint.integration_id;
+
+    SELECT c.relkind, c.reltype, n.nspname, c.relname INTO v_rel
+    FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = source;
+    IF v_rel.relkind NOT IN ('r', 'p') THEN
+        RAISE EXCEPTION '% is not a table', source
+            USING ERRCODE = 'wrong_object_type', HINT = 'Subscribe to an ordinary or partitioned table; views and foreign tables have no row-change triggers.';
+    END IF;
+    IF v_rel.nspname IN ('ihub', 'ihub_capture', 'pg_catalog', 'information_schema') THEN
+        RAISE EXCEPTION 'cannot subscribe to %', source
+            USING ERRCODE = 'wrong_object_type', HINT = 'Subscribe to your own tables.';
+    END IF;
+    IF NOT has_table_privilege(v_caller, source, 'SELECT') OR NOT has_table_privilege(v_caller, source, 'TRIGGER') THEN
+        RAISE EXCEPTION 'permission denied to subscribe to %', source
+            USING ERRCODE = 'insufficient_privilege',
+                  HINT = format('Role %s needs SELECT and TRIGGER on the table (or to own it).', v_caller);
+    END IF;
+
+    SELECT array_agg(DISTINCT lower(e) ORDER BY lower(e)) INTO v_events FROM unnest(events) AS e;
+    v_bad := (SELECT string_agg(e, ', ') FROM unnest(v_events) AS e WHERE e NOT IN ('insert', 'update', 'delete', 'truncate'));
+    IF v_events IS NULL OR v_bad IS NOT NULL THEN
+        RAISE EXCEPTION 'invalid events: %', coalesce(v_bad, 'none given')
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'Use any of insert, update, delete and truncate, e.g. ''{insert,update}''.';
+    END IF;
+
+    SELECT array_agg(a.attname::text ORDER BY a.attnum) INTO v_columns
+    FROM pg_attribute a WHERE a.attrelid = source AND a.attnum > 0 AND NOT a.attisdropped;
+    v_bad := (SELECT string_agg(format('%I', c), ', ') FROM unnest(columns || watch) AS c WHERE c <> ALL (v_columns));
+    IF v_bad IS NOT NULL THEN
+        RAISE EXCEPTION 'table % has no column %', source, v_bad
+            USING ERRCODE = 'undefined_column', HINT = format('Its columns are: %s.', array_to_string(v_columns, ', '));
+    END IF;
+    IF cardinality(columns) = 0 OR cardinality(watch) = 0 THEN
+        RAISE EXCEPTION 'columns and watch must list at least one column when given'
+            USING ERRCODE = 'invalid_parameter_value', HINT = 'Pass NULL for all columns.';
+    END IF;
+    IF watch IS NOT NULL AND 'update' <> ALL (v_events) THEN
+        RAISE EXCEPTION 'watch applies to updates, but events has no update'
+            USING ERRCODE = 'invalid_parameter_value', HINT = 'Add update to events, or drop watch.';
+    END IF;
+    PERFORM ihub._check_event_type(event_type);
+    IF '_ihub_row' = ANY (v_columns) OR '_ihub_n' = ANY (v_columns) THEN
+        RAISE EXCEPTION 'table % has a column named _ihub_row or _ihub_n, which pg_ihub reserves', source
+            USING ERRCODE = 'duplicate_column', HINT = 'Rename the column to subscribe to this table.';
+    END IF;
+    IF ihub._json_cast_hazard(source) IS NOT NULL THEN
+        RAISE EXCEPTION 'cannot subscribe to %: %', source, ihub._json_cast_hazard(source)
+            USING ERRCODE = 'insufficient_privilege',
+                  HINT = 'pg_ihub renders changes as JSON with its workers'' rights and never runs such a cast: drop it (DROP CAST), or subscribe to a table without that type.';
+    END IF;
+    IF condition IS NOT NULL THEN
+        PERFORM ihub._check_expression(condition);
+        -- Parse analysis only (names, types), never planned or run here: the
+        -- condition runs later in the writer's transaction as its subscriber.
+        BEGIN
+            EXECUTE format(E'PREPARE ihub_condition_check AS SELECT (\n%s\n)::boolean FROM %s AS new, %s AS old',
+                           condition, source, source);
+            DEALLOCATE ihub_condition_check;
+        EXCEPTION WHEN OTHERS THEN
+            RAISE EXCEPTION 'invalid condition: %', SQLERRM
+                USING ERRCODE = 'syntax_error',
+                      HINT = 'Write one SQL boolean expression over new and old, e.g. new.amount > 100 AND old.status <> new.status.';
+        END;
+    END IF;
+
+    INSERT INTO ihub.subscription (endpoint_id, source, events, columns, watch, condition, test_mode, created_by,
+                                   event_type)
+    VALUES (v_endpoint.id, source, v_events, columns, watch, condition, coalesce(test_mode, false), v_caller,
+            event_type)
+    RETURNING * INTO v_sub;
+
+    PERFORM ihub._create_capture_table(v_sub);
+    PERFORM ihub._create_capture_triggers(v_sub, r) FROM ihub._capture_relations(source) AS r;
+    IF v_integration.state = 'inactive' THEN
+        PERFORM ihub._set_capture_enabled(v_sub.id, false);
+    END IF;
+    RETURN v_sub.id;
+END
+$$;
+
+CREATE FUNCTION ihub.subscribe(
+    source regclass,
+    endpoint text,
+    events text[] DEFAULT '{insert,update,delete}',
+    columns text[] DEFAULT NULL,
+    watch text[] DEFAULT NULL,
+    condition text DEFAULT NULL,
+    test_mode boolean DEFAULT false,
+    event_type text DEFAULT NULL
+) RETURNS bigint
+LANGUAGE c VOLATILE AS 'MODULE_PATHNAME', 'ihub_for_caller';
+COMMENT ON FUNCTION ihub._subscribe_by(regclass, text, text[], text[], text[], text, boolean, text, regrole) IS
+    'Internal: ihub.subscribe for the role passed last, the caller its LANGUAGE c entry point saw (src/caller.rs).';
+COMMENT ON FUNCTION ihub.subscribe(regclass, text, text[], text[], text[], text, boolean, text) IS
+    'Subscribes an endpoint to row changes of a table (and of all its partitions): events (insert, update, delete, truncate), payload columns, watched columns (updates fire only when one changed), a condition over new and old, and test mode. Returns the subscription id.';
+-- A new column at the end: the event type.
+CREATE OR REPLACE VIEW ihub.subscriptions AS
+SELECT s.id, i.name AS integration, e.name AS endpoint, s.source, s.events, s.columns, s.watch, s.condition,
+       s.test_mode, (i.state <> 'inactive') AS capturing, s.created_by, s.created_at,
+       s.broken_reason AS broken, s.broken_at, s.event_type
+FROM ihub.subscription s
+JOIN ihub.endpoint e ON e.id = s.endpoint_id
+JOIN ihub.integration i ON i.id = e.integration_id;
+
 GRANT EXECUTE ON FUNCTION
-    ihub.create_endpoint(text, text, text, text, jsonb, jsonb, text, integer, jsonb, jsonb, double precision, integer),
-    ihub.alter_endpoint(text, integer, jsonb, jsonb, double precision, integer)
+    ihub.create_endpoint(text, text, text, text, jsonb, jsonb, text, integer, jsonb, jsonb, double precision, integer, text[]),
+    ihub.alter_endpoint(text, integer, jsonb, jsonb, double precision, integer, text[]),
+    ihub.subscribe(regclass, text, text[], text[], text[], text, boolean, text)
 TO ihub_developer;
 
 -------------------------------------------------------------------------------

@@ -613,6 +613,76 @@ mod tests {
         assert!(one::<bool>("SELECT ihub._next_due() IS NULL"), "nothing to wake for until a request ends");
     }
 
+    /// A subscription names its deliveries' event type; an endpoint accepts
+    /// only the event types it lists (exact, or a prefix ending in *): the
+    /// other changes are taken from the capture table and not queued, by a
+    /// dispatcher (prepared statements) or any other session (text).
+    #[pg_test]
+    fn event_types_name_deliveries_and_endpoints_accept_only_theirs() {
+        setup_enabled();
+        expect_error(
+            "SELECT ihub.subscribe('orders', 'hook', event_type => 'order paid')",
+            &["invalid event type 'order paid'"],
+        );
+        expect_error(
+            "SELECT ihub.alter_endpoint('hook', event_types => '{orders.*,*x}')",
+            &["invalid event type '*x'", "HINT: Use names"],
+        );
+        let sub = one::<i64>("SELECT ihub.subscribe('orders', 'hook', event_type => 'order.changed')");
+        Spi::run("INSERT INTO orders (customer, amount) VALUES ('a', 1)").unwrap();
+        // (The claim's rows are read in a statement of their own: a join in
+        // the claim's statement would not see the deliveries it made.)
+        assert_eq!(one::<i64>("SELECT count(*) FROM ihub._claim(pg_backend_pid(), 10, 1000, 1)"), 1);
+        assert_eq!(
+            one::<String>(
+                "SELECT event_type || ' ' || (payload ->> 'type') FROM ihub.delivery WHERE state = 'running'"
+            ),
+            "order.changed order.changed"
+        );
+        Spi::run(&format!("SELECT ihub.unsubscribe({sub})")).unwrap();
+        let sub = one::<i64>("SELECT ihub.subscribe('orders', 'hook', events => '{insert,update}')");
+        Spi::run("SELECT ihub.alter_endpoint('hook', event_types => '{orders.ins*,invoice.paid}')").unwrap();
+        let route = |owner: &str, customer: &str| {
+            Spi::run(&format!(
+                "INSERT INTO orders (customer, amount) VALUES ('{customer}', 2); UPDATE orders SET amount = 3 WHERE customer = '{customer}'"
+            ))
+            .unwrap();
+            Spi::run("UPDATE ihub.delivery SET state = 'done', worker_pid = NULL WHERE state = 'running'").unwrap();
+            Spi::run(&format!("SELECT count(*) FROM ihub._claim({owner}, 10, 1000, 1)")).unwrap();
+            one::<String>("SELECT coalesce(string_agg(event_type, ',' ORDER BY id), '') FROM ihub.delivery WHERE state = 'running'")
+        };
+        assert_eq!(route("pg_backend_pid()", "b"), "orders.insert", "the update is not accepted");
+        assert_eq!(route("4242", "c"), "orders.insert");
+        assert_eq!(
+            one::<i64>(&format!("SELECT count(*) FROM ihub_capture.sub_{sub}")),
+            0,
+            "the updates were taken all the same"
+        );
+        expect_error(
+            "SELECT ihub.http_request('hook', '{}', event_type => 'invoice.void')",
+            &["endpoint \"hook\" does not accept event type \"invoice.void\"", "It accepts orders.ins*, invoice.paid"],
+        );
+        Spi::run("SELECT ihub.http_request('hook', '{}', event_type => 'invoice.paid')").unwrap();
+        Spi::run("SELECT ihub.alter_endpoint('hook', event_types => '{}')").unwrap();
+        assert_eq!(route("4242", "d"), "invoice.paid,orders.insert,orders.update", "'{{}}' accepts all again");
+    }
+
+    /// A batch holds at most 32 MB of requests whose responses go to a
+    /// handler (32 at the default ihub.max_response_size), whether they were
+    /// claimed as due or through an endpoint's limits.
+    #[pg_test]
+    fn a_batch_holds_32_requests_with_handlers_however_they_were_claimed() {
+        setup_enabled();
+        Spi::run(
+            "CREATE FUNCTION got(r ihub.http_response) RETURNS void LANGUAGE sql AS $$ SELECT $$;
+             SELECT ihub.alter_endpoint('hook', max_in_flight => 1000);
+             SELECT ihub.http_request('hook', '{}', on_response => 'got(ihub.http_response)') FROM generate_series(1, 40);",
+        )
+        .unwrap();
+        assert_eq!(one::<i64>("SELECT count(*) FROM ihub._claim(4242, 100, 1000, 1)"), 32);
+        assert_eq!(one::<i64>("SELECT count(*) FROM ihub.delivery WHERE state = 'pending'"), 8, "the rest wait, due");
+    }
+
     /// A 429 holds every delivery to its endpoint until the answered
     /// delivery's retry, and the dispatcher wakes then.
     #[pg_test]
