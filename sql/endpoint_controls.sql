@@ -124,18 +124,9 @@ BEGIN
         WHERE endpoint_id = h.endpoint_id;
 
         IF h.enabled AND v_after > interval '0' AND c.failing_since <= now() - v_after THEN
-            UPDATE ihub.endpoint e
-            SET enabled = false, disabled_at = now(),
-                disabled_reason = format('every attempt failed since %s (ihub.endpoint_disable_after = %s); re-enable with ihub.enable_endpoint()',
-                                         c.failing_since, current_setting('ihub.endpoint_disable_after'))
-            WHERE e.id = h.endpoint_id AND e.enabled;
-            RAISE WARNING 'pg_ihub: endpoint "%" disabled: every attempt failed since %', h.name, c.failing_since;
-            PERFORM pg_notify('ihub_circuit', jsonb_build_object('endpoint', h.name, 'at', now(), 'to', 'disabled',
-                                                                 'reason', format('every attempt failed since %s', c.failing_since))::text);
-            PERFORM ihub.log('critical', format('endpoint %s disabled: every attempt failed since %s', h.name, c.failing_since),
-                             jsonb_build_object('endpoint', h.name),
-                             (SELECT i.name FROM ihub.endpoint e JOIN ihub.integration i ON i.id = e.integration_id
-                              WHERE e.id = h.endpoint_id));
+            PERFORM ihub._disable_endpoint_for(h.endpoint_id,
+                format('every attempt failed since %s (ihub.endpoint_disable_after = %s)',
+                       c.failing_since, current_setting('ihub.endpoint_disable_after')));
         END IF;
     END LOOP;
 END

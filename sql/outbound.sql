@@ -98,6 +98,30 @@ BEGIN
 END
 $$;
 
+-- A dispatcher disables an endpoint (410 Gone, failing for days): the
+-- reason is recorded, a warning and a critical entry are logged, and
+-- ihub_circuit is notified. Nothing if it is disabled already.
+CREATE FUNCTION ihub._disable_endpoint_for(p_endpoint_id bigint, p_why text) RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_name text;
+    v_integration text;
+BEGIN
+    UPDATE ihub.endpoint e
+    SET enabled = false, disabled_at = now(), disabled_reason = p_why || '; re-enable with ihub.enable_endpoint()'
+    WHERE e.id = p_endpoint_id AND e.enabled
+    RETURNING e.name, (SELECT i.name FROM ihub.integration i WHERE i.id = e.integration_id) INTO v_name, v_integration;
+    IF NOT FOUND THEN
+        RETURN;
+    END IF;
+    RAISE WARNING 'pg_ihub: endpoint "%" disabled: %', v_name, p_why;
+    PERFORM pg_notify('ihub_circuit', jsonb_build_object('endpoint', v_name, 'at', now(), 'to', 'disabled', 'reason', p_why)::text);
+    PERFORM ihub.log('critical', format('endpoint %s disabled: %s', v_name, p_why), jsonb_build_object('endpoint', v_name),
+                     v_integration);
+END
+$$;
+
 CREATE FUNCTION ihub.rotate_secret(endpoint text, new_secret text DEFAULT NULL, grace interval DEFAULT '24 hours')
 RETURNS text
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
@@ -1377,20 +1401,12 @@ BEGIN
     -- 410 Gone: the receiver says this endpoint is gone for good.
     IF p_results @> '[{"disable_endpoint": true}]' THEN
         FOR v_endpoint IN
-            UPDATE ihub.endpoint e
-            SET enabled = false, disabled_at = now(),
-                disabled_reason = 'the receiver answered 410 Gone; re-enable with ihub.enable_endpoint()'
-            WHERE e.enabled AND e.id IN (
-                SELECT d.endpoint_id FROM ihub.delivery d
-                JOIN jsonb_to_recordset(p_results) AS x(delivery_id bigint, disable_endpoint boolean) ON x.delivery_id = d.id
-                WHERE x.disable_endpoint)
-            RETURNING e.name
+            SELECT DISTINCT d.endpoint_id FROM ihub.delivery d
+            JOIN jsonb_to_recordset(p_results) AS x(delivery_id bigint, disable_endpoint boolean) ON x.delivery_id = d.id
+            WHERE x.disable_endpoint
+            ORDER BY d.endpoint_id
         LOOP
-            RAISE WARNING 'pg_ihub: endpoint "%" disabled: the receiver answered 410 Gone', v_endpoint.name;
-            PERFORM ihub.log('critical', format('endpoint %s disabled: the receiver answered 410 Gone', v_endpoint.name),
-                             jsonb_build_object('endpoint', v_endpoint.name),
-                             (SELECT i.name FROM ihub.endpoint e JOIN ihub.integration i ON i.id = e.integration_id
-                              WHERE e.name = v_endpoint.name));
+            PERFORM ihub._disable_endpoint_for(v_endpoint.endpoint_id, 'the receiver answered 410 Gone');
         END LOOP;
     END IF;
     RETURN cardinality(v_settled);
@@ -1890,6 +1906,8 @@ COMMENT ON FUNCTION ihub._route_prepare(bigint) IS
     'Internal: prepares a subscription''s route statements in a dispatcher''s session, once; false past 300 statements.';
 COMMENT ON FUNCTION ihub._route_forget() IS
     'Internal (dispatcher): drops the session''s prepared route statements, in a transaction of its own.';
+COMMENT ON FUNCTION ihub._disable_endpoint_for(bigint, text) IS
+    'Internal (dispatcher): disables an endpoint with the reason, a warning, a critical log entry and a NOTIFY on ihub_circuit.';
 COMMENT ON FUNCTION ihub._has_rows(text) IS 'Internal: whether a table has any visible row.';
 COMMENT ON FUNCTION ihub._claim(integer, integer, integer, integer) IS
     'Internal (dispatcher): routes captured changes and claims due deliveries with FOR UPDATE SKIP LOCKED and a lease.';

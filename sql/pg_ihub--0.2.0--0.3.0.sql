@@ -2247,20 +2247,12 @@ BEGIN
     -- 410 Gone: the receiver says this endpoint is gone for good.
     IF p_results @> '[{"disable_endpoint": true}]' THEN
         FOR v_endpoint IN
-            UPDATE ihub.endpoint e
-            SET enabled = false, disabled_at = now(),
-                disabled_reason = 'the receiver answered 410 Gone; re-enable with ihub.enable_endpoint()'
-            WHERE e.enabled AND e.id IN (
-                SELECT d.endpoint_id FROM ihub.delivery d
-                JOIN jsonb_to_recordset(p_results) AS x(delivery_id bigint, disable_endpoint boolean) ON x.delivery_id = d.id
-                WHERE x.disable_endpoint)
-            RETURNING e.name
+            SELECT DISTINCT d.endpoint_id FROM ihub.delivery d
+            JOIN jsonb_to_recordset(p_results) AS x(delivery_id bigint, disable_endpoint boolean) ON x.delivery_id = d.id
+            WHERE x.disable_endpoint
+            ORDER BY d.endpoint_id
         LOOP
-            RAISE WARNING 'pg_ihub: endpoint "%" disabled: the receiver answered 410 Gone', v_endpoint.name;
-            PERFORM ihub.log('critical', format('endpoint %s disabled: the receiver answered 410 Gone', v_endpoint.name),
-                             jsonb_build_object('endpoint', v_endpoint.name),
-                             (SELECT i.name FROM ihub.endpoint e JOIN ihub.integration i ON i.id = e.integration_id
-                              WHERE e.name = v_endpoint.name));
+            PERFORM ihub._disable_endpoint_for(v_endpoint.endpoint_id, 'the receiver answered 410 Gone');
         END LOOP;
     END IF;
     RETURN cardinality(v_settled);
@@ -4870,18 +4862,9 @@ BEGIN
         WHERE endpoint_id = h.endpoint_id;
 
         IF h.enabled AND v_after > interval '0' AND c.failing_since <= now() - v_after THEN
-            UPDATE ihub.endpoint e
-            SET enabled = false, disabled_at = now(),
-                disabled_reason = format('every attempt failed since %s (ihub.endpoint_disable_after = %s); re-enable with ihub.enable_endpoint()',
-                                         c.failing_since, current_setting('ihub.endpoint_disable_after'))
-            WHERE e.id = h.endpoint_id AND e.enabled;
-            RAISE WARNING 'pg_ihub: endpoint "%" disabled: every attempt failed since %', h.name, c.failing_since;
-            PERFORM pg_notify('ihub_circuit', jsonb_build_object('endpoint', h.name, 'at', now(), 'to', 'disabled',
-                                                                 'reason', format('every attempt failed since %s', c.failing_since))::text);
-            PERFORM ihub.log('critical', format('endpoint %s disabled: every attempt failed since %s', h.name, c.failing_since),
-                             jsonb_build_object('endpoint', h.name),
-                             (SELECT i.name FROM ihub.endpoint e JOIN ihub.integration i ON i.id = e.integration_id
-                              WHERE e.id = h.endpoint_id));
+            PERFORM ihub._disable_endpoint_for(h.endpoint_id,
+                format('every attempt failed since %s (ihub.endpoint_disable_after = %s)',
+                       c.failing_since, current_setting('ihub.endpoint_disable_after')));
         END IF;
     END LOOP;
 END
@@ -5154,6 +5137,32 @@ COMMENT ON FUNCTION ihub._check_event_type(text, boolean) IS 'Internal: checks a
 COMMENT ON FUNCTION ihub._type_accepted(text[], text) IS 'Internal: whether an endpoint''s event types (NULL: all) accept a type.';
 
 REVOKE ALL ON ihub.endpoint_state FROM PUBLIC;
+
+-- A dispatcher disables an endpoint (410 Gone, failing for days): the
+-- reason is recorded, a warning and a critical entry are logged, and
+-- ihub_circuit is notified. Nothing if it is disabled already.
+CREATE FUNCTION ihub._disable_endpoint_for(p_endpoint_id bigint, p_why text) RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_name text;
+    v_integration text;
+BEGIN
+    UPDATE ihub.endpoint e
+    SET enabled = false, disabled_at = now(), disabled_reason = p_why || '; re-enable with ihub.enable_endpoint()'
+    WHERE e.id = p_endpoint_id AND e.enabled
+    RETURNING e.name, (SELECT i.name FROM ihub.integration i WHERE i.id = e.integration_id) INTO v_name, v_integration;
+    IF NOT FOUND THEN
+        RETURN;
+    END IF;
+    RAISE WARNING 'pg_ihub: endpoint "%" disabled: %', v_name, p_why;
+    PERFORM pg_notify('ihub_circuit', jsonb_build_object('endpoint', v_name, 'at', now(), 'to', 'disabled', 'reason', p_why)::text);
+    PERFORM ihub.log('critical', format('endpoint %s disabled: %s', v_name, p_why), jsonb_build_object('endpoint', v_name),
+                     v_integration);
+END
+$$;
+COMMENT ON FUNCTION ihub._disable_endpoint_for(bigint, text) IS
+    'Internal (dispatcher): disables an endpoint with the reason, a warning, a critical log entry and a NOTIFY on ihub_circuit.';
 
 -- A subscription names its event type: new arguments.
 DROP FUNCTION ihub.subscribe(regclass, text, text[], text[], text[], text, boolean);
