@@ -24,6 +24,12 @@ GRANT ihub_developer TO ihub_admin;
 CREATE SCHEMA ihub_capture;
 COMMENT ON SCHEMA ihub_capture IS
     'pg_ihub: capture tables (one per subscription) holding raw row changes until a dispatcher turns them into deliveries. Managed by ihub.subscribe/unsubscribe.';
+-- Numbers the statements whose changes the capture triggers copy (one value
+-- a statement): a row's later change always has the higher number, since
+-- its writer waited for the earlier one's commit. Routes of ordered
+-- endpoints take captured changes in this order.
+CREATE SEQUENCE ihub.capture_seq;
+COMMENT ON SEQUENCE ihub.capture_seq IS 'pg_ihub: numbers captured statements, in the order their row changes must be delivered.';
 
 CREATE TABLE ihub.integration_kind (
     kind              text PRIMARY KEY,
@@ -73,11 +79,15 @@ CREATE TABLE ihub.endpoint (
     rate_limit      double precision CHECK (rate_limit > 0),
     max_in_flight   integer CHECK (max_in_flight >= 1),
     -- The event types it accepts (exact, or a prefix ending in *); NULL: all.
-    event_types     text[]
+    event_types     text[],
+    -- 'key': one delivery in flight per ordering key, in commit order;
+    -- 'endpoint': one at a time, first in first out; NULL: no order.
+    ordering        text CHECK (ordering IN ('key', 'endpoint'))
 );
 CREATE INDEX ON ihub.endpoint (integration_id);
 -- Every claim asks whether any endpoint has limits (ihub._claim_limited).
-CREATE INDEX endpoint_limited_idx ON ihub.endpoint (id) WHERE rate_limit IS NOT NULL OR max_in_flight IS NOT NULL;
+CREATE INDEX endpoint_limited_idx ON ihub.endpoint (id)
+    WHERE rate_limit IS NOT NULL OR max_in_flight IS NOT NULL OR ordering IS NOT NULL;
 COMMENT ON TABLE ihub.endpoint IS
     'HTTP endpoints deliveries are sent to. Credentials live in endpoint_credential and endpoint_secret, readable by ihub_admin only.';
 
@@ -151,7 +161,10 @@ CREATE TABLE ihub.subscription (
     broken_at     timestamptz,
     broken_reason text,
     -- The event type of its deliveries; NULL: <table>.<operation>.
-    event_type    text
+    event_type    text,
+    -- The columns whose values make a change's ordering key when its
+    -- endpoint orders by key; NULL: the table's primary key.
+    ordering_key  text[]
 );
 CREATE INDEX ON ihub.subscription (endpoint_id);
 COMMENT ON TABLE ihub.subscription IS
@@ -174,7 +187,7 @@ CREATE TABLE ihub.delivery (
     headers         jsonb,
     test_mode       boolean NOT NULL DEFAULT false,
     state           text NOT NULL DEFAULT 'pending'
-                    CHECK (state IN ('pending', 'running', 'done', 'retry', 'failed', 'dead')),
+                    CHECK (state IN ('pending', 'running', 'done', 'retry', 'failed', 'dead', 'skipped')),
     attempts        integer NOT NULL DEFAULT 0,
     -- attempts already spent when the delivery was last (re)queued, so that a
     -- replay gets a fresh retry budget while the attempt count keeps growing.
@@ -195,7 +208,10 @@ CREATE TABLE ihub.delivery (
     requested_by    regrole,
     -- The version of its endpoint's OAuth2 access token that the receiver
     -- last answered 401 to (see ihub._settle).
-    refused_token   integer
+    refused_token   integer,
+    -- Its place in the order of an ordered endpoint (ihub._ordered_heads):
+    -- '' for the whole endpoint, or <subscription>:<key values>. NULL: none.
+    ordering_key    text
 )
 -- Every delivery is updated at least twice; vacuum early so that the partial
 -- indexes do not fill with dead entries. Half of each page stays free for
@@ -220,6 +236,11 @@ CREATE INDEX delivery_problem_idx ON ihub.delivery (endpoint_id, created_at)
 -- dispatcher (running) never enter it.
 CREATE INDEX delivery_due_endpoint_idx ON ihub.delivery (endpoint_id, run_at)
     WHERE state IN ('pending', 'retry');
+-- The deliveries of ordered endpoints that hold their key: the first of
+-- each key is the one that may go (ihub._ordered_heads, a skip scan). Dead
+-- and failed ones hold it until replayed or skipped.
+CREATE INDEX delivery_ordered_idx ON ihub.delivery (endpoint_id, ordering_key, id)
+    WHERE ordering_key IS NOT NULL AND state IN ('pending', 'retry', 'running', 'failed', 'dead');
 COMMENT ON TABLE ihub.delivery IS
     'The outbound queue and its history: one row per event per endpoint, with its state and retry schedule.';
 
@@ -250,6 +271,7 @@ SELECT pg_catalog.pg_extension_config_dump('ihub.endpoint_secret', '');
 SELECT pg_catalog.pg_extension_config_dump('ihub.subscription', '');
 SELECT pg_catalog.pg_extension_config_dump('ihub.delivery', '');
 SELECT pg_catalog.pg_extension_config_dump('ihub.delivery_attempt', '');
+SELECT pg_catalog.pg_extension_config_dump('ihub.capture_seq', '');
 SELECT pg_catalog.pg_extension_config_dump('ihub.integration_kind', $$WHERE kind NOT IN ('webhook', 'rest')$$);
 COMMENT ON SCHEMA ihub IS 'pg_ihub: integration hub (outbound webhooks, jobs, schedules, inbound webhooks). Public API and views.';
 

@@ -145,7 +145,7 @@ DECLARE
     v_probe ihub.delivery;
 BEGIN
     FOR c IN
-        SELECT ci.endpoint_id, ci.state, ci.changes, e.timeout_ms
+        SELECT ci.endpoint_id, ci.state, ci.changes, e.timeout_ms, e.ordering
         FROM ihub.endpoint_state ci
         JOIN ihub.endpoint e ON e.id = ci.endpoint_id
         JOIN ihub.integration i ON i.id = e.integration_id
@@ -158,10 +158,16 @@ BEGIN
         UPDATE ihub.delivery d
         SET state = 'running', worker_pid = p_owner,
             lease_until = ihub._lease_until(coalesce(c.timeout_ms, p_default_timeout_ms), p_rounds)
-        WHERE d.id = (SELECT q.id FROM ihub.delivery q
-                      WHERE q.state IN ('pending', 'retry') AND q.run_at <= now() AND q.endpoint_id = c.endpoint_id
-                      ORDER BY q.run_at LIMIT 1
-                      FOR UPDATE SKIP LOCKED)
+        WHERE d.id = CASE WHEN c.ordering IS NULL
+                          THEN (SELECT q.id FROM ihub.delivery q
+                                WHERE q.state IN ('pending', 'retry') AND q.run_at <= now() AND q.endpoint_id = c.endpoint_id
+                                ORDER BY q.run_at LIMIT 1
+                                FOR UPDATE SKIP LOCKED)
+                          -- An ordered endpoint's probe is the first of its key.
+                          ELSE (SELECT h.id FROM ihub._ordered_heads(c.endpoint_id) h
+                                WHERE h.state IN ('pending', 'retry') AND h.run_at <= now()
+                                ORDER BY h.run_at, h.id LIMIT 1) END
+          AND d.state IN ('pending', 'retry')
         RETURNING d.* INTO v_probe;
         CONTINUE WHEN v_probe.id IS NULL;
         UPDATE ihub.endpoint_state
@@ -196,6 +202,39 @@ BEGIN
 END
 $$;
 
+-- Takes an endpoint's turn: its state row, locked until commit, which the
+-- claims of limited and ordered endpoints and the routes to ordered ones
+-- hold while they work on it. Not waiting, it returns NULLs when another
+-- transaction has the turn. The row is made with the endpoint's limits or
+-- ordering (ihub._endpoint_state_for), so that two dispatchers never wait
+-- on each other's insert of it; it is made here only if missing.
+CREATE FUNCTION ihub._endpoint_turn(p_endpoint_id bigint, p_wait boolean) RETURNS ihub.endpoint_state
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    s ihub.endpoint_state;
+BEGIN
+    FOR i IN 1..2 LOOP
+        IF p_wait THEN
+            SELECT * INTO s FROM ihub.endpoint_state WHERE endpoint_id = p_endpoint_id FOR UPDATE;
+        ELSE
+            SELECT * INTO s FROM ihub.endpoint_state WHERE endpoint_id = p_endpoint_id FOR UPDATE SKIP LOCKED;
+        END IF;
+        EXIT WHEN FOUND OR EXISTS (SELECT 1 FROM ihub.endpoint_state WHERE endpoint_id = p_endpoint_id);
+        PERFORM ihub._endpoint_state_for(p_endpoint_id);
+    END LOOP;
+    RETURN s;
+END
+$$;
+
+-- Makes an endpoint's state row if it has none (a rate-limit bucket with
+-- one token, a closed circuit).
+CREATE FUNCTION ihub._endpoint_state_for(p_endpoint_id bigint) RETURNS void
+LANGUAGE sql SET search_path = pg_catalog, pg_temp
+AS $$
+    INSERT INTO ihub.endpoint_state (endpoint_id, tokens, tokens_at) VALUES (p_endpoint_id, 1, now()) ON CONFLICT DO NOTHING
+$$;
+
 -- Claims the due deliveries of endpoints with a rate limit or an in-flight
 -- limit, endpoint by endpoint, within both: the endpoint's state row is
 -- locked for it (a dispatcher claiming for it already is skipped), so the
@@ -219,17 +258,17 @@ DECLARE
     v_got integer;
 BEGIN
     FOR l IN
-        SELECT e.id, e.rate_limit, e.max_in_flight, e.timeout_ms
+        SELECT e.id, e.rate_limit, e.max_in_flight, e.timeout_ms, e.ordering
         FROM ihub.endpoint e JOIN ihub.integration i ON i.id = e.integration_id
-        WHERE (e.rate_limit IS NOT NULL OR e.max_in_flight IS NOT NULL) AND e.enabled AND i.state <> 'inactive'
+        WHERE (e.rate_limit IS NOT NULL OR e.max_in_flight IS NOT NULL OR e.ordering IS NOT NULL)
+          AND e.enabled AND i.state <> 'inactive'
           AND EXISTS (SELECT 1 FROM ihub.delivery q
                       WHERE q.endpoint_id = e.id AND q.state IN ('pending', 'retry') AND q.run_at <= now())
         ORDER BY e.id
     LOOP
         EXIT WHEN v_left <= 0;
-        INSERT INTO ihub.endpoint_state (endpoint_id, tokens, tokens_at) VALUES (l.id, 1, now()) ON CONFLICT DO NOTHING;
-        SELECT * INTO s FROM ihub.endpoint_state WHERE endpoint_id = l.id FOR UPDATE SKIP LOCKED;
-        CONTINUE WHEN NOT FOUND OR s.state <> 'closed' OR s.paused_until > now();
+        s := ihub._endpoint_turn(l.id, false);
+        CONTINUE WHEN s.endpoint_id IS NULL OR s.state <> 'closed' OR s.paused_until > now();
         v_n := v_left;
         IF l.rate_limit IS NOT NULL THEN
             v_tokens := least(greatest(1, l.rate_limit),
@@ -249,7 +288,31 @@ BEGIN
             END IF;
         END IF;
         v_got := 0;
-        IF v_n > 0 THEN
+        IF v_n > 0 AND l.ordering IS NOT NULL THEN
+            -- The first open delivery of each key, if it is due. The
+            -- endpoint's state row, locked, keeps other claims and routes
+            -- of the endpoint out until commit.
+            RETURN QUERY
+                WITH due AS (
+                    SELECT q.id FROM ihub.delivery q
+                    WHERE q.id = ANY (ARRAY(SELECT h.id FROM ihub._ordered_heads(l.id) h
+                                            WHERE h.state IN ('pending', 'retry') AND h.run_at <= now()
+                                            ORDER BY h.run_at, h.id LIMIT v_n))
+                      AND q.state IN ('pending', 'retry')
+                    FOR UPDATE SKIP LOCKED
+                )
+                UPDATE ihub.delivery d
+                SET state = 'running', worker_pid = p_owner,
+                    lease_until = ihub._lease_until(coalesce(l.timeout_ms, p_default_timeout_ms), p_rounds)
+                FROM due WHERE d.id = due.id
+                RETURNING d.*;
+            GET DIAGNOSTICS v_got = ROW_COUNT;
+            -- The next of these keys may go once they are delivered: the
+            -- dispatcher settles as soon as its batch is sent.
+            IF v_got > 0 THEN
+                PERFORM set_config('ihub_claim.in_flight_held', 'on', false);
+            END IF;
+        ELSIF v_n > 0 THEN
             RETURN QUERY
                 WITH due AS (
                     SELECT q.id FROM ihub.delivery q
@@ -295,6 +358,124 @@ END
 $$;
 
 -------------------------------------------------------------------------------
+-- Ordering
+-------------------------------------------------------------------------------
+
+-- An endpoint's ordering: 'key', 'endpoint', or NULL ('none', or not given).
+CREATE FUNCTION ihub._check_ordering(p_ordering text) RETURNS text
+LANGUAGE plpgsql IMMUTABLE SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF p_ordering IS NULL OR lower(p_ordering) = 'none' THEN
+        RETURN NULL;
+    ELSIF lower(p_ordering) IN ('key', 'endpoint') THEN
+        RETURN lower(p_ordering);
+    END IF;
+    RAISE EXCEPTION 'invalid ordering "%"', p_ordering
+        USING ERRCODE = 'invalid_parameter_value',
+              HINT = 'Use key (a row''s changes in commit order, keys in parallel), endpoint (one at a time, first in first out) or none.';
+END
+$$;
+
+-- The ordering key of a delivery that is not a row change (a request, a
+-- replay of one queued without order): its own key, unordered with others,
+-- when the endpoint orders by key; the endpoint's when it orders them all.
+CREATE FUNCTION ihub._ordering_key_of(p_ordering text, p_own_key text) RETURNS text
+LANGUAGE sql IMMUTABLE SET search_path = pg_catalog, pg_temp
+AS $$ SELECT CASE p_ordering WHEN 'endpoint' THEN '' WHEN 'key' THEN p_own_key END $$;
+
+-- The columns whose values are a subscription's ordering key: those it was
+-- given, or its table's primary key.
+CREATE FUNCTION ihub._ordering_columns(p_sub ihub.subscription) RETURNS text[]
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v text[] := p_sub.ordering_key;
+BEGIN
+    IF v IS NULL THEN
+        SELECT array_agg(a.attname::text ORDER BY k.n) INTO v
+        FROM pg_index i
+        CROSS JOIN LATERAL unnest(i.indkey::int2[]) WITH ORDINALITY k(attnum, n)
+        JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+        WHERE i.indrelid = p_sub.source AND i.indisprimary;
+    END IF;
+    IF v IS NULL THEN
+        RAISE EXCEPTION 'table % has no primary key to order its changes by', p_sub.source
+            USING ERRCODE = 'invalid_table_definition',
+                  HINT = 'Add a primary key, or subscribe with the key columns: ihub.subscribe(..., ordering_key => ''{customer_id}'').';
+    END IF;
+    RETURN v;
+END
+$$;
+
+-- (ihub._ordered_heads, the first delivery of each key, is in outbound.sql:
+-- the views use it.)
+
+-- Sets an endpoint's ordering (from ihub.alter_endpoint). Deliveries queued
+-- without an order cannot take a place in one afterwards, so ordering is
+-- switched on only when nothing is queued for the endpoint; switching it
+-- off is always possible. Either way, dead and failed deliveries give up
+-- the keys they held (a replay queues them in the new order).
+CREATE FUNCTION ihub._change_ordering(p_endpoint_id bigint, p_ordering text) RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_endpoint ihub.endpoint;
+    v_queued bigint;
+BEGIN
+    -- FOR UPDATE waits for the routes and requests queueing deliveries for
+    -- it (they hold FOR KEY SHARE until commit) and keeps new ones out.
+    SELECT * INTO v_endpoint FROM ihub.endpoint WHERE id = p_endpoint_id FOR UPDATE;
+    IF v_endpoint.ordering IS NOT DISTINCT FROM p_ordering THEN
+        RETURN;
+    END IF;
+    IF p_ordering IS NOT NULL THEN
+        SELECT count(*) INTO v_queued FROM ihub.delivery d
+        WHERE d.endpoint_id = p_endpoint_id AND d.state IN ('pending', 'retry', 'running');
+        IF v_queued > 0 THEN
+            RAISE EXCEPTION 'endpoint "%" has % deliveries queued or in flight, queued without this order', v_endpoint.name, v_queued
+                USING ERRCODE = 'object_not_in_prerequisite_state',
+                      HINT = 'Set the ordering when nothing is queued for it (ihub.deliveries), or create an ordered endpoint and subscribe to that.';
+        END IF;
+        IF p_ordering = 'key' THEN
+            PERFORM ihub._ordering_columns(s) FROM ihub.subscription s WHERE s.endpoint_id = p_endpoint_id;
+        END IF;
+    END IF;
+    UPDATE ihub.delivery d SET ordering_key = NULL
+    WHERE d.endpoint_id = p_endpoint_id AND d.ordering_key IS NOT NULL
+      AND d.state IN ('pending', 'retry', 'running', 'failed', 'dead');
+    UPDATE ihub.endpoint SET ordering = p_ordering WHERE id = p_endpoint_id;
+END
+$$;
+
+-- Ends a delivery without sending it: a dead or failed one that holds its
+-- key, or one still waiting (pending or retrying). The next of its key may
+-- go. A response handler gets nothing for it.
+CREATE FUNCTION ihub.skip(delivery_id bigint) RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v ihub.delivery;
+BEGIN
+    SELECT * INTO v FROM ihub.delivery d WHERE d.id = skip.delivery_id FOR UPDATE;
+    IF v.id IS NULL THEN
+        RAISE EXCEPTION 'delivery % does not exist', delivery_id
+            USING ERRCODE = 'undefined_object', HINT = 'List deliveries in ihub.deliveries.';
+    ELSIF v.state NOT IN ('dead', 'failed', 'pending', 'retry') THEN
+        RAISE EXCEPTION 'delivery % is %; only dead, failed, pending or retrying deliveries can be skipped', delivery_id, v.state
+            USING ERRCODE = 'object_not_in_prerequisite_state',
+                  HINT = CASE WHEN v.state = 'running' THEN 'It is being sent; skip it if its attempt fails.'
+                              ELSE 'It has ended already.' END;
+    END IF;
+    UPDATE ihub.delivery d SET state = 'skipped', finished_at = now(), worker_pid = NULL, lease_until = NULL
+    WHERE d.id = v.id;
+    PERFORM ihub.log('info', format('delivery %s skipped (it was %s)', v.id, v.state),
+                     jsonb_build_object('delivery', v.id, 'endpoint_id', v.endpoint_id, 'ordering_key', v.ordering_key));
+    PERFORM ihub._wake();
+END
+$$;
+
+-------------------------------------------------------------------------------
 -- Event types
 -------------------------------------------------------------------------------
 
@@ -328,7 +509,8 @@ AS $$
 $$;
 
 -- Changes how an endpoint is delivered to: its timeout, retry policy,
--- circuit breaker, limits and the event types it accepts. NULL leaves a
+-- circuit breaker, limits, the event types it accepts and its ordering
+-- (see ihub._change_ordering). NULL leaves a
 -- setting as it is; a limit of 0 removes it, and so does '{}' the event
 -- types filter. Not where requests go
 -- or what they carry (URL, method, headers, credentials): whoever may call
@@ -342,13 +524,15 @@ CREATE FUNCTION ihub.alter_endpoint(
     circuit jsonb DEFAULT NULL,
     rate_limit double precision DEFAULT NULL,
     max_in_flight integer DEFAULT NULL,
-    event_types text[] DEFAULT NULL
+    event_types text[] DEFAULT NULL,
+    ordering text DEFAULT NULL
 ) RETURNS void
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     v_endpoint ihub.endpoint := ihub._endpoint(alter_endpoint.name);
     v_circuit ihub.endpoint_state;
+    v_ordering text := ihub._check_ordering(alter_endpoint.ordering);
 BEGIN
     IF alter_endpoint.timeout_ms IS NOT NULL AND alter_endpoint.timeout_ms NOT BETWEEN 1 AND 300000 THEN
         RAISE EXCEPTION 'timeout_ms must be between 1 and 300000, got %', alter_endpoint.timeout_ms
@@ -356,6 +540,9 @@ BEGIN
     END IF;
     PERFORM ihub._check_limits(alter_endpoint.rate_limit, alter_endpoint.max_in_flight);
     PERFORM ihub._check_event_type(t, true) FROM unnest(alter_endpoint.event_types) t;
+    IF alter_endpoint.ordering IS NOT NULL THEN
+        PERFORM ihub._change_ordering(v_endpoint.id, v_ordering);
+    END IF;
     UPDATE ihub.endpoint e
     SET timeout_ms = coalesce(alter_endpoint.timeout_ms, e.timeout_ms),
         event_types = CASE WHEN alter_endpoint.event_types IS NULL THEN e.event_types
@@ -366,6 +553,9 @@ BEGIN
         retry = CASE WHEN alter_endpoint.retry IS NULL THEN e.retry ELSE ihub._normalize_retry(alter_endpoint.retry) END,
         circuit = CASE WHEN alter_endpoint.circuit IS NULL THEN e.circuit ELSE ihub._normalize_circuit(alter_endpoint.circuit) END
     WHERE e.id = v_endpoint.id;
+    IF coalesce(alter_endpoint.rate_limit, 0) > 0 OR coalesce(alter_endpoint.max_in_flight, 0) > 0 OR v_ordering IS NOT NULL THEN
+        PERFORM ihub._endpoint_state_for(v_endpoint.id);
+    END IF;
     IF alter_endpoint.circuit IS NOT NULL THEN
         SELECT * INTO v_circuit FROM ihub.endpoint_state WHERE endpoint_id = v_endpoint.id FOR UPDATE;
         IF FOUND THEN
@@ -382,9 +572,12 @@ BEGIN
 END
 $$;
 
+COMMENT ON FUNCTION ihub._endpoint_turn(bigint, boolean) IS
+    'Internal: locks an endpoint''s state row until commit (its turn for limited or ordered claims and routes), or returns NULLs when taken and not waiting.';
+COMMENT ON FUNCTION ihub._endpoint_state_for(bigint) IS 'Internal: makes an endpoint''s state row if it has none.';
 COMMENT ON FUNCTION ihub._check_limits(double precision, integer) IS 'Internal: checks an endpoint''s rate_limit and max_in_flight.';
 COMMENT ON FUNCTION ihub._claim_limited(integer, integer, integer, integer) IS
-    'Internal (dispatcher): claims due deliveries of rate-limited or in-flight-limited endpoints within their limits.';
+    'Internal (dispatcher): claims due deliveries of rate-limited, in-flight-limited or ordered endpoints within their limits, the first of each key for ordered ones.';
 COMMENT ON FUNCTION ihub._pause_rate_limited(jsonb) IS
     'Internal (dispatcher): a 429 holds every delivery to its endpoint until that delivery''s retry.';
 COMMENT ON FUNCTION ihub._circuit_changed(bigint, jsonb, text, text, text) IS
@@ -393,7 +586,13 @@ COMMENT ON FUNCTION ihub._circuit_settle(jsonb) IS
     'Internal (dispatcher): counts a settled batch''s outcomes per endpoint, opens and closes circuits, disables endpoints failing for ihub.endpoint_disable_after.';
 COMMENT ON FUNCTION ihub._circuit_probes(integer, integer, integer) IS
     'Internal (dispatcher): claims one probe delivery for each open circuit whose cooldown is over.';
-COMMENT ON FUNCTION ihub.alter_endpoint(text, integer, jsonb, jsonb, double precision, integer, text[]) IS
-    'Changes an endpoint''s timeout, retry policy, circuit breaker, rate limit, in-flight limit or accepted event types; NULL keeps a setting, 0 (or ''{}'') removes a limit. A circuit policy also closes the circuit.';
+COMMENT ON FUNCTION ihub.alter_endpoint(text, integer, jsonb, jsonb, double precision, integer, text[], text) IS
+    'Changes an endpoint''s timeout, retry policy, circuit breaker, rate limit, in-flight limit, accepted event types or ordering; NULL keeps a setting, 0 (or ''{}'', or ''none'') removes a limit. A circuit policy also closes the circuit.';
+COMMENT ON FUNCTION ihub._check_ordering(text) IS 'Internal: checks an endpoint''s ordering (key, endpoint or none).';
+COMMENT ON FUNCTION ihub._ordering_key_of(text, text) IS 'Internal: the ordering key of a delivery that is not a row change.';
+COMMENT ON FUNCTION ihub._ordering_columns(ihub.subscription) IS 'Internal: the columns that make a subscription''s ordering key (given, or the primary key).';
+COMMENT ON FUNCTION ihub._change_ordering(bigint, text) IS 'Internal: sets an endpoint''s ordering (only when nothing is queued for it, to switch it on).';
+COMMENT ON FUNCTION ihub.skip(bigint) IS
+    'Ends a dead, failed, pending or retrying delivery without sending it, so that the next of its ordering key may go.';
 COMMENT ON FUNCTION ihub._check_event_type(text, boolean) IS 'Internal: checks an event type name, or a filter pattern (a prefix ending in *).';
 COMMENT ON FUNCTION ihub._type_accepted(text[], text) IS 'Internal: whether an endpoint''s event types (NULL: all) accept a type.';

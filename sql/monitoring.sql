@@ -160,7 +160,8 @@ BEGIN
     message := coalesce('broken: ' || v_names, 'all capturing');
     RETURN NEXT;
 
-    -- Endpoints sent nothing: disabled, an open circuit, paused by a 429.
+    -- Endpoints sent nothing: disabled, an open circuit, paused by a 429,
+    -- or keys of an ordered one held.
     SELECT nullif(concat_ws('; ',
                'disabled: ' || (SELECT string_agg(e.name, ', ' ORDER BY e.name) FROM ihub.endpoint e WHERE NOT e.enabled),
                'circuit open: ' || (SELECT string_agg(e.name, ', ' ORDER BY e.name)
@@ -168,7 +169,15 @@ BEGIN
                                     WHERE e.enabled AND c.state <> 'closed'),
                'paused by a 429: ' || (SELECT string_agg(e.name, ', ' ORDER BY e.name)
                                        FROM ihub.endpoint e JOIN ihub.endpoint_state c ON c.endpoint_id = e.id
-                                       WHERE e.enabled AND c.paused_until > now())), '')
+                                       WHERE e.enabled AND c.paused_until > now()),
+               -- Ordered endpoints whose keys a failed or dead delivery holds.
+               'keys held by failed or dead deliveries: ' || (
+                   SELECT string_agg(format('%s (%s)', e.name, b.keys), ', ' ORDER BY e.name)
+                   FROM ihub.endpoint e
+                   CROSS JOIN LATERAL (SELECT count(DISTINCT d.ordering_key) AS keys FROM ihub.delivery d
+                                       WHERE d.endpoint_id = e.id AND d.state IN ('dead', 'failed')
+                                         AND d.ordering_key IS NOT NULL) b
+                   WHERE e.ordering IS NOT NULL AND b.keys > 0)), '')
     INTO v_names;
     check_name := 'endpoints';
     status := CASE WHEN v_names IS NULL THEN 'ok' ELSE 'warning' END;

@@ -23,12 +23,14 @@ CREATE FUNCTION ihub.create_endpoint(
     circuit jsonb DEFAULT NULL,
     rate_limit double precision DEFAULT NULL,
     max_in_flight integer DEFAULT NULL,
-    event_types text[] DEFAULT NULL
+    event_types text[] DEFAULT NULL,
+    ordering text DEFAULT NULL
 ) RETURNS bigint
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     v_integration bigint := ihub._integration_id(create_endpoint.integration);
+    v_ordering text := ihub._check_ordering(create_endpoint.ordering);
     v_method text := upper(coalesce(create_endpoint.method, 'POST'));
     v_auth jsonb := ihub._normalize_auth(create_endpoint.auth);
     v_id bigint;
@@ -60,18 +62,21 @@ BEGIN
     END IF;
 
     INSERT INTO ihub.endpoint (integration_id, name, url, method, headers, auth_type, timeout_ms, retry, circuit,
-                               rate_limit, max_in_flight, event_types)
+                               rate_limit, max_in_flight, event_types, ordering)
     VALUES (v_integration, create_endpoint.name, ihub._check_url(create_endpoint.url), v_method,
             coalesce(create_endpoint.headers, '{}'), v_auth ->> 'type', create_endpoint.timeout_ms,
             ihub._normalize_retry(create_endpoint.retry), ihub._normalize_circuit(create_endpoint.circuit),
             nullif(create_endpoint.rate_limit, 0), nullif(create_endpoint.max_in_flight, 0),
-            nullif(create_endpoint.event_types, '{}'))
+            nullif(create_endpoint.event_types, '{}'), v_ordering)
     RETURNING id INTO v_id;
     IF v_auth ->> 'type' <> 'none' THEN
         INSERT INTO ihub.endpoint_credential (endpoint_id, auth) VALUES (v_id, v_auth);
     END IF;
     INSERT INTO ihub.endpoint_secret (endpoint_id, secret)
     VALUES (v_id, coalesce(create_endpoint.secret, ihub._generate_secret()));
+    IF coalesce(create_endpoint.rate_limit, 0) > 0 OR coalesce(create_endpoint.max_in_flight, 0) > 0 OR v_ordering IS NOT NULL THEN
+        PERFORM ihub._endpoint_state_for(v_id);
+    END IF;
     RETURN v_id;
 END
 $$;
@@ -187,7 +192,8 @@ END
 $$;
 
 -- A subscription's capture table: the captured rows keep the table's own
--- row type, copied unchanged by the capture triggers.
+-- row type, copied unchanged by the capture triggers, and the number of
+-- their statement (ihub.capture_seq).
 CREATE FUNCTION ihub._create_capture_table(p_sub ihub.subscription) RETURNS void
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
 AS $$
@@ -195,7 +201,7 @@ DECLARE
     v_capture text := format('ihub_capture.%I', 'sub_' || p_sub.id);
     v_type text := format_type((SELECT reltype FROM pg_class WHERE oid = p_sub.source), NULL);
 BEGIN
-    EXECUTE format('CREATE TABLE %s (op "char" NOT NULL, xid xid8 NOT NULL, occurred_at timestamptz NOT NULL, new_row %s, old_row %s) '
+    EXECUTE format('CREATE TABLE %s (op "char" NOT NULL, xid xid8 NOT NULL, occurred_at timestamptz NOT NULL, new_row %s, old_row %s, seq bigint) '
                    'WITH (autovacuum_vacuum_scale_factor = 0, autovacuum_vacuum_threshold = 1000)',
                    v_capture, v_type, v_type);
     EXECUTE format('COMMENT ON TABLE %s IS %L', v_capture,
@@ -287,8 +293,8 @@ BEGIN
         RETURN NULL;
     END IF;
     EXECUTE format($q$
-        INSERT INTO ihub_capture.%1$I (op, xid, occurred_at)
-        SELECT 't', pg_current_xact_id(), statement_timestamp()
+        INSERT INTO ihub_capture.%1$I (op, xid, occurred_at, seq)
+        SELECT 't', pg_current_xact_id(), statement_timestamp(), nextval('ihub.capture_seq')
         WHERE NOT EXISTS (SELECT 1 FROM ihub_capture.%1$I
                           WHERE op = 't' AND xid = pg_current_xact_id() AND occurred_at = statement_timestamp())
     $q$, 'sub_' || v_sub);
@@ -344,6 +350,7 @@ CREATE FUNCTION ihub._subscribe_by(
     condition text DEFAULT NULL,
     test_mode boolean DEFAULT false,
     event_type text DEFAULT NULL,
+    ordering_key text[] DEFAULT NULL,
     p_caller regrole DEFAULT NULL) RETURNS bigint
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
@@ -387,13 +394,13 @@ BEGIN
 
     SELECT array_agg(a.attname::text ORDER BY a.attnum) INTO v_columns
     FROM pg_attribute a WHERE a.attrelid = source AND a.attnum > 0 AND NOT a.attisdropped;
-    v_bad := (SELECT string_agg(format('%I', c), ', ') FROM unnest(columns || watch) AS c WHERE c <> ALL (v_columns));
+    v_bad := (SELECT string_agg(format('%I', c), ', ') FROM unnest(columns || watch || ordering_key) AS c WHERE c <> ALL (v_columns));
     IF v_bad IS NOT NULL THEN
         RAISE EXCEPTION 'table % has no column %', source, v_bad
             USING ERRCODE = 'undefined_column', HINT = format('Its columns are: %s.', array_to_string(v_columns, ', '));
     END IF;
-    IF cardinality(columns) = 0 OR cardinality(watch) = 0 THEN
-        RAISE EXCEPTION 'columns and watch must list at least one column when given'
+    IF cardinality(columns) = 0 OR cardinality(watch) = 0 OR cardinality(ordering_key) = 0 THEN
+        RAISE EXCEPTION 'columns, watch and ordering_key must list at least one column when given'
             USING ERRCODE = 'invalid_parameter_value', HINT = 'Pass NULL for all columns.';
     END IF;
     IF watch IS NOT NULL AND 'update' <> ALL (v_events) THEN
@@ -426,10 +433,13 @@ BEGIN
     END IF;
 
     INSERT INTO ihub.subscription (endpoint_id, source, events, columns, watch, condition, test_mode, created_by,
-                                   event_type)
+                                   event_type, ordering_key)
     VALUES (v_endpoint.id, source, v_events, columns, watch, condition, coalesce(test_mode, false), v_caller,
-            event_type)
+            event_type, ordering_key)
     RETURNING * INTO v_sub;
+    IF v_endpoint.ordering = 'key' THEN
+        PERFORM ihub._ordering_columns(v_sub);
+    END IF;
 
     PERFORM ihub._create_capture_table(v_sub);
     PERFORM ihub._create_capture_triggers(v_sub, r) FROM ihub._capture_relations(source) AS r;
@@ -448,7 +458,8 @@ CREATE FUNCTION ihub.subscribe(
     watch text[] DEFAULT NULL,
     condition text DEFAULT NULL,
     test_mode boolean DEFAULT false,
-    event_type text DEFAULT NULL
+    event_type text DEFAULT NULL,
+    ordering_key text[] DEFAULT NULL
 ) RETURNS bigint
 LANGUAGE c VOLATILE AS 'MODULE_PATHNAME', 'ihub_for_caller';
 
@@ -826,9 +837,11 @@ $$;
 
 -- The statements a route runs for one subscription: take captured rows
 -- from a block on ($1 rows at most, from block $2), take them from before it,
--- and render the rows taken ($1) as deliveries: those of the operations $12
--- whose event type the endpoint accepts, typed $13 or <table>.<operation>
--- (see ihub._route for the other parameters).
+-- or take the first $1 in statement order (for ordered endpoints), and render
+-- the rows taken ($1) as deliveries, in statement order: those of the
+-- operations $12 whose event type the endpoint accepts, typed $13 or
+-- <table>.<operation>, with an ordering key for the endpoint's ordering $14
+-- made of the columns $15 (see ihub._route for the other parameters).
 CREATE FUNCTION ihub._route_sql(p_sub_id bigint, p_step text) RETURNS text
 LANGUAGE sql IMMUTABLE SET search_path = pg_catalog, pg_temp
 AS $fn$
@@ -837,14 +850,18 @@ AS $fn$
                                 'sub_' || p_sub_id)
         WHEN 'wrap' THEN format('SELECT ARRAY(SELECT x.ctid FROM ihub_capture.%I x WHERE x.ctid < $2 LIMIT $1 FOR UPDATE SKIP LOCKED)',
                                 'sub_' || p_sub_id)
+        -- A top-N sort of the whole capture table: ordered endpoints only,
+        -- whose routes take turns (ihub._route).
+        WHEN 'take_ordered' THEN format('SELECT ARRAY(SELECT x.ctid FROM ihub_capture.%I x ORDER BY x.seq NULLS FIRST, x.ctid LIMIT $1 FOR UPDATE)',
+                                        'sub_' || p_sub_id)
         WHEN 'render' THEN format($q$
             WITH moved AS (
                 DELETE FROM ihub_capture.%1$I c
                 WHERE c.ctid = ANY ($1)
-                RETURNING c.op, c.xid, c.occurred_at, c.new_row, c.old_row
+                RETURNING c.op, c.xid, c.occurred_at, c.new_row, c.old_row, c.seq
             )
             INSERT INTO ihub.delivery AS d (event_id, endpoint_id, subscription_id, event_type, payload, test_mode,
-                                            state, worker_pid, lease_until, occurred_at, run_at)
+                                            state, worker_pid, lease_until, occurred_at, run_at, ordering_key)
             SELECT ev.id, $2, $3, ev.type,
                    jsonb_build_object('id', ev.id, 'type', ev.type, 'schema', $4, 'table', $5, 'operation', ev.op,
                                       'occurred_at', m.occurred_at, 'txid', m.xid::text, 'tenant', $6,
@@ -860,7 +877,16 @@ AS $fn$
                    CASE WHEN $8 THEN 'running' ELSE 'pending' END,
                    CASE WHEN $8 THEN $9 END,
                    CASE WHEN $8 THEN $10 END,
-                   m.occurred_at, now()
+                   m.occurred_at, now(),
+                   -- A row's key: its subscription and the values of the
+                   -- key columns (a truncate goes in order with itself).
+                   CASE $14 WHEN 'endpoint' THEN ''
+                            WHEN 'key' THEN CASE WHEN m.op = 't' THEN ev.id
+                                                 ELSE $3::text || ':' || (
+                                                     SELECT jsonb_agg(r.v -> k.c ORDER BY k.n)
+                                                     FROM unnest($15) WITH ORDINALITY k(c, n),
+                                                          LATERAL (SELECT to_jsonb(coalesce(m.new_row, m.old_row))) r(v))::text END
+                   END
             FROM moved m
             CROSS JOIN LATERAL (SELECT to_jsonb(m.new_row) - $11 AS new, to_jsonb(m.old_row) - $11 AS old) j
             CROSS JOIN LATERAL (
@@ -871,6 +897,7 @@ AS $fn$
             -- Changes whose event type the endpoint does not accept are
             -- taken from the capture table and not queued.
             WHERE m.op = ANY ($12)
+            ORDER BY m.seq NULLS FIRST
             RETURNING d.*
         $q$, 'sub_' || p_sub_id)
     END
@@ -931,7 +958,7 @@ BEGIN
         END IF;
         EXECUTE format('PREPARE %I (integer, tid) AS %s', v_name || 'take', ihub._route_sql(p_sub_id, 'take'));
         EXECUTE format('PREPARE %I (integer, tid) AS %s', v_name || 'wrap', ihub._route_sql(p_sub_id, 'wrap'));
-        EXECUTE format('PREPARE %I (tid[], bigint, bigint, text, text, text, boolean, boolean, integer, timestamptz, text[], text[], text) AS %s',
+        EXECUTE format('PREPARE %I (tid[], bigint, bigint, text, text, text, boolean, boolean, integer, timestamptz, text[], text[], text, text, text[]) AS %s',
                        v_name || 'render', ihub._route_sql(p_sub_id, 'render'));
         v_count := v_count + 3;
     END IF;
@@ -994,17 +1021,32 @@ DECLARE
     -- unsubscribe, an ALTER TABLE) runs them as text.
     v_prepared boolean := p_owner IS NOT NULL AND p_owner = pg_backend_pid();
     v_name text := 'ihub_route_' || p_sub.id || '_';
+    v_key_columns text[];
 BEGIN
     -- Kept until commit, as a foreign key check would (see ihub._endpoint_deleted).
     SELECT * INTO v_endpoint FROM ihub.endpoint WHERE id = p_sub.endpoint_id FOR KEY SHARE;
 
     v_prepared := v_prepared AND ihub._route_prepare(p_sub.id);
-    IF v_prepared THEN
+    IF v_endpoint.ordering IS NOT NULL THEN
+        -- Routes to an ordered endpoint take turns, holding its state row
+        -- until commit as its claims do (ihub._claim_limited): each routes
+        -- the changes first in statement order, so a key's deliveries get
+        -- ids in commit order, and no claim sees a later change of a key
+        -- while an earlier one is still being routed. A dispatcher that
+        -- finds it taken routes this subscription at its next round.
+        IF (ihub._endpoint_turn(v_endpoint.id, p_owner IS NULL)).endpoint_id IS NULL THEN
+            RETURN;
+        END IF;
+        EXECUTE ihub._route_sql(p_sub.id, 'take_ordered') INTO v_taken USING v_limit;
+        IF v_endpoint.ordering = 'key' THEN
+            v_key_columns := ihub._ordering_columns(p_sub);
+        END IF;
+    ELSIF v_prepared THEN
         EXECUTE format('EXECUTE %I(%s, %L)', v_name || 'take', v_limit, v_from) INTO v_taken;
     ELSE
         EXECUTE ihub._route_sql(p_sub.id, 'take') INTO v_taken USING v_limit, v_from;
     END IF;
-    IF cardinality(v_taken) < v_limit AND v_from > '(0,0)'::tid THEN
+    IF v_endpoint.ordering IS NULL AND cardinality(v_taken) < v_limit AND v_from > '(0,0)'::tid THEN
         IF v_prepared THEN
             EXECUTE format('EXECUTE %I(%s, %L)', v_name || 'wrap', v_limit - cardinality(v_taken), v_from) INTO v_wrapped;
         ELSE
@@ -1040,7 +1082,7 @@ BEGIN
         -- Endpoints with limits, an open circuit or a 429 pause get their
         -- deliveries queued, for the claim to take within its rules.
         v_claim := p_owner IS NOT NULL AND v_endpoint.enabled AND v_integration.state <> 'inactive'
-                   AND v_endpoint.rate_limit IS NULL AND v_endpoint.max_in_flight IS NULL
+                   AND v_endpoint.rate_limit IS NULL AND v_endpoint.max_in_flight IS NULL AND v_endpoint.ordering IS NULL
                    AND NOT EXISTS (SELECT 1 FROM ihub.endpoint_state c WHERE c.endpoint_id = v_endpoint.id
                                    AND (c.state <> 'closed' OR c.paused_until > now()));
         PERFORM set_config(v_position, (SELECT max((t::text::point)[0])::bigint::text FROM unnest(v_taken) t), false);
@@ -1052,15 +1094,15 @@ BEGIN
                                                  coalesce(p_sub.event_type, v_rel.relname || '.' || CASE o WHEN 'i' THEN 'insert'
                                                           WHEN 'u' THEN 'update' WHEN 't' THEN 'truncate' ELSE 'delete' END)));
         IF v_prepared THEN
-            RETURN QUERY EXECUTE format('EXECUTE %I(%L, %s, %s, %L, %L, %L, %L, %L, %L, %L, %L, %L, %L)', v_name || 'render',
+            RETURN QUERY EXECUTE format('EXECUTE %I(%L, %s, %s, %L, %L, %L, %L, %L, %L, %L, %L, %L, %L, %L, %L)', v_name || 'render',
                                         v_taken, v_endpoint.id, p_sub.id, v_rel.nspname, v_rel.relname,
                                         v_integration.tenant, p_sub.test_mode, v_claim, p_owner, v_lease, v_excluded,
-                                        v_ops, p_sub.event_type);
+                                        v_ops, p_sub.event_type, v_endpoint.ordering, v_key_columns);
         ELSE
             RETURN QUERY EXECUTE ihub._route_sql(p_sub.id, 'render')
             USING v_taken, v_endpoint.id, p_sub.id, v_rel.nspname::text, v_rel.relname::text,
                   v_integration.tenant, p_sub.test_mode, v_claim, p_owner, v_lease, v_excluded,
-                  v_ops, p_sub.event_type;
+                  v_ops, p_sub.event_type, v_endpoint.ordering, v_key_columns;
         END IF;
         GET DIAGNOSTICS v_routed = ROW_COUNT;
     END IF;
@@ -1093,6 +1135,33 @@ BEGIN
     RETURN v;
 END
 $$;
+
+-- The first delivery of each key of an ordered endpoint that still holds
+-- it (pending, retrying, in flight, failed or dead): only these may go, and
+-- a dead or failed one holds its key until replayed or skipped. A skip scan
+-- of delivery_ordered_idx, one descent a key: the work is the number of
+-- keys with deliveries open, however many wait behind them.
+CREATE FUNCTION ihub._ordered_heads(p_endpoint_id bigint)
+RETURNS TABLE (id bigint, state text, run_at timestamptz)
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp
+AS $$
+    WITH RECURSIVE head AS (
+        (SELECT d.ordering_key, d.id, d.state, d.run_at FROM ihub.delivery d
+         WHERE d.endpoint_id = p_endpoint_id AND d.ordering_key IS NOT NULL
+           AND d.state IN ('pending', 'retry', 'running', 'failed', 'dead')
+         ORDER BY d.ordering_key, d.id LIMIT 1)
+        UNION ALL
+        SELECT n.* FROM head h
+        CROSS JOIN LATERAL (
+            SELECT d.ordering_key, d.id, d.state, d.run_at FROM ihub.delivery d
+            WHERE d.endpoint_id = p_endpoint_id AND d.ordering_key IS NOT NULL AND d.ordering_key > h.ordering_key
+              AND d.state IN ('pending', 'retry', 'running', 'failed', 'dead')
+            ORDER BY d.ordering_key, d.id LIMIT 1) n
+    )
+    SELECT h.id, h.state, h.run_at FROM head h
+$$;
+
+COMMENT ON FUNCTION ihub._ordered_heads(bigint) IS 'Internal: the first open delivery of each key of an ordered endpoint (a skip scan).';
 
 -- Routes captured changes and claims due deliveries for one dispatcher.
 -- enable_seqscan = off (here and in ihub._settle): a dispatcher plans these
@@ -1152,12 +1221,13 @@ BEGIN
     IF cardinality(v_claimed) < p_limit AND EXISTS (SELECT 1 FROM ihub.endpoint_state c WHERE c.state <> 'closed') THEN
         v_claimed := v_claimed || ARRAY(SELECT p FROM ihub._circuit_probes(p_owner, p_default_timeout_ms, p_rounds) p);
     END IF;
-    -- Endpoints with limits, endpoint by endpoint.
+    -- Endpoints with limits or an order, endpoint by endpoint.
     IF current_setting('ihub_claim.in_flight_held', true) <> '' THEN
         PERFORM set_config('ihub_claim.in_flight_held', '', false);
     END IF;
     IF cardinality(v_claimed) < p_limit
-       AND EXISTS (SELECT 1 FROM ihub.endpoint e WHERE e.rate_limit IS NOT NULL OR e.max_in_flight IS NOT NULL) THEN
+       AND EXISTS (SELECT 1 FROM ihub.endpoint e
+                   WHERE e.rate_limit IS NOT NULL OR e.max_in_flight IS NOT NULL OR e.ordering IS NOT NULL) THEN
         v_claimed := v_claimed || ARRAY(SELECT l FROM ihub._claim_limited(p_owner, p_limit - cardinality(v_claimed),
                                                                           p_default_timeout_ms, p_rounds) l);
     END IF;
@@ -1167,7 +1237,7 @@ BEGIN
             WHERE d.state IN ('pending', 'retry') AND d.run_at <= now()
               AND d.endpoint_id IN (SELECT e.id FROM ihub.endpoint e JOIN ihub.integration i ON i.id = e.integration_id
                                     WHERE e.enabled AND i.state <> 'inactive'
-                                      AND e.rate_limit IS NULL AND e.max_in_flight IS NULL
+                                      AND e.rate_limit IS NULL AND e.max_in_flight IS NULL AND e.ordering IS NULL
                                       AND NOT EXISTS (SELECT 1 FROM ihub.endpoint_state c WHERE c.endpoint_id = e.id
                                                       AND (c.state <> 'closed' OR c.paused_until > now())))
             ORDER BY d.run_at
@@ -1526,15 +1596,16 @@ AS $$
          WHERE d.state IN ('pending', 'retry')
            AND d.endpoint_id IN (SELECT e.id FROM ihub.endpoint e JOIN ihub.integration i ON i.id = e.integration_id
                                  WHERE e.enabled AND i.state <> 'inactive'
-                                   AND e.rate_limit IS NULL AND e.max_in_flight IS NULL
+                                   AND e.rate_limit IS NULL AND e.max_in_flight IS NULL AND e.ordering IS NULL
                                    AND NOT EXISTS (SELECT 1 FROM ihub.endpoint_state c WHERE c.endpoint_id = e.id
                                                    AND (c.state <> 'closed' OR c.paused_until > now())))
          ORDER BY d.run_at
          LIMIT 1),
         -- Endpoints whose deliveries are held (an open circuit, a 429
-        -- pause, a rate or in-flight limit): when the first of them may
-        -- go, once one is due. An endpoint at its in-flight limit waits
-        -- for a request to end (its settle claims the next).
+        -- pause, a rate or in-flight limit, an order): when the first of
+        -- them may go, once one is due. An endpoint at its in-flight limit
+        -- waits for a request to end (its settle claims the next), and so
+        -- does a key whose first delivery is in flight.
         (SELECT min(greatest(0, extract(epoch FROM greatest(
                     q.run_at,
                     CASE c.state WHEN 'open' THEN c.retry_at WHEN 'half_open' THEN c.probe_until END,
@@ -1544,11 +1615,15 @@ AS $$
          FROM ihub.endpoint e
          JOIN ihub.integration i ON i.id = e.integration_id AND i.state <> 'inactive'
          LEFT JOIN ihub.endpoint_state c ON c.endpoint_id = e.id
-         CROSS JOIN LATERAL (SELECT d.run_at FROM ihub.delivery d
-                             WHERE d.state IN ('pending', 'retry') AND d.endpoint_id = e.id
-                             ORDER BY d.run_at LIMIT 1) q
-         WHERE e.enabled
-           AND (c.state <> 'closed' OR c.paused_until > now() OR e.rate_limit IS NOT NULL OR e.max_in_flight IS NOT NULL)
+         LEFT JOIN LATERAL (SELECT d.run_at FROM ihub.delivery d
+                            WHERE e.ordering IS NULL AND d.state IN ('pending', 'retry') AND d.endpoint_id = e.id
+                            ORDER BY d.run_at LIMIT 1) q0 ON true
+         CROSS JOIN LATERAL (SELECT CASE WHEN e.ordering IS NULL THEN q0.run_at
+                                         ELSE (SELECT min(h.run_at) FROM ihub._ordered_heads(e.id) h
+                                               WHERE h.state IN ('pending', 'retry')) END AS run_at) q
+         WHERE e.enabled AND q.run_at IS NOT NULL
+           AND (c.state <> 'closed' OR c.paused_until > now() OR e.rate_limit IS NOT NULL OR e.max_in_flight IS NOT NULL
+                OR e.ordering IS NOT NULL)
            AND (e.max_in_flight IS NULL OR (SELECT count(*) FROM ihub.delivery r
                                             WHERE r.state = 'running' AND r.endpoint_id = e.id) < e.max_in_flight)))
 $$;
@@ -1616,6 +1691,7 @@ DECLARE
     v_path text := _http_request_by.path;
     v_id bigint;
     v_size bigint;
+    v_event text := 'evt_' || replace(gen_random_uuid()::text, '-', '');
 BEGIN
     PERFORM ihub._require_workers();
     LOOP
@@ -1670,12 +1746,15 @@ BEGIN
         RAISE EXCEPTION 'context is for a response handler' USING ERRCODE = 'invalid_parameter_value',
             HINT = 'Pass on_response => ''my_handler(ihub.http_response)''::regprocedure too: the handler gets the context.';
     END IF;
+    -- An endpoint ordered by key sends each request in order with itself
+    -- only (its own key); one ordered as a whole, after all queued before it.
     INSERT INTO ihub.delivery (event_id, endpoint_id, event_type, payload, method, path, headers,
-                               on_response, response_context, requested_by)
-    VALUES ('evt_' || replace(gen_random_uuid()::text, '-', ''), v_endpoint.id, coalesce(event_type, 'http_request'),
+                               on_response, response_context, requested_by, ordering_key)
+    VALUES (v_event, v_endpoint.id, coalesce(event_type, 'http_request'),
             coalesce(body, '{}'), v_method, v_path, _http_request_by.headers,
             on_response, CASE WHEN on_response IS NOT NULL THEN context END,
-            CASE WHEN on_response IS NOT NULL THEN p_caller END)
+            CASE WHEN on_response IS NOT NULL THEN p_caller END,
+            ihub._ordering_key_of(v_endpoint.ordering, v_event))
     RETURNING id INTO v_id;
     PERFORM ihub._wake();
     RETURN v_id;
@@ -1795,7 +1874,9 @@ BEGIN
     IF v.on_response IS NOT NULL THEN
         PERFORM ihub._require_may_act_for(p_caller, v.requested_by, format('delivery %s, whose response handler', v.id));
     END IF;
-    UPDATE ihub.delivery SET state = 'pending', budget_start = attempts, run_at = now() WHERE id = v.id;
+    UPDATE ihub.delivery d SET state = 'pending', budget_start = d.attempts, run_at = now(),
+        ordering_key = ihub._ordering_key_of(e.ordering, coalesce(d.ordering_key, d.event_id))
+    FROM ihub.endpoint e WHERE d.id = v.id AND e.id = d.endpoint_id;
     PERFORM ihub._wake();
 END
 $$;
@@ -1813,8 +1894,10 @@ DECLARE
 BEGIN
     PERFORM ihub._require_workers();
     UPDATE ihub.delivery d
-    SET state = 'pending', budget_start = d.attempts, run_at = now()
-    WHERE d.endpoint_id = (ihub._endpoint(_replay_dead_by.endpoint)).id
+    SET state = 'pending', budget_start = d.attempts, run_at = now(),
+        ordering_key = ihub._ordering_key_of(e.ordering, coalesce(d.ordering_key, d.event_id))
+    FROM ihub.endpoint e
+    WHERE e.id = d.endpoint_id AND d.endpoint_id = (ihub._endpoint(_replay_dead_by.endpoint)).id
       AND d.state IN ('dead', 'failed') AND d.created_at >= coalesce(since, '-infinity')
       AND (d.on_response IS NULL OR ihub._may_act_for(p_caller, d.requested_by));
     GET DIAGNOSTICS v_count = ROW_COUNT;
@@ -1828,6 +1911,7 @@ $$;
 CREATE FUNCTION ihub.replay_dead(endpoint text, since timestamptz DEFAULT '-infinity') RETURNS bigint
 LANGUAGE c VOLATILE AS 'MODULE_PATHNAME', 'ihub_for_caller';
 
+
 -------------------------------------------------------------------------------
 -- Views (credentials masked; secrets only in endpoint_secrets, for ihub_admin)
 -------------------------------------------------------------------------------
@@ -1840,7 +1924,13 @@ SELECT e.id, i.name AS integration, e.name, ihub._mask_url(e.url) AS url, e.meth
        e.circuit, coalesce(c.state, 'closed') AS circuit_state, c.opened_at AS circuit_opened_at,
        c.retry_at AS circuit_retry_at, c.failures AS consecutive_failures, c.failing_since,
        coalesce(c.changes, '[]') AS circuit_changes, e.rate_limit, e.max_in_flight,
-       CASE WHEN c.paused_until > now() THEN c.paused_until END AS paused_until, e.event_types
+       CASE WHEN c.paused_until > now() THEN c.paused_until END AS paused_until, e.event_types,
+       e.ordering,
+       -- Keys held by a dead or failed delivery until it is replayed or
+       -- skipped (ihub.skip).
+       CASE WHEN e.ordering IS NOT NULL
+            THEN (SELECT count(DISTINCT d.ordering_key) FROM ihub.delivery d
+                  WHERE d.endpoint_id = e.id AND d.state IN ('dead', 'failed') AND d.ordering_key IS NOT NULL) END AS blocked_keys
 FROM ihub.endpoint e JOIN ihub.integration i ON i.id = e.integration_id
 LEFT JOIN ihub.endpoint_state c ON c.endpoint_id = e.id;
 
@@ -1852,7 +1942,7 @@ FROM ihub.endpoint_secret s JOIN ihub.endpoint e ON e.id = s.endpoint_id;
 CREATE VIEW ihub.subscriptions AS
 SELECT s.id, i.name AS integration, e.name AS endpoint, s.source, s.events, s.columns, s.watch, s.condition,
        s.test_mode, (i.state <> 'inactive') AS capturing, s.created_by, s.created_at,
-       s.broken_reason AS broken, s.broken_at, s.event_type
+       s.broken_reason AS broken, s.broken_at, s.event_type, s.ordering_key
 FROM ihub.subscription s
 JOIN ihub.endpoint e ON e.id = s.endpoint_id
 JOIN ihub.integration i ON i.id = e.integration_id;
@@ -1862,7 +1952,7 @@ SELECT d.id, i.name AS integration, e.name AS endpoint, d.subscription_id AS sub
        d.event_id, d.event_type, d.state, d.attempts,
        CASE WHEN d.state IN ('pending', 'retry') THEN d.run_at END AS run_at,
        d.last_status, d.last_error, d.test_mode, d.occurred_at, d.created_at, d.finished_at,
-       d.finished_at - d.occurred_at AS latency, d.payload
+       d.finished_at - d.occurred_at AS latency, d.payload, d.ordering_key
 FROM ihub.delivery d
 JOIN ihub.endpoint e ON e.id = d.endpoint_id
 JOIN ihub.integration i ON i.id = e.integration_id;
@@ -1885,15 +1975,15 @@ FROM ihub._workers() w LEFT JOIN pg_database db ON db.oid = w.database_oid;
 -- Comments
 -------------------------------------------------------------------------------
 
-COMMENT ON FUNCTION ihub.create_endpoint(text, text, text, text, jsonb, jsonb, text, integer, jsonb, jsonb, double precision, integer, text[]) IS
-    'Adds an HTTP endpoint to an integration: URL, method, headers, auth (none/basic/bearer/api_key/oauth2), whsec_ signing secret (generated when NULL), timeout and retry policy. Returns its id.';
+COMMENT ON FUNCTION ihub.create_endpoint(text, text, text, text, jsonb, jsonb, text, integer, jsonb, jsonb, double precision, integer, text[], text) IS
+    'Adds an HTTP endpoint to an integration: URL, method, headers, auth (none/basic/bearer/api_key/oauth2), whsec_ signing secret (generated when NULL), timeout, retry policy, circuit breaker, limits, accepted event types and ordering (key or endpoint). Returns its id.';
 COMMENT ON FUNCTION ihub.enable_endpoint(text) IS 'Re-enables an endpoint (after a 410 Gone, say); its held deliveries resume.';
 COMMENT ON FUNCTION ihub.disable_endpoint(text, text) IS 'Stops deliveries to an endpoint; they wait until it is enabled again.';
 COMMENT ON FUNCTION ihub.rotate_secret(text, text, interval) IS
     'Adds a new signing secret (generated when NULL) and keeps the old ones signing for the grace period. Returns the new secret. ihub_admin only.';
 COMMENT ON FUNCTION ihub._capture_filter(ihub.subscription, text) IS 'Internal: the query that selects the transition rows passing a subscription''s watch and condition.';
-COMMENT ON FUNCTION ihub.subscribe(regclass, text, text[], text[], text[], text, boolean, text) IS
-    'Subscribes an endpoint to row changes of a table (and of all its partitions): events (insert, update, delete, truncate), payload columns, watched columns (updates fire only when one changed), a condition over new and old, and test mode. Returns the subscription id.';
+COMMENT ON FUNCTION ihub.subscribe(regclass, text, text[], text[], text[], text, boolean, text, text[]) IS
+    'Subscribes an endpoint to row changes of a table (and of all its partitions): events (insert, update, delete, truncate), payload columns, watched columns (updates fire only when one changed), a condition over new and old, test mode, event type and the columns of its ordering key (default: the primary key). Returns the subscription id.';
 COMMENT ON FUNCTION ihub.unsubscribe(bigint) IS
     'Removes a subscription''s triggers and capture table; changes already captured are queued first.';
 COMMENT ON FUNCTION ihub._json_cast_hazard(regclass) IS 'Internal: a cast to json, owned by a role other than a superuser, that rendering the table''s rows would call; NULL when none.';

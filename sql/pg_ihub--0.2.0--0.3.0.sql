@@ -109,8 +109,8 @@ BEGIN
         RETURN NULL;
     END IF;
     EXECUTE format($q$
-        INSERT INTO ihub_capture.%1$I (op, xid, occurred_at)
-        SELECT 't', pg_current_xact_id(), statement_timestamp()
+        INSERT INTO ihub_capture.%1$I (op, xid, occurred_at, seq)
+        SELECT 't', pg_current_xact_id(), statement_timestamp(), nextval('ihub.capture_seq')
         WHERE NOT EXISTS (SELECT 1 FROM ihub_capture.%1$I
                           WHERE op = 't' AND xid = pg_current_xact_id() AND occurred_at = statement_timestamp())
     $q$, 'sub_' || v_sub);
@@ -200,7 +200,7 @@ DECLARE
     v_capture text := format('ihub_capture.%I', 'sub_' || p_sub.id);
     v_type text := format_type((SELECT reltype FROM pg_class WHERE oid = p_sub.source), NULL);
 BEGIN
-    EXECUTE format('CREATE TABLE %s (op "char" NOT NULL, xid xid8 NOT NULL, occurred_at timestamptz NOT NULL, new_row %s, old_row %s) '
+    EXECUTE format('CREATE TABLE %s (op "char" NOT NULL, xid xid8 NOT NULL, occurred_at timestamptz NOT NULL, new_row %s, old_row %s, seq bigint) '
                    'WITH (autovacuum_vacuum_scale_factor = 0, autovacuum_vacuum_threshold = 1000)',
                    v_capture, v_type, v_type);
     EXECUTE format('COMMENT ON TABLE %s IS %L', v_capture,
@@ -527,14 +527,18 @@ AS $fn$
                                 'sub_' || p_sub_id)
         WHEN 'wrap' THEN format('SELECT ARRAY(SELECT x.ctid FROM ihub_capture.%I x WHERE x.ctid < $2 LIMIT $1 FOR UPDATE SKIP LOCKED)',
                                 'sub_' || p_sub_id)
+        -- A top-N sort of the whole capture table: ordered endpoints only,
+        -- whose routes take turns (ihub._route).
+        WHEN 'take_ordered' THEN format('SELECT ARRAY(SELECT x.ctid FROM ihub_capture.%I x ORDER BY x.seq NULLS FIRST, x.ctid LIMIT $1 FOR UPDATE)',
+                                        'sub_' || p_sub_id)
         WHEN 'render' THEN format($q$
             WITH moved AS (
                 DELETE FROM ihub_capture.%1$I c
                 WHERE c.ctid = ANY ($1)
-                RETURNING c.op, c.xid, c.occurred_at, c.new_row, c.old_row
+                RETURNING c.op, c.xid, c.occurred_at, c.new_row, c.old_row, c.seq
             )
             INSERT INTO ihub.delivery AS d (event_id, endpoint_id, subscription_id, event_type, payload, test_mode,
-                                            state, worker_pid, lease_until, occurred_at, run_at)
+                                            state, worker_pid, lease_until, occurred_at, run_at, ordering_key)
             SELECT ev.id, $2, $3, ev.type,
                    jsonb_build_object('id', ev.id, 'type', ev.type, 'schema', $4, 'table', $5, 'operation', ev.op,
                                       'occurred_at', m.occurred_at, 'txid', m.xid::text, 'tenant', $6,
@@ -550,7 +554,16 @@ AS $fn$
                    CASE WHEN $8 THEN 'running' ELSE 'pending' END,
                    CASE WHEN $8 THEN $9 END,
                    CASE WHEN $8 THEN $10 END,
-                   m.occurred_at, now()
+                   m.occurred_at, now(),
+                   -- A row's key: its subscription and the values of the
+                   -- key columns (a truncate goes in order with itself).
+                   CASE $14 WHEN 'endpoint' THEN ''
+                            WHEN 'key' THEN CASE WHEN m.op = 't' THEN ev.id
+                                                 ELSE $3::text || ':' || (
+                                                     SELECT jsonb_agg(r.v -> k.c ORDER BY k.n)
+                                                     FROM unnest($15) WITH ORDINALITY k(c, n),
+                                                          LATERAL (SELECT to_jsonb(coalesce(m.new_row, m.old_row))) r(v))::text END
+                   END
             FROM moved m
             CROSS JOIN LATERAL (SELECT to_jsonb(m.new_row) - $11 AS new, to_jsonb(m.old_row) - $11 AS old) j
             CROSS JOIN LATERAL (
@@ -561,6 +574,7 @@ AS $fn$
             -- Changes whose event type the endpoint does not accept are
             -- taken from the capture table and not queued.
             WHERE m.op = ANY ($12)
+            ORDER BY m.seq NULLS FIRST
             RETURNING d.*
         $q$, 'sub_' || p_sub_id)
     END
@@ -621,7 +635,7 @@ BEGIN
         END IF;
         EXECUTE format('PREPARE %I (integer, tid) AS %s', v_name || 'take', ihub._route_sql(p_sub_id, 'take'));
         EXECUTE format('PREPARE %I (integer, tid) AS %s', v_name || 'wrap', ihub._route_sql(p_sub_id, 'wrap'));
-        EXECUTE format('PREPARE %I (tid[], bigint, bigint, text, text, text, boolean, boolean, integer, timestamptz, text[], text[], text) AS %s',
+        EXECUTE format('PREPARE %I (tid[], bigint, bigint, text, text, text, boolean, boolean, integer, timestamptz, text[], text[], text, text, text[]) AS %s',
                        v_name || 'render', ihub._route_sql(p_sub_id, 'render'));
         v_count := v_count + 3;
     END IF;
@@ -686,17 +700,32 @@ DECLARE
     -- unsubscribe, an ALTER TABLE) runs them as text.
     v_prepared boolean := p_owner IS NOT NULL AND p_owner = pg_backend_pid();
     v_name text := 'ihub_route_' || p_sub.id || '_';
+    v_key_columns text[];
 BEGIN
     -- Kept until commit, as a foreign key check would (see ihub._endpoint_deleted).
     SELECT * INTO v_endpoint FROM ihub.endpoint WHERE id = p_sub.endpoint_id FOR KEY SHARE;
 
     v_prepared := v_prepared AND ihub._route_prepare(p_sub.id);
-    IF v_prepared THEN
+    IF v_endpoint.ordering IS NOT NULL THEN
+        -- Routes to an ordered endpoint take turns, holding its state row
+        -- until commit as its claims do (ihub._claim_limited): each routes
+        -- the changes first in statement order, so a key's deliveries get
+        -- ids in commit order, and no claim sees a later change of a key
+        -- while an earlier one is still being routed. A dispatcher that
+        -- finds it taken routes this subscription at its next round.
+        IF (ihub._endpoint_turn(v_endpoint.id, p_owner IS NULL)).endpoint_id IS NULL THEN
+            RETURN;
+        END IF;
+        EXECUTE ihub._route_sql(p_sub.id, 'take_ordered') INTO v_taken USING v_limit;
+        IF v_endpoint.ordering = 'key' THEN
+            v_key_columns := ihub._ordering_columns(p_sub);
+        END IF;
+    ELSIF v_prepared THEN
         EXECUTE format('EXECUTE %I(%s, %L)', v_name || 'take', v_limit, v_from) INTO v_taken;
     ELSE
         EXECUTE ihub._route_sql(p_sub.id, 'take') INTO v_taken USING v_limit, v_from;
     END IF;
-    IF cardinality(v_taken) < v_limit AND v_from > '(0,0)'::tid THEN
+    IF v_endpoint.ordering IS NULL AND cardinality(v_taken) < v_limit AND v_from > '(0,0)'::tid THEN
         IF v_prepared THEN
             EXECUTE format('EXECUTE %I(%s, %L)', v_name || 'wrap', v_limit - cardinality(v_taken), v_from) INTO v_wrapped;
         ELSE
@@ -732,7 +761,7 @@ BEGIN
         -- Endpoints with limits, an open circuit or a 429 pause get their
         -- deliveries queued, for the claim to take within its rules.
         v_claim := p_owner IS NOT NULL AND v_endpoint.enabled AND v_integration.state <> 'inactive'
-                   AND v_endpoint.rate_limit IS NULL AND v_endpoint.max_in_flight IS NULL
+                   AND v_endpoint.rate_limit IS NULL AND v_endpoint.max_in_flight IS NULL AND v_endpoint.ordering IS NULL
                    AND NOT EXISTS (SELECT 1 FROM ihub.endpoint_state c WHERE c.endpoint_id = v_endpoint.id
                                    AND (c.state <> 'closed' OR c.paused_until > now()));
         PERFORM set_config(v_position, (SELECT max((t::text::point)[0])::bigint::text FROM unnest(v_taken) t), false);
@@ -744,15 +773,15 @@ BEGIN
                                                  coalesce(p_sub.event_type, v_rel.relname || '.' || CASE o WHEN 'i' THEN 'insert'
                                                           WHEN 'u' THEN 'update' WHEN 't' THEN 'truncate' ELSE 'delete' END)));
         IF v_prepared THEN
-            RETURN QUERY EXECUTE format('EXECUTE %I(%L, %s, %s, %L, %L, %L, %L, %L, %L, %L, %L, %L, %L)', v_name || 'render',
+            RETURN QUERY EXECUTE format('EXECUTE %I(%L, %s, %s, %L, %L, %L, %L, %L, %L, %L, %L, %L, %L, %L, %L)', v_name || 'render',
                                         v_taken, v_endpoint.id, p_sub.id, v_rel.nspname, v_rel.relname,
                                         v_integration.tenant, p_sub.test_mode, v_claim, p_owner, v_lease, v_excluded,
-                                        v_ops, p_sub.event_type);
+                                        v_ops, p_sub.event_type, v_endpoint.ordering, v_key_columns);
         ELSE
             RETURN QUERY EXECUTE ihub._route_sql(p_sub.id, 'render')
             USING v_taken, v_endpoint.id, p_sub.id, v_rel.nspname::text, v_rel.relname::text,
                   v_integration.tenant, p_sub.test_mode, v_claim, p_owner, v_lease, v_excluded,
-                  v_ops, p_sub.event_type;
+                  v_ops, p_sub.event_type, v_endpoint.ordering, v_key_columns;
         END IF;
         GET DIAGNOSTICS v_routed = ROW_COUNT;
     END IF;
@@ -835,12 +864,13 @@ BEGIN
     IF cardinality(v_claimed) < p_limit AND EXISTS (SELECT 1 FROM ihub.endpoint_state c WHERE c.state <> 'closed') THEN
         v_claimed := v_claimed || ARRAY(SELECT p FROM ihub._circuit_probes(p_owner, p_default_timeout_ms, p_rounds) p);
     END IF;
-    -- Endpoints with limits, endpoint by endpoint.
+    -- Endpoints with limits or an order, endpoint by endpoint.
     IF current_setting('ihub_claim.in_flight_held', true) <> '' THEN
         PERFORM set_config('ihub_claim.in_flight_held', '', false);
     END IF;
     IF cardinality(v_claimed) < p_limit
-       AND EXISTS (SELECT 1 FROM ihub.endpoint e WHERE e.rate_limit IS NOT NULL OR e.max_in_flight IS NOT NULL) THEN
+       AND EXISTS (SELECT 1 FROM ihub.endpoint e
+                   WHERE e.rate_limit IS NOT NULL OR e.max_in_flight IS NOT NULL OR e.ordering IS NOT NULL) THEN
         v_claimed := v_claimed || ARRAY(SELECT l FROM ihub._claim_limited(p_owner, p_limit - cardinality(v_claimed),
                                                                           p_default_timeout_ms, p_rounds) l);
     END IF;
@@ -850,7 +880,7 @@ BEGIN
             WHERE d.state IN ('pending', 'retry') AND d.run_at <= now()
               AND d.endpoint_id IN (SELECT e.id FROM ihub.endpoint e JOIN ihub.integration i ON i.id = e.integration_id
                                     WHERE e.enabled AND i.state <> 'inactive'
-                                      AND e.rate_limit IS NULL AND e.max_in_flight IS NULL
+                                      AND e.rate_limit IS NULL AND e.max_in_flight IS NULL AND e.ordering IS NULL
                                       AND NOT EXISTS (SELECT 1 FROM ihub.endpoint_state c WHERE c.endpoint_id = e.id
                                                       AND (c.state <> 'closed' OR c.paused_until > now())))
             ORDER BY d.run_at
@@ -985,7 +1015,8 @@ BEGIN
     message := coalesce('broken: ' || v_names, 'all capturing');
     RETURN NEXT;
 
-    -- Endpoints sent nothing: disabled, an open circuit, paused by a 429.
+    -- Endpoints sent nothing: disabled, an open circuit, paused by a 429,
+    -- or keys of an ordered one held.
     SELECT nullif(concat_ws('; ',
                'disabled: ' || (SELECT string_agg(e.name, ', ' ORDER BY e.name) FROM ihub.endpoint e WHERE NOT e.enabled),
                'circuit open: ' || (SELECT string_agg(e.name, ', ' ORDER BY e.name)
@@ -993,7 +1024,15 @@ BEGIN
                                     WHERE e.enabled AND c.state <> 'closed'),
                'paused by a 429: ' || (SELECT string_agg(e.name, ', ' ORDER BY e.name)
                                        FROM ihub.endpoint e JOIN ihub.endpoint_state c ON c.endpoint_id = e.id
-                                       WHERE e.enabled AND c.paused_until > now())), '')
+                                       WHERE e.enabled AND c.paused_until > now()),
+               -- Ordered endpoints whose keys a failed or dead delivery holds.
+               'keys held by failed or dead deliveries: ' || (
+                   SELECT string_agg(format('%s (%s)', e.name, b.keys), ', ' ORDER BY e.name)
+                   FROM ihub.endpoint e
+                   CROSS JOIN LATERAL (SELECT count(DISTINCT d.ordering_key) AS keys FROM ihub.delivery d
+                                       WHERE d.endpoint_id = e.id AND d.state IN ('dead', 'failed')
+                                         AND d.ordering_key IS NOT NULL) b
+                   WHERE e.ordering IS NOT NULL AND b.keys > 0)), '')
     INTO v_names;
     check_name := 'endpoints';
     status := CASE WHEN v_names IS NULL THEN 'ok' ELSE 'warning' END;
@@ -2282,48 +2321,6 @@ ALTER TABLE ihub.delivery DROP CONSTRAINT delivery_endpoint_id_fkey, DROP CONSTR
 -- Half of each new page stays free for the updates that settle deliveries
 -- (bootstrap.sql); pages already written keep their rows as they are.
 ALTER TABLE ihub.delivery SET (fillfactor = 50);
-
--- Seconds until the earliest claimable delivery is due (NULL when none; not
--- 0, which would make an idle dispatcher spin). The first in run_at order,
--- not min(): with the endpoint condition (a join) Postgres computed min()
--- over every queued delivery, 33 ms a call at each idle dispatcher round of
--- make bench's retry storm (20,000 queued).
-CREATE OR REPLACE FUNCTION ihub._next_due() RETURNS double precision
-LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp
-    SET enable_seqscan = off SET enable_bitmapscan = off SET enable_sort = off
-AS $$
-    SELECT least(
-        (SELECT greatest(0, extract(epoch FROM d.run_at - now()))::double precision
-         FROM ihub.delivery d
-         WHERE d.state IN ('pending', 'retry')
-           AND d.endpoint_id IN (SELECT e.id FROM ihub.endpoint e JOIN ihub.integration i ON i.id = e.integration_id
-                                 WHERE e.enabled AND i.state <> 'inactive'
-                                   AND e.rate_limit IS NULL AND e.max_in_flight IS NULL
-                                   AND NOT EXISTS (SELECT 1 FROM ihub.endpoint_state c WHERE c.endpoint_id = e.id
-                                                   AND (c.state <> 'closed' OR c.paused_until > now())))
-         ORDER BY d.run_at
-         LIMIT 1),
-        -- Endpoints whose deliveries are held (an open circuit, a 429
-        -- pause, a rate or in-flight limit): when the first of them may
-        -- go, once one is due. An endpoint at its in-flight limit waits
-        -- for a request to end (its settle claims the next).
-        (SELECT min(greatest(0, extract(epoch FROM greatest(
-                    q.run_at,
-                    CASE c.state WHEN 'open' THEN c.retry_at WHEN 'half_open' THEN c.probe_until END,
-                    c.paused_until,
-                    CASE WHEN e.rate_limit IS NOT NULL AND c.tokens < 1
-                         THEN c.tokens_at + (1 - c.tokens) / e.rate_limit * interval '1 second' END) - now())))::double precision
-         FROM ihub.endpoint e
-         JOIN ihub.integration i ON i.id = e.integration_id AND i.state <> 'inactive'
-         LEFT JOIN ihub.endpoint_state c ON c.endpoint_id = e.id
-         CROSS JOIN LATERAL (SELECT d.run_at FROM ihub.delivery d
-                             WHERE d.state IN ('pending', 'retry') AND d.endpoint_id = e.id
-                             ORDER BY d.run_at LIMIT 1) q
-         WHERE e.enabled
-           AND (c.state <> 'closed' OR c.paused_until > now() OR e.rate_limit IS NOT NULL OR e.max_in_flight IS NOT NULL)
-           AND (e.max_in_flight IS NULL OR (SELECT count(*) FROM ihub.delivery r
-                                            WHERE r.state = 'running' AND r.endpoint_id = e.id) < e.max_in_flight)))
-$$;
 
 -- Items blocked behind an earlier one with the same ordering key do not
 -- count: they become claimable when that one is done, and the processor
@@ -3804,6 +3801,7 @@ DECLARE
     v_path text := _http_request_by.path;
     v_id bigint;
     v_size bigint;
+    v_event text := 'evt_' || replace(gen_random_uuid()::text, '-', '');
 BEGIN
     PERFORM ihub._require_workers();
     LOOP
@@ -3858,12 +3856,15 @@ BEGIN
         RAISE EXCEPTION 'context is for a response handler' USING ERRCODE = 'invalid_parameter_value',
             HINT = 'Pass on_response => ''my_handler(ihub.http_response)''::regprocedure too: the handler gets the context.';
     END IF;
+    -- An endpoint ordered by key sends each request in order with itself
+    -- only (its own key); one ordered as a whole, after all queued before it.
     INSERT INTO ihub.delivery (event_id, endpoint_id, event_type, payload, method, path, headers,
-                               on_response, response_context, requested_by)
-    VALUES ('evt_' || replace(gen_random_uuid()::text, '-', ''), v_endpoint.id, coalesce(event_type, 'http_request'),
+                               on_response, response_context, requested_by, ordering_key)
+    VALUES (v_event, v_endpoint.id, coalesce(event_type, 'http_request'),
             coalesce(body, '{}'), v_method, v_path, _http_request_by.headers,
             on_response, CASE WHEN on_response IS NOT NULL THEN context END,
-            CASE WHEN on_response IS NOT NULL THEN p_caller END)
+            CASE WHEN on_response IS NOT NULL THEN p_caller END,
+            ihub._ordering_key_of(v_endpoint.ordering, v_event))
     RETURNING id INTO v_id;
     PERFORM ihub._wake();
     RETURN v_id;
@@ -3955,7 +3956,9 @@ BEGIN
     IF v.on_response IS NOT NULL THEN
         PERFORM ihub._require_may_act_for(p_caller, v.requested_by, format('delivery %s, whose response handler', v.id));
     END IF;
-    UPDATE ihub.delivery SET state = 'pending', budget_start = attempts, run_at = now() WHERE id = v.id;
+    UPDATE ihub.delivery d SET state = 'pending', budget_start = d.attempts, run_at = now(),
+        ordering_key = ihub._ordering_key_of(e.ordering, coalesce(d.ordering_key, d.event_id))
+    FROM ihub.endpoint e WHERE d.id = v.id AND e.id = d.endpoint_id;
     PERFORM ihub._wake();
 END
 $$;
@@ -3970,8 +3973,10 @@ DECLARE
 BEGIN
     PERFORM ihub._require_workers();
     UPDATE ihub.delivery d
-    SET state = 'pending', budget_start = d.attempts, run_at = now()
-    WHERE d.endpoint_id = (ihub._endpoint(_replay_dead_by.endpoint)).id
+    SET state = 'pending', budget_start = d.attempts, run_at = now(),
+        ordering_key = ihub._ordering_key_of(e.ordering, coalesce(d.ordering_key, d.event_id))
+    FROM ihub.endpoint e
+    WHERE e.id = d.endpoint_id AND d.endpoint_id = (ihub._endpoint(_replay_dead_by.endpoint)).id
       AND d.state IN ('dead', 'failed') AND d.created_at >= coalesce(since, '-infinity')
       AND (d.on_response IS NULL OR ihub._may_act_for(p_caller, d.requested_by));
     GET DIAGNOSTICS v_count = ROW_COUNT;
@@ -4003,12 +4008,14 @@ CREATE FUNCTION ihub.create_endpoint(
     circuit jsonb DEFAULT NULL,
     rate_limit double precision DEFAULT NULL,
     max_in_flight integer DEFAULT NULL,
-    event_types text[] DEFAULT NULL
+    event_types text[] DEFAULT NULL,
+    ordering text DEFAULT NULL
 ) RETURNS bigint
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     v_integration bigint := ihub._integration_id(create_endpoint.integration);
+    v_ordering text := ihub._check_ordering(create_endpoint.ordering);
     v_method text := upper(coalesce(create_endpoint.method, 'POST'));
     v_auth jsonb := ihub._normalize_auth(create_endpoint.auth);
     v_id bigint;
@@ -4040,18 +4047,21 @@ BEGIN
     END IF;
 
     INSERT INTO ihub.endpoint (integration_id, name, url, method, headers, auth_type, timeout_ms, retry, circuit,
-                               rate_limit, max_in_flight, event_types)
+                               rate_limit, max_in_flight, event_types, ordering)
     VALUES (v_integration, create_endpoint.name, ihub._check_url(create_endpoint.url), v_method,
             coalesce(create_endpoint.headers, '{}'), v_auth ->> 'type', create_endpoint.timeout_ms,
             ihub._normalize_retry(create_endpoint.retry), ihub._normalize_circuit(create_endpoint.circuit),
             nullif(create_endpoint.rate_limit, 0), nullif(create_endpoint.max_in_flight, 0),
-            nullif(create_endpoint.event_types, '{}'))
+            nullif(create_endpoint.event_types, '{}'), v_ordering)
     RETURNING id INTO v_id;
     IF v_auth ->> 'type' <> 'none' THEN
         INSERT INTO ihub.endpoint_credential (endpoint_id, auth) VALUES (v_id, v_auth);
     END IF;
     INSERT INTO ihub.endpoint_secret (endpoint_id, secret)
     VALUES (v_id, coalesce(create_endpoint.secret, ihub._generate_secret()));
+    IF coalesce(create_endpoint.rate_limit, 0) > 0 OR coalesce(create_endpoint.max_in_flight, 0) > 0 OR v_ordering IS NOT NULL THEN
+        PERFORM ihub._endpoint_state_for(v_id);
+    END IF;
     RETURN v_id;
 END
 $$;
@@ -4486,8 +4496,8 @@ COMMENT ON FUNCTION ihub._check_response_function(regprocedure, name) IS
 COMMENT ON FUNCTION ihub._try_json(text) IS 'Internal: a text as jsonb, NULL when it is not JSON.';
 COMMENT ON FUNCTION ihub._respond(jsonb, bigint[]) IS
     'Internal (dispatcher): queues the response handler jobs of the ended requests of a settled batch.';
-COMMENT ON FUNCTION ihub.create_endpoint(text, text, text, text, jsonb, jsonb, text, integer, jsonb, jsonb, double precision, integer, text[]) IS
-    'Adds an HTTP endpoint to an integration: URL, method, headers, auth (none/basic/bearer/api_key/oauth2), whsec_ signing secret (generated when NULL), timeout and retry policy. Returns its id.';
+COMMENT ON FUNCTION ihub.create_endpoint(text, text, text, text, jsonb, jsonb, text, integer, jsonb, jsonb, double precision, integer, text[], text) IS
+    'Adds an HTTP endpoint to an integration: URL, method, headers, auth (none/basic/bearer/api_key/oauth2), whsec_ signing secret (generated when NULL), timeout, retry policy, circuit breaker, limits, accepted event types and ordering (key or endpoint). Returns its id.';
 COMMENT ON FUNCTION ihub._claim(integer, integer, integer, integer) IS
     'Internal (dispatcher): routes captured changes and claims due deliveries with FOR UPDATE SKIP LOCKED and a lease.';
 COMMENT ON FUNCTION ihub.health() IS
@@ -4673,11 +4683,17 @@ ALTER TABLE ihub.endpoint ADD COLUMN circuit jsonb,
     ADD COLUMN rate_limit double precision CHECK (rate_limit > 0),
     ADD COLUMN max_in_flight integer CHECK (max_in_flight >= 1),
     -- The event types it accepts (exact, or a prefix ending in *); NULL: all.
-    ADD COLUMN event_types text[];
--- The event type of its deliveries; NULL: <table>.<operation>.
-ALTER TABLE ihub.subscription ADD COLUMN event_type text;
+    ADD COLUMN event_types text[],
+    -- 'key': one delivery in flight per ordering key, in commit order;
+    -- 'endpoint': one at a time, first in first out; NULL: no order.
+    ADD COLUMN ordering text CHECK (ordering IN ('key', 'endpoint'));
+-- The event type of its deliveries; NULL: <table>.<operation>. And the
+-- columns whose values make a change's ordering key when its endpoint
+-- orders by key; NULL: the table's primary key.
+ALTER TABLE ihub.subscription ADD COLUMN event_type text, ADD COLUMN ordering_key text[];
 -- Every claim asks whether any endpoint has limits (ihub._claim_limited).
-CREATE INDEX endpoint_limited_idx ON ihub.endpoint (id) WHERE rate_limit IS NOT NULL OR max_in_flight IS NOT NULL;
+CREATE INDEX endpoint_limited_idx ON ihub.endpoint (id)
+    WHERE rate_limit IS NOT NULL OR max_in_flight IS NOT NULL OR ordering IS NOT NULL;
 
 -- An endpoint's delivery state (endpoint_controls.sql): its circuit, failure streak,
 -- rate-limit bucket and 429 pause. Runtime state, not configuration. A row
@@ -4717,6 +4733,114 @@ COMMENT ON TABLE ihub.endpoint_state IS
 -- dispatcher (running) never enter it.
 CREATE INDEX delivery_due_endpoint_idx ON ihub.delivery (endpoint_id, run_at)
     WHERE state IN ('pending', 'retry');
+
+-- Ordering: a delivery's place in the order of an ordered endpoint
+-- (ihub._ordered_heads): '' for the whole endpoint, or <subscription>:<key
+-- values>; NULL: none. ihub.skip ends a delivery unsent (state skipped).
+ALTER TABLE ihub.delivery ADD COLUMN ordering_key text;
+ALTER TABLE ihub.delivery DROP CONSTRAINT delivery_state_check,
+    ADD CONSTRAINT delivery_state_check
+    CHECK (state IN ('pending', 'running', 'done', 'retry', 'failed', 'dead', 'skipped')) NOT VALID;
+ALTER TABLE ihub.delivery VALIDATE CONSTRAINT delivery_state_check;
+-- The deliveries of ordered endpoints that hold their key: the first of
+-- each key is the one that may go (ihub._ordered_heads, a skip scan). Dead
+-- and failed ones hold it until replayed or skipped.
+CREATE INDEX delivery_ordered_idx ON ihub.delivery (endpoint_id, ordering_key, id)
+    WHERE ordering_key IS NOT NULL AND state IN ('pending', 'retry', 'running', 'failed', 'dead');
+-- Numbers the statements whose changes the capture triggers copy (one value
+-- a statement): a row's later change always has the higher number, since
+-- its writer waited for the earlier one's commit. Routes of ordered
+-- endpoints take captured changes in this order.
+CREATE SEQUENCE ihub.capture_seq;
+COMMENT ON SEQUENCE ihub.capture_seq IS 'pg_ihub: numbers captured statements, in the order their row changes must be delivered.';
+SELECT pg_catalog.pg_extension_config_dump('ihub.capture_seq', '');
+-- Existing capture tables get the column (empty: their changes came first).
+DO $$
+DECLARE
+    t regclass;
+BEGIN
+    FOR t IN SELECT c.oid::regclass FROM pg_class c
+             WHERE c.relnamespace = 'ihub_capture'::regnamespace AND c.relkind = 'r' AND c.relname ~ '^sub_[0-9]+$'
+               AND NOT EXISTS (SELECT 1 FROM pg_attribute a WHERE a.attrelid = c.oid AND a.attname = 'seq')
+    LOOP
+        EXECUTE format('ALTER TABLE %s ADD COLUMN seq bigint', t);
+    END LOOP;
+END
+$$;
+
+-- The first delivery of each key of an ordered endpoint that still holds
+-- it (pending, retrying, in flight, failed or dead): only these may go, and
+-- a dead or failed one holds its key until replayed or skipped. A skip scan
+-- of delivery_ordered_idx, one descent a key: the work is the number of
+-- keys with deliveries open, however many wait behind them.
+CREATE FUNCTION ihub._ordered_heads(p_endpoint_id bigint)
+RETURNS TABLE (id bigint, state text, run_at timestamptz)
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp
+AS $$
+    WITH RECURSIVE head AS (
+        (SELECT d.ordering_key, d.id, d.state, d.run_at FROM ihub.delivery d
+         WHERE d.endpoint_id = p_endpoint_id AND d.ordering_key IS NOT NULL
+           AND d.state IN ('pending', 'retry', 'running', 'failed', 'dead')
+         ORDER BY d.ordering_key, d.id LIMIT 1)
+        UNION ALL
+        SELECT n.* FROM head h
+        CROSS JOIN LATERAL (
+            SELECT d.ordering_key, d.id, d.state, d.run_at FROM ihub.delivery d
+            WHERE d.endpoint_id = p_endpoint_id AND d.ordering_key IS NOT NULL AND d.ordering_key > h.ordering_key
+              AND d.state IN ('pending', 'retry', 'running', 'failed', 'dead')
+            ORDER BY d.ordering_key, d.id LIMIT 1) n
+    )
+    SELECT h.id, h.state, h.run_at FROM head h
+$$;
+COMMENT ON FUNCTION ihub._ordered_heads(bigint) IS 'Internal: the first open delivery of each key of an ordered endpoint (a skip scan).';
+
+-- Seconds until the earliest claimable delivery is due (NULL when none; not
+-- 0, which would make an idle dispatcher spin). The first in run_at order,
+-- not min(): with the endpoint condition (a join) Postgres computed min()
+-- over every queued delivery, 33 ms a call at each idle dispatcher round of
+-- make bench's retry storm (20,000 queued).
+CREATE OR REPLACE FUNCTION ihub._next_due() RETURNS double precision
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp
+    SET enable_seqscan = off SET enable_bitmapscan = off SET enable_sort = off
+AS $$
+    SELECT least(
+        (SELECT greatest(0, extract(epoch FROM d.run_at - now()))::double precision
+         FROM ihub.delivery d
+         WHERE d.state IN ('pending', 'retry')
+           AND d.endpoint_id IN (SELECT e.id FROM ihub.endpoint e JOIN ihub.integration i ON i.id = e.integration_id
+                                 WHERE e.enabled AND i.state <> 'inactive'
+                                   AND e.rate_limit IS NULL AND e.max_in_flight IS NULL AND e.ordering IS NULL
+                                   AND NOT EXISTS (SELECT 1 FROM ihub.endpoint_state c WHERE c.endpoint_id = e.id
+                                                   AND (c.state <> 'closed' OR c.paused_until > now())))
+         ORDER BY d.run_at
+         LIMIT 1),
+        -- Endpoints whose deliveries are held (an open circuit, a 429
+        -- pause, a rate or in-flight limit, an order): when the first of
+        -- them may go, once one is due. An endpoint at its in-flight limit
+        -- waits for a request to end (its settle claims the next), and so
+        -- does a key whose first delivery is in flight.
+        (SELECT min(greatest(0, extract(epoch FROM greatest(
+                    q.run_at,
+                    CASE c.state WHEN 'open' THEN c.retry_at WHEN 'half_open' THEN c.probe_until END,
+                    c.paused_until,
+                    CASE WHEN e.rate_limit IS NOT NULL AND c.tokens < 1
+                         THEN c.tokens_at + (1 - c.tokens) / e.rate_limit * interval '1 second' END) - now())))::double precision
+         FROM ihub.endpoint e
+         JOIN ihub.integration i ON i.id = e.integration_id AND i.state <> 'inactive'
+         LEFT JOIN ihub.endpoint_state c ON c.endpoint_id = e.id
+         LEFT JOIN LATERAL (SELECT d.run_at FROM ihub.delivery d
+                            WHERE e.ordering IS NULL AND d.state IN ('pending', 'retry') AND d.endpoint_id = e.id
+                            ORDER BY d.run_at LIMIT 1) q0 ON true
+         CROSS JOIN LATERAL (SELECT CASE WHEN e.ordering IS NULL THEN q0.run_at
+                                         ELSE (SELECT min(h.run_at) FROM ihub._ordered_heads(e.id) h
+                                               WHERE h.state IN ('pending', 'retry')) END AS run_at) q
+         WHERE e.enabled AND q.run_at IS NOT NULL
+           AND (c.state <> 'closed' OR c.paused_until > now() OR e.rate_limit IS NOT NULL OR e.max_in_flight IS NOT NULL
+                OR e.ordering IS NOT NULL)
+           AND (e.max_in_flight IS NULL OR (SELECT count(*) FROM ihub.delivery r
+                                            WHERE r.state = 'running' AND r.endpoint_id = e.id) < e.max_in_flight)))
+$$;
+
 CREATE FUNCTION ihub._normalize_circuit("policy" jsonb) RETURNS jsonb
 IMMUTABLE
 LANGUAGE c
@@ -4745,7 +4869,13 @@ SELECT e.id, i.name AS integration, e.name, ihub._mask_url(e.url) AS url, e.meth
        e.circuit, coalesce(c.state, 'closed') AS circuit_state, c.opened_at AS circuit_opened_at,
        c.retry_at AS circuit_retry_at, c.failures AS consecutive_failures, c.failing_since,
        coalesce(c.changes, '[]') AS circuit_changes, e.rate_limit, e.max_in_flight,
-       CASE WHEN c.paused_until > now() THEN c.paused_until END AS paused_until, e.event_types
+       CASE WHEN c.paused_until > now() THEN c.paused_until END AS paused_until, e.event_types,
+       e.ordering,
+       -- Keys held by a dead or failed delivery until it is replayed or
+       -- skipped (ihub.skip).
+       CASE WHEN e.ordering IS NOT NULL
+            THEN (SELECT count(DISTINCT d.ordering_key) FROM ihub.delivery d
+                  WHERE d.endpoint_id = e.id AND d.state IN ('dead', 'failed') AND d.ordering_key IS NOT NULL) END AS blocked_keys
 FROM ihub.endpoint e JOIN ihub.integration i ON i.id = e.integration_id
 LEFT JOIN ihub.endpoint_state c ON c.endpoint_id = e.id;
 
@@ -4883,7 +5013,7 @@ DECLARE
     v_probe ihub.delivery;
 BEGIN
     FOR c IN
-        SELECT ci.endpoint_id, ci.state, ci.changes, e.timeout_ms
+        SELECT ci.endpoint_id, ci.state, ci.changes, e.timeout_ms, e.ordering
         FROM ihub.endpoint_state ci
         JOIN ihub.endpoint e ON e.id = ci.endpoint_id
         JOIN ihub.integration i ON i.id = e.integration_id
@@ -4896,10 +5026,16 @@ BEGIN
         UPDATE ihub.delivery d
         SET state = 'running', worker_pid = p_owner,
             lease_until = ihub._lease_until(coalesce(c.timeout_ms, p_default_timeout_ms), p_rounds)
-        WHERE d.id = (SELECT q.id FROM ihub.delivery q
-                      WHERE q.state IN ('pending', 'retry') AND q.run_at <= now() AND q.endpoint_id = c.endpoint_id
-                      ORDER BY q.run_at LIMIT 1
-                      FOR UPDATE SKIP LOCKED)
+        WHERE d.id = CASE WHEN c.ordering IS NULL
+                          THEN (SELECT q.id FROM ihub.delivery q
+                                WHERE q.state IN ('pending', 'retry') AND q.run_at <= now() AND q.endpoint_id = c.endpoint_id
+                                ORDER BY q.run_at LIMIT 1
+                                FOR UPDATE SKIP LOCKED)
+                          -- An ordered endpoint's probe is the first of its key.
+                          ELSE (SELECT h.id FROM ihub._ordered_heads(c.endpoint_id) h
+                                WHERE h.state IN ('pending', 'retry') AND h.run_at <= now()
+                                ORDER BY h.run_at, h.id LIMIT 1) END
+          AND d.state IN ('pending', 'retry')
         RETURNING d.* INTO v_probe;
         CONTINUE WHEN v_probe.id IS NULL;
         UPDATE ihub.endpoint_state
@@ -4934,6 +5070,39 @@ BEGIN
 END
 $$;
 
+-- Takes an endpoint's turn: its state row, locked until commit, which the
+-- claims of limited and ordered endpoints and the routes to ordered ones
+-- hold while they work on it. Not waiting, it returns NULLs when another
+-- transaction has the turn. The row is made with the endpoint's limits or
+-- ordering (ihub._endpoint_state_for), so that two dispatchers never wait
+-- on each other's insert of it; it is made here only if missing.
+CREATE FUNCTION ihub._endpoint_turn(p_endpoint_id bigint, p_wait boolean) RETURNS ihub.endpoint_state
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    s ihub.endpoint_state;
+BEGIN
+    FOR i IN 1..2 LOOP
+        IF p_wait THEN
+            SELECT * INTO s FROM ihub.endpoint_state WHERE endpoint_id = p_endpoint_id FOR UPDATE;
+        ELSE
+            SELECT * INTO s FROM ihub.endpoint_state WHERE endpoint_id = p_endpoint_id FOR UPDATE SKIP LOCKED;
+        END IF;
+        EXIT WHEN FOUND OR EXISTS (SELECT 1 FROM ihub.endpoint_state WHERE endpoint_id = p_endpoint_id);
+        PERFORM ihub._endpoint_state_for(p_endpoint_id);
+    END LOOP;
+    RETURN s;
+END
+$$;
+
+-- Makes an endpoint's state row if it has none (a rate-limit bucket with
+-- one token, a closed circuit).
+CREATE FUNCTION ihub._endpoint_state_for(p_endpoint_id bigint) RETURNS void
+LANGUAGE sql SET search_path = pg_catalog, pg_temp
+AS $$
+    INSERT INTO ihub.endpoint_state (endpoint_id, tokens, tokens_at) VALUES (p_endpoint_id, 1, now()) ON CONFLICT DO NOTHING
+$$;
+
 -- Claims the due deliveries of endpoints with a rate limit or an in-flight
 -- limit, endpoint by endpoint, within both: the endpoint's state row is
 -- locked for it (a dispatcher claiming for it already is skipped), so the
@@ -4957,17 +5126,17 @@ DECLARE
     v_got integer;
 BEGIN
     FOR l IN
-        SELECT e.id, e.rate_limit, e.max_in_flight, e.timeout_ms
+        SELECT e.id, e.rate_limit, e.max_in_flight, e.timeout_ms, e.ordering
         FROM ihub.endpoint e JOIN ihub.integration i ON i.id = e.integration_id
-        WHERE (e.rate_limit IS NOT NULL OR e.max_in_flight IS NOT NULL) AND e.enabled AND i.state <> 'inactive'
+        WHERE (e.rate_limit IS NOT NULL OR e.max_in_flight IS NOT NULL OR e.ordering IS NOT NULL)
+          AND e.enabled AND i.state <> 'inactive'
           AND EXISTS (SELECT 1 FROM ihub.delivery q
                       WHERE q.endpoint_id = e.id AND q.state IN ('pending', 'retry') AND q.run_at <= now())
         ORDER BY e.id
     LOOP
         EXIT WHEN v_left <= 0;
-        INSERT INTO ihub.endpoint_state (endpoint_id, tokens, tokens_at) VALUES (l.id, 1, now()) ON CONFLICT DO NOTHING;
-        SELECT * INTO s FROM ihub.endpoint_state WHERE endpoint_id = l.id FOR UPDATE SKIP LOCKED;
-        CONTINUE WHEN NOT FOUND OR s.state <> 'closed' OR s.paused_until > now();
+        s := ihub._endpoint_turn(l.id, false);
+        CONTINUE WHEN s.endpoint_id IS NULL OR s.state <> 'closed' OR s.paused_until > now();
         v_n := v_left;
         IF l.rate_limit IS NOT NULL THEN
             v_tokens := least(greatest(1, l.rate_limit),
@@ -4987,7 +5156,31 @@ BEGIN
             END IF;
         END IF;
         v_got := 0;
-        IF v_n > 0 THEN
+        IF v_n > 0 AND l.ordering IS NOT NULL THEN
+            -- The first open delivery of each key, if it is due. The
+            -- endpoint's state row, locked, keeps other claims and routes
+            -- of the endpoint out until commit.
+            RETURN QUERY
+                WITH due AS (
+                    SELECT q.id FROM ihub.delivery q
+                    WHERE q.id = ANY (ARRAY(SELECT h.id FROM ihub._ordered_heads(l.id) h
+                                            WHERE h.state IN ('pending', 'retry') AND h.run_at <= now()
+                                            ORDER BY h.run_at, h.id LIMIT v_n))
+                      AND q.state IN ('pending', 'retry')
+                    FOR UPDATE SKIP LOCKED
+                )
+                UPDATE ihub.delivery d
+                SET state = 'running', worker_pid = p_owner,
+                    lease_until = ihub._lease_until(coalesce(l.timeout_ms, p_default_timeout_ms), p_rounds)
+                FROM due WHERE d.id = due.id
+                RETURNING d.*;
+            GET DIAGNOSTICS v_got = ROW_COUNT;
+            -- The next of these keys may go once they are delivered: the
+            -- dispatcher settles as soon as its batch is sent.
+            IF v_got > 0 THEN
+                PERFORM set_config('ihub_claim.in_flight_held', 'on', false);
+            END IF;
+        ELSIF v_n > 0 THEN
             RETURN QUERY
                 WITH due AS (
                     SELECT q.id FROM ihub.delivery q
@@ -5033,6 +5226,124 @@ END
 $$;
 
 -------------------------------------------------------------------------------
+-- Ordering
+-------------------------------------------------------------------------------
+
+-- An endpoint's ordering: 'key', 'endpoint', or NULL ('none', or not given).
+CREATE FUNCTION ihub._check_ordering(p_ordering text) RETURNS text
+LANGUAGE plpgsql IMMUTABLE SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF p_ordering IS NULL OR lower(p_ordering) = 'none' THEN
+        RETURN NULL;
+    ELSIF lower(p_ordering) IN ('key', 'endpoint') THEN
+        RETURN lower(p_ordering);
+    END IF;
+    RAISE EXCEPTION 'invalid ordering "%"', p_ordering
+        USING ERRCODE = 'invalid_parameter_value',
+              HINT = 'Use key (a row''s changes in commit order, keys in parallel), endpoint (one at a time, first in first out) or none.';
+END
+$$;
+
+-- The ordering key of a delivery that is not a row change (a request, a
+-- replay of one queued without order): its own key, unordered with others,
+-- when the endpoint orders by key; the endpoint's when it orders them all.
+CREATE FUNCTION ihub._ordering_key_of(p_ordering text, p_own_key text) RETURNS text
+LANGUAGE sql IMMUTABLE SET search_path = pg_catalog, pg_temp
+AS $$ SELECT CASE p_ordering WHEN 'endpoint' THEN '' WHEN 'key' THEN p_own_key END $$;
+
+-- The columns whose values are a subscription's ordering key: those it was
+-- given, or its table's primary key.
+CREATE FUNCTION ihub._ordering_columns(p_sub ihub.subscription) RETURNS text[]
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v text[] := p_sub.ordering_key;
+BEGIN
+    IF v IS NULL THEN
+        SELECT array_agg(a.attname::text ORDER BY k.n) INTO v
+        FROM pg_index i
+        CROSS JOIN LATERAL unnest(i.indkey::int2[]) WITH ORDINALITY k(attnum, n)
+        JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+        WHERE i.indrelid = p_sub.source AND i.indisprimary;
+    END IF;
+    IF v IS NULL THEN
+        RAISE EXCEPTION 'table % has no primary key to order its changes by', p_sub.source
+            USING ERRCODE = 'invalid_table_definition',
+                  HINT = 'Add a primary key, or subscribe with the key columns: ihub.subscribe(..., ordering_key => ''{customer_id}'').';
+    END IF;
+    RETURN v;
+END
+$$;
+
+-- (ihub._ordered_heads, the first delivery of each key, is in outbound.sql:
+-- the views use it.)
+
+-- Sets an endpoint's ordering (from ihub.alter_endpoint). Deliveries queued
+-- without an order cannot take a place in one afterwards, so ordering is
+-- switched on only when nothing is queued for the endpoint; switching it
+-- off is always possible. Either way, dead and failed deliveries give up
+-- the keys they held (a replay queues them in the new order).
+CREATE FUNCTION ihub._change_ordering(p_endpoint_id bigint, p_ordering text) RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_endpoint ihub.endpoint;
+    v_queued bigint;
+BEGIN
+    -- FOR UPDATE waits for the routes and requests queueing deliveries for
+    -- it (they hold FOR KEY SHARE until commit) and keeps new ones out.
+    SELECT * INTO v_endpoint FROM ihub.endpoint WHERE id = p_endpoint_id FOR UPDATE;
+    IF v_endpoint.ordering IS NOT DISTINCT FROM p_ordering THEN
+        RETURN;
+    END IF;
+    IF p_ordering IS NOT NULL THEN
+        SELECT count(*) INTO v_queued FROM ihub.delivery d
+        WHERE d.endpoint_id = p_endpoint_id AND d.state IN ('pending', 'retry', 'running');
+        IF v_queued > 0 THEN
+            RAISE EXCEPTION 'endpoint "%" has % deliveries queued or in flight, queued without this order', v_endpoint.name, v_queued
+                USING ERRCODE = 'object_not_in_prerequisite_state',
+                      HINT = 'Set the ordering when nothing is queued for it (ihub.deliveries), or create an ordered endpoint and subscribe to that.';
+        END IF;
+        IF p_ordering = 'key' THEN
+            PERFORM ihub._ordering_columns(s) FROM ihub.subscription s WHERE s.endpoint_id = p_endpoint_id;
+        END IF;
+    END IF;
+    UPDATE ihub.delivery d SET ordering_key = NULL
+    WHERE d.endpoint_id = p_endpoint_id AND d.ordering_key IS NOT NULL
+      AND d.state IN ('pending', 'retry', 'running', 'failed', 'dead');
+    UPDATE ihub.endpoint SET ordering = p_ordering WHERE id = p_endpoint_id;
+END
+$$;
+
+-- Ends a delivery without sending it: a dead or failed one that holds its
+-- key, or one still waiting (pending or retrying). The next of its key may
+-- go. A response handler gets nothing for it.
+CREATE FUNCTION ihub.skip(delivery_id bigint) RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v ihub.delivery;
+BEGIN
+    SELECT * INTO v FROM ihub.delivery d WHERE d.id = skip.delivery_id FOR UPDATE;
+    IF v.id IS NULL THEN
+        RAISE EXCEPTION 'delivery % does not exist', delivery_id
+            USING ERRCODE = 'undefined_object', HINT = 'List deliveries in ihub.deliveries.';
+    ELSIF v.state NOT IN ('dead', 'failed', 'pending', 'retry') THEN
+        RAISE EXCEPTION 'delivery % is %; only dead, failed, pending or retrying deliveries can be skipped', delivery_id, v.state
+            USING ERRCODE = 'object_not_in_prerequisite_state',
+                  HINT = CASE WHEN v.state = 'running' THEN 'It is being sent; skip it if its attempt fails.'
+                              ELSE 'It has ended already.' END;
+    END IF;
+    UPDATE ihub.delivery d SET state = 'skipped', finished_at = now(), worker_pid = NULL, lease_until = NULL
+    WHERE d.id = v.id;
+    PERFORM ihub.log('info', format('delivery %s skipped (it was %s)', v.id, v.state),
+                     jsonb_build_object('delivery', v.id, 'endpoint_id', v.endpoint_id, 'ordering_key', v.ordering_key));
+    PERFORM ihub._wake();
+END
+$$;
+
+-------------------------------------------------------------------------------
 -- Event types
 -------------------------------------------------------------------------------
 
@@ -5066,7 +5377,8 @@ AS $$
 $$;
 
 -- Changes how an endpoint is delivered to: its timeout, retry policy,
--- circuit breaker, limits and the event types it accepts. NULL leaves a
+-- circuit breaker, limits, the event types it accepts and its ordering
+-- (see ihub._change_ordering). NULL leaves a
 -- setting as it is; a limit of 0 removes it, and so does '{}' the event
 -- types filter. Not where requests go
 -- or what they carry (URL, method, headers, credentials): whoever may call
@@ -5080,13 +5392,15 @@ CREATE FUNCTION ihub.alter_endpoint(
     circuit jsonb DEFAULT NULL,
     rate_limit double precision DEFAULT NULL,
     max_in_flight integer DEFAULT NULL,
-    event_types text[] DEFAULT NULL
+    event_types text[] DEFAULT NULL,
+    ordering text DEFAULT NULL
 ) RETURNS void
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     v_endpoint ihub.endpoint := ihub._endpoint(alter_endpoint.name);
     v_circuit ihub.endpoint_state;
+    v_ordering text := ihub._check_ordering(alter_endpoint.ordering);
 BEGIN
     IF alter_endpoint.timeout_ms IS NOT NULL AND alter_endpoint.timeout_ms NOT BETWEEN 1 AND 300000 THEN
         RAISE EXCEPTION 'timeout_ms must be between 1 and 300000, got %', alter_endpoint.timeout_ms
@@ -5094,6 +5408,9 @@ BEGIN
     END IF;
     PERFORM ihub._check_limits(alter_endpoint.rate_limit, alter_endpoint.max_in_flight);
     PERFORM ihub._check_event_type(t, true) FROM unnest(alter_endpoint.event_types) t;
+    IF alter_endpoint.ordering IS NOT NULL THEN
+        PERFORM ihub._change_ordering(v_endpoint.id, v_ordering);
+    END IF;
     UPDATE ihub.endpoint e
     SET timeout_ms = coalesce(alter_endpoint.timeout_ms, e.timeout_ms),
         event_types = CASE WHEN alter_endpoint.event_types IS NULL THEN e.event_types
@@ -5104,6 +5421,9 @@ BEGIN
         retry = CASE WHEN alter_endpoint.retry IS NULL THEN e.retry ELSE ihub._normalize_retry(alter_endpoint.retry) END,
         circuit = CASE WHEN alter_endpoint.circuit IS NULL THEN e.circuit ELSE ihub._normalize_circuit(alter_endpoint.circuit) END
     WHERE e.id = v_endpoint.id;
+    IF coalesce(alter_endpoint.rate_limit, 0) > 0 OR coalesce(alter_endpoint.max_in_flight, 0) > 0 OR v_ordering IS NOT NULL THEN
+        PERFORM ihub._endpoint_state_for(v_endpoint.id);
+    END IF;
     IF alter_endpoint.circuit IS NOT NULL THEN
         SELECT * INTO v_circuit FROM ihub.endpoint_state WHERE endpoint_id = v_endpoint.id FOR UPDATE;
         IF FOUND THEN
@@ -5120,9 +5440,12 @@ BEGIN
 END
 $$;
 
+COMMENT ON FUNCTION ihub._endpoint_turn(bigint, boolean) IS
+    'Internal: locks an endpoint''s state row until commit (its turn for limited or ordered claims and routes), or returns NULLs when taken and not waiting.';
+COMMENT ON FUNCTION ihub._endpoint_state_for(bigint) IS 'Internal: makes an endpoint''s state row if it has none.';
 COMMENT ON FUNCTION ihub._check_limits(double precision, integer) IS 'Internal: checks an endpoint''s rate_limit and max_in_flight.';
 COMMENT ON FUNCTION ihub._claim_limited(integer, integer, integer, integer) IS
-    'Internal (dispatcher): claims due deliveries of rate-limited or in-flight-limited endpoints within their limits.';
+    'Internal (dispatcher): claims due deliveries of rate-limited, in-flight-limited or ordered endpoints within their limits, the first of each key for ordered ones.';
 COMMENT ON FUNCTION ihub._pause_rate_limited(jsonb) IS
     'Internal (dispatcher): a 429 holds every delivery to its endpoint until that delivery''s retry.';
 COMMENT ON FUNCTION ihub._circuit_changed(bigint, jsonb, text, text, text) IS
@@ -5131,8 +5454,14 @@ COMMENT ON FUNCTION ihub._circuit_settle(jsonb) IS
     'Internal (dispatcher): counts a settled batch''s outcomes per endpoint, opens and closes circuits, disables endpoints failing for ihub.endpoint_disable_after.';
 COMMENT ON FUNCTION ihub._circuit_probes(integer, integer, integer) IS
     'Internal (dispatcher): claims one probe delivery for each open circuit whose cooldown is over.';
-COMMENT ON FUNCTION ihub.alter_endpoint(text, integer, jsonb, jsonb, double precision, integer, text[]) IS
-    'Changes an endpoint''s timeout, retry policy, circuit breaker, rate limit, in-flight limit or accepted event types; NULL keeps a setting, 0 (or ''{}'') removes a limit. A circuit policy also closes the circuit.';
+COMMENT ON FUNCTION ihub.alter_endpoint(text, integer, jsonb, jsonb, double precision, integer, text[], text) IS
+    'Changes an endpoint''s timeout, retry policy, circuit breaker, rate limit, in-flight limit, accepted event types or ordering; NULL keeps a setting, 0 (or ''{}'', or ''none'') removes a limit. A circuit policy also closes the circuit.';
+COMMENT ON FUNCTION ihub._check_ordering(text) IS 'Internal: checks an endpoint''s ordering (key, endpoint or none).';
+COMMENT ON FUNCTION ihub._ordering_key_of(text, text) IS 'Internal: the ordering key of a delivery that is not a row change.';
+COMMENT ON FUNCTION ihub._ordering_columns(ihub.subscription) IS 'Internal: the columns that make a subscription''s ordering key (given, or the primary key).';
+COMMENT ON FUNCTION ihub._change_ordering(bigint, text) IS 'Internal: sets an endpoint''s ordering (only when nothing is queued for it, to switch it on).';
+COMMENT ON FUNCTION ihub.skip(bigint) IS
+    'Ends a dead, failed, pending or retrying delivery without sending it, so that the next of its ordering key may go.';
 COMMENT ON FUNCTION ihub._check_event_type(text, boolean) IS 'Internal: checks an event type name, or a filter pattern (a prefix ending in *).';
 COMMENT ON FUNCTION ihub._type_accepted(text[], text) IS 'Internal: whether an endpoint''s event types (NULL: all) accept a type.';
 
@@ -5176,6 +5505,7 @@ CREATE FUNCTION ihub._subscribe_by(
     condition text DEFAULT NULL,
     test_mode boolean DEFAULT false,
     event_type text DEFAULT NULL,
+    ordering_key text[] DEFAULT NULL,
     p_caller regrole DEFAULT NULL) RETURNS bigint
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
@@ -5219,13 +5549,13 @@ BEGIN
 
     SELECT array_agg(a.attname::text ORDER BY a.attnum) INTO v_columns
     FROM pg_attribute a WHERE a.attrelid = source AND a.attnum > 0 AND NOT a.attisdropped;
-    v_bad := (SELECT string_agg(format('%I', c), ', ') FROM unnest(columns || watch) AS c WHERE c <> ALL (v_columns));
+    v_bad := (SELECT string_agg(format('%I', c), ', ') FROM unnest(columns || watch || ordering_key) AS c WHERE c <> ALL (v_columns));
     IF v_bad IS NOT NULL THEN
         RAISE EXCEPTION 'table % has no column %', source, v_bad
             USING ERRCODE = 'undefined_column', HINT = format('Its columns are: %s.', array_to_string(v_columns, ', '));
     END IF;
-    IF cardinality(columns) = 0 OR cardinality(watch) = 0 THEN
-        RAISE EXCEPTION 'columns and watch must list at least one column when given'
+    IF cardinality(columns) = 0 OR cardinality(watch) = 0 OR cardinality(ordering_key) = 0 THEN
+        RAISE EXCEPTION 'columns, watch and ordering_key must list at least one column when given'
             USING ERRCODE = 'invalid_parameter_value', HINT = 'Pass NULL for all columns.';
     END IF;
     IF watch IS NOT NULL AND 'update' <> ALL (v_events) THEN
@@ -5258,10 +5588,13 @@ BEGIN
     END IF;
 
     INSERT INTO ihub.subscription (endpoint_id, source, events, columns, watch, condition, test_mode, created_by,
-                                   event_type)
+                                   event_type, ordering_key)
     VALUES (v_endpoint.id, source, v_events, columns, watch, condition, coalesce(test_mode, false), v_caller,
-            event_type)
+            event_type, ordering_key)
     RETURNING * INTO v_sub;
+    IF v_endpoint.ordering = 'key' THEN
+        PERFORM ihub._ordering_columns(v_sub);
+    END IF;
 
     PERFORM ihub._create_capture_table(v_sub);
     PERFORM ihub._create_capture_triggers(v_sub, r) FROM ihub._capture_relations(source) AS r;
@@ -5280,27 +5613,40 @@ CREATE FUNCTION ihub.subscribe(
     watch text[] DEFAULT NULL,
     condition text DEFAULT NULL,
     test_mode boolean DEFAULT false,
-    event_type text DEFAULT NULL
+    event_type text DEFAULT NULL,
+    ordering_key text[] DEFAULT NULL
 ) RETURNS bigint
 LANGUAGE c VOLATILE AS 'MODULE_PATHNAME', 'ihub_for_caller';
-COMMENT ON FUNCTION ihub._subscribe_by(regclass, text, text[], text[], text[], text, boolean, text, regrole) IS
+COMMENT ON FUNCTION ihub._subscribe_by(regclass, text, text[], text[], text[], text, boolean, text, text[], regrole) IS
     'Internal: ihub.subscribe for the role passed last, the caller its LANGUAGE c entry point saw (src/caller.rs).';
-COMMENT ON FUNCTION ihub.subscribe(regclass, text, text[], text[], text[], text, boolean, text) IS
-    'Subscribes an endpoint to row changes of a table (and of all its partitions): events (insert, update, delete, truncate), payload columns, watched columns (updates fire only when one changed), a condition over new and old, and test mode. Returns the subscription id.';
--- A new column at the end: the event type.
+COMMENT ON FUNCTION ihub.subscribe(regclass, text, text[], text[], text[], text, boolean, text, text[]) IS
+    'Subscribes an endpoint to row changes of a table (and of all its partitions): events (insert, update, delete, truncate), payload columns, watched columns (updates fire only when one changed), a condition over new and old, test mode, event type and the columns of its ordering key (default: the primary key). Returns the subscription id.';
+-- New columns at the end: the event type and the ordering key's columns.
 CREATE OR REPLACE VIEW ihub.subscriptions AS
 SELECT s.id, i.name AS integration, e.name AS endpoint, s.source, s.events, s.columns, s.watch, s.condition,
        s.test_mode, (i.state <> 'inactive') AS capturing, s.created_by, s.created_at,
-       s.broken_reason AS broken, s.broken_at, s.event_type
+       s.broken_reason AS broken, s.broken_at, s.event_type, s.ordering_key
 FROM ihub.subscription s
 JOIN ihub.endpoint e ON e.id = s.endpoint_id
 JOIN ihub.integration i ON i.id = e.integration_id;
 
 GRANT EXECUTE ON FUNCTION
-    ihub.create_endpoint(text, text, text, text, jsonb, jsonb, text, integer, jsonb, jsonb, double precision, integer, text[]),
-    ihub.alter_endpoint(text, integer, jsonb, jsonb, double precision, integer, text[]),
-    ihub.subscribe(regclass, text, text[], text[], text[], text, boolean, text)
+    ihub.create_endpoint(text, text, text, text, jsonb, jsonb, text, integer, jsonb, jsonb, double precision, integer, text[], text),
+    ihub.alter_endpoint(text, integer, jsonb, jsonb, double precision, integer, text[], text),
+    ihub.subscribe(regclass, text, text[], text[], text[], text, boolean, text, text[]),
+    ihub.skip(bigint)
 TO ihub_developer;
+
+-- Deliveries show their ordering key.
+CREATE OR REPLACE VIEW ihub.deliveries AS
+SELECT d.id, i.name AS integration, e.name AS endpoint, d.subscription_id AS subscription,
+       d.event_id, d.event_type, d.state, d.attempts,
+       CASE WHEN d.state IN ('pending', 'retry') THEN d.run_at END AS run_at,
+       d.last_status, d.last_error, d.test_mode, d.occurred_at, d.created_at, d.finished_at,
+       d.finished_at - d.occurred_at AS latency, d.payload, d.ordering_key
+FROM ihub.delivery d
+JOIN ihub.endpoint e ON e.id = d.endpoint_id
+JOIN ihub.integration i ON i.id = e.integration_id;
 
 -------------------------------------------------------------------------------
 -- Privileges: as a fresh install sets them (finalize.sql)

@@ -565,6 +565,66 @@ mod tests {
         );
     }
 
+    /// An endpoint ordered by key gets the first open delivery of each key
+    /// claimed, and nothing behind it: not while it is in flight, not while
+    /// it is dead (the key shows as blocked) until it is skipped. Ordering
+    /// is switched on only when nothing is queued, and checked.
+    #[pg_test]
+    fn an_ordered_endpoint_claims_only_the_first_delivery_of_each_key() {
+        setup_enabled();
+        expect_error(
+            "SELECT ihub.create_endpoint('shop', 'o', 'https://o.example.com/', ordering => 'random')",
+            &["invalid ordering \"random\"", "HINT: Use key"],
+        );
+        Spi::run(
+            "SELECT ihub.alter_endpoint('hook', ordering => 'key');
+             CREATE TABLE nokey (a int);",
+        )
+        .unwrap();
+        expect_error("SELECT ihub.subscribe('nokey', 'hook')", &["nokey has no primary key", "ordering_key =>"]);
+        expect_error("SELECT ihub.subscribe('nokey', 'hook', ordering_key => '{b}')", &["nokey has no column b"]);
+        Spi::run(
+            "SELECT ihub.subscribe('orders', 'hook');
+             INSERT INTO orders (customer, amount) VALUES ('a', 1), ('b', 2);
+             UPDATE orders SET amount = 10 WHERE id = 1;
+             UPDATE orders SET amount = 20 WHERE id = 1;",
+        )
+        .unwrap();
+        let claim = || one::<i64>("SELECT count(*) FROM ihub._claim(4242, 100, 1000, 1)");
+        let running = || {
+            one::<String>(
+                "SELECT coalesce(string_agg((payload -> 'data' ->> 'id') || ':' || (payload -> 'data' ->> 'amount'), ',' ORDER BY id), '')
+                 FROM ihub.delivery WHERE state = 'running'",
+            )
+        };
+        assert_eq!(claim(), 2);
+        assert_eq!(running(), "1:1,2:2", "the first of each key");
+        assert!(one::<bool>("SELECT ordering_key ~ '^[0-9]+:\\[1\\]$' FROM ihub.delivery WHERE payload -> 'data' ->> 'id' = '1' LIMIT 1"));
+        assert_eq!(claim(), 0, "nothing behind a delivery in flight");
+        Spi::run("UPDATE ihub.delivery SET state = 'done' WHERE state = 'running'").unwrap();
+        assert_eq!(claim(), 1);
+        assert_eq!(running(), "1:10");
+        Spi::run("UPDATE ihub.delivery SET state = 'dead' WHERE state = 'running'").unwrap();
+        assert_eq!(claim(), 0, "a dead delivery holds its key");
+        assert_eq!(one::<i64>("SELECT blocked_keys FROM ihub.endpoints WHERE name = 'hook'"), 1);
+        assert_eq!(
+            one::<String>("SELECT status || ': ' || message FROM ihub.health() WHERE check_name = 'endpoints'"),
+            "warning: keys held by failed or dead deliveries: hook (1)"
+        );
+        expect_error(
+            "SELECT ihub.alter_endpoint('hook', ordering => 'endpoint')",
+            &["endpoint \"hook\" has 1 deliveries queued or in flight", "HINT: Set the ordering when nothing is queued"],
+        );
+        Spi::run("SELECT ihub.skip(id) FROM ihub.delivery WHERE state = 'dead'").unwrap();
+        assert_eq!(claim(), 1);
+        assert_eq!(running(), "1:20");
+        expect_error("SELECT ihub.skip(id) FROM ihub.delivery WHERE state = 'running'", &["is being sent"]);
+        // Switched off, nothing holds a key any more.
+        Spi::run("SELECT ihub.alter_endpoint('hook', ordering => 'none')").unwrap();
+        assert_eq!(one::<i64>("SELECT count(*) FROM ihub.delivery WHERE ordering_key IS NOT NULL AND state <> 'done' AND state <> 'skipped'"), 0);
+        assert!(one::<bool>("SELECT ordering IS NULL AND blocked_keys IS NULL FROM ihub.endpoints WHERE name = 'hook'"));
+    }
+
     /// A rate-limited endpoint is claimed within its token bucket (one
     /// token to start with, refilled at the rate) and within max_in_flight;
     /// its routed changes wait as pending for that claim; other endpoints

@@ -16,11 +16,11 @@ const WAIT: Duration = Duration::from_secs(30);
 /// A row as text, without the columns later versions added (a new column
 /// changes every row's text): job.fn_name and inbound_source.handler_name
 /// (0.3.0, filled by the upgrade), subscription.broken_at and broken_reason
-/// (0.3.0, NULL), endpoint.circuit, rate_limit, max_in_flight and event_types
-/// and subscription.event_type (0.3.0,
-/// NULL: none).
-const ROW: &str =
-    "(to_jsonb(t) - '{handler_name,fn_name,broken_at,broken_reason,circuit,rate_limit,max_in_flight,event_types,event_type}'::text[])::text";
+/// (0.3.0, NULL), endpoint.circuit, rate_limit, max_in_flight, event_types
+/// and ordering, subscription.event_type and ordering_key, and
+/// delivery.ordering_key (0.3.0, NULL: none).
+const ROW: &str = "(to_jsonb(t) - '{handler_name,fn_name,broken_at,broken_reason,circuit,rate_limit,max_in_flight,\
+                   event_types,event_type,ordering,ordering_key}'::text[])::text";
 
 /// Tables whose rows only the test changes: they must come through equal.
 const KEPT: &[&str] = &[

@@ -53,7 +53,8 @@ fn main() {
         // First, while the dispatchers are idle: it measures the writer alone.
         writer_overhead(&mut db, 200_000);
         let rows = std::env::var("IHUB_BENCH_ROWS").ok().and_then(|v| v.parse().ok()).unwrap_or(20_000);
-        throughput(&cluster, &mut db, &receiver, rows);
+        let unordered = throughput(&cluster, &mut db, &receiver, rows);
+        ordered_throughput(&cluster, &mut db, &receiver, rows, 1000, unordered);
         latency(&cluster, &receiver, 500, Duration::from_secs(10));
         single_row_writes(&cluster, &mut db, &receiver, Duration::from_secs(10));
         println!();
@@ -388,7 +389,8 @@ fn wait_arrivals(receiver: &Receiver, n: usize, timeout: Duration) {
     assert!(receiver.wait_for(n, timeout), "only {} of {n} deliveries arrived", receiver.count());
 }
 
-fn throughput(cluster: &Cluster, db: &mut postgres::Client, receiver: &Receiver, n: usize) {
+/// Returns the deliveries per second (all received).
+fn throughput(cluster: &Cluster, db: &mut postgres::Client, receiver: &Receiver, n: usize) -> f64 {
     let before = receiver.count();
     let wal_before = machine::wal_bytes(db);
     let cpu_before = machine::cluster_cpu_seconds(cluster);
@@ -428,6 +430,56 @@ fn throughput(cluster: &Cluster, db: &mut postgres::Client, receiver: &Receiver,
         cpu * 1e6 / n as f64
     );
     println!("  WAL {:.0} bytes per delivery (the same)", wal as f64 / n as f64);
+    n as f64 / arrived.as_secs_f64()
+}
+
+/// The same changes to an endpoint ordered by key (`ordering_key => '{k}'`),
+/// `keys` keys, each transaction of 1,000 rows touching every key once: at
+/// most one delivery of a key in flight, so a key's 20 deliveries go one
+/// after another while the keys go in parallel.
+fn ordered_throughput(
+    cluster: &Cluster,
+    db: &mut postgres::Client,
+    receiver: &Receiver,
+    n: usize,
+    keys: i32,
+    unordered: f64,
+) {
+    db.batch_execute(&format!(
+        "DROP TABLE IF EXISTS bench_keyed;
+         CREATE TABLE bench_keyed (id bigserial PRIMARY KEY, k int NOT NULL, customer text NOT NULL,
+                                   amount numeric(12,2) NOT NULL, status text NOT NULL DEFAULT 'new',
+                                   created_at timestamptz NOT NULL DEFAULT now());
+         SELECT ihub.create_endpoint('bench', 'bench-ordered', '{}', ordering => 'key');
+         SELECT ihub.subscribe('bench_keyed', 'bench-ordered', events => '{{insert}}', ordering_key => '{{k}}');",
+        receiver.url("/bench")
+    ))
+    .expect("ordered setup");
+    let before = receiver.count();
+    let cpu_before = machine::cluster_cpu_seconds(cluster);
+    let start = Instant::now();
+    for chunk in 0..n / 1000 {
+        db.execute(
+            "INSERT INTO bench_keyed (k, customer, amount)
+             SELECT g % $2, 'c' || g, g FROM generate_series($1::int, $1::int + 999) g",
+            &[&((chunk * 1000) as i32), &keys],
+        )
+        .unwrap();
+    }
+    wait_arrivals(receiver, before + n, Duration::from_secs(300));
+    let arrived = start.elapsed();
+    wait_delivered(db, Duration::from_secs(300), Duration::from_millis(10));
+    let cpu = machine::cluster_cpu_seconds(cluster) - cpu_before;
+    let rate = n as f64 / arrived.as_secs_f64();
+    println!(
+        "ordered by key ({keys} keys): all received after {:.2} s -> {:>8.0} deliveries/s{}, {:.2} of unordered \
+         (target >= 0.7); {:.0} us CPU per delivery",
+        arrived.as_secs_f64(),
+        rate,
+        machine::ratio(rate),
+        rate / unordered,
+        cpu * 1e6 / n as f64
+    );
 }
 
 /// `n` requests to an endpoint whose receiver refuses connections, each

@@ -124,6 +124,17 @@ fn _capture_filtered<'a>(
     Ok(None)
 }
 
+/// The next value of `ihub.capture_seq`, without a privilege check: writers
+/// hold no right on it, as on the capture tables.
+unsafe fn statement_number() -> Result<i64, CaptureError> {
+    let ihub = pg_sys::get_namespace_oid(c"ihub".as_ptr(), true);
+    let seq = pg_sys::get_relname_relid(c"capture_seq".as_ptr(), ihub);
+    if seq == pg_sys::InvalidOid {
+        return Err(CaptureError::WrongCaptureTable("ihub.capture_seq".to_string()));
+    }
+    Ok(pg_sys::submodules::ffi::pg_guard_ffi_boundary(|| nextval_internal(seq, false)))
+}
+
 /// The transaction syncs this subscription's integration (loop prevention,
 /// `crate::sync::syncing`): its rows are not captured.
 unsafe fn echo_suppressed(data: &pg_sys::TriggerData) -> bool {
@@ -273,8 +284,11 @@ unsafe fn capture_rows(data: &pg_sys::TriggerData, keep: Option<&[bool]>) -> Res
     let capture_desc = (*capture).rd_att;
     let attrs = (*capture_desc).attrs.as_slice((*capture_desc).natts as usize);
     let row_type = attrs.get(3).map_or(pg_sys::InvalidOid, |a| a.atttypid);
-    // A plain table: only a heap has the table AM's multi-insert.
-    if attrs.len() != 5
+    // A plain table: only a heap has the table AM's multi-insert. Capture
+    // tables made before 0.3.0 have no sixth column (the statement's
+    // number) until ALTER EXTENSION UPDATE adds it.
+    let numbered = attrs.len() == 6 && attrs[5].atttypid == pg_sys::INT8OID;
+    if !(attrs.len() == 5 || numbered)
         || attrs[4].atttypid != row_type
         || !feeds(source, row_type)
         || (*(*capture).rd_rel).relhasindex
@@ -294,6 +308,8 @@ unsafe fn capture_rows(data: &pg_sys::TriggerData, keep: Option<&[bool]>) -> Res
     let xid = pg_sys::Datum::from(pg_sys::GetTopFullTransactionId().value);
     let at = pg_sys::Datum::from(pg_sys::GetCurrentStatementStartTimestamp());
     let cid = pg_sys::GetCurrentCommandId(true);
+    // One number for the statement: a row appears at most once in it.
+    let seq = if numbered { Some(pg_sys::Datum::from(statement_number()?)) } else { None };
     let multi_insert = (*(*capture).rd_tableam).multi_insert.expect("table AM has multi_insert");
     let bulk = if passing > BATCH { pg_sys::GetBulkInsertState() } else { std::ptr::null_mut() };
 
@@ -322,8 +338,8 @@ unsafe fn capture_rows(data: &pg_sys::TriggerData, keep: Option<&[bool]>) -> Res
         position += 1;
         if more && passes {
             let slot = slots[filled];
-            let values = std::slice::from_raw_parts_mut((*slot).tts_values, 5);
-            let nulls = std::slice::from_raw_parts_mut((*slot).tts_isnull, 5);
+            let values = std::slice::from_raw_parts_mut((*slot).tts_values, attrs.len());
+            let nulls = std::slice::from_raw_parts_mut((*slot).tts_isnull, attrs.len());
             rows.switch_to(|_| {
                 values[0] = pg_sys::Datum::from(op as i8);
                 values[1] = xid;
@@ -336,6 +352,10 @@ unsafe fn capture_rows(data: &pg_sys::TriggerData, keep: Option<&[bool]>) -> Res
             nulls[0] = false;
             nulls[1] = false;
             nulls[2] = false;
+            if let Some(seq) = seq {
+                values[5] = seq;
+                nulls[5] = false;
+            }
             pg_sys::ExecStoreVirtualTuple(slot);
             filled += 1;
         }
@@ -367,6 +387,8 @@ unsafe fn capture_rows(data: &pg_sys::TriggerData, keep: Option<&[bool]>) -> Res
 // through pgrx's guard, as its own bindings are.
 unsafe extern "C-unwind" {
     fn get_partition_ancestors(relid: pg_sys::Oid) -> *mut pg_sys::List;
+    // From commands/sequence.h, likewise.
+    fn nextval_internal(relid: pg_sys::Oid, check_permissions: bool) -> i64;
 }
 
 /// Whether writes to `source` belong in a capture table of rows of
