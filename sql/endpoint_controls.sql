@@ -164,9 +164,13 @@ BEGIN
                                 ORDER BY q.run_at LIMIT 1
                                 FOR UPDATE SKIP LOCKED)
                           -- An ordered endpoint's probe is the first of its key.
-                          ELSE (SELECT h.id FROM ihub._ordered_heads(c.endpoint_id) h
-                                WHERE h.state IN ('pending', 'retry') AND h.run_at <= now()
-                                ORDER BY h.run_at, h.id LIMIT 1) END
+                          ELSE (SELECT q.id FROM ihub.delivery q
+                                WHERE q.id = ANY (ARRAY(SELECT h.id FROM ihub._ordered_heads(c.endpoint_id) h
+                                                        WHERE h.state IN ('pending', 'retry') AND h.run_at <= now()
+                                                          AND NOT ihub._key_in_flight(c.endpoint_id, h.ordering_key)))
+                                  AND q.state IN ('pending', 'retry')
+                                ORDER BY q.run_at, q.id LIMIT 1
+                                FOR UPDATE SKIP LOCKED) END
           AND d.state IN ('pending', 'retry')
         RETURNING d.* INTO v_probe;
         CONTINUE WHEN v_probe.id IS NULL;
@@ -202,24 +206,43 @@ BEGIN
 END
 $$;
 
--- Takes an endpoint's turn: its state row, locked until commit, which the
--- claims of limited and ordered endpoints and the routes to ordered ones
--- hold while they work on it. Not waiting, it returns NULLs when another
--- transaction has the turn. The row is made with the endpoint's limits or
--- ordering (ihub._endpoint_state_for), so that two dispatchers never wait
--- on each other's insert of it; it is made here only if missing.
-CREATE FUNCTION ihub._endpoint_turn(p_endpoint_id bigint, p_wait boolean) RETURNS ihub.endpoint_state
+-- Takes an ordered endpoint's turn until commit: its routes and claims take
+-- turns (and, for one ordered as a whole, requests too). Not waiting, it
+-- returns false when another transaction has the turn. A transaction-level
+-- advisory lock, not the endpoint's state row: settling a batch writes that
+-- row (failure counts), and a dispatcher that waited for another's claim to
+-- write it gave up after its lock_timeout (100 ms) and rolled its settle
+-- back, so the requests were sent again once their leases ran out.
+CREATE FUNCTION ihub._endpoint_turn(p_endpoint_id bigint, p_wait boolean) RETURNS boolean
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    -- pg_ihub's class of advisory locks (hashtext('ihub.endpoint_turn')),
+    -- and the endpoint: ids beyond 2^31 share a lock with another, which
+    -- only makes them take turns too.
+    c_class constant integer := -184645567;
+    v_key integer := (p_endpoint_id % 2147483647)::integer;
+BEGIN
+    IF p_wait THEN
+        PERFORM pg_advisory_xact_lock(c_class, v_key);
+        RETURN true;
+    END IF;
+    RETURN pg_try_advisory_xact_lock(c_class, v_key);
+END
+$$;
+
+-- The state row of an endpoint with limits, locked until commit (its
+-- token bucket), or NULLs when another transaction holds it. The row is
+-- made with the endpoint's limits (ihub._endpoint_state_for), so that two
+-- dispatchers never wait on each other's insert of it; here only if missing.
+CREATE FUNCTION ihub._endpoint_state_locked(p_endpoint_id bigint) RETURNS ihub.endpoint_state
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     s ihub.endpoint_state;
 BEGIN
     FOR i IN 1..2 LOOP
-        IF p_wait THEN
-            SELECT * INTO s FROM ihub.endpoint_state WHERE endpoint_id = p_endpoint_id FOR UPDATE;
-        ELSE
-            SELECT * INTO s FROM ihub.endpoint_state WHERE endpoint_id = p_endpoint_id FOR UPDATE SKIP LOCKED;
-        END IF;
+        SELECT * INTO s FROM ihub.endpoint_state WHERE endpoint_id = p_endpoint_id FOR UPDATE SKIP LOCKED;
         EXIT WHEN FOUND OR EXISTS (SELECT 1 FROM ihub.endpoint_state WHERE endpoint_id = p_endpoint_id);
         PERFORM ihub._endpoint_state_for(p_endpoint_id);
     END LOOP;
@@ -267,8 +290,16 @@ BEGIN
         ORDER BY e.id
     LOOP
         EXIT WHEN v_left <= 0;
-        s := ihub._endpoint_turn(l.id, false);
-        CONTINUE WHEN s.endpoint_id IS NULL OR s.state <> 'closed' OR s.paused_until > now();
+        -- Another transaction routes or claims for this ordered endpoint.
+        CONTINUE WHEN l.ordering IS NOT NULL AND NOT ihub._endpoint_turn(l.id, false);
+        IF l.rate_limit IS NOT NULL OR l.max_in_flight IS NOT NULL THEN
+            s := ihub._endpoint_state_locked(l.id);
+            CONTINUE WHEN s.endpoint_id IS NULL;
+        ELSE
+            s := NULL;
+            SELECT * INTO s FROM ihub.endpoint_state WHERE endpoint_id = l.id;
+        END IF;
+        CONTINUE WHEN s.state <> 'closed' OR s.paused_until > now();
         v_n := v_left;
         IF l.rate_limit IS NOT NULL THEN
             v_tokens := least(greatest(1, l.rate_limit),
@@ -290,13 +321,14 @@ BEGIN
         v_got := 0;
         IF v_n > 0 AND l.ordering IS NOT NULL THEN
             -- The first open delivery of each key, if it is due. The
-            -- endpoint's state row, locked, keeps other claims and routes
-            -- of the endpoint out until commit.
+            -- endpoint's turn keeps other claims and routes of it out
+            -- until commit.
             RETURN QUERY
                 WITH due AS (
                     SELECT q.id FROM ihub.delivery q
                     WHERE q.id = ANY (ARRAY(SELECT h.id FROM ihub._ordered_heads(l.id) h
                                             WHERE h.state IN ('pending', 'retry') AND h.run_at <= now()
+                                              AND NOT ihub._key_in_flight(l.id, h.ordering_key)
                                             ORDER BY h.run_at, h.id LIMIT v_n))
                       AND q.state IN ('pending', 'retry')
                     FOR UPDATE SKIP LOCKED
@@ -411,6 +443,17 @@ $$;
 -- (ihub._ordered_heads, the first delivery of each key, is in outbound.sql:
 -- the views use it.)
 
+-- Whether a delivery of this key is in flight. The first open delivery of
+-- a key is normally the one in flight, but one with a lower id can appear
+-- after a later one was claimed (a replay, a request committed late): it
+-- waits for that one to end, so that a key never has two in flight.
+CREATE FUNCTION ihub._key_in_flight(p_endpoint_id bigint, p_key text) RETURNS boolean
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT EXISTS (SELECT 1 FROM ihub.delivery r
+                   WHERE r.endpoint_id = p_endpoint_id AND r.ordering_key = p_key AND r.state = 'running')
+$$;
+
 -- Sets an endpoint's ordering (from ihub.alter_endpoint). Deliveries queued
 -- without an order cannot take a place in one afterwards, so ordering is
 -- switched on only when nothing is queued for the endpoint; switching it
@@ -441,23 +484,28 @@ BEGIN
             PERFORM ihub._ordering_columns(s) FROM ihub.subscription s WHERE s.endpoint_id = p_endpoint_id;
         END IF;
     END IF;
+    -- Switched on, nothing is queued (checked above, and queueing waits
+    -- for this transaction); switched off, nothing holds a key any more.
     UPDATE ihub.delivery d SET ordering_key = NULL
     WHERE d.endpoint_id = p_endpoint_id AND d.ordering_key IS NOT NULL
-      AND d.state IN ('pending', 'retry', 'running', 'failed', 'dead');
+      AND d.state IN ('failed', 'dead', 'pending', 'retry', 'running')
+      AND (p_ordering IS NULL OR d.state IN ('failed', 'dead'));
     UPDATE ihub.endpoint SET ordering = p_ordering WHERE id = p_endpoint_id;
 END
 $$;
 
 -- Ends a delivery without sending it: a dead or failed one that holds its
 -- key, or one still waiting (pending or retrying). The next of its key may
--- go. A response handler gets nothing for it.
-CREATE FUNCTION ihub.skip(delivery_id bigint) RETURNS void
+-- go. A response handler gets nothing for it, so skipping a request with
+-- one is for members of the role that made it (as a replay is), and who
+-- skipped is kept in last_error.
+CREATE FUNCTION ihub._skip_by(delivery_id bigint, p_caller regrole) RETURNS void
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     v ihub.delivery;
 BEGIN
-    SELECT * INTO v FROM ihub.delivery d WHERE d.id = skip.delivery_id FOR UPDATE;
+    SELECT * INTO v FROM ihub.delivery d WHERE d.id = _skip_by.delivery_id FOR UPDATE;
     IF v.id IS NULL THEN
         RAISE EXCEPTION 'delivery % does not exist', delivery_id
             USING ERRCODE = 'undefined_object', HINT = 'List deliveries in ihub.deliveries.';
@@ -467,13 +515,22 @@ BEGIN
                   HINT = CASE WHEN v.state = 'running' THEN 'It is being sent; skip it if its attempt fails.'
                               ELSE 'It has ended already.' END;
     END IF;
-    UPDATE ihub.delivery d SET state = 'skipped', finished_at = now(), worker_pid = NULL, lease_until = NULL
+    IF v.on_response IS NOT NULL THEN
+        PERFORM ihub._require_may_act_for(p_caller, v.requested_by, format('delivery %s, whose response handler', v.id));
+    END IF;
+    UPDATE ihub.delivery d
+    SET state = 'skipped', finished_at = now(), worker_pid = NULL, lease_until = NULL,
+        last_error = format('skipped by %s', p_caller::text) || coalesce(' after: ' || d.last_error, '')
     WHERE d.id = v.id;
-    PERFORM ihub.log('info', format('delivery %s skipped (it was %s)', v.id, v.state),
-                     jsonb_build_object('delivery', v.id, 'endpoint_id', v.endpoint_id, 'ordering_key', v.ordering_key));
+    PERFORM ihub.log('info', format('delivery %s skipped by %s (it was %s)', v.id, p_caller::text, v.state),
+                     jsonb_build_object('delivery', v.id, 'endpoint_id', v.endpoint_id));
     PERFORM ihub._wake();
 END
 $$;
+
+-- A C entry point (src/caller.rs): who skips cannot be forged.
+CREATE FUNCTION ihub.skip(delivery_id bigint) RETURNS void
+LANGUAGE c VOLATILE AS 'MODULE_PATHNAME', 'ihub_for_caller';
 
 -------------------------------------------------------------------------------
 -- Event types
@@ -553,7 +610,7 @@ BEGIN
         retry = CASE WHEN alter_endpoint.retry IS NULL THEN e.retry ELSE ihub._normalize_retry(alter_endpoint.retry) END,
         circuit = CASE WHEN alter_endpoint.circuit IS NULL THEN e.circuit ELSE ihub._normalize_circuit(alter_endpoint.circuit) END
     WHERE e.id = v_endpoint.id;
-    IF coalesce(alter_endpoint.rate_limit, 0) > 0 OR coalesce(alter_endpoint.max_in_flight, 0) > 0 OR v_ordering IS NOT NULL THEN
+    IF coalesce(alter_endpoint.rate_limit, 0) > 0 OR coalesce(alter_endpoint.max_in_flight, 0) > 0 THEN
         PERFORM ihub._endpoint_state_for(v_endpoint.id);
     END IF;
     IF alter_endpoint.circuit IS NOT NULL THEN
@@ -573,7 +630,9 @@ END
 $$;
 
 COMMENT ON FUNCTION ihub._endpoint_turn(bigint, boolean) IS
-    'Internal: locks an endpoint''s state row until commit (its turn for limited or ordered claims and routes), or returns NULLs when taken and not waiting.';
+    'Internal: takes an ordered endpoint''s turn for routes, claims and requests until commit (an advisory lock); false when taken and not waiting.';
+COMMENT ON FUNCTION ihub._endpoint_state_locked(bigint) IS
+    'Internal: the state row of an endpoint with limits, locked until commit, or NULLs when another transaction holds it.';
 COMMENT ON FUNCTION ihub._endpoint_state_for(bigint) IS 'Internal: makes an endpoint''s state row if it has none.';
 COMMENT ON FUNCTION ihub._check_limits(double precision, integer) IS 'Internal: checks an endpoint''s rate_limit and max_in_flight.';
 COMMENT ON FUNCTION ihub._claim_limited(integer, integer, integer, integer) IS
@@ -592,6 +651,9 @@ COMMENT ON FUNCTION ihub._check_ordering(text) IS 'Internal: checks an endpoint'
 COMMENT ON FUNCTION ihub._ordering_key_of(text, text) IS 'Internal: the ordering key of a delivery that is not a row change.';
 COMMENT ON FUNCTION ihub._ordering_columns(ihub.subscription) IS 'Internal: the columns that make a subscription''s ordering key (given, or the primary key).';
 COMMENT ON FUNCTION ihub._change_ordering(bigint, text) IS 'Internal: sets an endpoint''s ordering (only when nothing is queued for it, to switch it on).';
+COMMENT ON FUNCTION ihub._key_in_flight(bigint, text) IS 'Internal: whether a delivery of an ordering key is in flight.';
+COMMENT ON FUNCTION ihub._skip_by(bigint, regrole) IS
+    'Internal: ihub.skip for the role passed last, the caller its LANGUAGE c entry point saw (src/caller.rs).';
 COMMENT ON FUNCTION ihub.skip(bigint) IS
     'Ends a dead, failed, pending or retrying delivery without sending it, so that the next of its ordering key may go.';
 COMMENT ON FUNCTION ihub._check_event_type(text, boolean) IS 'Internal: checks an event type name, or a filter pattern (a prefix ending in *).';

@@ -36,6 +36,9 @@ COMMENT ON FUNCTION ihub._normalize_circuit(jsonb) IS 'Internal: validates a cir
 COMMENT ON FUNCTION ihub._normalize_auth(jsonb) IS 'Internal: validates endpoint auth JSON.';
 COMMENT ON FUNCTION ihub._check_secret(text) IS 'Internal: validates a whsec_ secret.';
 COMMENT ON FUNCTION ihub._generate_secret() IS 'Internal: a new random whsec_ secret.';
+COMMENT ON FUNCTION ihub._check_signing_key(text) IS 'Internal: validates an endpoint''s signing secret, whsec_ (v1) or whsk_ (v1a).';
+COMMENT ON FUNCTION ihub._generate_ed25519_key() IS 'Internal: a new random whsk_ ed25519 secret key.';
+COMMENT ON FUNCTION ihub._public_key(text) IS 'The whpk_ public key of a whsk_ secret key (NULL for a whsec_ secret).';
 COMMENT ON FUNCTION ihub._check_headers(jsonb) IS 'Internal: validates custom request headers.';
 COMMENT ON FUNCTION ihub._mask_endpoint_headers(jsonb) IS 'Internal: masks every custom header value except those marked {"secret": false}, for views.';
 COMMENT ON FUNCTION ihub._mask_attempt_headers(jsonb, jsonb) IS 'Internal: masks an attempt''s recorded request headers: credentials, the signature and secret custom headers.';
@@ -128,6 +131,7 @@ GRANT EXECUTE ON FUNCTION
     ihub.queue_stats(),
     ihub.health(),
     ihub.sign(text, text, bigint, text),
+    ihub._public_key(text),
     ihub.verify_signature(text, text, text, bigint, text),
     ihub.external_id(text, text, text),
     ihub.local_key(text, text, text),
@@ -139,7 +143,7 @@ GRANT EXECUTE ON FUNCTION
     ihub.enable_integration(text),
     ihub.disable_integration(text),
     ihub.delete_integration(text),
-    ihub.create_endpoint(text, text, text, text, jsonb, jsonb, text, integer, jsonb, jsonb, double precision, integer, text[], text),
+    ihub.create_endpoint(text, text, text, text, jsonb, jsonb, text, integer, jsonb, jsonb, double precision, integer, text[], text, text),
     ihub.alter_endpoint(text, integer, jsonb, jsonb, double precision, integer, text[], text),
     ihub.enable_endpoint(text),
     ihub.disable_endpoint(text, text),

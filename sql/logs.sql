@@ -297,7 +297,7 @@ BEGIN
                 WITH gone AS (
                     DELETE FROM ihub.delivery d
                     WHERE d.id = ANY (ARRAY(SELECT x.id FROM ihub.delivery x
-                                            WHERE x.state = 'done' AND x.created_at < v_cutoff
+                                            WHERE x.state IN ('done', 'skipped') AND x.created_at < v_cutoff
                                             ORDER BY x.id LIMIT p_batch))
                     RETURNING d.id
                 ), attempts AS (

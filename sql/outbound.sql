@@ -24,13 +24,17 @@ CREATE FUNCTION ihub.create_endpoint(
     rate_limit double precision DEFAULT NULL,
     max_in_flight integer DEFAULT NULL,
     event_types text[] DEFAULT NULL,
-    ordering text DEFAULT NULL
+    ordering text DEFAULT NULL,
+    signature text DEFAULT NULL
 ) RETURNS bigint
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     v_integration bigint := ihub._integration_id(create_endpoint.integration);
     v_ordering text := ihub._check_ordering(create_endpoint.ordering);
+    -- v1: HMAC-SHA256 with a whsec_ secret; v1a: ed25519 with a whsk_ key.
+    v_signature text := lower(coalesce(create_endpoint.signature,
+                                       CASE WHEN create_endpoint.secret LIKE 'whsk\_%' THEN 'v1a' ELSE 'v1' END));
     v_method text := upper(coalesce(create_endpoint.method, 'POST'));
     v_auth jsonb := ihub._normalize_auth(create_endpoint.auth);
     v_id bigint;
@@ -57,8 +61,18 @@ BEGIN
             USING ERRCODE = 'undefined_object',
                   HINT = 'Create it first with ihub.create_oauth2(integration, name, token_url, client_id, client_secret, ...).';
     END IF;
+    IF v_signature NOT IN ('v1', 'v1a') THEN
+        RAISE EXCEPTION 'invalid signature "%"', create_endpoint.signature
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'Use v1 (HMAC-SHA256 with a whsec_ secret) or v1a (ed25519 with a whsk_ secret key; receivers verify with its whpk_ public key, in ihub.endpoints.public_keys).';
+    END IF;
     IF create_endpoint.secret IS NOT NULL THEN
-        PERFORM ihub._check_secret(create_endpoint.secret);
+        PERFORM ihub._check_signing_key(create_endpoint.secret);
+        IF (create_endpoint.secret LIKE 'whsk\_%') <> (v_signature = 'v1a') THEN
+            RAISE EXCEPTION 'a % secret does not make % signatures', CASE WHEN v_signature = 'v1a' THEN 'whsec_' ELSE 'whsk_' END, v_signature
+                USING ERRCODE = 'invalid_parameter_value',
+                      HINT = 'v1 signs with a whsec_ secret, v1a with a whsk_ secret key; leave out secret to have one generated.';
+        END IF;
     END IF;
 
     INSERT INTO ihub.endpoint (integration_id, name, url, method, headers, auth_type, timeout_ms, retry, circuit,
@@ -73,8 +87,9 @@ BEGIN
         INSERT INTO ihub.endpoint_credential (endpoint_id, auth) VALUES (v_id, v_auth);
     END IF;
     INSERT INTO ihub.endpoint_secret (endpoint_id, secret)
-    VALUES (v_id, coalesce(create_endpoint.secret, ihub._generate_secret()));
-    IF coalesce(create_endpoint.rate_limit, 0) > 0 OR coalesce(create_endpoint.max_in_flight, 0) > 0 OR v_ordering IS NOT NULL THEN
+    VALUES (v_id, coalesce(create_endpoint.secret,
+                           CASE v_signature WHEN 'v1a' THEN ihub._generate_ed25519_key() ELSE ihub._generate_secret() END));
+    IF coalesce(create_endpoint.rate_limit, 0) > 0 OR coalesce(create_endpoint.max_in_flight, 0) > 0 THEN
         PERFORM ihub._endpoint_state_for(v_id);
     END IF;
     RETURN v_id;
@@ -133,13 +148,21 @@ LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     v_endpoint ihub.endpoint := ihub._endpoint(rotate_secret.endpoint);
-    v_secret text := coalesce(new_secret, ihub._generate_secret());
+    v_secret text := new_secret;
 BEGIN
     IF grace IS NULL OR grace < interval '0' THEN
         RAISE EXCEPTION 'grace must be a non-negative interval'
             USING ERRCODE = 'invalid_parameter_value', HINT = 'For example interval ''24 hours''; 0 retires the old key at once.';
     END IF;
-    PERFORM ihub._check_secret(v_secret);
+    -- A new key of the kind the endpoint signs with now (a given one of the
+    -- other kind switches it: both sign during the grace period).
+    IF v_secret IS NULL THEN
+        v_secret := CASE WHEN (SELECT s.secret FROM ihub.endpoint_secret s
+                               WHERE s.endpoint_id = v_endpoint.id AND (s.expires_at IS NULL OR s.expires_at > now())
+                               ORDER BY s.id DESC LIMIT 1) LIKE 'whsk\_%'
+                         THEN ihub._generate_ed25519_key() ELSE ihub._generate_secret() END;
+    END IF;
+    PERFORM ihub._check_signing_key(v_secret);
     UPDATE ihub.endpoint_secret
     SET expires_at = least(coalesce(expires_at, 'infinity'), now() + grace)
     WHERE endpoint_id = v_endpoint.id AND (expires_at IS NULL OR expires_at > now());
@@ -878,14 +901,16 @@ AS $fn$
                    CASE WHEN $8 THEN $9 END,
                    CASE WHEN $8 THEN $10 END,
                    m.occurred_at, now(),
-                   -- A row's key: its subscription and the values of the
-                   -- key columns (a truncate goes in order with itself).
+                   -- A row's key: its subscription and a hash of the key
+                   -- columns' values, so that a long value fits the index
+                   -- and no value shows (a truncate goes in order with
+                   -- itself).
                    CASE $14 WHEN 'endpoint' THEN ''
                             WHEN 'key' THEN CASE WHEN m.op = 't' THEN ev.id
-                                                 ELSE $3::text || ':' || (
+                                                 ELSE $3::text || ':' || md5((
                                                      SELECT jsonb_agg(r.v -> k.c ORDER BY k.n)
                                                      FROM unnest($15) WITH ORDINALITY k(c, n),
-                                                          LATERAL (SELECT to_jsonb(coalesce(m.new_row, m.old_row))) r(v))::text END
+                                                          LATERAL (SELECT to_jsonb(coalesce(m.new_row, m.old_row))) r(v))::text) END
                    END
             FROM moved m
             CROSS JOIN LATERAL (SELECT to_jsonb(m.new_row) - $11 AS new, to_jsonb(m.old_row) - $11 AS old) j
@@ -1028,13 +1053,13 @@ BEGIN
 
     v_prepared := v_prepared AND ihub._route_prepare(p_sub.id);
     IF v_endpoint.ordering IS NOT NULL THEN
-        -- Routes to an ordered endpoint take turns, holding its state row
-        -- until commit as its claims do (ihub._claim_limited): each routes
+        -- Routes to an ordered endpoint take turns, until commit, with each
+        -- other and with its claims (ihub._endpoint_turn): each routes
         -- the changes first in statement order, so a key's deliveries get
         -- ids in commit order, and no claim sees a later change of a key
         -- while an earlier one is still being routed. A dispatcher that
         -- finds it taken routes this subscription at its next round.
-        IF (ihub._endpoint_turn(v_endpoint.id, p_owner IS NULL)).endpoint_id IS NULL THEN
+        IF NOT ihub._endpoint_turn(v_endpoint.id, p_owner IS NULL) THEN
             RETURN;
         END IF;
         EXECUTE ihub._route_sql(p_sub.id, 'take_ordered') INTO v_taken USING v_limit;
@@ -1142,7 +1167,7 @@ $$;
 -- of delivery_ordered_idx, one descent a key: the work is the number of
 -- keys with deliveries open, however many wait behind them.
 CREATE FUNCTION ihub._ordered_heads(p_endpoint_id bigint)
-RETURNS TABLE (id bigint, state text, run_at timestamptz)
+RETURNS TABLE (id bigint, state text, run_at timestamptz, ordering_key text)
 LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp
 AS $$
     WITH RECURSIVE head AS (
@@ -1158,7 +1183,7 @@ AS $$
               AND d.state IN ('pending', 'retry', 'running', 'failed', 'dead')
             ORDER BY d.ordering_key, d.id LIMIT 1) n
     )
-    SELECT h.id, h.state, h.run_at FROM head h
+    SELECT h.id, h.state, h.run_at, h.ordering_key FROM head h
 $$;
 
 COMMENT ON FUNCTION ihub._ordered_heads(bigint) IS 'Internal: the first open delivery of each key of an ordered endpoint (a skip scan).';
@@ -1698,10 +1723,17 @@ BEGIN
         v_endpoint := ihub._endpoint(_http_request_by.endpoint);
         -- Kept until commit, as a foreign key check would (see
         -- ihub._endpoint_deleted). An endpoint deleted since it was looked
-        -- up leaves nothing to lock: look the name up again.
-        PERFORM FROM ihub.endpoint e WHERE e.id = v_endpoint.id FOR KEY SHARE;
+        -- up leaves nothing to lock: look the name up again. Read again
+        -- under the lock: its ordering cannot change until commit.
+        SELECT * INTO v_endpoint FROM ihub.endpoint e WHERE e.id = v_endpoint.id FOR KEY SHARE;
         EXIT WHEN FOUND;
     END LOOP;
+    -- First in, first out in commit order: requests to an endpoint ordered
+    -- as a whole take its turn (ihub._endpoint_turn) until commit, so that
+    -- none commits an earlier place in the queue after a later one went.
+    IF v_endpoint.ordering = 'endpoint' THEN
+        PERFORM ihub._endpoint_turn(v_endpoint.id, true);
+    END IF;
     SELECT * INTO v_integration FROM ihub.integration WHERE id = v_endpoint.integration_id;
     IF v_integration.state = 'inactive' THEN
         RAISE EXCEPTION 'integration "%" is inactive', v_integration.name
@@ -1874,6 +1906,8 @@ BEGIN
     IF v.on_response IS NOT NULL THEN
         PERFORM ihub._require_may_act_for(p_caller, v.requested_by, format('delivery %s, whose response handler', v.id));
     END IF;
+    -- Its ordering cannot change until commit (see ihub._change_ordering).
+    PERFORM FROM ihub.endpoint e WHERE e.id = v.endpoint_id FOR KEY SHARE;
     UPDATE ihub.delivery d SET state = 'pending', budget_start = d.attempts, run_at = now(),
         ordering_key = ihub._ordering_key_of(e.ordering, coalesce(d.ordering_key, d.event_id))
     FROM ihub.endpoint e WHERE d.id = v.id AND e.id = d.endpoint_id;
@@ -1893,6 +1927,8 @@ DECLARE
     v_count bigint;
 BEGIN
     PERFORM ihub._require_workers();
+    -- Its ordering cannot change until commit (see ihub._change_ordering).
+    PERFORM FROM ihub.endpoint e WHERE e.id = (ihub._endpoint(_replay_dead_by.endpoint)).id FOR KEY SHARE;
     UPDATE ihub.delivery d
     SET state = 'pending', budget_start = d.attempts, run_at = now(),
         ordering_key = ihub._ordering_key_of(e.ordering, coalesce(d.ordering_key, d.event_id))
@@ -1926,6 +1962,13 @@ SELECT e.id, i.name AS integration, e.name, ihub._mask_url(e.url) AS url, e.meth
        coalesce(c.changes, '[]') AS circuit_changes, e.rate_limit, e.max_in_flight,
        CASE WHEN c.paused_until > now() THEN c.paused_until END AS paused_until, e.event_types,
        e.ordering,
+       -- The schemes its live secrets sign with (v1, v1a), and the public
+       -- keys of its v1a ones, newest first: receivers verify with these.
+       ARRAY(SELECT DISTINCT CASE WHEN s.secret LIKE 'whsk\_%' THEN 'v1a' ELSE 'v1' END FROM ihub.endpoint_secret s
+             WHERE s.endpoint_id = e.id AND (s.expires_at IS NULL OR s.expires_at > now())) AS signatures,
+       ARRAY(SELECT ihub._public_key(s.secret) FROM ihub.endpoint_secret s
+             WHERE s.endpoint_id = e.id AND (s.expires_at IS NULL OR s.expires_at > now()) AND s.secret LIKE 'whsk\_%'
+             ORDER BY s.id DESC) AS public_keys,
        -- Keys held by a dead or failed delivery until it is replayed or
        -- skipped (ihub.skip).
        CASE WHEN e.ordering IS NOT NULL
@@ -1975,8 +2018,8 @@ FROM ihub._workers() w LEFT JOIN pg_database db ON db.oid = w.database_oid;
 -- Comments
 -------------------------------------------------------------------------------
 
-COMMENT ON FUNCTION ihub.create_endpoint(text, text, text, text, jsonb, jsonb, text, integer, jsonb, jsonb, double precision, integer, text[], text) IS
-    'Adds an HTTP endpoint to an integration: URL, method, headers, auth (none/basic/bearer/api_key/oauth2), whsec_ signing secret (generated when NULL), timeout, retry policy, circuit breaker, limits, accepted event types and ordering (key or endpoint). Returns its id.';
+COMMENT ON FUNCTION ihub.create_endpoint(text, text, text, text, jsonb, jsonb, text, integer, jsonb, jsonb, double precision, integer, text[], text, text) IS
+    'Adds an HTTP endpoint to an integration: URL, method, headers, auth (none/basic/bearer/api_key/oauth2), signing secret (whsec_ for v1 or whsk_ for v1a signatures, generated when NULL), timeout, retry policy, circuit breaker, limits, accepted event types and ordering (key or endpoint). Returns its id.';
 COMMENT ON FUNCTION ihub.enable_endpoint(text) IS 'Re-enables an endpoint (after a 410 Gone, say); its held deliveries resume.';
 COMMENT ON FUNCTION ihub.disable_endpoint(text, text) IS 'Stops deliveries to an endpoint; they wait until it is enabled again.';
 COMMENT ON FUNCTION ihub.rotate_secret(text, text, interval) IS

@@ -555,14 +555,16 @@ AS $fn$
                    CASE WHEN $8 THEN $9 END,
                    CASE WHEN $8 THEN $10 END,
                    m.occurred_at, now(),
-                   -- A row's key: its subscription and the values of the
-                   -- key columns (a truncate goes in order with itself).
+                   -- A row's key: its subscription and a hash of the key
+                   -- columns' values, so that a long value fits the index
+                   -- and no value shows (a truncate goes in order with
+                   -- itself).
                    CASE $14 WHEN 'endpoint' THEN ''
                             WHEN 'key' THEN CASE WHEN m.op = 't' THEN ev.id
-                                                 ELSE $3::text || ':' || (
+                                                 ELSE $3::text || ':' || md5((
                                                      SELECT jsonb_agg(r.v -> k.c ORDER BY k.n)
                                                      FROM unnest($15) WITH ORDINALITY k(c, n),
-                                                          LATERAL (SELECT to_jsonb(coalesce(m.new_row, m.old_row))) r(v))::text END
+                                                          LATERAL (SELECT to_jsonb(coalesce(m.new_row, m.old_row))) r(v))::text) END
                    END
             FROM moved m
             CROSS JOIN LATERAL (SELECT to_jsonb(m.new_row) - $11 AS new, to_jsonb(m.old_row) - $11 AS old) j
@@ -707,13 +709,13 @@ BEGIN
 
     v_prepared := v_prepared AND ihub._route_prepare(p_sub.id);
     IF v_endpoint.ordering IS NOT NULL THEN
-        -- Routes to an ordered endpoint take turns, holding its state row
-        -- until commit as its claims do (ihub._claim_limited): each routes
+        -- Routes to an ordered endpoint take turns, until commit, with each
+        -- other and with its claims (ihub._endpoint_turn): each routes
         -- the changes first in statement order, so a key's deliveries get
         -- ids in commit order, and no claim sees a later change of a key
         -- while an earlier one is still being routed. A dispatcher that
         -- finds it taken routes this subscription at its next round.
-        IF (ihub._endpoint_turn(v_endpoint.id, p_owner IS NULL)).endpoint_id IS NULL THEN
+        IF NOT ihub._endpoint_turn(v_endpoint.id, p_owner IS NULL) THEN
             RETURN;
         END IF;
         EXECUTE ihub._route_sql(p_sub.id, 'take_ordered') INTO v_taken USING v_limit;
@@ -1937,7 +1939,7 @@ BEGIN
                 WITH gone AS (
                     DELETE FROM ihub.delivery d
                     WHERE d.id = ANY (ARRAY(SELECT x.id FROM ihub.delivery x
-                                            WHERE x.state = 'done' AND x.created_at < v_cutoff
+                                            WHERE x.state IN ('done', 'skipped') AND x.created_at < v_cutoff
                                             ORDER BY x.id LIMIT p_batch))
                     RETURNING d.id
                 ), attempts AS (
@@ -3808,10 +3810,17 @@ BEGIN
         v_endpoint := ihub._endpoint(_http_request_by.endpoint);
         -- Kept until commit, as a foreign key check would (see
         -- ihub._endpoint_deleted). An endpoint deleted since it was looked
-        -- up leaves nothing to lock: look the name up again.
-        PERFORM FROM ihub.endpoint e WHERE e.id = v_endpoint.id FOR KEY SHARE;
+        -- up leaves nothing to lock: look the name up again. Read again
+        -- under the lock: its ordering cannot change until commit.
+        SELECT * INTO v_endpoint FROM ihub.endpoint e WHERE e.id = v_endpoint.id FOR KEY SHARE;
         EXIT WHEN FOUND;
     END LOOP;
+    -- First in, first out in commit order: requests to an endpoint ordered
+    -- as a whole take its turn (ihub._endpoint_turn) until commit, so that
+    -- none commits an earlier place in the queue after a later one went.
+    IF v_endpoint.ordering = 'endpoint' THEN
+        PERFORM ihub._endpoint_turn(v_endpoint.id, true);
+    END IF;
     SELECT * INTO v_integration FROM ihub.integration WHERE id = v_endpoint.integration_id;
     IF v_integration.state = 'inactive' THEN
         RAISE EXCEPTION 'integration "%" is inactive', v_integration.name
@@ -3956,6 +3965,8 @@ BEGIN
     IF v.on_response IS NOT NULL THEN
         PERFORM ihub._require_may_act_for(p_caller, v.requested_by, format('delivery %s, whose response handler', v.id));
     END IF;
+    -- Its ordering cannot change until commit (see ihub._change_ordering).
+    PERFORM FROM ihub.endpoint e WHERE e.id = v.endpoint_id FOR KEY SHARE;
     UPDATE ihub.delivery d SET state = 'pending', budget_start = d.attempts, run_at = now(),
         ordering_key = ihub._ordering_key_of(e.ordering, coalesce(d.ordering_key, d.event_id))
     FROM ihub.endpoint e WHERE d.id = v.id AND e.id = d.endpoint_id;
@@ -3972,6 +3983,8 @@ DECLARE
     v_count bigint;
 BEGIN
     PERFORM ihub._require_workers();
+    -- Its ordering cannot change until commit (see ihub._change_ordering).
+    PERFORM FROM ihub.endpoint e WHERE e.id = (ihub._endpoint(_replay_dead_by.endpoint)).id FOR KEY SHARE;
     UPDATE ihub.delivery d
     SET state = 'pending', budget_start = d.attempts, run_at = now(),
         ordering_key = ihub._ordering_key_of(e.ordering, coalesce(d.ordering_key, d.event_id))
@@ -4009,13 +4022,17 @@ CREATE FUNCTION ihub.create_endpoint(
     rate_limit double precision DEFAULT NULL,
     max_in_flight integer DEFAULT NULL,
     event_types text[] DEFAULT NULL,
-    ordering text DEFAULT NULL
+    ordering text DEFAULT NULL,
+    signature text DEFAULT NULL
 ) RETURNS bigint
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     v_integration bigint := ihub._integration_id(create_endpoint.integration);
     v_ordering text := ihub._check_ordering(create_endpoint.ordering);
+    -- v1: HMAC-SHA256 with a whsec_ secret; v1a: ed25519 with a whsk_ key.
+    v_signature text := lower(coalesce(create_endpoint.signature,
+                                       CASE WHEN create_endpoint.secret LIKE 'whsk\_%' THEN 'v1a' ELSE 'v1' END));
     v_method text := upper(coalesce(create_endpoint.method, 'POST'));
     v_auth jsonb := ihub._normalize_auth(create_endpoint.auth);
     v_id bigint;
@@ -4042,8 +4059,18 @@ BEGIN
             USING ERRCODE = 'undefined_object',
                   HINT = 'Create it first with ihub.create_oauth2(integration, name, token_url, client_id, client_secret, ...).';
     END IF;
+    IF v_signature NOT IN ('v1', 'v1a') THEN
+        RAISE EXCEPTION 'invalid signature "%"', create_endpoint.signature
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'Use v1 (HMAC-SHA256 with a whsec_ secret) or v1a (ed25519 with a whsk_ secret key; receivers verify with its whpk_ public key, in ihub.endpoints.public_keys).';
+    END IF;
     IF create_endpoint.secret IS NOT NULL THEN
-        PERFORM ihub._check_secret(create_endpoint.secret);
+        PERFORM ihub._check_signing_key(create_endpoint.secret);
+        IF (create_endpoint.secret LIKE 'whsk\_%') <> (v_signature = 'v1a') THEN
+            RAISE EXCEPTION 'a % secret does not make % signatures', CASE WHEN v_signature = 'v1a' THEN 'whsec_' ELSE 'whsk_' END, v_signature
+                USING ERRCODE = 'invalid_parameter_value',
+                      HINT = 'v1 signs with a whsec_ secret, v1a with a whsk_ secret key; leave out secret to have one generated.';
+        END IF;
     END IF;
 
     INSERT INTO ihub.endpoint (integration_id, name, url, method, headers, auth_type, timeout_ms, retry, circuit,
@@ -4058,8 +4085,9 @@ BEGIN
         INSERT INTO ihub.endpoint_credential (endpoint_id, auth) VALUES (v_id, v_auth);
     END IF;
     INSERT INTO ihub.endpoint_secret (endpoint_id, secret)
-    VALUES (v_id, coalesce(create_endpoint.secret, ihub._generate_secret()));
-    IF coalesce(create_endpoint.rate_limit, 0) > 0 OR coalesce(create_endpoint.max_in_flight, 0) > 0 OR v_ordering IS NOT NULL THEN
+    VALUES (v_id, coalesce(create_endpoint.secret,
+                           CASE v_signature WHEN 'v1a' THEN ihub._generate_ed25519_key() ELSE ihub._generate_secret() END));
+    IF coalesce(create_endpoint.rate_limit, 0) > 0 OR coalesce(create_endpoint.max_in_flight, 0) > 0 THEN
         PERFORM ihub._endpoint_state_for(v_id);
     END IF;
     RETURN v_id;
@@ -4496,8 +4524,8 @@ COMMENT ON FUNCTION ihub._check_response_function(regprocedure, name) IS
 COMMENT ON FUNCTION ihub._try_json(text) IS 'Internal: a text as jsonb, NULL when it is not JSON.';
 COMMENT ON FUNCTION ihub._respond(jsonb, bigint[]) IS
     'Internal (dispatcher): queues the response handler jobs of the ended requests of a settled batch.';
-COMMENT ON FUNCTION ihub.create_endpoint(text, text, text, text, jsonb, jsonb, text, integer, jsonb, jsonb, double precision, integer, text[], text) IS
-    'Adds an HTTP endpoint to an integration: URL, method, headers, auth (none/basic/bearer/api_key/oauth2), whsec_ signing secret (generated when NULL), timeout, retry policy, circuit breaker, limits, accepted event types and ordering (key or endpoint). Returns its id.';
+COMMENT ON FUNCTION ihub.create_endpoint(text, text, text, text, jsonb, jsonb, text, integer, jsonb, jsonb, double precision, integer, text[], text, text) IS
+    'Adds an HTTP endpoint to an integration: URL, method, headers, auth (none/basic/bearer/api_key/oauth2), signing secret (whsec_ for v1 or whsk_ for v1a signatures, generated when NULL), timeout, retry policy, circuit breaker, limits, accepted event types and ordering (key or endpoint). Returns its id.';
 COMMENT ON FUNCTION ihub._claim(integer, integer, integer, integer) IS
     'Internal (dispatcher): routes captured changes and claims due deliveries with FOR UPDATE SKIP LOCKED and a lease.';
 COMMENT ON FUNCTION ihub.health() IS
@@ -4774,7 +4802,7 @@ $$;
 -- of delivery_ordered_idx, one descent a key: the work is the number of
 -- keys with deliveries open, however many wait behind them.
 CREATE FUNCTION ihub._ordered_heads(p_endpoint_id bigint)
-RETURNS TABLE (id bigint, state text, run_at timestamptz)
+RETURNS TABLE (id bigint, state text, run_at timestamptz, ordering_key text)
 LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp
 AS $$
     WITH RECURSIVE head AS (
@@ -4790,7 +4818,7 @@ AS $$
               AND d.state IN ('pending', 'retry', 'running', 'failed', 'dead')
             ORDER BY d.ordering_key, d.id LIMIT 1) n
     )
-    SELECT h.id, h.state, h.run_at FROM head h
+    SELECT h.id, h.state, h.run_at, h.ordering_key FROM head h
 $$;
 COMMENT ON FUNCTION ihub._ordered_heads(bigint) IS 'Internal: the first open delivery of each key of an ordered endpoint (a skip scan).';
 
@@ -4841,6 +4869,54 @@ AS $$
                                             WHERE r.state = 'running' AND r.endpoint_id = e.id) < e.max_in_flight)))
 $$;
 
+-- Asymmetric signatures (v1a): ed25519 keys for endpoints, and their
+-- public keys for anyone who may see the endpoint.
+CREATE FUNCTION ihub._check_signing_key("secret" text) RETURNS void
+IMMUTABLE STRICT
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'check_signing_key_wrapper';
+CREATE FUNCTION ihub._generate_ed25519_key() RETURNS text
+STRICT VOLATILE
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'generate_ed25519_key_wrapper';
+CREATE FUNCTION ihub._public_key("secret" text) RETURNS text
+IMMUTABLE STRICT PARALLEL SAFE
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'public_key_wrapper';
+COMMENT ON FUNCTION ihub._check_signing_key(text) IS 'Internal: validates an endpoint''s signing secret, whsec_ (v1) or whsk_ (v1a).';
+COMMENT ON FUNCTION ihub._generate_ed25519_key() IS 'Internal: a new random whsk_ ed25519 secret key.';
+COMMENT ON FUNCTION ihub._public_key(text) IS 'The whpk_ public key of a whsk_ secret key (NULL for a whsec_ secret).';
+GRANT EXECUTE ON FUNCTION ihub._public_key(text) TO ihub_viewer;
+
+CREATE OR REPLACE FUNCTION ihub.rotate_secret(endpoint text, new_secret text DEFAULT NULL, grace interval DEFAULT '24 hours')
+RETURNS text
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_endpoint ihub.endpoint := ihub._endpoint(rotate_secret.endpoint);
+    v_secret text := new_secret;
+BEGIN
+    IF grace IS NULL OR grace < interval '0' THEN
+        RAISE EXCEPTION 'grace must be a non-negative interval'
+            USING ERRCODE = 'invalid_parameter_value', HINT = 'For example interval ''24 hours''; 0 retires the old key at once.';
+    END IF;
+    -- A new key of the kind the endpoint signs with now (a given one of the
+    -- other kind switches it: both sign during the grace period).
+    IF v_secret IS NULL THEN
+        v_secret := CASE WHEN (SELECT s.secret FROM ihub.endpoint_secret s
+                               WHERE s.endpoint_id = v_endpoint.id AND (s.expires_at IS NULL OR s.expires_at > now())
+                               ORDER BY s.id DESC LIMIT 1) LIKE 'whsk\_%'
+                         THEN ihub._generate_ed25519_key() ELSE ihub._generate_secret() END;
+    END IF;
+    PERFORM ihub._check_signing_key(v_secret);
+    UPDATE ihub.endpoint_secret
+    SET expires_at = least(coalesce(expires_at, 'infinity'), now() + grace)
+    WHERE endpoint_id = v_endpoint.id AND (expires_at IS NULL OR expires_at > now());
+    INSERT INTO ihub.endpoint_secret (endpoint_id, secret) VALUES (v_endpoint.id, v_secret);
+    RETURN v_secret;
+END
+$$;
+
 CREATE FUNCTION ihub._normalize_circuit("policy" jsonb) RETURNS jsonb
 IMMUTABLE
 LANGUAGE c
@@ -4871,6 +4947,13 @@ SELECT e.id, i.name AS integration, e.name, ihub._mask_url(e.url) AS url, e.meth
        coalesce(c.changes, '[]') AS circuit_changes, e.rate_limit, e.max_in_flight,
        CASE WHEN c.paused_until > now() THEN c.paused_until END AS paused_until, e.event_types,
        e.ordering,
+       -- The schemes its live secrets sign with (v1, v1a), and the public
+       -- keys of its v1a ones, newest first: receivers verify with these.
+       ARRAY(SELECT DISTINCT CASE WHEN s.secret LIKE 'whsk\_%' THEN 'v1a' ELSE 'v1' END FROM ihub.endpoint_secret s
+             WHERE s.endpoint_id = e.id AND (s.expires_at IS NULL OR s.expires_at > now())) AS signatures,
+       ARRAY(SELECT ihub._public_key(s.secret) FROM ihub.endpoint_secret s
+             WHERE s.endpoint_id = e.id AND (s.expires_at IS NULL OR s.expires_at > now()) AND s.secret LIKE 'whsk\_%'
+             ORDER BY s.id DESC) AS public_keys,
        -- Keys held by a dead or failed delivery until it is replayed or
        -- skipped (ihub.skip).
        CASE WHEN e.ordering IS NOT NULL
@@ -5032,9 +5115,13 @@ BEGIN
                                 ORDER BY q.run_at LIMIT 1
                                 FOR UPDATE SKIP LOCKED)
                           -- An ordered endpoint's probe is the first of its key.
-                          ELSE (SELECT h.id FROM ihub._ordered_heads(c.endpoint_id) h
-                                WHERE h.state IN ('pending', 'retry') AND h.run_at <= now()
-                                ORDER BY h.run_at, h.id LIMIT 1) END
+                          ELSE (SELECT q.id FROM ihub.delivery q
+                                WHERE q.id = ANY (ARRAY(SELECT h.id FROM ihub._ordered_heads(c.endpoint_id) h
+                                                        WHERE h.state IN ('pending', 'retry') AND h.run_at <= now()
+                                                          AND NOT ihub._key_in_flight(c.endpoint_id, h.ordering_key)))
+                                  AND q.state IN ('pending', 'retry')
+                                ORDER BY q.run_at, q.id LIMIT 1
+                                FOR UPDATE SKIP LOCKED) END
           AND d.state IN ('pending', 'retry')
         RETURNING d.* INTO v_probe;
         CONTINUE WHEN v_probe.id IS NULL;
@@ -5070,24 +5157,43 @@ BEGIN
 END
 $$;
 
--- Takes an endpoint's turn: its state row, locked until commit, which the
--- claims of limited and ordered endpoints and the routes to ordered ones
--- hold while they work on it. Not waiting, it returns NULLs when another
--- transaction has the turn. The row is made with the endpoint's limits or
--- ordering (ihub._endpoint_state_for), so that two dispatchers never wait
--- on each other's insert of it; it is made here only if missing.
-CREATE FUNCTION ihub._endpoint_turn(p_endpoint_id bigint, p_wait boolean) RETURNS ihub.endpoint_state
+-- Takes an ordered endpoint's turn until commit: its routes and claims take
+-- turns (and, for one ordered as a whole, requests too). Not waiting, it
+-- returns false when another transaction has the turn. A transaction-level
+-- advisory lock, not the endpoint's state row: settling a batch writes that
+-- row (failure counts), and a dispatcher that waited for another's claim to
+-- write it gave up after its lock_timeout (100 ms) and rolled its settle
+-- back, so the requests were sent again once their leases ran out.
+CREATE FUNCTION ihub._endpoint_turn(p_endpoint_id bigint, p_wait boolean) RETURNS boolean
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    -- pg_ihub's class of advisory locks (hashtext('ihub.endpoint_turn')),
+    -- and the endpoint: ids beyond 2^31 share a lock with another, which
+    -- only makes them take turns too.
+    c_class constant integer := -184645567;
+    v_key integer := (p_endpoint_id % 2147483647)::integer;
+BEGIN
+    IF p_wait THEN
+        PERFORM pg_advisory_xact_lock(c_class, v_key);
+        RETURN true;
+    END IF;
+    RETURN pg_try_advisory_xact_lock(c_class, v_key);
+END
+$$;
+
+-- The state row of an endpoint with limits, locked until commit (its
+-- token bucket), or NULLs when another transaction holds it. The row is
+-- made with the endpoint's limits (ihub._endpoint_state_for), so that two
+-- dispatchers never wait on each other's insert of it; here only if missing.
+CREATE FUNCTION ihub._endpoint_state_locked(p_endpoint_id bigint) RETURNS ihub.endpoint_state
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     s ihub.endpoint_state;
 BEGIN
     FOR i IN 1..2 LOOP
-        IF p_wait THEN
-            SELECT * INTO s FROM ihub.endpoint_state WHERE endpoint_id = p_endpoint_id FOR UPDATE;
-        ELSE
-            SELECT * INTO s FROM ihub.endpoint_state WHERE endpoint_id = p_endpoint_id FOR UPDATE SKIP LOCKED;
-        END IF;
+        SELECT * INTO s FROM ihub.endpoint_state WHERE endpoint_id = p_endpoint_id FOR UPDATE SKIP LOCKED;
         EXIT WHEN FOUND OR EXISTS (SELECT 1 FROM ihub.endpoint_state WHERE endpoint_id = p_endpoint_id);
         PERFORM ihub._endpoint_state_for(p_endpoint_id);
     END LOOP;
@@ -5135,8 +5241,16 @@ BEGIN
         ORDER BY e.id
     LOOP
         EXIT WHEN v_left <= 0;
-        s := ihub._endpoint_turn(l.id, false);
-        CONTINUE WHEN s.endpoint_id IS NULL OR s.state <> 'closed' OR s.paused_until > now();
+        -- Another transaction routes or claims for this ordered endpoint.
+        CONTINUE WHEN l.ordering IS NOT NULL AND NOT ihub._endpoint_turn(l.id, false);
+        IF l.rate_limit IS NOT NULL OR l.max_in_flight IS NOT NULL THEN
+            s := ihub._endpoint_state_locked(l.id);
+            CONTINUE WHEN s.endpoint_id IS NULL;
+        ELSE
+            s := NULL;
+            SELECT * INTO s FROM ihub.endpoint_state WHERE endpoint_id = l.id;
+        END IF;
+        CONTINUE WHEN s.state <> 'closed' OR s.paused_until > now();
         v_n := v_left;
         IF l.rate_limit IS NOT NULL THEN
             v_tokens := least(greatest(1, l.rate_limit),
@@ -5158,13 +5272,14 @@ BEGIN
         v_got := 0;
         IF v_n > 0 AND l.ordering IS NOT NULL THEN
             -- The first open delivery of each key, if it is due. The
-            -- endpoint's state row, locked, keeps other claims and routes
-            -- of the endpoint out until commit.
+            -- endpoint's turn keeps other claims and routes of it out
+            -- until commit.
             RETURN QUERY
                 WITH due AS (
                     SELECT q.id FROM ihub.delivery q
                     WHERE q.id = ANY (ARRAY(SELECT h.id FROM ihub._ordered_heads(l.id) h
                                             WHERE h.state IN ('pending', 'retry') AND h.run_at <= now()
+                                              AND NOT ihub._key_in_flight(l.id, h.ordering_key)
                                             ORDER BY h.run_at, h.id LIMIT v_n))
                       AND q.state IN ('pending', 'retry')
                     FOR UPDATE SKIP LOCKED
@@ -5279,6 +5394,17 @@ $$;
 -- (ihub._ordered_heads, the first delivery of each key, is in outbound.sql:
 -- the views use it.)
 
+-- Whether a delivery of this key is in flight. The first open delivery of
+-- a key is normally the one in flight, but one with a lower id can appear
+-- after a later one was claimed (a replay, a request committed late): it
+-- waits for that one to end, so that a key never has two in flight.
+CREATE FUNCTION ihub._key_in_flight(p_endpoint_id bigint, p_key text) RETURNS boolean
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT EXISTS (SELECT 1 FROM ihub.delivery r
+                   WHERE r.endpoint_id = p_endpoint_id AND r.ordering_key = p_key AND r.state = 'running')
+$$;
+
 -- Sets an endpoint's ordering (from ihub.alter_endpoint). Deliveries queued
 -- without an order cannot take a place in one afterwards, so ordering is
 -- switched on only when nothing is queued for the endpoint; switching it
@@ -5309,23 +5435,28 @@ BEGIN
             PERFORM ihub._ordering_columns(s) FROM ihub.subscription s WHERE s.endpoint_id = p_endpoint_id;
         END IF;
     END IF;
+    -- Switched on, nothing is queued (checked above, and queueing waits
+    -- for this transaction); switched off, nothing holds a key any more.
     UPDATE ihub.delivery d SET ordering_key = NULL
     WHERE d.endpoint_id = p_endpoint_id AND d.ordering_key IS NOT NULL
-      AND d.state IN ('pending', 'retry', 'running', 'failed', 'dead');
+      AND d.state IN ('failed', 'dead', 'pending', 'retry', 'running')
+      AND (p_ordering IS NULL OR d.state IN ('failed', 'dead'));
     UPDATE ihub.endpoint SET ordering = p_ordering WHERE id = p_endpoint_id;
 END
 $$;
 
 -- Ends a delivery without sending it: a dead or failed one that holds its
 -- key, or one still waiting (pending or retrying). The next of its key may
--- go. A response handler gets nothing for it.
-CREATE FUNCTION ihub.skip(delivery_id bigint) RETURNS void
+-- go. A response handler gets nothing for it, so skipping a request with
+-- one is for members of the role that made it (as a replay is), and who
+-- skipped is kept in last_error.
+CREATE FUNCTION ihub._skip_by(delivery_id bigint, p_caller regrole) RETURNS void
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     v ihub.delivery;
 BEGIN
-    SELECT * INTO v FROM ihub.delivery d WHERE d.id = skip.delivery_id FOR UPDATE;
+    SELECT * INTO v FROM ihub.delivery d WHERE d.id = _skip_by.delivery_id FOR UPDATE;
     IF v.id IS NULL THEN
         RAISE EXCEPTION 'delivery % does not exist', delivery_id
             USING ERRCODE = 'undefined_object', HINT = 'List deliveries in ihub.deliveries.';
@@ -5335,13 +5466,22 @@ BEGIN
                   HINT = CASE WHEN v.state = 'running' THEN 'It is being sent; skip it if its attempt fails.'
                               ELSE 'It has ended already.' END;
     END IF;
-    UPDATE ihub.delivery d SET state = 'skipped', finished_at = now(), worker_pid = NULL, lease_until = NULL
+    IF v.on_response IS NOT NULL THEN
+        PERFORM ihub._require_may_act_for(p_caller, v.requested_by, format('delivery %s, whose response handler', v.id));
+    END IF;
+    UPDATE ihub.delivery d
+    SET state = 'skipped', finished_at = now(), worker_pid = NULL, lease_until = NULL,
+        last_error = format('skipped by %s', p_caller::text) || coalesce(' after: ' || d.last_error, '')
     WHERE d.id = v.id;
-    PERFORM ihub.log('info', format('delivery %s skipped (it was %s)', v.id, v.state),
-                     jsonb_build_object('delivery', v.id, 'endpoint_id', v.endpoint_id, 'ordering_key', v.ordering_key));
+    PERFORM ihub.log('info', format('delivery %s skipped by %s (it was %s)', v.id, p_caller::text, v.state),
+                     jsonb_build_object('delivery', v.id, 'endpoint_id', v.endpoint_id));
     PERFORM ihub._wake();
 END
 $$;
+
+-- A C entry point (src/caller.rs): who skips cannot be forged.
+CREATE FUNCTION ihub.skip(delivery_id bigint) RETURNS void
+LANGUAGE c VOLATILE AS 'MODULE_PATHNAME', 'ihub_for_caller';
 
 -------------------------------------------------------------------------------
 -- Event types
@@ -5421,7 +5561,7 @@ BEGIN
         retry = CASE WHEN alter_endpoint.retry IS NULL THEN e.retry ELSE ihub._normalize_retry(alter_endpoint.retry) END,
         circuit = CASE WHEN alter_endpoint.circuit IS NULL THEN e.circuit ELSE ihub._normalize_circuit(alter_endpoint.circuit) END
     WHERE e.id = v_endpoint.id;
-    IF coalesce(alter_endpoint.rate_limit, 0) > 0 OR coalesce(alter_endpoint.max_in_flight, 0) > 0 OR v_ordering IS NOT NULL THEN
+    IF coalesce(alter_endpoint.rate_limit, 0) > 0 OR coalesce(alter_endpoint.max_in_flight, 0) > 0 THEN
         PERFORM ihub._endpoint_state_for(v_endpoint.id);
     END IF;
     IF alter_endpoint.circuit IS NOT NULL THEN
@@ -5441,7 +5581,9 @@ END
 $$;
 
 COMMENT ON FUNCTION ihub._endpoint_turn(bigint, boolean) IS
-    'Internal: locks an endpoint''s state row until commit (its turn for limited or ordered claims and routes), or returns NULLs when taken and not waiting.';
+    'Internal: takes an ordered endpoint''s turn for routes, claims and requests until commit (an advisory lock); false when taken and not waiting.';
+COMMENT ON FUNCTION ihub._endpoint_state_locked(bigint) IS
+    'Internal: the state row of an endpoint with limits, locked until commit, or NULLs when another transaction holds it.';
 COMMENT ON FUNCTION ihub._endpoint_state_for(bigint) IS 'Internal: makes an endpoint''s state row if it has none.';
 COMMENT ON FUNCTION ihub._check_limits(double precision, integer) IS 'Internal: checks an endpoint''s rate_limit and max_in_flight.';
 COMMENT ON FUNCTION ihub._claim_limited(integer, integer, integer, integer) IS
@@ -5460,6 +5602,9 @@ COMMENT ON FUNCTION ihub._check_ordering(text) IS 'Internal: checks an endpoint'
 COMMENT ON FUNCTION ihub._ordering_key_of(text, text) IS 'Internal: the ordering key of a delivery that is not a row change.';
 COMMENT ON FUNCTION ihub._ordering_columns(ihub.subscription) IS 'Internal: the columns that make a subscription''s ordering key (given, or the primary key).';
 COMMENT ON FUNCTION ihub._change_ordering(bigint, text) IS 'Internal: sets an endpoint''s ordering (only when nothing is queued for it, to switch it on).';
+COMMENT ON FUNCTION ihub._key_in_flight(bigint, text) IS 'Internal: whether a delivery of an ordering key is in flight.';
+COMMENT ON FUNCTION ihub._skip_by(bigint, regrole) IS
+    'Internal: ihub.skip for the role passed last, the caller its LANGUAGE c entry point saw (src/caller.rs).';
 COMMENT ON FUNCTION ihub.skip(bigint) IS
     'Ends a dead, failed, pending or retrying delivery without sending it, so that the next of its ordering key may go.';
 COMMENT ON FUNCTION ihub._check_event_type(text, boolean) IS 'Internal: checks an event type name, or a filter pattern (a prefix ending in *).';
@@ -5631,7 +5776,7 @@ JOIN ihub.endpoint e ON e.id = s.endpoint_id
 JOIN ihub.integration i ON i.id = e.integration_id;
 
 GRANT EXECUTE ON FUNCTION
-    ihub.create_endpoint(text, text, text, text, jsonb, jsonb, text, integer, jsonb, jsonb, double precision, integer, text[], text),
+    ihub.create_endpoint(text, text, text, text, jsonb, jsonb, text, integer, jsonb, jsonb, double precision, integer, text[], text, text),
     ihub.alter_endpoint(text, integer, jsonb, jsonb, double precision, integer, text[], text),
     ihub.subscribe(regclass, text, text[], text[], text[], text, boolean, text, text[]),
     ihub.skip(bigint)

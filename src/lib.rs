@@ -44,6 +44,7 @@ pgrx::extension_sql_file!(
         outbound::functions::join_url,
         outbound::functions::with_query,
         outbound::functions::default_timeout_ms,
+        outbound::functions::public_key,
         runtime::registry::workers_sql,
         runtime::registry::pid_alive
     ]

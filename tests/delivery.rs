@@ -713,7 +713,9 @@ fn ordering_by_key_keeps_each_rows_changes_in_commit_order_under_retries() {
         let versions: Vec<i64> = requests.iter().map(|(v, _)| *v).collect();
         assert!(versions.windows(2).all(|w| w[0] <= w[1]), "row {id} was sent out of order: {versions:?}");
         let accepted: Vec<i64> = requests.iter().filter(|(_, ok)| *ok).map(|(v, _)| *v).collect();
-        assert_eq!(accepted, (0..100).collect::<Vec<_>>(), "row {id}");
+        // Each change accepted once: a second 2xx for one would mean it was
+        // sent again after its lease ran out (the dispatcher stalled).
+        assert_eq!(accepted, (0..100).collect::<Vec<_>>(), "row {id}: requests (version, accepted) {requests:?}");
     }
     assert!(seen.values().any(|r| r.iter().any(|(_, ok)| !ok)), "some requests failed and were retried");
 }
@@ -758,4 +760,46 @@ fn ordering_by_endpoint_is_fifo_and_a_failed_delivery_holds_it_until_skipped() {
     assert_eq!(ns(&rx), vec![1, 2, 3, 100, 4, 5, 6]);
     assert!(hub.error(&format!("SELECT ihub.skip({failed})")).contains("ended already"));
     assert_eq!(hub.one::<i64>(&format!("SELECT blocked_keys FROM ihub.endpoints WHERE name = '{}'", s.endpoint)), 0);
+}
+
+/// `signature => 'v1a'` signs with a generated ed25519 key: the receiver
+/// verifies each request with the endpoint's whpk_ public key (read by a
+/// viewer from ihub.endpoints) using ed25519-dalek. Rotating to a whsec_
+/// secret signs with both schemes during the grace period.
+#[test]
+fn v1a_signatures_verify_with_the_public_key_anyone_may_read() {
+    let mut hub = hub();
+    let rx = Receiver::start();
+    let s = hub.setup(&rx.url("/"), ", signature => 'v1a'");
+    let viewer = unique("viewer");
+    hub.exec(&format!("CREATE ROLE {viewer} LOGIN IN ROLE ihub_viewer"));
+    let mut as_viewer = hub.cluster.connect_as(&viewer, "ihub_test");
+    let row = as_viewer
+        .query_one("SELECT signatures, public_keys FROM ihub.endpoints WHERE name = $1", &[&s.endpoint])
+        .unwrap();
+    let (schemes, keys): (Vec<String>, Vec<String>) = (row.get(0), row.get(1));
+    assert_eq!(schemes, vec!["v1a"]);
+    assert_eq!(keys.len(), 1);
+    assert!(keys[0].starts_with("whpk_"), "{keys:?}");
+    assert!(as_viewer.query("SELECT * FROM ihub.endpoint_secrets", &[]).is_err(), "the secret key stays hidden");
+
+    hub.exec(&format!("SELECT ihub.http_request('{}', '{{\"n\": 1}}')", s.endpoint));
+    assert!(rx.wait_for(1, WAIT));
+    let r = &rx.received()[0];
+    let (id, ts, sig) = (r.header("webhook-id").unwrap(), r.header("webhook-timestamp").unwrap(), r.header("webhook-signature").unwrap());
+    assert!(sig.starts_with("v1a,") && !sig.contains(' '), "{sig}");
+    assert!(pg_ihub_testkit::verify::verify_v1a(&keys[0], id, ts, sig, &r.body));
+    assert!(!pg_ihub_testkit::verify::verify_v1a(&keys[0], id, ts, sig, b"{\"n\": 2}"));
+
+    // Switching to v1: both signatures while the old key lasts.
+    let secret: String = hub.one(&format!("SELECT ihub.rotate_secret('{}', '{}')", s.endpoint, "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"));
+    hub.exec(&format!("SELECT ihub.http_request('{}', '{{\"n\": 3}}')", s.endpoint));
+    assert!(rx.wait_for(2, WAIT));
+    let r = &rx.received()[1];
+    let (id, ts, sig) = (r.header("webhook-id").unwrap(), r.header("webhook-timestamp").unwrap(), r.header("webhook-signature").unwrap());
+    assert!(pg_ihub_testkit::verify::verify_v1a(&keys[0], id, ts, sig, &r.body), "{sig}");
+    assert!(pg_ihub_testkit::verify::verify(&secret, id, ts, sig, &r.body), "{sig}");
+    let schemes: Vec<String> = hub.one(&format!("SELECT signatures FROM ihub.endpoints WHERE name = '{}'", s.endpoint));
+    assert_eq!(schemes, vec!["v1", "v1a"]);
+    hub.exec(&format!("DROP ROLE {viewer}"));
 }

@@ -153,6 +153,19 @@ fn only_the_requester_or_an_admin_replays_a_request_with_a_handler() {
     wait_seen(&mut t, 3);
     let who: String = t.one("SELECT string_agg(DISTINCT who::text, ',') FROM {p}_seen");
     assert_eq!(who, format!("{}_dev", t.p), "every handler ran as the requester");
+    // Skipping it ends it without a response for its handler: the same rule.
+    assert!(
+        t.wait_true(&format!("SELECT state = 'failed' FROM ihub.deliveries WHERE id = {id}"), Duration::from_secs(30))
+    );
+    let err = error_of(&mut other, &format!("SELECT ihub.skip({id})"));
+    assert!(err.contains("may not act on delivery") && err.contains("Only members of"), "{err}");
+    t.exec(&format!("SELECT ihub.skip({id})"));
+    let (state, why): (String, String) = {
+        let row = t.dev.query_one(&format!("SELECT state, last_error FROM ihub.deliveries WHERE id = {id}"), &[]).unwrap();
+        (row.get(0), row.get(1))
+    };
+    assert_eq!(state, "skipped");
+    assert!(why.starts_with(&format!("skipped by {}_dev after: ", t.p)), "{why}");
 }
 
 /// A batch takes at most 32 MB of requests with handlers (32 at the default

@@ -141,11 +141,17 @@ impl Worker for Dispatcher {
             self.last_rescue = Some(Instant::now());
         }
         let Some(round) = round else {
-            // Rolled back (and logged). Settle alone, once more; if that fails
-            // too the leases run out and the deliveries are sent again, with
-            // the same webhook-id.
+            // Rolled back (and logged). Settle alone, once more, waiting for
+            // locks up to 10 s instead of the session's 100 ms: the round
+            // most often fails on a lock another transaction holds briefly
+            // (a claim holding a limited endpoint's state row), and a settle
+            // lost has the leases run out and the deliveries sent again,
+            // with the same webhook-id.
             if let Some(results) = results {
-                in_transaction("settle", || settle(pid, &results));
+                in_transaction("settle", || {
+                    Spi::run("SET LOCAL lock_timeout = '10s'").unwrap();
+                    settle(pid, &results)
+                });
             }
             return idle_unless_committed(poll);
         };

@@ -63,6 +63,23 @@ fn generate_secret() -> String {
     signature::generate_secret()
 }
 
+/// An endpoint's signing secret: `whsec_…` (HMAC, v1) or `whsk_…` (ed25519, v1a).
+#[pg_extern(name = "_check_signing_key", immutable)]
+fn check_signing_key(secret: &str) {
+    signature::decode_signing_key(secret).or_raise();
+}
+
+#[pg_extern(name = "_generate_ed25519_key", volatile)]
+fn generate_ed25519_key() -> String {
+    signature::generate_ed25519_key()
+}
+
+/// The `whpk_` public key of a `whsk_` secret key; NULL for an HMAC secret.
+#[pg_extern(name = "_public_key", immutable, parallel_safe)]
+fn public_key(secret: &str) -> Option<String> {
+    signature::public_key(secret)
+}
+
 /// Custom headers must be an object of valid, unreserved names to a string
 /// (secret) or `{"value": "…", "secret": true|false}`; see
 /// `outbound::sender::check_headers`. Errors name the header, never its value.
@@ -154,7 +171,7 @@ fn check_expression(expr: &str) {
 /// The `webhook-signature` value pg_ihub sends for this message.
 #[pg_extern(immutable, parallel_safe)]
 fn sign(secret: &str, msg_id: &str, timestamp: i64, body: &str) -> String {
-    signature::decode_secret(secret).or_raise();
+    signature::decode_signing_key(secret).or_raise();
     signature::signature_header(&[secret.to_string()], msg_id, timestamp, body.as_bytes())
 }
 

@@ -24,6 +24,27 @@ pub fn verify(secret: &str, id: &str, timestamp: &str, header: &str, body: &[u8]
     })
 }
 
+/// True when any `v1a,` entry of `header` is an ed25519 signature of
+/// `id.timestamp.body` by the `whpk_` public key: ed25519-dalek's strict
+/// verification, not the extension's code.
+pub fn verify_v1a(public_key: &str, id: &str, timestamp: &str, header: &str, body: &[u8]) -> bool {
+    let Some(key) = public_key
+        .strip_prefix("whpk_")
+        .and_then(|k| STANDARD.decode(k).ok())
+        .and_then(|k| <[u8; 32]>::try_from(k).ok())
+        .and_then(|k| ed25519_dalek::VerifyingKey::from_bytes(&k).ok())
+    else {
+        return false;
+    };
+    let message = [format!("{id}.{timestamp}.").as_bytes(), body].concat();
+    header
+        .split(' ')
+        .filter_map(|s| s.strip_prefix("v1a,"))
+        .filter_map(|s| STANDARD.decode(s).ok())
+        .filter_map(|s| ed25519_dalek::Signature::from_slice(&s).ok())
+        .any(|sig| key.verify_strict(&message, &sig).is_ok())
+}
+
 /// A Standard Webhooks `webhook-signature` value, as a sender computes it.
 pub fn sign(secret: &str, id: &str, timestamp: i64, body: &[u8]) -> String {
     let key = secret

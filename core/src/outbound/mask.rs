@@ -105,10 +105,11 @@ pub fn mask_text(text: &str) -> String {
                 r#"(?i)\b([a-z0-9_-]*(?:{words})[a-z0-9_-]*)(["']?\s*[:=]\s*["']?)([^\s"'&,;]+)"#
             ))
             .unwrap(),
-            whsec: regex::Regex::new(r"whsec_[A-Za-z0-9+/=]+").unwrap(),
+            // Signing secrets: HMAC (whsec_) and ed25519 (whsk_); whpk_ public keys stay.
+            whsec: regex::Regex::new(r"(whsec|whsk)_[A-Za-z0-9+/=]+").unwrap(),
             masked_value: format!("$1$2{MASK}"),
             masked_auth: format!("$1 {MASK}"),
-            masked_whsec: format!("whsec_{MASK}"),
+            masked_whsec: format!("${{1}}_{MASK}"),
         }
     });
     let text = p.cookie.replace_all(text, p.masked_value.as_str());
@@ -329,12 +330,12 @@ mod tests {
     #[test]
     fn secrets_in_free_text_are_masked() {
         let m = mask_text(
-            "got 401 with Authorization: Bearer abc.def-123 and password=hunter2, api_key: \"k-99\" token=t0k whsec_MfKQ9r8Gw== for user ada",
+            "got 401 with Authorization: Bearer abc.def-123 and password=hunter2, api_key: \"k-99\" token=t0k whsec_MfKQ9r8Gw== whsk_TWZLUTlyOEdL for user ada",
         );
-        for secret in ["abc.def-123", "hunter2", "k-99", "t0k", "MfKQ9r8Gw"] {
+        for secret in ["abc.def-123", "hunter2", "k-99", "t0k", "MfKQ9r8Gw", "TWZLUTlyOEdL"] {
             assert!(!m.contains(secret), "{secret} left in {m}");
         }
-        assert!(m.contains("got 401") && m.contains("user ada") && m.contains("password="), "{m}");
+        assert!(m.contains("got 401") && m.contains("user ada") && m.contains("password=") && m.contains("whsk_"), "{m}");
         assert_eq!(mask_text("nothing to hide here"), "nothing to hide here");
         // Header lines that header masking hides are hidden in text too.
         let m = mask_text(
