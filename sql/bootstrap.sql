@@ -542,7 +542,8 @@ CREATE TABLE ihub.inbound_source (
     name           text NOT NULL CHECK (name ~ '^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$'),
     handler        regprocedure NOT NULL,
     verify         text NOT NULL DEFAULT 'standard-webhooks'
-                   CHECK (verify IN ('standard-webhooks', 'hmac-sha256', 'shared-secret', 'none')),
+                   CHECK (verify IN ('standard-webhooks', 'hmac-sha256', 'shared-secret', 'none',
+                                     'stripe', 'github', 'shopify', 'slack', 'twilio', 'svix')),
     -- The digest header (hmac-sha256) or the secret header (shared-secret).
     header         text,
     -- A header carrying the sender's delivery id, for de-duplication.
@@ -556,6 +557,8 @@ CREATE TABLE ihub.inbound_source (
     created_at     timestamptz NOT NULL DEFAULT now(),
     -- handler as given (schema-qualified), for the error once it is dropped
     handler_name   text,
+    -- What the listener answers a request it accepted (ihub._check_source_response); NULL: 202 and the item id.
+    response       jsonb,
     UNIQUE (integration_id, name)
 );
 COMMENT ON TABLE ihub.inbound_source IS

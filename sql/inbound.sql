@@ -20,7 +20,10 @@ SELECT t.id, i.name AS integration, s.name AS source, t.received_at, t.run_at, t
        -- not break the view (and every handler reading it).
        CASE WHEN t.headers ->> 'content-type' LIKE '%json%'
                  OR substring(ltrim(t.body, '\x20090a0d'::bytea) FROM 1 FOR 1) IN ('\x7b'::bytea, '\x5b'::bytea)
-            THEN ihub._try_jsonb(t.body) END AS payload,
+            THEN ihub._try_jsonb(t.body)
+            -- Form posts (Twilio, Slack commands): an object of the fields.
+            WHEN t.headers ->> 'content-type' LIKE 'application/x-www-form-urlencoded%'
+            THEN ihub._form_jsonb(t.body) END AS payload,
        t.ordering_key, t.dedup_key, t.remote_addr, t.result, t.error, t.finished_at, t.reactivated
 FROM ihub.inbound_item t
 JOIN ihub.inbound_source s ON s.id = t.source_id
@@ -42,6 +45,30 @@ BEGIN
 END
 $$;
 
+-- A source's fixed response to the requests it accepts: {"status": 2xx,
+-- "content_type": "text/plain", "body": "..."} (a body of 64 kB at most).
+CREATE FUNCTION ihub._check_source_response(p_response jsonb) RETURNS void
+LANGUAGE plpgsql IMMUTABLE SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF p_response IS NULL THEN
+        RETURN;
+    END IF;
+    IF jsonb_typeof(p_response) <> 'object'
+       OR EXISTS (SELECT 1 FROM jsonb_object_keys(p_response) k WHERE k NOT IN ('status', 'content_type', 'body'))
+       OR jsonb_typeof(p_response -> 'status') IS DISTINCT FROM 'number'
+       OR NOT ((p_response ->> 'status') ~ '^2[0-9][0-9]$')
+       OR coalesce(jsonb_typeof(p_response -> 'content_type'), 'string') <> 'string'
+       OR coalesce(jsonb_typeof(p_response -> 'body'), 'string') <> 'string'
+       OR octet_length(coalesce(p_response ->> 'body', '')) > 65536
+       OR (p_response ->> 'content_type') ~ '[\r\n]' THEN
+        RAISE EXCEPTION 'invalid response %', left(p_response::text, 200)
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'Give {"status": 200, "content_type": "text/xml", "body": "<Response/>"}: a 2xx status, and a body of 64 kB at most.';
+    END IF;
+END
+$$;
+
 CREATE FUNCTION ihub._create_source_by(
     integration text,
     name text,
@@ -53,6 +80,7 @@ CREATE FUNCTION ihub._create_source_by(
     dedup_window interval DEFAULT '24 hours',
     id_header text DEFAULT NULL,
     ordering_key text DEFAULT NULL,
+    response jsonb DEFAULT NULL,
     p_caller regrole DEFAULT NULL) RETURNS bigint
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
@@ -77,17 +105,30 @@ BEGIN
         RAISE EXCEPTION 'role % may not execute %', v_role, handler
             USING ERRCODE = 'insufficient_privilege', HINT = 'Handlers run as the role that created the source; grant it EXECUTE.';
     END IF;
-    IF verify IS NULL OR verify NOT IN ('standard-webhooks', 'hmac-sha256', 'shared-secret', 'none') THEN
+    IF verify IS NULL OR verify NOT IN ('standard-webhooks', 'hmac-sha256', 'shared-secret', 'none',
+                                        'stripe', 'github', 'shopify', 'slack', 'twilio', 'svix') THEN
         RAISE EXCEPTION 'unknown verification "%"', verify
-            USING ERRCODE = 'invalid_parameter_value', HINT = 'Use standard-webhooks, hmac-sha256, shared-secret or none.';
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'Use standard-webhooks, hmac-sha256, shared-secret or none, or a provider''s preset: stripe, github, shopify, slack, twilio or svix.';
     END IF;
     IF verify <> 'none' AND coalesce(secret, '') = '' THEN
         RAISE EXCEPTION 'verification % needs a secret', verify
-            USING ERRCODE = 'invalid_parameter_value', HINT = 'Pass the secret the sender signs with (whsec_... for Standard Webhooks).';
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = CASE verify WHEN 'stripe' THEN 'Pass the endpoint''s signing secret (whsec_..., in Stripe''s dashboard).'
+                                     WHEN 'github' THEN 'Pass the webhook''s secret.'
+                                     WHEN 'shopify' THEN 'Pass the app''s client secret (or the webhook signing secret).'
+                                     WHEN 'slack' THEN 'Pass the app''s signing secret.'
+                                     WHEN 'twilio' THEN 'Pass the account''s auth token.'
+                                     ELSE 'Pass the secret the sender signs with (whsec_... for Standard Webhooks and Svix).' END;
     END IF;
-    IF verify = 'standard-webhooks' THEN
+    IF verify IN ('standard-webhooks', 'svix') THEN
         PERFORM ihub._check_secret(secret);
     END IF;
+    IF verify IN ('stripe', 'github', 'shopify', 'slack', 'twilio', 'svix') AND (header IS NOT NULL OR id_header IS NOT NULL) THEN
+        RAISE EXCEPTION 'the % preset has its own headers', verify
+            USING ERRCODE = 'invalid_parameter_value', HINT = 'Leave out header and id_header: the preset knows which headers its provider sends.';
+    END IF;
+    PERFORM ihub._check_source_response(response);
     IF verify = 'shared-secret' AND header IS NULL THEN
         RAISE EXCEPTION 'shared-secret verification needs the header that carries the secret'
             USING ERRCODE = 'invalid_parameter_value', HINT = 'For example header => ''X-Zoho-Webhook-Secret''.';
@@ -102,9 +143,9 @@ BEGIN
                   HINT = 'Use header:<name>, or a JSON path into the body as a text array, e.g. ''{customer,id}''.';
     END IF;
     INSERT INTO ihub.inbound_source (integration_id, name, handler, verify, header, id_header, ordering_key,
-                                     tolerance, dedup_window, run_as, handler_name)
+                                     tolerance, dedup_window, run_as, handler_name, response)
     VALUES (v_integration, _create_source_by.name, handler, verify, lower(header), lower(id_header), ordering_key,
-            tolerance, dedup_window, p_caller, handler::text)
+            tolerance, dedup_window, p_caller, handler::text, response)
     RETURNING id INTO v_id;
     IF secret IS NOT NULL THEN
         INSERT INTO ihub.inbound_secret (source_id, secret) VALUES (v_id, secret);
@@ -123,7 +164,8 @@ CREATE FUNCTION ihub.create_source(
     tolerance interval DEFAULT '5 minutes',
     dedup_window interval DEFAULT '24 hours',
     id_header text DEFAULT NULL,
-    ordering_key text DEFAULT NULL
+    ordering_key text DEFAULT NULL,
+    response jsonb DEFAULT NULL
 ) RETURNS bigint
 LANGUAGE c VOLATILE AS 'MODULE_PATHNAME', 'ihub_for_caller';
 
@@ -172,11 +214,11 @@ CREATE TRIGGER sources_changed AFTER UPDATE OR DELETE ON ihub.integration
 -- verifies signatures itself).
 CREATE FUNCTION ihub._inbound_sources()
 RETURNS TABLE (id bigint, integration text, source text, active boolean, verify text, header text, id_header text,
-               secret text, tolerance_s bigint)
+               secret text, tolerance_s bigint, response jsonb)
 LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp
 AS $$
     SELECT s.id, i.name, s.name, i.state <> 'inactive', s.verify, s.header, s.id_header, k.secret,
-           extract(epoch FROM s.tolerance)::bigint
+           extract(epoch FROM s.tolerance)::bigint, s.response
     FROM ihub.inbound_source s
     JOIN ihub.integration i ON i.id = s.integration_id
     LEFT JOIN ihub.inbound_secret k ON k.source_id = s.id
@@ -660,7 +702,8 @@ FROM ihub.inbound_items WHERE state = 'failed';
 
 CREATE VIEW ihub.inbound_sources AS
 SELECT s.id, i.name AS integration, s.name, s.handler::text AS handler, s.verify, s.header, s.id_header, s.ordering_key,
-       s.tolerance, s.dedup_window, s.run_as, '/webhooks/' || i.name || '/' || s.name AS path, s.created_at
+       s.tolerance, s.dedup_window, s.run_as, '/webhooks/' || i.name || '/' || s.name AS path, s.created_at,
+       s.response
 FROM ihub.inbound_source s JOIN ihub.integration i ON i.id = s.integration_id;
 
 CREATE VIEW ihub.inbound_rejections AS
@@ -672,9 +715,11 @@ LEFT JOIN ihub.integration i ON i.id = s.integration_id;
 COMMENT ON VIEW ihub.inbound_items IS
     'Inbound items with their source and body (payload: the body as jsonb when it is JSON). Handlers take a row of this view.';
 COMMENT ON FUNCTION ihub._try_jsonb(bytea) IS 'Internal: a body as jsonb, or NULL when it is not JSON.';
+COMMENT ON FUNCTION ihub._form_jsonb(bytea) IS 'Internal: a form-encoded body as a JSON object (repeated fields as arrays).';
 COMMENT ON FUNCTION ihub._source_row(text, text) IS 'Internal: an inbound source by name, or an error with a hint.';
-COMMENT ON FUNCTION ihub.create_source(text, text, regprocedure, text, text, text, interval, interval, text, text) IS
-    'Creates an inbound source, POST /webhooks/<integration>/<name>: verification (standard-webhooks, hmac-sha256, shared-secret, none), secret, tolerance, de-duplication window and the SQL handler. Returns its id.';
+COMMENT ON FUNCTION ihub.create_source(text, text, regprocedure, text, text, text, interval, interval, text, text, jsonb) IS
+    'Creates an inbound source, POST /webhooks/<integration>/<name>: verification (standard-webhooks, hmac-sha256, shared-secret, none, or a preset: stripe, github, shopify, slack, twilio, svix), secret, tolerance, de-duplication window, ordering key, a fixed response and the SQL handler. Returns its id.';
+COMMENT ON FUNCTION ihub._check_source_response(jsonb) IS 'Internal: checks a source''s fixed response (status 2xx, content_type, body of 64 kB at most).';
 COMMENT ON FUNCTION ihub.drop_source(text, text) IS
     'Drops an inbound source with nothing queued and no failed items, and its processed items.';
 COMMENT ON FUNCTION ihub._sources_changed_trigger() IS 'Internal: tells the listener at commit that sources changed.';

@@ -5794,6 +5794,194 @@ JOIN ihub.endpoint e ON e.id = d.endpoint_id
 JOIN ihub.integration i ON i.id = e.integration_id;
 
 -------------------------------------------------------------------------------
+-- Inbound presets (issue 13): sql/inbound.sql
+-------------------------------------------------------------------------------
+
+-- Providers' schemes by name, and a fixed response per source.
+ALTER TABLE ihub.inbound_source DROP CONSTRAINT inbound_source_verify_check,
+    ADD CONSTRAINT inbound_source_verify_check
+    CHECK (verify IN ('standard-webhooks', 'hmac-sha256', 'shared-secret', 'none',
+                      'stripe', 'github', 'shopify', 'slack', 'twilio', 'svix'));
+-- What the listener answers a request it accepted (ihub._check_source_response); NULL: 202 and the item id.
+ALTER TABLE ihub.inbound_source ADD COLUMN response jsonb;
+
+CREATE FUNCTION ihub._form_jsonb("body" bytea) RETURNS jsonb
+IMMUTABLE STRICT PARALLEL SAFE
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'form_jsonb_wrapper';
+COMMENT ON FUNCTION ihub._form_jsonb(bytea) IS 'Internal: a form-encoded body as a JSON object (repeated fields as arrays).';
+-- Used by ihub.inbound_items, which runs functions with the reader's rights.
+GRANT EXECUTE ON FUNCTION ihub._form_jsonb(bytea) TO ihub_viewer;
+
+-- Form posts get a payload too.
+CREATE OR REPLACE VIEW ihub.inbound_items AS
+SELECT t.id, i.name AS integration, s.name AS source, t.received_at, t.run_at, t.state, t.attempts,
+       t.headers, t.body,
+       -- The first byte is looked at undecoded: a body that is not UTF-8 must
+       -- not break the view (and every handler reading it).
+       CASE WHEN t.headers ->> 'content-type' LIKE '%json%'
+                 OR substring(ltrim(t.body, '\x20090a0d'::bytea) FROM 1 FOR 1) IN ('\x7b'::bytea, '\x5b'::bytea)
+            THEN ihub._try_jsonb(t.body)
+            -- Form posts (Twilio, Slack commands): an object of the fields.
+            WHEN t.headers ->> 'content-type' LIKE 'application/x-www-form-urlencoded%'
+            THEN ihub._form_jsonb(t.body) END AS payload,
+       t.ordering_key, t.dedup_key, t.remote_addr, t.result, t.error, t.finished_at, t.reactivated
+FROM ihub.inbound_item t
+JOIN ihub.inbound_source s ON s.id = t.source_id
+JOIN ihub.integration i ON i.id = s.integration_id;
+
+-- A new column at the end: the fixed response.
+CREATE OR REPLACE VIEW ihub.inbound_sources AS
+SELECT s.id, i.name AS integration, s.name, s.handler::text AS handler, s.verify, s.header, s.id_header, s.ordering_key,
+       s.tolerance, s.dedup_window, s.run_as, '/webhooks/' || i.name || '/' || s.name AS path, s.created_at,
+       s.response
+FROM ihub.inbound_source s JOIN ihub.integration i ON i.id = s.integration_id;
+
+DROP FUNCTION ihub._inbound_sources();
+CREATE FUNCTION ihub._inbound_sources()
+RETURNS TABLE (id bigint, integration text, source text, active boolean, verify text, header text, id_header text,
+               secret text, tolerance_s bigint, response jsonb)
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT s.id, i.name, s.name, i.state <> 'inactive', s.verify, s.header, s.id_header, k.secret,
+           extract(epoch FROM s.tolerance)::bigint, s.response
+    FROM ihub.inbound_source s
+    JOIN ihub.integration i ON i.id = s.integration_id
+    LEFT JOIN ihub.inbound_secret k ON k.source_id = s.id
+$$;
+
+CREATE FUNCTION ihub._check_source_response(p_response jsonb) RETURNS void
+LANGUAGE plpgsql IMMUTABLE SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF p_response IS NULL THEN
+        RETURN;
+    END IF;
+    IF jsonb_typeof(p_response) <> 'object'
+       OR EXISTS (SELECT 1 FROM jsonb_object_keys(p_response) k WHERE k NOT IN ('status', 'content_type', 'body'))
+       OR jsonb_typeof(p_response -> 'status') IS DISTINCT FROM 'number'
+       OR NOT ((p_response ->> 'status') ~ '^2[0-9][0-9]$')
+       OR coalesce(jsonb_typeof(p_response -> 'content_type'), 'string') <> 'string'
+       OR coalesce(jsonb_typeof(p_response -> 'body'), 'string') <> 'string'
+       OR octet_length(coalesce(p_response ->> 'body', '')) > 65536
+       OR (p_response ->> 'content_type') ~ '[\r\n]' THEN
+        RAISE EXCEPTION 'invalid response %', left(p_response::text, 200)
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'Give {"status": 200, "content_type": "text/xml", "body": "<Response/>"}: a 2xx status, and a body of 64 kB at most.';
+    END IF;
+END
+$$;
+COMMENT ON FUNCTION ihub._check_source_response(jsonb) IS 'Internal: checks a source''s fixed response (status 2xx, content_type, body of 64 kB at most).';
+
+DROP FUNCTION ihub.create_source(text, text, regprocedure, text, text, text, interval, interval, text, text);
+DROP FUNCTION ihub._create_source_by(text, text, regprocedure, text, text, text, interval, interval, text, text, regrole);
+CREATE FUNCTION ihub._create_source_by(
+    integration text,
+    name text,
+    handler regprocedure,
+    verify text DEFAULT 'standard-webhooks',
+    secret text DEFAULT NULL,
+    header text DEFAULT NULL,
+    tolerance interval DEFAULT '5 minutes',
+    dedup_window interval DEFAULT '24 hours',
+    id_header text DEFAULT NULL,
+    ordering_key text DEFAULT NULL,
+    response jsonb DEFAULT NULL,
+    p_caller regrole DEFAULT NULL) RETURNS bigint
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_integration bigint := ihub._integration_id(_create_source_by.integration);
+    v_role name := pg_get_userbyid(p_caller);
+    v_proc pg_proc;
+    v_id bigint;
+BEGIN
+    PERFORM ihub._check_name('inbound source', _create_source_by.name);
+    IF EXISTS (SELECT 1 FROM ihub.inbound_source s WHERE s.integration_id = v_integration AND s.name = _create_source_by.name) THEN
+        RAISE EXCEPTION 'integration "%" already has an inbound source "%"', _create_source_by.integration, _create_source_by.name
+            USING ERRCODE = 'duplicate_object', HINT = 'Choose another name, or drop it with ihub.drop_source first.';
+    END IF;
+    SELECT * INTO v_proc FROM pg_proc WHERE oid = handler;
+    IF v_proc.prokind <> 'f' OR v_proc.pronargs <> 1 OR v_proc.proargtypes[0] <> 'ihub.inbound_items'::regtype OR v_proc.proretset THEN
+        RAISE EXCEPTION 'function % cannot handle inbound items', handler
+            USING ERRCODE = 'invalid_function_definition',
+                  HINT = 'A handler takes one ihub.inbound_items and returns jsonb (or void): CREATE FUNCTION on_order(item ihub.inbound_items) RETURNS jsonb.';
+    END IF;
+    IF NOT has_function_privilege(v_role, handler, 'EXECUTE') THEN
+        RAISE EXCEPTION 'role % may not execute %', v_role, handler
+            USING ERRCODE = 'insufficient_privilege', HINT = 'Handlers run as the role that created the source; grant it EXECUTE.';
+    END IF;
+    IF verify IS NULL OR verify NOT IN ('standard-webhooks', 'hmac-sha256', 'shared-secret', 'none',
+                                        'stripe', 'github', 'shopify', 'slack', 'twilio', 'svix') THEN
+        RAISE EXCEPTION 'unknown verification "%"', verify
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'Use standard-webhooks, hmac-sha256, shared-secret or none, or a provider''s preset: stripe, github, shopify, slack, twilio or svix.';
+    END IF;
+    IF verify <> 'none' AND coalesce(secret, '') = '' THEN
+        RAISE EXCEPTION 'verification % needs a secret', verify
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = CASE verify WHEN 'stripe' THEN 'Pass the endpoint''s signing secret (whsec_..., in Stripe''s dashboard).'
+                                     WHEN 'github' THEN 'Pass the webhook''s secret.'
+                                     WHEN 'shopify' THEN 'Pass the app''s client secret (or the webhook signing secret).'
+                                     WHEN 'slack' THEN 'Pass the app''s signing secret.'
+                                     WHEN 'twilio' THEN 'Pass the account''s auth token.'
+                                     ELSE 'Pass the secret the sender signs with (whsec_... for Standard Webhooks and Svix).' END;
+    END IF;
+    IF verify IN ('standard-webhooks', 'svix') THEN
+        PERFORM ihub._check_secret(secret);
+    END IF;
+    IF verify IN ('stripe', 'github', 'shopify', 'slack', 'twilio', 'svix') AND (header IS NOT NULL OR id_header IS NOT NULL) THEN
+        RAISE EXCEPTION 'the % preset has its own headers', verify
+            USING ERRCODE = 'invalid_parameter_value', HINT = 'Leave out header and id_header: the preset knows which headers its provider sends.';
+    END IF;
+    PERFORM ihub._check_source_response(response);
+    IF verify = 'shared-secret' AND header IS NULL THEN
+        RAISE EXCEPTION 'shared-secret verification needs the header that carries the secret'
+            USING ERRCODE = 'invalid_parameter_value', HINT = 'For example header => ''X-Zoho-Webhook-Secret''.';
+    END IF;
+    IF tolerance IS NULL OR tolerance < interval '0' OR dedup_window IS NULL OR dedup_window < interval '0' THEN
+        RAISE EXCEPTION 'tolerance and dedup_window must be non-negative intervals'
+            USING ERRCODE = 'invalid_parameter_value', HINT = 'For example tolerance => ''5 minutes'', dedup_window => ''1 day''.';
+    END IF;
+    IF ordering_key IS NOT NULL AND ordering_key !~ '^header:[A-Za-z0-9_-]+$' AND ordering_key !~ '^\{.+\}$' THEN
+        RAISE EXCEPTION 'invalid ordering key "%"', ordering_key
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'Use header:<name>, or a JSON path into the body as a text array, e.g. ''{customer,id}''.';
+    END IF;
+    INSERT INTO ihub.inbound_source (integration_id, name, handler, verify, header, id_header, ordering_key,
+                                     tolerance, dedup_window, run_as, handler_name, response)
+    VALUES (v_integration, _create_source_by.name, handler, verify, lower(header), lower(id_header), ordering_key,
+            tolerance, dedup_window, p_caller, handler::text, response)
+    RETURNING id INTO v_id;
+    IF secret IS NOT NULL THEN
+        INSERT INTO ihub.inbound_secret (source_id, secret) VALUES (v_id, secret);
+    END IF;
+    RETURN v_id;
+END
+$$;
+
+CREATE FUNCTION ihub.create_source(
+    integration text,
+    name text,
+    handler regprocedure,
+    verify text DEFAULT 'standard-webhooks',
+    secret text DEFAULT NULL,
+    header text DEFAULT NULL,
+    tolerance interval DEFAULT '5 minutes',
+    dedup_window interval DEFAULT '24 hours',
+    id_header text DEFAULT NULL,
+    ordering_key text DEFAULT NULL,
+    response jsonb DEFAULT NULL
+) RETURNS bigint
+LANGUAGE c VOLATILE AS 'MODULE_PATHNAME', 'ihub_for_caller';
+COMMENT ON FUNCTION ihub.create_source(text, text, regprocedure, text, text, text, interval, interval, text, text, jsonb) IS
+    'Creates an inbound source, POST /webhooks/<integration>/<name>: verification (standard-webhooks, hmac-sha256, shared-secret, none, or a preset: stripe, github, shopify, slack, twilio, svix), secret, tolerance, de-duplication window, ordering key, a fixed response and the SQL handler. Returns its id.';
+GRANT EXECUTE ON FUNCTION ihub.create_source(text, text, regprocedure, text, text, text, interval, interval, text, text, jsonb) TO ihub_developer;
+COMMENT ON FUNCTION ihub._create_source_by(text, text, regprocedure, text, text, text, interval, interval, text, text, jsonb, regrole) IS
+    'Internal: ihub.create_source for the role passed last, the caller its LANGUAGE c entry point saw (src/caller.rs).';
+COMMENT ON FUNCTION ihub._inbound_sources() IS 'Internal (listener): sources with what verifying needs.';
+
+-------------------------------------------------------------------------------
 -- Privileges: as a fresh install sets them (finalize.sql)
 -------------------------------------------------------------------------------
 

@@ -83,6 +83,7 @@ pgrx::extension_sql_file!(
         outbound::functions::mask_headers,
         inbound::verify_inbound,
         inbound::dedup_key,
+        inbound::form_jsonb,
         runtime::registry::wake_processor,
         runtime::registry::sources_changed,
         inbound::processor::process_inbound

@@ -1544,6 +1544,43 @@ mod tests {
         assert_eq!(one::<i64>("SELECT count(*) FROM ihub.inbound_source WHERE name = 'bad'"), 0);
     }
 
+    /// Presets take a secret and no header names; a fixed response is
+    /// checked; ihub.receive verifies a preset as the listener does (GitHub's
+    /// documented example) and keys duplicates by the provider's id.
+    #[pg_test]
+    fn presets_and_fixed_responses_are_checked() {
+        setup_inbound();
+        expect_error(
+            "SELECT ihub.create_source('shop', 'g', 'on_order(ihub.inbound_items)', 'gitlab', 's')",
+            &["unknown verification \"gitlab\"", "stripe, github, shopify, slack, twilio or svix"],
+        );
+        expect_error(
+            "SELECT ihub.create_source('shop', 'g', 'on_order(ihub.inbound_items)', 'twilio')",
+            &["verification twilio needs a secret", "auth token"],
+        );
+        expect_error(
+            "SELECT ihub.create_source('shop', 'g', 'on_order(ihub.inbound_items)', 'github', 's', header => 'X-Sig')",
+            &["the github preset has its own headers"],
+        );
+        for bad in [r#"{"status": 500}"#, r#"{"status": "200"}"#, r#"{"status": 200, "colour": "red"}"#] {
+            expect_error(
+                &format!("SELECT ihub.create_source('shop', 'g', 'on_order(ihub.inbound_items)', 'none', response => '{bad}')"),
+                &["invalid response", "HINT: Give"],
+            );
+        }
+        Spi::run(
+            "SELECT ihub.create_source('shop', 'g', 'on_order(ihub.inbound_items)', 'github', $$It's a Secret to Everybody$$,
+                                       response => '{\"status\": 200, \"body\": \"thanks\"}')",
+        )
+        .unwrap();
+        assert_eq!(one::<String>("SELECT response ->> 'body' FROM ihub.inbound_sources WHERE name = 'g'"), "thanks");
+        let headers = r#"{"x-hub-signature-256": "sha256=757107ea0eb2509fc211221cce984b8a37570b6d7586c22c46f4379c8b043e17", "x-github-delivery": "72d3162e"}"#;
+        let id = one::<i64>(&format!("SELECT ihub.receive('shop', 'g', '{headers}', 'Hello, World!')"));
+        assert_eq!(one::<String>(&format!("SELECT dedup_key FROM ihub.inbound_items WHERE id = {id}")), "72d3162e");
+        let refused = Spi::get_one::<i64>(&format!("SELECT ihub.receive('shop', 'g', '{headers}', 'Hello')"));
+        assert_eq!(refused.unwrap(), None);
+    }
+
     #[pg_test]
     fn only_the_session_processing_an_item_can_settle_it() {
         setup_inbound();

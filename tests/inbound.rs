@@ -811,3 +811,103 @@ fn a_source_with_failed_items_is_not_dropped_with_them() {
     hub.exec(&format!("SELECT ihub.drop_source('{}', 'keepfailed')", k.integration));
     assert_eq!(k.items(&mut hub, "keepfailed"), 0);
 }
+
+/// Signs a request as `provider` does, with the provider's own npm library
+/// (tests/presets/sign.mjs); returns its headers.
+fn provider_headers(provider: &str, secret: &str, body: &str, url: &str, id: &str) -> Vec<(String, String)> {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/presets");
+    let input = json!({"provider": provider, "secret": secret, "body": body, "url": url, "id": id,
+                       "timestamp": now_s()});
+    let out = std::process::Command::new("node")
+        .arg(format!("{dir}/sign.mjs"))
+        .arg(input.to_string())
+        .current_dir(dir)
+        .output()
+        .expect("node runs (tests/run installs tests/presets with npm ci)");
+    assert!(out.status.success(), "sign.mjs {provider}: {}", String::from_utf8_lossy(&out.stderr));
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    v["headers"].as_object().unwrap().iter().map(|(k, v)| (k.clone(), v.as_str().unwrap().to_string())).collect()
+}
+
+fn post_with(url: &str, headers: &[(String, String)], body: &str) -> Response {
+    let mut req = http().post(url).body(body.to_string());
+    for (k, v) in headers {
+        req = req.header(k, v);
+    }
+    req.send().unwrap()
+}
+
+/// Each preset accepts a request signed by its provider's official library,
+/// answers the same delivery again as a duplicate (by the provider's id:
+/// Stripe's event id, GitHub's delivery, Shopify's webhook id, Twilio's
+/// idempotency token, Svix's id; Slack's by the body), and refuses it with
+/// a changed body. Twilio's form post becomes payload fields, and its
+/// source answers with its fixed TwiML response.
+#[test]
+fn presets_verify_requests_signed_by_the_providers_libraries() {
+    let mut hub = hub();
+    let k = kit(&mut hub);
+    let cases = [
+        ("stripe", "whsec_stripe_test_secret", r#"{"id":"evt_1N","type":"charge.succeeded","n":1}"#),
+        ("github", "It's a Secret to Everybody", r#"{"action":"opened","n":2}"#),
+        ("shopify", "shpss_test_secret", r#"{"id":820982911946154500,"n":3}"#),
+        ("slack", "8f742231b10e8888abcd99yyyzzz85a5", r#"{"type":"event_callback","n":4}"#),
+        ("svix", SECRET, r#"{"type":"invoice.paid","n":5}"#),
+        ("twilio", "twilio_auth_token", "MessageSid=SM123&From=%2B15551234567&Body=hi+there&n=6"),
+    ];
+    for (i, (provider, secret, body)) in cases.iter().enumerate() {
+        let response = if *provider == "twilio" {
+            r#", response => '{"status": 200, "content_type": "text/xml", "body": "<Response/>"}'"#
+        } else {
+            ""
+        };
+        let url = k.source(&mut hub, provider, &format!(", verify => '{provider}', secret => $s${secret}$s${response}"));
+        let headers = provider_headers(provider, secret, body, &url, &format!("{provider}-delivery-{i}"));
+
+        let first = post_with(&url, &headers, body);
+        let status = first.status();
+        let text = first.text().unwrap();
+        if *provider == "twilio" {
+            assert_eq!((status, text.as_str()), (StatusCode::OK, "<Response/>"), "twilio's fixed response");
+        } else {
+            assert_eq!(status, StatusCode::ACCEPTED, "{provider}: {text}");
+        }
+        let again = post_with(&url, &headers, body);
+        let again_status = again.status();
+        let again_text = again.text().unwrap();
+        if *provider != "twilio" {
+            assert!(again_status == StatusCode::OK && again_text.contains("\"duplicate\":true"), "{provider}: {again_text}");
+        }
+        let tampered = body.replace(&format!("{}", i + 1), "99");
+        let refused = post_with(&url, &headers, &tampered);
+        assert_eq!(refused.status(), StatusCode::UNAUTHORIZED, "{provider} with a changed body");
+    }
+    assert_eq!(k.wait_seen(&mut hub, 6), vec![1, 2, 3, 4, 5, 6]);
+    // Processed once each: the repeats were duplicates (Twilio's too).
+    assert_eq!(hub.one::<i64>(&format!("SELECT count(*) FROM ihub.inbound_items WHERE integration = '{}'", k.integration)), 6);
+    let twilio: String = hub.one(&format!(
+        "SELECT payload::text FROM ihub.inbound_items WHERE integration = '{}' AND source = 'twilio'",
+        k.integration
+    ));
+    let twilio: Value = serde_json::from_str(&twilio).unwrap();
+    assert_eq!(twilio, json!({"MessageSid": "SM123", "From": "+15551234567", "Body": "hi there", "n": "6"}));
+}
+
+/// Slack checks an events URL with a signed url_verification request: the
+/// listener answers its challenge at once and queues nothing. Unsigned, it
+/// is refused like any request.
+#[test]
+fn slack_url_verification_is_answered_with_its_challenge() {
+    let mut hub = hub();
+    let k = kit(&mut hub);
+    let secret = "8f742231b10e8888abcd99yyyzzz85a5";
+    let url = k.source(&mut hub, "slack", &format!(", verify => 'slack', secret => '{secret}'"));
+    let body = r#"{"token":"Jhj5dZrVaK7ZwHHjRyZWjbDl","challenge":"3eZbrw1aBm2rZgRNFdxV2595E9CY3gmdALWMmHkvFXO7tYXAYM8P","type":"url_verification"}"#;
+    let headers = provider_headers("slack", secret, body, &url, "");
+    let r = post_with(&url, &headers, body);
+    assert_eq!(r.status(), StatusCode::OK);
+    let answer: Value = r.json().unwrap();
+    assert_eq!(answer, json!({"challenge": "3eZbrw1aBm2rZgRNFdxV2595E9CY3gmdALWMmHkvFXO7tYXAYM8P"}));
+    assert_eq!(post_with(&url, &[], body).status(), StatusCode::UNAUTHORIZED);
+    assert_eq!(hub.one::<i64>(&format!("SELECT count(*) FROM ihub.inbound_items WHERE integration = '{}'", k.integration)), 0);
+}

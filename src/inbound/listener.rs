@@ -38,7 +38,7 @@ use crate::runtime::worker::{run, Worker};
 use crate::settings;
 use pg_ihub_core::inbound::bounds::{self, Connections, Throttle};
 use pg_ihub_core::inbound::limiter::Bucket;
-use pg_ihub_core::inbound::verify::{body_hash, dedup_key, verify, Mode, Rule};
+use pg_ihub_core::inbound::verify::{body_hash, dedup_key, handshake, verify, Mode, Rule, URL_HEADER};
 use pg_ihub_core::oauth2;
 use pg_ihub_core::outbound::mask;
 use pg_ihub_core::outbound::signature::constant_time_eq;
@@ -49,6 +49,9 @@ struct Source {
     active: bool,
     rule: Rule,
     id_header: Option<String>,
+    /// The source's fixed answer to a request it accepted (or had already):
+    /// status, content type and body, instead of 202 and the item's id.
+    response: Option<(StatusCode, String, Bytes)>,
 }
 
 /// Work for the main thread.
@@ -488,7 +491,10 @@ fn reload_sources(shared: &Shared) {
         Spi::connect(|client| {
             let rows = client
                 .select(
-                    "SELECT id, integration, source, active, verify, header, id_header, secret, tolerance_s FROM ihub._inbound_sources()",
+                    // SELECT *: the response column is new in 0.3.0 and read by
+                    // name, so that sources still load before ALTER EXTENSION
+                    // UPDATE has run.
+                    "SELECT * FROM ihub._inbound_sources()",
                     None,
                     &[],
                 )
@@ -512,6 +518,7 @@ fn reload_sources(shared: &Shared) {
                         column::<i64>(&row, 9, "tolerance_s"),
                     ),
                     id_header: nullable::<String>(&row, 7, "id_header"),
+                    response: row.get_by_name::<JsonB, _>("response").ok().flatten().and_then(|r| fixed_response(&r.0)),
                 };
                 map.insert((integration, name), Arc::new(source));
             }
@@ -700,6 +707,23 @@ async fn serve(listener: tokio::net::TcpListener, shared: Arc<Shared>, max_conne
             drop(permit);
         });
     }
+}
+
+/// A source's fixed response, `{"status": 200, "content_type": …, "body": …}`
+/// (checked by ihub.create_source).
+fn fixed_response(value: &Value) -> Option<(StatusCode, String, Bytes)> {
+    let status = StatusCode::from_u16(value.get("status")?.as_u64()? as u16).ok()?;
+    let content_type = value.get("content_type").and_then(Value::as_str).unwrap_or("text/plain").to_string();
+    let body = value.get("body").and_then(Value::as_str).unwrap_or("").to_string();
+    Some((status, content_type, Bytes::from(body)))
+}
+
+fn raw_reply(status: StatusCode, content_type: &str, body: Bytes) -> Response<Full<Bytes>> {
+    Response::builder()
+        .status(status)
+        .header("content-type", content_type)
+        .body(Full::new(body))
+        .unwrap_or_else(|_| error(StatusCode::INTERNAL_SERVER_ERROR, "invalid response"))
 }
 
 fn reply(status: StatusCode, body: Value) -> Response<Full<Bytes>> {
@@ -938,6 +962,16 @@ async fn receive(
             _ => return error(StatusCode::BAD_REQUEST, "delay must be a number of seconds"),
         },
     };
+    // The URL the sender called, for schemes that sign it (Twilio): as a
+    // proxy in front says it was (X-Forwarded-Proto, X-Forwarded-Host),
+    // else as it arrived.
+    let called_url = {
+        let h = |name: &str| req.headers().get(name).and_then(|v| v.to_str().ok()).map(str::to_string);
+        let scheme = h("x-forwarded-proto").unwrap_or_else(|| "http".into());
+        let host = h("x-forwarded-host").or_else(|| h("host")).unwrap_or_default();
+        let path = req.uri().path_and_query().map(|p| p.as_str().to_string()).unwrap_or_else(|| "/".into());
+        format!("{scheme}://{host}{path}")
+    };
     let max_body = shared.max_body.load(Ordering::Relaxed);
     let declared = req
         .headers()
@@ -982,7 +1016,12 @@ async fn receive(
         Ok(Err(BodyError::Unreadable)) => return error(StatusCode::BAD_REQUEST, "the body could not be read"),
         Ok(Ok(body)) => body,
     };
-    let header = |name: &str| headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str());
+    let header = |name: &str| {
+        if name == URL_HEADER {
+            return Some(called_url.as_str());
+        }
+        headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+    };
     // Twice at most: a source dropped (and maybe created again) after the
     // lookup is looked up, and the request verified, once more.
     for pass in 0..2 {
@@ -1012,6 +1051,11 @@ async fn receive(
             });
             return error(StatusCode::UNAUTHORIZED, &refusal.to_string());
         }
+        // A provider's endpoint check (Slack's url_verification) is answered
+        // at once, verified, and not queued.
+        if let Some((content_type, answer)) = handshake(source.rule.mode, &body) {
+            return raw_reply(StatusCode::OK, content_type, Bytes::from(answer));
+        }
         let dedup = dedup_key(source.rule.mode, source.id_header.as_deref(), header, &body);
         let (tx, rx) = oneshot::channel();
         let queued = shared.send(Work::Accept {
@@ -1027,6 +1071,10 @@ async fn receive(
             return error(StatusCode::SERVICE_UNAVAILABLE, "listener stopping");
         }
         match tokio::time::timeout(shared.timeout(), rx).await {
+            Ok(Ok(Accepted::Queued(_) | Accepted::Duplicate(_))) if source.response.is_some() => {
+                let (status, content_type, body) = source.response.clone().expect("checked");
+                return raw_reply(status, &content_type, body);
+            }
             Ok(Ok(Accepted::Queued(id))) => return reply(StatusCode::ACCEPTED, json!({ "id": id })),
             Ok(Ok(Accepted::Duplicate(id))) => return reply(StatusCode::OK, json!({ "id": id, "duplicate": true })),
             Ok(Ok(Accepted::SourceGone)) => continue,

@@ -33,6 +33,12 @@ fn verify_inbound(
     check(&rule, |name| map.and_then(|m| m.get(name)).and_then(Value::as_str), body, now).err().map(|e| e.to_string())
 }
 
+/// A form-encoded body as a JSON object (see `pg_ihub_core::inbound::form`).
+#[pg_extern(name = "_form_jsonb", immutable, parallel_safe)]
+fn form_jsonb(body: &[u8]) -> JsonB {
+    JsonB(pg_ihub_core::inbound::form::form_to_json(body))
+}
+
 /// A request's de-duplication key, as the listener computes it
 /// (`pg_ihub_core::inbound::verify::dedup_key`), for `ihub.receive`.
 #[pg_extern(name = "_dedup_key", immutable, parallel_safe)]

@@ -3,5 +3,6 @@
 //! worker and ihub.receive.
 
 pub mod bounds;
+pub mod form;
 pub mod limiter;
 pub mod verify;
