@@ -164,7 +164,9 @@ CREATE TABLE ihub.subscription (
     event_type    text,
     -- The columns whose values make a change's ordering key when its
     -- endpoint orders by key; NULL: the table's primary key.
-    ordering_key  text[]
+    ordering_key  text[],
+    -- The payload template (sql/payloads.sql); NULL: the row as it is.
+    payload       jsonb
 );
 CREATE INDEX ON ihub.subscription (endpoint_id);
 COMMENT ON TABLE ihub.subscription IS

@@ -148,7 +148,7 @@ GRANT EXECUTE ON FUNCTION
     ihub.alter_endpoint(text, integer, jsonb, jsonb, double precision, integer, text[], text),
     ihub.enable_endpoint(text),
     ihub.disable_endpoint(text, text),
-    ihub.subscribe(regclass, text, text[], text[], text[], text, boolean, text, text[]),
+    ihub.subscribe(regclass, text, text[], text[], text[], text, boolean, text, text[], jsonb),
     ihub.unsubscribe(bigint),
     ihub.http_request(text, jsonb, text, text, jsonb, text, jsonb, regprocedure, jsonb),
     ihub.replay(bigint),

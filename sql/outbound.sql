@@ -209,14 +209,19 @@ BEGIN
         -- Checked by ihub._check_expression to be exactly one expression.
         v_filters := v_filters || format(E'(\n%s\n)', p_sub.condition);
     END IF;
-    RETURN format('SELECT %s._ihub_n %s%s', CASE p_event WHEN 'delete' THEN 'old' ELSE 'new' END, v_from,
+    -- With a payload template, its data for each row (as text: the trigger
+    -- stores it as jsonb).
+    RETURN format('SELECT %s._ihub_n%s %s%s', CASE p_event WHEN 'delete' THEN 'old' ELSE 'new' END,
+                  CASE WHEN p_sub.payload IS NOT NULL
+                       THEN format(E', (\n%s\n)::text', ihub._payload_expression(p_sub, p_event)) ELSE '' END, v_from,
                   CASE WHEN cardinality(v_filters) > 0 THEN ' WHERE ' || array_to_string(v_filters, ' AND ') ELSE '' END);
 END
 $$;
 
 -- A subscription's capture table: the captured rows keep the table's own
--- row type, copied unchanged by the capture triggers, and the number of
--- their statement (ihub.capture_seq).
+-- row type, copied unchanged by the capture triggers, the number of their
+-- statement (ihub.capture_seq) and, with a payload template, the data the
+-- template made of them in the writer's transaction.
 CREATE FUNCTION ihub._create_capture_table(p_sub ihub.subscription) RETURNS void
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
 AS $$
@@ -224,7 +229,7 @@ DECLARE
     v_capture text := format('ihub_capture.%I', 'sub_' || p_sub.id);
     v_type text := format_type((SELECT reltype FROM pg_class WHERE oid = p_sub.source), NULL);
 BEGIN
-    EXECUTE format('CREATE TABLE %s (op "char" NOT NULL, xid xid8 NOT NULL, occurred_at timestamptz NOT NULL, new_row %s, old_row %s, seq bigint) '
+    EXECUTE format('CREATE TABLE %s (op "char" NOT NULL, xid xid8 NOT NULL, occurred_at timestamptz NOT NULL, new_row %s, old_row %s, seq bigint, data jsonb) '
                    'WITH (autovacuum_vacuum_scale_factor = 0, autovacuum_vacuum_threshold = 1000)',
                    v_capture, v_type, v_type);
     EXECUTE format('COMMENT ON TABLE %s IS %L', v_capture,
@@ -283,7 +288,7 @@ BEGIN
                            v_name, upper(v_event), p_rel::regclass,
                            CASE v_event WHEN 'insert' THEN 'NEW' WHEN 'delete' THEN 'OLD' ELSE 'OLD TABLE AS ihub_old NEW' END,
                            CASE v_event WHEN 'delete' THEN 'ihub_old' ELSE 'ihub_new' END,
-                           CASE WHEN p_sub.condition IS NULL AND (p_sub.watch IS NULL OR v_event <> 'update')
+                           CASE WHEN p_sub.condition IS NULL AND p_sub.payload IS NULL AND (p_sub.watch IS NULL OR v_event <> 'update')
                                 THEN 'ihub._capture_rows' ELSE 'ihub._capture_filtered' END,
                            v_capture);
         END IF;
@@ -374,6 +379,7 @@ CREATE FUNCTION ihub._subscribe_by(
     test_mode boolean DEFAULT false,
     event_type text DEFAULT NULL,
     ordering_key text[] DEFAULT NULL,
+    payload jsonb DEFAULT NULL,
     p_caller regrole DEFAULT NULL) RETURNS bigint
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
@@ -456,10 +462,13 @@ BEGIN
     END IF;
 
     INSERT INTO ihub.subscription (endpoint_id, source, events, columns, watch, condition, test_mode, created_by,
-                                   event_type, ordering_key)
+                                   event_type, ordering_key, payload)
     VALUES (v_endpoint.id, source, v_events, columns, watch, condition, coalesce(test_mode, false), v_caller,
-            event_type, ordering_key)
+            event_type, ordering_key, payload)
     RETURNING * INTO v_sub;
+    IF payload IS NOT NULL THEN
+        PERFORM ihub._check_payload(v_sub);
+    END IF;
     IF v_endpoint.ordering = 'key' THEN
         PERFORM ihub._ordering_columns(v_sub);
     END IF;
@@ -482,7 +491,8 @@ CREATE FUNCTION ihub.subscribe(
     condition text DEFAULT NULL,
     test_mode boolean DEFAULT false,
     event_type text DEFAULT NULL,
-    ordering_key text[] DEFAULT NULL
+    ordering_key text[] DEFAULT NULL,
+    payload jsonb DEFAULT NULL
 ) RETURNS bigint
 LANGUAGE c VOLATILE AS 'MODULE_PATHNAME', 'ihub_for_caller';
 
@@ -881,14 +891,15 @@ AS $fn$
             WITH moved AS (
                 DELETE FROM ihub_capture.%1$I c
                 WHERE c.ctid = ANY ($1)
-                RETURNING c.op, c.xid, c.occurred_at, c.new_row, c.old_row, c.seq
+                RETURNING c.op, c.xid, c.occurred_at, c.new_row, c.old_row, c.seq, c.data
             )
             INSERT INTO ihub.delivery AS d (event_id, endpoint_id, subscription_id, event_type, payload, test_mode,
                                             state, worker_pid, lease_until, occurred_at, run_at, ordering_key)
             SELECT ev.id, $2, $3, ev.type,
                    jsonb_build_object('id', ev.id, 'type', ev.type, 'schema', $4, 'table', $5, 'operation', ev.op,
                                       'occurred_at', m.occurred_at, 'txid', m.xid::text, 'tenant', $6,
-                                      'data', CASE WHEN m.op = 'd' THEN j.old ELSE j.new END)
+                                      -- What the template made, if any, in the writer's transaction.
+                                      'data', coalesce(m.data - $11, CASE WHEN m.op = 'd' THEN j.old ELSE j.new END))
                    || CASE m.op
                           WHEN 'u' THEN jsonb_build_object('old', j.old, 'changed', to_jsonb(ARRAY(
                               SELECT n.key FROM jsonb_each(j.new) n JOIN jsonb_each(j.old) o USING (key)
@@ -1985,7 +1996,7 @@ FROM ihub.endpoint_secret s JOIN ihub.endpoint e ON e.id = s.endpoint_id;
 CREATE VIEW ihub.subscriptions AS
 SELECT s.id, i.name AS integration, e.name AS endpoint, s.source, s.events, s.columns, s.watch, s.condition,
        s.test_mode, (i.state <> 'inactive') AS capturing, s.created_by, s.created_at,
-       s.broken_reason AS broken, s.broken_at, s.event_type, s.ordering_key
+       s.broken_reason AS broken, s.broken_at, s.event_type, s.ordering_key, s.payload
 FROM ihub.subscription s
 JOIN ihub.endpoint e ON e.id = s.endpoint_id
 JOIN ihub.integration i ON i.id = e.integration_id;
@@ -2025,8 +2036,8 @@ COMMENT ON FUNCTION ihub.disable_endpoint(text, text) IS 'Stops deliveries to an
 COMMENT ON FUNCTION ihub.rotate_secret(text, text, interval) IS
     'Adds a new signing secret (generated when NULL) and keeps the old ones signing for the grace period. Returns the new secret. ihub_admin only.';
 COMMENT ON FUNCTION ihub._capture_filter(ihub.subscription, text) IS 'Internal: the query that selects the transition rows passing a subscription''s watch and condition.';
-COMMENT ON FUNCTION ihub.subscribe(regclass, text, text[], text[], text[], text, boolean, text, text[]) IS
-    'Subscribes an endpoint to row changes of a table (and of all its partitions): events (insert, update, delete, truncate), payload columns, watched columns (updates fire only when one changed), a condition over new and old, test mode, event type and the columns of its ordering key (default: the primary key). Returns the subscription id.';
+COMMENT ON FUNCTION ihub.subscribe(regclass, text, text[], text[], text[], text, boolean, text, text[], jsonb) IS
+    'Subscribes an endpoint to row changes of a table (and of all its partitions): events (insert, update, delete, truncate), payload columns, watched columns (updates fire only when one changed), a condition over new and old, test mode, event type, the columns of its ordering key (default: the primary key) and a payload template. Returns the subscription id.';
 COMMENT ON FUNCTION ihub.unsubscribe(bigint) IS
     'Removes a subscription''s triggers and capture table; changes already captured are queued first.';
 COMMENT ON FUNCTION ihub._json_cast_hazard(regclass) IS 'Internal: a cast to json, owned by a role other than a superuser, that rendering the table''s rows would call; NULL when none.';

@@ -76,7 +76,7 @@ BEGIN
                            v_name, upper(v_event), p_rel::regclass,
                            CASE v_event WHEN 'insert' THEN 'NEW' WHEN 'delete' THEN 'OLD' ELSE 'OLD TABLE AS ihub_old NEW' END,
                            CASE v_event WHEN 'delete' THEN 'ihub_old' ELSE 'ihub_new' END,
-                           CASE WHEN p_sub.condition IS NULL AND (p_sub.watch IS NULL OR v_event <> 'update')
+                           CASE WHEN p_sub.condition IS NULL AND p_sub.payload IS NULL AND (p_sub.watch IS NULL OR v_event <> 'update')
                                 THEN 'ihub._capture_rows' ELSE 'ihub._capture_filtered' END,
                            v_capture);
         END IF;
@@ -200,7 +200,7 @@ DECLARE
     v_capture text := format('ihub_capture.%I', 'sub_' || p_sub.id);
     v_type text := format_type((SELECT reltype FROM pg_class WHERE oid = p_sub.source), NULL);
 BEGIN
-    EXECUTE format('CREATE TABLE %s (op "char" NOT NULL, xid xid8 NOT NULL, occurred_at timestamptz NOT NULL, new_row %s, old_row %s, seq bigint) '
+    EXECUTE format('CREATE TABLE %s (op "char" NOT NULL, xid xid8 NOT NULL, occurred_at timestamptz NOT NULL, new_row %s, old_row %s, seq bigint, data jsonb) '
                    'WITH (autovacuum_vacuum_scale_factor = 0, autovacuum_vacuum_threshold = 1000)',
                    v_capture, v_type, v_type);
     EXECUTE format('COMMENT ON TABLE %s IS %L', v_capture,
@@ -535,14 +535,15 @@ AS $fn$
             WITH moved AS (
                 DELETE FROM ihub_capture.%1$I c
                 WHERE c.ctid = ANY ($1)
-                RETURNING c.op, c.xid, c.occurred_at, c.new_row, c.old_row, c.seq
+                RETURNING c.op, c.xid, c.occurred_at, c.new_row, c.old_row, c.seq, c.data
             )
             INSERT INTO ihub.delivery AS d (event_id, endpoint_id, subscription_id, event_type, payload, test_mode,
                                             state, worker_pid, lease_until, occurred_at, run_at, ordering_key)
             SELECT ev.id, $2, $3, ev.type,
                    jsonb_build_object('id', ev.id, 'type', ev.type, 'schema', $4, 'table', $5, 'operation', ev.op,
                                       'occurred_at', m.occurred_at, 'txid', m.xid::text, 'tenant', $6,
-                                      'data', CASE WHEN m.op = 'd' THEN j.old ELSE j.new END)
+                                      -- What the template made, if any, in the writer's transaction.
+                                      'data', coalesce(m.data - $11, CASE WHEN m.op = 'd' THEN j.old ELSE j.new END))
                    || CASE m.op
                           WHEN 'u' THEN jsonb_build_object('old', j.old, 'changed', to_jsonb(ARRAY(
                               SELECT n.key FROM jsonb_each(j.new) n JOIN jsonb_each(j.old) o USING (key)
@@ -4718,7 +4719,9 @@ ALTER TABLE ihub.endpoint ADD COLUMN circuit jsonb,
 -- The event type of its deliveries; NULL: <table>.<operation>. And the
 -- columns whose values make a change's ordering key when its endpoint
 -- orders by key; NULL: the table's primary key.
-ALTER TABLE ihub.subscription ADD COLUMN event_type text, ADD COLUMN ordering_key text[];
+ALTER TABLE ihub.subscription ADD COLUMN event_type text, ADD COLUMN ordering_key text[],
+    -- The payload template (sql/payloads.sql); NULL: the row as it is.
+    ADD COLUMN payload jsonb;
 -- Every claim asks whether any endpoint has limits (ihub._claim_limited).
 CREATE INDEX endpoint_limited_idx ON ihub.endpoint (id)
     WHERE rate_limit IS NOT NULL OR max_in_flight IS NOT NULL OR ordering IS NOT NULL;
@@ -4782,7 +4785,8 @@ CREATE INDEX delivery_ordered_idx ON ihub.delivery (endpoint_id, ordering_key, i
 CREATE SEQUENCE ihub.capture_seq;
 COMMENT ON SEQUENCE ihub.capture_seq IS 'pg_ihub: numbers captured statements, in the order their row changes must be delivered.';
 SELECT pg_catalog.pg_extension_config_dump('ihub.capture_seq', '');
--- Existing capture tables get the column (empty: their changes came first).
+-- Existing capture tables get the statement's number (empty: their
+-- changes came first) and the payload template's data (none had one).
 DO $$
 DECLARE
     t regclass;
@@ -4791,7 +4795,7 @@ BEGIN
              WHERE c.relnamespace = 'ihub_capture'::regnamespace AND c.relkind = 'r' AND c.relname ~ '^sub_[0-9]+$'
                AND NOT EXISTS (SELECT 1 FROM pg_attribute a WHERE a.attrelid = c.oid AND a.attname = 'seq')
     LOOP
-        EXECUTE format('ALTER TABLE %s ADD COLUMN seq bigint', t);
+        EXECUTE format('ALTER TABLE %s ADD COLUMN seq bigint, ADD COLUMN data jsonb', t);
     END LOOP;
 END
 $$;
@@ -5651,6 +5655,7 @@ CREATE FUNCTION ihub._subscribe_by(
     test_mode boolean DEFAULT false,
     event_type text DEFAULT NULL,
     ordering_key text[] DEFAULT NULL,
+    payload jsonb DEFAULT NULL,
     p_caller regrole DEFAULT NULL) RETURNS bigint
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
@@ -5733,10 +5738,13 @@ BEGIN
     END IF;
 
     INSERT INTO ihub.subscription (endpoint_id, source, events, columns, watch, condition, test_mode, created_by,
-                                   event_type, ordering_key)
+                                   event_type, ordering_key, payload)
     VALUES (v_endpoint.id, source, v_events, columns, watch, condition, coalesce(test_mode, false), v_caller,
-            event_type, ordering_key)
+            event_type, ordering_key, payload)
     RETURNING * INTO v_sub;
+    IF payload IS NOT NULL THEN
+        PERFORM ihub._check_payload(v_sub);
+    END IF;
     IF v_endpoint.ordering = 'key' THEN
         PERFORM ihub._ordering_columns(v_sub);
     END IF;
@@ -5759,18 +5767,19 @@ CREATE FUNCTION ihub.subscribe(
     condition text DEFAULT NULL,
     test_mode boolean DEFAULT false,
     event_type text DEFAULT NULL,
-    ordering_key text[] DEFAULT NULL
+    ordering_key text[] DEFAULT NULL,
+    payload jsonb DEFAULT NULL
 ) RETURNS bigint
 LANGUAGE c VOLATILE AS 'MODULE_PATHNAME', 'ihub_for_caller';
-COMMENT ON FUNCTION ihub._subscribe_by(regclass, text, text[], text[], text[], text, boolean, text, text[], regrole) IS
+COMMENT ON FUNCTION ihub._subscribe_by(regclass, text, text[], text[], text[], text, boolean, text, text[], jsonb, regrole) IS
     'Internal: ihub.subscribe for the role passed last, the caller its LANGUAGE c entry point saw (src/caller.rs).';
-COMMENT ON FUNCTION ihub.subscribe(regclass, text, text[], text[], text[], text, boolean, text, text[]) IS
-    'Subscribes an endpoint to row changes of a table (and of all its partitions): events (insert, update, delete, truncate), payload columns, watched columns (updates fire only when one changed), a condition over new and old, test mode, event type and the columns of its ordering key (default: the primary key). Returns the subscription id.';
--- New columns at the end: the event type and the ordering key's columns.
+COMMENT ON FUNCTION ihub.subscribe(regclass, text, text[], text[], text[], text, boolean, text, text[], jsonb) IS
+    'Subscribes an endpoint to row changes of a table (and of all its partitions): events (insert, update, delete, truncate), payload columns, watched columns (updates fire only when one changed), a condition over new and old, test mode, event type, the columns of its ordering key (default: the primary key) and a payload template. Returns the subscription id.';
+-- New columns at the end: the event type, the ordering key's columns and the payload template.
 CREATE OR REPLACE VIEW ihub.subscriptions AS
 SELECT s.id, i.name AS integration, e.name AS endpoint, s.source, s.events, s.columns, s.watch, s.condition,
        s.test_mode, (i.state <> 'inactive') AS capturing, s.created_by, s.created_at,
-       s.broken_reason AS broken, s.broken_at, s.event_type, s.ordering_key
+       s.broken_reason AS broken, s.broken_at, s.event_type, s.ordering_key, s.payload
 FROM ihub.subscription s
 JOIN ihub.endpoint e ON e.id = s.endpoint_id
 JOIN ihub.integration i ON i.id = e.integration_id;
@@ -5778,7 +5787,7 @@ JOIN ihub.integration i ON i.id = e.integration_id;
 GRANT EXECUTE ON FUNCTION
     ihub.create_endpoint(text, text, text, text, jsonb, jsonb, text, integer, jsonb, jsonb, double precision, integer, text[], text, text),
     ihub.alter_endpoint(text, integer, jsonb, jsonb, double precision, integer, text[], text),
-    ihub.subscribe(regclass, text, text[], text[], text[], text, boolean, text, text[]),
+    ihub.subscribe(regclass, text, text[], text[], text[], text, boolean, text, text[], jsonb),
     ihub.skip(bigint)
 TO ihub_developer;
 
@@ -5980,6 +5989,282 @@ GRANT EXECUTE ON FUNCTION ihub.create_source(text, text, regprocedure, text, tex
 COMMENT ON FUNCTION ihub._create_source_by(text, text, regprocedure, text, text, text, interval, interval, text, text, jsonb, regrole) IS
     'Internal: ihub.create_source for the role passed last, the caller its LANGUAGE c entry point saw (src/caller.rs).';
 COMMENT ON FUNCTION ihub._inbound_sources() IS 'Internal (listener): sources with what verifying needs.';
+
+-------------------------------------------------------------------------------
+-- Payload templates (issue 13): sql/payloads.sql
+-------------------------------------------------------------------------------
+
+-- pg_ihub payload templates: how a subscription shapes its deliveries'
+-- data (ihub.subscribe(…, payload => …)). The template becomes one SQL
+-- expression that the capture trigger evaluates in the writer's
+-- transaction, as the subscriber (ihub._capture_filter): computed fields
+-- are the subscriber's code, and related rows are read in the writer's
+-- snapshot, as they were when the change was made.
+--
+--   {"rename":  {"<column>": "<key>"},
+--    "compute": {"<key>": "<SQL expression over new and old>"},
+--    "nest":    {"<key>": {"via": "<this table's foreign key column>"}                  -- the row it references
+--               ,"<key>": {"from": "<table>", "via": "<its foreign key column>"}}      -- the rows referencing this one
+--    "static":  {"<key>": <any JSON>},
+--    "omit":    ["<column>", ...],
+--    "nulls":   "keep" | "omit"}
+--
+-- A nested entry takes rename, nest, static and omit again (three levels
+-- at most); rows referencing one are 1,000 at most, in primary key order.
+
+-- Renames an object's keys (a key not in p_renames stays).
+CREATE FUNCTION ihub._rename_keys(p_object jsonb, p_renames jsonb) RETURNS jsonb
+LANGUAGE sql IMMUTABLE PARALLEL SAFE SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT coalesce(jsonb_object_agg(coalesce(p_renames ->> e.key, e.key), e.value), '{}')
+    FROM jsonb_each(p_object) e
+$$;
+
+-- The single-column foreign key of p_table on p_column: the table and
+-- column it references.
+CREATE FUNCTION ihub._foreign_key(p_table regclass, p_column text, OUT referenced regclass, OUT referenced_column text)
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    SELECT c.confrelid::regclass, a.attname::text INTO referenced, referenced_column
+    FROM pg_constraint c
+    JOIN pg_attribute k ON k.attrelid = c.conrelid AND k.attnum = c.conkey[1]
+    JOIN pg_attribute a ON a.attrelid = c.confrelid AND a.attnum = c.confkey[1]
+    WHERE c.contype = 'f' AND c.conrelid = p_table AND cardinality(c.conkey) = 1 AND k.attname = p_column
+    ORDER BY c.oid LIMIT 1;
+    IF referenced IS NULL THEN
+        RAISE EXCEPTION 'payload template: % has no single-column foreign key on column %', p_table, quote_ident(p_column)
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'Nest along a foreign key: {"nest": {"customer": {"via": "customer_id"}}} needs FOREIGN KEY (customer_id) REFERENCES ....';
+    END IF;
+END
+$$;
+
+-- The query ihub._capture_filtered runs (as the subscriber) for one event of
+-- a subscription with watched columns or a condition: the positions of the
+-- transition rows that pass, numbered in the transition tables' order. New
+-- and old are exposed to the condition by name. Postgres appends each
+-- updated row's old and new versions to the two transition tables together,
+-- so equal positions pair them even when the update changes the key.
+CREATE OR REPLACE FUNCTION ihub._capture_filter(p_sub ihub.subscription, p_event text)
+RETURNS text
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_rowtype text := format_type((SELECT reltype FROM pg_class WHERE oid = p_sub.source), NULL);
+    v_from text;
+    v_filters text[] := '{}';
+BEGIN
+    IF p_event = 'insert' THEN
+        v_from := format('FROM (SELECT row_number() OVER () AS _ihub_n, t.* FROM ihub_new t) AS new '
+                         'CROSS JOIN LATERAL (SELECT (NULL::%s).*) AS old', v_rowtype);
+    ELSIF p_event = 'delete' THEN
+        v_from := format('FROM (SELECT row_number() OVER () AS _ihub_n, t.* FROM ihub_old t) AS old '
+                         'CROSS JOIN LATERAL (SELECT (NULL::%s).*) AS new', v_rowtype);
+    ELSE
+        v_from := 'FROM (SELECT row_number() OVER () AS _ihub_n, t.* FROM ihub_new t) AS new '
+                  'JOIN (SELECT row_number() OVER () AS _ihub_n, t.* FROM ihub_old t) AS old USING (_ihub_n)';
+        IF p_sub.watch IS NOT NULL THEN
+            v_filters := v_filters || (
+                SELECT '(' || string_agg(format('new.%1$I IS DISTINCT FROM old.%1$I', c), ' OR ') || ')'
+                FROM unnest(p_sub.watch) AS c);
+        END IF;
+    END IF;
+    IF p_sub.condition IS NOT NULL THEN
+        -- Checked by ihub._check_expression to be exactly one expression.
+        v_filters := v_filters || format(E'(\n%s\n)', p_sub.condition);
+    END IF;
+    -- With a payload template, its data for each row (as text: the trigger
+    -- stores it as jsonb).
+    RETURN format('SELECT %s._ihub_n%s %s%s', CASE p_event WHEN 'delete' THEN 'old' ELSE 'new' END,
+                  CASE WHEN p_sub.payload IS NOT NULL
+                       THEN format(E', (\n%s\n)::text', ihub._payload_expression(p_sub, p_event)) ELSE '' END, v_from,
+                  CASE WHEN cardinality(v_filters) > 0 THEN ' WHERE ' || array_to_string(v_filters, ' AND ') ELSE '' END);
+END
+$$;
+
+-- The SQL of a template for rows of p_table called p_alias: a jsonb
+-- expression. p_base is what the row's own columns give (top level: the
+-- subscription's columns only). Checks the template as it goes, with p_role
+-- needing SELECT on every table it reads.
+CREATE FUNCTION ihub._payload_sql(p_table regclass, p_alias text, p_tpl jsonb, p_role name, p_depth integer DEFAULT 0,
+                                  p_base text DEFAULT NULL)
+RETURNS text
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_columns text[] := ARRAY(SELECT a.attname::text FROM pg_attribute a
+                              WHERE a.attrelid = p_table AND a.attnum > 0 AND NOT a.attisdropped ORDER BY a.attnum);
+    v_sql text;
+    v_parts text[] := '{}';
+    e record;
+    v_nest jsonb;
+    v_fk record;
+    v_child regclass;
+    v_pk text;
+    v_alias text;
+    v_bad text;
+BEGIN
+    IF jsonb_typeof(p_tpl) IS DISTINCT FROM 'object' THEN
+        RAISE EXCEPTION 'payload template must be a JSON object, got %', coalesce(jsonb_typeof(p_tpl), 'NULL')
+            USING ERRCODE = 'invalid_parameter_value', HINT = 'For example {"rename": {"amount": "total"}, "static": {"source": "erp"}}.';
+    END IF;
+    v_bad := (SELECT string_agg(k, ', ') FROM jsonb_object_keys(p_tpl) k
+              WHERE k NOT IN ('rename', 'nest', 'static', 'omit') AND (p_depth > 0 OR k NOT IN ('compute', 'nulls')));
+    IF v_bad IS NOT NULL THEN
+        RAISE EXCEPTION 'payload template: unknown key %', v_bad
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = CASE WHEN p_depth > 0 THEN 'A nested entry takes via, from, rename, nest, static and omit.'
+                              ELSE 'A template takes rename, compute, nest, static, omit and nulls.' END;
+    END IF;
+    IF p_depth > 0 AND NOT has_table_privilege(p_role, p_table, 'SELECT') THEN
+        RAISE EXCEPTION 'payload template: permission denied for table %', p_table
+            USING ERRCODE = 'insufficient_privilege',
+                  HINT = format('Related rows are read as the subscriber: role %s needs SELECT on %s.', p_role, p_table);
+    END IF;
+    FOR e IN SELECT k AS key, v AS value FROM jsonb_each(coalesce(p_tpl -> 'rename', '{}')) x(k, v) LOOP
+        IF e.key <> ALL (v_columns) OR jsonb_typeof(e.value) <> 'string' THEN
+            RAISE EXCEPTION 'payload template: cannot rename % of %', quote_ident(e.key), p_table
+                USING ERRCODE = 'invalid_parameter_value', HINT = format('Rename columns to keys: {"rename": {"column": "key"}}; the columns are %s.', array_to_string(v_columns, ', '));
+        END IF;
+    END LOOP;
+    IF (p_tpl ? 'omit') AND (jsonb_typeof(p_tpl -> 'omit') <> 'array'
+                             OR EXISTS (SELECT 1 FROM jsonb_array_elements(p_tpl -> 'omit') o
+                                        WHERE jsonb_typeof(o) <> 'string' OR o #>> '{}' <> ALL (v_columns))) THEN
+        RAISE EXCEPTION 'payload template: omit must list columns of %', p_table
+            USING ERRCODE = 'invalid_parameter_value', HINT = format('Its columns are %s.', array_to_string(v_columns, ', '));
+    END IF;
+    v_sql := format('(%s - %L::text[])', coalesce(p_base, format('to_jsonb(%I)', p_alias)),
+                    ARRAY(SELECT o FROM jsonb_array_elements_text(coalesce(p_tpl -> 'omit', '[]')) o) || ARRAY['_ihub_n']);
+    IF p_tpl ? 'rename' THEN
+        v_sql := format('ihub._rename_keys(%s, %L::jsonb)', v_sql, p_tpl -> 'rename');
+    END IF;
+    FOR e IN SELECT k AS key, v AS value FROM jsonb_each(coalesce(p_tpl -> 'compute', '{}')) x(k, v) LOOP
+        IF jsonb_typeof(e.value) <> 'string' THEN
+            RAISE EXCEPTION 'payload template: compute % must be an SQL expression in a string', quote_ident(e.key)
+                USING ERRCODE = 'invalid_parameter_value', HINT = 'For example {"compute": {"total_cents": "round(new.amount * 100)"}}.';
+        END IF;
+        BEGIN
+            PERFORM ihub._check_expression(e.value #>> '{}');
+        EXCEPTION WHEN syntax_error THEN
+            RAISE EXCEPTION 'payload template: compute % must be one SQL expression (%)', quote_ident(e.key),
+                            regexp_replace(SQLERRM, '^invalid condition: ', '')
+                USING ERRCODE = 'syntax_error', HINT = 'For example {"compute": {"total_cents": "round(new.amount * 100)"}}, over new and old.';
+        END;
+        v_parts := v_parts || format('%L, (%s)', e.key, e.value #>> '{}');
+    END LOOP;
+    FOR e IN SELECT k AS key, v AS value FROM jsonb_each(coalesce(p_tpl -> 'nest', '{}')) x(k, v) LOOP
+        v_nest := e.value;
+        IF p_depth >= 3 THEN
+            RAISE EXCEPTION 'payload template: nested more than three levels deep at %', quote_ident(e.key)
+                USING ERRCODE = 'invalid_parameter_value', HINT = 'Nest at most three levels of related rows.';
+        END IF;
+        IF jsonb_typeof(v_nest) <> 'object' OR jsonb_typeof(v_nest -> 'via') IS DISTINCT FROM 'string' THEN
+            RAISE EXCEPTION 'payload template: nest % needs "via", a foreign key column', quote_ident(e.key)
+                USING ERRCODE = 'invalid_parameter_value',
+                      HINT = 'The row referenced: {"via": "customer_id"}; the rows referencing this one: {"from": "order_lines", "via": "order_id"}.';
+        END IF;
+        v_alias := format('n%s_%s', p_depth + 1, cardinality(v_parts));
+        IF v_nest ? 'from' THEN
+            -- A name without a schema is in this table's schema (the
+            -- template runs with no search path of the subscriber's).
+            v_child := CASE WHEN strpos(v_nest ->> 'from', '.') > 0 THEN to_regclass(v_nest ->> 'from')
+                            ELSE to_regclass(format('%I.%s', (SELECT n.nspname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+                                                              WHERE c.oid = p_table), v_nest ->> 'from')) END;
+            IF v_child IS NULL THEN
+                RAISE EXCEPTION 'payload template: table % does not exist', v_nest ->> 'from'
+                    USING ERRCODE = 'undefined_table',
+                          HINT = 'Name the table whose rows reference this one; without a schema, it is looked up in the schema of the table it nests under.';
+            END IF;
+            SELECT * INTO v_fk FROM ihub._foreign_key(v_child, v_nest ->> 'via');
+            IF v_fk.referenced <> p_table THEN
+                RAISE EXCEPTION 'payload template: %.% references %, not %', v_child, v_nest ->> 'via', v_fk.referenced, p_table
+                    USING ERRCODE = 'invalid_parameter_value', HINT = 'Give the column of the other table that references this one.';
+            END IF;
+            v_pk := (SELECT string_agg(format('%I.%I', v_alias, a.attname), ', ' ORDER BY k.n)
+                     FROM pg_index i CROSS JOIN LATERAL unnest(i.indkey::int2[]) WITH ORDINALITY k(attnum, n)
+                     JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+                     WHERE i.indrelid = v_child AND i.indisprimary);
+            v_parts := v_parts || format(
+                '%L, (SELECT coalesce(jsonb_agg(x.j), %L) FROM (SELECT %s AS j FROM %s AS %I WHERE %I.%I = %I.%I ORDER BY %s LIMIT 1000) x)',
+                e.key, '[]', ihub._payload_sql(v_child, v_alias, v_nest - 'from' - 'via', p_role, p_depth + 1),
+                v_child, v_alias, v_alias, v_nest ->> 'via', p_alias, v_fk.referenced_column,
+                coalesce(v_pk, format('%I.ctid', v_alias)));
+        ELSE
+            IF (v_nest ->> 'via') <> ALL (v_columns) THEN
+                RAISE EXCEPTION 'payload template: % has no column %', p_table, quote_ident(v_nest ->> 'via')
+                    USING ERRCODE = 'undefined_column', HINT = format('Its columns are %s.', array_to_string(v_columns, ', '));
+            END IF;
+            SELECT * INTO v_fk FROM ihub._foreign_key(p_table, v_nest ->> 'via');
+            v_parts := v_parts || format('%L, (SELECT %s FROM %s AS %I WHERE %I.%I = %I.%I)',
+                e.key, ihub._payload_sql(v_fk.referenced, v_alias, v_nest - 'via', p_role, p_depth + 1),
+                v_fk.referenced, v_alias, v_alias, v_fk.referenced_column, p_alias, v_nest ->> 'via');
+        END IF;
+    END LOOP;
+    IF cardinality(v_parts) > 0 THEN
+        v_sql := format('(%s || jsonb_build_object(%s))', v_sql, array_to_string(v_parts, ', '));
+    END IF;
+    IF p_tpl ? 'static' THEN
+        IF jsonb_typeof(p_tpl -> 'static') <> 'object' THEN
+            RAISE EXCEPTION 'payload template: static must be an object'
+                USING ERRCODE = 'invalid_parameter_value', HINT = 'For example {"static": {"source": "erp", "version": 2}}.';
+        END IF;
+        v_sql := format('(%s || %L::jsonb)', v_sql, p_tpl -> 'static');
+    END IF;
+    IF p_depth = 0 AND coalesce(p_tpl ->> 'nulls', 'keep') NOT IN ('keep', 'omit') THEN
+        RAISE EXCEPTION 'payload template: nulls must be keep or omit'
+            USING ERRCODE = 'invalid_parameter_value', HINT = 'omit leaves out keys whose value is null, at every level.';
+    END IF;
+    IF p_depth = 0 AND p_tpl ->> 'nulls' = 'omit' THEN
+        v_sql := format('jsonb_strip_nulls(%s)', v_sql);
+    END IF;
+    RETURN v_sql;
+END
+$$;
+
+-- The expression a subscription's capture trigger evaluates for the row
+-- of an event (new, or old for a delete), its own columns limited to the
+-- subscription's columns. NULL without a template.
+CREATE FUNCTION ihub._payload_expression(p_sub ihub.subscription, p_event text) RETURNS text
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT CASE WHEN p_sub.payload IS NOT NULL THEN
+        ihub._payload_sql(p_sub.source, CASE p_event WHEN 'delete' THEN 'old' ELSE 'new' END, p_sub.payload,
+                          p_sub.created_by, 0,
+                          CASE WHEN p_sub.columns IS NOT NULL
+                               THEN format('jsonb_build_object(%s)',
+                                           (SELECT string_agg(format('%L, %I.%I', c, CASE p_event WHEN 'delete' THEN 'old' ELSE 'new' END, c), ', ')
+                                            FROM unnest(p_sub.columns) c)) END)
+    END
+$$;
+
+-- Checks a template at subscribe: what it names, the subscriber's rights,
+-- and (by parse analysis, never running it) the SQL it makes.
+CREATE FUNCTION ihub._check_payload(p_sub ihub.subscription) RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_sql text := ihub._payload_expression(p_sub, 'insert');
+BEGIN
+    BEGIN
+        EXECUTE format(E'PREPARE ihub_payload_check AS SELECT (\n%s\n)::jsonb FROM %s AS new, %s AS old',
+                       v_sql, p_sub.source, p_sub.source);
+        DEALLOCATE ihub_payload_check;
+    EXCEPTION WHEN OTHERS THEN
+        RAISE EXCEPTION 'invalid payload template: %', SQLERRM
+            USING ERRCODE = 'syntax_error',
+                  HINT = 'Computed fields are SQL expressions over new and old, e.g. {"compute": {"total_cents": "round(new.amount * 100)"}}.';
+    END;
+END
+$$;
+
+COMMENT ON FUNCTION ihub._rename_keys(jsonb, jsonb) IS 'Internal: renames an object''s keys.';
+COMMENT ON FUNCTION ihub._foreign_key(regclass, text) IS 'Internal: the single-column foreign key of a table on a column.';
+COMMENT ON FUNCTION ihub._payload_sql(regclass, text, jsonb, name, integer, text) IS
+    'Internal: the jsonb expression of a payload template for rows of a table, checking the template.';
+COMMENT ON FUNCTION ihub._payload_expression(ihub.subscription, text) IS
+    'Internal: the payload expression a subscription''s capture trigger evaluates for an event; NULL without a template.';
+COMMENT ON FUNCTION ihub._check_payload(ihub.subscription) IS 'Internal: checks a subscription''s payload template at subscribe.';
 
 -------------------------------------------------------------------------------
 -- Privileges: as a fresh install sets them (finalize.sql)

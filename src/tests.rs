@@ -672,6 +672,81 @@ mod tests {
         assert!(err.contains("must start with \"whsec_\" (HMAC, v1) or \"whsk_\"") && !err.contains("hunter2"), "{err}");
     }
 
+    /// A payload template renames, computes, nests the referenced row and
+    /// the referencing rows (two levels), adds static fields and omits
+    /// nulls; it is made in the writer's transaction, so related rows are
+    /// as they were then. Bad templates are refused before anything is made.
+    #[pg_test]
+    fn payload_templates_shape_the_data_in_the_writers_transaction() {
+        setup_enabled();
+        Spi::run(
+            "CREATE TABLE countries (code text PRIMARY KEY, name text);
+             CREATE TABLE customers (id int PRIMARY KEY, name text, country text REFERENCES countries, note text);
+             CREATE TABLE invoices (id int PRIMARY KEY, customer_id int REFERENCES customers, amount numeric, memo text);
+             CREATE TABLE invoice_lines (id int PRIMARY KEY, invoice_id int REFERENCES invoices, sku text);
+             INSERT INTO countries VALUES ('FR', 'France');
+             INSERT INTO customers VALUES (7, 'Ada', 'FR', NULL);",
+        )
+        .unwrap();
+        let sub = one::<i64>(
+            r#"SELECT ihub.subscribe('invoices', 'hook', events => '{insert}', payload => '{
+                 "rename": {"amount": "total"},
+                 "compute": {"total_cents": "round(new.amount * 100)::int"},
+                 "nest": {"customer": {"via": "customer_id", "omit": ["note"], "nest": {"country": {"via": "country"}}},
+                          "lines": {"from": "invoice_lines", "via": "invoice_id", "rename": {"sku": "product"}}},
+                 "static": {"source": "erp"},
+                 "nulls": "omit"}')"#,
+        );
+        Spi::run(
+            "INSERT INTO invoices VALUES (1, 7, 12.5, NULL);
+             INSERT INTO invoice_lines VALUES (1, 1, 'A-1'), (2, 1, 'B-2');
+             INSERT INTO invoices VALUES (2, 7, 3, 'second');
+             UPDATE customers SET name = 'Ada L.' WHERE id = 7;",
+        )
+        .unwrap();
+        Spi::run("SELECT count(*) FROM ihub._claim(4242, 100, 1000, 1)").unwrap();
+        let data = |id: i32| {
+            one::<pgrx::JsonB>(&format!(
+                "SELECT payload -> 'data' FROM ihub.delivery WHERE subscription_id = {sub} AND payload -> 'data' ->> 'id' = '{id}'"
+            ))
+            .0
+        };
+        assert_eq!(
+            data(1),
+            serde_json::json!({"id": 1, "customer_id": 7, "total": 12.5, "total_cents": 1250, "source": "erp",
+                               "customer": {"id": 7, "name": "Ada", "country": {"code": "FR", "name": "France"}},
+                               "lines": []}),
+            "lines inserted after the invoice's statement are not there; nulls omitted"
+        );
+        assert_eq!(data(2)["lines"], serde_json::json!([]));
+        assert_eq!(data(2)["memo"], "second");
+        let bad = [
+            (r#"{"nest": {"c": {"via": "amount"}}}"#, "has no single-column foreign key on column amount"),
+            (r#"{"nest": {"c": {"via": "nope"}}}"#, "has no column nope"),
+            (r#"{"compute": {"x": "new.amount; DROP TABLE invoices"}}"#, "compute x must be one SQL expression"),
+            (r#"{"compute": {"x": "new.nothing + 1"}}"#, "invalid payload template"),
+            (r#"{"rename": {"nothing": "x"}}"#, "cannot rename nothing"),
+            (r#"{"colour": "red"}"#, "unknown key colour"),
+            (r#"{"nulls": "maybe"}"#, "nulls must be keep or omit"),
+        ];
+        for (template, message) in bad {
+            expect_error(&format!("SELECT ihub.subscribe('invoices', 'hook', payload => '{template}')"), &[message]);
+        }
+        assert_eq!(one::<i64>("SELECT count(*) FROM ihub.subscription"), 1, "nothing half-made");
+        // Related rows are read as the subscriber: one who may not read
+        // them cannot nest them.
+        Spi::run(
+            "CREATE ROLE ihub_t_sub NOLOGIN IN ROLE ihub_developer;
+             GRANT SELECT, TRIGGER ON invoices TO ihub_t_sub;",
+        )
+        .unwrap();
+        expect_error(
+            r#"SELECT set_config('role', 'ihub_t_sub', true),
+                      ihub.subscribe('invoices', 'hook', payload => '{"nest": {"c": {"via": "customer_id"}}}')"#,
+            &["permission denied for table public.customers", "role ihub_t_sub needs SELECT"],
+        );
+    }
+
     /// A rate-limited endpoint is claimed within its token bucket (one
     /// token to start with, refilled at the rate) and within max_in_flight;
     /// its routed changes wait as pending for that claim; other endpoints

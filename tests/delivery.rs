@@ -803,3 +803,37 @@ fn v1a_signatures_verify_with_the_public_key_anyone_may_read() {
     assert_eq!(schemes, vec!["v1", "v1a"]);
     hub.exec(&format!("DROP ROLE {viewer}"));
 }
+
+/// A subscription's payload template, end to end: the receiver gets the
+/// renamed, computed and nested data, made as the writer's transaction saw
+/// the related rows (the customer renamed after the commit is not).
+#[test]
+fn payload_templates_arrive_with_related_rows_as_the_writer_saw_them() {
+    let mut hub = hub();
+    let rx = Receiver::start();
+    let s = hub.setup(&rx.url("/"), "");
+    let (customers, invoices) = (unique("customers"), unique("invoices"));
+    hub.exec(&format!(
+        "CREATE TABLE {customers} (id int PRIMARY KEY, name text);
+         CREATE TABLE {invoices} (id int PRIMARY KEY, customer_id int REFERENCES {customers}, amount numeric);
+         INSERT INTO {customers} VALUES (1, 'Ada');
+         SELECT ihub.subscribe('{invoices}', '{e}', events => '{{insert}}', payload => '{{
+             \"rename\": {{\"amount\": \"total\"}},
+             \"compute\": {{\"cents\": \"(new.amount * 100)::int\"}},
+             \"nest\": {{\"customer\": {{\"via\": \"customer_id\"}}}},
+             \"static\": {{\"v\": 2}}}}');
+         BEGIN;
+         INSERT INTO {invoices} VALUES (10, 1, 4.25);
+         UPDATE {customers} SET name = 'Ada (in the same transaction)';
+         COMMIT;
+         UPDATE {customers} SET name = 'Ada (later)';",
+        e = s.endpoint
+    ));
+    assert!(rx.wait_for(1, WAIT));
+    let data = rx.received()[0].json()["data"].clone();
+    assert_eq!(
+        data,
+        serde_json::json!({"id": 10, "customer_id": 1, "total": 4.25, "cents": 425, "v": 2,
+                           "customer": {"id": 1, "name": "Ada"}})
+    );
+}

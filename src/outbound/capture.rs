@@ -116,7 +116,7 @@ fn _capture_filtered<'a>(
     if unsafe { echo_suppressed(data) } {
         return Ok(None);
     }
-    let captured = unsafe { passing_rows(data).and_then(|keep| capture_rows(data, Some(&keep))) }
+    let captured = unsafe { passing_rows(data).and_then(|pass| capture_rows(data, Some(&pass))) }
         .unwrap_or_else(|e| raise_capture_error(e));
     if captured > 0 {
         crate::runtime::registry::wake_at_commit(crate::runtime::registry::Kind::Dispatcher);
@@ -157,10 +157,15 @@ fn raise_capture_error(e: CaptureError) -> ! {
     unreachable!()
 }
 
-/// Which transition rows pass the subscription's watch and condition, by
-/// their position (the filter query numbers them in the transition
-/// tables' order).
-unsafe fn passing_rows(data: &pg_sys::TriggerData) -> Result<Vec<bool>, CaptureError> {
+/// The transition rows that pass a subscription's watch and condition, by
+/// position (the filter query numbers them in the transition tables'
+/// order), and the data its payload template made of each (JSON text).
+pub(crate) struct Passing {
+    keep: Vec<bool>,
+    data: Vec<Option<String>>,
+}
+
+unsafe fn passing_rows(data: &pg_sys::TriggerData) -> Result<Passing, CaptureError> {
     let trigger = &*data.tg_trigger;
     if trigger.tgnargs != 1 {
         return Err(CaptureError::BadArgument);
@@ -211,6 +216,7 @@ unsafe fn passing_rows(data: &pg_sys::TriggerData) -> Result<Vec<bool>, CaptureE
     let subscriber = subscriber.ok_or(CaptureError::SubscriberGone(sub_id))?;
 
     let mut keep = vec![false; count];
+    let mut made: Vec<Option<String>> = vec![None; count];
     let filter = CString::new(filter).map_err(|_| CaptureError::BadArgument)?;
     // Settings the condition makes (set_config(..., false) included) end
     // with it, as after REFRESH MATERIALIZED VIEW: nothing of the
@@ -231,6 +237,13 @@ unsafe fn passing_rows(data: &pg_sys::TriggerData) -> Result<Vec<bool>, CaptureE
                 let n = n.value() as i64;
                 if !isnull && n >= 1 && (n as usize) <= count {
                     keep[n as usize - 1] = true;
+                    // The template's data, when the query has it.
+                    if (*(*table).tupdesc).natts >= 2 {
+                        let text = pg_sys::SPI_getvalue(tuple, (*table).tupdesc, 2);
+                        if !text.is_null() {
+                            made[n as usize - 1] = Some(std::ffi::CStr::from_ptr(text).to_string_lossy().into_owned());
+                        }
+                    }
                 }
             }
         }
@@ -239,10 +252,11 @@ unsafe fn passing_rows(data: &pg_sys::TriggerData) -> Result<Vec<bool>, CaptureE
     });
     pg_sys::AtEOXact_GUC(false, guc_level);
     passed?;
-    Ok(keep)
+    Ok(Passing { keep, data: made })
 }
 
-unsafe fn capture_rows(data: &pg_sys::TriggerData, keep: Option<&[bool]>) -> Result<usize, CaptureError> {
+unsafe fn capture_rows(data: &pg_sys::TriggerData, pass: Option<&Passing>) -> Result<usize, CaptureError> {
+    let keep = pass.map(|p| p.keep.as_slice());
     let event = data.tg_event;
     if event & pg_sys::TRIGGER_EVENT_ROW != 0 || event & pg_sys::TRIGGER_EVENT_TIMINGMASK != pg_sys::TRIGGER_EVENT_AFTER
     {
@@ -285,9 +299,10 @@ unsafe fn capture_rows(data: &pg_sys::TriggerData, keep: Option<&[bool]>) -> Res
     let attrs = (*capture_desc).attrs.as_slice((*capture_desc).natts as usize);
     let row_type = attrs.get(3).map_or(pg_sys::InvalidOid, |a| a.atttypid);
     // A plain table: only a heap has the table AM's multi-insert. Capture
-    // tables made before 0.3.0 have no sixth column (the statement's
-    // number) until ALTER EXTENSION UPDATE adds it.
-    let numbered = attrs.len() == 6 && attrs[5].atttypid == pg_sys::INT8OID;
+    // tables made before 0.3.0 have no sixth and seventh columns (the
+    // statement's number, the template's data) until ALTER EXTENSION UPDATE
+    // adds them.
+    let numbered = attrs.len() == 7 && attrs[5].atttypid == pg_sys::INT8OID && attrs[6].atttypid == pg_sys::JSONBOID;
     if !(attrs.len() == 5 || numbered)
         || attrs[4].atttypid != row_type
         || !feeds(source, row_type)
@@ -355,6 +370,14 @@ unsafe fn capture_rows(data: &pg_sys::TriggerData, keep: Option<&[bool]>) -> Res
             if let Some(seq) = seq {
                 values[5] = seq;
                 nulls[5] = false;
+                let made = pass.and_then(|p| p.data.get(position - 1)).and_then(|d| d.as_deref());
+                nulls[6] = true;
+                if let Some(json) = made.and_then(|text| serde_json::from_str::<serde_json::Value>(text).ok()) {
+                    if let Some(datum) = rows.switch_to(|_| pgrx::JsonB(json).into_datum()) {
+                        values[6] = datum;
+                        nulls[6] = false;
+                    }
+                }
             }
             pg_sys::ExecStoreVirtualTuple(slot);
             filled += 1;
