@@ -166,7 +166,12 @@ CREATE TABLE ihub.subscription (
     -- endpoint orders by key; NULL: the table's primary key.
     ordering_key  text[],
     -- The payload template (sql/payloads.sql); NULL: the row as it is.
-    payload       jsonb
+    payload       jsonb,
+    -- A timed subscription (sql/timers.sql): each row is sent once at
+    -- timer_column + timer_offset while it matches timer_condition.
+    timer_column    text,
+    timer_offset    interval,
+    timer_condition text
 );
 CREATE INDEX ON ihub.subscription (endpoint_id);
 COMMENT ON TABLE ihub.subscription IS
@@ -243,6 +248,23 @@ CREATE INDEX delivery_due_endpoint_idx ON ihub.delivery (endpoint_id, run_at)
 -- and failed ones hold it until replayed or skipped.
 CREATE INDEX delivery_ordered_idx ON ihub.delivery (endpoint_id, ordering_key, id)
     WHERE ordering_key IS NOT NULL AND state IN ('pending', 'retry', 'running', 'failed', 'dead');
+-- Timed subscriptions' timers (sql/timers.sql): one per row of the
+-- table, due at its column + offset; fired_at once its delivery is queued.
+CREATE TABLE ihub.timer (
+    id              bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    subscription_id bigint NOT NULL REFERENCES ihub.subscription (id) ON DELETE CASCADE,
+    -- the row's primary key values
+    row_key         jsonb NOT NULL,
+    due_at          timestamptz NOT NULL,
+    fired_at        timestamptz,
+    -- the row as its last change left it
+    data            jsonb NOT NULL,
+    UNIQUE (subscription_id, row_key)
+);
+-- Dispatchers fire (and wake for) the first due timers by this index.
+CREATE INDEX timer_due_idx ON ihub.timer (due_at) WHERE fired_at IS NULL;
+COMMENT ON TABLE ihub.timer IS 'Timed subscriptions'' timers: one per row, due at column + offset (ihub.subscribe_timed).';
+
 COMMENT ON TABLE ihub.delivery IS
     'The outbound queue and its history: one row per event per endpoint, with its state and retry schedule.';
 
@@ -274,6 +296,7 @@ SELECT pg_catalog.pg_extension_config_dump('ihub.subscription', '');
 SELECT pg_catalog.pg_extension_config_dump('ihub.delivery', '');
 SELECT pg_catalog.pg_extension_config_dump('ihub.delivery_attempt', '');
 SELECT pg_catalog.pg_extension_config_dump('ihub.capture_seq', '');
+SELECT pg_catalog.pg_extension_config_dump('ihub.timer', '');
 SELECT pg_catalog.pg_extension_config_dump('ihub.integration_kind', $$WHERE kind NOT IN ('webhook', 'rest')$$);
 COMMENT ON SCHEMA ihub IS 'pg_ihub: integration hub (outbound webhooks, jobs, schedules, inbound webhooks). Public API and views.';
 

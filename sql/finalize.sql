@@ -108,7 +108,7 @@ GRANT SELECT ON ihub.integrations, ihub.endpoints, ihub.subscriptions, ihub.deli
                 ihub.integration_dates, ihub.logs, ihub.activities, ihub.retention_settings,
                 ihub.log_settings, ihub.inbound_items, ihub.inbound_failed, ihub.inbound_sources,
                 ihub.inbound_rejections, ihub.mappers, ihub.mapper_items, ihub.bindings, ihub.custom_fields,
-                ihub.oauth2_credentials TO ihub_viewer;
+                ihub.oauth2_credentials, ihub.timers TO ihub_viewer;
 GRANT SELECT ON ihub.endpoint_secrets, ihub.oauth2_secrets TO ihub_admin;
 GRANT SELECT ON ihub.integration_kind TO ihub_viewer;
 GRANT INSERT, UPDATE, DELETE ON ihub.integration_kind TO ihub_admin;
@@ -153,6 +153,7 @@ GRANT EXECUTE ON FUNCTION
     ihub.http_request(text, jsonb, text, text, jsonb, text, jsonb, regprocedure, jsonb),
     ihub.replay(bigint),
     ihub.skip(bigint),
+    ihub.subscribe_timed(regclass, text, text, interval, text, text),
     ihub.replay_dead(text, timestamptz),
     ihub.enqueue(regprocedure, jsonb, integer, timestamptz, integer, text, text, interval[], interval),
     ihub.cancel_job(bigint),

@@ -1122,6 +1122,12 @@ BEGIN
                    AND NOT EXISTS (SELECT 1 FROM ihub.endpoint_state c WHERE c.endpoint_id = v_endpoint.id
                                    AND (c.state <> 'closed' OR c.paused_until > now()));
         PERFORM set_config(v_position, (SELECT max((t::text::point)[0])::bigint::text FROM unnest(v_taken) t), false);
+    END IF;
+    -- A timed subscription's changes become timers (sql/timers.sql), not deliveries.
+    IF cardinality(v_taken) > 0 AND p_sub.timer_offset IS NOT NULL THEN
+        v_routed := cardinality(v_taken);
+        PERFORM ihub._route_timers(p_sub, v_taken);
+    ELSIF cardinality(v_taken) > 0 THEN
 
         v_lease := ihub._lease_until(coalesce(v_endpoint.timeout_ms, p_default_timeout_ms), p_rounds);
         -- The operations whose event type the endpoint accepts.
@@ -1256,6 +1262,10 @@ BEGIN
     -- Open circuits get nothing but, once their cooldown is over, a probe.
     IF cardinality(v_claimed) < p_limit AND EXISTS (SELECT 1 FROM ihub.endpoint_state c WHERE c.state <> 'closed') THEN
         v_claimed := v_claimed || ARRAY(SELECT p FROM ihub._circuit_probes(p_owner, p_default_timeout_ms, p_rounds) p);
+    END IF;
+    -- Due timers of timed subscriptions become deliveries, claimed below.
+    IF EXISTS (SELECT 1 FROM ihub.timer t WHERE t.fired_at IS NULL AND t.due_at <= now()) THEN
+        PERFORM ihub._fire_timers(p_limit);
     END IF;
     -- Endpoints with limits or an order, endpoint by endpoint.
     IF current_setting('ihub_claim.in_flight_held', true) <> '' THEN
@@ -1627,6 +1637,9 @@ LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp
     SET enable_seqscan = off SET enable_bitmapscan = off SET enable_sort = off
 AS $$
     SELECT least(
+        -- The first timer of a timed subscription.
+        (SELECT greatest(0, extract(epoch FROM t.due_at - now()))::double precision
+         FROM ihub.timer t WHERE t.fired_at IS NULL ORDER BY t.due_at LIMIT 1),
         (SELECT greatest(0, extract(epoch FROM d.run_at - now()))::double precision
          FROM ihub.delivery d
          WHERE d.state IN ('pending', 'retry')

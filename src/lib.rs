@@ -117,6 +117,7 @@ pgrx::extension_sql_file!(
     requires = ["oauth2", outbound::functions::normalize_circuit]
 );
 pgrx::extension_sql_file!("../sql/payloads.sql", name = "payloads", requires = ["endpoint_controls"]);
+pgrx::extension_sql_file!("../sql/timers.sql", name = "timers", requires = ["payloads"]);
 pgrx::extension_sql_file!("../sql/finalize.sql", name = "finalize", finalize);
 
 #[pg_guard]

@@ -747,6 +747,48 @@ mod tests {
         );
     }
 
+    /// A timed subscription keeps one timer per matching row at column +
+    /// offset, moves it with the column, drops it when the row is deleted or
+    /// stops matching, and fires each due timer once as a delivery.
+    #[pg_test]
+    fn timed_subscriptions_keep_one_timer_per_matching_row() {
+        setup_enabled();
+        Spi::run("CREATE TABLE tickets (id int PRIMARY KEY, status text, closed_at timestamptz)").unwrap();
+        expect_error("SELECT ihub.subscribe_timed('tickets', 'hook', 'status', '1 day')", &["column status of public.tickets is text, not a time"]);
+        expect_error("SELECT ihub.subscribe_timed('tickets', 'hook', 'nope', '1 day')", &["has no column nope"]);
+        let sub = one::<i64>("SELECT ihub.subscribe_timed('tickets', 'hook', 'closed_at', '1 day', $$new.status = 'closed'$$)");
+        Spi::run(
+            "INSERT INTO tickets VALUES (1, 'closed', now() - interval '2 days'), (2, 'closed', now()), (3, 'open', now()),
+                                        (4, 'closed', now()), (5, 'closed', NULL);
+             UPDATE tickets SET closed_at = now() - interval '3 days' WHERE id = 2;
+             UPDATE tickets SET status = 'reopened' WHERE id = 4;",
+        )
+        .unwrap();
+        assert_eq!(one::<i64>("SELECT count(*) FROM ihub._claim(4242, 100, 1000, 1)"), 2, "tickets 1 and 2 are due");
+        assert_eq!(
+            one::<String>("SELECT string_agg((row_key ->> 0) || ':' || (fired_at IS NOT NULL), ',' ORDER BY row_key ->> 0) FROM ihub.timers"),
+            "1:true,2:true"
+        );
+        assert_eq!(
+            one::<String>(&format!(
+                "SELECT string_agg(event_type || '/' || (payload -> 'data' ->> 'id'), ',' ORDER BY payload -> 'data' ->> 'id')
+                 FROM ihub.delivery WHERE subscription_id = {sub}"
+            )),
+            "tickets.timer/1,tickets.timer/2"
+        );
+        // Once per due time: other changes do not send it again; a new
+        // closed_at re-arms it; a delete drops it.
+        Spi::run(
+            "UPDATE tickets SET status = status WHERE id = 1;
+             UPDATE tickets SET closed_at = now() + interval '1 hour' WHERE id = 2;
+             DELETE FROM tickets WHERE id = 1;",
+        )
+        .unwrap();
+        assert_eq!(one::<i64>("SELECT count(*) FROM ihub._claim(4242, 100, 1000, 1)"), 0);
+        assert_eq!(one::<String>("SELECT string_agg((row_key ->> 0) || ':' || (fired_at IS NULL), ',') FROM ihub.timers"), "2:true");
+        assert!(one::<f64>("SELECT ihub._next_due()") > 3600.0 * 24.0);
+    }
+
     /// A rate-limited endpoint is claimed within its token bucket (one
     /// token to start with, refilled at the rate) and within max_in_flight;
     /// its routed changes wait as pending for that claim; other endpoints

@@ -916,3 +916,41 @@ fn max_in_flight_and_a_429_pause_hold_the_whole_endpoint() {
         assert!(overlapping < 2, "{} requests in flight at once", overlapping + 1);
     }
 }
+
+/// A timed subscription's timers live in a table: one due while the server
+/// is down fires once it is back, once; a row deleted or no longer
+/// matching before its time is never sent.
+#[test]
+fn timed_subscriptions_fire_after_a_restart_once() {
+    let _g = serial();
+    let mut hub = hub();
+    let rx = Receiver::start();
+    let s = hub.setup(&rx.url("/"), "");
+    let table = unique("tickets");
+    hub.exec(&format!(
+        "CREATE TABLE {table} (id int PRIMARY KEY, status text, closed_at timestamptz);
+         SELECT ihub.subscribe_timed('{table}', '{e}', 'closed_at', '3 seconds', $$new.status = 'closed'$$);
+         INSERT INTO {table} VALUES (1, 'closed', now()), (2, 'closed', now()), (3, 'closed', now());
+         DELETE FROM {table} WHERE id = 2;
+         UPDATE {table} SET status = 'reopened' WHERE id = 3;",
+        e = s.endpoint
+    ));
+    assert!(hub.wait_true(&format!("SELECT count(*) = 1 FROM ihub.timers WHERE endpoint = '{}'", s.endpoint), Duration::from_secs(30)));
+    drop(hub);
+    let cluster = Cluster::from_env();
+    let data = cluster.pgdata.to_string_lossy().to_string();
+    cluster.run_as_postgres("pg_ctl", &["-D", &data, "-m", "fast", "-w", "stop"]);
+    // The timer comes due while the server is down.
+    std::thread::sleep(Duration::from_secs(4));
+    assert_eq!(rx.count(), 0, "nothing was due before the stop");
+    cluster.start();
+    let mut hub = pg_ihub_e2e::hub();
+    assert_eq!(hub.wait_settled(&s.endpoint, 1, Duration::from_secs(30)), vec!["done"]);
+    let got = rx.received();
+    assert_eq!(got.len(), 1);
+    let body = got[0].json();
+    assert_eq!((body["type"].as_str(), body["data"]["id"].as_i64()), (Some(format!("{table}.timer").as_str()), Some(1)));
+    assert!(hub.one::<bool>(&format!("SELECT fired_at IS NOT NULL FROM ihub.timers WHERE endpoint = '{}'", s.endpoint)));
+    // The next test may need the listener, which starts a moment after the server.
+    let _ = http();
+}

@@ -19,9 +19,11 @@ const WAIT: Duration = Duration::from_secs(30);
 /// (0.3.0, NULL), endpoint.circuit, rate_limit, max_in_flight, event_types
 /// and ordering, subscription.event_type and ordering_key, and
 /// delivery.ordering_key, inbound_source.response and subscription.payload
-/// (0.3.0, NULL: none; delivery.payload, stripped too, is not compared).
+/// and timer_* (0.3.0, NULL: none; delivery.payload, stripped too, is not
+/// compared).
 const ROW: &str = "(to_jsonb(t) - '{handler_name,fn_name,broken_at,broken_reason,circuit,rate_limit,max_in_flight,\
-                   event_types,event_type,ordering,ordering_key,response,payload}'::text[])::text";
+                   event_types,event_type,ordering,ordering_key,response,payload,timer_column,timer_offset,\
+                   timer_condition}'::text[])::text";
 
 /// Tables whose rows only the test changes: they must come through equal.
 const KEPT: &[&str] = &[
