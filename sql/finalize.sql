@@ -36,6 +36,7 @@ COMMENT ON FUNCTION ihub._normalize_circuit(jsonb) IS 'Internal: validates a cir
 COMMENT ON FUNCTION ihub._normalize_auth(jsonb) IS 'Internal: validates endpoint auth JSON.';
 COMMENT ON FUNCTION ihub._check_secret(text) IS 'Internal: validates a whsec_ secret.';
 COMMENT ON FUNCTION ihub._generate_secret() IS 'Internal: a new random whsec_ secret.';
+COMMENT ON FUNCTION ihub._parse_as(text, oid) IS 'Internal: parse analysis of a subscriber''s SQL as that role, in a security-restricted operation.';
 COMMENT ON FUNCTION ihub._check_signing_key(text) IS 'Internal: validates an endpoint''s signing secret, whsec_ (v1) or whsk_ (v1a).';
 COMMENT ON FUNCTION ihub._generate_ed25519_key() IS 'Internal: a new random whsk_ ed25519 secret key.';
 COMMENT ON FUNCTION ihub._public_key(text) IS 'The whpk_ public key of a whsk_ secret key (NULL for a whsec_ secret).';

@@ -61,7 +61,7 @@ BEGIN
        OR coalesce(jsonb_typeof(p_response -> 'content_type'), 'string') <> 'string'
        OR coalesce(jsonb_typeof(p_response -> 'body'), 'string') <> 'string'
        OR octet_length(coalesce(p_response ->> 'body', '')) > 65536
-       OR (p_response ->> 'content_type') ~ '[\r\n]' THEN
+       OR NOT coalesce(p_response ->> 'content_type', 'text/plain') ~ '^[\x20-\x7e]{1,255}$' THEN
         RAISE EXCEPTION 'invalid response %', left(p_response::text, 200)
             USING ERRCODE = 'invalid_parameter_value',
                   HINT = 'Give {"status": 200, "content_type": "text/xml", "body": "<Response/>"}: a 2xx status, and a body of 64 kB at most.';

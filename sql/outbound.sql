@@ -448,12 +448,12 @@ BEGIN
     END IF;
     IF condition IS NOT NULL THEN
         PERFORM ihub._check_expression(condition);
-        -- Parse analysis only (names, types), never planned or run here: the
-        -- condition runs later in the writer's transaction as its subscriber.
+        -- Parse analysis only (names, types), never planned or run here, and
+        -- as the subscriber: the condition runs later in the writer's
+        -- transaction as its subscriber.
         BEGIN
-            EXECUTE format(E'PREPARE ihub_condition_check AS SELECT (\n%s\n)::boolean FROM %s AS new, %s AS old',
-                           condition, source, source);
-            DEALLOCATE ihub_condition_check;
+            PERFORM ihub._parse_as(format(E'SELECT (\n%s\n)::boolean FROM %s AS new, %s AS old', condition, source, source),
+                                   p_caller::oid);
         EXCEPTION WHEN OTHERS THEN
             RAISE EXCEPTION 'invalid condition: %', SQLERRM
                 USING ERRCODE = 'syntax_error',
@@ -883,8 +883,8 @@ AS $fn$
                                 'sub_' || p_sub_id)
         WHEN 'wrap' THEN format('SELECT ARRAY(SELECT x.ctid FROM ihub_capture.%I x WHERE x.ctid < $2 LIMIT $1 FOR UPDATE SKIP LOCKED)',
                                 'sub_' || p_sub_id)
-        -- A top-N sort of the whole capture table: ordered endpoints only,
-        -- whose routes take turns (ihub._route).
+        -- A top-N sort of the whole capture table: ordered endpoints with
+        -- a backlog only, whose routes take turns (ihub._route).
         WHEN 'take_ordered' THEN format('SELECT ARRAY(SELECT x.ctid FROM ihub_capture.%I x ORDER BY x.seq NULLS FIRST, x.ctid LIMIT $1 FOR UPDATE)',
                                         'sub_' || p_sub_id)
         WHEN 'render' THEN format($q$
@@ -1063,7 +1063,9 @@ BEGIN
     SELECT * INTO v_endpoint FROM ihub.endpoint WHERE id = p_sub.endpoint_id FOR KEY SHARE;
 
     v_prepared := v_prepared AND ihub._route_prepare(p_sub.id);
-    IF v_endpoint.ordering IS NOT NULL THEN
+    -- Timed subscriptions take turns too: the last change of a row must be
+    -- the one its timer keeps (sql/timers.sql).
+    IF v_endpoint.ordering IS NOT NULL OR p_sub.timer_offset IS NOT NULL THEN
         -- Routes to an ordered endpoint take turns, until commit, with each
         -- other and with its claims (ihub._endpoint_turn): each routes
         -- the changes first in statement order, so a key's deliveries get
@@ -1073,22 +1075,36 @@ BEGIN
         IF NOT ihub._endpoint_turn(v_endpoint.id, p_owner IS NULL) THEN
             RETURN;
         END IF;
-        EXECUTE ihub._route_sql(p_sub.id, 'take_ordered') INTO v_taken USING v_limit;
         IF v_endpoint.ordering = 'key' THEN
             v_key_columns := ihub._ordering_columns(p_sub);
         END IF;
-    ELSIF v_prepared THEN
+    END IF;
+    IF v_prepared THEN
         EXECUTE format('EXECUTE %I(%s, %L)', v_name || 'take', v_limit, v_from) INTO v_taken;
     ELSE
         EXECUTE ihub._route_sql(p_sub.id, 'take') INTO v_taken USING v_limit, v_from;
     END IF;
-    IF v_endpoint.ordering IS NULL AND cardinality(v_taken) < v_limit AND v_from > '(0,0)'::tid THEN
+    IF cardinality(v_taken) < v_limit AND v_from > '(0,0)'::tid THEN
         IF v_prepared THEN
             EXECUTE format('EXECUTE %I(%s, %L)', v_name || 'wrap', v_limit - cardinality(v_taken), v_from) INTO v_wrapped;
         ELSE
             EXECUTE ihub._route_sql(p_sub.id, 'wrap') INTO v_wrapped USING v_limit - cardinality(v_taken), v_from;
         END IF;
         v_taken := v_taken || v_wrapped;
+    END IF;
+    -- An ordered endpoint's route that took fewer than its limit took every
+    -- captured change (its routes take turns: no row was skipped as locked);
+    -- the render puts them in statement order. One that took its limit may
+    -- have left earlier changes behind: it takes the first ones in
+    -- statement order instead, a sort of the whole capture table, paid
+    -- only under a backlog: sorting it at every route rescanned the dead
+    -- rows of all earlier routes until vacuum. It takes up to ten batches'
+    -- worth at once (queued pending, for the claim to take key by key), so
+    -- that a backlog pays for few such sorts.
+    IF (v_endpoint.ordering IS NOT NULL OR p_sub.timer_offset IS NOT NULL) AND cardinality(v_taken) >= v_limit THEN
+        EXECUTE ihub._route_sql(p_sub.id, 'take_ordered') INTO v_taken
+            USING least(v_limit::bigint * 10, 2147483647)::integer;
+        v_limit := cardinality(v_taken);
     END IF;
     -- Nothing captured: no lookups, no rendering statement to parse and
     -- plan (a route of nothing took 0.7 ms, for every subscription at every
@@ -1265,7 +1281,12 @@ BEGIN
     END IF;
     -- Due timers of timed subscriptions become deliveries, claimed below.
     IF EXISTS (SELECT 1 FROM ihub.timer t WHERE t.fired_at IS NULL AND t.due_at <= now()) THEN
-        PERFORM ihub._fire_timers(p_limit);
+        BEGIN
+            PERFORM ihub._fire_timers(p_limit);
+        EXCEPTION WHEN OTHERS THEN
+            -- The timers wait; the round goes on.
+            RAISE WARNING 'pg_ihub: firing timers failed: %', SQLERRM;
+        END;
     END IF;
     -- Endpoints with limits or an order, endpoint by endpoint.
     IF current_setting('ihub_claim.in_flight_held', true) <> '' THEN

@@ -208,9 +208,8 @@ DECLARE
     v_sql text := ihub._payload_expression(p_sub, 'insert');
 BEGIN
     BEGIN
-        EXECUTE format(E'PREPARE ihub_payload_check AS SELECT (\n%s\n)::jsonb FROM %s AS new, %s AS old',
-                       v_sql, p_sub.source, p_sub.source);
-        DEALLOCATE ihub_payload_check;
+        PERFORM ihub._parse_as(format(E'SELECT (\n%s\n)::jsonb FROM %s AS new, %s AS old', v_sql, p_sub.source, p_sub.source),
+                               (SELECT r.oid FROM pg_roles r WHERE r.rolname = p_sub.created_by));
     EXCEPTION WHEN OTHERS THEN
         RAISE EXCEPTION 'invalid payload template: %', SQLERRM
             USING ERRCODE = 'syntax_error',

@@ -527,8 +527,8 @@ AS $fn$
                                 'sub_' || p_sub_id)
         WHEN 'wrap' THEN format('SELECT ARRAY(SELECT x.ctid FROM ihub_capture.%I x WHERE x.ctid < $2 LIMIT $1 FOR UPDATE SKIP LOCKED)',
                                 'sub_' || p_sub_id)
-        -- A top-N sort of the whole capture table: ordered endpoints only,
-        -- whose routes take turns (ihub._route).
+        -- A top-N sort of the whole capture table: ordered endpoints with
+        -- a backlog only, whose routes take turns (ihub._route).
         WHEN 'take_ordered' THEN format('SELECT ARRAY(SELECT x.ctid FROM ihub_capture.%I x ORDER BY x.seq NULLS FIRST, x.ctid LIMIT $1 FOR UPDATE)',
                                         'sub_' || p_sub_id)
         WHEN 'render' THEN format($q$
@@ -709,7 +709,9 @@ BEGIN
     SELECT * INTO v_endpoint FROM ihub.endpoint WHERE id = p_sub.endpoint_id FOR KEY SHARE;
 
     v_prepared := v_prepared AND ihub._route_prepare(p_sub.id);
-    IF v_endpoint.ordering IS NOT NULL THEN
+    -- Timed subscriptions take turns too: the last change of a row must be
+    -- the one its timer keeps (sql/timers.sql).
+    IF v_endpoint.ordering IS NOT NULL OR p_sub.timer_offset IS NOT NULL THEN
         -- Routes to an ordered endpoint take turns, until commit, with each
         -- other and with its claims (ihub._endpoint_turn): each routes
         -- the changes first in statement order, so a key's deliveries get
@@ -719,22 +721,36 @@ BEGIN
         IF NOT ihub._endpoint_turn(v_endpoint.id, p_owner IS NULL) THEN
             RETURN;
         END IF;
-        EXECUTE ihub._route_sql(p_sub.id, 'take_ordered') INTO v_taken USING v_limit;
         IF v_endpoint.ordering = 'key' THEN
             v_key_columns := ihub._ordering_columns(p_sub);
         END IF;
-    ELSIF v_prepared THEN
+    END IF;
+    IF v_prepared THEN
         EXECUTE format('EXECUTE %I(%s, %L)', v_name || 'take', v_limit, v_from) INTO v_taken;
     ELSE
         EXECUTE ihub._route_sql(p_sub.id, 'take') INTO v_taken USING v_limit, v_from;
     END IF;
-    IF v_endpoint.ordering IS NULL AND cardinality(v_taken) < v_limit AND v_from > '(0,0)'::tid THEN
+    IF cardinality(v_taken) < v_limit AND v_from > '(0,0)'::tid THEN
         IF v_prepared THEN
             EXECUTE format('EXECUTE %I(%s, %L)', v_name || 'wrap', v_limit - cardinality(v_taken), v_from) INTO v_wrapped;
         ELSE
             EXECUTE ihub._route_sql(p_sub.id, 'wrap') INTO v_wrapped USING v_limit - cardinality(v_taken), v_from;
         END IF;
         v_taken := v_taken || v_wrapped;
+    END IF;
+    -- An ordered endpoint's route that took fewer than its limit took every
+    -- captured change (its routes take turns: no row was skipped as locked);
+    -- the render puts them in statement order. One that took its limit may
+    -- have left earlier changes behind: it takes the first ones in
+    -- statement order instead, a sort of the whole capture table, paid
+    -- only under a backlog: sorting it at every route rescanned the dead
+    -- rows of all earlier routes until vacuum. It takes up to ten batches'
+    -- worth at once (queued pending, for the claim to take key by key), so
+    -- that a backlog pays for few such sorts.
+    IF (v_endpoint.ordering IS NOT NULL OR p_sub.timer_offset IS NOT NULL) AND cardinality(v_taken) >= v_limit THEN
+        EXECUTE ihub._route_sql(p_sub.id, 'take_ordered') INTO v_taken
+            USING least(v_limit::bigint * 10, 2147483647)::integer;
+        v_limit := cardinality(v_taken);
     END IF;
     -- Nothing captured: no lookups, no rendering statement to parse and
     -- plan (a route of nothing took 0.7 ms, for every subscription at every
@@ -875,7 +891,12 @@ BEGIN
     END IF;
     -- Due timers of timed subscriptions become deliveries, claimed below.
     IF EXISTS (SELECT 1 FROM ihub.timer t WHERE t.fired_at IS NULL AND t.due_at <= now()) THEN
-        PERFORM ihub._fire_timers(p_limit);
+        BEGIN
+            PERFORM ihub._fire_timers(p_limit);
+        EXCEPTION WHEN OTHERS THEN
+            -- The timers wait; the round goes on.
+            RAISE WARNING 'pg_ihub: firing timers failed: %', SQLERRM;
+        END;
     END IF;
     -- Endpoints with limits or an order, endpoint by endpoint.
     IF current_setting('ihub_claim.in_flight_held', true) <> '' THEN
@@ -4806,9 +4827,8 @@ DECLARE
 BEGIN
     FOR t IN SELECT c.oid::regclass FROM pg_class c
              WHERE c.relnamespace = 'ihub_capture'::regnamespace AND c.relkind = 'r' AND c.relname ~ '^sub_[0-9]+$'
-               AND NOT EXISTS (SELECT 1 FROM pg_attribute a WHERE a.attrelid = c.oid AND a.attname = 'seq')
     LOOP
-        EXECUTE format('ALTER TABLE %s ADD COLUMN seq bigint, ADD COLUMN data jsonb', t);
+        EXECUTE format('ALTER TABLE %s ADD COLUMN IF NOT EXISTS seq bigint, ADD COLUMN IF NOT EXISTS data jsonb', t);
     END LOOP;
 END
 $$;
@@ -5740,12 +5760,12 @@ BEGIN
     END IF;
     IF condition IS NOT NULL THEN
         PERFORM ihub._check_expression(condition);
-        -- Parse analysis only (names, types), never planned or run here: the
-        -- condition runs later in the writer's transaction as its subscriber.
+        -- Parse analysis only (names, types), never planned or run here, and
+        -- as the subscriber: the condition runs later in the writer's
+        -- transaction as its subscriber.
         BEGIN
-            EXECUTE format(E'PREPARE ihub_condition_check AS SELECT (\n%s\n)::boolean FROM %s AS new, %s AS old',
-                           condition, source, source);
-            DEALLOCATE ihub_condition_check;
+            PERFORM ihub._parse_as(format(E'SELECT (\n%s\n)::boolean FROM %s AS new, %s AS old', condition, source, source),
+                                   p_caller::oid);
         EXCEPTION WHEN OTHERS THEN
             RAISE EXCEPTION 'invalid condition: %', SQLERRM
                 USING ERRCODE = 'syntax_error',
@@ -5889,7 +5909,7 @@ BEGIN
        OR coalesce(jsonb_typeof(p_response -> 'content_type'), 'string') <> 'string'
        OR coalesce(jsonb_typeof(p_response -> 'body'), 'string') <> 'string'
        OR octet_length(coalesce(p_response ->> 'body', '')) > 65536
-       OR (p_response ->> 'content_type') ~ '[\r\n]' THEN
+       OR NOT coalesce(p_response ->> 'content_type', 'text/plain') ~ '^[\x20-\x7e]{1,255}$' THEN
         RAISE EXCEPTION 'invalid response %', left(p_response::text, 200)
             USING ERRCODE = 'invalid_parameter_value',
                   HINT = 'Give {"status": 200, "content_type": "text/xml", "body": "<Response/>"}: a 2xx status, and a body of 64 kB at most.';
@@ -6010,6 +6030,56 @@ COMMENT ON FUNCTION ihub._inbound_sources() IS 'Internal (listener): sources wit
 -- Payload templates (issue 13): sql/payloads.sql
 -------------------------------------------------------------------------------
 
+-- The query ihub._capture_filtered runs (as the subscriber) for one event of
+-- a subscription with watched columns or a condition: the positions of the
+-- transition rows that pass, numbered in the transition tables' order. New
+-- and old are exposed to the condition by name. Postgres appends each
+-- updated row's old and new versions to the two transition tables together,
+-- so equal positions pair them even when the update changes the key.
+CREATE OR REPLACE FUNCTION ihub._capture_filter(p_sub ihub.subscription, p_event text)
+RETURNS text
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_rowtype text := format_type((SELECT reltype FROM pg_class WHERE oid = p_sub.source), NULL);
+    v_from text;
+    v_filters text[] := '{}';
+BEGIN
+    IF p_event = 'insert' THEN
+        v_from := format('FROM (SELECT row_number() OVER () AS _ihub_n, t.* FROM ihub_new t) AS new '
+                         'CROSS JOIN LATERAL (SELECT (NULL::%s).*) AS old', v_rowtype);
+    ELSIF p_event = 'delete' THEN
+        v_from := format('FROM (SELECT row_number() OVER () AS _ihub_n, t.* FROM ihub_old t) AS old '
+                         'CROSS JOIN LATERAL (SELECT (NULL::%s).*) AS new', v_rowtype);
+    ELSE
+        v_from := 'FROM (SELECT row_number() OVER () AS _ihub_n, t.* FROM ihub_new t) AS new '
+                  'JOIN (SELECT row_number() OVER () AS _ihub_n, t.* FROM ihub_old t) AS old USING (_ihub_n)';
+        IF p_sub.watch IS NOT NULL THEN
+            v_filters := v_filters || (
+                SELECT '(' || string_agg(format('new.%1$I IS DISTINCT FROM old.%1$I', c), ' OR ') || ')'
+                FROM unnest(p_sub.watch) AS c);
+        END IF;
+    END IF;
+    IF p_sub.condition IS NOT NULL THEN
+        -- Checked by ihub._check_expression to be exactly one expression.
+        v_filters := v_filters || format(E'(\n%s\n)', p_sub.condition);
+    END IF;
+    -- With a payload template, its data for each row (as text: the trigger
+    -- stores it as jsonb).
+    RETURN format('SELECT %s._ihub_n%s %s%s', CASE p_event WHEN 'delete' THEN 'old' ELSE 'new' END,
+                  CASE WHEN p_sub.payload IS NOT NULL
+                       THEN format(E', (\n%s\n)::text', ihub._payload_expression(p_sub, p_event)) ELSE '' END, v_from,
+                  CASE WHEN cardinality(v_filters) > 0 THEN ' WHERE ' || array_to_string(v_filters, ' AND ') ELSE '' END);
+END
+$$;
+
+-- Subscribers' SQL (conditions, templates) is parsed as the subscriber.
+CREATE FUNCTION ihub._parse_as("sql" text, "role" oid) RETURNS void
+STRICT VOLATILE
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'parse_as_wrapper';
+COMMENT ON FUNCTION ihub._parse_as(text, oid) IS 'Internal: parse analysis of a subscriber''s SQL as that role, in a security-restricted operation.';
+
 -- pg_ihub payload templates: how a subscription shapes its deliveries'
 -- data (ihub.subscribe(…, payload => …)). The template becomes one SQL
 -- expression that the capture trigger evaluates in the writer's
@@ -6053,49 +6123,6 @@ BEGIN
             USING ERRCODE = 'invalid_parameter_value',
                   HINT = 'Nest along a foreign key: {"nest": {"customer": {"via": "customer_id"}}} needs FOREIGN KEY (customer_id) REFERENCES ....';
     END IF;
-END
-$$;
-
--- The query ihub._capture_filtered runs (as the subscriber) for one event of
--- a subscription with watched columns or a condition: the positions of the
--- transition rows that pass, numbered in the transition tables' order. New
--- and old are exposed to the condition by name. Postgres appends each
--- updated row's old and new versions to the two transition tables together,
--- so equal positions pair them even when the update changes the key.
-CREATE OR REPLACE FUNCTION ihub._capture_filter(p_sub ihub.subscription, p_event text)
-RETURNS text
-LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp
-AS $$
-DECLARE
-    v_rowtype text := format_type((SELECT reltype FROM pg_class WHERE oid = p_sub.source), NULL);
-    v_from text;
-    v_filters text[] := '{}';
-BEGIN
-    IF p_event = 'insert' THEN
-        v_from := format('FROM (SELECT row_number() OVER () AS _ihub_n, t.* FROM ihub_new t) AS new '
-                         'CROSS JOIN LATERAL (SELECT (NULL::%s).*) AS old', v_rowtype);
-    ELSIF p_event = 'delete' THEN
-        v_from := format('FROM (SELECT row_number() OVER () AS _ihub_n, t.* FROM ihub_old t) AS old '
-                         'CROSS JOIN LATERAL (SELECT (NULL::%s).*) AS new', v_rowtype);
-    ELSE
-        v_from := 'FROM (SELECT row_number() OVER () AS _ihub_n, t.* FROM ihub_new t) AS new '
-                  'JOIN (SELECT row_number() OVER () AS _ihub_n, t.* FROM ihub_old t) AS old USING (_ihub_n)';
-        IF p_sub.watch IS NOT NULL THEN
-            v_filters := v_filters || (
-                SELECT '(' || string_agg(format('new.%1$I IS DISTINCT FROM old.%1$I', c), ' OR ') || ')'
-                FROM unnest(p_sub.watch) AS c);
-        END IF;
-    END IF;
-    IF p_sub.condition IS NOT NULL THEN
-        -- Checked by ihub._check_expression to be exactly one expression.
-        v_filters := v_filters || format(E'(\n%s\n)', p_sub.condition);
-    END IF;
-    -- With a payload template, its data for each row (as text: the trigger
-    -- stores it as jsonb).
-    RETURN format('SELECT %s._ihub_n%s %s%s', CASE p_event WHEN 'delete' THEN 'old' ELSE 'new' END,
-                  CASE WHEN p_sub.payload IS NOT NULL
-                       THEN format(E', (\n%s\n)::text', ihub._payload_expression(p_sub, p_event)) ELSE '' END, v_from,
-                  CASE WHEN cardinality(v_filters) > 0 THEN ' WHERE ' || array_to_string(v_filters, ' AND ') ELSE '' END);
 END
 $$;
 
@@ -6263,9 +6290,8 @@ DECLARE
     v_sql text := ihub._payload_expression(p_sub, 'insert');
 BEGIN
     BEGIN
-        EXECUTE format(E'PREPARE ihub_payload_check AS SELECT (\n%s\n)::jsonb FROM %s AS new, %s AS old',
-                       v_sql, p_sub.source, p_sub.source);
-        DEALLOCATE ihub_payload_check;
+        PERFORM ihub._parse_as(format(E'SELECT (\n%s\n)::jsonb FROM %s AS new, %s AS old', v_sql, p_sub.source, p_sub.source),
+                               (SELECT r.oid FROM pg_roles r WHERE r.rolname = p_sub.created_by));
     EXCEPTION WHEN OTHERS THEN
         RAISE EXCEPTION 'invalid payload template: %', SQLERRM
             USING ERRCODE = 'syntax_error',
@@ -6303,6 +6329,7 @@ CREATE TABLE ihub.timer (
 CREATE INDEX timer_due_idx ON ihub.timer (due_at) WHERE fired_at IS NULL;
 COMMENT ON TABLE ihub.timer IS 'Timed subscriptions'' timers: one per row, due at column + offset (ihub.subscribe_timed).';
 SELECT pg_catalog.pg_extension_config_dump('ihub.timer', '');
+SELECT pg_catalog.pg_extension_config_dump('ihub.timer_id_seq', '');
 REVOKE ALL ON ihub.timer FROM PUBLIC;
 
 -- pg_ihub timed conditions: ihub.subscribe_timed(source, endpoint, column,
@@ -6446,7 +6473,9 @@ BEGIN
     JOIN ihub.integration i ON i.id = e.integration_id
     JOIN pg_class c ON c.oid = s.source
     JOIN pg_namespace n ON n.oid = c.relnamespace
-    CROSS JOIN LATERAL (SELECT 'evt_' || replace(gen_random_uuid()::text, '-', '') AS id) ev;
+    CROSS JOIN LATERAL (SELECT 'evt_' || replace(gen_random_uuid()::text, '-', '') AS id) ev
+    -- A type the endpoint does not accept is not queued (the timer fired).
+    WHERE ihub._type_accepted(e.event_types, s.event_type);
     GET DIAGNOSTICS v_n = ROW_COUNT;
     RETURN v_n;
 END

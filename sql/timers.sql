@@ -139,7 +139,9 @@ BEGIN
     JOIN ihub.integration i ON i.id = e.integration_id
     JOIN pg_class c ON c.oid = s.source
     JOIN pg_namespace n ON n.oid = c.relnamespace
-    CROSS JOIN LATERAL (SELECT 'evt_' || replace(gen_random_uuid()::text, '-', '') AS id) ev;
+    CROSS JOIN LATERAL (SELECT 'evt_' || replace(gen_random_uuid()::text, '-', '') AS id) ev
+    -- A type the endpoint does not accept is not queued (the timer fired).
+    WHERE ihub._type_accepted(e.event_types, s.event_type);
     GET DIAGNOSTICS v_n = ROW_COUNT;
     RETURN v_n;
 END

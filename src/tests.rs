@@ -789,6 +789,36 @@ mod tests {
         assert!(one::<f64>("SELECT ihub._next_due()") > 3600.0 * 24.0);
     }
 
+    /// Checking a subscriber's condition or template at subscribe parses it,
+    /// and parsing reads literals with their types' input functions: a
+    /// domain's CHECK is the role's own code. It runs as the subscriber,
+    /// never as the extension owner ihub.subscribe runs as.
+    #[pg_test]
+    fn subscribe_checks_a_subscribers_sql_with_the_subscribers_rights() {
+        setup_enabled();
+        Spi::run(
+            "CREATE ROLE ihub_t_dev2 NOLOGIN IN ROLE ihub_developer;
+             CREATE TABLE seen_users (u name);
+             GRANT INSERT ON seen_users TO ihub_t_dev2;
+             CREATE FUNCTION record_user(t text) RETURNS boolean LANGUAGE sql
+                 AS $$ INSERT INTO public.seen_users VALUES (current_user) RETURNING true $$;
+             ALTER FUNCTION record_user(text) OWNER TO ihub_t_dev2;
+             CREATE DOMAIN dev_dom AS text CHECK (public.record_user(VALUE));
+             ALTER DOMAIN dev_dom OWNER TO ihub_t_dev2;
+             GRANT SELECT, TRIGGER ON orders TO ihub_t_dev2;",
+        )
+        .unwrap();
+        Spi::run(
+            "SELECT set_config('role', 'ihub_t_dev2', true),
+                    ihub.subscribe('orders', 'hook', condition => $$'{x}'::public.dev_dom[] IS NOT NULL$$);
+             SELECT set_config('role', 'ihub_t_dev2', true),
+                    ihub.subscribe('orders', 'hook', payload => '{\"compute\": {\"d\": \"''{y}''::public.dev_dom[]\"}}');
+             RESET ROLE;",
+        )
+        .unwrap();
+        assert_eq!(one::<String>("SELECT string_agg(DISTINCT u::text, ',') FROM seen_users"), "ihub_t_dev2");
+    }
+
     /// A rate-limited endpoint is claimed within its token bucket (one
     /// token to start with, refilled at the rate) and within max_in_flight;
     /// its routed changes wait as pending for that claim; other endpoints

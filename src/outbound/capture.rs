@@ -370,13 +370,20 @@ unsafe fn capture_rows(data: &pg_sys::TriggerData, pass: Option<&Passing>) -> Re
             if let Some(seq) = seq {
                 values[5] = seq;
                 nulls[5] = false;
+                // The template's data, read by jsonb's own input function
+                // (numbers keep their precision).
                 let made = pass.and_then(|p| p.data.get(position - 1)).and_then(|d| d.as_deref());
                 nulls[6] = true;
-                if let Some(json) = made.and_then(|text| serde_json::from_str::<serde_json::Value>(text).ok()) {
-                    if let Some(datum) = rows.switch_to(|_| pgrx::JsonB(json).into_datum()) {
-                        values[6] = datum;
-                        nulls[6] = false;
-                    }
+                if let Some(text) = made.and_then(|t| CString::new(t).ok()) {
+                    values[6] = rows.switch_to(|_| {
+                        pg_sys::OidInputFunctionCall(
+                            pg_sys::Oid::from(pg_sys::F_JSONB_IN),
+                            text.as_ptr() as *mut std::ffi::c_char,
+                            pg_sys::InvalidOid,
+                            -1,
+                        )
+                    });
+                    nulls[6] = false;
                 }
             }
             pg_sys::ExecStoreVirtualTuple(slot);

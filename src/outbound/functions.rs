@@ -74,6 +74,25 @@ fn generate_ed25519_key() -> String {
     signature::generate_ed25519_key()
 }
 
+/// Parse analysis of a subscriber's SQL (a condition, a payload template)
+/// as that role, in a security-restricted operation: names and types are
+/// checked, and literals are read by their types' input functions, which
+/// can be a role's own code (a domain's CHECK), so never with the rights
+/// of the extension owner that ihub.subscribe runs as. Nothing is planned
+/// or run.
+#[pg_extern(name = "_parse_as", volatile)]
+fn parse_as(sql: &str, role: pg_sys::Oid) {
+    let sql = std::ffi::CString::new(sql).unwrap_or_else(|_| IhubError::Condition("it contains a NUL byte".into()).raise());
+    crate::runtime::user_code::restricted_as(role, || {
+        Spi::connect(|_| unsafe {
+            let plan = pg_sys::SPI_prepare(sql.as_ptr(), 0, std::ptr::null_mut());
+            if !plan.is_null() {
+                pg_sys::SPI_freeplan(plan);
+            }
+        })
+    });
+}
+
 /// The `whpk_` public key of a `whsk_` secret key; NULL for an HMAC secret.
 #[pg_extern(name = "_public_key", immutable, parallel_safe)]
 fn public_key(secret: &str) -> Option<String> {

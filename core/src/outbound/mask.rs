@@ -2,8 +2,26 @@
 
 pub const MASK: &str = "********";
 
-/// Names whose whole value is a credential.
-const EXACT: &[&str] = &["authorization", "proxy-authorization", "cookie", "set-cookie", "key", "sig", "signature_key"];
+/// Names whose whole value is a credential. The providers' signature
+/// headers are among them: GitHub's, Shopify's and Twilio's sign no
+/// timestamp, so whoever reads one (a viewer of ihub.inbound_items) could
+/// send the request again under a new delivery id.
+const EXACT: &[&str] = &[
+    "authorization",
+    "proxy-authorization",
+    "cookie",
+    "set-cookie",
+    "key",
+    "sig",
+    "signature_key",
+    "x-hub-signature",
+    "x-hub-signature-256",
+    "x-shopify-hmac-sha256",
+    "x-twilio-signature",
+    "stripe-signature",
+    "x-slack-signature",
+    "svix-signature",
+];
 /// Parts of names whose values are credentials; also what `mask_text` looks for.
 const PARTS: &[&str] = &[
     "token",
@@ -325,6 +343,14 @@ mod tests {
                 "webhook-id": "evt_1", "webhook-signature": format!("v1,{MASK} v1,{MASK}"),
             })
         );
+    }
+
+    #[test]
+    fn provider_signature_headers_are_masked() {
+        for name in ["X-Hub-Signature-256", "x-shopify-hmac-sha256", "X-Twilio-Signature", "Stripe-Signature"] {
+            assert!(is_sensitive_name(name), "{name}");
+        }
+        assert!(!is_sensitive_name("webhook-id") && !is_sensitive_name("x-github-delivery"));
     }
 
     #[test]
