@@ -6464,7 +6464,8 @@ BEGIN
     SELECT ev.id, s.endpoint_id, s.id, s.event_type,
            jsonb_build_object('id', ev.id, 'type', s.event_type, 'schema', n.nspname, 'table', c.relname,
                               'operation', 'timer', 'occurred_at', f.due_at, 'tenant', i.tenant,
-                              'due_at', f.due_at, 'data', f.data),
+                              -- Custom fields go only to the integrations they are exported to.
+                              'due_at', f.due_at, 'data', f.data - ihub._custom_fields_hidden(s.source, i.name)),
            s.test_mode, f.due_at,
            ihub._ordering_key_of(e.ordering, s.id::text || ':' || md5(f.row_key::text))
     FROM fired f

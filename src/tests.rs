@@ -753,7 +753,11 @@ mod tests {
     #[pg_test]
     fn timed_subscriptions_keep_one_timer_per_matching_row() {
         setup_enabled();
-        Spi::run("CREATE TABLE tickets (id int PRIMARY KEY, status text, closed_at timestamptz)").unwrap();
+        Spi::run(
+            "CREATE TABLE tickets (id int PRIMARY KEY, status text, closed_at timestamptz);
+             SELECT ihub.add_custom_field('tickets', 'internal_note', 'text');",
+        )
+        .unwrap();
         expect_error("SELECT ihub.subscribe_timed('tickets', 'hook', 'status', '1 day')", &["column status of public.tickets is text, not a time"]);
         expect_error("SELECT ihub.subscribe_timed('tickets', 'hook', 'nope', '1 day')", &["has no column nope"]);
         let sub = one::<i64>("SELECT ihub.subscribe_timed('tickets', 'hook', 'closed_at', '1 day', $$new.status = 'closed'$$)");
@@ -775,6 +779,10 @@ mod tests {
                  FROM ihub.delivery WHERE subscription_id = {sub}"
             )),
             "tickets.timer/1,tickets.timer/2"
+        );
+        assert!(
+            one::<bool>(&format!("SELECT bool_and(NOT payload -> 'data' ? 'internal_note') FROM ihub.delivery WHERE subscription_id = {sub}")),
+            "a custom field goes only to the integrations it is exported to"
         );
         // Once per due time: other changes do not send it again; a new
         // closed_at re-arms it; a delete drops it.
