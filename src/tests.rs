@@ -621,7 +621,10 @@ mod tests {
         );
         expect_error(
             "SELECT ihub.alter_endpoint('hook', ordering => 'endpoint')",
-            &["endpoint \"hook\" has 1 deliveries queued or in flight", "HINT: Set the ordering when nothing is queued"],
+            &[
+                "endpoint \"hook\" has 1 deliveries queued or in flight",
+                "HINT: Set the ordering when nothing is queued",
+            ],
         );
         Spi::run("SELECT ihub.skip(id) FROM ihub.delivery WHERE state = 'dead'").unwrap();
         assert!(one::<bool>("SELECT last_error LIKE 'skipped by %' FROM ihub.delivery WHERE state = 'skipped'"));
@@ -629,14 +632,19 @@ mod tests {
         assert_eq!(running(), "1:20");
         // A delivery of the key with a lower id back in the queue (a replay,
         // or a request committed late) waits for the one in flight.
-        Spi::run("UPDATE ihub.delivery SET state = 'pending' WHERE state = 'done' AND payload -> 'data' ->> 'id' = '1'").unwrap();
+        Spi::run(
+            "UPDATE ihub.delivery SET state = 'pending' WHERE state = 'done' AND payload -> 'data' ->> 'id' = '1'",
+        )
+        .unwrap();
         assert_eq!(claim(), 0, "never two in flight for a key");
         Spi::run("UPDATE ihub.delivery SET state = 'done' WHERE state = 'pending'").unwrap();
         expect_error("SELECT ihub.skip(id) FROM ihub.delivery WHERE state = 'running'", &["is being sent"]);
         // Switched off, nothing holds a key any more.
         Spi::run("SELECT ihub.alter_endpoint('hook', ordering => 'none')").unwrap();
         assert_eq!(one::<i64>("SELECT count(*) FROM ihub.delivery WHERE ordering_key IS NOT NULL AND state <> 'done' AND state <> 'skipped'"), 0);
-        assert!(one::<bool>("SELECT ordering IS NULL AND blocked_keys IS NULL FROM ihub.endpoints WHERE name = 'hook'"));
+        assert!(one::<bool>(
+            "SELECT ordering IS NULL AND blocked_keys IS NULL FROM ihub.endpoints WHERE name = 'hook'"
+        ));
     }
 
     /// v1a endpoints get a generated whsk_ key whose whpk_ public key the
@@ -658,7 +666,10 @@ mod tests {
         let rotated = one::<String>("SELECT ihub.rotate_secret('asym')");
         assert!(rotated.starts_with("whsk_") && rotated != secret);
         assert_eq!(one::<i64>("SELECT cardinality(public_keys) FROM ihub.endpoints WHERE name = 'asym'"), 2);
-        assert_eq!(one::<String>("SELECT array_to_string(signatures, ',') FROM ihub.endpoints WHERE name = 'hook'"), "v1");
+        assert_eq!(
+            one::<String>("SELECT array_to_string(signatures, ',') FROM ihub.endpoints WHERE name = 'hook'"),
+            "v1"
+        );
         expect_error(
             "SELECT ihub.create_endpoint('shop', 'b', 'https://b.example.com/', signature => 'v2')",
             &["invalid signature \"v2\"", "HINT: Use v1"],
@@ -667,9 +678,15 @@ mod tests {
             "SELECT ihub.create_endpoint('shop', 'b', 'https://b.example.com/', signature => 'v1a', secret => 'whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw')",
             &["a whsec_ secret does not make v1a signatures"],
         );
-        expect_error("SELECT ihub.rotate_secret('asym', 'whsk_c2VjcmV0LXNlY3JldA==')", &["an ed25519 secret key is 32 bytes"]);
+        expect_error(
+            "SELECT ihub.rotate_secret('asym', 'whsk_c2VjcmV0LXNlY3JldA==')",
+            &["an ed25519 secret key is 32 bytes"],
+        );
         let err = error_of("SELECT ihub.rotate_secret('asym', 'sk_hunter2')").unwrap();
-        assert!(err.contains("must start with \"whsec_\" (HMAC, v1) or \"whsk_\"") && !err.contains("hunter2"), "{err}");
+        assert!(
+            err.contains("must start with \"whsec_\" (HMAC, v1) or \"whsk_\"") && !err.contains("hunter2"),
+            "{err}"
+        );
     }
 
     /// A payload template renames, computes, nests the referenced row and
@@ -758,9 +775,14 @@ mod tests {
              SELECT ihub.add_custom_field('tickets', 'internal_note', 'text');",
         )
         .unwrap();
-        expect_error("SELECT ihub.subscribe_timed('tickets', 'hook', 'status', '1 day')", &["column status of public.tickets is text, not a time"]);
+        expect_error(
+            "SELECT ihub.subscribe_timed('tickets', 'hook', 'status', '1 day')",
+            &["column status of public.tickets is text, not a time"],
+        );
         expect_error("SELECT ihub.subscribe_timed('tickets', 'hook', 'nope', '1 day')", &["has no column nope"]);
-        let sub = one::<i64>("SELECT ihub.subscribe_timed('tickets', 'hook', 'closed_at', '1 day', $$new.status = 'closed'$$)");
+        let sub = one::<i64>(
+            "SELECT ihub.subscribe_timed('tickets', 'hook', 'closed_at', '1 day', $$new.status = 'closed'$$)",
+        );
         Spi::run(
             "INSERT INTO tickets VALUES (1, 'closed', now() - interval '2 days'), (2, 'closed', now()), (3, 'open', now()),
                                         (4, 'closed', now()), (5, 'closed', NULL);
@@ -793,7 +815,10 @@ mod tests {
         )
         .unwrap();
         assert_eq!(one::<i64>("SELECT count(*) FROM ihub._claim(4242, 100, 1000, 1)"), 0);
-        assert_eq!(one::<String>("SELECT string_agg((row_key ->> 0) || ':' || (fired_at IS NULL), ',') FROM ihub.timers"), "2:true");
+        assert_eq!(
+            one::<String>("SELECT string_agg((row_key ->> 0) || ':' || (fired_at IS NULL), ',') FROM ihub.timers"),
+            "2:true"
+        );
         assert!(one::<f64>("SELECT ihub._next_due()") > 3600.0 * 24.0);
     }
 

@@ -701,7 +701,10 @@ fn ordering_by_key_keeps_each_rows_changes_in_commit_order_under_retries() {
             hub.exec(&format!("UPDATE {table} SET v = v + 1"));
         }
     }
-    assert_eq!(hub.wait_settled(&s.endpoint, 10_000, Duration::from_secs(180)).iter().filter(|s| *s == "done").count(), 10_000);
+    assert_eq!(
+        hub.wait_settled(&s.endpoint, 10_000, Duration::from_secs(180)).iter().filter(|s| *s == "done").count(),
+        10_000
+    );
 
     let mut seen: std::collections::HashMap<i64, Vec<(i64, bool)>> = Default::default();
     for (n, r) in rx.received().iter().enumerate() {
@@ -733,11 +736,9 @@ fn ordering_by_endpoint_is_fifo_and_a_failed_delivery_holds_it_until_skipped() {
     for n in 1..=6 {
         hub.exec(&format!("SELECT ihub.http_request('{}', '{{\"n\": {n}}}')", s.endpoint));
     }
-    assert!(hub.wait_true(
-        &format!("SELECT blocked_keys = 1 FROM ihub.endpoints WHERE name = '{}'", s.endpoint),
-        WAIT
-    ));
-    let failed: i64 = hub.one(&format!("SELECT id FROM ihub.deliveries WHERE endpoint = '{}' AND state = 'failed'", s.endpoint));
+    assert!(hub.wait_true(&format!("SELECT blocked_keys = 1 FROM ihub.endpoints WHERE name = '{}'", s.endpoint), WAIT));
+    let failed: i64 =
+        hub.one(&format!("SELECT id FROM ihub.deliveries WHERE endpoint = '{}' AND state = 'failed'", s.endpoint));
     // Nothing behind it goes: a request to another endpoint, queued after
     // the failure, is delivered meanwhile.
     let other = unique("ep");
@@ -750,7 +751,10 @@ fn ordering_by_endpoint_is_fifo_and_a_failed_delivery_holds_it_until_skipped() {
     let ns = |rx: &Receiver| rx.received().iter().map(|r| r.json()["n"].as_i64().unwrap()).collect::<Vec<_>>();
     assert_eq!(ns(&rx), vec![1, 2, 3, 100]);
     assert_eq!(
-        hub.one::<i64>(&format!("SELECT count(*) FROM ihub.deliveries WHERE endpoint = '{}' AND state = 'pending'", s.endpoint)),
+        hub.one::<i64>(&format!(
+            "SELECT count(*) FROM ihub.deliveries WHERE endpoint = '{}' AND state = 'pending'",
+            s.endpoint
+        )),
         3
     );
     assert!(hub.error("SELECT ihub.skip(-1)").contains("does not exist"));
@@ -786,17 +790,26 @@ fn v1a_signatures_verify_with_the_public_key_anyone_may_read() {
     hub.exec(&format!("SELECT ihub.http_request('{}', '{{\"n\": 1}}')", s.endpoint));
     assert!(rx.wait_for(1, WAIT));
     let r = &rx.received()[0];
-    let (id, ts, sig) = (r.header("webhook-id").unwrap(), r.header("webhook-timestamp").unwrap(), r.header("webhook-signature").unwrap());
+    let (id, ts, sig) = (
+        r.header("webhook-id").unwrap(),
+        r.header("webhook-timestamp").unwrap(),
+        r.header("webhook-signature").unwrap(),
+    );
     assert!(sig.starts_with("v1a,") && !sig.contains(' '), "{sig}");
     assert!(pg_ihub_testkit::verify::verify_v1a(&keys[0], id, ts, sig, &r.body));
     assert!(!pg_ihub_testkit::verify::verify_v1a(&keys[0], id, ts, sig, b"{\"n\": 2}"));
 
     // Switching to v1: both signatures while the old key lasts.
-    let secret: String = hub.one(&format!("SELECT ihub.rotate_secret('{}', '{}')", s.endpoint, "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"));
+    let secret: String = hub
+        .one(&format!("SELECT ihub.rotate_secret('{}', '{}')", s.endpoint, "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"));
     hub.exec(&format!("SELECT ihub.http_request('{}', '{{\"n\": 3}}')", s.endpoint));
     assert!(rx.wait_for(2, WAIT));
     let r = &rx.received()[1];
-    let (id, ts, sig) = (r.header("webhook-id").unwrap(), r.header("webhook-timestamp").unwrap(), r.header("webhook-signature").unwrap());
+    let (id, ts, sig) = (
+        r.header("webhook-id").unwrap(),
+        r.header("webhook-timestamp").unwrap(),
+        r.header("webhook-signature").unwrap(),
+    );
     assert!(pg_ihub_testkit::verify::verify_v1a(&keys[0], id, ts, sig, &r.body), "{sig}");
     assert!(pg_ihub_testkit::verify::verify(&secret, id, ts, sig, &r.body), "{sig}");
     let schemes: Vec<String> = hub.one(&format!("SELECT signatures FROM ihub.endpoints WHERE name = '{}'", s.endpoint));

@@ -861,7 +861,8 @@ fn presets_verify_requests_signed_by_the_providers_libraries() {
         } else {
             ""
         };
-        let url = k.source(&mut hub, provider, &format!(", verify => '{provider}', secret => $s${secret}$s${response}"));
+        let url =
+            k.source(&mut hub, provider, &format!(", verify => '{provider}', secret => $s${secret}$s${response}"));
         let headers = provider_headers(provider, secret, body, &url, &format!("{provider}-delivery-{i}"));
 
         let first = post_with(&url, &headers, body);
@@ -876,7 +877,10 @@ fn presets_verify_requests_signed_by_the_providers_libraries() {
         let again_status = again.status();
         let again_text = again.text().unwrap();
         if *provider != "twilio" {
-            assert!(again_status == StatusCode::OK && again_text.contains("\"duplicate\":true"), "{provider}: {again_text}");
+            assert!(
+                again_status == StatusCode::OK && again_text.contains("\"duplicate\":true"),
+                "{provider}: {again_text}"
+            );
         }
         let tampered = body.replace(&format!("{}", i + 1), "99");
         let refused = post_with(&url, &headers, &tampered);
@@ -884,7 +888,10 @@ fn presets_verify_requests_signed_by_the_providers_libraries() {
     }
     assert_eq!(k.wait_seen(&mut hub, 6), vec![1, 2, 3, 4, 5, 6]);
     // Processed once each: the repeats were duplicates (Twilio's too).
-    assert_eq!(hub.one::<i64>(&format!("SELECT count(*) FROM ihub.inbound_items WHERE integration = '{}'", k.integration)), 6);
+    assert_eq!(
+        hub.one::<i64>(&format!("SELECT count(*) FROM ihub.inbound_items WHERE integration = '{}'", k.integration)),
+        6
+    );
     let twilio: String = hub.one(&format!(
         "SELECT payload::text FROM ihub.inbound_items WHERE integration = '{}' AND source = 'twilio'",
         k.integration
@@ -916,5 +923,8 @@ fn slack_url_verification_is_answered_with_its_challenge() {
     let answer: Value = r.json().unwrap();
     assert_eq!(answer, json!({"challenge": "3eZbrw1aBm2rZgRNFdxV2595E9CY3gmdALWMmHkvFXO7tYXAYM8P"}));
     assert_eq!(post_with(&url, &[], body).status(), StatusCode::UNAUTHORIZED);
-    assert_eq!(hub.one::<i64>(&format!("SELECT count(*) FROM ihub.inbound_items WHERE integration = '{}'", k.integration)), 0);
+    assert_eq!(
+        hub.one::<i64>(&format!("SELECT count(*) FROM ihub.inbound_items WHERE integration = '{}'", k.integration)),
+        0
+    );
 }

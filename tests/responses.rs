@@ -161,7 +161,8 @@ fn only_the_requester_or_an_admin_replays_a_request_with_a_handler() {
     assert!(err.contains("may not act on delivery") && err.contains("Only members of"), "{err}");
     t.exec(&format!("SELECT ihub.skip({id})"));
     let (state, why): (String, String) = {
-        let row = t.dev.query_one(&format!("SELECT state, last_error FROM ihub.deliveries WHERE id = {id}"), &[]).unwrap();
+        let row =
+            t.dev.query_one(&format!("SELECT state, last_error FROM ihub.deliveries WHERE id = {id}"), &[]).unwrap();
         (row.get(0), row.get(1))
     };
     assert_eq!(state, "skipped");

@@ -935,7 +935,10 @@ fn timed_subscriptions_fire_after_a_restart_once() {
          UPDATE {table} SET status = 'reopened' WHERE id = 3;",
         e = s.endpoint
     ));
-    assert!(hub.wait_true(&format!("SELECT count(*) = 1 FROM ihub.timers WHERE endpoint = '{}'", s.endpoint), Duration::from_secs(30)));
+    assert!(hub.wait_true(
+        &format!("SELECT count(*) = 1 FROM ihub.timers WHERE endpoint = '{}'", s.endpoint),
+        Duration::from_secs(30)
+    ));
     drop(hub);
     let cluster = Cluster::from_env();
     let data = cluster.pgdata.to_string_lossy().to_string();
@@ -949,7 +952,10 @@ fn timed_subscriptions_fire_after_a_restart_once() {
     let got = rx.received();
     assert_eq!(got.len(), 1);
     let body = got[0].json();
-    assert_eq!((body["type"].as_str(), body["data"]["id"].as_i64()), (Some(format!("{table}.timer").as_str()), Some(1)));
+    assert_eq!(
+        (body["type"].as_str(), body["data"]["id"].as_i64()),
+        (Some(format!("{table}.timer").as_str()), Some(1))
+    );
     assert!(hub.one::<bool>(&format!("SELECT fired_at IS NOT NULL FROM ihub.timers WHERE endpoint = '{}'", s.endpoint)));
     // The next test may need the listener, which starts a moment after the server.
     let _ = http();

@@ -82,7 +82,8 @@ fn generate_ed25519_key() -> String {
 /// or run.
 #[pg_extern(name = "_parse_as", volatile)]
 fn parse_as(sql: &str, role: pg_sys::Oid) {
-    let sql = std::ffi::CString::new(sql).unwrap_or_else(|_| IhubError::Condition("it contains a NUL byte".into()).raise());
+    let sql =
+        std::ffi::CString::new(sql).unwrap_or_else(|_| IhubError::Condition("it contains a NUL byte".into()).raise());
     crate::runtime::user_code::restricted_as(role, || {
         Spi::connect(|_| unsafe {
             let plan = pg_sys::SPI_prepare(sql.as_ptr(), 0, std::ptr::null_mut());

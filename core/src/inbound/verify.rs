@@ -166,7 +166,8 @@ pub fn verify<'a>(
         Mode::Slack => {
             let ts = timestamp(need("x-slack-request-timestamp")?, rule, now_s)?;
             let given = need("x-slack-signature")?.trim();
-            let expected = format!("v0={}", hex(&hmac_sha256(&rule.secret, &[b"v0:", ts.to_string().as_bytes(), b":", body])));
+            let expected =
+                format!("v0={}", hex(&hmac_sha256(&rule.secret, &[b"v0:", ts.to_string().as_bytes(), b":", body])));
             hex_match(std::iter::once(given), &expected)
         }
         // X-Twilio-Signature: base64 HMAC-SHA1 of the full URL, then each form
@@ -406,7 +407,10 @@ mod tests {
         let url = "https://mycompany.com/myapp.php?foo=1&bar=2";
         let ok = [(URL_HEADER, url), ("x-twilio-signature", "0/KCTR6DLpKmkAf8muzZqo1nDgQ=")];
         assert_eq!(check(&r, &ok, body, 0), Ok(()));
-        assert_eq!(check(&r, &[(URL_HEADER, "https://other.example.com/"), ok[1]], body, 0), Err(Refusal::BadSignature));
+        assert_eq!(
+            check(&r, &[(URL_HEADER, "https://other.example.com/"), ok[1]], body, 0),
+            Err(Refusal::BadSignature)
+        );
         assert_eq!(check(&r, &ok, b"Digits=9", 0), Err(Refusal::BadSignature));
     }
 

@@ -361,7 +361,10 @@ mod tests {
         for secret in ["abc.def-123", "hunter2", "k-99", "t0k", "MfKQ9r8Gw", "TWZLUTlyOEdL"] {
             assert!(!m.contains(secret), "{secret} left in {m}");
         }
-        assert!(m.contains("got 401") && m.contains("user ada") && m.contains("password=") && m.contains("whsk_"), "{m}");
+        assert!(
+            m.contains("got 401") && m.contains("user ada") && m.contains("password=") && m.contains("whsk_"),
+            "{m}"
+        );
         assert_eq!(mask_text("nothing to hide here"), "nothing to hide here");
         // Header lines that header masking hides are hidden in text too.
         let m = mask_text(

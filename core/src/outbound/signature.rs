@@ -233,7 +233,9 @@ mod tests {
     fn v1a_is_ed25519_of_the_signed_content() {
         let seed = "4ccd089b28ff96da9db6c346ec114e0f5b8a319f35aba624da8cf6ed4fb8a6fb";
         let public = "3d4017c3e843895a92b70aa74d1b7ebc9c982ccf2ec4968cc0cd55f12af4660c";
-        let hex = |h: &str| (0..h.len()).step_by(2).map(|i| u8::from_str_radix(&h[i..i + 2], 16).unwrap()).collect::<Vec<_>>();
+        let hex = |h: &str| {
+            (0..h.len()).step_by(2).map(|i| u8::from_str_radix(&h[i..i + 2], 16).unwrap()).collect::<Vec<_>>()
+        };
         let secret = format!("whsk_{}", B64.encode(hex(seed)));
         let whpk = format!("whpk_{}", B64.encode(hex(public)));
         assert_eq!(public_key(&secret).as_deref(), Some(whpk.as_str()));
