@@ -165,9 +165,7 @@ BEGIN
                                 FOR UPDATE SKIP LOCKED)
                           -- An ordered endpoint's probe is the first of its key.
                           ELSE (SELECT q.id FROM ihub.delivery q
-                                WHERE q.id = ANY (ARRAY(SELECT h.id FROM ihub._ordered_heads(c.endpoint_id) h
-                                                        WHERE h.state IN ('pending', 'retry') AND h.run_at <= now()
-                                                          AND NOT ihub._key_in_flight(c.endpoint_id, h.ordering_key)))
+                                WHERE q.id = ANY (ihub._ordered_due(c.endpoint_id, NULL))
                                   AND q.state IN ('pending', 'retry')
                                 ORDER BY q.run_at, q.id LIMIT 1
                                 FOR UPDATE SKIP LOCKED) END
@@ -326,10 +324,7 @@ BEGIN
             RETURN QUERY
                 WITH due AS (
                     SELECT q.id FROM ihub.delivery q
-                    WHERE q.id = ANY (ARRAY(SELECT h.id FROM ihub._ordered_heads(l.id) h
-                                            WHERE h.state IN ('pending', 'retry') AND h.run_at <= now()
-                                              AND NOT ihub._key_in_flight(l.id, h.ordering_key)
-                                            ORDER BY h.run_at, h.id LIMIT v_n))
+                    WHERE q.id = ANY (ihub._ordered_due(l.id, v_n))
                       AND q.state IN ('pending', 'retry')
                     FOR UPDATE SKIP LOCKED
                 )
@@ -442,17 +437,6 @@ $$;
 
 -- (ihub._ordered_heads, the first delivery of each key, is in outbound.sql:
 -- the views use it.)
-
--- Whether a delivery of this key is in flight. The first open delivery of
--- a key is normally the one in flight, but one with a lower id can appear
--- after a later one was claimed (a replay, a request committed late): it
--- waits for that one to end, so that a key never has two in flight.
-CREATE FUNCTION ihub._key_in_flight(p_endpoint_id bigint, p_key text) RETURNS boolean
-LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp
-AS $$
-    SELECT EXISTS (SELECT 1 FROM ihub.delivery r
-                   WHERE r.endpoint_id = p_endpoint_id AND r.ordering_key = p_key AND r.state = 'running')
-$$;
 
 -- Sets an endpoint's ordering (from ihub.alter_endpoint). Deliveries queued
 -- without an order cannot take a place in one afterwards, so ordering is
@@ -651,7 +635,6 @@ COMMENT ON FUNCTION ihub._check_ordering(text) IS 'Internal: checks an endpoint'
 COMMENT ON FUNCTION ihub._ordering_key_of(text, text) IS 'Internal: the ordering key of a delivery that is not a row change.';
 COMMENT ON FUNCTION ihub._ordering_columns(ihub.subscription) IS 'Internal: the columns that make a subscription''s ordering key (given, or the primary key).';
 COMMENT ON FUNCTION ihub._change_ordering(bigint, text) IS 'Internal: sets an endpoint''s ordering (only when nothing is queued for it, to switch it on).';
-COMMENT ON FUNCTION ihub._key_in_flight(bigint, text) IS 'Internal: whether a delivery of an ordering key is in flight.';
 COMMENT ON FUNCTION ihub._skip_by(bigint, regrole) IS
     'Internal: ihub.skip for the role passed last, the caller its LANGUAGE c entry point saw (src/caller.rs).';
 COMMENT ON FUNCTION ihub.skip(bigint) IS

@@ -172,12 +172,8 @@ BEGIN
                                        WHERE e.enabled AND c.paused_until > now()),
                -- Ordered endpoints whose keys a failed or dead delivery holds.
                'keys held by failed or dead deliveries: ' || (
-                   SELECT string_agg(format('%s (%s)', e.name, b.keys), ', ' ORDER BY e.name)
-                   FROM ihub.endpoint e
-                   CROSS JOIN LATERAL (SELECT count(DISTINCT d.ordering_key) AS keys FROM ihub.delivery d
-                                       WHERE d.endpoint_id = e.id AND d.state IN ('dead', 'failed')
-                                         AND d.ordering_key IS NOT NULL) b
-                   WHERE e.ordering IS NOT NULL AND b.keys > 0)), '')
+                   SELECT string_agg(format('%s (%s)', e.name, e.blocked_keys), ', ' ORDER BY e.name)
+                   FROM ihub.endpoints e WHERE e.blocked_keys > 0)), '')
     INTO v_names;
     check_name := 'endpoints';
     status := CASE WHEN v_names IS NULL THEN 'ok' ELSE 'warning' END;

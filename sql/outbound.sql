@@ -1058,6 +1058,9 @@ DECLARE
     v_prepared boolean := p_owner IS NOT NULL AND p_owner = pg_backend_pid();
     v_name text := 'ihub_route_' || p_sub.id || '_';
     v_key_columns text[];
+    -- Ordered endpoints and timed subscriptions route in turns and in
+    -- statement order.
+    v_in_turn boolean;
 BEGIN
     -- Kept until commit, as a foreign key check would (see ihub._endpoint_deleted).
     SELECT * INTO v_endpoint FROM ihub.endpoint WHERE id = p_sub.endpoint_id FOR KEY SHARE;
@@ -1065,7 +1068,8 @@ BEGIN
     v_prepared := v_prepared AND ihub._route_prepare(p_sub.id);
     -- Timed subscriptions take turns too: the last change of a row must be
     -- the one its timer keeps (sql/timers.sql).
-    IF v_endpoint.ordering IS NOT NULL OR p_sub.timer_offset IS NOT NULL THEN
+    v_in_turn := v_endpoint.ordering IS NOT NULL OR p_sub.timer_offset IS NOT NULL;
+    IF v_in_turn THEN
         -- Routes to an ordered endpoint take turns, until commit, with each
         -- other and with its claims (ihub._endpoint_turn): each routes
         -- the changes first in statement order, so a key's deliveries get
@@ -1101,7 +1105,7 @@ BEGIN
     -- rows of all earlier routes until vacuum. It takes up to ten batches'
     -- worth at once (queued pending, for the claim to take key by key), so
     -- that a backlog pays for few such sorts.
-    IF (v_endpoint.ordering IS NOT NULL OR p_sub.timer_offset IS NOT NULL) AND cardinality(v_taken) >= v_limit THEN
+    IF v_in_turn AND cardinality(v_taken) >= v_limit THEN
         EXECUTE ihub._route_sql(p_sub.id, 'take_ordered') INTO v_taken
             USING least(v_limit::bigint * 10, 2147483647)::integer;
         v_limit := cardinality(v_taken);
@@ -1220,6 +1224,31 @@ AS $$
 $$;
 
 COMMENT ON FUNCTION ihub._ordered_heads(bigint) IS 'Internal: the first open delivery of each key of an ordered endpoint (a skip scan).';
+
+-- Whether a delivery of this key is in flight. The first open delivery of
+-- a key is normally the one in flight, but one with a lower id can appear
+-- after a later one was claimed (a replay, a request committed late): it
+-- waits for that one to end, so that a key never has two in flight.
+CREATE FUNCTION ihub._key_in_flight(p_endpoint_id bigint, p_key text) RETURNS boolean
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT EXISTS (SELECT 1 FROM ihub.delivery r
+                   WHERE r.endpoint_id = p_endpoint_id AND r.ordering_key = p_key AND r.state = 'running')
+$$;
+
+COMMENT ON FUNCTION ihub._key_in_flight(bigint, text) IS 'Internal: whether a delivery of an ordering key is in flight.';
+
+-- The deliveries of an ordered endpoint that may go now, first due first:
+-- the first of each key, due, with nothing of its key in flight.
+CREATE FUNCTION ihub._ordered_due(p_endpoint_id bigint, p_limit integer) RETURNS bigint[]
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT ARRAY(SELECT h.id FROM ihub._ordered_heads(p_endpoint_id) h
+                 WHERE h.state IN ('pending', 'retry') AND h.run_at <= now()
+                   AND NOT ihub._key_in_flight(p_endpoint_id, h.ordering_key)
+                 ORDER BY h.run_at, h.id LIMIT p_limit)
+$$;
+COMMENT ON FUNCTION ihub._ordered_due(bigint, integer) IS 'Internal: the deliveries of an ordered endpoint that may go now.';
 
 -- Routes captured changes and claims due deliveries for one dispatcher.
 -- enable_seqscan = off (here and in ihub._settle): a dispatcher plans these

@@ -704,6 +704,9 @@ DECLARE
     v_prepared boolean := p_owner IS NOT NULL AND p_owner = pg_backend_pid();
     v_name text := 'ihub_route_' || p_sub.id || '_';
     v_key_columns text[];
+    -- Ordered endpoints and timed subscriptions route in turns and in
+    -- statement order.
+    v_in_turn boolean;
 BEGIN
     -- Kept until commit, as a foreign key check would (see ihub._endpoint_deleted).
     SELECT * INTO v_endpoint FROM ihub.endpoint WHERE id = p_sub.endpoint_id FOR KEY SHARE;
@@ -711,7 +714,8 @@ BEGIN
     v_prepared := v_prepared AND ihub._route_prepare(p_sub.id);
     -- Timed subscriptions take turns too: the last change of a row must be
     -- the one its timer keeps (sql/timers.sql).
-    IF v_endpoint.ordering IS NOT NULL OR p_sub.timer_offset IS NOT NULL THEN
+    v_in_turn := v_endpoint.ordering IS NOT NULL OR p_sub.timer_offset IS NOT NULL;
+    IF v_in_turn THEN
         -- Routes to an ordered endpoint take turns, until commit, with each
         -- other and with its claims (ihub._endpoint_turn): each routes
         -- the changes first in statement order, so a key's deliveries get
@@ -747,7 +751,7 @@ BEGIN
     -- rows of all earlier routes until vacuum. It takes up to ten batches'
     -- worth at once (queued pending, for the claim to take key by key), so
     -- that a backlog pays for few such sorts.
-    IF (v_endpoint.ordering IS NOT NULL OR p_sub.timer_offset IS NOT NULL) AND cardinality(v_taken) >= v_limit THEN
+    IF v_in_turn AND cardinality(v_taken) >= v_limit THEN
         EXECUTE ihub._route_sql(p_sub.id, 'take_ordered') INTO v_taken
             USING least(v_limit::bigint * 10, 2147483647)::integer;
         v_limit := cardinality(v_taken);
@@ -1061,12 +1065,8 @@ BEGIN
                                        WHERE e.enabled AND c.paused_until > now()),
                -- Ordered endpoints whose keys a failed or dead delivery holds.
                'keys held by failed or dead deliveries: ' || (
-                   SELECT string_agg(format('%s (%s)', e.name, b.keys), ', ' ORDER BY e.name)
-                   FROM ihub.endpoint e
-                   CROSS JOIN LATERAL (SELECT count(DISTINCT d.ordering_key) AS keys FROM ihub.delivery d
-                                       WHERE d.endpoint_id = e.id AND d.state IN ('dead', 'failed')
-                                         AND d.ordering_key IS NOT NULL) b
-                   WHERE e.ordering IS NOT NULL AND b.keys > 0)), '')
+                   SELECT string_agg(format('%s (%s)', e.name, e.blocked_keys), ', ' ORDER BY e.name)
+                   FROM ihub.endpoints e WHERE e.blocked_keys > 0)), '')
     INTO v_names;
     check_name := 'endpoints';
     status := CASE WHEN v_names IS NULL THEN 'ok' ELSE 'warning' END;
@@ -4859,6 +4859,30 @@ AS $$
 $$;
 COMMENT ON FUNCTION ihub._ordered_heads(bigint) IS 'Internal: the first open delivery of each key of an ordered endpoint (a skip scan).';
 
+-- Whether a delivery of this key is in flight. The first open delivery of
+-- a key is normally the one in flight, but one with a lower id can appear
+-- after a later one was claimed (a replay, a request committed late): it
+-- waits for that one to end, so that a key never has two in flight.
+CREATE FUNCTION ihub._key_in_flight(p_endpoint_id bigint, p_key text) RETURNS boolean
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT EXISTS (SELECT 1 FROM ihub.delivery r
+                   WHERE r.endpoint_id = p_endpoint_id AND r.ordering_key = p_key AND r.state = 'running')
+$$;
+COMMENT ON FUNCTION ihub._key_in_flight(bigint, text) IS 'Internal: whether a delivery of an ordering key is in flight.';
+
+-- The deliveries of an ordered endpoint that may go now, first due first:
+-- the first of each key, due, with nothing of its key in flight.
+CREATE FUNCTION ihub._ordered_due(p_endpoint_id bigint, p_limit integer) RETURNS bigint[]
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT ARRAY(SELECT h.id FROM ihub._ordered_heads(p_endpoint_id) h
+                 WHERE h.state IN ('pending', 'retry') AND h.run_at <= now()
+                   AND NOT ihub._key_in_flight(p_endpoint_id, h.ordering_key)
+                 ORDER BY h.run_at, h.id LIMIT p_limit)
+$$;
+COMMENT ON FUNCTION ihub._ordered_due(bigint, integer) IS 'Internal: the deliveries of an ordered endpoint that may go now.';
+
 -- Seconds until the earliest claimable delivery is due (NULL when none; not
 -- 0, which would make an idle dispatcher spin). The first in run_at order,
 -- not min(): with the endpoint condition (a join) Postgres computed min()
@@ -5156,9 +5180,7 @@ BEGIN
                                 FOR UPDATE SKIP LOCKED)
                           -- An ordered endpoint's probe is the first of its key.
                           ELSE (SELECT q.id FROM ihub.delivery q
-                                WHERE q.id = ANY (ARRAY(SELECT h.id FROM ihub._ordered_heads(c.endpoint_id) h
-                                                        WHERE h.state IN ('pending', 'retry') AND h.run_at <= now()
-                                                          AND NOT ihub._key_in_flight(c.endpoint_id, h.ordering_key)))
+                                WHERE q.id = ANY (ihub._ordered_due(c.endpoint_id, NULL))
                                   AND q.state IN ('pending', 'retry')
                                 ORDER BY q.run_at, q.id LIMIT 1
                                 FOR UPDATE SKIP LOCKED) END
@@ -5317,10 +5339,7 @@ BEGIN
             RETURN QUERY
                 WITH due AS (
                     SELECT q.id FROM ihub.delivery q
-                    WHERE q.id = ANY (ARRAY(SELECT h.id FROM ihub._ordered_heads(l.id) h
-                                            WHERE h.state IN ('pending', 'retry') AND h.run_at <= now()
-                                              AND NOT ihub._key_in_flight(l.id, h.ordering_key)
-                                            ORDER BY h.run_at, h.id LIMIT v_n))
+                    WHERE q.id = ANY (ihub._ordered_due(l.id, v_n))
                       AND q.state IN ('pending', 'retry')
                     FOR UPDATE SKIP LOCKED
                 )
@@ -5433,17 +5452,6 @@ $$;
 
 -- (ihub._ordered_heads, the first delivery of each key, is in outbound.sql:
 -- the views use it.)
-
--- Whether a delivery of this key is in flight. The first open delivery of
--- a key is normally the one in flight, but one with a lower id can appear
--- after a later one was claimed (a replay, a request committed late): it
--- waits for that one to end, so that a key never has two in flight.
-CREATE FUNCTION ihub._key_in_flight(p_endpoint_id bigint, p_key text) RETURNS boolean
-LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp
-AS $$
-    SELECT EXISTS (SELECT 1 FROM ihub.delivery r
-                   WHERE r.endpoint_id = p_endpoint_id AND r.ordering_key = p_key AND r.state = 'running')
-$$;
 
 -- Sets an endpoint's ordering (from ihub.alter_endpoint). Deliveries queued
 -- without an order cannot take a place in one afterwards, so ordering is
@@ -5642,7 +5650,6 @@ COMMENT ON FUNCTION ihub._check_ordering(text) IS 'Internal: checks an endpoint'
 COMMENT ON FUNCTION ihub._ordering_key_of(text, text) IS 'Internal: the ordering key of a delivery that is not a row change.';
 COMMENT ON FUNCTION ihub._ordering_columns(ihub.subscription) IS 'Internal: the columns that make a subscription''s ordering key (given, or the primary key).';
 COMMENT ON FUNCTION ihub._change_ordering(bigint, text) IS 'Internal: sets an endpoint''s ordering (only when nothing is queued for it, to switch it on).';
-COMMENT ON FUNCTION ihub._key_in_flight(bigint, text) IS 'Internal: whether a delivery of an ordering key is in flight.';
 COMMENT ON FUNCTION ihub._skip_by(bigint, regrole) IS
     'Internal: ihub.skip for the role passed last, the caller its LANGUAGE c entry point saw (src/caller.rs).';
 COMMENT ON FUNCTION ihub.skip(bigint) IS
